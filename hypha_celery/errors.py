@@ -1,0 +1,120 @@
+"""Every error hypha-celery raises, in one tree.
+
+    HyphaError
+     ├── ConfigError                    a worker config key is wrong; names the key
+     ├── InvalidSignature               the task envelope failed verification
+     ├── InvalidTask                    kwargs do not match the task's schema
+     │    └── InvalidInput              inputs malformed, wrong shape or too large
+     ├── UnsupportedModel               model id unknown, malformed or unverifiable
+     ├── ModelTooLarge                  a model larger than the whole model cache
+     ├── InsufficientCapabilities       no live worker can ever fit the request
+     │    ├── InsufficientCpu           more cores than a task may hold here
+     │    ├── InsufficientGpuMemory     more GPU memory than a device here has
+     │    └── ExcessiveMemoryRequest    more memory than a task may hold here
+     ├── ResourcesBusy                  fits, but not now (admission backs off)
+     │    └── AdmissionTimeout          waited past the admission bound
+     ├── MemoryLimitExceeded            the task used more memory than reserved
+     ├── TaskTimeout                    the task ran past task_timeout
+     ├── ExecutorCrashed                the task's process died without an answer
+     └── RegistryUnavailable            Redis (registry/ledger) cannot be reached
+
+Each class takes one message string so that Celery's JSON result backend
+can rebuild it on the client (``exc_type`` carries the class name).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdmissionTimeout",
+    "ConfigError",
+    "ExcessiveMemoryRequest",
+    "ExecutorCrashed",
+    "HyphaError",
+    "InsufficientCapabilities",
+    "InsufficientCpu",
+    "InsufficientGpuMemory",
+    "InvalidInput",
+    "InvalidSignature",
+    "InvalidTask",
+    "MemoryLimitExceeded",
+    "ModelTooLarge",
+    "RegistryUnavailable",
+    "ResourcesBusy",
+    "TaskTimeout",
+    "UnsupportedModel",
+]
+
+
+class HyphaError(Exception):
+    """Root of every hypha-celery error."""
+
+
+class ConfigError(HyphaError):
+    """A worker configuration key is missing, mistyped or cannot be honoured."""
+
+    def __init__(self, key: str, reason: str | None = None) -> None:
+        # Rebuilt from its message alone by Celery's result backend.
+        message = key if reason is None else f"{key}: {reason}"
+        super().__init__(message)
+        self.key = key if reason is not None else message.split(":", 1)[0]
+        self.reason = reason if reason is not None else message.partition(": ")[2]
+
+
+class InvalidSignature(HyphaError):
+    """The task's signed envelope is missing, forged, expired, replayed or mismatched."""
+
+
+class InvalidTask(HyphaError):
+    """The task's keyword arguments do not match its schema."""
+
+
+class InvalidInput(InvalidTask):
+    """The inputs are malformed, of the wrong shape, or over the size cap."""
+
+
+class UnsupportedModel(HyphaError):
+    """The model id is unknown here, malformed, or failed verification."""
+
+
+class ModelTooLarge(HyphaError):
+    """The model needs more memory than the whole model cache holds."""
+
+
+class InsufficientCapabilities(HyphaError):
+    """No worker seen in the registry could ever fit this request."""
+
+
+class InsufficientCpu(InsufficientCapabilities):
+    """More CPU cores than a task may hold on this worker."""
+
+
+class InsufficientGpuMemory(InsufficientCapabilities):
+    """More GPUs or GPU memory than any device on this worker has."""
+
+
+class ExcessiveMemoryRequest(InsufficientCapabilities):
+    """More memory than ``max_memory_per_task`` allows."""
+
+
+class ResourcesBusy(HyphaError):
+    """The request fits this node, but not with what is reserved right now."""
+
+
+class AdmissionTimeout(ResourcesBusy):
+    """The task waited for resources longer than the admission bound."""
+
+
+class MemoryLimitExceeded(HyphaError):
+    """The task tried to use more memory than it reserved."""
+
+
+class TaskTimeout(HyphaError):
+    """The task ran past ``task_timeout`` and was killed."""
+
+
+class ExecutorCrashed(HyphaError):
+    """The process running the task's ML work died without an answer."""
+
+
+class RegistryUnavailable(HyphaError):
+    """The registry / ledger Redis could not be reached."""

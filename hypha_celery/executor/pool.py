@@ -1,0 +1,472 @@
+"""The worker's side of the executors: spawn them, batch work onto them, enforce timeouts.
+
+Inference runs in one long-lived *serving* executor per device ("cpu",
+"cuda:0", ...). It keeps the model cache warm across tasks, and because every
+task of the worker that wants that device goes through it, a cold model is
+loaded once (single-flight) and small requests for the same model arriving
+together are run as one forward pass (dynamic batching, as Triton's
+``max_queue_delay_microseconds``). Training runs in *job* executors, reused
+between jobs but holding no cache, since training changes the weights.
+
+Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
+never a fork of the worker. A job that overruns its deadline gets SIGTERM,
+then SIGKILL after a grace; its executor is replaced on the next job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import errors
+from ..config import KILL_GRACE_S
+from ..resources.ledger import Lease
+
+__all__ = ["ExecutorPool", "ExecutorSettings", "ItemResult"]
+
+log = logging.getLogger(__name__)
+
+_START_TIMEOUT_S = 120.0
+_ERRORS: dict[str, type[errors.HyphaError]] = {
+    name: getattr(errors, name) for name in errors.__all__ if isinstance(getattr(errors, name), type)
+}
+
+
+class ExecutionError(errors.HyphaError):
+    """The task's own code raised (a bad model for these inputs, a torch error)."""
+
+
+_ERRORS["ExecutionError"] = ExecutionError
+
+
+def error_from_reply(data: dict[str, Any]) -> errors.HyphaError:
+    cls = _ERRORS.get(data.get("type", ""), ExecutionError)
+    if cls is errors.ConfigError:
+        cls = ExecutionError
+    return cls(data.get("message", "executor error"))
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    """What every executor of this worker is started with."""
+
+    store: str
+    cache_size: int
+    max_model_size: int
+    sandbox: bool
+    nice: int
+    enforce_memory: bool
+    enforce_cpu: bool
+    max_batch_size: int = 32
+    max_queue_delay_s: float = 0.002
+    memory_mode: str | None = None  # "rlimit" on CPU, "watchdog" with CUDA; override for tests
+    tmp_root: str = field(default_factory=tempfile.gettempdir)
+
+
+class ExecutorProcess:
+    """One executor interpreter and its socket. Used by one thread at a time."""
+
+    def __init__(self, name: str, settings: ExecutorSettings, device_key: str) -> None:
+        self.name = name
+        self.device_key = device_key
+        ours, theirs = socket.socketpair()
+        memory_mode = settings.memory_mode or ("watchdog" if device_key.startswith("cuda") else "rlimit")
+        child_settings: dict[str, Any] = {
+            "store": settings.store,
+            "cache_size": settings.cache_size,
+            "max_model_size": settings.max_model_size,
+            "device": "cuda:0" if device_key.startswith("cuda") else "cpu",
+            "sandbox": settings.sandbox,
+            "nice": settings.nice,
+            "memory_mode": memory_mode if settings.enforce_memory else "off",
+            "tmpdir": tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
+        }
+        self.tmpdir = child_settings["tmpdir"]
+        env = _child_env()
+        env.update({
+            "HYPHA_EXECUTOR": json.dumps(child_settings),
+            "HYPHA_EXECUTOR_FD": str(theirs.fileno()),
+            "TMPDIR": child_settings["tmpdir"],
+            "HOME": child_settings["tmpdir"],
+            "CUDA_VISIBLE_DEVICES": device_key.partition(":")[2] if device_key.startswith("cuda") else "",
+        })
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hypha_celery.executor.child"],
+            env=env,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+        )
+        theirs.close()
+        self._sock = ours
+        self._reader = ours.makefile("rb")
+        self._writer = ours.makefile("wb")
+        try:
+            hello = self._read(_START_TIMEOUT_S)
+        except TimeoutError:
+            self.kill()
+            raise errors.ExecutorCrashed(f"executor {name} did not start within {_START_TIMEOUT_S:.0f}s") from None
+        if not hello.get("ready"):
+            self.kill()
+            raise error_from_reply(hello.get("error", {"type": "ExecutorCrashed", "message": "executor did not start"}))
+        self.pid = self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def _read(self, timeout: float | None) -> dict[str, Any]:
+        self._sock.settimeout(timeout)
+        try:
+            line = self._reader.readline()
+        except TimeoutError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise errors.ExecutorCrashed(f"executor {self.name} connection failed: {exc}") from None
+        if not line:
+            code = self.process.wait()
+            raise errors.ExecutorCrashed(f"executor {self.name} exited (code {code}) without an answer")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+    def call(
+        self,
+        request: dict[str, Any],
+        timeout: float,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Send one request; wait for its answer until ``timeout`` seconds, then kill and raise."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._writer.write((json.dumps(request, separators=(",", ":")) + "\n").encode())
+            self._writer.flush()
+        except OSError as exc:
+            raise errors.ExecutorCrashed(f"executor {self.name} is gone: {exc}") from None
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._overran(timeout)
+            try:
+                message = self._read(remaining)
+            except TimeoutError:
+                self._overran(timeout)
+            if "progress" in message:
+                if on_progress is not None:
+                    on_progress(message["progress"])
+                continue
+            if "fatal" in message:
+                self.kill()
+                raise error_from_reply(message["fatal"])
+            if message.get("ok"):
+                result: dict[str, Any] = message["result"]
+                return result
+            raise error_from_reply(message.get("error", {}))
+
+    def _overran(self, timeout: float) -> None:
+        self.kill()
+        raise errors.TaskTimeout(
+            f"the task ran past task_timeout ({timeout:.0f}s) and was stopped (SIGTERM, then SIGKILL after {KILL_GRACE_S:.0f}s)"
+        )
+
+    def kill(self) -> None:
+        """SIGTERM, a grace period, then SIGKILL."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(KILL_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.close()
+
+    def close(self) -> None:
+        for handle in (self._reader, self._writer, self._sock):
+            try:
+                handle.close()
+            except OSError:
+                pass
+        if self.process.poll() is None:
+            self.process.terminate()
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+
+
+def _child_env() -> dict[str, str]:
+    """The executor's environment: nothing of the worker's secrets, only what Python and torch need."""
+    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHASHSEED", "OMP_NUM_THREADS")
+    env = {key: os.environ[key] for key in keep if key in os.environ}
+    env.setdefault("PATH", "/usr/bin:/bin")
+    env["MALLOC_ARENA_MAX"] = "2"  # bounded allocator arenas keep RLIMIT_AS meaningful
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+@dataclass
+class ItemResult:
+    """One task's share of an inference job."""
+
+    output: Any
+    cache_hit: bool
+    load_s: float
+    compute_s: float
+    batch_size: int
+    memory_peak: int
+    device: str
+    gpu_memory_peak: int | None = None
+
+
+@dataclass
+class _Request:
+    model: str
+    inputs: Any
+    lease: Lease
+    deadline: float
+    batchable: bool
+    expected_size: int | None
+    enqueued: float = field(default_factory=time.monotonic)
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ItemResult | None = None
+    error: BaseException | None = None
+
+    def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+
+def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> dict[str, Any]:
+    cores = sorted({core for lease in leases for core in lease.cores})
+    return {
+        "memory": sum(lease.memory for lease in leases) if settings.enforce_memory else None,
+        "cores": cores if settings.enforce_cpu and cores else None,
+        "gpu_memory": sum(sum(lease.gpus.values()) for lease in leases) or None,
+    }
+
+
+def device_key(lease: Lease) -> str:
+    return f"cuda:{lease.cuda_visible_devices}" if lease.gpus else "cpu"
+
+
+class _Lane:
+    """The serving executor for one device and the batcher that feeds it."""
+
+    def __init__(self, pool: ExecutorPool, key: str) -> None:
+        self.pool = pool
+        self.key = key
+        self.executor: ExecutorProcess | None = None
+        self.pending: deque[_Request] = deque()
+        self.cond = threading.Condition()
+        self.cache: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
+        self.thread.start()
+
+    def submit(self, request: _Request) -> None:
+        with self.cond:
+            self.pending.append(request)
+            self.cond.notify()
+
+    def _take_batch(self) -> list[_Request] | None:
+        settings = self.pool.settings
+        with self.cond:
+            while not self.pending:
+                if self.pool.closed:
+                    return None
+                self.cond.wait(0.5)
+            first = self.pending[0]
+            limit = settings.max_batch_size if first.batchable else 1
+            form_until = first.enqueued + settings.max_queue_delay_s
+            while limit > 1 and not self.pool.closed:
+                same = sum(1 for r in self.pending if r.model == first.model and r.batchable)
+                wait = form_until - time.monotonic()
+                if same >= limit or wait <= 0:
+                    break
+                self.cond.wait(wait)
+            batch = [first]
+            self.pending.popleft()
+            for request in list(self.pending):
+                if len(batch) >= limit:
+                    break
+                if request.model == first.model and request.batchable:
+                    batch.append(request)
+                    self.pending.remove(request)
+            return batch
+
+    def _run(self) -> None:
+        while (batch := self._take_batch()) is not None:
+            try:
+                self._execute(batch)
+            except BaseException as exc:  # never lose a request: each gets an answer
+                log.exception("batch on %s failed", self.key)
+                for request in batch:
+                    if not request.done.is_set():
+                        request.finish(error=exc)
+
+    def _ensure_executor(self) -> ExecutorProcess:
+        if self.executor is None or not self.executor.alive:
+            if self.executor is not None:
+                self.executor.close()
+                self._cache_changed({})
+            self.executor = ExecutorProcess(f"serve-{self.key.replace(':', '')}", self.pool.settings, self.key)
+        return self.executor
+
+    def _execute(self, batch: list[_Request]) -> None:
+        timeout = max(r.deadline for r in batch) - time.monotonic()
+        if timeout <= 0:
+            for request in batch:
+                request.finish(error=errors.TaskTimeout("the task's task_timeout passed while it waited for its model"))
+            return
+        executor = self._ensure_executor()
+        job = {
+            "op": "infer",
+            "model": batch[0].model,
+            "items": [r.inputs for r in batch],
+            "limits": _job_limits([r.lease for r in batch], self.pool.settings),
+            "expected_size": batch[0].expected_size,
+        }
+        try:
+            reply = executor.call(job, timeout)
+        except (errors.MemoryLimitExceeded, errors.ExecutorCrashed) as exc:
+            self._cache_changed({})
+            if len(batch) > 1:
+                for request in batch:  # find the one at fault: each runs alone
+                    self._execute([request])
+                return
+            batch[0].finish(error=exc)
+            return
+        except errors.HyphaError as exc:
+            if isinstance(exc, errors.TaskTimeout):
+                self._cache_changed({})
+            for request in batch:
+                request.finish(error=exc)
+            return
+        self._cache_changed(reply.get("cache", {}))
+        for request, output, error in zip(batch, reply["outputs"], reply["errors"], strict=True):
+            if error is not None:
+                request.finish(error=error_from_reply(error))
+                continue
+            request.finish(ItemResult(
+                output=output,
+                cache_hit=reply["cache_hit"],
+                load_s=reply["load_s"],
+                compute_s=reply["compute_s"],
+                batch_size=reply["batch_size"],
+                memory_peak=reply["memory_peak"],
+                device=reply["device"],
+                gpu_memory_peak=reply.get("gpu_memory_peak"),
+            ))
+
+    def _cache_changed(self, cache: dict[str, int]) -> None:
+        if cache != self.cache:
+            evicted = len(set(self.cache) - set(cache))
+            self.cache = dict(cache)
+            if self.pool.on_cache_change is not None:
+                self.pool.on_cache_change(self.key, sum(cache.values()), evicted)
+
+    def close(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+        if self.executor is not None:
+            self.executor.kill()
+
+
+class ExecutorPool:
+    """All executors of one worker process. Thread-safe."""
+
+    def __init__(
+        self,
+        settings: ExecutorSettings,
+        on_cache_change: Callable[[str, int, int], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.on_cache_change = on_cache_change
+        self.closed = False
+        self._lanes: dict[str, _Lane] = {}
+        self._idle_jobs: dict[str, list[ExecutorProcess]] = {}
+        self._lock = threading.Lock()
+
+    def _lane(self, key: str) -> _Lane:
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is None:
+                lane = self._lanes[key] = _Lane(self, key)
+            return lane
+
+    def infer(
+        self,
+        *,
+        model: str,
+        inputs: Any,
+        lease: Lease,
+        timeout: float,
+        batchable: bool,
+        expected_size: int | None = None,
+    ) -> ItemResult:
+        """Run one task's inference (possibly batched with others); blocks until done."""
+        if self.closed:
+            raise errors.ExecutorCrashed("the worker is shutting down")
+        request = _Request(model, inputs, lease, time.monotonic() + timeout, batchable, expected_size)
+        self._lane(device_key(lease)).submit(request)
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        assert request.result is not None
+        return request.result
+
+    def run_job(
+        self,
+        request: dict[str, Any],
+        *,
+        lease: Lease,
+        timeout: float,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run a training job in a job executor of the lease's device."""
+        key = device_key(lease)
+        with self._lock:
+            idle = self._idle_jobs.setdefault(key, [])
+            executor = idle.pop() if idle else None
+        if executor is None or not executor.alive:
+            executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key)
+        request = dict(request, limits=_job_limits([lease], self.settings))
+        try:
+            result = executor.call(request, timeout, on_progress)
+        except (errors.TaskTimeout, errors.ExecutorCrashed, errors.MemoryLimitExceeded):
+            executor.kill()
+            raise
+        except BaseException:
+            self._give_back(key, executor)
+            raise
+        self._give_back(key, executor)
+        return result
+
+    def _give_back(self, key: str, executor: ExecutorProcess) -> None:
+        with self._lock:
+            if self.closed or not executor.alive:
+                executor.close()
+            else:
+                self._idle_jobs.setdefault(key, []).append(executor)
+
+    def cache(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {key: dict(lane.cache) for key, lane in self._lanes.items()}
+
+    def close(self) -> None:
+        self.closed = True
+        with self._lock:
+            lanes, self._lanes = list(self._lanes.values()), {}
+            idle, self._idle_jobs = [e for group in self._idle_jobs.values() for e in group], {}
+        for lane in lanes:
+            lane.close()
+        for executor in idle:
+            executor.kill()

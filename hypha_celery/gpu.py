@@ -1,0 +1,91 @@
+"""GPU discovery and utilisation through NVML, never through CUDA.
+
+NVML reads the driver without creating a CUDA context, so the worker's
+parent process can use it before forking pool processes (Celery #3402,
+#6036: a CUDA context in the parent breaks forked children). No NVML (no
+driver, no GPU) means no GPUs, not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from types import ModuleType
+from typing import Any
+
+__all__ = ["GpuInfo", "gpu_utilization", "list_gpus"]
+
+log = logging.getLogger(__name__)
+_init_lock = threading.Lock()
+_initialised = False
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    index: int
+    model: str
+    memory: int
+    compute_capability: str
+    uuid: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _nvml() -> ModuleType | None:
+    global _initialised
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    with _init_lock:
+        if not _initialised:
+            try:
+                pynvml.nvmlInit()
+            except pynvml.NVMLError as exc:
+                log.debug("NVML unavailable: %s", exc)
+                return None
+            _initialised = True
+    return pynvml
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def list_gpus() -> list[GpuInfo]:
+    """Every GPU the driver reports, or ``[]`` when there is no NVML."""
+    nvml = _nvml()
+    if nvml is None:
+        return []
+    gpus = []
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+            gpus.append(GpuInfo(
+                index=index,
+                model=_text(nvml.nvmlDeviceGetName(handle)),
+                memory=int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+                compute_capability=f"{major}.{minor}",
+                uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
+            ))
+    except nvml.NVMLError as exc:
+        log.warning("NVML failed while listing GPUs: %s", exc)
+    return gpus
+
+
+def gpu_utilization() -> dict[int, float]:
+    """Each GPU's utilisation over the driver's last sample period, 0..1."""
+    nvml = _nvml()
+    if nvml is None:
+        return {}
+    result = {}
+    try:
+        for index in range(nvml.nvmlDeviceGetCount()):
+            rates = nvml.nvmlDeviceGetUtilizationRates(nvml.nvmlDeviceGetHandleByIndex(index))
+            result[index] = rates.gpu / 100.0
+    except nvml.NVMLError as exc:
+        log.debug("NVML utilisation failed: %s", exc)
+    return result

@@ -1,0 +1,97 @@
+-- All-or-nothing reservation of memory + CPU + GPU, as one lease.
+-- ARGV: 2 lease_id, 3 ttl_ms, 4 memory, 5 cpu_milli, 6 gpus, 7 gpu_memory (0 = whole device),
+--       8 holder, 9 task_id ('' for none; guard key is KEYS[14])
+-- Returns JSON: {ok=true, id, m, c=[core, milli, ...], g=[gpu, bytes, ...], x, e}
+--            or {ok=false, why='busy'|'infeasible'|'duplicate'|'unknown_node', resource=...}
+local lease_id, ttl = ARGV[2], tonumber(ARGV[3])
+local mem, milli, ngpu, gmem = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local holder, task_id = ARGV[8], ARGV[9]
+
+local cap = capacity()
+if cap == nil then return cjson.encode({ok = false, why = 'unknown_node'}) end
+local now = now_ms()
+expire_stale(now)
+
+if task_id ~= '' then
+  local other = redis.call('GET', KEYS[14])
+  if other and redis.call('ZSCORE', KEYS[3], other) then
+    local raw = redis.call('HGET', KEYS[4], other)
+    local h = raw and cjson.decode(raw).h or ''
+    return cjson.encode({ok = false, why = 'duplicate', lease = other, holder = h})
+  end
+end
+
+-- Infeasible: could not fit even on an empty node.
+local function refuse(why, resource)
+  return cjson.encode({ok = false, why = why, resource = resource})
+end
+if mem > cap.memory then return refuse('infeasible', 'memory') end
+if milli >= 1000 and milli / 1000 > #cap.cores then return refuse('infeasible', 'cpu') end
+if #cap.cores == 0 and milli > 0 then return refuse('infeasible', 'cpu') end
+if ngpu > 0 then
+  local big_enough = 0
+  for _, g in ipairs(cap.gpus) do
+    if cap.gpu_mem[g] >= gmem then big_enough = big_enough + 1 end
+  end
+  if big_enough < ngpu then return refuse('infeasible', 'gpu') end
+end
+
+local used = hash(KEYS[2])
+
+if num(used, 'memory') + mem > cap.memory then return refuse('busy', 'memory') end
+
+-- CPU: whole cores are pinned exclusively; a fraction goes to the fullest core it fits (best fit).
+local cores = {}
+if milli >= 1000 then
+  local want = milli / 1000
+  for _, c in ipairs(cap.cores) do
+    if #cores / 2 < want and num(used, 'c' .. c) == 0 then
+      table.insert(cores, c); table.insert(cores, 1000)
+    end
+  end
+  if #cores / 2 < want then return refuse('busy', 'cpu') end
+elseif milli > 0 then
+  local best, best_free = nil, 1001
+  for _, c in ipairs(cap.cores) do
+    local free = 1000 - num(used, 'c' .. c)
+    if free >= milli and free < best_free then best, best_free = c, free end
+  end
+  if best == nil then return refuse('busy', 'cpu') end
+  cores = {best, milli}
+end
+
+-- GPU: exclusive unless the node shares GPUs and the task named a per-device amount.
+local exclusive = (not cap.sharing) or gmem == 0
+local gpus, taken = {}, {}
+for _ = 1, ngpu do
+  local best, best_free = nil, nil
+  for _, g in ipairs(cap.gpus) do
+    if not taken[g] then
+      local holders, free = num(used, 'gh' .. g), cap.gpu_mem[g] - num(used, 'g' .. g)
+      local need = gmem > 0 and gmem or cap.gpu_mem[g]
+      local ok
+      if exclusive then ok = holders == 0 else ok = num(used, 'gx' .. g) == 0 end
+      if ok and free >= need and (best_free == nil or free < best_free) then best, best_free = g, free end
+    end
+  end
+  if best == nil then return refuse('busy', 'gpu') end
+  taken[best] = true
+  table.insert(gpus, best); table.insert(gpus, gmem > 0 and gmem or cap.gpu_mem[best])
+end
+
+-- Commit.
+local x = (ngpu > 0 and exclusive) and 1 or 0
+if mem > 0 then redis.call('HINCRBY', KEYS[2], 'memory', mem) end
+for i = 1, #cores, 2 do redis.call('HINCRBY', KEYS[2], 'c' .. cores[i], cores[i + 1]) end
+for i = 1, #gpus, 2 do
+  redis.call('HINCRBY', KEYS[2], 'g' .. gpus[i], gpus[i + 1])
+  redis.call('HINCRBY', KEYS[2], 'gh' .. gpus[i], 1)
+  if x == 1 then redis.call('HINCRBY', KEYS[2], 'gx' .. gpus[i], 1) end
+end
+local expires = now + ttl
+local lease = {m = mem, c = cores, g = gpus, x = x, h = holder, t = task_id, k = 'task'}
+redis.call('HSET', KEYS[4], lease_id, cjson.encode(lease))
+redis.call('ZADD', KEYS[3], expires, lease_id)
+if task_id ~= '' then redis.call('SET', KEYS[14], lease_id, 'PX', ttl) end
+refresh_index(cap)
+return cjson.encode({ok = true, id = lease_id, m = mem, c = cores, g = gpus, x = x, e = expires})

@@ -1,0 +1,124 @@
+"""Fetch a model from a ``[[worker.models.sources]]`` entry into a staging folder.
+
+Every source serves the same layout as the store (``<id>/manifest.json``,
+``<id>/<file>``). Files are streamed with a size cap and hashed on the way;
+the store verifies and installs the staging folder afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+from ..config import ModelSource
+from ..errors import UnsupportedModel
+from .store import Manifest
+
+__all__ = ["fetch_model"]
+
+_CHUNK = 1 << 20
+_MANIFEST_CAP = 1 << 20
+HTTP_TIMEOUT_S = 30
+
+
+def fetch_model(source: ModelSource, model_id: str, staging: Path, max_size: int) -> Manifest:
+    """Download ``model_id`` from ``source`` into ``staging``; return its (validated) manifest."""
+    opener = _OPENERS[source.type]
+    with opener(source, f"{model_id}/manifest.json") as stream:
+        raw = _read_capped(stream, _MANIFEST_CAP, f"{model_id}/manifest.json")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise UnsupportedModel(f"model {model_id!r}: manifest is not JSON ({exc})") from None
+    manifest = Manifest.from_json(data, model_id, max_size)
+    if manifest.size > max_size:
+        raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
+    for name, entry in manifest.files.items():
+        with opener(source, f"{model_id}/{name}") as stream, open(staging / name, "wb") as out:
+            digest, written = hashlib.sha256(), 0
+            for chunk in _chunks(stream):
+                written += len(chunk)
+                if written > entry.size:
+                    raise UnsupportedModel(f"model {model_id!r}: {name} is longer than the manifest's {entry.size} bytes")
+                digest.update(chunk)
+                out.write(chunk)
+        if written != entry.size:
+            raise UnsupportedModel(f"model {model_id!r}: {name} ended at {written} of {entry.size} bytes (truncated)")
+        if digest.hexdigest() != entry.sha256:
+            raise UnsupportedModel(f"model {model_id!r}: {name} does not match its sha256 (corrupt or tampered)")
+    (staging / "manifest.json").write_bytes(raw)
+    return manifest
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while chunk := stream.read(_CHUNK):
+        yield chunk
+
+
+def _read_capped(stream: IO[bytes], cap: int, what: str) -> bytes:
+    data = stream.read(cap + 1)
+    if len(data) > cap:
+        raise UnsupportedModel(f"{what} is larger than {cap} bytes")
+    return bytes(data)
+
+
+class _Closing:
+    """Context manager over a readable stream that may need a custom close."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def __enter__(self) -> IO[bytes]:
+        return self.stream
+
+    def __exit__(self, *exc: object) -> None:
+        self.stream.close()
+
+
+def _open_local(source: ModelSource, relative: str) -> _Closing:
+    path = Path(source.path or "") / relative
+    try:
+        return _Closing(open(path, "rb"))
+    except FileNotFoundError:
+        raise UnsupportedModel(f"not found at {path}") from None
+    except OSError as exc:
+        raise UnsupportedModel(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _open_http(source: ModelSource, relative: str) -> _Closing:
+    url = f"{(source.url or '').rstrip('/')}/{relative}"
+    try:
+        return _Closing(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S))  # noqa: S310 - scheme checked in config
+    except urllib.error.HTTPError as exc:
+        raise UnsupportedModel(f"GET {url}: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UnsupportedModel(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _open_s3(source: ModelSource, relative: str) -> _Closing:
+    import boto3
+    import botocore.exceptions
+
+    client = boto3.client("s3", region_name=source.region, endpoint_url=source.endpoint_url)
+    key = f"{source.prefix}{relative}"
+    try:
+        body = client.get_object(Bucket=source.bucket, Key=key)["Body"]
+    except botocore.exceptions.ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise UnsupportedModel(f"s3://{source.bucket}/{key}: {code}") from None
+    except botocore.exceptions.BotoCoreError as exc:
+        raise UnsupportedModel(f"s3://{source.bucket}/{key}: {exc}") from None
+    return _Closing(body)
+
+
+_OPENERS: dict[str, Callable[[ModelSource, str], _Closing]] = {
+    "local": _open_local,
+    "http": _open_http,
+    "s3": _open_s3,
+}
+

@@ -1,0 +1,114 @@
+"""Task inputs and outputs as JSON: nested lists, or a compact base64 tensor encoding.
+
+Compact form (what ``encode`` writes and ``decode`` reads)::
+
+    {"dtype": "float32", "shape": [N, 4], "data": "<base64 of the raw little-endian bytes>"}
+
+Either form may hold one sample (the model's per-sample shape) or a batch
+(``[N, *shape]``); the output mirrors the input's form and batching.
+These functions only check structure and size; they import no torch, so the
+worker validates a task before any ML process is involved.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import InvalidInput
+
+__all__ = ["DTYPES", "Batch", "check_inputs", "encode_rows"]
+
+DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Validated inputs: ``rows`` samples of ``sample_shape``, and how to give them back."""
+
+    rows: int
+    single: bool
+    encoded: bool
+    dtype: str
+    payload: Any  # the inputs as given (validated), forwarded to the executor
+
+
+def _shape_of(value: Any, max_elements: int) -> list[int]:
+    """Shape of a rectangular nested list of numbers; ``InvalidInput`` if ragged or not numbers."""
+    shape: list[int] = []
+    level = value
+    while isinstance(level, list):
+        if not level:
+            raise InvalidInput("inputs contain an empty list")
+        shape.append(len(level))
+        level = level[0]
+    if math.prod(shape) > max_elements:
+        raise InvalidInput(f"inputs hold {math.prod(shape)} numbers, above the cap of {max_elements}")
+    _check_rectangular(value, shape, 0)
+    return shape
+
+
+def _check_rectangular(value: Any, shape: list[int], depth: int) -> None:
+    if depth == len(shape):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidInput(f"inputs must be numbers, found {type(value).__name__} {value!r:.40}")
+        return
+    if not isinstance(value, list) or len(value) != shape[depth]:
+        raise InvalidInput(f"inputs are ragged: expected {shape[depth]} items at depth {depth}")
+    for item in value:
+        _check_rectangular(item, shape, depth + 1)
+
+
+def check_inputs(inputs: Any, sample_shape: Sequence[int], *, max_bytes: int, model: str = "model") -> Batch:
+    """Validate ``inputs`` against a model's per-sample shape and the size cap."""
+    sample_shape = list(sample_shape)
+    if isinstance(inputs, dict):
+        return _check_encoded(inputs, sample_shape, max_bytes, model)
+    if not isinstance(inputs, list):
+        raise InvalidInput(f"inputs must be a nested list of numbers or an encoded tensor object, got {type(inputs).__name__}")
+    shape = _shape_of(inputs, max(1, max_bytes // 4))
+    single, rows = _match(shape, sample_shape, model)
+    return Batch(rows=rows, single=single, encoded=False, dtype="float32", payload=inputs)
+
+
+def _match(shape: list[int], sample_shape: list[int], model: str) -> tuple[bool, int]:
+    if shape == sample_shape:
+        return True, 1
+    if len(shape) == len(sample_shape) + 1 and shape[1:] == sample_shape:
+        return False, shape[0]
+    raise InvalidInput(
+        f"inputs have shape {shape}; {model} takes {sample_shape} per sample (or [N, {', '.join(map(str, sample_shape))}])"
+    )
+
+
+def _check_encoded(inputs: dict[str, Any], sample_shape: list[int], max_bytes: int, model: str) -> Batch:
+    extra = sorted(set(inputs) - {"dtype", "shape", "data"})
+    if extra or not {"dtype", "shape", "data"} <= set(inputs):
+        raise InvalidInput("an encoded tensor needs exactly 'dtype', 'shape' and 'data' (base64)")
+    dtype, shape, data = inputs["dtype"], inputs["shape"], inputs["data"]
+    if dtype not in DTYPES:
+        raise InvalidInput(f"encoded dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise InvalidInput(f"encoded shape must be a list of positive integers, got {shape!r}")
+    if not isinstance(data, str):
+        raise InvalidInput("encoded data must be a base64 string")
+    expected = math.prod(shape) * DTYPES[dtype]
+    if expected > max_bytes or len(data) > (max_bytes * 4) // 3 + 8:
+        size = max(expected, len(data) * 3 // 4)
+        raise InvalidInput(f"inputs are {size} bytes, above the cap of {max_bytes} (max_input_bytes)")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidInput("encoded data is not valid base64") from None
+    if len(raw) != expected:
+        raise InvalidInput(f"encoded data has {len(raw)} bytes; shape {shape} of {dtype} needs {expected}")
+    single, rows = _match(shape, sample_shape, model)
+    return Batch(rows=rows, single=single, encoded=True, dtype=dtype, payload=inputs)
+
+
+def encode_rows(raw: bytes, dtype: str, shape: list[int]) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "data": base64.b64encode(raw).decode("ascii")}

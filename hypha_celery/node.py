@@ -1,0 +1,142 @@
+"""This process's view of the worker node: config, Redis, ledger, store, executors.
+
+The worker loads its config once (``--hypha-config`` or ``$HYPHA_CONFIG``,
+see :mod:`hypha_celery.worker_options`) and hands it to :func:`configure`.
+Everything else is built lazily, once per process: a prefork child gets its
+own Redis connections and executor pool after the fork, never the parent's.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import redis
+
+from . import metrics
+from .config import WorkerConfig, load_config, registry_url
+from .executor.pool import ExecutorPool, ExecutorSettings
+from .models.store import ModelStore
+from .placement import Placement
+from .resources.ledger import Lease, LeaseKeeper, Ledger
+from .security import Verifier
+
+__all__ = ["NodeContext", "configure", "context", "current_config"]
+
+_lock = threading.Lock()
+_config: WorkerConfig | None = None
+_context: NodeContext | None = None
+
+
+def configure(cfg: WorkerConfig) -> None:
+    """Install the worker's config for this process (and the children it forks)."""
+    global _config, _context
+    with _lock:
+        _config, _context = cfg, None
+
+
+def current_config() -> WorkerConfig:
+    global _config
+    with _lock:
+        if _config is None:
+            _config = load_config()
+        return _config
+
+
+def context() -> NodeContext:
+    """The process-wide node context, rebuilt after a fork."""
+    global _context
+    cfg = current_config()
+    with _lock:
+        if _context is None or _context.pid != os.getpid():
+            _context = NodeContext(cfg)
+        return _context
+
+
+def node_id(cfg: WorkerConfig) -> str:
+    return cfg.resources.node_id or socket.gethostname()
+
+
+@dataclass
+class NodeContext:
+    config: WorkerConfig
+    pid: int = field(default_factory=os.getpid)
+
+    @property
+    def node_id(self) -> str:
+        return node_id(self.config)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return redis.Redis.from_url(
+            registry_url(self.config),
+            socket_timeout=5,
+            socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger(self.redis, self.node_id, ttl=2 * self.config.resources.lease_heartbeat)
+
+    @cached_property
+    def keeper(self) -> LeaseKeeper:
+        return LeaseKeeper(self.ledger, interval=self.config.resources.lease_heartbeat)
+
+    @cached_property
+    def placement(self) -> Placement:
+        return Placement(self.redis)
+
+    @cached_property
+    def store(self) -> ModelStore:
+        models = self.config.models
+        return ModelStore(models.model_dir, models.sources, models.max_model_size)
+
+    @cached_property
+    def verifier(self) -> Verifier:
+        security = self.config.security
+        return Verifier(security.allowed_schedulers, self.redis, max_age=security.max_envelope_age)
+
+    @cached_property
+    def executors(self) -> ExecutorPool:
+        from .executor.limits import NICE
+
+        cfg = self.config
+        settings = ExecutorSettings(
+            store=cfg.models.model_dir,
+            cache_size=cfg.model_cache_size,
+            max_model_size=cfg.models.max_model_size,
+            sandbox=cfg.execution.sandbox_enabled,
+            nice=NICE[cfg.execution.cpu_priority],
+            enforce_memory=cfg.security.enforce_memory_limits,
+            enforce_cpu=cfg.security.enforce_cpu_limits,
+            max_batch_size=cfg.batching.max_batch_size,
+            max_queue_delay_s=cfg.batching.max_queue_delay_microseconds / 1e6,
+            memory_mode=os.environ.get("HYPHA_MEMORY_ENFORCEMENT") or None,
+        )
+        return ExecutorPool(settings, on_cache_change=self._account_cache)
+
+    def _account_cache(self, device: str, size: int, evicted: int = 0) -> None:
+        """A serving executor's cache changed: its bytes count as taken in the ledger.
+
+        The account is a lease like any other, renewed by this process's
+        LeaseKeeper, so a dead worker's cache stops counting by itself.
+        """
+        gpus = {int(device.split(":")[1].split(",")[0]): size} if device.startswith("cuda:") else {}
+        account = Lease(
+            id=f"cache:{self.node_id}:{os.getpid()}:{device}",
+            node=self.node_id,
+            memory=0 if gpus else size,
+            cores={},
+            gpus=gpus,
+            exclusive_gpu=False,
+        )
+        self.ledger.account(account.id, memory=account.memory, gpus=gpus, holder=f"model cache on {device}")
+        metrics.cache_changed(device, size, evicted)
+        if size:
+            self.keeper.add(account)
+        else:
+            self.keeper.discard(account)

@@ -1,0 +1,395 @@
+"""A node's resource ledger: atomic, all-or-nothing leases of cores, memory and GPUs.
+
+The seed's managers check (``load``) and then add (``fetch_add``): two tasks
+can pass the same check. Here a reservation is one Lua script run by Redis
+(``hypha_celery/lua/reserve.lua``), so checking and taking are one step,
+and every process on the node - prefork children, several workers, a
+scheduler reading usage - sees the same numbers.
+
+A reservation is a *lease*: it expires ``ttl`` seconds after its last renewal
+(Redis server clock), so resources held by a process that was killed -9 come
+back by themselves. :class:`LeaseKeeper` renews every live lease of a process
+in one call per heartbeat.
+
+Public API::
+
+    ledger = Ledger(redis_client, node_id="gpu-host-1")
+    ledger.set_capacity(Capacity(cores=[0, 1, 2, 3], memory=16 * 2**30, gpus={0: 80 * 10**9}))
+    lease = ledger.reserve(Requirements.parse({"memory": "2GB", "gpus": 1}), holder="me")
+    ledger.renew([lease])
+    ledger.release(lease)
+    ledger.usage()
+    with ledger.hold(requirements, holder="task-1") as lease: ...   # renewed while inside
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from .. import keys, redis_scripts
+from ..errors import (
+    InsufficientCapabilities,
+    InsufficientCpu,
+    InsufficientGpuMemory,
+    RegistryUnavailable,
+    ResourcesBusy,
+)
+from ..units import format_size
+from .requirements import Requirements
+
+__all__ = ["Capacity", "DuplicateTask", "Lease", "LeaseKeeper", "Ledger", "Usage"]
+
+log = logging.getLogger(__name__)
+
+_NO_GUARD = keys.task_guard("-")
+
+
+def _pairs(flat: Any) -> dict[int, int]:
+    """Lua returns ``[id, amount, id, amount]`` (or ``{}`` when empty)."""
+    if not flat:
+        return {}
+    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a node offers: OS core ids, memory bytes, GPU index -> memory bytes."""
+
+    cores: list[int]
+    memory: int
+    gpus: dict[int, int] = field(default_factory=dict)
+    gpu_sharing: bool = False
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A granted reservation. ``cores`` and ``gpus`` map a device to what is held on it."""
+
+    id: str
+    node: str
+    memory: int
+    cores: dict[int, int]
+    gpus: dict[int, int]
+    exclusive_gpu: bool
+    task_id: str | None = None
+
+    @property
+    def core_ids(self) -> list[int]:
+        return sorted(self.cores)
+
+    @property
+    def gpu_ids(self) -> list[int]:
+        return sorted(self.gpus)
+
+    @property
+    def device(self) -> str:
+        """The torch device the task runs on, as the task's own process sees it."""
+        return "cuda:0" if self.gpus else "cpu"
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return ",".join(str(g) for g in self.gpu_ids)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "node": self.node,
+            "memory": self.memory,
+            "cores": {str(k): v for k, v in self.cores.items()},
+            "gpus": {str(k): v for k, v in self.gpus.items()},
+            "exclusive_gpu": self.exclusive_gpu,
+            "task_id": self.task_id,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Lease:
+        return cls(
+            id=data["id"],
+            node=data["node"],
+            memory=int(data["memory"]),
+            cores={int(k): int(v) for k, v in data["cores"].items()},
+            gpus={int(k): int(v) for k, v in data["gpus"].items()},
+            exclusive_gpu=bool(data["exclusive_gpu"]),
+            task_id=data.get("task_id"),
+        )
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A snapshot of a node's ledger after expired leases were reaped."""
+
+    capacity: Capacity | None
+    memory_used: int
+    core_milli_used: dict[int, int]
+    gpu_memory_used: dict[int, int]
+    gpu_holders: dict[int, int]
+    leases: list[dict[str, Any]]
+
+    @property
+    def memory_free(self) -> int:
+        return (self.capacity.memory if self.capacity else 0) - self.memory_used
+
+    @property
+    def cores_used(self) -> float:
+        return sum(self.core_milli_used.values()) / 1000
+
+    def to_json(self) -> dict[str, Any]:
+        cap = self.capacity
+        return {
+            "capacity": None
+            if cap is None
+            else {"cores": cap.cores, "memory": cap.memory, "gpus": {str(k): v for k, v in cap.gpus.items()}},
+            "memory_used": self.memory_used,
+            "cores_used": self.cores_used,
+            "gpu_memory_used": {str(k): v for k, v in self.gpu_memory_used.items()},
+            "leases": len(self.leases),
+        }
+
+
+class DuplicateTask(Exception):
+    """A live lease already runs this task id (a redelivered message); not an error of the task."""
+
+    def __init__(self, task_id: str, lease_id: str, holder: str) -> None:
+        super().__init__(f"task {task_id} is already running under lease {lease_id} ({holder})")
+        self.task_id, self.lease_id, self.holder = task_id, lease_id, holder
+
+
+class Ledger:
+    """One node's ledger in Redis. Thread-safe; one instance per process is enough."""
+
+    def __init__(self, client: redis.Redis, node_id: str, *, ttl: float = 10.0) -> None:
+        self.redis = client
+        self.node = node_id
+        self.ttl = ttl
+        self._keys = [
+            keys.node_capacity(node_id),
+            keys.node_used(node_id),
+            keys.leases(node_id),
+            keys.lease_data(node_id),
+            *keys.INDEX_FREE.values(),
+            *keys.INDEX_CAPACITY.values(),
+        ]
+        self._scripts = {
+            name: client.register_script(redis_scripts.source(name, prelude=True))
+            for name in ("set_capacity", "reserve", "release", "renew", "account", "usage")
+        }
+
+    def _run(self, name: str, args: list[Any], guards: Iterable[str] = ()) -> Any:
+        try:
+            return self._scripts[name](keys=[*self._keys, *guards], args=[self.node, *args])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
+
+    def set_capacity(self, capacity: Capacity) -> None:
+        """Publish what this node offers; existing leases are kept."""
+        self._run(
+            "set_capacity",
+            [
+                capacity.memory,
+                json.dumps(sorted(capacity.cores)),
+                json.dumps({str(k): v for k, v in capacity.gpus.items()}),
+                1 if capacity.gpu_sharing else 0,
+            ],
+        )
+
+    def try_reserve(
+        self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
+    ) -> Lease | dict[str, Any]:
+        """Reserve or say why not: returns a :class:`Lease` or ``{"why": ..., "resource": ...}``."""
+        lease_id = uuid.uuid4().hex
+        ttl_ms = int((ttl or self.ttl) * 1000)
+        guard = keys.task_guard(task_id) if task_id else _NO_GUARD
+        raw = self._run(
+            "reserve",
+            [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or ""],
+            [guard],
+        )
+        answer = json.loads(raw)
+        if not answer["ok"]:
+            return dict(answer)
+        return Lease(
+            id=lease_id,
+            node=self.node,
+            memory=int(answer["m"]),
+            cores=_pairs(answer["c"]),
+            gpus=_pairs(answer["g"]),
+            exclusive_gpu=bool(answer["x"]),
+            task_id=task_id,
+        )
+
+    def reserve(
+        self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
+    ) -> Lease:
+        """Reserve, raising ``ResourcesBusy`` (wait), an ``InsufficientCapabilities`` (never here)
+        or :class:`DuplicateTask`."""
+        result = self.try_reserve(req, holder=holder, task_id=task_id, ttl=ttl)
+        if isinstance(result, Lease):
+            return result
+        raise self.refusal(req, result, task_id)
+
+    def refusal(self, req: Requirements, answer: dict[str, Any], task_id: str | None = None) -> Exception:
+        """The exception that explains a refused reservation to a person."""
+        why, resource = answer["why"], answer.get("resource", "")
+        if why == "duplicate":
+            return DuplicateTask(task_id or "?", answer["lease"], answer.get("holder", ""))
+        if why == "unknown_node":
+            return RegistryUnavailable(f"node {self.node!r} has no capacity in the ledger (is its worker running?)")
+        if why == "busy":
+            return ResourcesBusy(f"node {self.node} has not enough free {resource} now for {req.describe()}")
+        capacity = self.capacity()
+        have = "unknown"
+        if capacity is not None:
+            have = f"{len(capacity.cores)} cores, {format_size(capacity.memory)} memory"
+            if capacity.gpus:
+                have += ", GPUs " + ", ".join(f"{i}: {format_size(m)}" for i, m in sorted(capacity.gpus.items()))
+        message = f"node {self.node} can never fit {req.describe()} (short of {resource}; it has {have})"
+        cls = {"cpu": InsufficientCpu, "gpu": InsufficientGpuMemory}.get(resource, InsufficientCapabilities)
+        return cls(message)
+
+    def release(self, *leases: Lease) -> int:
+        """Give leases back; idempotent. Returns how many were still held."""
+        if not leases:
+            return 0
+        guards = [keys.task_guard(lease.task_id) if lease.task_id else _NO_GUARD for lease in leases]
+        return int(self._run("release", [lease.id for lease in leases], guards))
+
+    def renew(self, leases: Iterable[Lease], ttl: float | None = None) -> set[str]:
+        """Extend leases; returns the ids that were already lost (expired or released)."""
+        leases = list(leases)
+        if not leases:
+            return set()
+        guards = [keys.task_guard(lease.task_id) if lease.task_id else _NO_GUARD for lease in leases]
+        ttl_ms = int((ttl or self.ttl) * 1000)
+        lost = self._run("renew", [ttl_ms, *(lease.id for lease in leases)], guards)
+        return {item.decode() if isinstance(item, bytes) else str(item) for item in lost}
+
+    def account(self, lease_id: str, *, memory: int = 0, gpus: dict[int, int] | None = None, holder: str = "") -> None:
+        """Record memory already in use (a model cache) under ``lease_id``, replacing its old amount."""
+        flat: list[int] = []
+        for gpu, amount in sorted((gpus or {}).items()):
+            if amount:
+                flat += [gpu, amount]
+        self._run("account", [lease_id, int(self.ttl * 1000), memory, json.dumps(flat), holder])
+
+    def usage(self) -> Usage:
+        data = json.loads(self._run("usage", []))
+        used = data["used"]
+        return Usage(
+            capacity=_capacity_from_hash(data["capacity"]) if data["capacity"] else None,
+            memory_used=int(used.get("memory", 0)),
+            core_milli_used={int(k[1:]): int(v) for k, v in used.items() if k.startswith("c") and int(v)},
+            gpu_memory_used={int(k[1:]): int(v) for k, v in used.items() if k[:1] == "g" and k[1:].isdigit() and int(v)},
+            gpu_holders={int(k[2:]): int(v) for k, v in used.items() if k.startswith("gh") and int(v)},
+            leases=list(data["leases"]) if isinstance(data["leases"], list) else [],
+        )
+
+    def capacity(self) -> Capacity | None:
+        try:
+            raw: Any = self.redis.hgetall(keys.node_capacity(self.node))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
+        if not raw:
+            return None
+        return _capacity_from_hash({k.decode(): v.decode() for k, v in raw.items()})
+
+    @contextmanager
+    def hold(
+        self, req: Requirements, *, holder: str, task_id: str | None = None, keeper: LeaseKeeper | None = None
+    ) -> Iterator[Lease]:
+        """Reserve, keep the lease renewed while inside, release in ``finally``."""
+        lease = self.reserve(req, holder=holder, task_id=task_id)
+        keeper = keeper or LeaseKeeper.for_ledger(self)
+        keeper.add(lease)
+        try:
+            yield lease
+        finally:
+            keeper.discard(lease)
+            self.release(lease)
+
+
+def _capacity_from_hash(raw: dict[str, str]) -> Capacity:
+    gpu_ids = json.loads(raw.get("gpu_ids") or "[]") or []
+    return Capacity(
+        cores=[int(c) for c in (json.loads(raw["core_ids"]) or [])],
+        memory=int(raw["memory"]),
+        gpus={int(g): int(raw[f"gpu_mem:{g}"]) for g in gpu_ids},
+        gpu_sharing=raw.get("gpu_sharing") == "1",
+    )
+
+
+class LeaseKeeper:
+    """Renews every lease a process holds, in one Redis call per heartbeat.
+
+    A lease that comes back lost (its holder stalled past the TTL and it was
+    reaped) is reported to ``on_lost`` so the task can stop rather than run on
+    resources somebody else may now hold.
+    """
+
+    _instances: dict[tuple[int, str], LeaseKeeper] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, ledger: Ledger, interval: float | None = None) -> None:
+        self.ledger = ledger
+        self.interval = interval if interval is not None else ledger.ttl / 2
+        self._leases: dict[str, Lease] = {}
+        self._lost: set[str] = set()
+        self._guard = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def for_ledger(cls, ledger: Ledger) -> LeaseKeeper:
+        key = (id(ledger), ledger.node)
+        with cls._lock:
+            keeper = cls._instances.get(key)
+            if keeper is None:
+                keeper = cls._instances[key] = cls(ledger)
+            return keeper
+
+    def add(self, lease: Lease) -> None:
+        with self._guard:
+            self._leases[lease.id] = lease
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="hypha-lease-keeper", daemon=True)
+                self._thread.start()
+
+    def discard(self, lease: Lease) -> None:
+        with self._guard:
+            self._leases.pop(lease.id, None)
+            self._lost.discard(lease.id)
+
+    def lost(self, lease: Lease) -> bool:
+        with self._guard:
+            return lease.id in self._lost
+
+    def renew_now(self) -> None:
+        with self._guard:
+            leases = list(self._leases.values())
+        if not leases:
+            return
+        lost = self.ledger.renew(leases)
+        if lost:
+            log.warning("leases lost before renewal (holder stalled past the TTL?): %s", ", ".join(sorted(lost)))
+            with self._guard:
+                self._lost |= lost & set(self._leases)
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(self.interval)
+            with self._guard:
+                if not self._leases:
+                    self._thread = None
+                    return
+            try:
+                self.renew_now()
+            except Exception as exc:  # keep renewing through a Redis blip
+                log.warning("lease renewal failed: %s", exc)

@@ -1,0 +1,109 @@
+"""What a task asks for: cores, memory, GPUs; parsed from its ``requirements`` kwarg.
+
+CPU is counted in thousandths of a core, as Kubernetes does, so that many
+small inference tasks can share a core (``cpu_cores = 0.25``); a request of a
+core or more must be whole cores, which the ledger pins exclusively.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ExcessiveMemoryRequest, InsufficientCpu, InvalidTask
+from ..units import format_size, parse_size
+
+__all__ = ["Requirements", "check_caps"]
+
+_FIELDS = ("cpu_cores", "memory", "gpus", "gpu_memory")
+MILLI = 1000
+# A task that names no memory still gets a reservation (and, with
+# enforce_memory_limits, a cap): enough for a small model and its activations.
+DEFAULT_MEMORY = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class Requirements:
+    """A task's reservation request. ``gpu_memory`` is per device; 0 means the whole device."""
+
+    cpu_milli: int = MILLI
+    memory: int = DEFAULT_MEMORY
+    gpus: int = 0
+    gpu_memory: int = 0
+
+    @property
+    def cpu_cores(self) -> float:
+        return self.cpu_milli / MILLI
+
+    @classmethod
+    def parse(cls, raw: Any) -> Requirements:
+        """Validate a ``requirements`` kwarg; every problem is an ``InvalidTask`` naming the field."""
+        if raw is None:
+            return cls()
+        if isinstance(raw, Requirements):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise InvalidTask(f"requirements must be an object with {', '.join(_FIELDS)}; got {type(raw).__name__}")
+        unknown = sorted(set(raw) - set(_FIELDS))
+        if unknown:
+            raise InvalidTask(f"requirements.{unknown[0]} is not a requirement (known: {', '.join(_FIELDS)})")
+        cpu_milli = _cpu_milli(raw.get("cpu_cores", 1))
+        memory = _size("memory", raw.get("memory", DEFAULT_MEMORY), allow_zero=False)
+        gpus = raw.get("gpus", 0)
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+            raise InvalidTask(f"requirements.gpus must be a whole number >= 0, got {gpus!r}")
+        gpu_memory = _size("gpu_memory", raw.get("gpu_memory", 0), allow_zero=True)
+        if gpu_memory and not gpus:
+            gpus = 1
+        return cls(cpu_milli=cpu_milli, memory=memory, gpus=gpus, gpu_memory=gpu_memory)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"cpu_cores": self.cpu_cores, "memory": self.memory, "gpus": self.gpus, "gpu_memory": self.gpu_memory}
+
+    def describe(self) -> str:
+        """For error messages a person reads."""
+        parts = [f"{self.cpu_cores:g} cores", f"{format_size(self.memory)} memory"]
+        if self.gpus:
+            per = format_size(self.gpu_memory) if self.gpu_memory else "a whole device"
+            parts.append(f"{self.gpus} GPU(s) with {per} each")
+        return ", ".join(parts)
+
+
+def _cpu_milli(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidTask(f"requirements.cpu_cores must be a number, got {value!r}")
+    if value <= 0:
+        raise InvalidTask(f"requirements.cpu_cores must be positive, got {value!r}")
+    milli = round(value * MILLI)
+    if milli == 0:
+        raise InvalidTask(f"requirements.cpu_cores must be at least 0.001, got {value!r}")
+    if value > 1 and milli % MILLI:
+        raise InvalidTask(f"requirements.cpu_cores above 1 must be whole cores, got {value!r}")
+    return milli
+
+
+def _size(name: str, value: Any, *, allow_zero: bool) -> int:
+    if allow_zero and value == 0 and not isinstance(value, bool):
+        return 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+        raise InvalidTask(f"requirements.{name} must not be negative, got {value!r}")
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise InvalidTask(f"requirements.{name}: {exc}") from None
+
+
+def check_caps(req: Requirements, *, max_memory_per_task: int, max_cpu_cores_per_task: int) -> None:
+    """The worker's per-task caps: over them a task can never run here, so fail now."""
+    if req.memory > max_memory_per_task:
+        raise ExcessiveMemoryRequest(
+            f"asked for {format_size(req.memory)} memory; this worker allows at most "
+            f"{format_size(max_memory_per_task)} per task (max_memory_per_task)"
+        )
+    if req.cpu_milli > max_cpu_cores_per_task * MILLI:
+        raise InsufficientCpu(
+            f"asked for {req.cpu_cores:g} cores; this worker allows at most "
+            f"{max_cpu_cores_per_task} per task (max_cpu_cores_per_task)"
+        )

@@ -1,0 +1,54 @@
+"""A Celery router: plain ``apply_async`` / ``send_task`` with a ``requirements`` kwarg is placed too.
+
+Listed in ``celeryconfig.task_routes``. A hypha task without an explicit
+queue goes to the queue of the best-fitting live worker; when none fits now
+(or the registry cannot be read) it goes to the shared ``hypha`` queue and
+the worker that takes it defers it until resources free up.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import redis
+
+from .config import load_config, registry_url
+from .errors import HyphaError
+from .placement import Placement
+from .resources.requirements import Requirements
+
+__all__ = ["placement_for", "route_by_requirements"]
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_placements: dict[str, Placement] = {}
+
+
+def placement_for(url: str | None = None) -> Placement:
+    """One Placement per registry URL per process."""
+    url = url or registry_url(load_config())
+    with _lock:
+        found = _placements.get(url)
+        if found is None:
+            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            found = _placements[url] = Placement(client)
+        return found
+
+
+def route_by_requirements(
+    name: str, args: Any, kwargs: Any, options: dict[str, Any], task: Any = None, **_: Any
+) -> dict[str, str] | None:
+    if not name.startswith("hypha.") or options.get("queue") or options.get("routing_key"):
+        return None
+    try:
+        req = Requirements.parse((kwargs or {}).get("requirements"))
+    except HyphaError:
+        return None  # the worker refuses it with the reason
+    try:
+        choice = placement_for().choose(req)
+    except (HyphaError, redis.RedisError) as exc:
+        log.warning("placement unavailable (%s); sending %s to the shared queue", exc, name)
+        return None
+    return {"queue": choice.queue} if choice else None

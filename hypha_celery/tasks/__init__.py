@@ -1,0 +1,5 @@
+"""hypha's Celery tasks: ``hypha.infer``, ``hypha.train`` and ``hypha.noop``.
+
+Every task takes keyword arguments only and goes through
+:func:`hypha_celery.tasks.pipeline.run_task`.
+"""

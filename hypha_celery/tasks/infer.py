@@ -1,0 +1,70 @@
+"""``hypha.infer``: run a stored model on inputs (batched with concurrent requests for it)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task, shared_task
+
+from .. import metrics, registry
+from ..errors import HyphaError
+from ..gpu import gpu_utilization
+from ..models.tensors import check_inputs
+from ..results import package
+from ..validation import InferSpec, validate_infer
+from .pipeline import Run, run_task
+
+__all__ = ["infer"]
+
+log = logging.getLogger(__name__)
+
+
+def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
+    ctx = run.ctx
+    manifest = spec.manifest
+    if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
+        run.task.send_event("task-loading", model=spec.model)
+        manifest = ctx.store.manifest(spec.model)
+        check_inputs(spec.inputs, manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes, model=spec.model)
+    item = ctx.executors.infer(
+        model=spec.model,
+        inputs=spec.inputs,
+        lease=run.lease,
+        timeout=run.remaining_s,
+        batchable=manifest.batchable,
+        expected_size=manifest.size,
+    )
+    run.timing.finished_at = time.time()
+    metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
+    try:
+        registry.record_duration(ctx.redis, run.worker, spec.model, run.timing.finished_at - run.timing.started_at)
+    except Exception as exc:  # the moving average is advisory; the result is not
+        log.warning("could not record the inference time: %s", exc)
+    return package(
+        output=item.output,
+        model=spec.model,
+        worker=run.worker,
+        lease=run.lease,
+        timing=run.timing,
+        load_s=item.load_s,
+        cache_hit=item.cache_hit,
+        memory_peak=item.memory_peak,
+        device=item.device,
+        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
+        extra={"batch_size": item.batch_size, "compute_s": item.compute_s},
+    )
+
+
+@shared_task(name="hypha.infer", bind=True, throws=(HyphaError,))
+def infer(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run ``model`` on ``inputs``: ``infer.delay(model="mlp", inputs=[[5.1, 3.5, 1.4, 0.2]])``."""
+    return run_task(
+        self,
+        kwargs,
+        args=args,
+        validate=lambda ctx: validate_infer(ctx.config, ctx.store, args, kwargs),
+        requirements=lambda spec: spec.requirements,
+        body=_run,
+    )

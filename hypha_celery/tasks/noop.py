@@ -1,0 +1,41 @@
+"""``hypha.noop``: the full admission path with no ML work (probes, benchmarks, tests).
+
+It verifies, validates, reserves ``requirements``, optionally holds the
+reservation for ``hold_s`` seconds, and releases - what every hypha task
+costs on top of its model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task, shared_task
+
+from ..errors import HyphaError
+from ..results import package
+from ..validation import NoopSpec, validate_noop
+from .pipeline import Run, run_task
+
+__all__ = ["noop"]
+
+
+def _run(run: Run, spec: NoopSpec) -> dict[str, Any]:
+    if spec.hold_s:
+        time.sleep(min(spec.hold_s, run.remaining_s))
+    run.timing.finished_at = time.time()
+    return package(output=None, model=None, worker=run.worker, lease=run.lease, timing=run.timing)
+
+
+@shared_task(name="hypha.noop", bind=True, throws=(HyphaError,))
+def noop(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Reserve ``requirements``, hold them ``hold_s`` seconds, release."""
+    return run_task(
+        self,
+        kwargs,
+        args=args,
+        validate=lambda ctx: validate_noop(ctx.config, args, kwargs),
+        requirements=lambda spec: spec.requirements,
+        body=_run,
+        announce=False,
+    )

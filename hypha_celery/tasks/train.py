@@ -1,0 +1,66 @@
+"""``hypha.train``: fine-tune a stored model and store the result as a new model."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery import Task, shared_task
+
+from ..errors import HyphaError
+from ..models.tensors import check_inputs
+from ..results import package
+from ..validation import TrainSpec, validate_train
+from .pipeline import Run, run_task
+
+__all__ = ["train"]
+
+
+def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
+    ctx = run.ctx
+    if spec.manifest is None:
+        run.task.send_event("task-loading", model=spec.model)
+        manifest = ctx.store.manifest(spec.model)
+        check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes, model=spec.model)
+    run.progress({"stage": "load", "epoch": 0, "epochs": spec.epochs, "step": 0, "loss": None, "percent": 0.0})
+    result = ctx.executors.run_job(
+        {
+            "op": "train",
+            "model": spec.model,
+            "data": spec.data,
+            "epochs": spec.epochs,
+            "lr": spec.lr,
+            "batch_size": spec.batch_size,
+            "new_model": spec.new_model,
+        },
+        lease=run.lease,
+        timeout=run.remaining_s,
+        on_progress=lambda update: run.progress({"stage": "run", **update}),
+    )
+    run.timing.finished_at = time.time()
+    output = {key: result[key] for key in ("final_loss", "loss_curve", "model_id", "epochs", "steps", "samples")}
+    return package(
+        output=output,
+        model=spec.model,
+        worker=run.worker,
+        lease=run.lease,
+        timing=run.timing,
+        load_s=result["load_s"],
+        cache_hit=False,
+        memory_peak=result["memory_peak"],
+        device=result["device"],
+        extra={"model_id": result["model_id"]},
+    )
+
+
+@shared_task(name="hypha.train", bind=True, throws=(HyphaError,))
+def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``; returns the new ``model_id``."""
+    return run_task(
+        self,
+        kwargs,
+        args=args,
+        validate=lambda ctx: validate_train(ctx.config, ctx.store, args, kwargs, self.request.id),
+        requirements=lambda spec: spec.requirements,
+        body=_run,
+    )

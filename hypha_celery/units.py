@@ -1,0 +1,67 @@
+"""Byte sizes as operators write them: ``"8GB"``, ``"512MiB"``, ``"1.5 G"``, ``1048576``.
+
+Decimal units are powers of 1000 and binary units powers of 1024, as in
+Kubernetes and the IEC standard: ``GB``/``G`` = 10**9, ``GiB``/``Gi`` = 2**30.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["format_size", "parse_size"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3, "kb": 10**3, "ki": 2**10, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mi": 2**20, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gi": 2**30, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "ti": 2**40, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """Return ``value`` in bytes; raise ``ValueError`` saying why it is not a size.
+
+    Zero and negative sizes are refused: every size in the config is a limit
+    or a capacity, and a zero limit would refuse everything silently.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like '8GB' or a number of bytes, got {value!r}")
+    if isinstance(value, int):
+        number, factor = float(value), 1
+    elif isinstance(value, float):
+        number, factor = value, 1
+    elif isinstance(value, str):
+        match = _SIZE.match(value)
+        if not match:
+            if value.strip().startswith("-"):
+                raise ValueError(f"size must be positive, got {value!r}")
+            raise ValueError(f"cannot parse size {value!r} (expected e.g. '8GB', '512MiB')")
+        unit = match.group(2).lower()
+        if unit not in _UNITS:
+            raise ValueError(f"unknown size unit {match.group(2)!r} in {value!r} (use B, KB, MB, GB, TB or KiB, MiB, GiB, TiB)")
+        number, factor = float(match.group(1)), _UNITS[unit]
+    else:
+        raise ValueError(f"expected a size like '8GB' or a number of bytes, got {type(value).__name__}")
+    size = int(number * factor)
+    if size <= 0:
+        raise ValueError(f"size must be positive, got {value!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """Render bytes for people: exact in the unit family they were likely given in, else binary."""
+    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    amount = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(amount) < 1024:
+            return f"{amount:.0f}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
+        amount /= 1024
+    return f"{amount:.1f}TiB"
