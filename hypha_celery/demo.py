@@ -119,7 +119,7 @@ def _run(worker: subprocess.Popen[bytes], key: Any, port: int) -> int:
     names = ["setosa-like", "versicolor-like", "virginica-like"]
     result = submit("hypha.infer", model="mlp", inputs=rows, requirements={"cpu_cores": 0.5, "memory": "256MiB"},
                     signing_key=key).get(timeout=120)
-    predicted = [max(range(3), key=lambda i, row=row: row[i]) for row in result["output"]]
+    predicted = [row.index(max(row)) for row in result["output"]]
     say("5. signed inference on mlp:")
     for row, guess, truth in zip(rows, predicted, labels, strict=True):
         say(f"   {row} -> {names[guess]:16} (true: {names[truth]})")
