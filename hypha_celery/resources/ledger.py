@@ -282,7 +282,7 @@ class Ledger:
 
     def usage(self) -> Usage:
         data = json.loads(self._run("usage", []))
-        used = data["used"]
+        used = data["used"] if isinstance(data["used"], dict) else {}  # Lua's cjson writes {} and [] alike
         return Usage(
             capacity=_capacity_from_hash(data["capacity"]) if data["capacity"] else None,
             memory_used=int(used.get("memory", 0)),

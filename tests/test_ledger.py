@@ -1,0 +1,256 @@
+"""The node ledger: atomic all-or-nothing leases, the same contract on fakeredis and a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import fakeredis
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hypha_celery import keys
+from hypha_celery.errors import InsufficientCapabilities, InsufficientGpuMemory, ResourcesBusy
+from hypha_celery.resources.ledger import Capacity, DuplicateTask, Lease, LeaseKeeper, Ledger
+from hypha_celery.resources.requirements import Requirements
+
+MiB = 2**20
+
+
+def req(**fields: object) -> Requirements:
+    """Requirements as a task writes them; memory defaults to 1 MiB here to keep the arithmetic visible."""
+    return Requirements.parse({"memory": MiB, **fields})
+
+
+@pytest.fixture(params=["fakeredis", "redis"])
+def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
+    """The contract holds on both: fakeredis (lupa Lua) and a real redis-server."""
+    if request.param == "fakeredis":
+        fake = fakeredis.FakeRedis()
+        yield fake
+        fake.flushall()
+    else:
+        yield request.getfixturevalue("redis_client")
+
+
+@pytest.fixture
+def ledger(client: redis.Redis) -> Ledger:
+    ledger = Ledger(client, "node-a", ttl=5)
+    ledger.set_capacity(Capacity(cores=[0, 1, 2, 3], memory=1000 * MiB, gpus={0: 80_000, 1: 40_000}))
+    return ledger
+
+
+def test_reservation_takes_every_resource_or_none(ledger: Ledger) -> None:
+    # Given a GPU held whole and another held by memory
+    ledger.reserve(req(gpus=1), holder="a")
+    ledger.reserve(req(gpus=1), holder="b")
+    before = ledger.usage()
+    # When a request fits in memory and cores but not in GPUs
+    with pytest.raises(ResourcesBusy, match="gpu"):
+        ledger.reserve(req(memory=100 * MiB, cpu_cores=1, gpus=1), holder="c")
+    # Then nothing was taken
+    after = ledger.usage()
+    assert (after.memory_used, after.core_milli_used, after.gpu_memory_used) == (
+        before.memory_used, before.core_milli_used, before.gpu_memory_used)
+
+
+def test_whole_cores_are_pinned_exclusively_and_fractions_pack(ledger: Ledger) -> None:
+    two = ledger.reserve(req(cpu_cores=2), holder="a")
+    assert two.cores == {0: 1000, 1: 1000}
+    # fractions go to the fullest core they fit (best fit), leaving whole cores whole
+    quarter = ledger.reserve(req(cpu_cores=0.25), holder="b")
+    half = ledger.reserve(req(cpu_cores=0.5), holder="c")
+    assert quarter.core_ids == half.core_ids == [2]
+    assert ledger.reserve(req(cpu_cores=1), holder="d").cores == {3: 1000}
+    with pytest.raises(ResourcesBusy, match="cpu"):
+        ledger.reserve(req(cpu_cores=1), holder="e")
+
+
+def test_gpu_best_fit_and_exclusive_devices(ledger: Ledger) -> None:
+    # Given devices of 80 GB and 40 GB, When a task needs 30 GB, Then it gets the smaller (best fit)
+    small = ledger.reserve(req(gpus=1, gpu_memory=30_000), holder="a")
+    assert small.gpus == {1: 30_000} and small.exclusive_gpu
+    assert small.device == "cuda:0" and small.cuda_visible_devices == "1"
+    # Without sharing, the held device is not offered again even though 10 GB are free on it
+    other = ledger.reserve(req(gpus=1, gpu_memory=5_000), holder="b")
+    assert other.gpu_ids == [0]
+    with pytest.raises(ResourcesBusy, match="gpu"):
+        ledger.reserve(req(gpus=1, gpu_memory=1_000), holder="c")
+
+
+def test_gpu_sharing_packs_tasks_by_memory(client: redis.Redis) -> None:
+    ledger = Ledger(client, "shared", ttl=5)
+    ledger.set_capacity(Capacity(cores=[0, 1], memory=1000 * MiB, gpus={0: 80_000}, gpu_sharing=True))
+    a = ledger.reserve(req(cpu_cores=0.1, gpu_memory=50_000), holder="a")
+    b = ledger.reserve(req(cpu_cores=0.1, gpu_memory=30_000), holder="b")
+    assert a.gpu_ids == b.gpu_ids == [0] and not a.exclusive_gpu
+    with pytest.raises(ResourcesBusy):
+        ledger.reserve(req(cpu_cores=0.1, gpu_memory=1), holder="c")
+    # a whole-device request waits for the device to be empty, then holds it alone
+    ledger.release(a, b)
+    whole = ledger.reserve(req(cpu_cores=0.1, gpus=1), holder="d")
+    assert whole.exclusive_gpu and whole.gpus == {0: 80_000}
+    with pytest.raises(ResourcesBusy):
+        ledger.reserve(req(cpu_cores=0.1, gpu_memory=1), holder="e")
+
+
+def test_infeasible_is_not_busy(ledger: Ledger) -> None:
+    with pytest.raises(InsufficientCapabilities, match="can never fit"):
+        ledger.reserve(req(memory=2000 * MiB), holder="a")
+    with pytest.raises(InsufficientGpuMemory):
+        ledger.reserve(req(gpus=3), holder="a")
+    with pytest.raises(InsufficientGpuMemory):
+        ledger.reserve(req(gpus=1, gpu_memory=100_000), holder="a")
+
+
+def test_release_is_idempotent_and_returns_everything(ledger: Ledger) -> None:
+    lease = ledger.reserve(req(memory=300 * MiB, cpu_cores=1, gpus=1), holder="a")
+    assert ledger.release(lease) == 1
+    assert ledger.release(lease) == 0
+    usage = ledger.usage()
+    assert usage.memory_used == 0 and not usage.core_milli_used and not usage.gpu_memory_used and not usage.leases
+
+
+def test_an_expired_lease_returns_its_resources(client: redis.Redis) -> None:
+    # Given a lease whose holder stopped renewing (killed -9)
+    ledger = Ledger(client, "node-b", ttl=0.3)
+    ledger.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    lease = ledger.reserve(req(memory=100 * MiB), holder="dead")
+    with pytest.raises(ResourcesBusy):
+        ledger.reserve(req(memory=1 * MiB), holder="x")
+    # When its TTL passes, Then its resources are free again and a late renewal reports it lost
+    time.sleep(0.4)
+    assert ledger.reserve(req(memory=100 * MiB), holder="alive")
+    assert ledger.renew([lease]) == {lease.id}
+
+
+def test_renewal_keeps_a_lease_alive(client: redis.Redis) -> None:
+    ledger = Ledger(client, "node-c", ttl=0.4)
+    ledger.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    lease = ledger.reserve(req(memory=100 * MiB), holder="a")
+    for _ in range(4):
+        time.sleep(0.2)
+        assert ledger.renew([lease]) == set()
+    assert [entry["id"] for entry in ledger.usage().leases] == [lease.id]
+
+
+def test_lease_keeper_renews_in_the_background(client: redis.Redis) -> None:
+    ledger = Ledger(client, "node-k", ttl=0.4)
+    ledger.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    keeper = LeaseKeeper(ledger, interval=0.1)
+    with ledger.hold(req(memory=50 * MiB), holder="a", keeper=keeper) as lease:
+        time.sleep(1.0)
+        assert not keeper.lost(lease)
+        assert ledger.usage().memory_used == 50 * MiB
+    assert ledger.usage().memory_used == 0
+
+
+def test_a_task_id_runs_under_one_live_lease(ledger: Ledger) -> None:
+    first = ledger.reserve(req(memory=10 * MiB), holder="w1", task_id="t-1")
+    with pytest.raises(DuplicateTask) as caught:
+        ledger.reserve(req(memory=10 * MiB), holder="w2", task_id="t-1")
+    assert caught.value.lease_id == first.id and caught.value.holder == "w1"
+    ledger.release(first)
+    assert ledger.reserve(req(memory=10 * MiB), holder="w2", task_id="t-1")
+
+
+def test_cache_accounts_count_as_taken(ledger: Ledger) -> None:
+    ledger.account("cache:x", memory=900 * MiB, holder="cache")
+    with pytest.raises(ResourcesBusy):
+        ledger.reserve(req(memory=200 * MiB), holder="a")
+    ledger.account("cache:x", memory=0)
+    assert ledger.reserve(req(memory=200 * MiB), holder="a")
+
+
+def test_placement_indexes_track_free_resources(client: redis.Redis, ledger: Ledger) -> None:
+    lease = ledger.reserve(req(memory=250 * MiB, cpu_cores=2, gpus=1, gpu_memory=10_000), holder="a")
+    score = {name: client.zscore(key, "node-a") for name, key in keys.INDEX_FREE.items()}
+    assert score == {"memory": 750 * MiB, "core_milli": 1000, "whole_cores": 2, "gpus": 1, "gpu_memory": 80_000}
+    ledger.release(lease)
+    assert client.zscore(keys.INDEX_FREE["memory"], "node-a") == 1000 * MiB
+    assert client.zscore(keys.INDEX_FREE["gpus"], "node-a") == 2
+
+
+# --- property tests of the fit logic, against an oracle written from the spec -------------------------
+
+@st.composite
+def node_and_ops(draw: st.DrawFn) -> tuple[Capacity, list[tuple[str, object]]]:
+    cores = list(range(draw(st.integers(1, 4))))
+    gpus = {i: draw(st.sampled_from([10, 40, 80])) for i in range(draw(st.integers(0, 3)))}
+    capacity = Capacity(cores=cores, memory=draw(st.integers(100, 1000)), gpus=gpus, gpu_sharing=draw(st.booleans()))
+    requests = st.builds(
+        Requirements,
+        cpu_milli=st.one_of(st.integers(1, 999), st.integers(1, 3).map(lambda c: c * 1000)),
+        memory=st.integers(1, 400),
+        gpus=st.integers(0, 2),
+        gpu_memory=st.sampled_from([0, 5, 20, 50]),
+    )
+    ops = draw(st.lists(st.one_of(st.tuples(st.just("reserve"), requests), st.tuples(st.just("release"), st.integers(0, 50))),
+                        max_size=25))
+    return capacity, ops
+
+
+def _fits(cap: Capacity, held: list[Lease], r: Requirements) -> bool:
+    """The spec: enough memory, cores by whole or by fraction, and GPU devices by the sharing rule."""
+    mem = sum(lease.memory for lease in held)
+    if mem + r.memory > cap.memory:
+        return False
+    core_use = {c: sum(lease.cores.get(c, 0) for lease in held) for c in cap.cores}
+    if r.cpu_milli >= 1000:
+        if sum(1 for used in core_use.values() if used == 0) < r.cpu_milli // 1000:
+            return False
+    elif not any(1000 - used >= r.cpu_milli for used in core_use.values()):
+        return False
+    exclusive = not cap.gpu_sharing or r.gpu_memory == 0
+    eligible = 0
+    for gpu, total in cap.gpus.items():
+        holders = [lease for lease in held if gpu in lease.gpus]
+        used = sum(lease.gpus[gpu] for lease in holders)
+        need = r.gpu_memory or total
+        if exclusive:
+            ok = not holders and total - used >= need
+        else:
+            ok = not any(lease.exclusive_gpu for lease in holders) and total - used >= need
+        eligible += ok
+    return eligible >= r.gpus
+
+
+def _feasible(cap: Capacity, r: Requirements) -> bool:
+    if r.memory > cap.memory or (r.cpu_milli >= 1000 and r.cpu_milli // 1000 > len(cap.cores)):
+        return False
+    return sum(1 for total in cap.gpus.values() if total >= r.gpu_memory) >= r.gpus
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=node_and_ops())
+def test_fit_logic_matches_the_spec(case: tuple[Capacity, list[tuple[str, object]]]) -> None:
+    capacity, ops = case
+    fake = fakeredis.FakeRedis()
+    ledger = Ledger(fake, "prop", ttl=60)
+    ledger.set_capacity(capacity)
+    held: list[Lease] = []
+    for op, arg in ops:
+        if op == "release":
+            if held:
+                ledger.release(held.pop(int(arg) % len(held)))  # type: ignore[call-overload]
+            continue
+        r = arg
+        assert isinstance(r, Requirements)
+        expected = _fits(capacity, held, r) if _feasible(capacity, r) else None
+        result = ledger.try_reserve(r, holder="p")
+        if isinstance(result, Lease):
+            assert expected is True, f"granted {r} though the spec says it does not fit"
+            held.append(result)
+        else:
+            want = {None: "infeasible", False: "busy"}.get(expected, "granted")
+            assert result["why"] == want, f"{r}: ledger said {result}, spec says {want}"
+        usage = ledger.usage()
+        assert usage.memory_used == sum(lease.memory for lease in held) <= capacity.memory
+        assert all(used <= 1000 for used in usage.core_milli_used.values())
+        for gpu, total in capacity.gpus.items():
+            assert usage.gpu_memory_used.get(gpu, 0) <= total
+    ledger.release(*held)
+    assert ledger.usage().leases == []
+    fake.flushall()
