@@ -2,18 +2,20 @@
 
 A stored model is weights plus a manifest naming one of these builders and
 its config, so loading never unpickles code. Adding an architecture is adding
-a function here; the registry of names is :data:`ARCHITECTURES`.
+a function here; the registry of names is :data:`ARCHITECTURES`. torch is
+imported inside the builders, so reading the names (the store validates
+manifests with them) never imports torch into a worker's own process.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedModel
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["ARCHITECTURES", "build", "example_input_shape"]
 
@@ -27,6 +29,8 @@ def _int(config: Mapping[str, Any], name: str, default: int) -> int:
 
 def mlp(config: Mapping[str, Any]) -> nn.Module:
     """Feature vector in, scores out: ``in_features -> hidden (ReLU) x layers -> out_features``."""
+    from torch import nn
+
     in_features = _int(config, "in_features", 4)
     hidden = _int(config, "hidden", 16)
     layers = _int(config, "layers", 1)
@@ -42,6 +46,8 @@ def mlp(config: Mapping[str, Any]) -> nn.Module:
 
 def cnn(config: Mapping[str, Any]) -> nn.Module:
     """A small image classifier: ``channels x size x size`` in, ``classes`` scores out."""
+    from torch import nn
+
     channels = _int(config, "channels", 1)
     classes = _int(config, "classes", 10)
     width = _int(config, "width", 8)
@@ -62,6 +68,8 @@ ARCHITECTURES: dict[str, Callable[[Mapping[str, Any]], nn.Module]] = {"mlp": mlp
 
 def build(architecture: str, config: Mapping[str, Any], device: str = "cpu") -> nn.Module:
     """A module of ``architecture``; on ``"meta"`` it allocates nothing until weights are assigned."""
+    import torch
+
     try:
         builder = ARCHITECTURES[architecture]
     except KeyError:

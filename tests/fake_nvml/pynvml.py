@@ -1,0 +1,63 @@
+"""A stand-in for nvidia-ml-py's ``pynvml`` that reports GPUs without a driver.
+
+Put ``tests/fake_nvml`` first on ``PYTHONPATH``. ``FAKE_NVML_GPUS`` sets how
+many devices (default 2); each is an H200 with 141 GB.
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+H200_BYTES = 150_754_820_096
+_initialised = False
+
+
+class NVMLError(Exception):
+    pass
+
+
+class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - pynvml's name
+    pass
+
+
+def nvmlInit() -> None:  # noqa: N802
+    global _initialised
+    _initialised = True
+
+
+def _check() -> None:
+    if not _initialised:
+        raise NVMLError_Uninitialized("Uninitialized")
+
+
+def nvmlDeviceGetCount() -> int:  # noqa: N802
+    _check()
+    return int(os.environ.get("FAKE_NVML_GPUS", "2"))
+
+
+def nvmlDeviceGetHandleByIndex(index: int) -> int:  # noqa: N802
+    _check()
+    if not 0 <= index < nvmlDeviceGetCount():
+        raise NVMLError("Invalid Argument")
+    return index
+
+
+def nvmlDeviceGetName(handle: int) -> str:  # noqa: N802
+    return "NVIDIA H200"
+
+
+def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:  # noqa: N802
+    return SimpleNamespace(total=H200_BYTES, free=H200_BYTES, used=0)
+
+
+def nvmlDeviceGetCudaComputeCapability(handle: int) -> tuple[int, int]:  # noqa: N802
+    return (9, 0)
+
+
+def nvmlDeviceGetUUID(handle: int) -> str:  # noqa: N802
+    return f"GPU-00000000-0000-0000-0000-00000000000{handle}"
+
+
+def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:  # noqa: N802
+    return SimpleNamespace(gpu=25 + 10 * handle, memory=5)
