@@ -17,11 +17,11 @@ class NVMLError(Exception):
     pass
 
 
-class NVMLError_Uninitialized(NVMLError):  # noqa: N801 - pynvml's name
+class NVMLError_Uninitialized(NVMLError):
     pass
 
 
-def nvmlInit() -> None:  # noqa: N802
+def nvmlInit() -> None:
     global _initialised
     _initialised = True
 
@@ -31,33 +31,33 @@ def _check() -> None:
         raise NVMLError_Uninitialized("Uninitialized")
 
 
-def nvmlDeviceGetCount() -> int:  # noqa: N802
+def nvmlDeviceGetCount() -> int:
     _check()
     return int(os.environ.get("FAKE_NVML_GPUS", "2"))
 
 
-def nvmlDeviceGetHandleByIndex(index: int) -> int:  # noqa: N802
+def nvmlDeviceGetHandleByIndex(index: int) -> int:
     _check()
     if not 0 <= index < nvmlDeviceGetCount():
         raise NVMLError("Invalid Argument")
     return index
 
 
-def nvmlDeviceGetName(handle: int) -> str:  # noqa: N802
+def nvmlDeviceGetName(handle: int) -> str:
     return "NVIDIA H200"
 
 
-def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:  # noqa: N802
+def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
     return SimpleNamespace(total=H200_BYTES, free=H200_BYTES, used=0)
 
 
-def nvmlDeviceGetCudaComputeCapability(handle: int) -> tuple[int, int]:  # noqa: N802
+def nvmlDeviceGetCudaComputeCapability(handle: int) -> tuple[int, int]:
     return (9, 0)
 
 
-def nvmlDeviceGetUUID(handle: int) -> str:  # noqa: N802
+def nvmlDeviceGetUUID(handle: int) -> str:
     return f"GPU-00000000-0000-0000-0000-00000000000{handle}"
 
 
-def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:  # noqa: N802
+def nvmlDeviceGetUtilizationRates(handle: int) -> SimpleNamespace:
     return SimpleNamespace(gpu=25 + 10 * handle, memory=5)
