@@ -387,16 +387,6 @@ def _check_consistency(cfg: WorkerConfig) -> None:
             "worker.models.max_model_size",
             "is larger than worker.model_cache_size; such a model could be fetched but never cached",
         )
-    if cfg.resources.memory is not None and cfg.max_memory_per_task > cfg.resources.memory:
-        raise ConfigError(
-            "worker.max_memory_per_task",
-            f"is above the node's memory capacity (worker.resources.memory = {cfg.resources.memory} bytes)",
-        )
-    if cfg.resources.cpu_cores is not None and cfg.max_cpu_cores_per_task > cfg.resources.cpu_cores:
-        raise ConfigError(
-            "worker.max_cpu_cores_per_task",
-            f"is above the node's cores (worker.resources.cpu_cores = {cfg.resources.cpu_cores})",
-        )
 
 
 def broker_urls(cfg: WorkerConfig, environ: Mapping[str, str] = os.environ) -> list[str]:

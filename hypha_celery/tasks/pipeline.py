@@ -31,6 +31,7 @@ __all__ = ["SENT_AT_HEADER", "WAITING", "Run", "run_task"]
 log = logging.getLogger(__name__)
 
 SENT_AT_HEADER = "hypha_sent_at"
+RECHECK_HEADER = "hypha_recheck"  # a copy re-sent while another copy ran: check the result first
 WAITING = "WAITING"
 Spec = TypeVar("Spec")
 
@@ -82,6 +83,8 @@ def run_task(
     with metrics.rejections("validation"):
         spec = validate(ctx)
     req = requirements(spec)
+    if _is_copy(task):
+        _drop_if_finished(task)
     try:
         lease = admission.admit(ctx, req, task_id=request.id, holder=f"{worker}/{request.id}", worker_id=worker)
     except DuplicateTask as duplicate:
@@ -100,14 +103,29 @@ def run_task(
         ctx.ledger.release(lease)
 
 
-def _on_duplicate(task: Task, duplicate: DuplicateTask) -> NoReturn:
-    """A second delivery of a task that a live lease is running: never run it twice."""
+def _is_copy(task: Task) -> bool:
+    """A message that may have run before: redelivered by the broker, or re-sent by a worker."""
+    request = task.request
+    return bool(
+        (request.delivery_info or {}).get("redelivered")
+        or _header(task, RECHECK_HEADER)
+        or _header(task, admission.ATTEMPT_HEADER)
+    )
+
+
+def _drop_if_finished(task: Task) -> None:
     state = task.AsyncResult(task.request.id).state
     if state in states.READY_STATES:
         log.info("task %s already finished (%s); dropping the redelivered copy", task.request.id, state)
         raise Ignore()
+
+
+def _on_duplicate(task: Task, duplicate: DuplicateTask) -> NoReturn:
+    """A second delivery of a task that a live lease is running: never run it twice."""
+    _drop_if_finished(task)
     log.warning("%s; checking again later", duplicate)
-    _republish(task, countdown=max(1.0, node.context().config.resources.lease_heartbeat), queue=None, attempt=None)
+    _republish(task, countdown=max(1.0, node.context().config.resources.lease_heartbeat), queue=None, attempt=None,
+               recheck=True)
     raise Ignore()
 
 
@@ -125,16 +143,26 @@ def _defer(ctx: node.NodeContext, task: Task, req: Requirements, busy: Resources
     }
     task.update_state(state=WAITING, meta=meta)
     task.send_event("task-waiting", **meta)
+    log.info("task %s deferred (attempt %d, retry in %.2fs%s): %s", task.request.id, deferral.attempt,
+             deferral.countdown, f" on {deferral.queue}" if deferral.queue else "", deferral.reason)
     metrics.deferred(busy)
     _republish(task, countdown=deferral.countdown, queue=deferral.queue, attempt=deferral.attempt, first_seen=first_seen)
     raise Ignore()
 
 
-def _republish(task: Task, *, countdown: float, queue: str | None, attempt: int | None, first_seen: float | None = None) -> None:
+def _republish(
+    task: Task,
+    *,
+    countdown: float,
+    queue: str | None,
+    attempt: int | None,
+    first_seen: float | None = None,
+    recheck: bool = False,
+) -> None:
     """Send this same message again (same id, same signed envelope), later or elsewhere."""
     request = task.request
     headers = dict(request.headers or {})
-    for name in (ENVELOPE_HEADER, SENT_AT_HEADER, admission.ATTEMPT_HEADER, admission.FIRST_SEEN_HEADER):
+    for name in (ENVELOPE_HEADER, SENT_AT_HEADER, RECHECK_HEADER, admission.ATTEMPT_HEADER, admission.FIRST_SEEN_HEADER):
         value = getattr(request, name, None)
         if value is not None:
             headers[name] = value
@@ -142,6 +170,8 @@ def _republish(task: Task, *, countdown: float, queue: str | None, attempt: int 
         headers[admission.ATTEMPT_HEADER] = attempt
     if first_seen is not None:
         headers[admission.FIRST_SEEN_HEADER] = first_seen
+    if recheck:
+        headers[RECHECK_HEADER] = True
     routing = request.delivery_info or {}
     task.apply_async(
         args=request.args,
