@@ -8,12 +8,13 @@ the store verifies and installs the staging folder afterwards.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from ..config import ModelSource
 from ..errors import UnsupportedModel
@@ -55,12 +56,12 @@ def fetch_model(source: ModelSource, model_id: str, staging: Path, max_size: int
     return manifest
 
 
-def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+def _chunks(stream: _Closing) -> Iterator[bytes]:
     while chunk := stream.read(_CHUNK):
         yield chunk
 
 
-def _read_capped(stream: IO[bytes], cap: int, what: str) -> bytes:
+def _read_capped(stream: _Closing, cap: int, what: str) -> bytes:
     data = stream.read(cap + 1)
     if len(data) > cap:
         raise UnsupportedModel(f"{what} is larger than {cap} bytes")
@@ -68,22 +69,34 @@ def _read_capped(stream: IO[bytes], cap: int, what: str) -> bytes:
 
 
 class _Closing:
-    """Context manager over a readable stream that may need a custom close."""
+    """A readable stream, closed on exit, whose transport ``errors`` while reading become ``UnsupportedModel``.
 
-    def __init__(self, stream: Any) -> None:
+    A download can break off after its headers (connection reset, timeout, a
+    chunked body cut short): that is a failed source, so the store tries the next.
+    """
+
+    def __init__(self, stream: Any, what: str, errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
         self.stream = stream
+        self.what = what
+        self.errors = errors
 
-    def __enter__(self) -> IO[bytes]:
-        return self.stream
+    def __enter__(self) -> _Closing:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stream.close()
+
+    def read(self, size: int) -> bytes:
+        try:
+            return bytes(self.stream.read(size))
+        except self.errors as exc:
+            raise UnsupportedModel(f"{self.what}: download interrupted, truncated ({type(exc).__name__}: {exc})") from None
 
 
 def _open_local(source: ModelSource, relative: str) -> _Closing:
     path = Path(source.path or "") / relative
     try:
-        return _Closing(open(path, "rb"))
+        return _Closing(open(path, "rb"), str(path))
     except FileNotFoundError:
         raise UnsupportedModel(f"not found at {path}") from None
     except OSError as exc:
@@ -93,11 +106,13 @@ def _open_local(source: ModelSource, relative: str) -> _Closing:
 def _open_http(source: ModelSource, relative: str) -> _Closing:
     url = f"{(source.url or '').rstrip('/')}/{relative}"
     try:
-        return _Closing(urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S))  # noqa: S310 - scheme checked in config
+        response = urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S)  # noqa: S310 - scheme checked in config
     except urllib.error.HTTPError as exc:
+        exc.close()
         raise UnsupportedModel(f"GET {url}: HTTP {exc.code}") from None
-    except (urllib.error.URLError, OSError) as exc:
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise UnsupportedModel(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
+    return _Closing(response, f"GET {url}", (OSError, http.client.HTTPException))
 
 
 def _open_s3(source: ModelSource, relative: str) -> _Closing:
@@ -113,7 +128,7 @@ def _open_s3(source: ModelSource, relative: str) -> _Closing:
         raise UnsupportedModel(f"s3://{source.bucket}/{key}: {code}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UnsupportedModel(f"s3://{source.bucket}/{key}: {exc}") from None
-    return _Closing(body)
+    return _Closing(body, f"s3://{source.bucket}/{key}", (OSError, botocore.exceptions.BotoCoreError))
 
 
 _OPENERS: dict[str, Callable[[ModelSource, str], _Closing]] = {

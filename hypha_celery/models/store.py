@@ -39,9 +39,10 @@ __all__ = ["FORMAT", "FileEntry", "Manifest", "ModelStore", "sha256_file", "vali
 
 FORMAT = "hypha-model/1"
 WEIGHTS = "weights.safetensors"
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: "$" also matches before a trailing newline, and "mlp\n" is not a valid id.
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _CHUNK = 1 << 20
 
 
@@ -108,7 +109,7 @@ class Manifest:
             raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
         from .architectures import ARCHITECTURES
 
-        if data.get("architecture") not in ARCHITECTURES:
+        if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
             raise bad(f"names unknown architecture {data.get('architecture')!r}")
         shape = data.get("input_shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
@@ -120,7 +121,7 @@ class Manifest:
         for name, entry in raw_files.items():
             if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
                 raise bad(f"lists an invalid file name {name!r}")
-            if not isinstance(entry, dict) or not _SHA256.match(str(entry.get("sha256", ""))):
+            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
                 raise bad(f"has no valid sha256 for {name}")
             size = entry.get("size")
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
@@ -132,6 +133,13 @@ class Manifest:
             raise bad(f"has unsupported dtype {data.get('dtype')!r}")
         if data.get("task", "classification") not in ("classification", "regression"):
             raise bad(f"has unknown task {data.get('task')!r}")
+        if not isinstance(data.get("config") or {}, dict):
+            raise bad(f"has a config that is not a table: {data.get('config')!r}")
+        created_at = data.get("created_at") or 0.0
+        if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
+            raise bad(f"has an invalid created_at {created_at!r}")
+        if not isinstance(data.get("parent"), (str, type(None))):
+            raise bad(f"has an invalid parent {data.get('parent')!r}")
         return cls(
             id=model_id,
             architecture=data["architecture"],
@@ -142,7 +150,7 @@ class Manifest:
             task=data.get("task", "classification"),
             batchable=bool(data.get("batchable", True)),
             parent=data.get("parent"),
-            created_at=float(data.get("created_at") or 0.0),
+            created_at=float(created_at),
         )
 
 
@@ -155,7 +163,7 @@ class ModelStore:
         self.root = Path(root)
         self.sources = list(sources)
         self.max_model_size = max_model_size
-        self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._verified: dict[Path, tuple[int, int, int, int]] = {}
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -237,6 +245,8 @@ class ModelStore:
         state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in module.state_dict().items()}
         dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "float32"
         with self._lock(model_id), self._staging(model_id) as staging:
+            if self.has(model_id):  # again under the lock: _install would replace what a concurrent save just wrote
+                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             save_file(state, str(staging / WEIGHTS))
             weights = staging / WEIGHTS
             manifest = Manifest(
@@ -261,7 +271,8 @@ class ModelStore:
                 stat = path.stat()
             except FileNotFoundError:
                 raise UnsupportedModel(f"model {manifest.id!r}: {name} is missing") from None
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            # ctime too: an in-place rewrite can put the old mtime back (touch -r, rsync --inplace), not the ctime
+            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
             if self._verified.get(path) == stamp:
                 continue
             if stat.st_size != entry.size:
