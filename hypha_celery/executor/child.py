@@ -116,6 +116,8 @@ class Executor:
             "memory_peak": max(0, limits.peak_rss() - started_rss),
             "cache": self.cache.sizes(),
             "device": self.device,
+            "cpu_affinity": sorted(os.sched_getaffinity(0)),
+            "threads": self.torch.get_num_threads(),
         }
         if self.device.startswith("cuda"):
             stats["gpu_memory_peak"] = int(self.torch.cuda.max_memory_allocated(0))
@@ -196,6 +198,23 @@ class Executor:
         result.update({"model_id": request["new_model"], "load_s": load_s, "cache_hit": False, **self._stats(started_rss)})
         return result
 
+    def describe(self) -> dict[str, Any]:
+        """What this process is allowed: for operators and tests of the sandbox."""
+        import socket as sockets
+
+        return {
+            "pid": os.getpid(),
+            "cache": self.cache.sizes(),
+            "net_namespace": os.readlink("/proc/self/ns/net"),
+            "interfaces": [name for _, name in sockets.if_nameindex()],
+            "nice": os.nice(0),
+            "tmpdir": os.environ.get("TMPDIR"),
+            "cwd": os.getcwd(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "environment": sorted(os.environ),
+            "memory_mode": self.memory_mode,
+        }
+
     def serve(self) -> None:
         while (request := self.channel.read()) is not None:
             op = request.get("op")
@@ -205,7 +224,7 @@ class Executor:
                 elif op == "train":
                     result = self.train(request)
                 elif op == "ping":
-                    result = {"pid": os.getpid(), "cache": self.cache.sizes()}
+                    result = self.describe()
                 else:
                     raise ValueError(f"unknown op {op!r}")
                 self.channel.write({"ok": True, "result": result})

@@ -224,6 +224,7 @@ class ItemResult:
     batch_size: int
     memory_peak: int
     device: str
+    cpu_affinity: list[int]
     gpu_memory_peak: int | None = None
 
 
@@ -351,18 +352,21 @@ class _Lane:
                 request.finish(error=exc)
             return
         self._cache_changed(reply.get("cache", {}))
-        for request, output, error in zip(batch, reply["outputs"], reply["errors"], strict=True):
+        for index, (request, output, error) in enumerate(zip(batch, reply["outputs"], reply["errors"], strict=True)):
             if error is not None:
                 request.finish(error=error_from_reply(error))
                 continue
+            # One load serves the whole batch: the first request missed, the rest share it.
+            loaded_here = index == 0 and not reply["cache_hit"]
             request.finish(ItemResult(
                 output=output,
-                cache_hit=reply["cache_hit"],
-                load_s=reply["load_s"],
+                cache_hit=not loaded_here,
+                load_s=reply["load_s"] if loaded_here else 0.0,
                 compute_s=reply["compute_s"],
                 batch_size=reply["batch_size"],
                 memory_peak=reply["memory_peak"],
                 device=reply["device"],
+                cpu_affinity=reply["cpu_affinity"],
                 gpu_memory_peak=reply.get("gpu_memory_peak"),
             ))
 
@@ -456,6 +460,12 @@ class ExecutorPool:
                 executor.close()
             else:
                 self._idle_jobs.setdefault(key, []).append(executor)
+
+    def describe(self, device: str = "cpu") -> dict[str, Any]:
+        """Start (if needed) the serving executor of ``device`` and report what it is allowed."""
+        lane = self._lane(device)
+        with lane.cond:
+            return lane._ensure_executor().call({"op": "ping"}, _START_TIMEOUT_S)
 
     def cache(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -53,7 +53,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         memory_peak=item.memory_peak,
         device=item.device,
         gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"batch_size": item.batch_size, "compute_s": item.compute_s},
+        extra={"batch_size": item.batch_size, "compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity},
     )
 
 

@@ -49,7 +49,7 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
         cache_hit=False,
         memory_peak=result["memory_peak"],
         device=result["device"],
-        extra={"model_id": result["model_id"]},
+        extra={"model_id": result["model_id"], "cpu_affinity": result["cpu_affinity"]},
     )
 
 

@@ -1,0 +1,169 @@
+"""Executor processes for real: sandbox, limits, batching, timeouts, memory caps, the model cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hypha_celery.errors import MemoryLimitExceeded, ModelTooLarge, TaskTimeout
+from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+from hypha_celery.models.architectures import build
+from hypha_celery.models.examples import clusters
+from hypha_celery.models.store import ModelStore
+from hypha_celery.resources.ledger import Lease
+
+ROW = [5.0, 3.4, 1.5, 0.2]
+
+
+def lease(memory: int = 512 * 2**20, cores: dict[int, int] | None = None) -> Lease:
+    return Lease(id="l", node="n", memory=memory, cores=cores if cores is not None else {0: 1000}, gpus={},
+                 exclusive_gpu=False)
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, model_dir: Path) -> Path:
+    target = tmp_path / "models"
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
+    return target
+
+
+def make_pool(store_dir: Path, **overrides: object) -> ExecutorPool:
+    settings = {"store": str(store_dir), "cache_size": 10**8, "max_model_size": 10**8, "sandbox": True, "nice": 0,
+                "enforce_memory": True, "enforce_cpu": True, "max_batch_size": 32, "max_queue_delay_s": 0.05}
+    settings.update(overrides)
+    return ExecutorPool(ExecutorSettings(**settings))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def pool(store_dir: Path):
+    pool = make_pool(store_dir)
+    yield pool
+    pool.close()
+
+
+def test_executor_is_sandboxed(pool: ExecutorPool) -> None:
+    # Given a serving executor, Then it has its own empty network namespace, a private temp dir,
+    # none of the worker's environment, and the memory cap mode for a CPU process
+    info = pool.describe("cpu")
+    assert info["net_namespace"] != os.readlink("/proc/self/ns/net")
+    assert info["interfaces"] == ["lo"]
+    assert info["tmpdir"] == info["cwd"] and "hypha-serve-cpu" in info["tmpdir"]
+    assert "HYPHA_BROKER_URL" not in info["environment"] and "AWS_SECRET_ACCESS_KEY" not in info["environment"]
+    assert info["memory_mode"] == "rlimit" and info["pid"] != os.getpid()
+
+
+def test_low_priority_executors_are_niced(store_dir: Path) -> None:
+    pool = make_pool(store_dir, nice=10)
+    try:
+        assert pool.describe("cpu")["nice"] == 10
+    finally:
+        pool.close()
+
+
+def test_inference_runs_on_the_reserved_cores(pool: ExecutorPool) -> None:
+    item = pool.infer(model="mlp", inputs=[ROW], lease=lease(cores={1: 500}), timeout=60, batchable=True)
+    assert item.cpu_affinity == [1]
+    first = item
+    again = pool.infer(model="mlp", inputs=[ROW], lease=lease(cores={0: 1000}), timeout=60, batchable=True)
+    assert again.cpu_affinity == [0]
+    assert not first.cache_hit and again.cache_hit and again.load_s == 0
+
+
+def test_concurrent_requests_batch_and_each_gets_its_own_rows(pool: ExecutorPool) -> None:
+    rows, _ = clusters(24, seed=5)
+    alone = [pool.infer(model="mlp", inputs=[row], lease=lease(), timeout=60, batchable=True).output[0] for row in rows]
+    results: dict[int, object] = {}
+
+    def ask(index: int) -> None:
+        results[index] = pool.infer(model="mlp", inputs=[rows[index]], lease=lease(), timeout=60, batchable=True)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(rows))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    batch_sizes = {results[i].batch_size for i in range(len(rows))}  # type: ignore[attr-defined]
+    assert max(batch_sizes) > 1
+    for i, expected in enumerate(alone):
+        assert torch.allclose(torch.tensor(results[i].output[0]), torch.tensor(expected), atol=1e-5)  # type: ignore[attr-defined]
+
+
+def test_eight_concurrent_cold_requests_load_the_model_once(pool: ExecutorPool) -> None:
+    items = []
+    lock = threading.Lock()
+
+    def ask() -> None:
+        item = pool.infer(model="cnn", inputs=[[[0.5] * 28] * 28], lease=lease(), timeout=60, batchable=True)
+        with lock:
+            items.append(item)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # Then exactly one of them loaded it; the others shared that load or hit the cache
+    loads = [item for item in items if not item.cache_hit]
+    assert len(items) == 8 and len(loads) == 1 and loads[0].load_s > 0
+    assert all(item.load_s == 0 for item in items if item.cache_hit)
+
+
+def _wide_model(store_dir: Path) -> str:
+    """A model whose activations for a big batch need ~2 GB: a memory bomb inside a real architecture."""
+    store = ModelStore(store_dir)
+    config = {"in_features": 4, "hidden": 500_000, "out_features": 3}
+    torch.manual_seed(0)
+    store.save("wide", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    return "wide"
+
+
+@pytest.mark.parametrize("mode", ["rlimit", "watchdog"])
+def test_a_memory_bomb_fails_alone(store_dir: Path, mode: str) -> None:
+    pool = make_pool(store_dir, memory_mode=mode, max_queue_delay_s=0.0)
+    model = _wide_model(store_dir)
+    try:
+        # When a task that reserved 256 MiB makes activations of about 2 GB
+        with pytest.raises(MemoryLimitExceeded, match="memory"):
+            pool.infer(model=model, inputs=[ROW] * 1000, lease=lease(memory=256 * 2**20), timeout=120, batchable=True)
+        # Then a small task on the same pool still runs
+        assert pool.infer(model="mlp", inputs=[ROW], lease=lease(), timeout=60, batchable=True).output
+    finally:
+        pool.close()
+
+
+def test_a_task_past_its_timeout_is_killed(pool: ExecutorPool) -> None:
+    rows, labels = clusters(3000, seed=1)
+    request = {"op": "train", "model": "mlp", "data": {"inputs": rows, "targets": labels}, "epochs": 100_000,
+               "lr": 0.01, "batch_size": 8, "new_model": "never"}
+    with pytest.raises(TaskTimeout, match="task_timeout"):
+        pool.run_job(request, lease=lease(), timeout=2)
+    # the next job gets a fresh executor
+    done = pool.run_job({**request, "epochs": 1, "new_model": "after-timeout"}, lease=lease(), timeout=60)
+    assert done["model_id"] == "after-timeout"
+
+
+def test_training_reports_progress_and_stores_a_new_model(pool: ExecutorPool, store_dir: Path) -> None:
+    rows, labels = clusters(600, seed=2)
+    updates: list[dict] = []
+    result = pool.run_job({"op": "train", "model": "mlp", "data": {"inputs": rows, "targets": labels}, "epochs": 40,
+                           "lr": 0.01, "batch_size": 16, "new_model": "mlp-trained", "progress_interval": 0.0},
+                          lease=lease(), timeout=120, on_progress=updates.append)
+    assert len(updates) >= 3 and updates[-1]["percent"] == 100.0
+    assert result["loss_curve"][-1] < result["loss_curve"][0]
+    manifest = ModelStore(store_dir).manifest("mlp-trained")
+    assert manifest.parent == "mlp"
+    assert pool.infer(model="mlp-trained", inputs=[ROW], lease=lease(), timeout=60, batchable=True).output
+
+
+def test_a_model_bigger_than_the_cache_is_an_error(store_dir: Path) -> None:
+    pool = make_pool(store_dir, cache_size=1000)
+    try:
+        with pytest.raises(ModelTooLarge, match="model_cache_size"):
+            pool.infer(model="cnn", inputs=[[[0.0] * 28] * 28], lease=lease(), timeout=60, batchable=True)
+    finally:
+        pool.close()
