@@ -8,9 +8,12 @@ started with ``--hypha-config PATH``; both go through
 :func:`hypha_celery.config.celery_settings`.
 """
 
-from hypha_celery.config import WorkerConfig, celery_settings
+from hypha_celery.config import celery_settings, settings_config
 
-_derived = celery_settings(WorkerConfig())
+# $HYPHA_CONFIG's values (or the seed's defaults). A bad file does not stop a
+# scheduler or Flower from importing this: it is logged here, and a worker
+# started with it refuses to run with the key named (exit status 78).
+_derived = celery_settings(settings_config())
 
 # Where tasks and results travel. $HYPHA_BROKER_URL (';'-separated for
 # failover) or [worker.network] gateway_addresses; default redis://127.0.0.1:6379/0.

@@ -18,7 +18,7 @@ from .errors import ConfigError
 from .gpu import GpuInfo, list_gpus
 from .resources.ledger import Capacity
 
-__all__ = ["WorkerCapabilities", "detect_capabilities", "node_capacity"]
+__all__ = ["WorkerCapabilities", "detect_capabilities", "memory_limit", "node_capacity"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,38 @@ def _usable_cores() -> list[int]:
         return list(range(os.cpu_count() or 1))
 
 
+def memory_limit() -> int:
+    """Physical memory, or less when this process's cgroup caps it (containers, systemd slices)."""
+    total = psutil.virtual_memory().total
+    try:
+        with open("/proc/self/cgroup") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return total
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2
+            files = [f"/sys/fs/cgroup{p}/memory.max" for p in _ancestors(path)]
+        elif "memory" in controllers.split(","):  # cgroup v1
+            files = [f"/sys/fs/cgroup/memory{p}/memory.limit_in_bytes" for p in _ancestors(path)]
+        else:
+            continue
+        for file in files:
+            try:
+                with open(file) as handle:
+                    value = handle.read().strip()
+            except OSError:
+                continue
+            if value.isdigit():
+                total = min(total, int(value))
+    return total
+
+
+def _ancestors(path: str) -> list[str]:
+    parts = [part for part in path.split("/") if part]
+    return ["/" + "/".join(parts[:i]) if i else "" for i in range(len(parts), -1, -1)]
+
+
 def node_capacity(cfg: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Capacity:
     """The node's offer to the ledger: detected hardware, narrowed by ``[worker.resources]``."""
     cores = _usable_cores()
@@ -56,10 +88,12 @@ def node_capacity(cfg: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Capac
                 f"{cfg.resources.cpu_cores} is more than the {len(cores)} cores this process may use",
             )
         cores = cores[: cfg.resources.cpu_cores]
-    total = psutil.virtual_memory().total
+    total = memory_limit()
     memory = cfg.resources.memory if cfg.resources.memory is not None else total
     if memory > total:
-        raise ConfigError("worker.resources.memory", f"{memory} bytes is more than this machine's {total}")
+        raise ConfigError(
+            "worker.resources.memory", f"{memory} bytes is more than this machine (or its cgroup) allows: {total}"
+        )
     found = {gpu.index: gpu.memory for gpu in (list_gpus() if gpus is None else gpus)}
     if cfg.resources.gpus is not None:
         missing = [index for index in cfg.resources.gpus if index not in found]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import tomllib
@@ -43,6 +44,7 @@ __all__ = [
     "parse_config",
     "registry_url",
     "result_backend_url",
+    "settings_config",
 ]
 
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
@@ -211,6 +213,20 @@ def load_config(path: str | os.PathLike[str] | None = None) -> WorkerConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from None
     return parse_config(data, source_path=os.fspath(path))
+
+
+def settings_config() -> WorkerConfig:
+    """The config ``celeryconfig.py`` derives Celery settings from: ``$HYPHA_CONFIG``, else defaults.
+
+    A bad file is logged and the defaults are used, so importing the app (in
+    a scheduler, Flower, ``celery inspect``) never dies on it; a worker checks
+    the file again at start and refuses it there.
+    """
+    try:
+        return load_config()
+    except ConfigError as exc:
+        logging.getLogger(__name__).error("ignoring $HYPHA_CONFIG for Celery settings: %s", exc)
+        return WorkerConfig()
 
 
 def parse_config(data: Mapping[str, Any], source_path: str | None = None) -> WorkerConfig:

@@ -1,7 +1,8 @@
 """Byte sizes as operators write them: ``"8GB"``, ``"512MiB"``, ``"1.5 G"``, ``1048576``.
 
-Decimal units are powers of 1000 and binary units powers of 1024, as in
-Kubernetes and the IEC standard: ``GB``/``G`` = 10**9, ``GiB``/``Gi`` = 2**30.
+Decimal units are powers of 1000 and binary units powers of 1024 (the IEC
+standard): ``GB``/``G`` = 10**9, ``GiB``/``Gi`` = 2**30. Units ignore case, so
+unlike Kubernetes quantities ``m`` means mega, never milli.
 """
 
 from __future__ import annotations

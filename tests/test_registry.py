@@ -112,3 +112,29 @@ def test_the_worker_side_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_memory_capacity_respects_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Given a process whose cgroup (v2) allows 2 GiB on a bigger machine
+    import builtins
+
+    from hypha_celery import capabilities
+
+    limit = tmp_path / "memory.max"
+    limit.write_text(str(2 * 2**30))
+    real_open = builtins.open
+
+    def fake_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if file == "/proc/self/cgroup":
+            cgroup = tmp_path / "cgroup"
+            cgroup.write_text("0::/job\n")
+            return real_open(cgroup, *args, **kwargs)
+        if file == "/sys/fs/cgroup/job/memory.max":
+            return real_open(limit, *args, **kwargs)
+        if str(file).startswith("/sys/fs/cgroup"):
+            raise FileNotFoundError(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    # Then the node offers the cgroup's limit, not the machine's memory
+    assert capabilities.memory_limit() == min(2 * 2**30, capabilities.psutil.virtual_memory().total)
