@@ -98,7 +98,9 @@ class NodeContext:
     @cached_property
     def verifier(self) -> Verifier:
         security = self.config.security
-        return Verifier(security.allowed_schedulers, self.redis, max_age=security.max_envelope_age)
+        cfg = self.config
+        remember = cfg.admission.max_wait + cfg.visibility_timeout + cfg.hard_time_limit
+        return Verifier(security.allowed_schedulers, self.redis, max_age=security.max_envelope_age, remember_s=remember)
 
     @cached_property
     def executors(self) -> ExecutorPool:

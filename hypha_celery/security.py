@@ -181,7 +181,9 @@ class Verified:
 class Verifier:
     """Checks envelopes against the allowed keys; remembers nonces in Redis until they expire."""
 
-    def __init__(self, allowed: Iterable[str], client: redis.Redis | None, *, max_age: float = 3600.0) -> None:
+    def __init__(
+        self, allowed: Iterable[str], client: redis.Redis | None, *, max_age: float = 3600.0, remember_s: float = 0.0
+    ) -> None:
         self.keys: dict[str, nacl.signing.VerifyKey] = {}
         for index, entry in enumerate(allowed):
             try:
@@ -191,6 +193,9 @@ class Verifier:
             self.keys[peer_id(verify_key)] = verify_key
         self.redis = client
         self.max_age = max_age
+        # How long a nonce is remembered past its first delivery: as long as a copy of the task may
+        # still come back (deferred for admission, redelivered) - not just until the envelope expires.
+        self.remember_s = remember_s
 
     def verify(
         self,
@@ -222,18 +227,18 @@ class Verifier:
             raise InvalidSignature(f"bad signature for key {key_id} (forged, or the envelope was altered)") from None
         self._check_matches(unsigned, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs)
         issued, expires = unsigned["issued_at"], unsigned["expires_at"]
-        if not isinstance(issued, (int, float)) or not isinstance(expires, (int, float)) or expires <= issued:
+        numbers = all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (issued, expires))
+        if not numbers or expires <= issued:
             raise InvalidSignature("the envelope's issued_at / expires_at are invalid")
         if expires - issued > self.max_age:
             raise InvalidSignature(
                 f"the envelope is valid for {expires - issued:.0f}s, longer than this worker accepts ({self.max_age:.0f}s)"
             )
-        first = self._claim_nonce(key_id, str(unsigned["nonce"]), task_id, expires)
-        if first:
-            if issued > now + CLOCK_SKEW_S:
-                raise InvalidSignature(f"the envelope was issued {issued - now:.0f}s in the future (clock skew?)")
-            if expires < now:
-                raise InvalidSignature(f"the envelope expired {now - expires:.0f}s ago")
+        if issued > now + CLOCK_SKEW_S:
+            raise InvalidSignature(f"the envelope was issued {issued - now:.0f}s in the future (clock skew?)")
+        first = self._claim_nonce(key_id, str(unsigned["nonce"]), task_id, max(expires, now + self.remember_s))
+        if first and expires < now:
+            raise InvalidSignature(f"the envelope expired {now - expires:.0f}s ago")
         return Verified(key_id=key_id, nonce=str(unsigned["nonce"]), first_delivery=first)
 
     def _check_matches(
@@ -268,6 +273,8 @@ class Verifier:
             holder: Any = self.redis.get(key)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise RegistryUnavailable(f"cannot check the envelope nonce: {exc}") from None
+        except redis.ResponseError as exc:
+            raise InvalidSignature(f"the envelope's times are unusable: {exc}") from None
         if holder is not None and holder.decode() != task_id:
             raise InvalidSignature(f"replayed nonce: already used by task {holder.decode()}")
         return False

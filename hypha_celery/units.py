@@ -7,6 +7,7 @@ unlike Kubernetes quantities ``m`` means mega, never milli.
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["format_size", "parse_size"]
@@ -31,8 +32,12 @@ def parse_size(value: object) -> int:
     if isinstance(value, bool):
         raise ValueError(f"expected a size like '8GB' or a number of bytes, got {value!r}")
     if isinstance(value, int):
+        if value > 2**63:
+            raise ValueError(f"size {str(value)[:40]}... is beyond any machine")
         number, factor = float(value), 1
     elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"size must be a finite number, got {value!r}")
         number, factor = value, 1
     elif isinstance(value, str):
         match = _SIZE.match(value)
@@ -46,6 +51,8 @@ def parse_size(value: object) -> int:
         number, factor = float(match.group(1)), _UNITS[unit]
     else:
         raise ValueError(f"expected a size like '8GB' or a number of bytes, got {type(value).__name__}")
+    if not math.isfinite(number * factor) or number * factor > 2**63:
+        raise ValueError(f"size {value!r} is beyond any machine")
     size = int(number * factor)
     if size <= 0:
         raise ValueError(f"size must be positive, got {value!r}")

@@ -232,5 +232,8 @@ def celery_client(redis_url: str) -> Iterator[Callable[..., Any]]:
         return app
 
     yield make
+    import gc
+
+    gc.collect()  # AsyncResult.__del__ talks to the result backend: let it while Redis is still up
     for app in apps:
         app.close()

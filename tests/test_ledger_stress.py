@@ -84,7 +84,9 @@ def _racy_hammer(url: str, seed: int) -> None:
 
 
 def _run(target: object, args_for: list[tuple[object, ...]]) -> None:
-    context = multiprocessing.get_context("fork")
+    # spawn, not fork: the test process has threads (other tests' lease keepers, batchers) whose
+    # locks a forked child could inherit held
+    context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=target, args=args) for args in args_for]  # type: ignore[attr-defined]
     for process in processes:
         process.start()

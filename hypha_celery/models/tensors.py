@@ -90,7 +90,7 @@ def _check_encoded(inputs: dict[str, Any], sample_shape: list[int], max_bytes: i
     if extra or not {"dtype", "shape", "data"} <= set(inputs):
         raise InvalidInput("an encoded tensor needs exactly 'dtype', 'shape' and 'data' (base64)")
     dtype, shape, data = inputs["dtype"], inputs["shape"], inputs["data"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise InvalidInput(f"encoded dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
         raise InvalidInput(f"encoded shape must be a list of positive integers, got {shape!r}")

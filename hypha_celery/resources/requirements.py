@@ -52,8 +52,8 @@ class Requirements:
         cpu_milli = _cpu_milli(raw.get("cpu_cores", 1))
         memory = _size("memory", raw.get("memory", DEFAULT_MEMORY), allow_zero=False)
         gpus = raw.get("gpus", 0)
-        if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-            raise InvalidTask(f"requirements.gpus must be a whole number >= 0, got {gpus!r}")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= 1024:
+            raise InvalidTask(f"requirements.gpus must be a whole number from 0 to 1024, got {str(gpus)[:40]}")
         gpu_memory = _size("gpu_memory", raw.get("gpu_memory", 0), allow_zero=True)
         if gpu_memory and not gpus:
             gpus = 1
@@ -72,10 +72,18 @@ class Requirements:
 
 
 def _cpu_milli(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidTask(f"requirements.cpu_cores must be a number, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise InvalidTask(f"requirements.cpu_cores must be a finite number, got {str(value)[:40]}")
     if value <= 0:
         raise InvalidTask(f"requirements.cpu_cores must be positive, got {value!r}")
+    if value > 1_000_000:
+        raise InvalidTask(f"requirements.cpu_cores of {value:.3g} is not a real machine's core count")
     milli = round(value * MILLI)
     if milli == 0:
         raise InvalidTask(f"requirements.cpu_cores must be at least 0.001, got {value!r}")

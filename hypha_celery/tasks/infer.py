@@ -57,7 +57,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     )
 
 
-@shared_task(name="hypha.infer", bind=True, throws=(HyphaError,))
+@shared_task(name="hypha.infer", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
 def infer(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run ``model`` on ``inputs``: ``infer.delay(model="mlp", inputs=[[5.1, 3.5, 1.4, 0.2]])``."""
     return run_task(

@@ -27,7 +27,7 @@ def _run(run: Run, spec: NoopSpec) -> dict[str, Any]:
     return package(output=None, model=None, worker=run.worker, lease=run.lease, timing=run.timing)
 
 
-@shared_task(name="hypha.noop", bind=True, throws=(HyphaError,))
+@shared_task(name="hypha.noop", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
 def noop(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Reserve ``requirements``, hold them ``hold_s`` seconds, release."""
     return run_task(

@@ -75,15 +75,17 @@ def run_task(
     request = task.request
     worker = request.hostname or "unknown"
     timing = Timing(received_at=time.time(), sent_at=_header(task, SENT_AT_HEADER))
+    seen_before = False
     if ctx.config.security.verify_task_signatures:
         with metrics.rejections("signature"):
-            ctx.verifier.verify(
+            verified = ctx.verifier.verify(
                 _header(task, ENVELOPE_HEADER), task_name=task.name, task_id=request.id, args=args, kwargs=kwargs
             )
+        seen_before = not verified.first_delivery
     with metrics.rejections("validation"):
         spec = validate(ctx)
     req = requirements(spec)
-    if _is_copy(task):
+    if seen_before or _is_copy(task):
         _drop_if_finished(task)
     try:
         lease = admission.admit(ctx, req, task_id=request.id, holder=f"{worker}/{request.id}", worker_id=worker)

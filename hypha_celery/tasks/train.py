@@ -53,7 +53,7 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     )
 
 
-@shared_task(name="hypha.train", bind=True, throws=(HyphaError,))
+@shared_task(name="hypha.train", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
 def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``; returns the new ``model_id``."""
     return run_task(
