@@ -42,9 +42,9 @@ worker_prefetch_multiplier = 1
 
 # The control plane runs in threads; the ML work itself runs in spawned
 # executor processes (hypha_celery.executor), so no pool process ever holds
-# a CUDA context and one worker shares one model cache. `--pool prefork`
-# works too (one executor per pool process).
-worker_pool = "threads"
+# a CUDA context and one worker shares one model cache. That default is set
+# when the worker starts (hypha_celery.worker_options), not here: a
+# worker_pool setting would make Celery ignore an explicit `--pool prefork`.
 worker_concurrency = _derived["worker_concurrency"]
 
 # Task events for Flower and celery-exporter; the "sent" event lets them

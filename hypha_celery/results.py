@@ -7,6 +7,7 @@ it ran, and what it held.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ def package(
         "cache_hit": cache_hit,
         "started_at": timing.started_at,
         "finished_at": timing.finished_at,
+        "pid": os.getpid(),
         "gpu_utilization": {str(gpu): value for gpu, value in (gpu_utilization or {}).items()} or None,
         "reserved": {
             "cpu_cores": sorted(lease.cores),

@@ -47,10 +47,18 @@ def _load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str
         _fail(str(exc))
     app = ctx.obj.app
     app.conf.update(celery_settings(cfg))
+    if not _pool_given():
+        # Threads unless the command line names a pool. (Set as worker_pool in a config,
+        # Celery's CLI would take even an explicit `--pool prefork` for its default.)
+        app.conf.worker_pool = "threads"
     node.configure(cfg)
     if cfg.monitoring.collect_metrics:
         metrics.setup()
     return value
+
+
+def _pool_given() -> bool:
+    return any(arg in ("-P", "--pool") or arg.startswith(("--pool=", "-P")) for arg in sys.argv[1:])
 
 
 def _metrics_port_from_argv() -> int | None:

@@ -1,0 +1,448 @@
+"""``make bench``: every figure is a ratio of two things measured in this same run.
+
+Absolute times are printed but never judged: machines are noisy, ratios less
+so. Results go to ``bench/results.json`` with each ratio next to its target.
+Redis is an embedded ``redis-server`` (``$HYPHA_BENCH_REDIS_URL`` to use
+another; it must be a database the bench may flush).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+import tomli_w
+
+ROOT = Path(__file__).resolve().parent.parent
+REPEATS = int(os.environ.get("HYPHA_BENCH_REPEATS", "3"))
+RESULTS: dict[str, Any] = {}
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def record(name: str, *, ratio: float, target: str, met: bool, unit: str, **detail: Any) -> None:
+    RESULTS[name] = {"ratio": ratio, "target": target, "met": met, "unit": unit, **detail}
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import celery
+    import kombu
+    import torch
+
+    from hypha_celery.embedded_redis import redis_server_binary
+
+    server = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout.split()
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis-py": redis.__version__,
+        "redis-server": next((w.split("=", 1)[1] for w in server if w.startswith("v=")), "?"),
+        "torch": torch.__version__,
+        "repeats": REPEATS,
+    }
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+class Worker:
+    """A worker subprocess (hypha's or the plain Celery app's), stopped with SIGTERM."""
+
+    def __init__(self, app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
+                 queues: str | None = None, concurrency: int = 4) -> None:
+        self.name = f"bench-{uuid.uuid4().hex[:6]}"
+        command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{self.name}@%h", "-l", "warning",
+                   "--without-mingle", "--without-gossip", "-P", "threads", "-c", str(concurrency)]
+        if config is not None:
+            path = workdir / f"{self.name}.toml"
+            path.write_text(tomli_w.dumps({"worker": config}))
+            command += ["--hypha-config", str(path)]
+        if queues:
+            command += ["-Q", queues]
+        env = dict(os.environ, HYPHA_BROKER_URL=url, HYPHA_RESULT_BACKEND=url, HYPHA_REGISTRY_URL=url)
+        env.pop("HYPHA_CONFIG", None)
+        self.log = open(workdir / f"{self.name}.log", "wb")
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, app: Any) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"bench worker exited; see {self.log.name}")
+            if app.control.ping(destination=[f"{self.name}@{socket.gethostname()}"], timeout=0.5):
+                return
+        raise SystemExit(f"bench worker did not start; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.log.close()
+
+
+def client_app(url: str) -> Any:
+    from celery import Celery
+
+    app = Celery("bench-client")
+    app.config_from_object("celeryconfig")
+    app.conf.update(broker_url=url, result_backend=url, task_routes=())
+    return app
+
+
+def throughput(app: Any, name: str, kwargs: dict[str, Any], count: int, queue: str) -> float:
+    """Tasks per second for ``count`` tasks sent at once, until the last result is in."""
+    started = time.perf_counter()
+    results = [app.send_task(name, kwargs=kwargs, queue=queue) for _ in range(count)]
+    for result in results:
+        result.get(timeout=300)
+    return count / (time.perf_counter() - started)
+
+
+def hypha_config(models: Path, **extra: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "max_concurrent_tasks": 4,
+        "max_memory_per_task": "1GB",
+        "task_timeout": 120,
+        "model_cache_size": "1GB",
+        "models": {"model_dir": str(models), "max_model_size": "500MB"},
+        "security": {"verify_task_signatures": False},
+        "monitoring": {"collect_metrics": False},
+        "resources": {"node_id": f"bench-{uuid.uuid4().hex[:6]}", "memory": "8GB"},
+    }
+    for key, value in extra.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    return config
+
+
+# --- 1. admission overhead ---------------------------------------------------------------------------
+
+def bench_admission(url: str, workdir: Path, models: Path) -> None:
+    say("\n[1] admission overhead: no-op tasks/s, hypha's full path vs plain Celery (same broker, 4 threads)")
+    app = client_app(url)
+    plain = Worker("bench.plain_app", url, workdir, queues="plain")
+    hypha = Worker("hypha_celery", url, workdir, config=hypha_config(models))
+    try:
+        plain.wait_ready(app)
+        hypha.wait_ready(app)
+        count = int(os.environ.get("HYPHA_BENCH_TASKS", "600"))
+        req = {"requirements": {"cpu_cores": 0.01, "memory": "1MB"}}
+        throughput(app, "plain.noop", {}, 50, "plain")  # warm both
+        throughput(app, "hypha.noop", req, 50, "hypha")
+        plain_runs, hypha_runs = [], []
+        for _ in range(REPEATS):
+            plain_runs.append(throughput(app, "plain.noop", {}, count, "plain"))
+            hypha_runs.append(throughput(app, "hypha.noop", req, count, "hypha"))
+        ratio = statistics.median(hypha_runs) / statistics.median(plain_runs)
+        say(f"    plain Celery  {fmt(plain_runs, 'tasks/s')}")
+        say(f"    hypha         {fmt(hypha_runs, 'tasks/s')}")
+        say(f"    ratio {ratio:.3f} (target >= 0.90)")
+        record("admission_overhead", ratio=ratio, target=">= 0.90", met=ratio >= 0.90, unit="hypha/plain tasks per s",
+               plain=spread(plain_runs), hypha=spread(hypha_runs), tasks=count)
+    finally:
+        plain.stop()
+        hypha.stop()
+        app.close()
+
+
+def fmt(values: list[float], unit: str, scale: float = 1.0) -> str:
+    s = spread([v * scale for v in values])
+    return f"min {s['min']:9.1f}  median {s['median']:9.1f}  max {s['max']:9.1f} {unit}"
+
+
+# --- 2. ledger -----------------------------------------------------------------------------------------
+
+def bench_ledger(url: str) -> None:
+    from hypha_celery.resources.ledger import Capacity, Lease, Ledger
+    from hypha_celery.resources.requirements import Requirements
+
+    say("\n[2] ledger: reserve+release pairs/s vs Redis PING/s from the same client")
+    client = redis.Redis.from_url(url)
+    ledger = Ledger(client, f"bench-ledger-{uuid.uuid4().hex[:6]}", ttl=30)
+    ledger.set_capacity(Capacity(cores=list(range(8)), memory=64 * 2**30, gpus={0: 80 * 10**9, 1: 80 * 10**9}))
+    req = Requirements(cpu_milli=500, memory=2**30, gpus=1, gpu_memory=10**9)
+    n = 3000
+    pings, pairs = [], []
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        for _ in range(n):
+            client.ping()
+        pings.append(n / (time.perf_counter() - started))
+        started = time.perf_counter()
+        for _ in range(n):
+            lease = ledger.reserve(req, holder="bench", task_id=None)
+            assert isinstance(lease, Lease)
+            ledger.release(lease)
+        pairs.append(n / (time.perf_counter() - started))
+    round_trips = statistics.median(pings) / statistics.median(pairs)
+    say(f"    PING          {fmt(pings, 'per s')}")
+    say(f"    reserve+release {fmt(pairs, 'pairs per s')}")
+    say(f"    a pair costs {round_trips:.2f} PING round trips (target <= 2)")
+    record("ledger_pair_cost", ratio=round_trips, target="<= 2 round trips", met=round_trips <= 2.0,
+           unit="PING round trips per reserve+release pair", ping_per_s=spread(pings), pairs_per_s=spread(pairs))
+    client.close()
+
+
+# --- 3. placement --------------------------------------------------------------------------------------
+
+def bench_placement(url: str) -> None:
+    from hypha_celery import keys
+    from hypha_celery.placement import Placement
+    from hypha_celery.resources.ledger import Capacity, Ledger
+    from hypha_celery.resources.requirements import Requirements
+
+    say("\n[3] placement among 10,000 registered workers (real Redis, indexes kept by the ledger)")
+    client = redis.Redis.from_url(url)
+    rng = random.Random(7)
+    nodes = 10_000
+    started = time.perf_counter()
+    expires = time.time() + 3600
+    for index in range(nodes):
+        node = f"n{index:05d}"
+        gpus = {g: rng.choice([24, 40, 80, 141]) * 10**9 for g in range(rng.choice([0, 0, 1, 2, 4, 8]))}
+        ledger = Ledger(client, node, ttl=3600)
+        ledger.set_capacity(Capacity(cores=list(range(rng.choice([4, 8, 16, 32, 64]))),
+                                     memory=rng.choice([16, 32, 64, 128, 256]) * 2**30, gpus=gpus))
+        if rng.random() < 0.5:  # half the nodes are partly busy
+            try:
+                ledger.reserve(Requirements(cpu_milli=2000, memory=rng.choice([4, 8, 12]) * 2**30), holder="busy")
+            except Exception:
+                pass
+        worker = f"w{index:05d}@host"
+        client.zadd(keys.node_workers(node), {worker: expires})
+        client.zadd(keys.WORKERS, {worker: expires})
+    say(f"    registered {nodes} nodes in {time.perf_counter() - started:.1f}s")
+    placement = Placement(client)
+    requests = [Requirements(cpu_milli=rng.choice([250, 1000, 4000]), memory=rng.choice([1, 8, 30, 100]) * 2**30,
+                             gpus=rng.choice([0, 0, 1, 2]), gpu_memory=rng.choice([0, 20 * 10**9, 70 * 10**9]))
+                for _ in range(500)]
+    medians, found = [], 0
+    for _ in range(REPEATS):
+        times = []
+        for req in requests:
+            t0 = time.perf_counter()
+            choice = placement.choose(req)
+            times.append((time.perf_counter() - t0) * 1000)
+            found += choice is not None
+        medians.append(statistics.median(times))
+        p99 = sorted(times)[int(len(times) * 0.99)]
+    ping = []
+    for _ in range(500):
+        t0 = time.perf_counter()
+        client.ping()
+        ping.append((time.perf_counter() - t0) * 1000)
+    median = statistics.median(medians)
+    say(f"    choose()      median of runs {fmt(medians, 'ms')}  (p99 last run {p99:.2f} ms; PING median "
+        f"{statistics.median(ping):.3f} ms; {found} of {len(requests) * REPEATS} placed)")
+    say(f"    median {median:.2f} ms (target < 5 ms)")
+    record("placement_10k", ratio=median / statistics.median(ping), target="median < 5 ms", met=median < 5.0,
+           unit="choose() median / PING median", median_ms=median, runs_ms=spread(medians), ping_ms=statistics.median(ping),
+           p99_ms=p99, nodes=nodes)
+    client.close()
+
+
+# --- 4. model cache ------------------------------------------------------------------------------------
+
+def bench_cache(workdir: Path) -> None:
+    import torch
+
+    from hypha_celery.models.architectures import build
+    from hypha_celery.models.cache import ModelCache
+    from hypha_celery.models.runtime import load
+    from hypha_celery.models.store import WEIGHTS, ModelStore
+
+    say("\n[4] model cache: warm-hit overhead over calling the model; cold load vs reading the bytes")
+    torch.set_num_threads(1)
+    store = ModelStore(workdir / "cache-models")
+    config = {"in_features": 512, "hidden": 2048, "layers": 6, "out_features": 10}
+    torch.manual_seed(0)
+    store.save("big", build("mlp", config), architecture="mlp", config=config, input_shape=[512])
+    cache = ModelCache(2**31, lambda key: load(store, key, "cpu"))
+    with cache.use("big") as use:
+        model = use.value.module
+    x = torch.randn(1, 512)
+    n = 2000
+    direct, cached = [], []
+    with torch.inference_mode():
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                model(x)
+            direct.append((time.perf_counter() - t0) / n * 1e6)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                with cache.use("big") as use:
+                    use.value.module(x)
+            cached.append((time.perf_counter() - t0) / n * 1e6)
+    overhead = statistics.median(cached) - statistics.median(direct)
+    say(f"    model call    {fmt(direct, 'us')}")
+    say(f"    via cache     {fmt(cached, 'us')}")
+    say(f"    warm-hit overhead {overhead:.1f} us (target < 50 us)")
+    record("cache_warm_hit", ratio=statistics.median(cached) / statistics.median(direct), target="overhead < 50 us",
+           met=overhead < 50, unit="cached call / direct call", overhead_us=overhead, direct_us=spread(direct),
+           cached_us=spread(cached))
+    path = store.path("big") / WEIGHTS
+    size = path.stat().st_size
+    reads, loads = [], []
+    for _ in range(REPEATS):
+        t0 = time.perf_counter()
+        path.read_bytes()
+        reads.append(time.perf_counter() - t0)
+        fresh = ModelStore(store.root)  # no remembered verification: sha256 every time, as a cold load does
+        t0 = time.perf_counter()
+        load(fresh, "big", "cpu")
+        loads.append(time.perf_counter() - t0)
+    ratio = statistics.median(loads) / statistics.median(reads)
+    say(f"    read {size / 2**20:.0f} MiB {fmt(reads, 'ms', 1000)}")
+    say(f"    cold load     {fmt(loads, 'ms', 1000)}  (sha256 verify + safetensors + build)")
+    say(f"    cold load / read = {ratio:.2f} (reported, no target)")
+    record("cache_cold_load", ratio=ratio, target="reported", met=True, unit="cold load time / file read time",
+           bytes=size, read_s=spread(reads), load_s=spread(loads))
+
+
+# --- 5. batching ---------------------------------------------------------------------------------------
+
+def bench_batching(url: str, workdir: Path, models: Path) -> None:
+    from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+    from hypha_celery.resources.ledger import Lease
+
+    say("\n[5] dynamic batching: same-model small-model inference, batched vs one at a time")
+    lease = Lease(id="bench", node="bench", memory=256 * 2**20, cores={0: 50}, gpus={}, exclusive_gpu=False)
+    row = [5.0, 3.4, 1.5, 0.2]
+    n, threads = 2000, 32
+
+    def pool_rate(batch: int) -> float:
+        pool = ExecutorPool(ExecutorSettings(store=str(models), cache_size=10**9, max_model_size=10**9, sandbox=True,
+                                             nice=0, enforce_memory=True, enforce_cpu=True, max_batch_size=batch,
+                                             max_queue_delay_s=0.002))
+        try:
+            pool.infer(model="mlp", inputs=[row], lease=lease, timeout=60, batchable=True)
+            done = threading.Semaphore(0)
+
+            def client(count: int) -> None:
+                for _ in range(count):
+                    pool.infer(model="mlp", inputs=[row], lease=lease, timeout=60, batchable=True)
+                done.release()
+
+            started = time.perf_counter()
+            for _ in range(threads):
+                threading.Thread(target=client, args=(n // threads,), daemon=True).start()
+            for _ in range(threads):
+                done.acquire()
+            return (n // threads * threads) / (time.perf_counter() - started)
+        finally:
+            pool.close()
+
+    single, batched = [], []
+    for _ in range(REPEATS):
+        single.append(pool_rate(1))
+        batched.append(pool_rate(32))
+    ratio = statistics.median(batched) / statistics.median(single)
+    say(f"    executor, one per pass   {fmt(single, 'inferences/s')}")
+    say(f"    executor, batched (<=32) {fmt(batched, 'inferences/s')}")
+    say(f"    ratio {ratio:.2f} (target >= 5)")
+    record("batching_executor", ratio=ratio, target=">= 5", met=ratio >= 5, unit="batched/unbatched inferences per s",
+           single=spread(single), batched=spread(batched), clients=threads)
+
+    app = client_app(url)
+    end_to_end = {}
+    for label, batch in (("one per pass", 1), ("batched", 32)):
+        worker = Worker("hypha_celery", url, workdir, concurrency=32,
+                        config=hypha_config(models, max_concurrent_tasks=32, batching={"max_batch_size": batch}))
+        try:
+            worker.wait_ready(app)
+            kwargs = {"model": "mlp", "inputs": [row], "requirements": {"cpu_cores": 0.05, "memory": "8MB"}}
+            throughput(app, "hypha.infer", kwargs, 50, "hypha")
+            end_to_end[label] = [throughput(app, "hypha.infer", kwargs, 600, "hypha") for _ in range(REPEATS)]
+        finally:
+            worker.stop()
+    app.close()
+    e2e = statistics.median(end_to_end["batched"]) / statistics.median(end_to_end["one per pass"])
+    for label, runs in end_to_end.items():
+        say(f"    worker, {label:16} {fmt(runs, 'tasks/s')}")
+    say(f"    end-to-end ratio {e2e:.2f} (Celery's own per-task cost bounds it; reported)")
+    record("batching_end_to_end", ratio=e2e, target="reported", met=True, unit="batched/unbatched tasks per s",
+           **{label.replace(" ", "_"): spread(runs) for label, runs in end_to_end.items()})
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+def main() -> int:
+    from hypha_celery.embedded_redis import EmbeddedRedis
+    from hypha_celery.models.examples import init_examples
+
+    workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-"))
+    server = None
+    url = os.environ.get("HYPHA_BENCH_REDIS_URL")
+    if not url:
+        server = EmbeddedRedis()
+        url = server.start()
+    redis.Redis.from_url(url).flushdb()
+    models = workdir / "models"
+    init_examples(models)
+    info = machine()
+    say("hypha-celery bench  " + "  ".join(f"{k}={v}" for k, v in info.items()))
+    steps: list[Callable[[], None]] = [
+        lambda: bench_ledger(url),
+        lambda: bench_placement(url),
+        lambda: bench_cache(workdir),
+        lambda: bench_admission(url, workdir, models),
+        lambda: bench_batching(url, workdir, models),
+    ]
+    only = os.environ.get("HYPHA_BENCH_ONLY")
+    try:
+        for index, step in enumerate(steps, 1):
+            if only and str(index) not in only.split(","):
+                continue
+            step()
+    finally:
+        if server is not None:
+            server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    say("\nsummary")
+    say(f"    {'figure':22} {'ratio':>9}  {'target':20} met")
+    for name, row in RESULTS.items():
+        say(f"    {name:22} {row['ratio']:9.3f}  {row['target']:20} {'yes' if row['met'] else 'NO'}")
+    out = ROOT / "bench" / "results.json"
+    out.write_text(json.dumps({"machine": info, "results": RESULTS}, indent=2, sort_keys=True) + "\n")
+    say(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
