@@ -81,6 +81,11 @@ class NodeStep(bootsteps.StartStopStep):
         ctx = node.context()
         if "executors" in vars(ctx):
             ctx.executors.close()
+        if "keeper" in vars(ctx):
+            try:
+                ctx.keeper.flush()  # leases released moments ago go back now, not at their expiry
+            except HyphaError as exc:
+                log.warning("could not release leases at shutdown (they expire by themselves): %s", exc)
         if self.http is not None:
             server, _thread = self.http
             server.shutdown()
@@ -123,7 +128,8 @@ class RegistryStep(bootsteps.StartStopStep):
 
     def capabilities(self) -> dict[str, Any]:
         ctx = node.context()
-        caps = detect_capabilities(ctx.config, ctx.store.list(), capacity=node_capacity(ctx.config))
+        caps = detect_capabilities(ctx.config, ctx.store.list(), ctx.inference_times.snapshot(),
+                                   capacity=node_capacity(ctx.config))
         return caps.to_json()
 
     def refresh(self) -> None:
@@ -134,7 +140,9 @@ class RegistryStep(bootsteps.StartStopStep):
         try:
             caps = detect_capabilities(cfg, ctx.store.list(), capacity=node_capacity(cfg))
             usage = ctx.ledger.usage()
-            registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval)
+            registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
+                              extra=metrics.cache_totals())
+            ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
         except HyphaError as exc:
             if self.healthy:
                 log.warning("registry refresh failed (%s); still serving, retrying every %ss",

@@ -8,7 +8,7 @@ Registry (one record per worker, written by the registry bootstep)::
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
-    hypha:node:<node>:capacity        hash   memory, core_ids (JSON), gpu_ids (JSON), gpu_mem:<i>
+    hypha:node:<node>:capacity        hash   spec: JSON {"memory", "cores": [ids], "gpus": [[id, bytes]], "sharing"}
     hypha:node:<node>:used            hash   memory, c<core> (millicores), g<i> (bytes), gh<i>/gx<i> (holders)
     hypha:node:<node>:leases          zset   lease_id -> expiry (ms, Redis server clock)
     hypha:node:<node>:lease_data      hash   lease_id -> JSON of what the lease holds

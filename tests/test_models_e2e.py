@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -48,7 +50,7 @@ def scrape(port: int) -> dict[str, float]:
     return samples
 
 
-def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, store_dir: Path) -> None:
+def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, store_dir: Path, redis_url: str) -> None:
     # Given two models that fit the cache alone but not together
     config = {"in_features": 4, "hidden": 256, "out_features": 3}
     ModelStore(store_dir).save("mlp-big", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
@@ -70,6 +72,12 @@ def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, s
     samples = wait_for(lambda: (s := scrape(port)).get("hypha_worker_model_cache_hits_total") == 1 and s, 10, "metrics")
     assert samples["hypha_worker_model_cache_misses_total"] == 4
     assert samples["hypha_worker_model_cache_evictions_total"] >= 3
+    # ... and `hypha-celery top` shows the hit rate from the registry (refreshed every 2 s here)
+    def top() -> str:
+        return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "top", "--once", "--registry", redis_url],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+    frame = wait_for(lambda: "cache hit rate 20%" in (out := top()) and out, 10, "top to show the hit rate")
+    assert "1 hits, 4 misses" in frame and "cpu    [" in frame
 
 
 def test_eight_cold_requests_load_once(start_worker, celery_client) -> None:
@@ -128,8 +136,8 @@ def test_memory_bomb_fails_while_a_concurrent_task_completes(start_worker, celer
     with pytest.raises(MemoryLimitExceeded, match="more memory than it reserved"):
         bomb.get(timeout=120)
     assert valid.get(timeout=60)["model"] == "mlp"
-    leases = [lease for lease in Ledger(redis_client, "bomb").usage().leases if lease["k"] == "task"]
-    assert leases == []
+    wait_for(lambda: not [lease for lease in Ledger(redis_client, "bomb").usage().leases if lease["k"] == "task"], 5,
+             "the leases to be released")
 
 
 def test_a_task_past_task_timeout_is_killed_and_its_lease_released(start_worker, celery_client,
@@ -141,6 +149,7 @@ def test_a_task_past_task_timeout_is_killed_and_its_lease_released(start_worker,
                                                "epochs": 100_000, "batch_size": 8})
     with pytest.raises(TaskTimeout, match=r"task_timeout \(3s\)"):
         job.get(timeout=120)
-    assert [lease for lease in Ledger(redis_client, "slow").usage().leases if lease["k"] == "task"] == []
+    wait_for(lambda: not [lease for lease in Ledger(redis_client, "slow").usage().leases if lease["k"] == "task"], 5,
+             "the lease to be released")
     # and the worker keeps serving
     assert app.send_task("hypha.noop", kwargs={}).get(timeout=30)["output"] is None

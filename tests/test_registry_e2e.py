@@ -13,6 +13,7 @@ import redis
 
 from hypha_celery import keys
 from hypha_celery.embedded_redis import EmbeddedRedis
+from hypha_celery.resources.ledger import Ledger
 
 from .conftest import wait_for
 
@@ -91,7 +92,7 @@ def test_worker_survives_a_redis_restart_and_registers_again(start_worker, tmp_p
         assert worker.alive()
         # ... and its node's capacity is back in the ledger (the monitor republishes it)
         node = client.hget(keys.worker(worker_id), "node_id").decode()
-        wait_for(lambda: client.hexists(keys.node_capacity(node), "memory"), 5, "the ledger capacity again")
+        wait_for(lambda: Ledger(client, node).capacity() is not None, 5, "the ledger capacity again")
         client.close()
 
 

@@ -1,9 +1,19 @@
 -- Shared by every ledger script (prepended by ledger.py).
--- KEYS: 1 capacity, 2 used, 3 leases, 4 lease_data,
---       5 free_memory, 6 free_core_milli, 7 free_whole_cores, 8 free_gpus, 9 free_gpu_memory,
---       10 cap_memory, 11 cap_cores, 12 cap_gpus, 13 cap_gpu_memory, 14.. task guard keys
--- ARGV[1] is always the node id.
+-- KEYS: 1 capacity, 2 used, 3 leases, 4 lease_data, 5.. task guard keys
+-- ARGV[1] is always the node id. The global placement indexes are named from
+-- the key prefix (all hypha keys live on one Redis; see hypha_celery/keys.py):
+-- fewer keys to send makes each call cheaper for the client.
 local NODE = ARGV[1]
+local PREFIX = string.match(KEYS[1], '^(.*):node:')
+local FREE_MEMORY = PREFIX .. ':index:free_memory'
+local FREE_CORE_MILLI = PREFIX .. ':index:free_core_milli'
+local FREE_WHOLE_CORES = PREFIX .. ':index:free_whole_cores'
+local FREE_GPUS = PREFIX .. ':index:free_gpus'
+local FREE_GPU_MEMORY = PREFIX .. ':index:free_gpu_memory'
+local CAP_MEMORY = PREFIX .. ':index:cap_memory'
+local CAP_CORES = PREFIX .. ':index:cap_cores'
+local CAP_GPUS = PREFIX .. ':index:cap_gpus'
+local CAP_GPU_MEMORY = PREFIX .. ':index:cap_gpu_memory'
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -21,17 +31,16 @@ local function num(t, field)
   return tonumber(t[field] or '0') or 0
 end
 
+-- The capacity is one JSON field, so reading it is one HGET and one decode.
 local function capacity()
-  local raw = hash(KEYS[1])
-  if raw['memory'] == nil then return nil end
-  local cap = {
-    memory = tonumber(raw['memory']),
-    cores = cjson.decode(raw['core_ids']),
-    gpus = cjson.decode(raw['gpu_ids']),
-    gpu_mem = {},
-    sharing = raw['gpu_sharing'] == '1',
-  }
-  for _, g in ipairs(cap.gpus) do cap.gpu_mem[g] = tonumber(raw['gpu_mem:' .. g]) end
+  local raw = redis.call('HGET', KEYS[1], 'spec')
+  if not raw then return nil end
+  local spec = cjson.decode(raw)
+  local cap = {memory = spec.memory, cores = spec.cores, gpus = {}, gpu_mem = {}, sharing = spec.sharing == 1}
+  for _, pair in ipairs(spec.gpus) do
+    table.insert(cap.gpus, pair[1])
+    cap.gpu_mem[pair[1]] = pair[2]
+  end
   return cap
 end
 
@@ -57,19 +66,19 @@ local function expire_stale(now)
   return #dead
 end
 
--- Keep the placement indexes equal to what is free right now.
-local function refresh_index(cap)
+-- Keep the placement indexes equal to what is free right now (``used``: the used hash, if at hand).
+local function refresh_index(cap, used)
   if cap == nil then return end
-  local used = hash(KEYS[2])
-  redis.call('ZADD', KEYS[5], cap.memory - num(used, 'memory'), NODE)
+  used = used or hash(KEYS[2])
+  redis.call('ZADD', FREE_MEMORY, cap.memory - num(used, 'memory'), NODE)
   local best_core, whole = 0, 0
   for _, c in ipairs(cap.cores) do
     local free = 1000 - num(used, 'c' .. c)
     if free > best_core then best_core = free end
     if free == 1000 then whole = whole + 1 end
   end
-  redis.call('ZADD', KEYS[6], best_core, NODE)
-  redis.call('ZADD', KEYS[7], whole, NODE)
+  redis.call('ZADD', FREE_CORE_MILLI, best_core, NODE)
+  redis.call('ZADD', FREE_WHOLE_CORES, whole, NODE)
   local free_gpus, best_gpu = 0, 0
   for _, g in ipairs(cap.gpus) do
     local holders = num(used, 'gh' .. g)
@@ -80,6 +89,6 @@ local function refresh_index(cap)
       if free > best_gpu then best_gpu = free end
     end
   end
-  redis.call('ZADD', KEYS[8], free_gpus, NODE)
-  redis.call('ZADD', KEYS[9], best_gpu, NODE)
+  redis.call('ZADD', FREE_GPUS, free_gpus, NODE)
+  redis.call('ZADD', FREE_GPU_MEMORY, best_gpu, NODE)
 end

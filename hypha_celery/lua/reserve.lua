@@ -1,6 +1,6 @@
 -- All-or-nothing reservation of memory + CPU + GPU, as one lease.
 -- ARGV: 2 lease_id, 3 ttl_ms, 4 memory, 5 cpu_milli, 6 gpus, 7 gpu_memory (0 = whole device),
---       8 holder, 9 task_id ('' for none; guard key is KEYS[14])
+--       8 holder, 9 task_id ('' for none; guard key is KEYS[5])
 -- Returns JSON: {ok=true, id, m, c=[core, milli, ...], g=[gpu, bytes, ...], x, e}
 --            or {ok=false, why='busy'|'infeasible'|'duplicate'|'unknown_node', resource=...}
 local lease_id, ttl = ARGV[2], tonumber(ARGV[3])
@@ -13,7 +13,7 @@ local now = now_ms()
 expire_stale(now)
 
 if task_id ~= '' then
-  local other = redis.call('GET', KEYS[14])
+  local other = redis.call('GET', KEYS[5])
   if other and redis.call('ZSCORE', KEYS[3], other) then
     local raw = redis.call('HGET', KEYS[4], other)
     local h = raw and cjson.decode(raw).h or ''
@@ -79,19 +79,22 @@ for _ = 1, ngpu do
   table.insert(gpus, best); table.insert(gpus, gmem > 0 and gmem or cap.gpu_mem[best])
 end
 
--- Commit.
+-- Commit (and keep ``used`` current, so the index refresh need not read it again).
 local x = (ngpu > 0 and exclusive) and 1 or 0
-if mem > 0 then redis.call('HINCRBY', KEYS[2], 'memory', mem) end
-for i = 1, #cores, 2 do redis.call('HINCRBY', KEYS[2], 'c' .. cores[i], cores[i + 1]) end
+local function add(field, amount)
+  used[field] = redis.call('HINCRBY', KEYS[2], field, amount)
+end
+if mem > 0 then add('memory', mem) end
+for i = 1, #cores, 2 do add('c' .. cores[i], cores[i + 1]) end
 for i = 1, #gpus, 2 do
-  redis.call('HINCRBY', KEYS[2], 'g' .. gpus[i], gpus[i + 1])
-  redis.call('HINCRBY', KEYS[2], 'gh' .. gpus[i], 1)
-  if x == 1 then redis.call('HINCRBY', KEYS[2], 'gx' .. gpus[i], 1) end
+  add('g' .. gpus[i], gpus[i + 1])
+  add('gh' .. gpus[i], 1)
+  if x == 1 then add('gx' .. gpus[i], 1) end
 end
 local expires = now + ttl
 local lease = {m = mem, c = cores, g = gpus, x = x, h = holder, t = task_id, k = 'task'}
 redis.call('HSET', KEYS[4], lease_id, cjson.encode(lease))
 redis.call('ZADD', KEYS[3], expires, lease_id)
-if task_id ~= '' then redis.call('SET', KEYS[14], lease_id, 'PX', ttl) end
-refresh_index(cap)
+if task_id ~= '' then redis.call('SET', KEYS[5], lease_id, 'PX', ttl) end
+refresh_index(cap, used)
 return cjson.encode({ok = true, id = lease_id, m = mem, c = cores, g = gpus, x = x, e = expires})

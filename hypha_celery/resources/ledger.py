@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -170,14 +171,7 @@ class Ledger:
         self.redis = client
         self.node = node_id
         self.ttl = ttl
-        self._keys = [
-            keys.node_capacity(node_id),
-            keys.node_used(node_id),
-            keys.leases(node_id),
-            keys.lease_data(node_id),
-            *keys.INDEX_FREE.values(),
-            *keys.INDEX_CAPACITY.values(),
-        ]
+        self._keys = [keys.node_capacity(node_id), keys.node_used(node_id), keys.leases(node_id), keys.lease_data(node_id)]
         self._scripts = {
             name: client.register_script(redis_scripts.source(name, prelude=True))
             for name in ("set_capacity", "reserve", "release", "renew", "account", "usage")
@@ -191,15 +185,13 @@ class Ledger:
 
     def set_capacity(self, capacity: Capacity) -> None:
         """Publish what this node offers; existing leases are kept."""
-        self._run(
-            "set_capacity",
-            [
-                capacity.memory,
-                json.dumps(sorted(capacity.cores)),
-                json.dumps({str(k): v for k, v in capacity.gpus.items()}),
-                1 if capacity.gpu_sharing else 0,
-            ],
-        )
+        spec = {
+            "memory": capacity.memory,
+            "cores": sorted(capacity.cores),
+            "gpus": [[gpu, amount] for gpu, amount in sorted(capacity.gpus.items())],
+            "sharing": 1 if capacity.gpu_sharing else 0,
+        }
+        self._run("set_capacity", [json.dumps(spec)])
 
     def try_reserve(
         self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
@@ -317,21 +309,26 @@ class Ledger:
 
 
 def _capacity_from_hash(raw: dict[str, str]) -> Capacity:
-    gpu_ids = json.loads(raw.get("gpu_ids") or "[]") or []
+    spec = json.loads(raw["spec"])
     return Capacity(
-        cores=[int(c) for c in (json.loads(raw["core_ids"]) or [])],
-        memory=int(raw["memory"]),
-        gpus={int(g): int(raw[f"gpu_mem:{g}"]) for g in gpu_ids},
-        gpu_sharing=raw.get("gpu_sharing") == "1",
+        cores=[int(c) for c in spec["cores"] or []],
+        memory=int(spec["memory"]),
+        gpus={int(gpu): int(amount) for gpu, amount in spec["gpus"] or []},
+        gpu_sharing=spec["sharing"] == 1,
     )
 
 
 class LeaseKeeper:
-    """Renews every lease a process holds, in one Redis call per heartbeat.
+    """Renews every lease a process holds, in one Redis call per heartbeat, and releases them.
 
-    A lease that comes back lost (its holder stalled past the TTL and it was
-    reaped) is reported to ``on_lost`` so the task can stop rather than run on
-    resources somebody else may now hold.
+    ``release(lease)`` hands a lease back off the caller's critical path: the
+    keeper's thread returns every lease released since its last wake-up in one
+    call, moments later. A lease whose release never happens (the process died)
+    expires by itself.
+
+    A lease that comes back lost from a renewal (its holder stalled past the
+    TTL and it was reaped) is logged and remembered: ``lost(lease)`` tells its
+    holder that somebody else may now hold those resources.
     """
 
     _instances: dict[tuple[int, str], LeaseKeeper] = {}
@@ -341,6 +338,7 @@ class LeaseKeeper:
         self.ledger = ledger
         self.interval = interval if interval is not None else ledger.ttl / 2
         self._leases: dict[str, Lease] = {}
+        self._releasing: list[Lease] = []
         self._lost: set[str] = set()
         self._guard = threading.Lock()
         self._wake = threading.Event()
@@ -355,17 +353,38 @@ class LeaseKeeper:
                 keeper = cls._instances[key] = cls(ledger)
             return keeper
 
+    def _ensure_thread(self) -> None:
+        """Start the keeper's thread if it is not running (guard held)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._loop, name="hypha-lease-keeper", daemon=True)
+            self._thread.start()
+
     def add(self, lease: Lease) -> None:
         with self._guard:
             self._leases[lease.id] = lease
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="hypha-lease-keeper", daemon=True)
-                self._thread.start()
+            self._ensure_thread()
 
     def discard(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` (its holder releases it itself)."""
         with self._guard:
             self._leases.pop(lease.id, None)
             self._lost.discard(lease.id)
+
+    def release(self, lease: Lease) -> None:
+        """Stop renewing ``lease`` and give it back to the ledger from the keeper's thread."""
+        with self._guard:
+            self._leases.pop(lease.id, None)
+            self._lost.discard(lease.id)
+            self._releasing.append(lease)
+            self._ensure_thread()
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Give back every lease waiting to be released, now (shutdown, tests)."""
+        with self._guard:
+            batch, self._releasing = self._releasing, []
+        if batch:
+            self.ledger.release(*batch)
 
     def lost(self, lease: Lease) -> bool:
         with self._guard:
@@ -383,13 +402,18 @@ class LeaseKeeper:
                 self._lost |= lost & set(self._leases)
 
     def _loop(self) -> None:
+        next_renewal = time.monotonic() + self.interval
         while True:
-            self._wake.wait(self.interval)
-            with self._guard:
-                if not self._leases:
-                    self._thread = None
-                    return
+            self._wake.wait(max(0.0, next_renewal - time.monotonic()))
+            self._wake.clear()
             try:
-                self.renew_now()
-            except Exception as exc:  # keep renewing through a Redis blip
-                log.warning("lease renewal failed: %s", exc)
+                self.flush()
+                if time.monotonic() >= next_renewal:
+                    next_renewal = time.monotonic() + self.interval
+                    with self._guard:
+                        if not self._leases and not self._releasing:
+                            self._thread = None
+                            return
+                    self.renew_now()
+            except Exception as exc:  # keep going through a Redis blip; unreleased leases expire anyway
+                log.warning("lease keeper: %s", exc)

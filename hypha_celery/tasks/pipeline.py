@@ -101,8 +101,9 @@ def run_task(
         with metrics.active():
             return body(Run(ctx, task, lease, timing, worker), spec)
     finally:
-        ctx.keeper.discard(lease)
-        ctx.ledger.release(lease)
+        if ctx.keeper.lost(lease):
+            log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
+        ctx.keeper.release(lease)
 
 
 def _is_copy(task: Task) -> bool:
