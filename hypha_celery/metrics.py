@@ -101,6 +101,24 @@ def serve(port: int, addr: str = "0.0.0.0") -> Any:
     return start_http_server(port, addr=addr, registry=registry)
 
 
+def cache_totals() -> dict[str, int]:
+    """Model cache hits and misses summed over every process of this worker (``{}`` without metrics)."""
+    if not _metrics:
+        return {}
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    totals = {"cache_hits": 0, "cache_misses": 0}
+    names = {"hypha_worker_model_cache_hits_total": "cache_hits", "hypha_worker_model_cache_misses_total": "cache_misses"}
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name in names:
+                totals[names[sample.name]] += int(sample.value)
+    return totals
+
+
 def process_exited(pid: int) -> None:
     if _metrics:
         from prometheus_client import multiprocess

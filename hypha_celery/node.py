@@ -21,6 +21,7 @@ from .config import WorkerConfig, load_config, registry_url
 from .executor.pool import ExecutorPool, ExecutorSettings
 from .models.store import ModelStore
 from .placement import Placement
+from .registry import InferenceTimes
 from .resources.ledger import Lease, LeaseKeeper, Ledger
 from .security import Verifier
 
@@ -81,6 +82,10 @@ class NodeContext:
     @cached_property
     def ledger(self) -> Ledger:
         return Ledger(self.redis, self.node_id, ttl=2 * self.config.resources.lease_heartbeat)
+
+    @cached_property
+    def inference_times(self) -> InferenceTimes:
+        return InferenceTimes()
 
     @cached_property
     def keeper(self) -> LeaseKeeper:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,16 +31,15 @@ from .capabilities import WorkerCapabilities
 from .errors import RegistryUnavailable
 from .resources.ledger import Ledger, Usage
 
-__all__ = ["WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "record_duration", "register"]
+__all__ = ["InferenceTimes", "WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
 
 _JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory")
 _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
 _INT_FIELDS = (
     "cpu_cores", "total_memory", "available_memory", "max_concurrent_tasks", "pid",
-    "max_memory_per_task", "max_cpu_cores_per_task", "free_memory",
+    "max_memory_per_task", "max_cpu_cores_per_task", "free_memory", "cache_hits", "cache_misses",
 )
 EMA_ALPHA = 0.2
-_EMA: dict[int, Any] = {}
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,16 @@ class WorkerRecord:
 
 
 def encode_record(
-    record: WorkerRecord, caps: WorkerCapabilities, usage: Usage | None, now: float, ttl: float
+    record: WorkerRecord,
+    caps: WorkerCapabilities,
+    usage: Usage | None,
+    now: float,
+    ttl: float,
+    extra: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
     """The hash fields for one worker: numbers as plain numbers, lists and maps as JSON."""
     data: dict[str, Any] = caps.to_json()
-    data.pop("avg_inference_time")  # owned by record_duration, never overwritten by a refresh
+    data.pop("avg_inference_time")  # owned by InferenceTimes.flush, never overwritten by a refresh
     data.update({
         "worker_id": record.worker_id,
         "node_id": record.node_id,
@@ -77,6 +82,7 @@ def encode_record(
         "gpu_sharing": int(record.gpu_sharing),
         "verify_task_signatures": int(record.verify_task_signatures),
     })
+    data.update(extra or {})
     if usage is not None and usage.capacity is not None:
         data["free_memory"] = usage.memory_free
         data["free_cpu_cores"] = len(usage.capacity.cores) - usage.cores_used
@@ -116,11 +122,17 @@ def decode_record(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
 
 
 def register(
-    client: redis.Redis, record: WorkerRecord, caps: WorkerCapabilities, usage: Usage | None, *, ttl: float
+    client: redis.Redis,
+    record: WorkerRecord,
+    caps: WorkerCapabilities,
+    usage: Usage | None,
+    *,
+    ttl: float,
+    extra: Mapping[str, int] | None = None,
 ) -> float:
     """Write (or refresh) a worker's record and index entries in one transaction; returns the time written."""
     now = time.time()
-    fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl)
+    fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl, extra)
     key = keys.worker(record.worker_id)
     node_workers = keys.node_workers(record.node_id)
     try:
@@ -211,9 +223,44 @@ def list_workers(client: redis.Redis, *, live_usage: bool = True) -> list[dict[s
     return sorted(workers, key=lambda w: w["worker_id"])
 
 
-def record_duration(client: redis.Redis, worker_id: str, model: str, seconds: float) -> None:
-    """Fold a finished task's duration into the worker's ``avg_inference_time`` (atomic)."""
-    script = _EMA.get(id(client))
-    if script is None:
-        script = _EMA[id(client)] = client.register_script(redis_scripts.source("ema"))
-    script(keys=[keys.worker(worker_id)], args=[model, seconds, EMA_ALPHA])
+class InferenceTimes:
+    """Moving averages of task durations per model, kept in this process.
+
+    ``observe`` costs no I/O; ``flush`` writes them into the worker's record
+    (at most once per ``every`` seconds unless forced), so the average is
+    advertised without a Redis round trip per task.
+    """
+
+    def __init__(self, alpha: float = EMA_ALPHA, every: float = 1.0) -> None:
+        self.alpha = alpha
+        self.every = every
+        self._averages: dict[str, float] = {}
+        self._dirty = False
+        self._flushed = 0.0
+        self._lock = threading.Lock()
+        self._script: Any = None
+
+    def observe(self, model: str, seconds: float) -> None:
+        with self._lock:
+            old = self._averages.get(model)
+            self._averages[model] = seconds if old is None else old + self.alpha * (seconds - old)
+            self._dirty = True
+
+    def snapshot(self) -> dict[str, float]:
+        with self._lock:
+            return dict(self._averages)
+
+    def flush(self, client: redis.Redis, worker_id: str, *, force: bool = False) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if not self._dirty or (not force and now - self._flushed < self.every):
+                return
+            averages, self._dirty, self._flushed = dict(self._averages), False, now
+        if self._script is None:
+            self._script = client.register_script(redis_scripts.source("averages"))
+        try:
+            self._script(keys=[keys.worker(worker_id)], args=[json.dumps(averages)])
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            with self._lock:
+                self._dirty = True
+            raise RegistryUnavailable(f"registry Redis unreachable: {exc}") from None

@@ -79,8 +79,13 @@ def test_moving_average_is_kept_across_refreshes() -> None:
     client = fakeredis.FakeRedis()
     caps = detect_capabilities(parse_config({}), [])
     registry.register(client, _record(), caps, None, ttl=30)
-    registry.record_duration(client, "celery@a", "mlp", 1.0)
-    registry.record_duration(client, "celery@a", "mlp", 2.0)
+    times = registry.InferenceTimes(every=3600)
+    times.observe("mlp", 1.0)
+    times.flush(client, "celery@a")
+    times.observe("mlp", 2.0)
+    times.flush(client, "celery@a")  # within `every`: nothing written yet
+    assert registry.decode_record(client.hgetall(keys.worker("celery@a")))["avg_inference_time"] == {"mlp": 1.0}
+    times.flush(client, "celery@a", force=True)
     registry.register(client, _record(), caps, None, ttl=30)
     [worker] = registry.list_workers(client, live_usage=False)
     assert worker["avg_inference_time"]["mlp"] == pytest.approx(1.2)

@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from .. import metrics, registry
+from .. import metrics
 from ..errors import HyphaError
 from ..gpu import gpu_utilization
 from ..models.tensors import check_inputs
@@ -38,9 +38,10 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     )
     run.timing.finished_at = time.time()
     metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
+    ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
     try:
-        registry.record_duration(ctx.redis, run.worker, spec.model, run.timing.finished_at - run.timing.started_at)
-    except Exception as exc:  # the moving average is advisory; the result is not
+        ctx.inference_times.flush(ctx.redis, run.worker)
+    except HyphaError as exc:  # the moving average is advisory; the result is not
         log.warning("could not record the inference time: %s", exc)
     return package(
         output=item.output,
