@@ -73,9 +73,10 @@ task_create_missing_queues = True
 task_routes = ("hypha_celery.routing.route_by_requirements",)
 
 # Keep results a day: long enough for a scheduler to collect them, short
-# enough that Redis does not fill with old outputs.
+# enough that Redis does not fill with old outputs. Not "extended": that would
+# copy every task's inputs (often megabytes of tensors) into its result.
 result_expires = 86400
-result_extended = True
+result_extended = False
 
 # Keep retrying the broker at start-up and after it drops.
 broker_connection_retry_on_startup = True

@@ -387,7 +387,10 @@ def _parse_sources(key: str, value: Any) -> list[ModelSource]:
                 raise ConfigError(f"{where}.{name}", f"required for a {kind} source")
         if kind == "http" and not entry["url"].startswith(("http://", "https://")):
             raise ConfigError(f"{where}.url", f"expected an http:// or https:// URL, got {entry['url']!r}")
-        sources.append(ModelSource(**{k: v for k, v in entry.items()}))
+        fields = dict(entry)
+        if fields.get("prefix") and not fields["prefix"].endswith("/"):
+            fields["prefix"] += "/"  # "models" means the folder models/, not keys starting "models"
+        sources.append(ModelSource(**fields))
     return sources
 
 

@@ -140,6 +140,8 @@ class Manifest:
             raise bad(f"has an invalid created_at {created_at!r}")
         if not isinstance(data.get("parent"), (str, type(None))):
             raise bad(f"has an invalid parent {data.get('parent')!r}")
+        if not isinstance(data.get("batchable", True), bool):
+            raise bad(f"has a non-boolean batchable {data.get('batchable')!r}")
         return cls(
             id=model_id,
             architecture=data["architecture"],
@@ -148,7 +150,7 @@ class Manifest:
             files=files,
             dtype=data.get("dtype", "float32"),
             task=data.get("task", "classification"),
-            batchable=bool(data.get("batchable", True)),
+            batchable=data.get("batchable", True),
             parent=data.get("parent"),
             created_at=float(created_at),
         )
@@ -300,7 +302,12 @@ class ModelStore:
 
     @contextmanager
     def _staging(self, model_id: str) -> Iterator[Path]:
+        """A fresh staging folder (the model's lock is held: any older one is a dead process's)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        leftover = re.compile(rf"^\.incoming-{re.escape(model_id)}-[a-z0-9_]{{8}}\Z")
+        for entry in self.root.iterdir():
+            if leftover.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.root))
         try:
             yield staging
