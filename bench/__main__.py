@@ -375,6 +375,7 @@ def bench_batching(url: str, workdir: Path, models: Path) -> None:
         finally:
             pool.close()
 
+    isolation(models, lease, row)
     single, batched = [], []
     for _ in range(REPEATS):
         single.append(pool_rate(1))
@@ -405,6 +406,44 @@ def bench_batching(url: str, workdir: Path, models: Path) -> None:
     say(f"    end-to-end ratio {e2e:.2f} (Celery's own per-task cost bounds it; reported)")
     record("batching_end_to_end", ratio=e2e, target="reported", met=True, unit="batched/unbatched tasks per s",
            **{label.replace(" ", "_"): spread(runs) for label, runs in end_to_end.items()})
+
+
+def isolation(models: Path, lease: Any, row: list[float]) -> None:
+    """What process isolation costs one request: through the serving executor vs a call in process."""
+    import torch
+
+    from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+    from hypha_celery.models.runtime import load
+    from hypha_celery.models.store import ModelStore
+
+    pool = ExecutorPool(ExecutorSettings(store=str(models), cache_size=10**9, max_model_size=10**9, sandbox=True,
+                                         nice=0, enforce_memory=True, enforce_cpu=True, max_batch_size=1,
+                                         max_queue_delay_s=0.0))
+    n = 500
+    try:
+        pool.infer(model="mlp", inputs=[row], lease=lease, timeout=60, batchable=True)
+        isolated = []
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                pool.infer(model="mlp", inputs=[row], lease=lease, timeout=60, batchable=True)
+            isolated.append((time.perf_counter() - t0) / n * 1e6)
+    finally:
+        pool.close()
+    loaded, _ = load(ModelStore(models), "mlp", "cpu")
+    direct = []
+    with torch.inference_mode():
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                loaded.module(torch.tensor([row]))
+            direct.append((time.perf_counter() - t0) / n * 1e6)
+    cost = statistics.median(isolated) - statistics.median(direct)
+    say(f"    one request via the serving executor {fmt(isolated, 'us')}")
+    say(f"    the same model called in process     {fmt(direct, 'us')}")
+    say(f"    isolation costs {cost:.0f} us per request (JSON over a socket, limits, cache lookup); reported")
+    record("isolation_cost", ratio=statistics.median(isolated) / statistics.median(direct), target="reported", met=True,
+           unit="executor request / in-process call", cost_us=cost, executor_us=spread(isolated), direct_us=spread(direct))
 
 
 # --- main ----------------------------------------------------------------------------------------------

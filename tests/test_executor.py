@@ -167,3 +167,11 @@ def test_a_model_bigger_than_the_cache_is_an_error(store_dir: Path) -> None:
             pool.infer(model="cnn", inputs=[[[0.0] * 28] * 28], lease=lease(), timeout=60, batchable=True)
     finally:
         pool.close()
+
+
+def test_a_gpu_lane_sees_only_its_device(pool: ExecutorPool) -> None:
+    # An executor for physical GPU 1 is started with CUDA_VISIBLE_DEVICES=1 (the task sees cuda:0),
+    # and caps memory with the RSS watchdog, since CUDA needs large virtual reservations
+    info = pool.describe("cuda:1")
+    assert info["cuda_visible_devices"] == "1" and info["memory_mode"] == "watchdog"
+    assert pool.describe("cpu")["cuda_visible_devices"] == ""
