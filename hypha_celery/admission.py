@@ -90,7 +90,10 @@ def plan_deferral(
             f"([worker.admission] max_wait = {cfg.max_wait:g}s); last reason: {busy}"
         )
     if isinstance(busy, NotHere) and busy.choice is not None:
-        return Deferral(0.0, busy.choice.queue, attempt + 1, waited, str(busy))
+        # at once the first time; after that it backs off too, so nodes that each think the
+        # other fits (placement's view is coarser than the ledger's) cannot bounce it quickly
+        delay = backoff(attempt - 1, cfg) if attempt else 0.0
+        return Deferral(delay, busy.choice.queue, attempt + 1, waited, str(busy))
     choice = ctx.placement.choose(req, exclude=worker_id)
     delay = backoff(attempt, cfg)
     if choice is not None and choice.node != ctx.node_id:

@@ -64,7 +64,8 @@ class NodeStep(bootsteps.StartStopStep):
     def _monitor(self) -> None:
         ctx = node.context()
         try:
-            if not self.capacity_published or ctx.ledger.capacity() is None:  # Redis restarted empty
+            # Redis restarted empty, or placement dropped the node while it was unadvertised
+            if not self.capacity_published or ctx.ledger.capacity() is None or not ctx.ledger.indexed():
                 self._publish_capacity()
             usage = ctx.ledger.usage()
         except HyphaError as exc:

@@ -57,14 +57,27 @@ def context() -> NodeContext:
         return _context
 
 
+_LAZY = frozenset({"redis", "ledger", "keeper", "placement", "store", "verifier", "executors", "inference_times"})
+
+
 def node_id(cfg: WorkerConfig) -> str:
     return cfg.resources.node_id or socket.gethostname()
 
 
 @dataclass
 class NodeContext:
+    """Members are built on first use, once: ``cached_property`` under one lock (it has none of its
+    own since Python 3.12, and two executor pools would each start executors)."""
+
     config: WorkerConfig
     pid: int = field(default_factory=os.getpid)
+    _building: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __getattribute__(self, name: str) -> object:
+        if name in _LAZY:
+            with object.__getattribute__(self, "_building"):
+                return object.__getattribute__(self, name)
+        return object.__getattribute__(self, name)
 
     @property
     def node_id(self) -> str:

@@ -256,7 +256,7 @@ class Verifier:
             raise InvalidSignature("the message's requirements differ from the signed ones")
         try:
             digest = body_digest(args, kwargs)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             digest = ""
         if unsigned["body_sha256"] != digest:
             raise InvalidSignature("the message's arguments differ from the signed ones")

@@ -147,13 +147,27 @@ def test_lease_keeper_renews_in_the_background(client: redis.Redis) -> None:
     assert ledger.usage().memory_used == 0
 
 
-def test_a_task_id_runs_under_one_live_lease(ledger: Ledger) -> None:
+def test_a_task_id_runs_under_one_live_lease(client: redis.Redis, ledger: Ledger) -> None:
     first = ledger.reserve(req(memory=10 * MiB), holder="w1", task_id="t-1")
     with pytest.raises(DuplicateTask) as caught:
         ledger.reserve(req(memory=10 * MiB), holder="w2", task_id="t-1")
     assert caught.value.lease_id == first.id and caught.value.holder == "w1"
+    # ... on another node too (a redelivered copy may land anywhere)
+    other = Ledger(client, "node-z", ttl=5)
+    other.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    with pytest.raises(DuplicateTask):
+        other.reserve(req(memory=10 * MiB), holder="w3", task_id="t-1")
+    # ... and right after it finished, a copy is still refused ("done"), so it cannot run again
     ledger.release(first)
-    assert ledger.reserve(req(memory=10 * MiB), holder="w2", task_id="t-1")
+    with pytest.raises(DuplicateTask) as done:
+        other.reserve(req(memory=10 * MiB), holder="w3", task_id="t-1")
+    assert done.value.lease_id == "done"
+    # a lease that died with its holder frees the task id with it
+    short = Ledger(client, "node-y", ttl=0.3)
+    short.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    short.reserve(req(memory=10 * MiB), holder="dead", task_id="t-2")
+    time.sleep(0.4)
+    assert other.reserve(req(memory=10 * MiB), holder="w3", task_id="t-2")
 
 
 def test_cache_accounts_count_as_taken(ledger: Ledger) -> None:
@@ -162,6 +176,19 @@ def test_cache_accounts_count_as_taken(ledger: Ledger) -> None:
         ledger.reserve(req(memory=200 * MiB), holder="a")
     ledger.account("cache:x", memory=0)
     assert ledger.reserve(req(memory=200 * MiB), holder="a")
+
+
+def test_a_gpu_cache_takes_memory_but_never_holds_the_device(client: redis.Redis, ledger: Ledger) -> None:
+    # Given the serving executor's cache keeps 30 GB on GPU 1 (40 GB)
+    ledger.account("cache:gpu1", gpus={1: 30_000}, holder="cache")
+    # Then a whole-device task still gets GPU 1 (the device less the cache), and nothing else fits beside it
+    whole = ledger.reserve(req(gpus=1), holder="a")
+    other = ledger.reserve(req(gpus=1), holder="b")
+    assert {whole.gpu_ids[0], other.gpu_ids[0]} == {0, 1}
+    on_one = whole if whole.gpu_ids == [1] else other
+    assert on_one.gpus == {1: 10_000}
+    assert ledger.usage().gpu_memory_used[1] == 40_000
+    assert client.zscore(keys.INDEX_FREE["gpus"], "node-a") == 0
 
 
 def test_placement_indexes_track_free_resources(client: redis.Redis, ledger: Ledger) -> None:
@@ -251,6 +278,12 @@ def test_fit_logic_matches_the_spec(case: tuple[Capacity, list[tuple[str, object
         assert all(used <= 1000 for used in usage.core_milli_used.values())
         for gpu, total in capacity.gpus.items():
             assert usage.gpu_memory_used.get(gpu, 0) <= total
+        # the placement indexes say exactly what is free
+        free = {name: fake.zscore(key, "prop") for name, key in keys.INDEX_FREE.items()}
+        assert free["memory"] == capacity.memory - usage.memory_used
+        assert free["whole_cores"] == sum(1 for c in capacity.cores if not usage.core_milli_used.get(c))
+        assert free["core_milli"] == max(1000 - usage.core_milli_used.get(c, 0) for c in capacity.cores)
+        assert free["gpus"] == sum(1 for g in capacity.gpus if not usage.gpu_holders.get(g))
     ledger.release(*held)
     assert ledger.usage().leases == []
     fake.flushall()

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 import redis
@@ -34,8 +34,11 @@ def test_worker_registers_refreshes_and_leaves_on_sigterm(start_worker, redis_cl
     worker = start_worker()
     worker_id = f"{worker.name}@{os.uname().nodename}"
     key = keys.worker(worker_id)
-    # Then its record is there within a second, with every field
-    wait_for(lambda: redis_client.exists(key), 1.0, "the registry record")
+    # Then its record was written before it said so (no later than a second after), with every field
+    wait_for(lambda: redis_client.exists(key), 10, "the registry record")
+    ready_line = next(line for line in worker.output().splitlines() if line.endswith("ready."))
+    ready_at = datetime.strptime(ready_line[1:24], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    assert float(redis_client.hget(key, "last_updated")) <= ready_at + 1.0
     fields = {k.decode() for k in redis_client.hgetall(key)}
     assert FIELDS <= fields
     assert redis_client.hget(key, "queue").decode() == f"hypha.worker.{worker_id}"
@@ -55,11 +58,10 @@ def test_a_killed_worker_disappears_by_itself(start_worker, redis_client: redis.
     wait_for(lambda: redis_client.exists(keys.worker(worker_id)), 5, "the registry record")
     assert [w["worker_id"] for w in cli_workers(redis_url)] == [worker_id]
     # When it is killed -9
-    killed_at = time.monotonic()
     worker.kill9()
-    # Then within 3 x interval its record expires and `hypha-celery workers` no longer lists it
-    wait_for(lambda: not redis_client.exists(keys.worker(worker_id)), 3 * INTERVAL + 1, "the record to expire")
-    assert time.monotonic() - killed_at <= 3 * INTERVAL + 1
+    # Then its record expires within 3 x interval (its TTL says so) and `hypha-celery workers` no longer lists it
+    assert 0 < redis_client.ttl(keys.worker(worker_id)) <= 3 * INTERVAL
+    wait_for(lambda: not redis_client.exists(keys.worker(worker_id)), 30, "the record to expire")
     assert cli_workers(redis_url) == []
     assert redis_client.zscore(keys.WORKERS, worker_id) is None  # the reader pruned the index
 

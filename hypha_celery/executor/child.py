@@ -92,9 +92,11 @@ class Executor:
             self.torch.cuda.set_per_process_memory_fraction(min(1.0, (cached + gpu_bytes) / total), 0)
             self.torch.cuda.reset_peak_memory_stats(0)
         limits.reset_peak_rss()
-        with limits.memory_cap(job_limits.get("memory"), self.memory_mode, self._watchdog_fired):
-            yield
-        self._clean_tmp()
+        try:
+            with limits.memory_cap(job_limits.get("memory"), self.memory_mode, self._watchdog_fired):
+                yield
+        finally:
+            self._clean_tmp()
 
     def _watchdog_fired(self, rss: int, cap: int) -> None:
         self.channel.write({"fatal": {

@@ -165,7 +165,10 @@ class ExecutorProcess:
                 self._overran(timeout)
             if "progress" in message:
                 if on_progress is not None:
-                    on_progress(message["progress"])
+                    try:
+                        on_progress(message["progress"])
+                    except Exception as exc:  # progress is advisory: keep reading this job's replies
+                        log.warning("progress report failed: %s", exc)
                 continue
             if "fatal" in message:
                 self.kill()
@@ -269,6 +272,7 @@ class _Lane:
         self.pending: deque[_Request] = deque()
         self.cond = threading.Condition()
         self.cache: dict[str, int] = {}
+        self.calling = threading.Lock()  # one request on the executor's socket at a time
         self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
         self.thread.start()
 
@@ -306,7 +310,8 @@ class _Lane:
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
             try:
-                self._execute(batch)
+                with self.calling:
+                    self._execute(batch)
             except BaseException as exc:  # never lose a request: each gets an answer
                 log.exception("batch on %s failed", self.key)
                 for request in batch:
@@ -351,7 +356,6 @@ class _Lane:
             for request in batch:
                 request.finish(error=exc)
             return
-        self._cache_changed(reply.get("cache", {}))
         for index, (request, output, error) in enumerate(zip(batch, reply["outputs"], reply["errors"], strict=True)):
             if error is not None:
                 request.finish(error=error_from_reply(error))
@@ -369,13 +373,19 @@ class _Lane:
                 cpu_affinity=reply["cpu_affinity"],
                 gpu_memory_peak=reply.get("gpu_memory_peak"),
             ))
+        self._cache_changed(reply.get("cache", {}))
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
+        """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
         if cache != self.cache:
             evicted = len(set(self.cache) - set(cache))
-            self.cache = dict(cache)
             if self.pool.on_cache_change is not None:
-                self.pool.on_cache_change(self.key, sum(cache.values()), evicted)
+                try:
+                    self.pool.on_cache_change(self.key, sum(cache.values()), evicted)
+                except Exception as exc:
+                    log.warning("could not account the %s model cache in the ledger: %s", self.key, exc)
+                    return
+            self.cache = dict(cache)
 
     def close(self) -> None:
         with self.cond:
@@ -445,11 +455,16 @@ class ExecutorPool:
         request = dict(request, limits=_job_limits([lease], self.settings))
         try:
             result = executor.call(request, timeout, on_progress)
-        except (errors.TaskTimeout, errors.ExecutorCrashed, errors.MemoryLimitExceeded):
-            executor.kill()
+        except errors.HyphaError as exc:
+            # A reply ended the job (an error reply): the executor is ready for the next one,
+            # unless it was killed (timeout, crash, memory watchdog).
+            if isinstance(exc, (errors.TaskTimeout, errors.ExecutorCrashed, errors.MemoryLimitExceeded)):
+                executor.kill()
+            else:
+                self._give_back(key, executor)
             raise
         except BaseException:
-            self._give_back(key, executor)
+            executor.kill()  # the job may still be running: never hand this executor to another task
             raise
         self._give_back(key, executor)
         return result
@@ -464,7 +479,7 @@ class ExecutorPool:
     def describe(self, device: str = "cpu") -> dict[str, Any]:
         """Start (if needed) the serving executor of ``device`` and report what it is allowed."""
         lane = self._lane(device)
-        with lane.cond:
+        with lane.calling:
             return lane._ensure_executor().call({"op": "ping"}, _START_TIMEOUT_S)
 
     def cache(self) -> dict[str, dict[str, int]]:

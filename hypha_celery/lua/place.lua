@@ -34,11 +34,14 @@ local function fits(node)
 end
 
 local function live_worker(node)
-  local workers = redis.call('ZRANGEBYSCORE', prefix .. ':node:' .. node .. ':workers', now, '+inf')
+  local key = prefix .. ':node:' .. node .. ':workers'
+  local workers = redis.call('ZRANGEBYSCORE', key, now, '+inf')
   for _, w in ipairs(workers) do
     if w ~= exclude then return w end
   end
-  if #workers == 0 then
+  -- No worker has advertised this node for 3 intervals: it leaves the indexes (a worker
+  -- that comes back puts it in again, see NodeStep's monitor).
+  if redis.call('EXISTS', key) == 0 then
     for i = 1, 9 do redis.call('ZREM', KEYS[i], node) end
   end
   return nil
@@ -46,7 +49,8 @@ end
 
 -- Walk the scarcest resource's index upwards: the first node that fits is the tightest fit.
 local primary, floor = MEM, mem
-if ngpu > 0 then primary, floor = GMEM, gmem
+if ngpu > 0 and gmem > 0 then primary, floor = GMEM, gmem
+elseif ngpu > 0 then primary, floor = GPUS, ngpu
 elseif mem == 0 then
   if mode == 'capacity' then primary, floor = 7, math.max(1, math.ceil(milli / 1000))
   elseif milli >= 1000 then primary, floor = 3, milli / 1000

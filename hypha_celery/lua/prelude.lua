@@ -4,7 +4,7 @@
 -- the key prefix (all hypha keys live on one Redis; see hypha_celery/keys.py):
 -- fewer keys to send makes each call cheaper for the client.
 local NODE = ARGV[1]
-local PREFIX = string.match(KEYS[1], '^(.*):node:')
+local PREFIX = string.match(KEYS[1], '^(.-):node:')
 local FREE_MEMORY = PREFIX .. ':index:free_memory'
 local FREE_CORE_MILLI = PREFIX .. ':index:free_core_milli'
 local FREE_WHOLE_CORES = PREFIX .. ':index:free_whole_cores'
@@ -53,8 +53,12 @@ local function free_lease(id)
   if l.m > 0 then redis.call('HINCRBY', KEYS[2], 'memory', -l.m) end
   for i = 1, #l.c, 2 do redis.call('HINCRBY', KEYS[2], 'c' .. l.c[i], -l.c[i + 1]) end
   for i = 1, #l.g, 2 do
-    redis.call('HINCRBY', KEYS[2], 'g' .. l.g[i], -l.g[i + 1])
-    if l.k == 'task' then redis.call('HINCRBY', KEYS[2], 'gh' .. l.g[i], -1) end
+    if l.k == 'cache' then
+      redis.call('HINCRBY', KEYS[2], 'gc' .. l.g[i], -l.g[i + 1])
+    else
+      redis.call('HINCRBY', KEYS[2], 'g' .. l.g[i], -l.g[i + 1])
+      redis.call('HINCRBY', KEYS[2], 'gh' .. l.g[i], -1)
+    end
     if l.x == 1 then redis.call('HINCRBY', KEYS[2], 'gx' .. l.g[i], -1) end
   end
   return true
@@ -85,7 +89,7 @@ local function refresh_index(cap, used)
     if holders == 0 then free_gpus = free_gpus + 1 end
     local usable = (holders == 0) or (cap.sharing and num(used, 'gx' .. g) == 0)
     if usable then
-      local free = cap.gpu_mem[g] - num(used, 'g' .. g)
+      local free = cap.gpu_mem[g] - num(used, 'g' .. g) - num(used, 'gc' .. g)
       if free > best_gpu then best_gpu = free end
     end
   end

@@ -10,11 +10,14 @@ local holder, task_id = ARGV[8], ARGV[9]
 local cap = capacity()
 if cap == nil then return cjson.encode({ok = false, why = 'unknown_node'}) end
 local now = now_ms()
-expire_stale(now)
+if expire_stale(now) > 0 then refresh_index(cap) end
 
+-- The task guard lives as long as the lease that runs the task (on any node: renewals
+-- extend both), then says "done" for a while, so a copy of the task never runs beside
+-- it or right after it.
 if task_id ~= '' then
   local other = redis.call('GET', KEYS[5])
-  if other and redis.call('ZSCORE', KEYS[3], other) then
+  if other then
     local raw = redis.call('HGET', KEYS[4], other)
     local h = raw and cjson.decode(raw).h or ''
     return cjson.encode({ok = false, why = 'duplicate', lease = other, holder = h})
@@ -67,8 +70,10 @@ for _ = 1, ngpu do
   local best, best_free = nil, nil
   for _, g in ipairs(cap.gpus) do
     if not taken[g] then
-      local holders, free = num(used, 'gh' .. g), cap.gpu_mem[g] - num(used, 'g' .. g)
-      local need = gmem > 0 and gmem or cap.gpu_mem[g]
+      local cached = num(used, 'gc' .. g)
+      local holders, free = num(used, 'gh' .. g), cap.gpu_mem[g] - num(used, 'g' .. g) - cached
+      -- a whole device is the device less what this node's own model cache keeps on it
+      local need = gmem > 0 and gmem or (cap.gpu_mem[g] - cached)
       local ok
       if exclusive then ok = holders == 0 else ok = num(used, 'gx' .. g) == 0 end
       if ok and free >= need and (best_free == nil or free < best_free) then best, best_free = g, free end
@@ -76,7 +81,7 @@ for _ = 1, ngpu do
   end
   if best == nil then return refuse('busy', 'gpu') end
   taken[best] = true
-  table.insert(gpus, best); table.insert(gpus, gmem > 0 and gmem or cap.gpu_mem[best])
+  table.insert(gpus, best); table.insert(gpus, gmem > 0 and gmem or (cap.gpu_mem[best] - num(used, 'gc' .. best)))
 end
 
 -- Commit (and keep ``used`` current, so the index refresh need not read it again).

@@ -37,6 +37,9 @@ class Batch:
     payload: Any  # the inputs as given (validated), forwarded to the executor
 
 
+MAX_DEPTH = 16
+
+
 def _shape_of(value: Any, max_elements: int) -> list[int]:
     """Shape of a rectangular nested list of numbers; ``InvalidInput`` if ragged or not numbers."""
     shape: list[int] = []
@@ -44,6 +47,8 @@ def _shape_of(value: Any, max_elements: int) -> list[int]:
     while isinstance(level, list):
         if not level:
             raise InvalidInput("inputs contain an empty list")
+        if len(shape) == MAX_DEPTH:
+            raise InvalidInput(f"inputs are nested deeper than {MAX_DEPTH} levels")
         shape.append(len(level))
         level = level[0]
     if math.prod(shape) > max_elements:

@@ -233,8 +233,8 @@ class Ledger:
         why, resource = answer["why"], answer.get("resource", "")
         if why == "duplicate":
             return DuplicateTask(task_id or "?", answer["lease"], answer.get("holder", ""))
-        if why == "unknown_node":
-            return RegistryUnavailable(f"node {self.node!r} has no capacity in the ledger (is its worker running?)")
+        if why == "unknown_node":  # e.g. Redis restarted empty: the worker's monitor publishes it again
+            return ResourcesBusy(f"node {self.node!r} has no capacity in the ledger yet")
         if why == "busy":
             return ResourcesBusy(f"node {self.node} has not enough free {resource} now for {req.describe()}")
         capacity = self.capacity()
@@ -279,10 +279,17 @@ class Ledger:
             capacity=_capacity_from_hash(data["capacity"]) if data["capacity"] else None,
             memory_used=int(used.get("memory", 0)),
             core_milli_used={int(k[1:]): int(v) for k, v in used.items() if k.startswith("c") and int(v)},
-            gpu_memory_used={int(k[1:]): int(v) for k, v in used.items() if k[:1] == "g" and k[1:].isdigit() and int(v)},
+            gpu_memory_used=_gpu_used(used),
             gpu_holders={int(k[2:]): int(v) for k, v in used.items() if k.startswith("gh") and int(v)},
             leases=list(data["leases"]) if isinstance(data["leases"], list) else [],
         )
+
+    def indexed(self) -> bool:
+        """Whether placement can see this node (placement drops nodes nobody advertised for a while)."""
+        try:
+            return self.redis.zscore(keys.INDEX_CAPACITY["memory"], self.node) is not None
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
 
     def capacity(self) -> Capacity | None:
         try:
@@ -306,6 +313,18 @@ class Ledger:
         finally:
             keeper.discard(lease)
             self.release(lease)
+
+
+def _gpu_used(used: dict[str, Any]) -> dict[int, int]:
+    """Bytes in use per GPU: tasks' reservations ("g<i>") plus model caches ("gc<i>")."""
+    totals: dict[int, int] = {}
+    for name, value in used.items():
+        for prefix in ("gc", "g"):
+            if name.startswith(prefix) and name[len(prefix):].isdigit():
+                gpu = int(name[len(prefix):])
+                totals[gpu] = totals.get(gpu, 0) + int(value)
+                break
+    return {gpu: amount for gpu, amount in totals.items() if amount}
 
 
 def _capacity_from_hash(raw: dict[str, str]) -> Capacity:

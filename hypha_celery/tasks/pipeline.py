@@ -11,6 +11,7 @@ and ``AsyncResult`` show where a task is.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,19 @@ def _header(task: Task, name: str, default: Any = None) -> Any:
     return getattr(task.request, name, None) or (task.request.headers or {}).get(name, default)
 
 
+def _time_header(task: Task, name: str) -> float | None:
+    """A unix time from an (unsigned) header: a finite number not in the future, else None."""
+    value = _header(task, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return min(float(value), time.time())
+
+
+def _attempt(task: Task) -> int:
+    value = _header(task, admission.ATTEMPT_HEADER, 0)
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10_000 else 0
+
+
 def run_task(
     task: Task,
     kwargs: dict[str, Any],
@@ -74,7 +88,7 @@ def run_task(
     ctx = node.context()
     request = task.request
     worker = request.hostname or "unknown"
-    timing = Timing(received_at=time.time(), sent_at=_header(task, SENT_AT_HEADER))
+    timing = Timing(received_at=time.time(), sent_at=_time_header(task, SENT_AT_HEADER))
     seen_before = False
     if ctx.config.security.verify_task_signatures:
         with metrics.rejections("signature"):
@@ -133,8 +147,8 @@ def _on_duplicate(task: Task, duplicate: DuplicateTask) -> NoReturn:
 
 
 def _defer(ctx: node.NodeContext, task: Task, req: Requirements, busy: ResourcesBusy, worker: str) -> NoReturn:
-    attempt = int(_header(task, admission.ATTEMPT_HEADER, 0) or 0)
-    first_seen = float(_header(task, admission.FIRST_SEEN_HEADER, 0) or time.time())
+    attempt = _attempt(task)
+    first_seen = _time_header(task, admission.FIRST_SEEN_HEADER) or time.time()
     deferral = admission.plan_deferral(ctx, req, busy, attempt=attempt, first_seen=first_seen, worker_id=worker)
     meta = {
         "stage": "admit",

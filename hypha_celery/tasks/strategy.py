@@ -23,9 +23,23 @@ def guarded(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., 
     inner = default(task, app, consumer, **kwargs)
 
     def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **more: Any) -> Any:
+        payload = body if body is not None else getattr(message, "payload", None)
+        if message.headers.get("task") and not _is_task_body(payload):
+            raise InvalidTaskError(f"malformed {task.name} message: the body is not [args, kwargs, options]")
         try:
             return inner(message, body, ack, reject, callbacks, **more)
         except (TypeError, ValueError, AttributeError, IndexError) as exc:
             raise InvalidTaskError(f"malformed {task.name} message: {type(exc).__name__}: {exc}") from exc
 
     return task_message_handler
+
+
+def _is_task_body(payload: Any) -> bool:
+    """Celery protocol 2: ``[args (list), kwargs (object), embed (object)]``."""
+    return (
+        isinstance(payload, (list, tuple))
+        and len(payload) == 3
+        and isinstance(payload[0], (list, tuple))
+        and isinstance(payload[1], dict)
+        and isinstance(payload[2], dict)
+    )
