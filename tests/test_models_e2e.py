@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import base64
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from hypha_celery.models.examples import clusters
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.ledger import Ledger
 
-from .conftest import wait_for
+from .conftest import free_port, scrape, wait_for
 from .test_worker_e2e import direct
 
 IMAGE = [[[((x * 7 + y) % 13) / 13 for y in range(28)] for x in range(28)]]
@@ -32,22 +30,6 @@ def store_dir(tmp_path: Path, model_dir: Path) -> Path:
     target = tmp_path / "store"
     shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
     return target
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, store_dir: Path, redis_url: str) -> None:

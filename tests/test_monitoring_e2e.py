@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import urllib.request
 from pathlib import Path
 
-from .conftest import ROOT, wait_for
+from .conftest import ROOT, free_port, scrape, wait_for
 
 SEED_METRICS = (
     "hypha_worker_tasks_active",
@@ -22,22 +21,6 @@ SEED_METRICS = (
     "hypha_worker_model_cache_hits_total",
     "hypha_worker_model_cache_misses_total",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
 
 
 def total(samples: dict[str, float], name: str) -> float:
