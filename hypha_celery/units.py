@@ -60,13 +60,13 @@ def parse_size(value: object) -> int:
 
 
 def format_size(size: int) -> str:
-    """Render bytes for people: exact in the unit family they were likely given in, else binary."""
-    for unit, factor in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
-    for unit, factor in (("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if size >= factor and size % factor == 0:
-            return f"{size // factor}{unit}"
+    """Render bytes for people: the shortest exact form in decimal or binary units, else binary."""
+    exact = [f"{size // factor}{unit}" for unit, factor in (
+        ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
+        ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
+    ) if size >= factor and size % factor == 0]
+    if exact:
+        return min(exact, key=len)
     amount = float(size)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(amount) < 1024:

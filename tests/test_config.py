@@ -103,6 +103,7 @@ def test_bad_sizes_are_refused(bad: object) -> None:
 def test_format_size_keeps_the_unit_family() -> None:
     assert format_size(512 * 2**20) == "512MiB"
     assert format_size(3 * 10**9) == "3GB"
+    assert format_size(2 * 10**9) == "2GB"  # not 1953125KiB
     assert format_size(1536 * 2**20 + 1) == "1.5GiB"
     assert format_size(10) == "10B"
 
