@@ -19,6 +19,7 @@ __all__ = ["GpuInfo", "gpu_utilization", "list_gpus"]
 log = logging.getLogger(__name__)
 _init_lock = threading.Lock()
 _initialised = False
+_absent = False  # NVML failed to start once: no driver here, do not try (dlopen) on every call
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,13 @@ class GpuInfo:
 
 
 def _nvml() -> ModuleType | None:
-    global _initialised
+    global _initialised, _absent
+    if _absent:
+        return None
     try:
         import pynvml
     except ImportError:
+        _absent = True
         return None
     with _init_lock:
         if not _initialised:
@@ -45,6 +49,7 @@ def _nvml() -> ModuleType | None:
                 pynvml.nvmlInit()
             except pynvml.NVMLError as exc:
                 log.debug("NVML unavailable: %s", exc)
+                _absent = True
                 return None
             _initialised = True
     return pynvml

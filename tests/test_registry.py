@@ -26,6 +26,7 @@ def two_h200(monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     monkeypatch.setitem(sys.modules, "pynvml", module)
     monkeypatch.setattr(gpu, "_initialised", False)
+    monkeypatch.setattr(gpu, "_absent", False)
 
 
 def test_gpus_come_from_nvml(two_h200: None) -> None:
@@ -38,6 +39,7 @@ def test_gpus_come_from_nvml(two_h200: None) -> None:
 def test_no_nvml_means_no_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
     monkeypatch.setattr(gpu, "_initialised", False)
+    monkeypatch.setattr(gpu, "_absent", False)
     assert gpu.list_gpus() == [] and gpu.gpu_utilization() == {}
 
 

@@ -67,6 +67,7 @@ class Executor:
         self.store = ModelStore(settings["store"], max_model_size=settings["max_model_size"])
         self.cache = ModelCache(settings["cache_size"], self._load, on_evict=self._unload)
         self.memory_mode = settings["memory_mode"]
+        self._pinned: list[int] | None = None
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
@@ -82,9 +83,10 @@ class Executor:
     @contextmanager
     def _limits(self, job_limits: dict[str, Any]) -> Iterator[None]:
         cores = job_limits.get("cores")
-        if cores:
+        if cores and cores != self._pinned:  # re-pinning every thread costs a syscall each: only on change
             self.torch.set_num_threads(max(1, len(cores)))
             limits.pin_threads(cores)
+            self._pinned = cores
         gpu_bytes = job_limits.get("gpu_memory")
         if gpu_bytes and self.device.startswith("cuda"):
             total = self.torch.cuda.get_device_properties(0).total_memory
