@@ -77,6 +77,31 @@ def list_models(directory: str | None) -> None:
         click.echo(f"{model_id:24} {manifest.architecture:5} input {manifest.input_shape}  {format_size(manifest.size)}")
 
 
+@main.group()
+def datasets() -> None:
+    """Training data sets in the store (hypha.train data={"ref": ID})."""
+
+
+@datasets.command("add")
+@click.argument("dataset_id")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
+def datasets_add(dataset_id: str, file: str, directory: str | None) -> None:
+    """Store FILE ({"inputs": [...], "targets": [...]}) as data set DATASET_ID."""
+    from .models.store import ModelStore
+
+    try:
+        with open(file) as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict):
+            raise click.ClickException(f"{file} must hold a JSON object with 'inputs' and 'targets'")
+        manifest = ModelStore(directory or load_config().models.model_dir).save_dataset(
+            dataset_id, data.get("inputs") or [], data.get("targets") or [])
+    except (ValueError, HyphaError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{dataset_id}: {manifest.rows} rows, sha256 {manifest.files['data.json'].sha256[:16]}...")
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--registry", default=None, help="Registry Redis URL (default: $HYPHA_REGISTRY_URL / config).")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import WorkerConfig
-from .errors import InvalidInput, InvalidTask
-from .models.store import Manifest, ModelStore, validate_model_id
+from .errors import InvalidInput, InvalidTask, UnsupportedModel
+from .models.store import DATASET_MANIFEST, Manifest, ModelStore, validate_model_id
 from .models.tensors import Batch, check_inputs
 from .resources.requirements import Requirements, check_caps
 
@@ -74,8 +74,6 @@ def _local_manifest(store: ModelStore, model: str) -> Manifest | None:
     if store.has(model):
         return store.manifest(model)
     if not store.sources:
-        from .errors import UnsupportedModel
-
         known = ", ".join(store.list()[:20]) or "none"
         raise UnsupportedModel(f"model {model!r} is not in this worker's store (models here: {known})")
     return None
@@ -117,10 +115,14 @@ def validate_train(
     if store.has(new_model):
         raise InvalidTask(f"new_model {new_model!r} already exists; model ids are immutable, pick another")
     data = kwargs["data"]
-    if not isinstance(data, Mapping) or set(data) != {"inputs", "targets"}:
-        raise InvalidTask("data must be an object with exactly 'inputs' and 'targets'")
     manifest = _local_manifest(store, model)
-    if manifest is not None:
+    if isinstance(data, Mapping) and set(data) == {"ref"}:
+        ref = validate_model_id(data["ref"])
+        if not (store.path(ref) / DATASET_MANIFEST).is_file() and not store.sources:
+            raise UnsupportedModel(f"data set {ref!r} is not in this worker's store and no sources are configured")
+    elif not isinstance(data, Mapping) or set(data) != {"inputs", "targets"}:
+        raise InvalidTask("data must be {'inputs': [...], 'targets': [...]} or {'ref': '<data set id>'}")
+    elif manifest is not None:
         batch = check_inputs(data["inputs"], manifest.input_shape, max_bytes=cfg.security.max_input_bytes, model=model)
         targets = data["targets"]
         if not isinstance(targets, list) or len(targets) != batch.rows:

@@ -180,7 +180,7 @@ class Executor:
             load_s = time.perf_counter() - started
             result = train(
                 loaded,
-                request["data"],
+                _training_data(request),
                 epochs=request["epochs"],
                 lr=request["lr"],
                 batch_size=request["batch_size"],
@@ -234,6 +234,20 @@ class Executor:
                 self.channel.write({"ok": True, "result": result})
             except Exception as exc:  # every failure goes back to the worker as a named error
                 self.channel.write({"ok": False, "error": _error(exc)})
+
+
+def _training_data(request: dict[str, Any]) -> dict[str, Any]:
+    """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before)."""
+    from ..errors import InvalidInput
+
+    if "data" in request:
+        data: Any = request["data"]
+    else:
+        with open(request["data_path"]) as handle:
+            data = json.load(handle)
+    if not isinstance(data, dict) or not {"inputs", "targets"} <= set(data):
+        raise InvalidInput("a data set must be an object with 'inputs' and 'targets'")
+    return data
 
 
 def _error(exc: BaseException) -> dict[str, str]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import ModelSource
 from ..errors import UnsupportedModel
-from .store import Manifest
+from .store import DatasetManifest, Manifest
 
 __all__ = ["fetch_model"]
 
@@ -27,16 +27,24 @@ _MANIFEST_CAP = 1 << 20
 HTTP_TIMEOUT_S = 30
 
 
-def fetch_model(source: ModelSource, model_id: str, staging: Path, max_size: int) -> Manifest:
-    """Download ``model_id`` from ``source`` into ``staging``; return its (validated) manifest."""
+def fetch_model(
+    source: ModelSource,
+    model_id: str,
+    staging: Path,
+    max_size: int,
+    parse: Callable[[Any, str, int | None], Manifest | DatasetManifest] = Manifest.from_json,
+    manifest_name: str = "manifest.json",
+) -> Manifest | DatasetManifest:
+    """Download ``model_id`` (a model, or with ``parse``/``manifest_name`` a data set) from ``source``
+    into ``staging``; return its validated manifest."""
     opener = _OPENERS[source.type]
-    with opener(source, f"{model_id}/manifest.json") as stream:
-        raw = _read_capped(stream, _MANIFEST_CAP, f"{model_id}/manifest.json")
+    with opener(source, f"{model_id}/{manifest_name}") as stream:
+        raw = _read_capped(stream, _MANIFEST_CAP, f"{model_id}/{manifest_name}")
     try:
         data = json.loads(raw)
     except ValueError as exc:
-        raise UnsupportedModel(f"model {model_id!r}: manifest is not JSON ({exc})") from None
-    manifest = Manifest.from_json(data, model_id, max_size)
+        raise UnsupportedModel(f"{model_id!r}: manifest is not JSON ({exc})") from None
+    manifest = parse(data, model_id, max_size)
     if manifest.size > max_size:
         raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
     for name, entry in manifest.files.items():
@@ -52,7 +60,7 @@ def fetch_model(source: ModelSource, model_id: str, staging: Path, max_size: int
             raise UnsupportedModel(f"model {model_id!r}: {name} ended at {written} of {entry.size} bytes (truncated)")
         if digest.hexdigest() != entry.sha256:
             raise UnsupportedModel(f"model {model_id!r}: {name} does not match its sha256 (corrupt or tampered)")
-    (staging / "manifest.json").write_bytes(raw)
+    (staging / manifest_name).write_bytes(raw)
     return manifest
 
 

@@ -5,6 +5,12 @@ Layout::
     <model_dir>/<model_id>/manifest.json        what the model is, and each file's sha256 + size
     <model_dir>/<model_id>/weights.safetensors  the weights (no pickle: loading runs no code)
 
+    <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
+    <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
+
+Data sets live beside models and travel by the same sources and checks, so
+``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
+
 A model id is ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`` without ``..``: one path
 component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
@@ -39,6 +45,9 @@ __all__ = ["FORMAT", "FileEntry", "Manifest", "ModelStore", "sha256_file", "vali
 
 FORMAT = "hypha-model/1"
 WEIGHTS = "weights.safetensors"
+DATASET_FORMAT = "hypha-dataset/1"
+DATASET_MANIFEST = "dataset.json"
+DATA = "data.json"
 # \Z, not $: "$" also matches before a trailing newline, and "mlp\n" is not a valid id.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
@@ -114,21 +123,7 @@ class Manifest:
         shape = data.get("input_shape")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             raise bad(f"has an invalid input_shape {shape!r}")
-        raw_files = data.get("files")
-        if not isinstance(raw_files, dict) or WEIGHTS not in raw_files:
-            raise bad(f"does not list {WEIGHTS}")
-        files = {}
-        for name, entry in raw_files.items():
-            if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
-                raise bad(f"lists an invalid file name {name!r}")
-            if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
-                raise bad(f"has no valid sha256 for {name}")
-            size = entry.get("size")
-            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-                raise bad(f"has no valid size for {name}")
-            if max_size is not None and size > max_size:
-                raise bad(f"lists {name} at {size} bytes, above max_model_size ({max_size})")
-            files[name] = FileEntry(sha256=entry["sha256"], size=size)
+        files = _files(data.get("files"), WEIGHTS, bad, max_size)
         if data.get("dtype", "float32") not in ("float32", "float16", "bfloat16", "float64"):
             raise bad(f"has unsupported dtype {data.get('dtype')!r}")
         if data.get("task", "classification") not in ("classification", "regression"):
@@ -154,6 +149,65 @@ class Manifest:
             parent=data.get("parent"),
             created_at=float(created_at),
         )
+
+
+def _files(raw: Any, required: str, bad: Any, max_size: int | None) -> dict[str, FileEntry]:
+    """A manifest's ``files``: safe names, a sha256 and a positive size each, under the cap."""
+    if not isinstance(raw, dict) or required not in raw:
+        raise bad(f"does not list {required}")
+    files = {}
+    for name, entry in raw.items():
+        if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
+            raise bad(f"lists an invalid file name {name!r}")
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            raise bad(f"has no valid sha256 for {name}")
+        size = entry.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise bad(f"has no valid size for {name}")
+        if max_size is not None and size > max_size:
+            raise bad(f"lists {name} at {size} bytes, above max_model_size ({max_size})")
+        files[name] = FileEntry(sha256=entry["sha256"], size=size)
+    return files
+
+
+@dataclass(frozen=True)
+class DatasetManifest:
+    """A stored training data set: ``data.json`` holds ``{"inputs": [...], "targets": [...]}``."""
+
+    id: str
+    rows: int
+    files: dict[str, FileEntry]
+    created_at: float = field(default_factory=time.time)
+    format: str = DATASET_FORMAT
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["files"] = {name: asdict(entry) for name, entry in self.files.items()}
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any, dataset_id: str, max_size: int | None = None) -> DatasetManifest:
+        def bad(reason: str) -> UnsupportedModel:
+            return UnsupportedModel(f"data set {dataset_id!r}: manifest {reason}")
+
+        if not isinstance(data, dict):
+            raise bad("is not a JSON object")
+        if data.get("format") != DATASET_FORMAT:
+            raise bad(f"has format {data.get('format')!r}, expected {DATASET_FORMAT!r}")
+        if data.get("id") != dataset_id:
+            raise bad(f"is for {data.get('id')!r}, not {dataset_id!r}")
+        rows = data.get("rows")
+        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
+            raise bad(f"has an invalid row count {rows!r}")
+        created = data.get("created_at") or 0.0
+        if isinstance(created, bool) or not isinstance(created, (int, float)):
+            raise bad(f"has an invalid created_at {created!r}")
+        return cls(id=dataset_id, rows=rows, files=_files(data.get("files"), DATA, bad, max_size),
+                   created_at=float(created))
 
 
 class ModelStore:
@@ -197,28 +251,58 @@ class ModelStore:
             raise UnsupportedModel(f"model {model_id!r}: unreadable manifest ({exc})") from None
         return Manifest.from_json(data, model_id, self.max_model_size)
 
-    def ensure(self, model_id: str) -> None:
-        """Make ``model_id`` present locally: fetched and verified once, even across processes."""
-        if self.has(model_id):
+    def ensure(self, model_id: str, *, dataset: bool = False) -> None:
+        """Make ``model_id`` (or a data set) present locally: fetched and verified once, even across processes."""
+        what = "data set" if dataset else "model"
+        marker = DATASET_MANIFEST if dataset else "manifest.json"
+        if (self.path(model_id) / marker).is_file():
             return
         if not self.sources:
-            raise UnsupportedModel(f"model {model_id!r} is not in the store and no sources are configured")
+            raise UnsupportedModel(f"{what} {model_id!r} is not in the store and no sources are configured")
         with self._lock(model_id):
-            if self.has(model_id):
+            if (self.path(model_id) / marker).is_file():
                 return
             from .sources import fetch_model
 
+            parse = DatasetManifest.from_json if dataset else Manifest.from_json
             errors = []
             for source in self.sources:
                 try:
                     with self._staging(model_id) as staging:
-                        manifest = fetch_model(source, model_id, staging, self.max_model_size)
+                        manifest = fetch_model(source, model_id, staging, self.max_model_size, parse, marker)
                         self._verify_dir(manifest, staging)
                         self._install(model_id, staging)
                     return
                 except UnsupportedModel as exc:
                     errors.append(f"{source.type}: {exc}")
-            raise UnsupportedModel(f"model {model_id!r} could not be fetched: " + "; ".join(errors))
+            raise UnsupportedModel(f"{what} {model_id!r} could not be fetched: " + "; ".join(errors))
+
+    def dataset(self, dataset_id: str) -> tuple[DatasetManifest, Path]:
+        """A data set's manifest and the path of its verified ``data.json`` (fetched if missing)."""
+        self.ensure(dataset_id, dataset=True)
+        path = self.path(dataset_id) / DATASET_MANIFEST
+        try:
+            manifest = DatasetManifest.from_json(json.loads(path.read_text()), dataset_id, self.max_model_size)
+        except (OSError, ValueError) as exc:
+            raise UnsupportedModel(f"data set {dataset_id!r}: unreadable manifest ({exc})") from None
+        self._verify_dir(manifest, self.path(dataset_id))
+        return manifest, self.path(dataset_id) / DATA
+
+    def save_dataset(self, dataset_id: str, inputs: builtins.list[Any], targets: builtins.list[Any]) -> DatasetManifest:
+        """Store a training data set (atomically; an existing id is refused)."""
+        validate_model_id(dataset_id)
+        if self.path(dataset_id).exists():
+            raise UnsupportedModel(f"{dataset_id!r} already exists in the store; ids are immutable")
+        if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets) or not inputs:
+            raise UnsupportedModel("a data set needs equally long, non-empty lists of inputs and targets")
+        with self._lock(dataset_id), self._staging(dataset_id) as staging:
+            data = staging / DATA
+            data.write_text(json.dumps({"inputs": inputs, "targets": targets}, separators=(",", ":")))
+            manifest = DatasetManifest(id=dataset_id, rows=len(inputs),
+                                       files={DATA: FileEntry(sha256=sha256_file(data), size=data.stat().st_size)})
+            _write_json(staging / DATASET_MANIFEST, manifest.to_json())
+            self._install(dataset_id, staging)
+        return manifest
 
     def verified_weights(self, model_id: str) -> tuple[Manifest, Path]:
         """The manifest and weights path, after checking every file's size and sha256."""
@@ -266,7 +350,7 @@ class ModelStore:
             self._install(model_id, staging)
         return manifest
 
-    def _verify_dir(self, manifest: Manifest, folder: Path) -> None:
+    def _verify_dir(self, manifest: Manifest | DatasetManifest, folder: Path) -> None:
         for name, entry in manifest.files.items():
             path = folder / name
             try:

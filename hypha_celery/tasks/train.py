@@ -18,16 +18,23 @@ __all__ = ["train"]
 
 def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     ctx = run.ctx
+    data: dict[str, Any] = {"data": spec.data}
+    if "ref" in spec.data:  # a stored data set: fetched and verified here, read by the executor
+        run.task.send_event("task-loading", dataset=spec.data["ref"])
+        _, path = ctx.store.dataset(spec.data["ref"])
+        data = {"data_path": str(path)}
     if spec.manifest is None:
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
-        check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes, model=spec.model)
+        if "inputs" in spec.data:
+            check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
+                         model=spec.model)
     run.progress({"stage": "load", "epoch": 0, "epochs": spec.epochs, "step": 0, "loss": None, "percent": 0.0})
     result = ctx.executors.run_job(
         {
             "op": "train",
             "model": spec.model,
-            "data": spec.data,
+            **data,
             "epochs": spec.epochs,
             "lr": spec.lr,
             "batch_size": spec.batch_size,
@@ -55,7 +62,7 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
 
 @shared_task(name="hypha.train", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
 def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``; returns the new ``model_id``."""
+    """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}`` (or ``{"ref": "<data set>"}``)."""
     return run_task(
         self,
         kwargs,
