@@ -182,10 +182,3 @@ class ModelCache:
             f"model {key!r} needs {format_size(size)}, more than the whole model cache "
             f"({format_size(self.capacity)}, model_cache_size)"
         )
-
-    def evict_all(self) -> None:
-        with self._lock:
-            for key in [k for k, e in self._entries.items() if not e.pins]:
-                entry = self._entries.pop(key)
-                if self._on_evict is not None:
-                    self._on_evict(key, entry.value)

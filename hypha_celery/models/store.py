@@ -79,8 +79,23 @@ class FileEntry:
     size: int
 
 
+class _Listed:
+    """What every manifest has: the files it lists, each with a sha256 and a size."""
+
+    files: dict[str, FileEntry]
+
+    @property
+    def size(self) -> int:
+        return sum(entry.size for entry in self.files.values())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]
+        data["files"] = {name: asdict(entry) for name, entry in self.files.items()}
+        return data
+
+
 @dataclass(frozen=True)
-class Manifest:
+class Manifest(_Listed):
     """What a stored model is. ``input_shape`` is per sample (no batch dimension)."""
 
     id: str
@@ -94,15 +109,6 @@ class Manifest:
     parent: str | None = None
     created_at: float = field(default_factory=time.time)
     format: str = FORMAT
-
-    @property
-    def size(self) -> int:
-        return sum(entry.size for entry in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["files"] = {name: asdict(entry) for name, entry in self.files.items()}
-        return data
 
     @classmethod
     def from_json(cls, data: Any, model_id: str, max_size: int | None = None) -> Manifest:
@@ -171,7 +177,7 @@ def _files(raw: Any, required: str, bad: Any, max_size: int | None) -> dict[str,
 
 
 @dataclass(frozen=True)
-class DatasetManifest:
+class DatasetManifest(_Listed):
     """A stored training data set: ``data.json`` holds ``{"inputs": [...], "targets": [...]}``."""
 
     id: str
@@ -179,15 +185,6 @@ class DatasetManifest:
     files: dict[str, FileEntry]
     created_at: float = field(default_factory=time.time)
     format: str = DATASET_FORMAT
-
-    @property
-    def size(self) -> int:
-        return sum(entry.size for entry in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["files"] = {name: asdict(entry) for name, entry in self.files.items()}
-        return data
 
     @classmethod
     def from_json(cls, data: Any, dataset_id: str, max_size: int | None = None) -> DatasetManifest:

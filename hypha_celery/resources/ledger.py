@@ -100,29 +100,6 @@ class Lease:
     def cuda_visible_devices(self) -> str:
         return ",".join(str(g) for g in self.gpu_ids)
 
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "node": self.node,
-            "memory": self.memory,
-            "cores": {str(k): v for k, v in self.cores.items()},
-            "gpus": {str(k): v for k, v in self.gpus.items()},
-            "exclusive_gpu": self.exclusive_gpu,
-            "task_id": self.task_id,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Lease:
-        return cls(
-            id=data["id"],
-            node=data["node"],
-            memory=int(data["memory"]),
-            cores={int(k): int(v) for k, v in data["cores"].items()},
-            gpus={int(k): int(v) for k, v in data["gpus"].items()},
-            exclusive_gpu=bool(data["exclusive_gpu"]),
-            task_id=data.get("task_id"),
-        )
-
 
 @dataclass(frozen=True)
 class Usage:
