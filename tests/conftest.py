@@ -252,7 +252,17 @@ def celery_client(redis_url: str) -> Iterator[Callable[..., Any]]:
 
     yield make
     import gc
+    import warnings
 
-    gc.collect()  # AsyncResult.__del__ talks to the result backend: let it while Redis is still up
-    for app in apps:
-        app.close()
+    with warnings.catch_warnings():
+        # AsyncResult.__del__ talks to the result backend: let it run while Redis is still up. Celery's
+        # own connection pools are closed below; their sockets may be collected here first.
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+        for app in apps:
+            backend = app.backend
+            client = getattr(backend, "client", None)
+            if client is not None:
+                client.connection_pool.disconnect()
+            app.close()
+        gc.collect()

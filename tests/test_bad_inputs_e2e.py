@@ -281,7 +281,7 @@ def validation_cases(k: Keys) -> list[Case]:
         Case("train new_model exists", "InvalidTask", "already exists", s({**TRAIN, "new_model": "cnn"}, "hypha.train")),
         Case("train targets count", "InvalidInput", "data.targets",
              s({**TRAIN, "data": {"inputs": [ROW], "targets": [0, 1]}}, "hypha.train")),
-        Case("train data without targets", "InvalidTask", "exactly 'inputs' and 'targets'",
+        Case("train data without targets", "InvalidTask", "{'inputs': [...], 'targets': [...]}",
              s({**TRAIN, "data": {"inputs": [ROW]}}, "hypha.train")),
         # hypha.noop and unknown task names
         Case("noop negative hold", "InvalidTask", "hold_s must be a number", s({"hold_s": -1}, "hypha.noop")),
