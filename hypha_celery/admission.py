@@ -9,7 +9,7 @@ Three outcomes besides a lease:
   ``[worker.admission] max_wait`` seconds since the task first reached a
   worker; past it the task fails with ``AdmissionTimeout``.
 * **not here** (this node is too small, another live node is not): deferred
-  to that node's worker at once.
+  to that node's worker, at once the first time and with backoff after.
 * **infeasible** (no live worker could ever fit it): ``InsufficientCapabilities``
   at once, saying what was asked and the largest worker seen.
 """

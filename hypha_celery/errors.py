@@ -16,6 +16,7 @@
      ├── MemoryLimitExceeded            the task used more memory than reserved
      ├── TaskTimeout                    the task ran past task_timeout
      ├── ExecutorCrashed                the task's process died without an answer
+     ├── ExecutionError                 the task's own ML code raised (e.g. a torch error)
      └── RegistryUnavailable            Redis (registry/ledger) cannot be reached
 
 Each class takes one message string so that Celery's JSON result backend
@@ -28,6 +29,7 @@ __all__ = [
     "AdmissionTimeout",
     "ConfigError",
     "ExcessiveMemoryRequest",
+    "ExecutionError",
     "ExecutorCrashed",
     "HyphaError",
     "InsufficientCapabilities",
@@ -114,6 +116,10 @@ class TaskTimeout(HyphaError):
 
 class ExecutorCrashed(HyphaError):
     """The process running the task's ML work died without an answer."""
+
+
+class ExecutionError(HyphaError):
+    """The task's own ML code raised (a model that cannot take these inputs, a torch error)."""
 
 
 class RegistryUnavailable(HyphaError):

@@ -9,10 +9,12 @@ Registry (one record per worker, written by the registry bootstep)::
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
     hypha:node:<node>:capacity        hash   spec: JSON {"memory", "cores": [ids], "gpus": [[id, bytes]], "sharing"}
-    hypha:node:<node>:used            hash   memory, c<core> (millicores), g<i> (bytes), gh<i>/gx<i> (holders)
+    hypha:node:<node>:used            hash   memory, c<core> (millicores), g<i> (task bytes), gc<i> (model
+                                             cache bytes), gh<i>/gx<i> (holders / exclusive holders)
     hypha:node:<node>:leases          zset   lease_id -> expiry (ms, Redis server clock)
     hypha:node:<node>:lease_data      hash   lease_id -> JSON of what the lease holds
-    hypha:task:<task_id>:lease        string lease id running that task (duplicate-run guard), PX = lease TTL
+    hypha:task:<task_id>:lease        string lease id running that task (duplicate-run guard), PX = lease TTL;
+                                             "done" for 60 s after its release
 
 Placement indexes (node -> number; kept exact by the ledger's Lua scripts)::
 

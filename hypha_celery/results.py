@@ -20,7 +20,6 @@ __all__ = ["Timing", "package"]
 class Timing:
     """Unix times of a task's stages (``sent_at`` from the publisher, when known)."""
 
-    received_at: float
     started_at: float = 0.0
     finished_at: float = 0.0
     sent_at: float | None = None

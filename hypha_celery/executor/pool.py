@@ -45,17 +45,10 @@ _ERRORS: dict[str, type[errors.HyphaError]] = {
 }
 
 
-class ExecutionError(errors.HyphaError):
-    """The task's own code raised (a bad model for these inputs, a torch error)."""
-
-
-_ERRORS["ExecutionError"] = ExecutionError
-
-
 def error_from_reply(data: dict[str, Any]) -> errors.HyphaError:
-    cls = _ERRORS.get(data.get("type", ""), ExecutionError)
+    cls = _ERRORS.get(data.get("type", ""), errors.ExecutionError)
     if cls is errors.ConfigError:
-        cls = ExecutionError
+        cls = errors.ExecutionError
     return cls(data.get("message", "executor error"))
 
 

@@ -54,7 +54,8 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         memory_peak=item.memory_peak,
         device=item.device,
         gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"batch_size": item.batch_size, "compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity},
+        extra={"batch_size": item.batch_size, "compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity,
+               **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
     )
 
 

@@ -88,7 +88,7 @@ def run_task(
     ctx = node.context()
     request = task.request
     worker = request.hostname or "unknown"
-    timing = Timing(received_at=time.time(), sent_at=_time_header(task, SENT_AT_HEADER))
+    timing = Timing(sent_at=_time_header(task, SENT_AT_HEADER))
     seen_before = False
     if ctx.config.security.verify_task_signatures:
         with metrics.rejections("signature"):
