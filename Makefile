@@ -29,7 +29,7 @@ pytest: $(STAMP)
 test: lint typecheck pytest
 
 demo: $(STAMP)
-	$(BIN)/python -m hypha_celery.demo
+	$(BIN)/python -m hypha_celery.tools.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench

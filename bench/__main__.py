@@ -59,7 +59,7 @@ def machine() -> dict[str, Any]:
     import kombu
     import torch
 
-    from hypha_celery.embedded_redis import redis_server_binary
+    from hypha_celery.tools.embedded_redis import redis_server_binary
 
     server = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout.split()
     return {
@@ -120,7 +120,7 @@ def client_app(url: str) -> Any:
     from celery import Celery
 
     app = Celery("bench-client")
-    app.config_from_object("celeryconfig")
+    app.config_from_object("hypha_celery.config.settings")
     app.conf.update(broker_url=url, result_backend=url, task_routes=())
     return app
 
@@ -229,8 +229,8 @@ def bench_ledger(url: str) -> None:
 
 def bench_placement(url: str) -> None:
     from hypha_celery import keys
-    from hypha_celery.placement import Placement
     from hypha_celery.resources.ledger import Capacity, Ledger
+    from hypha_celery.resources.placement import Placement
     from hypha_celery.resources.requirements import Requirements
 
     say("\n[3] placement among 10,000 registered workers (real Redis, indexes kept by the ledger)")
@@ -449,8 +449,8 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
 # --- main ----------------------------------------------------------------------------------------------
 
 def main() -> int:
-    from hypha_celery.embedded_redis import EmbeddedRedis
     from hypha_celery.models.examples import init_examples
+    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-"))
     server = None

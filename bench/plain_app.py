@@ -1,11 +1,11 @@
-"""Plain Celery for comparison: the same settings as hypha (celeryconfig.py), a bare no-op task."""
+"""Plain Celery for comparison: the same settings as hypha (hypha_celery.config.settings), a bare no-op task."""
 
 from __future__ import annotations
 
 from celery import Celery
 
 app = Celery("plain")
-app.config_from_object("celeryconfig")
+app.config_from_object("hypha_celery.config.settings")
 app.conf.update(task_routes=(), task_default_queue="plain")
 
 

@@ -19,10 +19,10 @@ N = int(os.environ.get("HYPHA_PROFILE_CALLS", "3000"))
 def main() -> int:
     from pyinstrument import Profiler
 
-    from hypha_celery import node
-    from hypha_celery.capabilities import node_capacity
     from hypha_celery.config import parse_config
-    from hypha_celery.embedded_redis import EmbeddedRedis
+    from hypha_celery.resources.capabilities import node_capacity
+    from hypha_celery.tools.embedded_redis import EmbeddedRedis
+    from hypha_celery.worker import context as node
 
     with EmbeddedRedis() as server:
         os.environ["HYPHA_REGISTRY_URL"] = server.url
@@ -35,7 +35,7 @@ def main() -> int:
         node.configure(cfg)
         ctx = node.context()
         ctx.ledger.set_capacity(node_capacity(cfg))
-        from hypha_celery.celery_app import app
+        from hypha_celery.celery import app
         from hypha_celery.tasks.noop import noop
 
         app.conf.update(task_always_eager=True, result_backend=server.url, broker_url=server.url)

@@ -9,7 +9,7 @@
     result.get(timeout=30)["output"]
 
 Placement is best fit over the live free-resource indexes
-(:mod:`hypha_celery.placement`): among workers that fit *now*, the one whose
+(:mod:`hypha_celery.resources.placement`): among workers that fit *now*, the one whose
 scarcest resource is tightest. When none fits now but one could, the task
 goes to the shared ``hypha`` queue and waits there for admission; when no
 live worker could ever fit it, ``InsufficientCapabilities`` is raised here,
@@ -25,10 +25,10 @@ import nacl.signing
 from celery import Celery
 from celery.result import AsyncResult
 
-from .errors import RegistryUnavailable
-from .resources.requirements import Requirements
-from .routing import placement_for
-from .security import load_signing_key, signed_options
+from hypha_celery.errors import RegistryUnavailable
+from hypha_celery.resources.requirements import Requirements
+from hypha_celery.routing import placement_for
+from hypha_celery.security import load_signing_key, signed_options
 
 __all__ = ["submit"]
 
@@ -47,7 +47,7 @@ def submit(
 ) -> AsyncResult:
     """Place, sign and send one hypha task; returns its ``AsyncResult``."""
     if app is None:
-        from .celery_app import app as default_app
+        from hypha_celery.celery import app as default_app
 
         app = default_app
     kwargs: dict[str, Any] = dict(task_kwargs)

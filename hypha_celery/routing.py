@@ -1,6 +1,6 @@
 """A Celery router: plain ``apply_async`` / ``send_task`` with a ``requirements`` kwarg is placed too.
 
-Listed in ``celeryconfig.task_routes``. A hypha task without an explicit
+Listed in ``task_routes`` (:mod:`hypha_celery.config.settings`). A hypha task without an explicit
 queue goes to the queue of the best-fitting live worker; when none fits now
 (or the registry cannot be read) it goes to the shared ``hypha`` queue and
 the worker that takes it defers it until resources free up.
@@ -14,10 +14,10 @@ from typing import Any
 
 import redis
 
-from .config import load_config, registry_url
-from .errors import HyphaError
-from .placement import Placement
-from .resources.requirements import Requirements
+from hypha_celery.config import load_config, registry_url
+from hypha_celery.errors import HyphaError
+from hypha_celery.resources.placement import Placement
+from hypha_celery.resources.requirements import Requirements
 
 __all__ = ["placement_for", "route_by_requirements"]
 

@@ -28,7 +28,7 @@ import pytest
 import redis
 import tomli_w
 
-from hypha_celery.embedded_redis import EmbeddedRedis
+from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -245,7 +245,7 @@ def celery_client(redis_url: str) -> Iterator[Callable[..., Any]]:
 
     def make(broker: str | None = None, backend: str | None = None) -> Any:
         app = Celery("hypha-test-client")
-        app.config_from_object("celeryconfig")
+        app.config_from_object("hypha_celery.config.settings")
         app.conf.update(broker_url=broker or redis_url, result_backend=backend or redis_url, task_routes=())
         apps.append(app)
         return app

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from . import limits
+from hypha_celery.executor import limits
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
 
@@ -56,8 +56,8 @@ class Executor:
     def __init__(self, settings: dict[str, Any], channel: _Channel) -> None:
         import torch
 
-        from ..models.cache import ModelCache
-        from ..models.store import ModelStore
+        from hypha_celery.models.cache import ModelCache
+        from hypha_celery.models.store import ModelStore
 
         self.torch = torch
         self.settings = settings
@@ -71,7 +71,7 @@ class Executor:
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
-        from ..models.runtime import load
+        from hypha_celery.models.runtime import load
 
         return load(self.store, model_id, self.device)
 
@@ -128,7 +128,7 @@ class Executor:
         return stats
 
     def infer(self, request: dict[str, Any]) -> dict[str, Any]:
-        from ..models.runtime import infer_batch
+        from hypha_celery.models.runtime import infer_batch
 
         items = request["items"]
         started_rss = limits.current_rss()
@@ -157,7 +157,7 @@ class Executor:
 
     def _one_by_one(self, loaded: Any, items: list[Any], first: Exception) -> tuple[list[Any], list[dict[str, str] | None]]:
         """A batch failed: run each item alone so only the item at fault fails."""
-        from ..models.runtime import infer_batch
+        from hypha_celery.models.runtime import infer_batch
 
         outputs: list[Any] = []
         errors: list[dict[str, str] | None] = []
@@ -171,7 +171,7 @@ class Executor:
         return outputs, errors
 
     def train(self, request: dict[str, Any]) -> dict[str, Any]:
-        from ..models.runtime import load, train
+        from hypha_celery.models.runtime import load, train
 
         started_rss = limits.current_rss()
         with self._limits(request.get("limits", {})):
@@ -238,7 +238,7 @@ class Executor:
 
 def _training_data(request: dict[str, Any]) -> dict[str, Any]:
     """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before)."""
-    from ..errors import InvalidInput
+    from hypha_celery.errors import InvalidInput
 
     if "data" in request:
         data: Any = request["data"]
@@ -251,7 +251,7 @@ def _training_data(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error(exc: BaseException) -> dict[str, str]:
-    from ..errors import HyphaError
+    from hypha_celery.errors import HyphaError
 
     message = str(exc)
     if isinstance(exc, MemoryError) or (

@@ -31,9 +31,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import errors
-from ..config import KILL_GRACE_S
-from ..resources.ledger import Lease
+from hypha_celery import errors
+from hypha_celery.config import KILL_GRACE_S
+from hypha_celery.resources.ledger import Lease
 
 __all__ = ["ExecutorPool", "ExecutorSettings", "ItemResult"]
 

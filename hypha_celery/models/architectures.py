@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedModel
+from hypha_celery.errors import UnsupportedModel
 
 if TYPE_CHECKING:
     from torch import nn

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ModelTooLarge
-from ..units import format_size
+from hypha_celery.errors import ModelTooLarge
+from hypha_celery.units import format_size
 
 __all__ = ["CacheStats", "ModelCache", "Use"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .store import Manifest, ModelStore
+from hypha_celery.models.store import Manifest, ModelStore
 
 if TYPE_CHECKING:
     import torch
@@ -38,7 +38,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
 
     import torch
 
-    from .architectures import build, example_input_shape
+    from hypha_celery.models.architectures import build, example_input_shape
 
     store = ModelStore(model_dir)
     written = []

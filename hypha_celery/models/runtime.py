@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidInput, UnsupportedModel
-from .architectures import build
-from .store import Manifest, ModelStore
+from hypha_celery.errors import InvalidInput, UnsupportedModel
+from hypha_celery.models.architectures import build
+from hypha_celery.models.store import Manifest, ModelStore
 
 __all__ = ["Loaded", "infer_batch", "load", "model_bytes", "train"]
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..config import ModelSource
-from ..errors import UnsupportedModel
-from .store import DatasetManifest, Manifest
+from hypha_celery.config import ModelSource
+from hypha_celery.errors import UnsupportedModel
+from hypha_celery.models.store import DatasetManifest, Manifest
 
 __all__ = ["fetch_model"]
 

@@ -34,12 +34,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UnsupportedModel
+from hypha_celery.errors import UnsupportedModel
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..config import ModelSource
+    from hypha_celery.config import ModelSource
 
 __all__ = ["FORMAT", "FileEntry", "Manifest", "ModelStore", "sha256_file", "validate_model_id"]
 
@@ -122,7 +122,7 @@ class Manifest(_Listed):
             raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r}")
         if data.get("id") != model_id:
             raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
-        from .architectures import ARCHITECTURES
+        from hypha_celery.models.architectures import ARCHITECTURES
 
         if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
             raise bad(f"names unknown architecture {data.get('architecture')!r}")
@@ -259,7 +259,7 @@ class ModelStore:
         with self._lock(model_id):
             if (self.path(model_id) / marker).is_file():
                 return
-            from .sources import fetch_model
+            from hypha_celery.models.sources import fetch_model
 
             parse = DatasetManifest.from_json if dataset else Manifest.from_json
             errors = []

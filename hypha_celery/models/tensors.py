@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidInput
+from hypha_celery.errors import InvalidInput
 
 __all__ = ["DTYPES", "Batch", "check_inputs", "encode_rows"]
 

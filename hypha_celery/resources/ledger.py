@@ -36,16 +36,17 @@ from typing import Any
 
 import redis
 
-from .. import keys, redis_scripts
-from ..errors import (
+from hypha_celery import keys
+from hypha_celery import lua as redis_scripts
+from hypha_celery.errors import (
     InsufficientCapabilities,
     InsufficientCpu,
     InsufficientGpuMemory,
     RegistryUnavailable,
     ResourcesBusy,
 )
-from ..units import format_size
-from .requirements import Requirements
+from hypha_celery.resources.requirements import Requirements
+from hypha_celery.units import format_size
 
 __all__ = ["Capacity", "DuplicateTask", "Lease", "LeaseKeeper", "Ledger", "Usage"]
 

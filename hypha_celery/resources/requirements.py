@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ExcessiveMemoryRequest, InsufficientCpu, InvalidTask
-from ..units import format_size, parse_size
+from hypha_celery.errors import ExcessiveMemoryRequest, InsufficientCpu, InvalidTask
+from hypha_celery.units import format_size, parse_size
 
 __all__ = ["Requirements", "check_caps"]
 

@@ -8,13 +8,13 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from .. import metrics
-from ..errors import HyphaError
-from ..gpu import gpu_utilization
-from ..models.tensors import check_inputs
-from ..results import package
-from ..validation import InferSpec, validate_infer
-from .pipeline import Run, run_task
+from hypha_celery.errors import HyphaError
+from hypha_celery.models.tensors import check_inputs
+from hypha_celery.monitoring import metrics
+from hypha_celery.resources.gpu import gpu_utilization
+from hypha_celery.stages.results import package
+from hypha_celery.stages.validation import InferSpec, validate_infer
+from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["infer"]
 

@@ -12,10 +12,10 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from ..errors import HyphaError
-from ..results import package
-from ..validation import NoopSpec, validate_noop
-from .pipeline import Run, run_task
+from hypha_celery.errors import HyphaError
+from hypha_celery.stages.results import package
+from hypha_celery.stages.validation import NoopSpec, validate_noop
+from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["noop"]
 

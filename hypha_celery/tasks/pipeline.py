@@ -1,8 +1,8 @@
 """The one path every hypha task takes: receive -> verify -> validate -> admit -> run -> package -> release.
 
 Each stage is a function elsewhere (:mod:`~hypha_celery.security`,
-:mod:`~hypha_celery.validation`, :mod:`~hypha_celery.admission`,
-:mod:`~hypha_celery.executor.pool`, :mod:`~hypha_celery.results`); this
+:mod:`~hypha_celery.stages.validation`, :mod:`~hypha_celery.stages.admission`,
+:mod:`~hypha_celery.executor.pool`, :mod:`~hypha_celery.stages.results`); this
 module only wires them into a Celery task, handles deferral and the
 duplicate-run guard, and reports stages as task events and states so Flower
 and ``AsyncResult`` show where a task is.
@@ -20,12 +20,14 @@ from typing import Any, NoReturn, TypeVar
 from celery import Task, states
 from celery.exceptions import Ignore
 
-from .. import admission, metrics, node
-from ..errors import ResourcesBusy
-from ..resources.ledger import DuplicateTask, Lease
-from ..resources.requirements import Requirements
-from ..results import Timing
-from ..security import ENVELOPE_HEADER
+from hypha_celery.errors import ResourcesBusy
+from hypha_celery.monitoring import metrics
+from hypha_celery.resources.ledger import DuplicateTask, Lease
+from hypha_celery.resources.requirements import Requirements
+from hypha_celery.security import ENVELOPE_HEADER
+from hypha_celery.stages import admission
+from hypha_celery.stages.results import Timing
+from hypha_celery.worker import context as node
 
 __all__ = ["SENT_AT_HEADER", "WAITING", "Run", "run_task"]
 

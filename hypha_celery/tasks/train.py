@@ -7,11 +7,11 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from ..errors import HyphaError
-from ..models.tensors import check_inputs
-from ..results import package
-from ..validation import TrainSpec, validate_train
-from .pipeline import Run, run_task
+from hypha_celery.errors import HyphaError
+from hypha_celery.models.tensors import check_inputs
+from hypha_celery.stages.results import package
+from hypha_celery.stages.validation import TrainSpec, validate_train
+from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["train"]
 

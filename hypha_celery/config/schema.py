@@ -1,0 +1,176 @@
+"""The worker's TOML schema: every key declared once, with its kind and checks.
+
+The file has the seed's sections (``[worker]``, ``[worker.network]``,
+``[worker.models]``, ``[worker.execution]``, ``[worker.monitoring]``,
+``[worker.security]``) plus three hypha sections (``[worker.resources]``,
+``[worker.admission]``, ``[worker.batching]``). :mod:`.parse` reads a file
+against these declarations; :mod:`.derive` turns a config into Celery settings.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "EX_CONFIG",
+    "KILL_GRACE_S",
+    "AdmissionConfig",
+    "BatchingConfig",
+    "ExecutionConfig",
+    "ModelSource",
+    "ModelsConfig",
+    "MonitoringConfig",
+    "NetworkConfig",
+    "ResourcesConfig",
+    "SecurityConfig",
+    "WorkerConfig",
+]
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+EX_CONFIG = 78  # sysexits.h: configuration error; systemd units stop restarting on it
+
+# Seconds between SIGTERM and SIGKILL when a task overruns ``task_timeout``.
+KILL_GRACE_S = 3.0
+
+
+def _key(kind: str, default: Any, **rules: Any) -> Any:
+    """Declare one config key: its kind drives parsing, ``rules`` its checks."""
+    meta = {"kind": kind, **rules}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default.copy(), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One ``[[worker.models.sources]]`` entry, tried in order."""
+
+    type: str
+    path: str | None = None
+    url: str | None = None
+    bucket: str | None = None
+    region: str | None = None
+    endpoint_url: str | None = None
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    gateway_addresses: list[str] = _key("urls", [])
+    advertisement_interval: float = _key("seconds", 60.0)
+    result_backend: str | None = _key("url?", None)
+    registry_url: str | None = _key("url?", None)
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    model_dir: str = _key("str", "/var/lib/hypha/models")
+    sources: list[ModelSource] = _key("sources", [])
+    max_model_size: int = _key("size", 4 * 10**9)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    isolation_mode: str = _key("str", "process", choices=("process", "container", "vm"))
+    sandbox_enabled: bool = _key("bool", True)
+    cpu_priority: str = _key("str", "normal", choices=("low", "normal", "high"))
+    gpu_sharing: bool = _key("bool", False)
+
+
+@dataclass(frozen=True)
+class MonitoringConfig:
+    monitor_interval: float = _key("seconds", 5.0)
+    collect_metrics: bool = _key("bool", True)
+    metrics_port: int = _key("port", 9091)
+
+
+@dataclass(frozen=True)
+class SecurityConfig:
+    verify_task_signatures: bool = _key("bool", True)
+    allowed_schedulers: list[str] = _key("strs", [])
+    enforce_memory_limits: bool = _key("bool", True)
+    enforce_cpu_limits: bool = _key("bool", True)
+    max_input_bytes: int = _key("size", 64 * 2**20)
+    max_envelope_age: float = _key("seconds", 3600.0)
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    node_id: str | None = _key("str?", None)
+    cpu_cores: int | None = _key("count?", None)
+    memory: int | None = _key("size?", None)
+    gpus: list[int] | None = _key("indices?", None)
+    lease_heartbeat: float = _key("seconds", 5.0)
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    max_wait: float = _key("seconds", 600.0)
+    backoff_initial: float = _key("seconds", 0.5)
+    backoff_max: float = _key("seconds", 10.0)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = _key("count", 32)
+    max_queue_delay_microseconds: int = _key("count0", 2000)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The whole ``[worker]`` table; defaults are the seed's example values."""
+
+    max_concurrent_tasks: int = _key("count", 4)
+    max_memory_per_task: int = _key("size", 8 * 10**9)
+    max_cpu_cores_per_task: int = _key("count", 4)
+    task_timeout: float = _key("seconds", 300.0)
+    model_cache_size: int = _key("size", 20 * 10**9)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    source_path: str | None = field(default=None, compare=False)
+
+    @property
+    def soft_time_limit(self) -> float:
+        """Celery's soft limit: past our own kill (task_timeout + grace), a backstop."""
+        return self.task_timeout + KILL_GRACE_S + 5.0
+
+    @property
+    def hard_time_limit(self) -> float:
+        return self.task_timeout + KILL_GRACE_S + 15.0
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Longest a Redis-delivered message may stay unacked before redelivery.
+
+        A message is unacked while it waits out an admission backoff (at most
+        ``backoff_max``) and while it runs (at most the hard limit); Celery
+        #5935 is what happens when this is shorter than a run.
+        """
+        return math.ceil(self.hard_time_limit + self.admission.backoff_max + 10.0)
+
+
+SECTIONS = {
+    "network": NetworkConfig,
+    "models": ModelsConfig,
+    "execution": ExecutionConfig,
+    "monitoring": MonitoringConfig,
+    "security": SecurityConfig,
+    "resources": ResourcesConfig,
+    "admission": AdmissionConfig,
+    "batching": BatchingConfig,
+}
+
+SOURCE_KEYS = {
+    "local": {"path"},
+    "http": {"url"},
+    "s3": {"bucket", "region", "endpoint_url", "prefix"},
+}

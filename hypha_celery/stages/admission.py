@@ -1,0 +1,101 @@
+"""Admission: a task runs only once its reservation succeeded.
+
+Three outcomes besides a lease:
+
+* **busy** (fits this node, not now): the task is deferred - re-published
+  with a countdown that grows exponentially with jitter, to a worker that
+  has room now if placement finds one, else back to its queue. Never a hot
+  ``Reject(requeue=True)`` loop (Celery #2012, #9082). The bound is
+  ``[worker.admission] max_wait`` seconds since the task first reached a
+  worker; past it the task fails with ``AdmissionTimeout``.
+* **not here** (this node is too small, another live node is not): deferred
+  to that node's worker, at once the first time and with backoff after.
+* **infeasible** (no live worker could ever fit it): ``InsufficientCapabilities``
+  at once, saying what was asked and the largest worker seen.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hypha_celery.config import AdmissionConfig
+from hypha_celery.errors import AdmissionTimeout, ResourcesBusy
+from hypha_celery.resources.ledger import Lease
+from hypha_celery.resources.placement import Choice
+from hypha_celery.resources.requirements import Requirements
+from hypha_celery.worker.context import NodeContext
+
+__all__ = ["ATTEMPT_HEADER", "FIRST_SEEN_HEADER", "Deferral", "NotHere", "admit", "backoff", "plan_deferral"]
+
+ATTEMPT_HEADER = "hypha_attempt"
+FIRST_SEEN_HEADER = "hypha_first_seen"
+
+
+class NotHere(ResourcesBusy):
+    """This node can never fit the task, but ``choice`` can."""
+
+    def __init__(self, message: str, choice: Choice | None = None) -> None:
+        super().__init__(message)
+        self.choice = choice
+
+
+@dataclass(frozen=True)
+class Deferral:
+    countdown: float
+    queue: str | None  # None: back to the queue it came from
+    attempt: int
+    waited: float
+    reason: str
+
+
+def admit(ctx: NodeContext, req: Requirements, *, task_id: str, holder: str, worker_id: str) -> Lease:
+    """Reserve ``req`` for ``task_id`` on this node, or raise why not."""
+    answer = ctx.ledger.try_reserve(req, holder=holder, task_id=task_id)
+    if isinstance(answer, Lease):
+        return answer
+    if answer["why"] == "infeasible":
+        elsewhere = ctx.placement.feasible(req, exclude=worker_id)
+        if elsewhere is None:
+            raise ctx.placement.infeasible(req)
+        raise NotHere(f"{ctx.node_id} can never fit {req.describe()}; {elsewhere.worker} can", elsewhere)
+    raise ctx.ledger.refusal(req, answer, task_id)
+
+
+def backoff(attempt: int, cfg: AdmissionConfig, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter: ``initial * 2**attempt`` capped at ``max``, times [0.5, 1)."""
+    base = min(cfg.backoff_max, cfg.backoff_initial * (2 ** min(attempt, 30)))
+    return base * (0.5 + rand() / 2)
+
+
+def plan_deferral(
+    ctx: NodeContext,
+    req: Requirements,
+    busy: ResourcesBusy,
+    *,
+    attempt: int,
+    first_seen: float,
+    worker_id: str,
+    now: float | None = None,
+) -> Deferral:
+    """Where and when a busy task tries again; ``AdmissionTimeout`` past the bound."""
+    cfg = ctx.config.admission
+    now = time.time() if now is None else now
+    waited = now - first_seen
+    if waited > cfg.max_wait:
+        raise AdmissionTimeout(
+            f"waited {waited:.0f}s for {req.describe()} over {attempt} attempts, past the bound "
+            f"([worker.admission] max_wait = {cfg.max_wait:g}s); last reason: {busy}"
+        )
+    if isinstance(busy, NotHere) and busy.choice is not None:
+        # at once the first time; after that it backs off too, so nodes that each think the
+        # other fits (placement's view is coarser than the ledger's) cannot bounce it quickly
+        delay = backoff(attempt - 1, cfg) if attempt else 0.0
+        return Deferral(delay, busy.choice.queue, attempt + 1, waited, str(busy))
+    choice = ctx.placement.choose(req, exclude=worker_id)
+    delay = backoff(attempt, cfg)
+    if choice is not None and choice.node != ctx.node_id:
+        return Deferral(min(delay, cfg.backoff_initial), choice.queue, attempt + 1, waited, str(busy))
+    return Deferral(delay, None, attempt + 1, waited, str(busy))

@@ -1,0 +1,220 @@
+"""``hypha-celery``: operator and scheduler commands beside ``celery -A hypha_celery ...``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import click
+
+from hypha_celery.config import EX_CONFIG, load_config, registry_url
+from hypha_celery.errors import ConfigError, HyphaError
+from hypha_celery.units import format_size
+
+__all__ = ["main"]
+
+
+@click.group()
+def main() -> None:
+    """hypha-celery: worker node tools."""
+
+
+@main.command("redis")
+@click.option("--port", type=int, default=None, help="Port (default: a free one).")
+def redis_command(port: int | None) -> None:
+    """Run an embedded redis-server in the foreground and print its URL."""
+    from hypha_celery.tools.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(port)
+    server.start()
+    click.echo(server.url, err=False)
+    sys.stdout.flush()
+    stop = {"now": False}
+
+    def _stop(*_: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stop["now"] and server.process is not None and server.process.poll() is None:
+            time.sleep(0.2)
+    finally:
+        server.close()
+
+
+@main.group()
+def models() -> None:
+    """The model store."""
+
+
+@models.command("init-examples")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Rewrite existing example models.")
+def init_examples_command(directory: str, overwrite: bool) -> None:
+    """Write the example models (mlp, cnn) into DIRECTORY."""
+    from hypha_celery.models.examples import init_examples
+
+    for manifest in init_examples(directory, overwrite=overwrite):
+        weights = manifest.files["weights.safetensors"]
+        click.echo(f"{manifest.id:8} {manifest.architecture:4} input {manifest.input_shape}  "
+                   f"{format_size(manifest.size):>9}  sha256 {weights.sha256[:16]}...")
+
+
+@models.command("list")
+@click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
+def list_models(directory: str | None) -> None:
+    """List the models in the store."""
+    from hypha_celery.models.store import ModelStore
+
+    store = ModelStore(directory or load_config().models.model_dir)
+    for model_id in store.list():
+        manifest = store.manifest(model_id)
+        click.echo(f"{model_id:24} {manifest.architecture:5} input {manifest.input_shape}  {format_size(manifest.size)}")
+
+
+@main.group()
+def datasets() -> None:
+    """Training data sets in the store (hypha.train data={"ref": ID})."""
+
+
+@datasets.command("add")
+@click.argument("dataset_id")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True))
+@click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
+def datasets_add(dataset_id: str, file: str, directory: str | None) -> None:
+    """Store FILE ({"inputs": [...], "targets": [...]}) as data set DATASET_ID."""
+    from hypha_celery.models.store import ModelStore
+
+    try:
+        with open(file) as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict):
+            raise click.ClickException(f"{file} must hold a JSON object with 'inputs' and 'targets'")
+        manifest = ModelStore(directory or load_config().models.model_dir).save_dataset(
+            dataset_id, data.get("inputs") or [], data.get("targets") or [])
+    except (ValueError, HyphaError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{dataset_id}: {manifest.rows} rows, sha256 {manifest.files['data.json'].sha256[:16]}...")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--registry", default=None, help="Registry Redis URL (default: $HYPHA_REGISTRY_URL / config).")
+def workers(as_json: bool, registry: str | None) -> None:
+    """List live workers from the registry."""
+    rows = _workers(registry)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    click.echo(_table(rows))
+
+
+def _workers(url: str | None) -> list[dict[str, Any]]:
+    import redis
+
+    from hypha_celery.registry import list_workers
+
+    client = redis.Redis.from_url(url or registry_url(load_config()), socket_timeout=5, socket_connect_timeout=5)
+    try:
+        return list_workers(client)
+    except HyphaError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'WORKER':32} {'NODE':16} {'CORES':>11} {'MEMORY free/total':>22} {'GPUS':>5} {'MODELS':>6} {'AGE':>6}"
+    lines = [header]
+    now = time.time()
+    for row in rows:
+        cores = f"{row.get('free_cpu_cores', 0):g}/{row.get('cpu_cores', 0)}"
+        memory = f"{format_size(row.get('free_memory', 0))}/{format_size(row.get('total_memory', 0))}"
+        lines.append(
+            f"{row['worker_id'][:32]:32} {row.get('node_id', '')[:16]:16} {cores:>11} {memory:>22} "
+            f"{len(row.get('gpus', [])):>5} {len(row.get('models', [])):>6} {now - row.get('last_updated', now):>5.0f}s"
+        )
+    if not rows:
+        lines.append("(no live workers)")
+    return "\n".join(lines)
+
+
+@main.group()
+def keys() -> None:
+    """Scheduler signing keys (Ed25519)."""
+
+
+@keys.command("generate")
+@click.argument("path", type=click.Path(dir_okay=False))
+def keys_generate(path: str) -> None:
+    """Write a new private key to PATH (mode 0600) and print its peer id for allowed_schedulers."""
+    from hypha_celery.security import generate_key, peer_id
+
+    try:
+        key = generate_key(path)
+    except FileExistsError:
+        raise click.ClickException(f"{path} exists; refusing to overwrite a key") from None
+    click.echo(f"private key: {path} (mode 0600)")
+    click.echo(f"peer id:     {peer_id(key.verify_key)}")
+    import base64
+
+    click.echo(f"public key:  {base64.b64encode(bytes(key.verify_key)).decode()}")
+    click.echo("add the peer id to [worker.security] allowed_schedulers on each worker")
+
+
+@keys.command("show")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+def keys_show(path: str) -> None:
+    """Print the peer id of the private key at PATH."""
+    from hypha_celery.security import load_signing_key, peer_id
+
+    try:
+        click.echo(peer_id(load_signing_key(path).verify_key))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command("check-config")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--host/--no-host", default=True, help="Also check that this machine can honour it.")
+def check_config(path: str, host: bool) -> None:
+    """Validate a worker config file (exit 78 with the bad key on error)."""
+    from hypha_celery.worker.hostcheck import check_host
+
+    try:
+        cfg = load_config(path)
+        if host:
+            check_host(cfg)
+    except ConfigError as exc:
+        click.echo(f"hypha-celery: config error: {exc}", err=True)
+        sys.exit(EX_CONFIG)
+    click.echo(f"{path}: ok")
+
+
+@main.command()
+@click.option("--interval", type=float, default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--once", is_flag=True, help="Print one frame and exit.")
+@click.option("--registry", default=None, help="Registry Redis URL.")
+def top(interval: float, once: bool, registry: str | None) -> None:
+    """A live view of workers: free vs total resources, leases, cache hit rate."""
+    from hypha_celery.monitoring.top import render
+
+    while True:
+        frame = render(_workers(registry), registry or registry_url(load_config()))
+        if once:
+            click.echo(frame)
+            return
+        click.clear()
+        click.echo(frame)
+        try:
+            time.sleep(interval)
+        except KeyboardInterrupt:
+            return
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,184 @@
+"""``make demo``: an embedded Redis, a real worker, signed inference and training tasks.
+
+Everything lives under ``.demo/`` and is shut down at the end; nothing
+outside this checkout is needed (no system Redis, no downloads).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+HERE = Path.cwd() / ".demo"
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def _config(path: Path, models: Path, peer: str, port: int) -> Path:
+    path.write_text(tomli_w.dumps({"worker": {
+        "max_concurrent_tasks": 4,
+        "max_memory_per_task": "2GB",
+        "task_timeout": 120,
+        "model_cache_size": "1GB",
+        "network": {"advertisement_interval": 5},
+        "models": {"model_dir": str(models), "max_model_size": "500MB"},
+        "security": {"verify_task_signatures": True, "allowed_schedulers": [peer]},
+        "monitoring": {"metrics_port": port, "monitor_interval": 2},
+        "resources": {"node_id": "demo-node", "memory": "4GB"},
+    }}))
+    return path
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def main() -> int:
+    from hypha_celery.models.examples import init_examples
+    from hypha_celery.security import generate_key, peer_id
+    from hypha_celery.tools.embedded_redis import EmbeddedRedis
+
+    shutil.rmtree(HERE, ignore_errors=True)
+    HERE.mkdir(parents=True)
+    redis_server = EmbeddedRedis()
+    url = redis_server.start()
+    os.environ.update({"HYPHA_BROKER_URL": url, "HYPHA_RESULT_BACKEND": url, "HYPHA_REGISTRY_URL": url})
+    say(f"1. embedded Redis at {url}")
+
+    models = HERE / "models"
+    for manifest in init_examples(models):
+        say(f"2. example model {manifest.id}: {manifest.architecture}, input {manifest.input_shape}, "
+            f"sha256 {manifest.files['weights.safetensors'].sha256[:12]}...")
+    key = generate_key(HERE / "scheduler.key")
+    peer = peer_id(key.verify_key)
+    say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
+    port = _free_port()
+    config = _config(HERE / "worker.toml", models, peer, port)
+
+    log = open(HERE / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "hypha_celery", "worker", "--hypha-config", str(config),
+         "-n", "demo@%h", "-l", "info", "--without-mingle", "--without-gossip"],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
+    )
+    try:
+        return _run(worker, key, port)
+    finally:
+        say("\n9. shutting down")
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+        redis_server.close()
+        say(f"   done (worker log: {HERE / 'worker.log'})")
+
+
+def _wait_registered(timeout: float = 90.0) -> list[dict[str, Any]]:
+    import redis
+
+    from hypha_celery.registry import list_workers
+
+    client = redis.Redis.from_url(os.environ["HYPHA_REGISTRY_URL"])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = list_workers(client)
+        if workers:
+            return workers
+        time.sleep(0.3)
+    raise SystemExit("the worker did not register; see .demo/worker.log")
+
+
+def _run(worker: subprocess.Popen[bytes], key: Any, port: int) -> int:
+    from hypha_celery.client import submit
+    from hypha_celery.errors import HyphaError
+    from hypha_celery.models.examples import clusters
+
+    workers = _wait_registered()
+    w = workers[0]
+    say(f"4. worker {w['worker_id']} registered: {w['cpu_cores']} cores, {w['total_memory'] >> 20} MiB, "
+        f"models {w['models']}, queue {w['queue']}")
+
+    rows, labels = clusters(6, seed=7)
+    names = ["setosa-like", "versicolor-like", "virginica-like"]
+    result = submit("hypha.infer", model="mlp", inputs=rows, requirements={"cpu_cores": 0.5, "memory": "256MiB"},
+                    signing_key=key).get(timeout=120)
+    predicted = [row.index(max(row)) for row in result["output"]]
+    say("5. signed inference on mlp:")
+    for row, guess, truth in zip(rows, predicted, labels, strict=True):
+        say(f"   {row} -> {names[guess]:16} (true: {names[truth]})")
+    m = result["metrics"]
+    say(f"   {m['duration_s'] * 1000:.1f} ms, cache_hit={m['cache_hit']}, device={m['device']}, "
+        f"reserved cores {m['reserved']['cpu_cores']}")
+
+    import base64
+    import struct
+
+    image = [((x * 7 + y * 3) % 11) / 10 for x in range(28) for y in range(28)]
+    encoded = {"dtype": "float32", "shape": [1, 1, 28, 28], "data": base64.b64encode(struct.pack("<784f", *image)).decode()}
+    result = submit("hypha.infer", model="cnn", inputs=encoded, signing_key=key).get(timeout=120)
+    say(f"6. cnn on an encoded 28x28 image -> {result['output']['shape']} scores ({result['output']['dtype']}), "
+        f"{result['metrics']['duration_s'] * 1000:.1f} ms")
+
+    data_rows, data_labels = clusters(600, seed=1)
+    shuffled = [[v + (0.8 if i % 2 else -0.8) for v in r] for i, r in enumerate(data_rows)]
+    job = submit("hypha.train", model="mlp", data={"inputs": shuffled, "targets": data_labels},
+                 epochs=300, lr=0.01, batch_size=16, new_model="mlp-demo-tuned", signing_key=key)
+    say("7. training mlp (progress from AsyncResult):")
+    seen = None
+    while not job.ready():
+        if job.state == "PROGRESS" and job.info != seen:
+            seen = job.info
+            loss = seen.get("loss")
+            say(f"   epoch {seen.get('epoch')}/{seen.get('epochs')}  step {seen.get('step')}  "
+                f"loss {loss if loss is None else round(loss, 4)}  {seen.get('percent')}%")
+        time.sleep(0.2)
+    trained = job.get(timeout=120)
+    curve = trained["output"]["loss_curve"]
+    say(f"   final loss {trained['output']['final_loss']:.4f} (first epoch {curve[0]:.4f}); "
+        f"new model {trained['output']['model_id']}")
+    served = submit("hypha.infer", model=trained["output"]["model_id"], inputs=shuffled[:2], signing_key=key).get(timeout=120)
+    say(f"   served by hypha.infer right away: {[[round(v, 2) for v in row] for row in served['output']]}")
+
+    say("8. refused work fails at once, with the named error:")
+    for title, call in (
+        ("memory over max_memory_per_task", lambda: submit("hypha.infer", model="mlp", inputs=rows,
+                                                           requirements={"memory": "3GB"}, signing_key=key)),
+        ("unsigned task", lambda: submit("hypha.infer", model="mlp", inputs=rows)),
+        ("path traversal model id", lambda: submit("hypha.infer", model="../../etc/passwd", inputs=rows,
+                                                   signing_key=key)),
+    ):
+        try:
+            call().get(timeout=60)
+            say(f"   {title}: unexpectedly succeeded")
+        except HyphaError as exc:
+            say(f"   {title}: {type(exc).__name__}: {exc}")
+
+    import urllib.request
+
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    wanted = ("hypha_worker_tasks_completed_total", "hypha_worker_tasks_failed_total", "hypha_worker_model_cache_hits_total")
+    for line in scrape.splitlines():
+        if line.startswith(wanted):
+            say(f"   metrics: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

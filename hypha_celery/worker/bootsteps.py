@@ -1,0 +1,171 @@
+"""Worker bootsteps: the node (ledger capacity, metrics, monitor) and the registry.
+
+``NodeStep`` lives in the worker blueprint: it publishes this node's capacity
+to the ledger before the consumer starts taking tasks, serves metrics, and
+refreshes resource gauges every ``monitor_interval`` on the worker's timer.
+
+``RegistryStep`` lives in the consumer blueprint, after the task consumer
+started: it registers the worker's capabilities, refreshes them every
+``advertisement_interval`` on the worker's timer, and removes the record on
+a clean shutdown. A Redis outage at a refresh is logged and the worker keeps
+serving; the next refresh after Redis returns registers it again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import psutil
+from celery import bootsteps
+
+from hypha_celery import keys, registry
+from hypha_celery.errors import HyphaError
+from hypha_celery.monitoring import metrics
+from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
+from hypha_celery.resources.gpu import gpu_utilization
+from hypha_celery.worker import context as node
+
+__all__ = ["NodeStep", "RegistryStep"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeStep(bootsteps.StartStopStep):
+    """Capacity in the ledger, the metrics endpoint, the resource monitor."""
+
+    label = "hypha node"
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, w: Any, hypha_metrics_port: int | None = None, **kwargs: Any) -> None:
+        super().__init__(w, **kwargs)
+        self.config = node.current_config()
+        self.metrics_port = hypha_metrics_port or self.config.monitoring.metrics_port
+        self.timer_ref: Any = None
+        self.http: Any = None
+        self.capacity_published = False
+
+    def start(self, w: Any) -> None:
+        cfg = self.config
+        if cfg.monitoring.collect_metrics and metrics.enabled():
+            self.http = metrics.serve(self.metrics_port)
+            log.info("hypha metrics on :%d", self.metrics_port)
+        self._publish_capacity()
+        self.timer_ref = w.timer.call_repeatedly(cfg.monitoring.monitor_interval, self._monitor)
+
+    def _publish_capacity(self) -> None:
+        ctx = node.context()
+        try:
+            ctx.ledger.set_capacity(node_capacity(ctx.config))
+            self.capacity_published = True
+        except HyphaError as exc:
+            self.capacity_published = False
+            log.warning("cannot publish node capacity yet (%s); retrying every monitor_interval", exc)
+
+    def _monitor(self) -> None:
+        ctx = node.context()
+        try:
+            # Redis restarted empty, or placement dropped the node while it was unadvertised
+            if not self.capacity_published or ctx.ledger.capacity() is None or not ctx.ledger.indexed():
+                self._publish_capacity()
+            usage = ctx.ledger.usage()
+        except HyphaError as exc:
+            self.capacity_published = False
+            log.warning("resource monitor: %s", exc)
+            return
+        memory = psutil.virtual_memory()
+        metrics.update_resources(usage, psutil.cpu_percent() / 100.0, memory.percent / 100.0, gpu_utilization())
+
+    def stop(self, w: Any) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+        ctx = node.context()
+        if "executors" in vars(ctx):
+            ctx.executors.close()
+        if "keeper" in vars(ctx):
+            try:
+                ctx.keeper.flush()  # leases released moments ago go back now, not at their expiry
+            except HyphaError as exc:
+                log.warning("could not release leases at shutdown (they expire by themselves): %s", exc)
+        if self.http is not None:
+            server, _thread = self.http
+            server.shutdown()
+            self.http = None
+
+    shutdown = stop
+
+
+class RegistryStep(bootsteps.StartStopStep):
+    """This worker's record in ``hypha:worker:<id>``, refreshed on the worker's timer."""
+
+    label = "hypha registry"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, without_hypha_registry: bool = False, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.enabled = not without_hypha_registry
+        self.timer_ref: Any = None
+        self.record: registry.WorkerRecord | None = None
+        self.healthy = True
+        c.hypha_registry = None
+
+    def start(self, c: Any) -> None:
+        cfg = node.current_config()
+        ctx = node.context()
+        self.record = registry.WorkerRecord(
+            worker_id=c.hostname,
+            node_id=ctx.node_id,
+            queue=keys.worker_queue(c.hostname),
+            max_memory_per_task=cfg.max_memory_per_task,
+            max_cpu_cores_per_task=cfg.max_cpu_cores_per_task,
+            gpu_sharing=cfg.execution.gpu_sharing,
+            verify_task_signatures=cfg.security.verify_task_signatures,
+            started_at=time.time(),
+        )
+        c.hypha_registry = self
+        self.refresh()
+        if self.timer_ref is None:
+            self.timer_ref = c.timer.call_repeatedly(cfg.network.advertisement_interval, self.refresh)
+
+    def capabilities(self) -> dict[str, Any]:
+        ctx = node.context()
+        caps = detect_capabilities(ctx.config, ctx.store.list(), ctx.inference_times.snapshot(),
+                                   capacity=node_capacity(ctx.config))
+        return caps.to_json()
+
+    def refresh(self) -> None:
+        if self.record is None:
+            return
+        ctx = node.context()
+        cfg = ctx.config
+        try:
+            caps = detect_capabilities(cfg, ctx.store.list(), capacity=node_capacity(cfg))
+            usage = ctx.ledger.usage()
+            registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
+                              extra=metrics.cache_totals())
+            ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
+        except HyphaError as exc:
+            if self.healthy:
+                log.warning("registry refresh failed (%s); still serving, retrying every %ss",
+                            exc, cfg.network.advertisement_interval)
+            self.healthy = False
+            return
+        if not self.healthy:
+            log.warning("registry reachable again: %s re-registered", self.record.worker_id)
+        self.healthy = True
+
+    def stop(self, c: Any) -> None:
+        if self.timer_ref is not None:
+            self.timer_ref.cancel()
+            self.timer_ref = None
+
+    def shutdown(self, c: Any) -> None:
+        self.stop(c)
+        if self.record is not None:
+            try:
+                registry.deregister(node.context().redis, self.record.worker_id, self.record.node_id)
+                log.info("%s removed from the registry", self.record.worker_id)
+            except HyphaError as exc:
+                log.warning("could not remove %s from the registry: %s", self.record.worker_id, exc)

@@ -1,0 +1,58 @@
+"""The hypha-celery command line: keys, configs, the embedded Redis."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import redis
+
+from hypha_celery.security import load_signing_key, peer_id
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", *args], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_keys_generate_writes_a_private_key_and_prints_its_peer_id(tmp_path: Path) -> None:
+    path = tmp_path / "scheduler.key"
+    out = cli("keys", "generate", str(path))
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert f"peer id:     {peer_id(load_signing_key(path).verify_key)}" in out.stdout
+    # it never overwrites a key
+    again = cli("keys", "generate", str(path))
+    assert again.returncode != 0 and "refusing to overwrite" in again.stderr
+    assert cli("keys", "show", str(path)).stdout.strip() == peer_id(load_signing_key(path).verify_key)
+
+
+def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text(f'[worker.models]\nmodel_dir = "{tmp_path}"\n[worker.monitoring]\ncollect_metrics = false\n')
+    bad.write_text("[worker]\nmax_concurrent_taks = 2\n")
+    assert cli("check-config", str(good)).returncode == 0
+    result = cli("check-config", str(bad))
+    assert result.returncode == 78
+    assert "worker.max_concurrent_taks: unknown key (did you mean 'max_concurrent_tasks'?)" in result.stderr
+
+
+def test_embedded_redis_prints_a_url_that_answers() -> None:
+    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.tools.cli", "redis"], stdout=subprocess.PIPE, text=True,
+                               cwd=ROOT)
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().strip()
+        assert url.startswith("redis://127.0.0.1:")
+        client = redis.Redis.from_url(url)
+        assert client.ping()
+        client.close()
+    finally:
+        process.terminate()
+        assert process.wait(30) == 0
+        if process.stdout is not None:
+            process.stdout.close()
