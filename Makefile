@@ -6,13 +6,13 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint typecheck pytest demo bench worker redis clean
+.PHONY: install test test-unit lint typecheck pytest demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[all,dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -27,6 +27,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The fast subset: no worker processes, no venv builds (tests/e2e is all marked slow).
+test-unit: $(STAMP)
+	$(BIN)/pytest -m 'not slow' $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m hypha_celery.tools.demo

@@ -4,6 +4,11 @@ Absolute times are printed but never judged: machines are noisy, ratios less
 so. Results go to ``bench/results.json`` with each ratio next to its target.
 Redis is an embedded ``redis-server`` (``$HYPHA_BENCH_REDIS_URL`` to use
 another; it must be a database the bench may flush).
+
+Environment: ``HYPHA_BENCH_ONLY=2,3`` runs only those steps (1 admission,
+2 ledger, 3 placement, 4 model cache, 5 batching); ``HYPHA_BENCH_REPEATS``
+(default 3) runs of each figure; ``HYPHA_BENCH_TASKS`` (default 600) no-op
+tasks per admission run.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -27,7 +31,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-import tomli_w
+
+from hypha_celery.tools import launch
+from hypha_celery.tools.launch import WorkerProcess, client_app, worker_env, write_worker_config
 
 ROOT = Path(__file__).resolve().parent.parent
 REPEATS = int(os.environ.get("HYPHA_BENCH_REPEATS", "3"))
@@ -77,52 +83,23 @@ def machine() -> dict[str, Any]:
 
 # --- processes ---------------------------------------------------------------------------------------
 
-class Worker:
-    """A worker subprocess (hypha's or the plain Celery app's), stopped with SIGTERM."""
-
-    def __init__(self, app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
-                 queues: str | None = None, concurrency: int = 4) -> None:
-        self.name = f"bench-{uuid.uuid4().hex[:6]}"
-        command = [sys.executable, "-m", "celery", "-A", app, "worker", "-n", f"{self.name}@%h", "-l", "warning",
-                   "--without-mingle", "--without-gossip", "-P", "threads", "-c", str(concurrency)]
-        if config is not None:
-            path = workdir / f"{self.name}.toml"
-            path.write_text(tomli_w.dumps({"worker": config}))
-            command += ["--hypha-config", str(path)]
-        if queues:
-            command += ["-Q", queues]
-        env = dict(os.environ, HYPHA_BROKER_URL=url, HYPHA_RESULT_BACKEND=url, HYPHA_REGISTRY_URL=url)
-        env.pop("HYPHA_CONFIG", None)
-        self.log = open(workdir / f"{self.name}.log", "wb")
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, app: Any) -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"bench worker exited; see {self.log.name}")
-            if app.control.ping(destination=[f"{self.name}@{socket.gethostname()}"], timeout=0.5):
-                return
-        raise SystemExit(f"bench worker did not start; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-        self.log.close()
+def start_worker(app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
+                 queues: str | None = None, concurrency: int = 4) -> WorkerProcess:
+    """A worker (hypha's or the plain Celery app's) on ``concurrency`` threads, logging warnings only."""
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    path = None if config is None else write_worker_config(workdir / f"{name}.toml", config)
+    args = ["-P", "threads", "-c", str(concurrency), *(["-Q", queues] if queues else [])]
+    return launch.start_worker(name, workdir / f"{name}.log", worker_env(url, url, url), app=app, config=path,
+                               loglevel="warning", args=args, cwd=ROOT)
 
 
-def client_app(url: str) -> Any:
-    from celery import Celery
-
-    app = Celery("bench-client")
-    app.config_from_object("hypha_celery.config.settings")
-    app.conf.update(broker_url=url, result_backend=url, task_routes=())
-    return app
+def wait_ready(worker: WorkerProcess, app: Any) -> None:
+    """Until the worker answers a ping (at level warning it logs no ``ready.`` line)."""
+    destination = [f"{worker.name}@{socket.gethostname()}"]
+    try:
+        worker.wait_ready(ready=lambda: bool(app.control.ping(destination=destination, timeout=0.5)))
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"bench worker did not start: {exc}") from None
 
 
 def throughput(app: Any, name: str, kwargs: dict[str, Any], count: int, queue: str) -> float:
@@ -154,12 +131,12 @@ def hypha_config(models: Path, **extra: Any) -> dict[str, Any]:
 
 def bench_admission(url: str, workdir: Path, models: Path) -> None:
     say("\n[1] admission overhead: no-op tasks/s, hypha's full path vs plain Celery (same broker, 4 threads)")
-    app = client_app(url)
-    plain = Worker("bench.plain_app", url, workdir, queues="plain")
-    hypha = Worker("hypha_celery", url, workdir, config=hypha_config(models))
+    app = client_app(url, name="bench-client")
+    plain = start_worker("bench.plain_app", url, workdir, queues="plain")
+    hypha = start_worker("hypha_celery", url, workdir, config=hypha_config(models))
     try:
-        plain.wait_ready(app)
-        hypha.wait_ready(app)
+        wait_ready(plain, app)
+        wait_ready(hypha, app)
         count = int(os.environ.get("HYPHA_BENCH_TASKS", "600"))
         req = {"requirements": {"cpu_cores": 0.01, "memory": "1MB"}}
         throughput(app, "plain.noop", {}, 50, "plain")  # warm both
@@ -239,6 +216,7 @@ def bench_placement(url: str) -> None:
     nodes = 10_000
     started = time.perf_counter()
     expires = time.time() + 3600
+    schema = keys.KeySchema.from_env()
     for index in range(nodes):
         node = f"n{index:05d}"
         gpus = {g: rng.choice([24, 40, 80, 141]) * 10**9 for g in range(rng.choice([0, 0, 1, 2, 4, 8]))}
@@ -251,8 +229,8 @@ def bench_placement(url: str) -> None:
             except Exception:
                 pass
         worker = f"w{index:05d}@host"
-        client.zadd(keys.node_workers(node), {worker: expires})
-        client.zadd(keys.WORKERS, {worker: expires})
+        client.zadd(schema.node_workers(node), {worker: expires})
+        client.zadd(schema.workers(), {worker: expires})
     say(f"    registered {nodes} nodes in {time.perf_counter() - started:.1f}s")
     placement = Placement(client)
     requests = [Requirements(cpu_milli=rng.choice([250, 1000, 4000]), memory=rng.choice([1, 8, 30, 100]) * 2**30,
@@ -290,8 +268,9 @@ def bench_cache(workdir: Path) -> None:
 
     from hypha_celery.models.architectures import build
     from hypha_celery.models.cache import ModelCache
+    from hypha_celery.models.manifest import WEIGHTS
     from hypha_celery.models.runtime import load
-    from hypha_celery.models.store import WEIGHTS, ModelStore
+    from hypha_celery.models.store import ModelStore
 
     say("\n[4] model cache: warm-hit overhead over calling the model; cold load vs reading the bytes")
     torch.set_num_threads(1)
@@ -387,13 +366,13 @@ def bench_batching(url: str, workdir: Path, models: Path) -> None:
     record("batching_executor", ratio=ratio, target=">= 5", met=ratio >= 5, unit="batched/unbatched inferences per s",
            single=spread(single), batched=spread(batched), clients=threads)
 
-    app = client_app(url)
+    app = client_app(url, name="bench-client")
     end_to_end = {}
     for label, batch in (("one per pass", 1), ("batched", 32)):
-        worker = Worker("hypha_celery", url, workdir, concurrency=32,
-                        config=hypha_config(models, max_concurrent_tasks=32, batching={"max_batch_size": batch}))
+        worker = start_worker("hypha_celery", url, workdir, concurrency=32,
+                              config=hypha_config(models, max_concurrent_tasks=32, batching={"max_batch_size": batch}))
         try:
-            worker.wait_ready(app)
+            wait_ready(worker, app)
             kwargs = {"model": "mlp", "inputs": [row], "requirements": {"cpu_cores": 0.05, "memory": "8MB"}}
             throughput(app, "hypha.infer", kwargs, 50, "hypha")
             end_to_end[label] = [throughput(app, "hypha.infer", kwargs, 600, "hypha") for _ in range(REPEATS)]
@@ -449,6 +428,9 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
 # --- main ----------------------------------------------------------------------------------------------
 
 def main() -> int:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        say(__doc__ or "")
+        return 0
     from hypha_celery.models.examples import init_examples
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 

@@ -22,7 +22,8 @@ def main() -> int:
     from hypha_celery.config import parse_config
     from hypha_celery.resources.capabilities import node_capacity
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
-    from hypha_celery.worker import context as node
+    from hypha_celery.worker.bootsteps import bind_tasks
+    from hypha_celery.worker.context import NodeContext
 
     with EmbeddedRedis() as server:
         os.environ["HYPHA_REGISTRY_URL"] = server.url
@@ -32,11 +33,12 @@ def main() -> int:
             "monitoring": {"collect_metrics": False},
             "resources": {"node_id": "profile"},
         }})
-        node.configure(cfg)
-        ctx = node.context()
+        ctx = NodeContext.build(cfg)
         ctx.ledger.set_capacity(node_capacity(cfg))
         from hypha_celery.celery import app
         from hypha_celery.tasks.noop import noop
+
+        bind_tasks(app, ctx)
 
         app.conf.update(task_always_eager=True, result_backend=server.url, broker_url=server.url)
         kwargs = {"requirements": {"cpu_cores": 0.01, "memory": "1MB"}}

@@ -17,17 +17,30 @@
      ├── TaskTimeout                    the task ran past task_timeout
      ├── ExecutorCrashed                the task's process died without an answer
      ├── ExecutionError                 the task's own ML code raised (e.g. a torch error)
-     └── RegistryUnavailable            Redis (registry/ledger) cannot be reached
+     ├── RegistryUnavailable            Redis (registry/ledger) cannot be reached
+     └── ControlFlow                    steers a task at admission; never a task's result
+          ├── DuplicateTask             a live lease already runs this task id (a redelivered copy)
+          └── NotHere                   this node can never fit the task; another live node can
 
-Each class takes one message string so that Celery's JSON result backend
-can rebuild it on the client (``exc_type`` carries the class name).
+Each class above ``ControlFlow`` takes one message string so that Celery's
+JSON result backend can rebuild it on the client (``exc_type`` carries the
+class name). The ``ControlFlow`` branch is what Celery's ``Ignore``/``Retry``
+are to Celery: the pipeline turns them into a deferral or a dropped copy, so
+they never reach a result backend.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hypha_celery.resources.placement import Choice
+
 __all__ = [
     "AdmissionTimeout",
     "ConfigError",
+    "ControlFlow",
+    "DuplicateTask",
     "ExcessiveMemoryRequest",
     "ExecutionError",
     "ExecutorCrashed",
@@ -40,6 +53,7 @@ __all__ = [
     "InvalidTask",
     "MemoryLimitExceeded",
     "ModelTooLarge",
+    "NotHere",
     "RegistryUnavailable",
     "ResourcesBusy",
     "TaskTimeout",
@@ -124,3 +138,23 @@ class ExecutionError(HyphaError):
 
 class RegistryUnavailable(HyphaError):
     """The registry / ledger Redis could not be reached."""
+
+
+class ControlFlow(HyphaError):
+    """Steers a task at admission (defer it, drop a copy, forward it); not an error of the task."""
+
+
+class DuplicateTask(ControlFlow):
+    """A live lease already runs this task id: a second delivery must not run it twice."""
+
+    def __init__(self, task_id: str, lease_id: str, holder: str) -> None:
+        super().__init__(f"task {task_id} is already running under lease {lease_id} ({holder})")
+        self.task_id, self.lease_id, self.holder = task_id, lease_id, holder
+
+
+class NotHere(ControlFlow):
+    """This node can never fit the task, but ``choice`` (a live worker elsewhere) can."""
+
+    def __init__(self, message: str, choice: Choice) -> None:
+        super().__init__(message)
+        self.choice = choice

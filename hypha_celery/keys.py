@@ -29,52 +29,126 @@ Security::
 
     hypha:nonce:<key_id>:<nonce>      string  seen envelope nonce; expires with the envelope
 
+This module is the only source of these names. The Lua scripts build none:
+each receives the keys it touches in ``KEYS``, in the order its header lists
+(:meth:`KeySchema.ledger`, :meth:`KeySchema.placement`; see
+:mod:`hypha_celery.lua`). The one exception is ``place.lua``, which meets node
+names while it scans and so gets the two halves of ``node_workers`` around
+the node (:meth:`KeySchema.node_workers_affixes`).
+
 All keys live on one Redis (``registry_url``): the ledger's Lua scripts touch a
 node's keys and the global indexes in one atomic step. In a Redis Cluster, give
-every key the same hash tag by setting ``HYPHA_KEY_PREFIX={hypha}``.
+every key the same hash tag by setting ``HYPHA_KEY_PREFIX={hypha}``. The
+variable is read when a ledger, placement, verifier or registry call is built
+(:meth:`KeySchema.from_env`), not when this module is imported.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 __all__ = [
-    "INDEX_CAPACITY",
-    "INDEX_FREE",
-    "PREFIX",
-    "WORKERS",
+    "CAPACITY_INDEXES",
+    "DEFAULT_PREFIX",
+    "FREE_INDEXES",
+    "PREFIX_VARIABLE",
+    "KeySchema",
+    "index_capacity",
+    "index_free",
     "lease_data",
     "leases",
     "node_capacity",
     "node_used",
     "node_workers",
     "nonce",
+    "schema",
     "task_guard",
     "worker",
     "worker_queue",
+    "workers",
 ]
 
-PREFIX = os.environ.get("HYPHA_KEY_PREFIX", "hypha")
+DEFAULT_PREFIX = "hypha"
+PREFIX_VARIABLE = "HYPHA_KEY_PREFIX"
 
-WORKERS = f"{PREFIX}:workers"
-
-INDEX_FREE = {
-    "memory": f"{PREFIX}:index:free_memory",
-    "core_milli": f"{PREFIX}:index:free_core_milli",
-    "whole_cores": f"{PREFIX}:index:free_whole_cores",
-    "gpus": f"{PREFIX}:index:free_gpus",
-    "gpu_memory": f"{PREFIX}:index:free_gpu_memory",
-}
-INDEX_CAPACITY = {
-    "memory": f"{PREFIX}:index:cap_memory",
-    "cores": f"{PREFIX}:index:cap_cores",
-    "gpus": f"{PREFIX}:index:cap_gpus",
-    "gpu_memory": f"{PREFIX}:index:cap_gpu_memory",
-}
+# Short names of the placement indexes, in the order the Lua scripts receive them.
+FREE_INDEXES = ("memory", "core_milli", "whole_cores", "gpus", "gpu_memory")
+CAPACITY_INDEXES = ("memory", "cores", "gpus", "gpu_memory")
 
 
-def worker(worker_id: str) -> str:
-    return f"{PREFIX}:worker:{worker_id}"
+@dataclass(frozen=True)
+class KeySchema:
+    """The key names under one prefix; build one where a ledger, placement or registry call is set up."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def from_env(cls) -> KeySchema:
+        """The schema for ``$HYPHA_KEY_PREFIX`` as it is now (``hypha`` when unset)."""
+        return cls(os.environ.get(PREFIX_VARIABLE, DEFAULT_PREFIX))
+
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.prefix}:worker:{worker_id}"
+
+    def node_workers(self, node: str) -> str:
+        head, tail = self.node_workers_affixes()
+        return f"{head}{node}{tail}"
+
+    def node_workers_affixes(self) -> tuple[str, str]:
+        """What comes before and after the node in :meth:`node_workers` (``place.lua`` joins them)."""
+        return f"{self.prefix}:node:", ":workers"
+
+    def node_capacity(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:capacity"
+
+    def node_used(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:used"
+
+    def leases(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:leases"
+
+    def lease_data(self, node: str) -> str:
+        return f"{self.prefix}:node:{node}:lease_data"
+
+    def task_guard(self, task_id: str) -> str:
+        return f"{self.prefix}:task:{task_id}:lease"
+
+    def nonce(self, key_id: str, value: str) -> str:
+        return f"{self.prefix}:nonce:{key_id}:{value}"
+
+    def index_free(self) -> dict[str, str]:
+        """Short name (``memory``, ``core_milli``, ...) -> the index of what is free now."""
+        return {name: f"{self.prefix}:index:free_{name}" for name in FREE_INDEXES}
+
+    def index_capacity(self) -> dict[str, str]:
+        """Short name (``memory``, ``cores``, ...) -> the index of what nodes have in all."""
+        return {name: f"{self.prefix}:index:cap_{name}" for name in CAPACITY_INDEXES}
+
+    def ledger(self, node: str) -> dict[str, str]:
+        """The ``KEYS`` every ledger script starts with, by the name ``lua/prelude.lua`` binds, in order."""
+        return {
+            "capacity": self.node_capacity(node),
+            "used": self.node_used(node),
+            "leases": self.leases(node),
+            "lease_data": self.lease_data(node),
+            **{f"free_{name}": key for name, key in self.index_free().items()},
+        }
+
+    def placement(self) -> dict[str, str]:
+        """Every placement index by the name ``lua/place.lua`` binds, in its ``KEYS`` order."""
+        return {
+            **{f"free_{name}": key for name, key in self.index_free().items()},
+            **{f"cap_{name}": key for name, key in self.index_capacity().items()},
+        }
+
+
+def schema() -> KeySchema:
+    """The schema for ``$HYPHA_KEY_PREFIX`` as it is now (``KeySchema.from_env``)."""
+    return KeySchema.from_env()
 
 
 def worker_queue(worker_id: str) -> str:
@@ -82,29 +156,47 @@ def worker_queue(worker_id: str) -> str:
     return f"hypha.worker.{worker_id}"
 
 
+# The same names for callers with no schema at hand (tools, tests): each reads the prefix now.
+
+def workers() -> str:
+    return schema().workers()
+
+
+def worker(worker_id: str) -> str:
+    return schema().worker(worker_id)
+
+
 def node_workers(node: str) -> str:
-    return f"{PREFIX}:node:{node}:workers"
+    return schema().node_workers(node)
 
 
 def node_capacity(node: str) -> str:
-    return f"{PREFIX}:node:{node}:capacity"
+    return schema().node_capacity(node)
 
 
 def node_used(node: str) -> str:
-    return f"{PREFIX}:node:{node}:used"
+    return schema().node_used(node)
 
 
 def leases(node: str) -> str:
-    return f"{PREFIX}:node:{node}:leases"
+    return schema().leases(node)
 
 
 def lease_data(node: str) -> str:
-    return f"{PREFIX}:node:{node}:lease_data"
+    return schema().lease_data(node)
 
 
 def task_guard(task_id: str) -> str:
-    return f"{PREFIX}:task:{task_id}:lease"
+    return schema().task_guard(task_id)
 
 
 def nonce(key_id: str, value: str) -> str:
-    return f"{PREFIX}:nonce:{key_id}:{value}"
+    return schema().nonce(key_id, value)
+
+
+def index_free() -> dict[str, str]:
+    return schema().index_free()
+
+
+def index_capacity() -> dict[str, str]:
+    return schema().index_capacity()

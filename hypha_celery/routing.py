@@ -23,6 +23,7 @@ __all__ = ["placement_for", "route_by_requirements"]
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
+# Celery calls a router as a bare function (no app, no context to carry a client): one client per URL per process.
 _placements: dict[str, Placement] = {}
 
 

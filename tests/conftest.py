@@ -5,30 +5,37 @@
 * ``amqp_url``: ``$HYPHA_TEST_AMQP_URL``; skipped with a reason when unset,
   except in CI (``CI=true``), where a missing broker is a failure.
 * ``start_worker``: a real ``celery -A hypha_celery worker`` subprocess with a
-  TOML config, torn down with SIGTERM (SIGKILL if it does not stop).
+  TOML config, torn down with SIGTERM (SIGKILL if it does not stop); the
+  launcher is :mod:`hypha_celery.tools.launch`, shared with ``bench`` and the demo.
+
+``wait_for``, ``free_port`` and ``scrape`` are re-exported for tests that import them from here.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
-import tomli_w
 
+from hypha_celery.tools import launch
 from hypha_celery.tools.embedded_redis import EmbeddedRedis
+from hypha_celery.tools.launch import (
+    WorkerProcess,
+    client_app,
+    free_port,
+    scrape,
+    wait_for,
+    worker_env,
+    write_worker_config,
+)
+
+__all__ = ["ROOT", "WorkerProcess", "free_port", "scrape", "wait_for", "worker_env", "write_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -107,89 +114,7 @@ def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
             worker[key] = {**worker[key], **value}
         else:
             worker[key] = value
-    path.write_text(tomli_w.dumps({"worker": worker}))
-    return path
-
-
-@dataclass
-class WorkerProcess:
-    name: str
-    process: subprocess.Popen[bytes]
-    log: Path
-    env: dict[str, str]
-    config: Path
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def kill9(self) -> None:
-        """SIGKILL the worker and every process it started (its process group)."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill9()
-        try:  # executors it left behind, if any
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        return self.process.returncode
-
-
-def worker_env(broker: str, backend: str, registry_url: str, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "HYPHA_BROKER_URL": broker,
-        "HYPHA_RESULT_BACKEND": backend,
-        "HYPHA_REGISTRY_URL": registry_url,
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("HYPHA_CONFIG", None)
-    env.update(extra)
-    return env
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def scrape(port: int) -> dict[str, float]:
-    """One Prometheus scrape of a worker's metrics port, as {sample: value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
+    return write_worker_config(path, worker)
 
 
 @pytest.fixture
@@ -213,22 +138,14 @@ def start_worker(
         merged = {"models": {"model_dir": str(model_dir)}}
         for key, value in (overrides or {}).items():
             merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-        config = write_config(tmp_path / f"{name}.toml", merged)
-        log = tmp_path / f"{name}.log"
-        environment = worker_env(broker or redis_url, backend or redis_url, redis_url, **(env or {}))
-        command = [
-            sys.executable, "-m", "celery", "-A", "hypha_celery", "worker",
-            "--hypha-config", str(config), "-n", f"{name}@%h", "-l", "info",
-            "--without-mingle", "--without-gossip", *args,
-        ]
-        with open(log, "wb") as out:
-            process = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=out, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
-        worker = WorkerProcess(name=name, process=process, log=log, env=environment, config=config)
+        worker = launch.start_worker(
+            name, tmp_path / f"{name}.log",
+            worker_env(broker or redis_url, backend or redis_url, redis_url, **(env or {})),
+            config=write_config(tmp_path / f"{name}.toml", merged), args=args, cwd=ROOT,
+        )
         started.append(worker)
         if wait:
-            wait_for(lambda: "ready." in worker.output() or not worker.alive(), 60, f"worker {name} to be ready")
-            assert worker.alive(), f"worker {name} exited:\n{worker.output()[-3000:]}"
+            worker.wait_ready()
         return worker
 
     yield start
@@ -239,14 +156,10 @@ def start_worker(
 @pytest.fixture
 def celery_client(redis_url: str) -> Iterator[Callable[..., Any]]:
     """``celery_client(broker=None)``: a client Celery app for the test brokers."""
-    from celery import Celery
-
     apps: list[Any] = []
 
     def make(broker: str | None = None, backend: str | None = None) -> Any:
-        app = Celery("hypha-test-client")
-        app.config_from_object("hypha_celery.config.settings")
-        app.conf.update(broker_url=broker or redis_url, result_backend=backend or redis_url, task_routes=())
+        app = client_app(broker or redis_url, backend or redis_url, name="hypha-test-client")
         apps.append(app)
         return app
 

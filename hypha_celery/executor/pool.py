@@ -9,12 +9,14 @@ together are run as one forward pass (dynamic batching, as Triton's
 between jobs but holding no cache, since training changes the weights.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
-never a fork of the worker. A job that overruns its deadline gets SIGTERM,
-then SIGKILL after a grace; its executor is replaced on the next job.
+never a fork of the worker, and speaks :mod:`hypha_celery.executor.protocol` with
+it. A job that overruns its deadline gets SIGTERM, then SIGKILL after a grace; its
+executor is replaced on the next job.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -29,27 +31,70 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from hypha_celery import errors
 from hypha_celery.config import KILL_GRACE_S
+from hypha_celery.executor.protocol import (
+    FD_ENV,
+    SETTINGS_ENV,
+    ChildSettings,
+    Describe,
+    Description,
+    Error,
+    Fatal,
+    Infer,
+    InferResult,
+    JobLimits,
+    Progress,
+    ProtocolError,
+    Ready,
+    Reply,
+    Request,
+    Train,
+    TrainResult,
+    decode_reply,
+)
 from hypha_celery.resources.ledger import Lease
 
-__all__ = ["ExecutorPool", "ExecutorSettings", "ItemResult"]
+__all__ = ["ChildTraceback", "ExecutorPool", "ExecutorSettings", "ItemResult"]
 
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 120.0
+# The classes an executor may name in an Error: those rebuilt from one message string.
 _ERRORS: dict[str, type[errors.HyphaError]] = {
-    name: getattr(errors, name) for name in errors.__all__ if isinstance(getattr(errors, name), type)
+    name: cls
+    for name in errors.__all__
+    if isinstance(cls := getattr(errors, name), type)
+    and issubclass(cls, errors.HyphaError)
+    and not issubclass(cls, (errors.ConfigError, errors.ControlFlow))
 }
+_R = TypeVar("_R", bound=Reply)
 
 
-def error_from_reply(data: dict[str, Any]) -> errors.HyphaError:
-    cls = _ERRORS.get(data.get("type", ""), errors.ExecutionError)
-    if cls is errors.ConfigError:
-        cls = errors.ExecutionError
-    return cls(data.get("message", "executor error"))
+class ChildTraceback(Exception):
+    """The executor's traceback, chained as the ``__cause__`` of the error it reported.
+
+    As ``concurrent.futures`` does for a worker process: the worker's log and the
+    traceback Celery stores with a failed task then show where in the executor it failed.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f'\n"""\n{self.text}"""'
+
+
+def error_from_reply(reply: Error, executor: str) -> errors.HyphaError:
+    """The hypha error an executor's ``Error`` names; its traceback is logged and chained."""
+    error = _ERRORS.get(reply.type, errors.ExecutionError)(reply.message)
+    if reply.traceback:
+        log.warning("executor %s: %s: %s\n%s", executor, reply.type, reply.message, reply.traceback)
+        error.__cause__ = ChildTraceback(reply.traceback)
+    return error
 
 
 @dataclass(frozen=True)
@@ -77,23 +122,23 @@ class ExecutorProcess:
         self.device_key = device_key
         ours, theirs = socket.socketpair()
         memory_mode = settings.memory_mode or ("watchdog" if device_key.startswith("cuda") else "rlimit")
-        child_settings: dict[str, Any] = {
-            "store": settings.store,
-            "cache_size": settings.cache_size,
-            "max_model_size": settings.max_model_size,
-            "device": "cuda:0" if device_key.startswith("cuda") else "cpu",
-            "sandbox": settings.sandbox,
-            "nice": settings.nice,
-            "memory_mode": memory_mode if settings.enforce_memory else "off",
-            "tmpdir": tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
-        }
-        self.tmpdir = child_settings["tmpdir"]
+        child = ChildSettings(
+            store=settings.store,
+            cache_size=settings.cache_size,
+            max_model_size=settings.max_model_size,
+            device="cuda:0" if device_key.startswith("cuda") else "cpu",
+            sandbox=settings.sandbox,
+            nice=settings.nice,
+            memory_mode=memory_mode if settings.enforce_memory else "off",
+            tmpdir=tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
+        )
+        self.tmpdir = child.tmpdir
         env = _child_env()
         env.update({
-            "HYPHA_EXECUTOR": json.dumps(child_settings),
-            "HYPHA_EXECUTOR_FD": str(theirs.fileno()),
-            "TMPDIR": child_settings["tmpdir"],
-            "HOME": child_settings["tmpdir"],
+            SETTINGS_ENV: json.dumps(child.to_json()),
+            FD_ENV: str(theirs.fileno()),
+            "TMPDIR": child.tmpdir,
+            "HOME": child.tmpdir,
             "CUDA_VISIBLE_DEVICES": device_key.partition(":")[2] if device_key.startswith("cuda") else "",
         })
         self.process = subprocess.Popen(
@@ -112,16 +157,21 @@ class ExecutorProcess:
         except TimeoutError:
             self.kill()
             raise errors.ExecutorCrashed(f"executor {name} did not start within {_START_TIMEOUT_S:.0f}s") from None
-        if not hello.get("ready"):
+        except errors.HyphaError:
             self.kill()
-            raise error_from_reply(hello.get("error", {"type": "ExecutorCrashed", "message": "executor did not start"}))
+            raise
+        if not isinstance(hello, Ready):
+            self.kill()
+            if isinstance(hello, Error):
+                raise error_from_reply(hello, name)
+            raise errors.ExecutorCrashed(f"executor {name} did not start: it sent {hello.kind!r}")
         self.pid = self.process.pid
 
     @property
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def _read(self, timeout: float | None) -> dict[str, Any]:
+    def _read(self, timeout: float | None) -> Reply:
         self._sock.settimeout(timeout)
         try:
             line = self._reader.readline()
@@ -132,19 +182,22 @@ class ExecutorProcess:
         if not line:
             code = self.process.wait()
             raise errors.ExecutorCrashed(f"executor {self.name} exited (code {code}) without an answer")
-        message: dict[str, Any] = json.loads(line)
-        return message
+        try:
+            return decode_reply(line)
+        except ProtocolError as exc:
+            raise errors.ExecutorCrashed(f"executor {self.name} broke the protocol: {exc}") from None
 
     def call(
         self,
-        request: dict[str, Any],
+        request: Request,
+        expect: type[_R],
         timeout: float,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Send one request; wait for its answer until ``timeout`` seconds, then kill and raise."""
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> _R:
+        """Send one request; wait for its ``expect`` answer until ``timeout`` seconds, then kill and raise."""
         deadline = time.monotonic() + timeout
         try:
-            self._writer.write((json.dumps(request, separators=(",", ":")) + "\n").encode())
+            self._writer.write(request.encode())
             self._writer.flush()
         except OSError as exc:
             raise errors.ExecutorCrashed(f"executor {self.name} is gone: {exc}") from None
@@ -153,23 +206,28 @@ class ExecutorProcess:
             if remaining <= 0:
                 self._overran(timeout)
             try:
-                message = self._read(remaining)
+                reply = self._read(remaining)
             except TimeoutError:
                 self._overran(timeout)
-            if "progress" in message:
+            except errors.ExecutorCrashed:
+                self.kill()
+                raise
+            if isinstance(reply, Progress):
                 if on_progress is not None:
                     try:
-                        on_progress(message["progress"])
+                        on_progress(reply)
                     except Exception as exc:  # progress is advisory: keep reading this job's replies
                         log.warning("progress report failed: %s", exc)
                 continue
-            if "fatal" in message:
+            if isinstance(reply, Fatal):
                 self.kill()
-                raise error_from_reply(message["fatal"])
-            if message.get("ok"):
-                result: dict[str, Any] = message["result"]
-                return result
-            raise error_from_reply(message.get("error", {}))
+                raise error_from_reply(reply, self.name)
+            if isinstance(reply, Error):
+                raise error_from_reply(reply, self.name)
+            if isinstance(reply, expect):
+                return reply
+            self.kill()
+            raise errors.ExecutorCrashed(f"executor {self.name} answered {request.kind!r} with {reply.kind!r}")
 
     def _overran(self, timeout: float) -> None:
         self.kill()
@@ -242,13 +300,13 @@ class _Request:
         self.done.set()
 
 
-def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> dict[str, Any]:
+def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
     cores = sorted({core for lease in leases for core in lease.cores})
-    return {
-        "memory": sum(lease.memory for lease in leases) if settings.enforce_memory else None,
-        "cores": cores if settings.enforce_cpu and cores else None,
-        "gpu_memory": sum(sum(lease.gpus.values()) for lease in leases) or None,
-    }
+    return JobLimits(
+        memory=sum(lease.memory for lease in leases) if settings.enforce_memory else None,
+        cores=cores if settings.enforce_cpu and cores else None,
+        gpu_memory=sum(sum(lease.gpus.values()) for lease in leases) or None,
+    )
 
 
 def device_key(lease: Lease) -> str:
@@ -326,15 +384,14 @@ class _Lane:
                 request.finish(error=errors.TaskTimeout("the task's task_timeout passed while it waited for its model"))
             return
         executor = self._ensure_executor()
-        job = {
-            "op": "infer",
-            "model": batch[0].model,
-            "items": [r.inputs for r in batch],
-            "limits": _job_limits([r.lease for r in batch], self.pool.settings),
-            "expected_size": batch[0].expected_size,
-        }
+        job = Infer(
+            model=batch[0].model,
+            items=[r.inputs for r in batch],
+            expected_size=batch[0].expected_size,
+            limits=_job_limits([r.lease for r in batch], self.pool.settings),
+        )
         try:
-            reply = executor.call(job, timeout)
+            reply = executor.call(job, InferResult, timeout)
         except (errors.MemoryLimitExceeded, errors.ExecutorCrashed) as exc:
             self._cache_changed({})
             if len(batch) > 1:
@@ -349,24 +406,25 @@ class _Lane:
             for request in batch:
                 request.finish(error=exc)
             return
-        for index, (request, output, error) in enumerate(zip(batch, reply["outputs"], reply["errors"], strict=True)):
+        usage = reply.usage
+        for index, (request, output, error) in enumerate(zip(batch, reply.outputs, reply.errors, strict=True)):
             if error is not None:
-                request.finish(error=error_from_reply(error))
+                request.finish(error=error_from_reply(error, executor.name))
                 continue
             # One load serves the whole batch: the first request missed, the rest share it.
-            loaded_here = index == 0 and not reply["cache_hit"]
+            loaded_here = index == 0 and not reply.cache_hit
             request.finish(ItemResult(
                 output=output,
                 cache_hit=not loaded_here,
-                load_s=reply["load_s"] if loaded_here else 0.0,
-                compute_s=reply["compute_s"],
-                batch_size=reply["batch_size"],
-                memory_peak=reply["memory_peak"],
-                device=reply["device"],
-                cpu_affinity=reply["cpu_affinity"],
-                gpu_memory_peak=reply.get("gpu_memory_peak"),
+                load_s=reply.load_s if loaded_here else 0.0,
+                compute_s=reply.compute_s,
+                batch_size=reply.batch_size,
+                memory_peak=usage.memory_peak,
+                device=usage.device,
+                cpu_affinity=usage.cpu_affinity,
+                gpu_memory_peak=usage.gpu_memory_peak,
             ))
-        self._cache_changed(reply.get("cache", {}))
+        self._cache_changed(reply.cache)
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
@@ -432,22 +490,22 @@ class ExecutorPool:
 
     def run_job(
         self,
-        request: dict[str, Any],
+        job: Train,
         *,
         lease: Lease,
         timeout: float,
-        on_progress: Callable[[dict[str, Any]], None] | None = None,
-    ) -> dict[str, Any]:
-        """Run a training job in a job executor of the lease's device."""
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> TrainResult:
+        """Run a training job in a job executor of the lease's device, under the lease's limits."""
         key = device_key(lease)
         with self._lock:
             idle = self._idle_jobs.setdefault(key, [])
             executor = idle.pop() if idle else None
         if executor is None or not executor.alive:
             executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key)
-        request = dict(request, limits=_job_limits([lease], self.settings))
+        job = dataclasses.replace(job, limits=_job_limits([lease], self.settings))
         try:
-            result = executor.call(request, timeout, on_progress)
+            result = executor.call(job, TrainResult, timeout, on_progress)
         except errors.HyphaError as exc:
             # A reply ended the job (an error reply): the executor is ready for the next one,
             # unless it was killed (timeout, crash, memory watchdog).
@@ -469,11 +527,11 @@ class ExecutorPool:
             else:
                 self._idle_jobs.setdefault(key, []).append(executor)
 
-    def describe(self, device: str = "cpu") -> dict[str, Any]:
+    def describe(self, device: str = "cpu") -> Description:
         """Start (if needed) the serving executor of ``device`` and report what it is allowed."""
         lane = self._lane(device)
         with lane.calling:
-            return lane._ensure_executor().call({"op": "ping"}, _START_TIMEOUT_S)
+            return lane._ensure_executor().call(Describe(), Description, _START_TIMEOUT_S)
 
     def cache(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -2,18 +2,23 @@
 -- what that id held before. No capacity check: the bytes exist whether or not they fit;
 -- admission then sees them as taken. GPU cache bytes ("gc<i>") count against a device's
 -- memory but never against holding it: the cache belongs to the worker that serves it.
--- ARGV: 2 lease_id, 3 ttl_ms, 4 memory, 5 gpu JSON [id, bytes, ...], 6 holder
-local id, ttl, mem = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-local gpus = cjson.decode(ARGV[5])
+-- KEYS: 1-9 the prelude's
+-- ARGV: 1 node, 2 lease_id, 3 ttl_ms, 4 memory, 5 gpu JSON [id, bytes, ...], 6 holder
+local LEASE_ID = ARGV[2]
+local TTL_MS = tonumber(ARGV[3])
+local MEMORY = tonumber(ARGV[4])
+local GPUS = cjson.decode(ARGV[5])
+local HOLDER = ARGV[6]
+
 local cap = capacity()
 if cap == nil then return 0 end
-free_lease(id)
-if mem > 0 or #gpus > 0 then
-  if mem > 0 then redis.call('HINCRBY', KEYS[2], 'memory', mem) end
-  for i = 1, #gpus, 2 do redis.call('HINCRBY', KEYS[2], 'gc' .. gpus[i], gpus[i + 1]) end
-  local lease = {m = mem, c = {}, g = gpus, x = 0, h = ARGV[6], t = '', k = 'cache'}
-  redis.call('HSET', KEYS[4], id, cjson.encode(lease))
-  redis.call('ZADD', KEYS[3], now_ms() + ttl, id)
+free_lease(LEASE_ID)
+if MEMORY > 0 or #GPUS > 0 then
+  if MEMORY > 0 then redis.call('HINCRBY', USED, 'memory', MEMORY) end
+  for i = 1, #GPUS, 2 do redis.call('HINCRBY', USED, 'gc' .. GPUS[i], GPUS[i + 1]) end
+  local lease = {m = MEMORY, c = {}, g = GPUS, x = 0, h = HOLDER, t = '', k = 'cache'}
+  redis.call('HSET', LEASE_DATA, LEASE_ID, cjson.encode(lease))
+  redis.call('ZADD', LEASES, now_ms() + TTL_MS, LEASE_ID)
 end
 refresh_index(cap)
 return 1

@@ -1,64 +1,85 @@
 -- Choose a live worker whose node fits a request, best fit first.
--- KEYS: 1 free_memory, 2 free_core_milli, 3 free_whole_cores, 4 free_gpus, 5 free_gpu_memory,
---       6 cap_memory, 7 cap_cores, 8 cap_gpus, 9 cap_gpu_memory
+-- KEYS (keys.KeySchema.placement, in this order):
+--   1 free_memory, 2 free_core_milli, 3 free_whole_cores, 4 free_gpus, 5 free_gpu_memory,
+--   6 cap_memory, 7 cap_cores, 8 cap_gpus, 9 cap_gpu_memory
 -- ARGV: 1 mode ('free' = fits now, 'capacity' = could ever fit), 2 memory, 3 cpu_milli,
---       4 gpus, 5 gpu_memory, 6 exclude worker id, 7 key prefix, 8 scan limit
+--       4 gpus, 5 gpu_memory, 6 exclude worker id, 7 scan limit,
+--       8, 9 what comes before and after the node in a node's workers key (keys.KeySchema.node_workers_affixes)
 -- Returns {node, worker} or {} when nothing fits.
-local mode, mem, milli = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local ngpu, gmem, exclude, prefix = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7]
-local limit = tonumber(ARGV[8])
+local FREE_MEMORY = KEYS[1]
+local FREE_CORE_MILLI = KEYS[2]
+local FREE_WHOLE_CORES = KEYS[3]
+local FREE_GPUS = KEYS[4]
+local FREE_GPU_MEMORY = KEYS[5]
+local CAP_MEMORY = KEYS[6]
+local CAP_CORES = KEYS[7]
+local CAP_GPUS = KEYS[8]
+local CAP_GPU_MEMORY = KEYS[9]
+local MODE = ARGV[1]
+local MEMORY = tonumber(ARGV[2])
+local CPU_MILLI = tonumber(ARGV[3])
+local NGPU = tonumber(ARGV[4])
+local GPU_MEMORY = tonumber(ARGV[5])
+local EXCLUDE = ARGV[6]
+local SCAN_LIMIT = tonumber(ARGV[7])
+local NODE_WORKERS_HEAD = ARGV[8]
+local NODE_WORKERS_TAIL = ARGV[9]
+
+local INDEXES = {FREE_MEMORY, FREE_CORE_MILLI, FREE_WHOLE_CORES, FREE_GPUS, FREE_GPU_MEMORY,
+                 CAP_MEMORY, CAP_CORES, CAP_GPUS, CAP_GPU_MEMORY}
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 
-local MEM, GPUS, GMEM = 1, 4, 5
-if mode == 'capacity' then MEM, GPUS, GMEM = 6, 8, 9 end
+-- The indexes this mode compares against: what is free now, or what a node has in all.
+local MEM, GPUS, GMEM = FREE_MEMORY, FREE_GPUS, FREE_GPU_MEMORY
+if MODE == 'capacity' then MEM, GPUS, GMEM = CAP_MEMORY, CAP_GPUS, CAP_GPU_MEMORY end
 
 local function score(index, node)
-  return tonumber(redis.call('ZSCORE', KEYS[index], node) or '-1')
+  return tonumber(redis.call('ZSCORE', index, node) or '-1')
 end
 
 local function fits(node)
-  if score(MEM, node) < mem then return false end
-  if mode == 'capacity' then
-    if score(7, node) < math.max(1, math.ceil(milli / 1000)) then return false end
-  elseif milli >= 1000 then
-    if score(3, node) < milli / 1000 then return false end
-  elseif score(2, node) < milli then
+  if score(MEM, node) < MEMORY then return false end
+  if MODE == 'capacity' then
+    if score(CAP_CORES, node) < math.max(1, math.ceil(CPU_MILLI / 1000)) then return false end
+  elseif CPU_MILLI >= 1000 then
+    if score(FREE_WHOLE_CORES, node) < CPU_MILLI / 1000 then return false end
+  elseif score(FREE_CORE_MILLI, node) < CPU_MILLI then
     return false
   end
-  if ngpu > 0 then
-    if score(GMEM, node) < gmem then return false end
-    if score(GPUS, node) < ngpu and not (mode == 'free' and ngpu == 1 and gmem > 0) then return false end
+  if NGPU > 0 then
+    if score(GMEM, node) < GPU_MEMORY then return false end
+    if score(GPUS, node) < NGPU and not (MODE == 'free' and NGPU == 1 and GPU_MEMORY > 0) then return false end
   end
   return true
 end
 
 local function live_worker(node)
-  local key = prefix .. ':node:' .. node .. ':workers'
+  local key = NODE_WORKERS_HEAD .. node .. NODE_WORKERS_TAIL
   local workers = redis.call('ZRANGEBYSCORE', key, now, '+inf')
   for _, w in ipairs(workers) do
-    if w ~= exclude then return w end
+    if w ~= EXCLUDE then return w end
   end
   -- No worker has advertised this node for 3 intervals: it leaves the indexes (a worker
   -- that comes back puts it in again, see NodeStep's monitor).
   if redis.call('EXISTS', key) == 0 then
-    for i = 1, 9 do redis.call('ZREM', KEYS[i], node) end
+    for _, index in ipairs(INDEXES) do redis.call('ZREM', index, node) end
   end
   return nil
 end
 
 -- Walk the scarcest resource's index upwards: the first node that fits is the tightest fit.
-local primary, floor = MEM, mem
-if ngpu > 0 and gmem > 0 then primary, floor = GMEM, gmem
-elseif ngpu > 0 then primary, floor = GPUS, ngpu
-elseif mem == 0 then
-  if mode == 'capacity' then primary, floor = 7, math.max(1, math.ceil(milli / 1000))
-  elseif milli >= 1000 then primary, floor = 3, milli / 1000
-  else primary, floor = 2, milli end
+local primary, floor = MEM, MEMORY
+if NGPU > 0 and GPU_MEMORY > 0 then primary, floor = GMEM, GPU_MEMORY
+elseif NGPU > 0 then primary, floor = GPUS, NGPU
+elseif MEMORY == 0 then
+  if MODE == 'capacity' then primary, floor = CAP_CORES, math.max(1, math.ceil(CPU_MILLI / 1000))
+  elseif CPU_MILLI >= 1000 then primary, floor = FREE_WHOLE_CORES, CPU_MILLI / 1000
+  else primary, floor = FREE_CORE_MILLI, CPU_MILLI end
 end
 local offset, page = 0, 100
-while offset < limit do
-  local nodes = redis.call('ZRANGEBYSCORE', KEYS[primary], floor, '+inf', 'LIMIT', offset, page)
+while offset < SCAN_LIMIT do
+  local nodes = redis.call('ZRANGEBYSCORE', primary, floor, '+inf', 'LIMIT', offset, page)
   if #nodes == 0 then break end
   for _, node in ipairs(nodes) do
     if fits(node) then

@@ -1,19 +1,25 @@
--- Shared by every ledger script (prepended by ledger.py).
--- KEYS: 1 capacity, 2 used, 3 leases, 4 lease_data, 5.. task guard keys
--- ARGV[1] is always the node id. The global placement indexes are named from
--- the key prefix (all hypha keys live on one Redis; see hypha_celery/keys.py):
--- fewer keys to send makes each call cheaper for the client.
+-- Shared by every ledger script (ledger.py puts it in front of each).
+-- KEYS (keys.KeySchema.ledger, in this order; a script's own keys follow from 10):
+--   1 capacity, 2 used, 3 leases, 4 lease_data,
+--   5 free_memory, 6 free_core_milli, 7 free_whole_cores, 8 free_gpus, 9 free_gpu_memory
+-- ARGV: 1 node id (a script's own arguments follow from 2)
+local CAPACITY = KEYS[1]
+local USED = KEYS[2]
+local LEASES = KEYS[3]
+local LEASE_DATA = KEYS[4]
+local FREE_MEMORY = KEYS[5]
+local FREE_CORE_MILLI = KEYS[6]
+local FREE_WHOLE_CORES = KEYS[7]
+local FREE_GPUS = KEYS[8]
+local FREE_GPU_MEMORY = KEYS[9]
 local NODE = ARGV[1]
-local PREFIX = string.match(KEYS[1], '^(.-):node:')
-local FREE_MEMORY = PREFIX .. ':index:free_memory'
-local FREE_CORE_MILLI = PREFIX .. ':index:free_core_milli'
-local FREE_WHOLE_CORES = PREFIX .. ':index:free_whole_cores'
-local FREE_GPUS = PREFIX .. ':index:free_gpus'
-local FREE_GPU_MEMORY = PREFIX .. ':index:free_gpu_memory'
-local CAP_MEMORY = PREFIX .. ':index:cap_memory'
-local CAP_CORES = PREFIX .. ':index:cap_cores'
-local CAP_GPUS = PREFIX .. ':index:cap_gpus'
-local CAP_GPU_MEMORY = PREFIX .. ':index:cap_gpu_memory'
+
+-- ``list`` from position ``first`` on, as a new list (a script's variable-length KEYS or ARGV).
+local function tail(list, first)
+  local out = {}
+  for i = first, #list do out[#out + 1] = list[i] end
+  return out
+end
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -33,7 +39,7 @@ end
 
 -- The capacity is one JSON field, so reading it is one HGET and one decode.
 local function capacity()
-  local raw = redis.call('HGET', KEYS[1], 'spec')
+  local raw = redis.call('HGET', CAPACITY, 'spec')
   if not raw then return nil end
   local spec = cjson.decode(raw)
   local cap = {memory = spec.memory, cores = spec.cores, gpus = {}, gpu_mem = {}, sharing = spec.sharing == 1}
@@ -45,27 +51,27 @@ local function capacity()
 end
 
 local function free_lease(id)
-  local raw = redis.call('HGET', KEYS[4], id)
-  redis.call('ZREM', KEYS[3], id)
+  local raw = redis.call('HGET', LEASE_DATA, id)
+  redis.call('ZREM', LEASES, id)
   if not raw then return false end
-  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', LEASE_DATA, id)
   local l = cjson.decode(raw)
-  if l.m > 0 then redis.call('HINCRBY', KEYS[2], 'memory', -l.m) end
-  for i = 1, #l.c, 2 do redis.call('HINCRBY', KEYS[2], 'c' .. l.c[i], -l.c[i + 1]) end
+  if l.m > 0 then redis.call('HINCRBY', USED, 'memory', -l.m) end
+  for i = 1, #l.c, 2 do redis.call('HINCRBY', USED, 'c' .. l.c[i], -l.c[i + 1]) end
   for i = 1, #l.g, 2 do
     if l.k == 'cache' then
-      redis.call('HINCRBY', KEYS[2], 'gc' .. l.g[i], -l.g[i + 1])
+      redis.call('HINCRBY', USED, 'gc' .. l.g[i], -l.g[i + 1])
     else
-      redis.call('HINCRBY', KEYS[2], 'g' .. l.g[i], -l.g[i + 1])
-      redis.call('HINCRBY', KEYS[2], 'gh' .. l.g[i], -1)
+      redis.call('HINCRBY', USED, 'g' .. l.g[i], -l.g[i + 1])
+      redis.call('HINCRBY', USED, 'gh' .. l.g[i], -1)
     end
-    if l.x == 1 then redis.call('HINCRBY', KEYS[2], 'gx' .. l.g[i], -1) end
+    if l.x == 1 then redis.call('HINCRBY', USED, 'gx' .. l.g[i], -1) end
   end
   return true
 end
 
 local function expire_stale(now)
-  local dead = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)
+  local dead = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now)
   for _, id in ipairs(dead) do free_lease(id) end
   return #dead
 end
@@ -73,7 +79,7 @@ end
 -- Keep the placement indexes equal to what is free right now (``used``: the used hash, if at hand).
 local function refresh_index(cap, used)
   if cap == nil then return end
-  used = used or hash(KEYS[2])
+  used = used or hash(USED)
   redis.call('ZADD', FREE_MEMORY, cap.memory - num(used, 'memory'), NODE)
   local best_core, whole = 0, 0
   for _, c in ipairs(cap.cores) do

@@ -1,9 +1,15 @@
--- ARGV: 2.. lease ids; KEYS[5..] their task guard keys (same order; may be placeholders).
+-- Give leases back; a task's guard then says "done" for 60 s.
+-- KEYS: 1-9 the prelude's, 10.. the task guard of each lease (same order as the ids; may be placeholders)
+-- ARGV: 1 node, 2.. lease ids
+-- Returns how many of the leases were still held.
+local GUARDS = tail(KEYS, 10)
+local LEASE_IDS = tail(ARGV, 2)
+
 local freed = 0
-for i = 2, #ARGV do
-  if free_lease(ARGV[i]) then freed = freed + 1 end
-  local guard = KEYS[3 + i]
-  if guard and redis.call('GET', guard) == ARGV[i] then redis.call('SET', guard, 'done', 'PX', 60000) end
+for i, id in ipairs(LEASE_IDS) do
+  if free_lease(id) then freed = freed + 1 end
+  local guard = GUARDS[i]
+  if guard and redis.call('GET', guard) == id then redis.call('SET', guard, 'done', 'PX', 60000) end
 end
 refresh_index(capacity())
 return freed

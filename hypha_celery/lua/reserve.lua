@@ -1,11 +1,18 @@
 -- All-or-nothing reservation of memory + CPU + GPU, as one lease.
--- ARGV: 2 lease_id, 3 ttl_ms, 4 memory, 5 cpu_milli, 6 gpus, 7 gpu_memory (0 = whole device),
---       8 holder, 9 task_id ('' for none; guard key is KEYS[5])
+-- KEYS: 1-9 the prelude's, 10 the task's guard (keys.KeySchema.task_guard; a placeholder without a task)
+-- ARGV: 1 node, 2 lease_id, 3 ttl_ms, 4 memory, 5 cpu_milli, 6 gpus, 7 gpu_memory (0 = whole device),
+--       8 holder, 9 task_id ('' for none)
 -- Returns JSON: {ok=true, id, m, c=[core, milli, ...], g=[gpu, bytes, ...], x, e}
---            or {ok=false, why='busy'|'infeasible'|'duplicate'|'unknown_node', resource=...}
-local lease_id, ttl = ARGV[2], tonumber(ARGV[3])
-local mem, milli, ngpu, gmem = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local holder, task_id = ARGV[8], ARGV[9]
+--            or {ok=false, why='busy'|'infeasible'|'duplicate'|'unknown_node', resource=..., lease=..., holder=...}
+local GUARD = KEYS[10]
+local LEASE_ID = ARGV[2]
+local TTL_MS = tonumber(ARGV[3])
+local MEMORY = tonumber(ARGV[4])
+local CPU_MILLI = tonumber(ARGV[5])
+local NGPU = tonumber(ARGV[6])
+local GPU_MEMORY = tonumber(ARGV[7])
+local HOLDER = ARGV[8]
+local TASK_ID = ARGV[9]
 
 local cap = capacity()
 if cap == nil then return cjson.encode({ok = false, why = 'unknown_node'}) end
@@ -15,10 +22,10 @@ if expire_stale(now) > 0 then refresh_index(cap) end
 -- The task guard lives as long as the lease that runs the task (on any node: renewals
 -- extend both), then says "done" for a while, so a copy of the task never runs beside
 -- it or right after it.
-if task_id ~= '' then
-  local other = redis.call('GET', KEYS[5])
+if TASK_ID ~= '' then
+  local other = redis.call('GET', GUARD)
   if other then
-    local raw = redis.call('HGET', KEYS[4], other)
+    local raw = redis.call('HGET', LEASE_DATA, other)
     local h = raw and cjson.decode(raw).h or ''
     return cjson.encode({ok = false, why = 'duplicate', lease = other, holder = h})
   end
@@ -28,52 +35,52 @@ end
 local function refuse(why, resource)
   return cjson.encode({ok = false, why = why, resource = resource})
 end
-if mem > cap.memory then return refuse('infeasible', 'memory') end
-if milli >= 1000 and milli / 1000 > #cap.cores then return refuse('infeasible', 'cpu') end
-if #cap.cores == 0 and milli > 0 then return refuse('infeasible', 'cpu') end
-if ngpu > 0 then
+if MEMORY > cap.memory then return refuse('infeasible', 'memory') end
+if CPU_MILLI >= 1000 and CPU_MILLI / 1000 > #cap.cores then return refuse('infeasible', 'cpu') end
+if #cap.cores == 0 and CPU_MILLI > 0 then return refuse('infeasible', 'cpu') end
+if NGPU > 0 then
   local big_enough = 0
   for _, g in ipairs(cap.gpus) do
-    if cap.gpu_mem[g] >= gmem then big_enough = big_enough + 1 end
+    if cap.gpu_mem[g] >= GPU_MEMORY then big_enough = big_enough + 1 end
   end
-  if big_enough < ngpu then return refuse('infeasible', 'gpu') end
+  if big_enough < NGPU then return refuse('infeasible', 'gpu') end
 end
 
-local used = hash(KEYS[2])
+local used = hash(USED)
 
-if num(used, 'memory') + mem > cap.memory then return refuse('busy', 'memory') end
+if num(used, 'memory') + MEMORY > cap.memory then return refuse('busy', 'memory') end
 
 -- CPU: whole cores are pinned exclusively; a fraction goes to the fullest core it fits (best fit).
 local cores = {}
-if milli >= 1000 then
-  local want = milli / 1000
+if CPU_MILLI >= 1000 then
+  local want = CPU_MILLI / 1000
   for _, c in ipairs(cap.cores) do
     if #cores / 2 < want and num(used, 'c' .. c) == 0 then
       table.insert(cores, c); table.insert(cores, 1000)
     end
   end
   if #cores / 2 < want then return refuse('busy', 'cpu') end
-elseif milli > 0 then
+elseif CPU_MILLI > 0 then
   local best, best_free = nil, 1001
   for _, c in ipairs(cap.cores) do
     local free = 1000 - num(used, 'c' .. c)
-    if free >= milli and free < best_free then best, best_free = c, free end
+    if free >= CPU_MILLI and free < best_free then best, best_free = c, free end
   end
   if best == nil then return refuse('busy', 'cpu') end
-  cores = {best, milli}
+  cores = {best, CPU_MILLI}
 end
 
 -- GPU: exclusive unless the node shares GPUs and the task named a per-device amount.
-local exclusive = (not cap.sharing) or gmem == 0
+local exclusive = (not cap.sharing) or GPU_MEMORY == 0
 local gpus, taken = {}, {}
-for _ = 1, ngpu do
+for _ = 1, NGPU do
   local best, best_free = nil, nil
   for _, g in ipairs(cap.gpus) do
     if not taken[g] then
       local cached = num(used, 'gc' .. g)
       local holders, free = num(used, 'gh' .. g), cap.gpu_mem[g] - num(used, 'g' .. g) - cached
       -- a whole device is the device less what this node's own model cache keeps on it
-      local need = gmem > 0 and gmem or (cap.gpu_mem[g] - cached)
+      local need = GPU_MEMORY > 0 and GPU_MEMORY or (cap.gpu_mem[g] - cached)
       local ok
       if exclusive then ok = holders == 0 else ok = num(used, 'gx' .. g) == 0 end
       if ok and free >= need and (best_free == nil or free < best_free) then best, best_free = g, free end
@@ -81,25 +88,25 @@ for _ = 1, ngpu do
   end
   if best == nil then return refuse('busy', 'gpu') end
   taken[best] = true
-  table.insert(gpus, best); table.insert(gpus, gmem > 0 and gmem or (cap.gpu_mem[best] - num(used, 'gc' .. best)))
+  table.insert(gpus, best); table.insert(gpus, GPU_MEMORY > 0 and GPU_MEMORY or (cap.gpu_mem[best] - num(used, 'gc' .. best)))
 end
 
 -- Commit (and keep ``used`` current, so the index refresh need not read it again).
-local x = (ngpu > 0 and exclusive) and 1 or 0
+local x = (NGPU > 0 and exclusive) and 1 or 0
 local function add(field, amount)
-  used[field] = redis.call('HINCRBY', KEYS[2], field, amount)
+  used[field] = redis.call('HINCRBY', USED, field, amount)
 end
-if mem > 0 then add('memory', mem) end
+if MEMORY > 0 then add('memory', MEMORY) end
 for i = 1, #cores, 2 do add('c' .. cores[i], cores[i + 1]) end
 for i = 1, #gpus, 2 do
   add('g' .. gpus[i], gpus[i + 1])
   add('gh' .. gpus[i], 1)
   if x == 1 then add('gx' .. gpus[i], 1) end
 end
-local expires = now + ttl
-local lease = {m = mem, c = cores, g = gpus, x = x, h = holder, t = task_id, k = 'task'}
-redis.call('HSET', KEYS[4], lease_id, cjson.encode(lease))
-redis.call('ZADD', KEYS[3], expires, lease_id)
-if task_id ~= '' then redis.call('SET', KEYS[5], lease_id, 'PX', ttl) end
+local expires = now + TTL_MS
+local lease = {m = MEMORY, c = cores, g = gpus, x = x, h = HOLDER, t = TASK_ID, k = 'task'}
+redis.call('HSET', LEASE_DATA, LEASE_ID, cjson.encode(lease))
+redis.call('ZADD', LEASES, expires, LEASE_ID)
+if TASK_ID ~= '' then redis.call('SET', GUARD, LEASE_ID, 'PX', TTL_MS) end
 refresh_index(cap, used)
-return cjson.encode({ok = true, id = lease_id, m = mem, c = cores, g = gpus, x = x, e = expires})
+return cjson.encode({ok = true, id = LEASE_ID, m = MEMORY, c = cores, g = gpus, x = x, e = expires})

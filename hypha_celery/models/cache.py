@@ -31,9 +31,6 @@ class CacheStats:
     evictions: int = 0
     uncached: int = 0
 
-    def to_json(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "uncached": self.uncached}
-
 
 @dataclass
 class _Entry:

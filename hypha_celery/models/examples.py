@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from hypha_celery.models.store import Manifest, ModelStore
+from hypha_celery.models.manifest import Manifest
+from hypha_celery.models.store import ModelStore
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["EXAMPLES", "clusters", "init_examples"]
+__all__ = ["clusters", "init_examples"]
 
-EXAMPLES = ("mlp", "cnn")
 _CENTRES = ((5.0, 3.4, 1.5, 0.2), (5.9, 2.8, 4.3, 1.3), (6.6, 3.0, 5.6, 2.0))
 
 

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
+from hypha_celery.executor.protocol import Progress, Trained
 from hypha_celery.models.architectures import build
-from hypha_celery.models.store import Manifest, ModelStore
+from hypha_celery.models.manifest import Manifest
+from hypha_celery.models.store import ModelStore
 
 __all__ = ["Loaded", "infer_batch", "load", "model_bytes", "train"]
 
@@ -143,10 +145,10 @@ def train(
     epochs: int,
     lr: float,
     batch_size: int,
-    progress: Callable[[dict[str, Any]], None],
+    progress: Callable[[Progress], None],
     progress_interval: float = 0.25,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> Trained:
     """Fine-tune ``loaded`` in place with Adam; report progress at most every ``progress_interval`` s."""
     shape = loaded.manifest.input_shape
     inputs = _decode(data["inputs"], shape, loaded.dtype).to(loaded.device)
@@ -175,14 +177,13 @@ def train(
             now = time.monotonic()
             if now - last_report >= progress_interval:
                 last_report = now
-                progress({"epoch": epoch, "epochs": epochs, "step": step, "steps": total_steps,
-                          "loss": value, "percent": round(100.0 * step / total_steps, 2)})
+                progress(Progress(epoch=epoch, epochs=epochs, step=step, steps=total_steps, loss=value,
+                                  percent=round(100.0 * step / total_steps, 2)))
         curve.append(epoch_loss / rows)
     loaded.module.train(False)
-    progress({"epoch": epochs, "epochs": epochs, "step": step, "steps": total_steps,
-              "loss": curve[-1], "percent": 100.0})
+    progress(Progress(epoch=epochs, epochs=epochs, step=step, steps=total_steps, loss=curve[-1], percent=100.0))
     stride = max(1, math.ceil(len(curve) / MAX_CURVE_POINTS))
     sampled = curve[::stride]
     if sampled[-1] != curve[-1]:
         sampled.append(curve[-1])
-    return {"final_loss": curve[-1], "loss_curve": sampled, "epochs": epochs, "steps": step, "samples": rows}
+    return Trained(final_loss=curve[-1], loss_curve=sampled, epochs=epochs, steps=step, samples=rows)

@@ -14,11 +14,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hypha_celery.config import ModelSource
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.store import DatasetManifest, Manifest
+from hypha_celery.models.manifest import MODEL_MANIFEST, DatasetManifest, Manifest
+
+if TYPE_CHECKING:
+    from hypha_celery.config import ModelSource
 
 __all__ = ["fetch_model"]
 
@@ -33,7 +35,7 @@ def fetch_model(
     staging: Path,
     max_size: int,
     parse: Callable[[Any, str, int | None], Manifest | DatasetManifest] = Manifest.from_json,
-    manifest_name: str = "manifest.json",
+    manifest_name: str = MODEL_MANIFEST,
 ) -> Manifest | DatasetManifest:
     """Download ``model_id`` (a model, or with ``parse``/``manifest_name`` a data set) from ``source``
     into ``staging``; return its validated manifest."""

@@ -14,7 +14,8 @@ Data sets live beside models and travel by the same sources and checks, so
 A model id is ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`` without ``..``: one path
 component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
-whole model or none; the manifest is what marks it complete.
+whole model or none; the manifest is what marks it complete. The manifest
+types, the file names and the id rule are :mod:`hypha_celery.models.manifest`.
 """
 
 from __future__ import annotations
@@ -27,42 +28,33 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.models.manifest import (
+    DATA,
+    DATASET_MANIFEST,
+    MODEL_MANIFEST,
+    WEIGHTS,
+    DatasetManifest,
+    FileEntry,
+    Manifest,
+    is_model_id,
+    validate_model_id,
+)
+from hypha_celery.models.sources import fetch_model
 
 if TYPE_CHECKING:
     from torch import nn
 
     from hypha_celery.config import ModelSource
 
-__all__ = ["FORMAT", "FileEntry", "Manifest", "ModelStore", "sha256_file", "validate_model_id"]
+__all__ = ["ModelStore", "sha256_file"]
 
-FORMAT = "hypha-model/1"
-WEIGHTS = "weights.safetensors"
-DATASET_FORMAT = "hypha-dataset/1"
-DATASET_MANIFEST = "dataset.json"
-DATA = "data.json"
-# \Z, not $: "$" also matches before a trailing newline, and "mlp\n" is not a valid id.
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-_SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
 _CHUNK = 1 << 20
-
-
-def validate_model_id(model_id: object) -> str:
-    """Return ``model_id`` if it is a well-formed id, else raise ``UnsupportedModel``."""
-    if not isinstance(model_id, str) or not _MODEL_ID.match(model_id) or ".." in model_id:
-        raise UnsupportedModel(
-            f"invalid model id {model_id!r}: use letters, digits, '_', '-', '.' "
-            "(one name, at most 128 characters, no '..' or '/')"
-        )
-    return model_id
 
 
 def sha256_file(path: Path) -> str:
@@ -71,140 +63,6 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    sha256: str
-    size: int
-
-
-class _Listed:
-    """What every manifest has: the files it lists, each with a sha256 and a size."""
-
-    files: dict[str, FileEntry]
-
-    @property
-    def size(self) -> int:
-        return sum(entry.size for entry in self.files.values())
-
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)  # type: ignore[call-overload]
-        data["files"] = {name: asdict(entry) for name, entry in self.files.items()}
-        return data
-
-
-@dataclass(frozen=True)
-class Manifest(_Listed):
-    """What a stored model is. ``input_shape`` is per sample (no batch dimension)."""
-
-    id: str
-    architecture: str
-    config: dict[str, Any]
-    input_shape: list[int]
-    files: dict[str, FileEntry]
-    dtype: str = "float32"
-    task: str = "classification"
-    batchable: bool = True
-    parent: str | None = None
-    created_at: float = field(default_factory=time.time)
-    format: str = FORMAT
-
-    @classmethod
-    def from_json(cls, data: Any, model_id: str, max_size: int | None = None) -> Manifest:
-        """Validate a manifest (it may come from a remote source) field by field."""
-        def bad(reason: str) -> UnsupportedModel:
-            return UnsupportedModel(f"model {model_id!r}: manifest {reason}")
-
-        if not isinstance(data, dict):
-            raise bad("is not a JSON object")
-        if data.get("format") != FORMAT:
-            raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r}")
-        if data.get("id") != model_id:
-            raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
-        from hypha_celery.models.architectures import ARCHITECTURES
-
-        if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
-            raise bad(f"names unknown architecture {data.get('architecture')!r}")
-        shape = data.get("input_shape")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise bad(f"has an invalid input_shape {shape!r}")
-        files = _files(data.get("files"), WEIGHTS, bad, max_size)
-        if data.get("dtype", "float32") not in ("float32", "float16", "bfloat16", "float64"):
-            raise bad(f"has unsupported dtype {data.get('dtype')!r}")
-        if data.get("task", "classification") not in ("classification", "regression"):
-            raise bad(f"has unknown task {data.get('task')!r}")
-        if not isinstance(data.get("config") or {}, dict):
-            raise bad(f"has a config that is not a table: {data.get('config')!r}")
-        created_at = data.get("created_at") or 0.0
-        if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
-            raise bad(f"has an invalid created_at {created_at!r}")
-        if not isinstance(data.get("parent"), (str, type(None))):
-            raise bad(f"has an invalid parent {data.get('parent')!r}")
-        if not isinstance(data.get("batchable", True), bool):
-            raise bad(f"has a non-boolean batchable {data.get('batchable')!r}")
-        return cls(
-            id=model_id,
-            architecture=data["architecture"],
-            config=dict(data.get("config") or {}),
-            input_shape=list(shape),
-            files=files,
-            dtype=data.get("dtype", "float32"),
-            task=data.get("task", "classification"),
-            batchable=data.get("batchable", True),
-            parent=data.get("parent"),
-            created_at=float(created_at),
-        )
-
-
-def _files(raw: Any, required: str, bad: Any, max_size: int | None) -> dict[str, FileEntry]:
-    """A manifest's ``files``: safe names, a sha256 and a positive size each, under the cap."""
-    if not isinstance(raw, dict) or required not in raw:
-        raise bad(f"does not list {required}")
-    files = {}
-    for name, entry in raw.items():
-        if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
-            raise bad(f"lists an invalid file name {name!r}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
-            raise bad(f"has no valid sha256 for {name}")
-        size = entry.get("size")
-        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-            raise bad(f"has no valid size for {name}")
-        if max_size is not None and size > max_size:
-            raise bad(f"lists {name} at {size} bytes, above max_model_size ({max_size})")
-        files[name] = FileEntry(sha256=entry["sha256"], size=size)
-    return files
-
-
-@dataclass(frozen=True)
-class DatasetManifest(_Listed):
-    """A stored training data set: ``data.json`` holds ``{"inputs": [...], "targets": [...]}``."""
-
-    id: str
-    rows: int
-    files: dict[str, FileEntry]
-    created_at: float = field(default_factory=time.time)
-    format: str = DATASET_FORMAT
-
-    @classmethod
-    def from_json(cls, data: Any, dataset_id: str, max_size: int | None = None) -> DatasetManifest:
-        def bad(reason: str) -> UnsupportedModel:
-            return UnsupportedModel(f"data set {dataset_id!r}: manifest {reason}")
-
-        if not isinstance(data, dict):
-            raise bad("is not a JSON object")
-        if data.get("format") != DATASET_FORMAT:
-            raise bad(f"has format {data.get('format')!r}, expected {DATASET_FORMAT!r}")
-        if data.get("id") != dataset_id:
-            raise bad(f"is for {data.get('id')!r}, not {dataset_id!r}")
-        rows = data.get("rows")
-        if isinstance(rows, bool) or not isinstance(rows, int) or rows <= 0:
-            raise bad(f"has an invalid row count {rows!r}")
-        created = data.get("created_at") or 0.0
-        if isinstance(created, bool) or not isinstance(created, (int, float)):
-            raise bad(f"has an invalid created_at {created!r}")
-        return cls(id=dataset_id, rows=rows, files=_files(data.get("files"), DATA, bad, max_size),
-                   created_at=float(created))
 
 
 class ModelStore:
@@ -227,11 +85,11 @@ class ModelStore:
             return []
         return sorted(
             entry.name for entry in self.root.iterdir()
-            if _MODEL_ID.match(entry.name) and (entry / "manifest.json").is_file()
+            if is_model_id(entry.name) and (entry / MODEL_MANIFEST).is_file()
         )
 
     def has(self, model_id: str) -> bool:
-        return (self.path(model_id) / "manifest.json").is_file()
+        return (self.path(model_id) / MODEL_MANIFEST).is_file()
 
     def manifest(self, model_id: str) -> Manifest:
         """The local manifest, fetching the model first if the store lacks it."""
@@ -239,7 +97,7 @@ class ModelStore:
         return self._read_manifest(model_id)
 
     def _read_manifest(self, model_id: str) -> Manifest:
-        path = self.path(model_id) / "manifest.json"
+        path = self.path(model_id) / MODEL_MANIFEST
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
@@ -251,7 +109,7 @@ class ModelStore:
     def ensure(self, model_id: str, *, dataset: bool = False) -> None:
         """Make ``model_id`` (or a data set) present locally: fetched and verified once, even across processes."""
         what = "data set" if dataset else "model"
-        marker = DATASET_MANIFEST if dataset else "manifest.json"
+        marker = DATASET_MANIFEST if dataset else MODEL_MANIFEST
         if (self.path(model_id) / marker).is_file():
             return
         if not self.sources:
@@ -259,8 +117,6 @@ class ModelStore:
         with self._lock(model_id):
             if (self.path(model_id) / marker).is_file():
                 return
-            from hypha_celery.models.sources import fetch_model
-
             parse = DatasetManifest.from_json if dataset else Manifest.from_json
             errors = []
             for source in self.sources:
@@ -343,7 +199,7 @@ class ModelStore:
                 batchable=batchable,
                 parent=parent,
             )
-            _write_json(staging / "manifest.json", manifest.to_json())
+            _write_json(staging / MODEL_MANIFEST, manifest.to_json())
             self._install(model_id, staging)
         return manifest
 

@@ -1,13 +1,15 @@
-"""Task inputs and outputs as JSON: nested lists, or a compact base64 tensor encoding.
+"""Checking a task's inputs in the worker, before any executor sees them; imports no torch.
 
-Compact form (what ``encode`` writes and ``decode`` reads)::
+Inputs are JSON in one of two forms: a nested list of numbers, or the compact
+base64 tensor form::
 
     {"dtype": "float32", "shape": [N, 4], "data": "<base64 of the raw little-endian bytes>"}
 
-Either form may hold one sample (the model's per-sample shape) or a batch
-(``[N, *shape]``); the output mirrors the input's form and batching.
-These functions only check structure and size; they import no torch, so the
-worker validates a task before any ML process is involved.
+Either may hold one sample (the model's per-sample shape) or a batch
+(``[N, *shape]``). :func:`check_inputs` checks structure, shape and size, so a
+malformed or oversized task is refused before it reserves resources or
+reaches an executor. Turning inputs into tensors, and outputs back into the
+input's form, is :mod:`hypha_celery.models.runtime`'s, inside the executor.
 """
 
 from __future__ import annotations
@@ -21,20 +23,16 @@ from typing import Any
 
 from hypha_celery.errors import InvalidInput
 
-__all__ = ["DTYPES", "Batch", "check_inputs", "encode_rows"]
+__all__ = ["DTYPES", "Batch", "check_inputs"]
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
 
 
 @dataclass(frozen=True)
 class Batch:
-    """Validated inputs: ``rows`` samples of ``sample_shape``, and how to give them back."""
+    """Validated inputs: ``rows`` samples of the model's per-sample shape."""
 
     rows: int
-    single: bool
-    encoded: bool
-    dtype: str
-    payload: Any  # the inputs as given (validated), forwarded to the executor
 
 
 MAX_DEPTH = 16
@@ -76,15 +74,15 @@ def check_inputs(inputs: Any, sample_shape: Sequence[int], *, max_bytes: int, mo
     if not isinstance(inputs, list):
         raise InvalidInput(f"inputs must be a nested list of numbers or an encoded tensor object, got {type(inputs).__name__}")
     shape = _shape_of(inputs, max(1, max_bytes // 4))
-    single, rows = _match(shape, sample_shape, model)
-    return Batch(rows=rows, single=single, encoded=False, dtype="float32", payload=inputs)
+    return Batch(rows=_rows(shape, sample_shape, model))
 
 
-def _match(shape: list[int], sample_shape: list[int], model: str) -> tuple[bool, int]:
+def _rows(shape: list[int], sample_shape: list[int], model: str) -> int:
+    """How many samples of ``sample_shape`` a tensor of ``shape`` holds (one, or a batch)."""
     if shape == sample_shape:
-        return True, 1
+        return 1
     if len(shape) == len(sample_shape) + 1 and shape[1:] == sample_shape:
-        return False, shape[0]
+        return shape[0]
     raise InvalidInput(
         f"inputs have shape {shape}; {model} takes {sample_shape} per sample (or [N, {', '.join(map(str, sample_shape))}])"
     )
@@ -111,9 +109,4 @@ def _check_encoded(inputs: dict[str, Any], sample_shape: list[int], max_bytes: i
         raise InvalidInput("encoded data is not valid base64") from None
     if len(raw) != expected:
         raise InvalidInput(f"encoded data has {len(raw)} bytes; shape {shape} of {dtype} needs {expected}")
-    single, rows = _match(shape, sample_shape, model)
-    return Batch(rows=rows, single=single, encoded=True, dtype=dtype, payload=inputs)
-
-
-def encode_rows(raw: bytes, dtype: str, shape: list[int]) -> dict[str, Any]:
-    return {"dtype": dtype, "shape": shape, "data": base64.b64encode(raw).decode("ascii")}
+    return Batch(rows=_rows(shape, sample_shape, model))

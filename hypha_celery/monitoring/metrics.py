@@ -1,19 +1,21 @@
 """Prometheus metrics of a worker, with the seed's names, correct across pool processes.
 
-The worker calls :func:`setup` before any pool process exists: it points
-``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory *before* prometheus_client
-is imported, so every process (threads, prefork children) writes its samples
-there and the exporter on ``metrics_port`` sums them. A pool process that
-exits is marked dead so its live gauges stop counting. Outside a worker (a
-scheduler importing the tasks) nothing is set up and every hook is a no-op.
+The worker's :class:`~hypha_celery.worker.bootsteps.NodeStep` calls
+:func:`prepare_multiprocess_dir` before any pool process exists: it points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory, so every process (threads,
+prefork children) writes its samples there and the exporter on ``metrics_port``
+sums them. It then builds one :class:`PrometheusMetrics` and hands it over in the
+node context; a pool process that exits is marked dead so its live gauges stop
+counting. With ``collect_metrics = false`` (and outside a worker) the context
+holds a plain :class:`Metrics`, whose every hook does nothing.
 
 Names (``hypha_worker_*``)::
 
     tasks_active                      gauge    tasks past admission, not yet finished
-    tasks_completed_total{task}       counter
-    tasks_failed_total{task,error}    counter
-    task_duration_seconds{task}       histogram (throughput = rate of its _count)
-    cpu_utilization, memory_utilization            gauges 0..1 (psutil, every monitor_interval)
+    tasks_completed_total{task}       counter  tasks that returned a result
+    tasks_failed_total{task,error}    counter  tasks that ended in an error, by its class name
+    task_duration_seconds{task}       histogram from the task's start on the worker to its outcome
+    cpu_utilization, memory_utilization            gauges 0..1 of the host (psutil, every monitor_interval)
     gpu_utilization{device}                        gauge 0..1 (NVML)
     resources_capacity{resource}, resources_reserved{resource}, resources_free{resource}
                                       gauges from the node ledger (cpu_cores, memory_bytes, gpu<i>_memory_bytes)
@@ -21,8 +23,8 @@ Names (``hypha_worker_*``)::
     model_cache_bytes{device}         gauge
     batch_size                        histogram of inference batch sizes
     admissions_deferred_total{reason} counter (busy, not_here)
-    signature_rejections_total        counter
-    task_rejections_total{stage}      counter (signature, validation)
+    task_rejections_total{stage}      counter  tasks refused before admission (signature, validation);
+                                               a Redis outage during a check is not a refusal
 """
 
 from __future__ import annotations
@@ -32,20 +34,24 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["active", "cache_event", "deferred", "rejections", "serve", "setup", "task_finished", "update_resources"]
+__all__ = ["Metrics", "PrometheusMetrics", "RefusalStage", "prepare_multiprocess_dir"]
 
-_metrics: dict[str, Any] = {}
-_owned_dir: str | None = None
+RefusalStage = Literal["signature", "validation"]
+_PREFIX = "hypha_worker_"
+_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
 
-def setup(directory: str | None = None) -> str:
-    """Enable metrics in this process and the processes it forks; returns the multiprocess directory."""
-    global _owned_dir
+def prepare_multiprocess_dir(directory: str | None = None) -> tuple[str, bool]:
+    """Point prometheus_client at a clean multiprocess directory; returns it and whether it is ours to remove.
+
+    Call before any pool process is forked and before metrics are created.
+    """
     path = directory or os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    owned = not path
     if not path:
-        path = _owned_dir = tempfile.mkdtemp(prefix="hypha-metrics-")
+        path = tempfile.mkdtemp(prefix="hypha-metrics-")
     os.makedirs(path, exist_ok=True)
     for name in os.listdir(path):  # stale samples of an earlier run
         if name.endswith(".db"):
@@ -56,151 +62,176 @@ def setup(directory: str | None = None) -> str:
     from prometheus_client import values
 
     values.ValueClass = values.get_value_class()
-    _define()
-    return path
+    return path, owned
 
 
-def _define() -> None:
-    from prometheus_client import Counter, Gauge, Histogram
+class Metrics:
+    """The metric hooks the worker calls; this base records nothing (metrics off, or not a worker)."""
 
-    p = "hypha_worker_"
-    _metrics.update({
-        "active": Gauge(p + "tasks_active", "Tasks admitted and running", multiprocess_mode="livesum"),
-        "completed": Counter(p + "tasks_completed", "Tasks that succeeded", ["task"]),
-        "failed": Counter(p + "tasks_failed", "Tasks that failed", ["task", "error"]),
-        "duration": Histogram(p + "task_duration_seconds", "Task run time from admission to result", ["task"],
-                              buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)),
-        "cpu": Gauge(p + "cpu_utilization", "Host CPU utilisation, 0..1", multiprocess_mode="mostrecent"),
-        "memory": Gauge(p + "memory_utilization", "Host memory utilisation, 0..1", multiprocess_mode="mostrecent"),
-        "gpu": Gauge(p + "gpu_utilization", "GPU utilisation, 0..1 (NVML)", ["device"], multiprocess_mode="mostrecent"),
-        "capacity": Gauge(p + "resources_capacity", "Node capacity in the ledger", ["resource"], multiprocess_mode="mostrecent"),
-        "reserved": Gauge(p + "resources_reserved", "Reserved in the node ledger", ["resource"], multiprocess_mode="mostrecent"),
-        "free": Gauge(p + "resources_free", "Free in the node ledger", ["resource"], multiprocess_mode="mostrecent"),
-        "hits": Counter(p + "model_cache_hits", "Model cache hits"),
-        "misses": Counter(p + "model_cache_misses", "Model cache misses (loads)"),
-        "evictions": Counter(p + "model_cache_evictions", "Models evicted from the cache"),
-        "cache_bytes": Gauge(p + "model_cache_bytes", "Bytes of models cached", ["device"], multiprocess_mode="livesum"),
-        "batch": Histogram(p + "batch_size", "Inference batch sizes", buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
-        "deferred": Counter(p + "admissions_deferred", "Tasks deferred at admission", ["reason"]),
-        "signature": Counter(p + "signature_rejections", "Tasks refused for their signature"),
-        "rejected": Counter(p + "task_rejections", "Tasks refused before admission", ["stage"]),
-    })
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Count a task as active while inside."""
+        yield
 
+    def refused(self, stage: RefusalStage) -> None:
+        """A task was refused before admission (a bad signature, invalid kwargs)."""
 
-def enabled() -> bool:
-    return bool(_metrics)
+    def deferred(self, *, not_here: bool) -> None:
+        """A task was deferred at admission: busy here, or forwarded to a node that fits it."""
 
+    def task_finished(self, task: str, runtime: float | None, error: str | None) -> None:
+        """A task ended: ``error`` is its exception's class name, ``None`` on success."""
 
-def serve(port: int, addr: str = "0.0.0.0") -> Any:
-    """Expose every process's samples on ``port`` (call in the worker's main process)."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client.multiprocess import MultiProcessCollector
+    def cache_event(self, *, hit: bool, batch_size: int) -> None:
+        """An inference was served from a warm model (hit) or after a load (miss), in a batch of ``batch_size``."""
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
-    return start_http_server(port, addr=addr, registry=registry)
+    def cache_changed(self, device: str, size: int, evicted: int) -> None:
+        """A serving executor's model cache now holds ``size`` bytes, after evicting ``evicted`` models."""
 
+    def update_resources(self, usage: Any, cpu: float, memory: float, gpus: dict[int, float]) -> None:
+        """Refresh host and ledger gauges (the worker's monitor timer)."""
 
-def cache_totals() -> dict[str, int]:
-    """Model cache hits and misses summed over every process of this worker (``{}`` without metrics)."""
-    if not _metrics:
+    def cache_totals(self) -> dict[str, int]:
+        """Model cache hits and misses summed over this worker's processes (``{}`` without metrics)."""
         return {}
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
 
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry)
-    totals = {"cache_hits": 0, "cache_misses": 0}
-    names = {"hypha_worker_model_cache_hits_total": "cache_hits", "hypha_worker_model_cache_misses_total": "cache_misses"}
-    for family in registry.collect():
-        for sample in family.samples:
-            if sample.name in names:
-                totals[names[sample.name]] += int(sample.value)
-    return totals
+    def process_exited(self, pid: int) -> None:
+        """A pool process exited: its live gauges stop counting."""
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        """Expose every process's samples on ``port``; ``None`` when there is nothing to serve."""
+        return None
+
+    def close(self) -> None:
+        """Remove what this object created (its multiprocess directory)."""
 
 
-def process_exited(pid: int) -> None:
-    if _metrics:
+class PrometheusMetrics(Metrics):
+    """The worker's Prometheus metrics; build after :func:`prepare_multiprocess_dir`, once per worker.
+
+    The metrics are not registered in prometheus_client's global registry: in
+    multiprocess mode the exporter reads every process's files instead, and a
+    second instance in one process (tests) does not collide.
+    """
+
+    def __init__(self, directory: str, owned: bool = False) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.directory = directory
+        self._owned = owned
+        p, reg = _PREFIX, None
+        self.tasks_active = Gauge(p + "tasks_active", "Tasks admitted (resources reserved) and not yet finished",
+                                  multiprocess_mode="livesum", registry=reg)
+        self.tasks_completed = Counter(p + "tasks_completed", "Tasks that returned a result", ["task"], registry=reg)
+        self.tasks_failed = Counter(p + "tasks_failed", "Tasks that ended in an error, by the error's class name",
+                                    ["task", "error"], registry=reg)
+        self.task_duration = Histogram(p + "task_duration_seconds",
+                                       "Seconds from a task's start on this worker to its result or error",
+                                       ["task"], buckets=_DURATION_BUCKETS, registry=reg)
+        self.cpu = Gauge(p + "cpu_utilization", "Host CPU utilisation, 0..1 (psutil)",
+                         multiprocess_mode="mostrecent", registry=reg)
+        self.memory = Gauge(p + "memory_utilization", "Host memory utilisation, 0..1 (psutil)",
+                            multiprocess_mode="mostrecent", registry=reg)
+        self.gpu = Gauge(p + "gpu_utilization", "GPU compute utilisation, 0..1 (NVML)", ["device"],
+                         multiprocess_mode="mostrecent", registry=reg)
+        self.capacity = Gauge(p + "resources_capacity", "What this node offers, per resource, in the ledger",
+                              ["resource"], multiprocess_mode="mostrecent", registry=reg)
+        self.reserved = Gauge(p + "resources_reserved", "Held by live leases (tasks and model caches) in the ledger",
+                              ["resource"], multiprocess_mode="mostrecent", registry=reg)
+        self.free = Gauge(p + "resources_free", "Capacity minus reservations in the ledger", ["resource"],
+                          multiprocess_mode="mostrecent", registry=reg)
+        self.cache_hits = Counter(p + "model_cache_hits", "Inferences served by an already loaded model", registry=reg)
+        self.cache_misses = Counter(p + "model_cache_misses", "Inferences that had to load their model first",
+                                    registry=reg)
+        self.cache_evictions = Counter(p + "model_cache_evictions", "Models evicted from a model cache to make room",
+                                       registry=reg)
+        self.cache_bytes = Gauge(p + "model_cache_bytes", "Bytes of models held by a device's model cache", ["device"],
+                                 multiprocess_mode="livesum", registry=reg)
+        self.batch_size = Histogram(p + "batch_size", "Requests per forward pass of a serving executor",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=reg)
+        self.admissions_deferred = Counter(p + "admissions_deferred",
+                                           "Tasks deferred at admission: busy here, or forwarded (not_here)",
+                                           ["reason"], registry=reg)
+        self.task_rejections = Counter(p + "task_rejections",
+                                       "Tasks refused before admission: bad signature or invalid arguments",
+                                       ["stage"], registry=reg)
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        self.tasks_active.inc()
+        try:
+            yield
+        finally:
+            self.tasks_active.dec()
+
+    def refused(self, stage: RefusalStage) -> None:
+        self.task_rejections.labels(stage).inc()
+
+    def deferred(self, *, not_here: bool) -> None:
+        self.admissions_deferred.labels("not_here" if not_here else "busy").inc()
+
+    def task_finished(self, task: str, runtime: float | None, error: str | None) -> None:
+        if error is None:
+            self.tasks_completed.labels(task).inc()
+        else:
+            self.tasks_failed.labels(task, error).inc()
+        if runtime is not None:
+            self.task_duration.labels(task).observe(runtime)
+
+    def cache_event(self, *, hit: bool, batch_size: int) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+        self.batch_size.observe(batch_size)
+
+    def cache_changed(self, device: str, size: int, evicted: int) -> None:
+        self.cache_bytes.labels(device).set(size)
+        if evicted:
+            self.cache_evictions.inc(evicted)
+
+    def update_resources(self, usage: Any, cpu: float, memory: float, gpus: dict[int, float]) -> None:
+        self.cpu.set(cpu)
+        self.memory.set(memory)
+        for index, value in gpus.items():
+            self.gpu.labels(str(index)).set(value)
+        cap = usage.capacity
+        if cap is None:
+            return
+        rows = [("cpu_cores", float(len(cap.cores)), usage.cores_used), ("memory_bytes", float(cap.memory),
+                                                                          float(usage.memory_used))]
+        rows += [(f"gpu{g}_memory_bytes", float(total), float(usage.gpu_memory_used.get(g, 0)))
+                 for g, total in cap.gpus.items()]
+        for resource, total, used in rows:
+            self.capacity.labels(resource).set(total)
+            self.reserved.labels(resource).set(used)
+            self.free.labels(resource).set(total - used)
+
+    def _collect(self) -> Any:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)
+        return registry
+
+    def cache_totals(self) -> dict[str, int]:
+        totals = {"cache_hits": 0, "cache_misses": 0}
+        names = {_PREFIX + "model_cache_hits_total": "cache_hits", _PREFIX + "model_cache_misses_total": "cache_misses"}
+        for family in self._collect().collect():
+            for sample in family.samples:
+                if sample.name in names:
+                    totals[names[sample.name]] += int(sample.value)
+        return totals
+
+    def process_exited(self, pid: int) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid, path=self.directory)
 
+    def serve(self, port: int, addr: str = "0.0.0.0") -> Any:
+        from prometheus_client import start_http_server
 
-def teardown() -> None:
-    global _owned_dir
-    if _owned_dir:
-        shutil.rmtree(_owned_dir, ignore_errors=True)
-        _owned_dir = None
+        return start_http_server(port, addr=addr, registry=self._collect())
 
-
-@contextmanager
-def active() -> Iterator[None]:
-    gauge = _metrics.get("active")
-    if gauge is None:
-        yield
-        return
-    gauge.inc()
-    try:
-        yield
-    finally:
-        gauge.dec()
-
-
-@contextmanager
-def rejections(stage: str) -> Iterator[None]:
-    try:
-        yield
-    except Exception:
-        if _metrics:
-            _metrics["rejected"].labels(stage).inc()
-            if stage == "signature":
-                _metrics["signature"].inc()
-        raise
-
-
-def deferred(reason: BaseException) -> None:
-    if _metrics:
-        _metrics["deferred"].labels("not_here" if type(reason).__name__ == "NotHere" else "busy").inc()
-
-
-def task_finished(task: str, runtime: float | None, error: str | None) -> None:
-    if not _metrics:
-        return
-    if error is None:
-        _metrics["completed"].labels(task).inc()
-    else:
-        _metrics["failed"].labels(task, error).inc()
-    if runtime is not None:
-        _metrics["duration"].labels(task).observe(runtime)
-
-
-def cache_event(*, hit: bool, batch_size: int) -> None:
-    if _metrics:
-        _metrics["hits" if hit else "misses"].inc()
-        _metrics["batch"].observe(batch_size)
-
-
-def cache_changed(device: str, size: int, evicted: int) -> None:
-    if _metrics:
-        _metrics["cache_bytes"].labels(device).set(size)
-        if evicted:
-            _metrics["evictions"].inc(evicted)
-
-
-def update_resources(usage: Any, cpu: float, memory: float, gpus: dict[int, float]) -> None:
-    """Refresh the gauges (the worker's monitor timer, every ``monitor_interval``)."""
-    if not _metrics:
-        return
-    _metrics["cpu"].set(cpu)
-    _metrics["memory"].set(memory)
-    for index, value in gpus.items():
-        _metrics["gpu"].labels(str(index)).set(value)
-    cap = usage.capacity
-    if cap is None:
-        return
-    rows = [("cpu_cores", float(len(cap.cores)), usage.cores_used), ("memory_bytes", float(cap.memory), float(usage.memory_used))]
-    rows += [(f"gpu{g}_memory_bytes", float(total), float(usage.gpu_memory_used.get(g, 0))) for g, total in cap.gpus.items()]
-    for resource, total, used in rows:
-        _metrics["capacity"].labels(resource).set(total)
-        _metrics["reserved"].labels(resource).set(used)
-        _metrics["free"].labels(resource).set(total - used)
+    def close(self) -> None:
+        if self._owned:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            self._owned = False

@@ -17,6 +17,7 @@ from typing import Any
 __all__ = ["GpuInfo", "gpu_utilization", "list_gpus"]
 
 log = logging.getLogger(__name__)
+# NVML's own state is per process (nvmlInit), so whether this process started it is kept per process too.
 _init_lock = threading.Lock()
 _initialised = False
 _absent = False  # NVML failed to start once: no driver here, do not try (dlopen) on every call

@@ -20,6 +20,9 @@ Public API::
     ledger.release(lease)
     ledger.usage()
     with ledger.hold(requirements, holder="task-1") as lease: ...   # renewed while inside
+
+Redis keys: :class:`hypha_celery.keys.KeySchema` (``$HYPHA_KEY_PREFIX`` is read
+when a ``Ledger`` is built, unless it is given a schema).
 """
 
 from __future__ import annotations
@@ -32,27 +35,22 @@ import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
-from hypha_celery import keys
-from hypha_celery import lua as redis_scripts
-from hypha_celery.errors import (
-    InsufficientCapabilities,
-    InsufficientCpu,
-    InsufficientGpuMemory,
-    RegistryUnavailable,
-    ResourcesBusy,
-)
+from hypha_celery import errors, lua
+from hypha_celery.keys import KeySchema
+from hypha_celery.redis_errors import redis_errors
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.units import format_size
 
-__all__ = ["Capacity", "DuplicateTask", "Lease", "LeaseKeeper", "Ledger", "Usage"]
+__all__ = ["Capacity", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
 
 log = logging.getLogger(__name__)
 
-_NO_GUARD = keys.task_guard("-")
+_UNREACHABLE = "ledger Redis unreachable"
+_SCRIPTS = ("set_capacity", "reserve", "release", "renew", "account", "usage")
 
 
 def _pairs(flat: Any) -> dict[int, int]:
@@ -134,32 +132,39 @@ class Usage:
         }
 
 
-class DuplicateTask(Exception):
-    """A live lease already runs this task id (a redelivered message); not an error of the task."""
+@dataclass(frozen=True)
+class Refusal:
+    """Why the ledger refused a reservation.
 
-    def __init__(self, task_id: str, lease_id: str, holder: str) -> None:
-        super().__init__(f"task {task_id} is already running under lease {lease_id} ({holder})")
-        self.task_id, self.lease_id, self.holder = task_id, lease_id, holder
+    ``busy``: it fits the node but not what is free now (``resource`` says which);
+    ``infeasible``: it could never fit this node; ``duplicate``: ``lease`` (held by
+    ``holder``, or ``"done"`` just after it finished) already runs the task id;
+    ``unknown_node``: the node has published no capacity yet.
+    """
+
+    why: Literal["busy", "infeasible", "duplicate", "unknown_node"]
+    resource: str = ""
+    lease: str = ""
+    holder: str = ""
 
 
 class Ledger:
     """One node's ledger in Redis. Thread-safe; one instance per process is enough."""
 
-    def __init__(self, client: redis.Redis, node_id: str, *, ttl: float = 10.0) -> None:
+    def __init__(self, client: redis.Redis, node_id: str, *, ttl: float = 10.0, schema: KeySchema | None = None) -> None:
         self.redis = client
         self.node = node_id
         self.ttl = ttl
-        self._keys = [keys.node_capacity(node_id), keys.node_used(node_id), keys.leases(node_id), keys.lease_data(node_id)]
-        self._scripts = {
-            name: client.register_script(redis_scripts.source(name, prelude=True))
-            for name in ("set_capacity", "reserve", "release", "renew", "account", "usage")
-        }
+        self.schema = schema or KeySchema.from_env()
+        self._keys = list(self.schema.ledger(node_id).values())
+        self._no_guard = self.schema.task_guard("-")  # fills a guard slot for a lease that runs no task
 
-    def _run(self, name: str, args: list[Any], guards: Iterable[str] = ()) -> Any:
-        try:
-            return self._scripts[name](keys=[*self._keys, *guards], args=[self.node, *args])
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
+    def _run(self, name: str, args: list[Any], extra_keys: Iterable[str] = ()) -> Any:
+        with redis_errors(_UNREACHABLE):
+            return lua.script(name, prelude=True)(self.redis, [*self._keys, *extra_keys], [self.node, *args])
+
+    def _guards(self, leases: Iterable[Lease]) -> list[str]:
+        return [self.schema.task_guard(lease.task_id) if lease.task_id else self._no_guard for lease in leases]
 
     def set_capacity(self, capacity: Capacity) -> None:
         """Publish what this node offers; existing leases are kept."""
@@ -169,15 +174,15 @@ class Ledger:
             "gpus": [[gpu, amount] for gpu, amount in sorted(capacity.gpus.items())],
             "sharing": 1 if capacity.gpu_sharing else 0,
         }
-        self._run("set_capacity", [json.dumps(spec)])
+        self._run("set_capacity", [json.dumps(spec)], self.schema.index_capacity().values())
 
     def try_reserve(
         self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
-    ) -> Lease | dict[str, Any]:
-        """Reserve or say why not: returns a :class:`Lease` or ``{"why": ..., "resource": ...}``."""
+    ) -> Lease | Refusal:
+        """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain."""
         lease_id = uuid.uuid4().hex
         ttl_ms = int((ttl or self.ttl) * 1000)
-        guard = keys.task_guard(task_id) if task_id else _NO_GUARD
+        guard = self.schema.task_guard(task_id) if task_id else self._no_guard
         raw = self._run(
             "reserve",
             [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or ""],
@@ -185,7 +190,12 @@ class Ledger:
         )
         answer = json.loads(raw)
         if not answer["ok"]:
-            return dict(answer)
+            return Refusal(
+                why=answer["why"],
+                resource=answer.get("resource", ""),
+                lease=answer.get("lease", ""),
+                holder=answer.get("holder", ""),
+            )
         return Lease(
             id=lease_id,
             node=self.node,
@@ -200,21 +210,21 @@ class Ledger:
         self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
     ) -> Lease:
         """Reserve, raising ``ResourcesBusy`` (wait), an ``InsufficientCapabilities`` (never here)
-        or :class:`DuplicateTask`."""
+        or ``DuplicateTask`` (all in :mod:`hypha_celery.errors`)."""
         result = self.try_reserve(req, holder=holder, task_id=task_id, ttl=ttl)
         if isinstance(result, Lease):
             return result
         raise self.refusal(req, result, task_id)
 
-    def refusal(self, req: Requirements, answer: dict[str, Any], task_id: str | None = None) -> Exception:
+    def refusal(self, req: Requirements, refusal: Refusal, task_id: str | None = None) -> errors.HyphaError:
         """The exception that explains a refused reservation to a person."""
-        why, resource = answer["why"], answer.get("resource", "")
+        why, resource = refusal.why, refusal.resource
         if why == "duplicate":
-            return DuplicateTask(task_id or "?", answer["lease"], answer.get("holder", ""))
+            return errors.DuplicateTask(task_id or "?", refusal.lease, refusal.holder)
         if why == "unknown_node":  # e.g. Redis restarted empty: the worker's monitor publishes it again
-            return ResourcesBusy(f"node {self.node!r} has no capacity in the ledger yet")
+            return errors.ResourcesBusy(f"node {self.node!r} has no capacity in the ledger yet")
         if why == "busy":
-            return ResourcesBusy(f"node {self.node} has not enough free {resource} now for {req.describe()}")
+            return errors.ResourcesBusy(f"node {self.node} has not enough free {resource} now for {req.describe()}")
         capacity = self.capacity()
         have = "unknown"
         if capacity is not None:
@@ -222,24 +232,22 @@ class Ledger:
             if capacity.gpus:
                 have += ", GPUs " + ", ".join(f"{i}: {format_size(m)}" for i, m in sorted(capacity.gpus.items()))
         message = f"node {self.node} can never fit {req.describe()} (short of {resource}; it has {have})"
-        cls = {"cpu": InsufficientCpu, "gpu": InsufficientGpuMemory}.get(resource, InsufficientCapabilities)
+        cls = {"cpu": errors.InsufficientCpu, "gpu": errors.InsufficientGpuMemory}.get(resource, errors.InsufficientCapabilities)
         return cls(message)
 
     def release(self, *leases: Lease) -> int:
         """Give leases back; idempotent. Returns how many were still held."""
         if not leases:
             return 0
-        guards = [keys.task_guard(lease.task_id) if lease.task_id else _NO_GUARD for lease in leases]
-        return int(self._run("release", [lease.id for lease in leases], guards))
+        return int(self._run("release", [lease.id for lease in leases], self._guards(leases)))
 
     def renew(self, leases: Iterable[Lease], ttl: float | None = None) -> set[str]:
         """Extend leases; returns the ids that were already lost (expired or released)."""
         leases = list(leases)
         if not leases:
             return set()
-        guards = [keys.task_guard(lease.task_id) if lease.task_id else _NO_GUARD for lease in leases]
         ttl_ms = int((ttl or self.ttl) * 1000)
-        lost = self._run("renew", [ttl_ms, *(lease.id for lease in leases)], guards)
+        lost = self._run("renew", [ttl_ms, *(lease.id for lease in leases)], self._guards(leases))
         return {item.decode() if isinstance(item, bytes) else str(item) for item in lost}
 
     def account(self, lease_id: str, *, memory: int = 0, gpus: dict[int, int] | None = None, holder: str = "") -> None:
@@ -251,6 +259,7 @@ class Ledger:
         self._run("account", [lease_id, int(self.ttl * 1000), memory, json.dumps(flat), holder])
 
     def usage(self) -> Usage:
+        """Capacity, what is used and the live leases, after reaping the expired ones."""
         data = json.loads(self._run("usage", []))
         used = data["used"] if isinstance(data["used"], dict) else {}  # Lua's cjson writes {} and [] alike
         return Usage(
@@ -264,16 +273,13 @@ class Ledger:
 
     def indexed(self) -> bool:
         """Whether placement can see this node (placement drops nodes nobody advertised for a while)."""
-        try:
-            return self.redis.zscore(keys.INDEX_CAPACITY["memory"], self.node) is not None
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
+        with redis_errors(_UNREACHABLE):
+            return self.redis.zscore(self.schema.index_capacity()["memory"], self.node) is not None
 
     def capacity(self) -> Capacity | None:
-        try:
-            raw: Any = self.redis.hgetall(keys.node_capacity(self.node))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RegistryUnavailable(f"ledger Redis unreachable: {exc}") from None
+        """What this node published with :meth:`set_capacity`, or ``None`` before it did."""
+        with redis_errors(_UNREACHABLE):
+            raw: Any = self.redis.hgetall(self.schema.node_capacity(self.node))
         if not raw:
             return None
         return _capacity_from_hash({k.decode(): v.decode() for k, v in raw.items()})
@@ -282,9 +288,13 @@ class Ledger:
     def hold(
         self, req: Requirements, *, holder: str, task_id: str | None = None, keeper: LeaseKeeper | None = None
     ) -> Iterator[Lease]:
-        """Reserve, keep the lease renewed while inside, release in ``finally``."""
+        """Reserve, keep the lease renewed while inside, release in ``finally``.
+
+        ``keeper`` renews it along with the process's other leases; without one, a keeper of
+        its own renews it (its thread ends soon after the block does).
+        """
         lease = self.reserve(req, holder=holder, task_id=task_id)
-        keeper = keeper or LeaseKeeper.for_ledger(self)
+        keeper = keeper or LeaseKeeper(self)
         keeper.add(lease)
         try:
             yield lease
@@ -328,9 +338,6 @@ class LeaseKeeper:
     holder that somebody else may now hold those resources.
     """
 
-    _instances: dict[tuple[int, str], LeaseKeeper] = {}
-    _lock = threading.Lock()
-
     def __init__(self, ledger: Ledger, interval: float | None = None) -> None:
         self.ledger = ledger
         self.interval = interval if interval is not None else ledger.ttl / 2
@@ -340,15 +347,6 @@ class LeaseKeeper:
         self._guard = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
-
-    @classmethod
-    def for_ledger(cls, ledger: Ledger) -> LeaseKeeper:
-        key = (id(ledger), ledger.node)
-        with cls._lock:
-            keeper = cls._instances.get(key)
-            if keeper is None:
-                keeper = cls._instances[key] = cls(ledger)
-            return keeper
 
     def _ensure_thread(self) -> None:
         """Start the keeper's thread if it is not running (guard held)."""

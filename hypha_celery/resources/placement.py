@@ -11,24 +11,29 @@ nodes this is one Redis round trip of a few sorted-set lookups.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
-from hypha_celery import keys
-from hypha_celery import lua as redis_scripts
-from hypha_celery.errors import InsufficientCapabilities, RegistryUnavailable
+from hypha_celery import keys, lua
+from hypha_celery.errors import InsufficientCapabilities
+from hypha_celery.keys import KeySchema
+from hypha_celery.redis_errors import redis_errors
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.units import format_size
 
 __all__ = ["Choice", "Placement"]
 
 SCAN_LIMIT = 2000
+_UNREACHABLE = "registry Redis unreachable"
 
 
 @dataclass(frozen=True)
 class Choice:
+    """A live worker, and the node whose ledger it shares."""
+
     node: str
     worker: str
 
@@ -38,19 +43,18 @@ class Choice:
 
 
 class Placement:
-    def __init__(self, client: redis.Redis) -> None:
+    """Reads of the placement indexes: which live worker should take a request."""
+
+    def __init__(self, client: redis.Redis, *, schema: KeySchema | None = None) -> None:
         self.redis = client
-        self._script = client.register_script(redis_scripts.source("place"))
-        self._keys = [*keys.INDEX_FREE.values(), *keys.INDEX_CAPACITY.values()]
+        self.schema = schema or KeySchema.from_env()
+        self._keys = list(self.schema.placement().values())
+        self._node_workers = self.schema.node_workers_affixes()
 
     def _place(self, req: Requirements, mode: str, exclude: str | None) -> Choice | None:
-        try:
-            found = self._script(
-                keys=self._keys,
-                args=[mode, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, exclude or "", keys.PREFIX, SCAN_LIMIT],
-            )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RegistryUnavailable(f"registry Redis unreachable: {exc}") from None
+        args = [mode, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, exclude or "", SCAN_LIMIT, *self._node_workers]
+        with redis_errors(_UNREACHABLE):
+            found = lua.script("place")(self.redis, self._keys, args)
         if not found:
             return None
         node, worker = (item.decode() if isinstance(item, bytes) else item for item in found)
@@ -65,23 +69,25 @@ class Placement:
         return self._place(req, "capacity", exclude)
 
     def any_live_worker(self) -> bool:
-        import time
-
-        try:
-            return bool(self.redis.zcount(keys.WORKERS, time.time(), "+inf"))
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise RegistryUnavailable(f"registry Redis unreachable: {exc}") from None
+        """Whether any worker's record is live in the registry."""
+        with redis_errors(_UNREACHABLE):
+            return bool(self.redis.zcount(self.schema.workers(), time.time(), "+inf"))
 
     def largest(self) -> str:
         """The biggest capacity seen per resource among live nodes, for error messages."""
+        indexes = self.schema.index_capacity()
+        with redis_errors(_UNREACHABLE), self.redis.pipeline(transaction=False) as pipe:
+            for index in indexes.values():
+                pipe.zrevrange(index, 0, 0, withscores=True)
+            tops: list[Any] = pipe.execute()
         parts = []
-        for name, index in keys.INDEX_CAPACITY.items():
-            top: list[Any] = self.redis.zrevrange(index, 0, 0, withscores=True)
+        for name, top in zip(indexes, tops, strict=True):
             value = int(top[0][1]) if top else 0
             parts.append(f"{name.replace('_', ' ')} {format_size(value) if 'memory' in name else value}")
         return ", ".join(parts)
 
     def infeasible(self, req: Requirements) -> InsufficientCapabilities:
+        """The error for a request no live node could ever fit."""
         return InsufficientCapabilities(
             f"no live worker can ever fit {req.describe()}; the largest seen has {self.largest()}"
         )

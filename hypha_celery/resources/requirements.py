@@ -59,9 +59,6 @@ class Requirements:
             gpus = 1
         return cls(cpu_milli=cpu_milli, memory=memory, gpus=gpus, gpu_memory=gpu_memory)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"cpu_cores": self.cpu_cores, "memory": self.memory, "gpus": self.gpus, "gpu_memory": self.gpu_memory}
-
     def describe(self) -> str:
         """For error messages a person reads."""
         parts = [f"{self.cpu_cores:g} cores", f"{format_size(self.memory)} memory"]

@@ -1,0 +1,1 @@
+"""Pipeline stages a task passes through: validation, admission, packaging the result."""

@@ -22,28 +22,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hypha_celery.config import AdmissionConfig
-from hypha_celery.errors import AdmissionTimeout, ResourcesBusy
-from hypha_celery.resources.ledger import Lease
-from hypha_celery.resources.placement import Choice
+from hypha_celery.errors import AdmissionTimeout, NotHere, ResourcesBusy
+from hypha_celery.resources.ledger import Lease, Ledger
+from hypha_celery.resources.placement import Placement
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.worker.context import NodeContext
 
-__all__ = ["ATTEMPT_HEADER", "FIRST_SEEN_HEADER", "Deferral", "NotHere", "admit", "backoff", "plan_deferral"]
-
-ATTEMPT_HEADER = "hypha_attempt"
-FIRST_SEEN_HEADER = "hypha_first_seen"
-
-
-class NotHere(ResourcesBusy):
-    """This node can never fit the task, but ``choice`` can."""
-
-    def __init__(self, message: str, choice: Choice | None = None) -> None:
-        super().__init__(message)
-        self.choice = choice
+__all__ = ["Deferral", "admit", "backoff", "plan_deferral"]
 
 
 @dataclass(frozen=True)
 class Deferral:
+    """When and where a task that could not be admitted tries again."""
+
     countdown: float
     queue: str | None  # None: back to the queue it came from
     attempt: int
@@ -51,17 +41,23 @@ class Deferral:
     reason: str
 
 
-def admit(ctx: NodeContext, req: Requirements, *, task_id: str, holder: str, worker_id: str) -> Lease:
-    """Reserve ``req`` for ``task_id`` on this node, or raise why not."""
-    answer = ctx.ledger.try_reserve(req, holder=holder, task_id=task_id)
+def admit(
+    ledger: Ledger, placement: Placement, req: Requirements, *, task_id: str, holder: str, worker_id: str
+) -> Lease:
+    """Reserve ``req`` for ``task_id`` on this node, or raise why not.
+
+    ``ResourcesBusy`` (wait), ``NotHere`` (another live node can fit it),
+    ``InsufficientCapabilities`` (no live node ever can), ``DuplicateTask``.
+    """
+    answer = ledger.try_reserve(req, holder=holder, task_id=task_id)
     if isinstance(answer, Lease):
         return answer
-    if answer["why"] == "infeasible":
-        elsewhere = ctx.placement.feasible(req, exclude=worker_id)
+    if answer.why == "infeasible":
+        elsewhere = placement.feasible(req, exclude=worker_id)
         if elsewhere is None:
-            raise ctx.placement.infeasible(req)
-        raise NotHere(f"{ctx.node_id} can never fit {req.describe()}; {elsewhere.worker} can", elsewhere)
-    raise ctx.ledger.refusal(req, answer, task_id)
+            raise placement.infeasible(req)
+        raise NotHere(f"{ledger.node} can never fit {req.describe()}; {elsewhere.worker} can", elsewhere)
+    raise ledger.refusal(req, answer, task_id)
 
 
 def backoff(attempt: int, cfg: AdmissionConfig, rand: Callable[[], float] = random.random) -> float:
@@ -71,31 +67,33 @@ def backoff(attempt: int, cfg: AdmissionConfig, rand: Callable[[], float] = rand
 
 
 def plan_deferral(
-    ctx: NodeContext,
+    cfg: AdmissionConfig,
+    placement: Placement,
     req: Requirements,
-    busy: ResourcesBusy,
+    reason: ResourcesBusy | NotHere,
     *,
+    node_id: str,
+    worker_id: str,
     attempt: int,
     first_seen: float,
-    worker_id: str,
     now: float | None = None,
+    rand: Callable[[], float] = random.random,
 ) -> Deferral:
-    """Where and when a busy task tries again; ``AdmissionTimeout`` past the bound."""
-    cfg = ctx.config.admission
+    """Where and when a task that is busy here (or not here) tries again; ``AdmissionTimeout`` past the bound."""
     now = time.time() if now is None else now
     waited = now - first_seen
     if waited > cfg.max_wait:
         raise AdmissionTimeout(
             f"waited {waited:.0f}s for {req.describe()} over {attempt} attempts, past the bound "
-            f"([worker.admission] max_wait = {cfg.max_wait:g}s); last reason: {busy}"
+            f"([worker.admission] max_wait = {cfg.max_wait:g}s); last reason: {reason}"
         )
-    if isinstance(busy, NotHere) and busy.choice is not None:
+    if isinstance(reason, NotHere):
         # at once the first time; after that it backs off too, so nodes that each think the
         # other fits (placement's view is coarser than the ledger's) cannot bounce it quickly
-        delay = backoff(attempt - 1, cfg) if attempt else 0.0
-        return Deferral(delay, busy.choice.queue, attempt + 1, waited, str(busy))
-    choice = ctx.placement.choose(req, exclude=worker_id)
-    delay = backoff(attempt, cfg)
-    if choice is not None and choice.node != ctx.node_id:
-        return Deferral(min(delay, cfg.backoff_initial), choice.queue, attempt + 1, waited, str(busy))
-    return Deferral(delay, None, attempt + 1, waited, str(busy))
+        delay = backoff(attempt - 1, cfg, rand) if attempt else 0.0
+        return Deferral(delay, reason.choice.queue, attempt + 1, waited, str(reason))
+    choice = placement.choose(req, exclude=worker_id)
+    delay = backoff(attempt, cfg, rand)
+    if choice is not None and choice.node != node_id:
+        return Deferral(min(delay, cfg.backoff_initial), choice.queue, attempt + 1, waited, str(reason))
+    return Deferral(delay, None, attempt + 1, waited, str(reason))

@@ -15,8 +15,9 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models.store import DATASET_MANIFEST, Manifest, ModelStore, validate_model_id
-from hypha_celery.models.tensors import Batch, check_inputs
+from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
+from hypha_celery.models.store import ModelStore
+from hypha_celery.models.tensors import check_inputs
 from hypha_celery.resources.requirements import Requirements, check_caps
 
 __all__ = ["InferSpec", "NoopSpec", "TrainSpec", "validate_infer", "validate_noop", "validate_train"]
@@ -28,7 +29,6 @@ class InferSpec:
     inputs: Any
     requirements: Requirements
     manifest: Manifest | None
-    batch: Batch | None
 
 
 @dataclass(frozen=True)
@@ -84,12 +84,11 @@ def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kw
     model = validate_model_id(kwargs["model"])
     requirements = requirements_for(cfg, kwargs.get("requirements"))
     manifest = _local_manifest(store, model)
-    batch = None
     if manifest is not None:
-        batch = check_inputs(kwargs["inputs"], manifest.input_shape, max_bytes=cfg.security.max_input_bytes, model=model)
+        check_inputs(kwargs["inputs"], manifest.input_shape, max_bytes=cfg.security.max_input_bytes, model=model)
     elif not isinstance(kwargs["inputs"], (list, dict)):
         raise InvalidInput("inputs must be a nested list of numbers or an encoded tensor object")
-    return InferSpec(model=model, inputs=kwargs["inputs"], requirements=requirements, manifest=manifest, batch=batch)
+    return InferSpec(model=model, inputs=kwargs["inputs"], requirements=requirements, manifest=manifest)
 
 
 def _int_arg(kwargs: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

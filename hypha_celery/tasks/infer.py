@@ -6,14 +6,14 @@ import logging
 import time
 from typing import Any
 
-from celery import Task, shared_task
+from celery import shared_task
 
 from hypha_celery.errors import HyphaError
 from hypha_celery.models.tensors import check_inputs
-from hypha_celery.monitoring import metrics
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import InferSpec, validate_infer
+from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["infer"]
@@ -37,7 +37,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         expected_size=manifest.size,
     )
     run.timing.finished_at = time.time()
-    metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
+    ctx.metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
     ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
     try:
         ctx.inference_times.flush(ctx.redis, run.worker)
@@ -59,14 +59,13 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     )
 
 
-@shared_task(name="hypha.infer", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
-def infer(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+@shared_task(name="hypha.infer", base=HyphaTask, bind=True)
+def infer(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run ``model`` on ``inputs``: ``infer.delay(model="mlp", inputs=[[5.1, 3.5, 1.4, 0.2]])``."""
     return run_task(
         self,
         kwargs,
         args=args,
         validate=lambda ctx: validate_infer(ctx.config, ctx.store, args, kwargs),
-        requirements=lambda spec: spec.requirements,
         body=_run,
     )

@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import Task, shared_task
+from celery import shared_task
 
-from hypha_celery.errors import HyphaError
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import NoopSpec, validate_noop
+from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["noop"]
@@ -27,15 +27,14 @@ def _run(run: Run, spec: NoopSpec) -> dict[str, Any]:
     return package(output=None, model=None, worker=run.worker, lease=run.lease, timing=run.timing)
 
 
-@shared_task(name="hypha.noop", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
-def noop(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+@shared_task(name="hypha.noop", base=HyphaTask, bind=True)
+def noop(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Reserve ``requirements``, hold them ``hold_s`` seconds, release."""
     return run_task(
         self,
         kwargs,
         args=args,
         validate=lambda ctx: validate_noop(ctx.config, args, kwargs),
-        requirements=lambda spec: spec.requirements,
         body=_run,
         announce=False,
     )

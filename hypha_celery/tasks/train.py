@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from celery import Task, shared_task
+from celery import shared_task
 
-from hypha_celery.errors import HyphaError
+from hypha_celery.executor.protocol import Train
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import TrainSpec, validate_train
+from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 
 __all__ = ["train"]
@@ -18,11 +19,12 @@ __all__ = ["train"]
 
 def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     ctx = run.ctx
-    data: dict[str, Any] = {"data": spec.data}
+    data: dict[str, Any] | None = spec.data
+    data_path = None
     if "ref" in spec.data:  # a stored data set: fetched and verified here, read by the executor
         run.task.send_event("task-loading", dataset=spec.data["ref"])
         _, path = ctx.store.dataset(spec.data["ref"])
-        data = {"data_path": str(path)}
+        data, data_path = None, str(path)
     if spec.manifest is None:
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
@@ -30,44 +32,37 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
             check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
                          model=spec.model)
     run.progress({"stage": "load", "epoch": 0, "epochs": spec.epochs, "step": 0, "loss": None, "percent": 0.0})
+    job = Train(model=spec.model, new_model=spec.new_model, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
+                data=data, data_path=data_path)
     result = ctx.executors.run_job(
-        {
-            "op": "train",
-            "model": spec.model,
-            **data,
-            "epochs": spec.epochs,
-            "lr": spec.lr,
-            "batch_size": spec.batch_size,
-            "new_model": spec.new_model,
-        },
+        job,
         lease=run.lease,
         timeout=run.remaining_s,
-        on_progress=lambda update: run.progress({"stage": "run", **update}),
+        on_progress=lambda update: run.progress({"stage": "run", **update.to_json()}),
     )
     run.timing.finished_at = time.time()
-    output = {key: result[key] for key in ("final_loss", "loss_curve", "model_id", "epochs", "steps", "samples")}
+    output = {**result.trained.to_json(), "model_id": result.model_id}
     return package(
         output=output,
         model=spec.model,
         worker=run.worker,
         lease=run.lease,
         timing=run.timing,
-        load_s=result["load_s"],
+        load_s=result.load_s,
         cache_hit=False,
-        memory_peak=result["memory_peak"],
-        device=result["device"],
-        extra={"model_id": result["model_id"], "cpu_affinity": result["cpu_affinity"]},
+        memory_peak=result.usage.memory_peak,
+        device=result.usage.device,
+        extra={"model_id": result.model_id, "cpu_affinity": result.usage.cpu_affinity},
     )
 
 
-@shared_task(name="hypha.train", bind=True, throws=(HyphaError,), Strategy="hypha_celery.tasks.strategy:guarded")
-def train(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+@shared_task(name="hypha.train", base=HyphaTask, bind=True)
+def train(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}`` (or ``{"ref": "<data set>"}``)."""
     return run_task(
         self,
         kwargs,
         args=args,
         validate=lambda ctx: validate_train(ctx.config, ctx.store, args, kwargs, self.request.id),
-        requirements=lambda spec: spec.requirements,
         body=_run,
     )

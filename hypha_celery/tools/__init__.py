@@ -1,0 +1,1 @@
+"""Operator and developer tools: the ``hypha-celery`` CLI, the demo, an embedded Redis, the worker launcher."""

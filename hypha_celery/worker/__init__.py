@@ -1,0 +1,1 @@
+"""How hypha lives inside ``celery worker``: options, bootsteps, the node context, remote control, host checks."""

@@ -14,18 +14,21 @@ serving; the next refresh after Redis returns registers it again.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
 import psutil
-from celery import bootsteps
+from celery import bootsteps, signals
 
 from hypha_celery import keys, registry
+from hypha_celery.config import WorkerConfig, load_config
 from hypha_celery.errors import HyphaError
-from hypha_celery.monitoring import metrics
+from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
-from hypha_celery.worker import context as node
+from hypha_celery.tasks.base import HyphaTask
+from hypha_celery.worker.context import NodeContext
 
 __all__ = ["NodeStep", "RegistryStep"]
 
@@ -33,29 +36,54 @@ log = logging.getLogger(__name__)
 
 
 class NodeStep(bootsteps.StartStopStep):
-    """Capacity in the ledger, the metrics endpoint, the resource monitor."""
+    """Builds the node context and hands it to the tasks; capacity in the ledger, metrics, the resource monitor."""
 
     label = "hypha node"
     requires = ("celery.worker.components:Timer",)
 
-    def __init__(self, w: Any, hypha_metrics_port: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        w: Any,
+        hypha_config: WorkerConfig | None = None,
+        hypha_metrics_port: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(w, **kwargs)
-        self.config = node.current_config()
+        # The eager --hypha-config option leaves the loaded config here; a WorkController built
+        # in code (no CLI) reads $HYPHA_CONFIG like the option would.
+        self.config = hypha_config if isinstance(hypha_config, WorkerConfig) else load_config()
         self.metrics_port = hypha_metrics_port or self.config.monitoring.metrics_port
+        metrics = Metrics()
+        if self.config.monitoring.collect_metrics:  # before any pool process is forked
+            metrics = PrometheusMetrics(*prepare_multiprocess_dir())
+        self.context = NodeContext.build(self.config, metrics)
+        self.app = w.app
+        w.hypha = self.context
         self.timer_ref: Any = None
         self.http: Any = None
         self.capacity_published = False
+        # A prefork pool process gets a context of its own (never the parent's connections or threads).
+        signals.worker_process_init.connect(self._child_started, weak=False)
+        signals.worker_process_shutdown.connect(self._child_exiting, weak=False)
+
+    def _child_started(self, **_: Any) -> None:
+        self.context = self.context.for_child()
+        bind_tasks(self.app, self.context)
+
+    def _child_exiting(self, **_: Any) -> None:
+        self.context.metrics.process_exited(os.getpid())
 
     def start(self, w: Any) -> None:
-        cfg = self.config
-        if cfg.monitoring.collect_metrics and metrics.enabled():
-            self.http = metrics.serve(self.metrics_port)
+        ctx = self.context
+        bind_tasks(w.app, ctx)
+        if self.config.monitoring.collect_metrics:
+            self.http = ctx.metrics.serve(self.metrics_port)
             log.info("hypha metrics on :%d", self.metrics_port)
         self._publish_capacity()
-        self.timer_ref = w.timer.call_repeatedly(cfg.monitoring.monitor_interval, self._monitor)
+        self.timer_ref = w.timer.call_repeatedly(self.config.monitoring.monitor_interval, self._monitor)
 
     def _publish_capacity(self) -> None:
-        ctx = node.context()
+        ctx = self.context
         try:
             ctx.ledger.set_capacity(node_capacity(ctx.config))
             self.capacity_published = True
@@ -64,7 +92,7 @@ class NodeStep(bootsteps.StartStopStep):
             log.warning("cannot publish node capacity yet (%s); retrying every monitor_interval", exc)
 
     def _monitor(self) -> None:
-        ctx = node.context()
+        ctx = self.context
         try:
             # Redis restarted empty, or placement dropped the node while it was unadvertised
             if not self.capacity_published or ctx.ledger.capacity() is None or not ctx.ledger.indexed():
@@ -75,26 +103,27 @@ class NodeStep(bootsteps.StartStopStep):
             log.warning("resource monitor: %s", exc)
             return
         memory = psutil.virtual_memory()
-        metrics.update_resources(usage, psutil.cpu_percent() / 100.0, memory.percent / 100.0, gpu_utilization())
+        ctx.metrics.update_resources(usage, psutil.cpu_percent() / 100.0, memory.percent / 100.0, gpu_utilization())
 
     def stop(self, w: Any) -> None:
         if self.timer_ref is not None:
             self.timer_ref.cancel()
             self.timer_ref = None
-        ctx = node.context()
-        if "executors" in vars(ctx):
-            ctx.executors.close()
-        if "keeper" in vars(ctx):
-            try:
-                ctx.keeper.flush()  # leases released moments ago go back now, not at their expiry
-            except HyphaError as exc:
-                log.warning("could not release leases at shutdown (they expire by themselves): %s", exc)
+        self.context.close()
         if self.http is not None:
             server, _thread = self.http
             server.shutdown()
             self.http = None
+        self.context.metrics.close()
 
     shutdown = stop
+
+
+def bind_tasks(app: Any, ctx: NodeContext) -> None:
+    """Hand the node context to every hypha task of ``app`` (Celery's custom-base-class pattern)."""
+    for task in app.tasks.values():
+        if isinstance(task, HyphaTask):
+            task.node = ctx
 
 
 class RegistryStep(bootsteps.StartStopStep):
@@ -108,12 +137,13 @@ class RegistryStep(bootsteps.StartStopStep):
         self.enabled = not without_hypha_registry
         self.timer_ref: Any = None
         self.record: registry.WorkerRecord | None = None
+        self.context: NodeContext  # the worker's, from NodeStep, at start
         self.healthy = True
         c.hypha_registry = None
 
     def start(self, c: Any) -> None:
-        cfg = node.current_config()
-        ctx = node.context()
+        ctx = self.context = c.controller.hypha
+        cfg = ctx.config
         self.record = registry.WorkerRecord(
             worker_id=c.hostname,
             node_id=ctx.node_id,
@@ -130,7 +160,7 @@ class RegistryStep(bootsteps.StartStopStep):
             self.timer_ref = c.timer.call_repeatedly(cfg.network.advertisement_interval, self.refresh)
 
     def capabilities(self) -> dict[str, Any]:
-        ctx = node.context()
+        ctx = self.context
         caps = detect_capabilities(ctx.config, ctx.store.list(), ctx.inference_times.snapshot(),
                                    capacity=node_capacity(ctx.config))
         return caps.to_json()
@@ -138,13 +168,13 @@ class RegistryStep(bootsteps.StartStopStep):
     def refresh(self) -> None:
         if self.record is None:
             return
-        ctx = node.context()
+        ctx = self.context
         cfg = ctx.config
         try:
             caps = detect_capabilities(cfg, ctx.store.list(), capacity=node_capacity(cfg))
             usage = ctx.ledger.usage()
             registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
-                              extra=metrics.cache_totals())
+                              extra=ctx.metrics.cache_totals())
             ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
         except HyphaError as exc:
             if self.healthy:
@@ -165,7 +195,7 @@ class RegistryStep(bootsteps.StartStopStep):
         self.stop(c)
         if self.record is not None:
             try:
-                registry.deregister(node.context().redis, self.record.worker_id, self.record.node_id)
+                registry.deregister(self.context.redis, self.record.worker_id, self.record.node_id)
                 log.info("%s removed from the registry", self.record.worker_id)
             except HyphaError as exc:
                 log.warning("could not remove %s from the registry: %s", self.record.worker_id, exc)

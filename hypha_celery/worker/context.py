@@ -1,143 +1,103 @@
-"""This process's view of the worker node: config, Redis, ledger, store, executors.
+"""What one worker process holds: config, Redis, ledger, lease keeper, placement, store, executors, metrics.
 
-The worker loads its config once (``--hypha-config`` or ``$HYPHA_CONFIG``,
-see :mod:`hypha_celery.worker.options`) and hands it to :func:`configure`.
-Everything else is built lazily, once per process: a prefork child gets its
-own Redis connections and executor pool after the fork, never the parent's.
+:class:`~hypha_celery.worker.bootsteps.NodeStep` builds a :class:`NodeContext`
+when the worker starts and hands it to every hypha task (their base class,
+:class:`~hypha_celery.tasks.base.HyphaTask`, carries it). A prefork pool
+process gets a context of its own right after the fork (:meth:`NodeContext.for_child`):
+Redis connections, the lease keeper's thread and executor processes are never
+shared across a fork. Everything here is built up front; nothing is created on
+first use, so there is nothing to lock.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
-import threading
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import redis
 
-from hypha_celery.config import WorkerConfig, load_config, registry_url
+from hypha_celery.config import WorkerConfig, registry_url
+from hypha_celery.errors import HyphaError
+from hypha_celery.executor.limits import NICE
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
 from hypha_celery.models.store import ModelStore
-from hypha_celery.monitoring import metrics
+from hypha_celery.monitoring.metrics import Metrics
 from hypha_celery.registry import InferenceTimes
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
 from hypha_celery.resources.placement import Placement
 from hypha_celery.security import Verifier
 
-__all__ = ["NodeContext", "configure", "context", "current_config"]
+__all__ = ["NodeContext", "node_id"]
 
-_lock = threading.Lock()
-_config: WorkerConfig | None = None
-_context: NodeContext | None = None
-
-
-def configure(cfg: WorkerConfig) -> None:
-    """Install the worker's config for this process (and the children it forks)."""
-    global _config, _context
-    with _lock:
-        _config, _context = cfg, None
-
-
-def current_config() -> WorkerConfig:
-    global _config
-    with _lock:
-        if _config is None:
-            _config = load_config()
-        return _config
-
-
-def context() -> NodeContext:
-    """The process-wide node context, rebuilt after a fork."""
-    global _context
-    cfg = current_config()
-    with _lock:
-        if _context is None or _context.pid != os.getpid():
-            _context = NodeContext(cfg)
-        return _context
-
-
-_LAZY = frozenset({"redis", "ledger", "keeper", "placement", "store", "verifier", "executors", "inference_times"})
+log = logging.getLogger(__name__)
 
 
 def node_id(cfg: WorkerConfig) -> str:
+    """The ledger this worker shares: ``[worker.resources] node_id``, else the host name."""
     return cfg.resources.node_id or socket.gethostname()
 
 
 @dataclass
 class NodeContext:
-    """Members are built on first use, once: ``cached_property`` under one lock (it has none of its
-    own since Python 3.12, and two executor pools would each start executors)."""
+    """The collaborators of one worker process; build with :meth:`build`, end with :meth:`close`."""
 
     config: WorkerConfig
-    pid: int = field(default_factory=os.getpid)
-    _building: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    metrics: Metrics
+    node_id: str
+    redis: redis.Redis
+    ledger: Ledger
+    keeper: LeaseKeeper
+    placement: Placement
+    store: ModelStore
+    verifier: Verifier
+    inference_times: InferenceTimes
+    executors: ExecutorPool = field(init=False)
+    closed: bool = field(default=False, init=False)
 
-    def __getattribute__(self, name: str) -> object:
-        if name in _LAZY:
-            with object.__getattribute__(self, "_building"):
-                return object.__getattribute__(self, name)
-        return object.__getattribute__(self, name)
+    def __post_init__(self) -> None:
+        self.executors = ExecutorPool(executor_settings(self.config), on_cache_change=self._account_cache)
 
-    @property
-    def node_id(self) -> str:
-        return node_id(self.config)
-
-    @cached_property
-    def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(
-            registry_url(self.config),
-            socket_timeout=5,
-            socket_connect_timeout=5,
-            health_check_interval=30,
+    @classmethod
+    def build(cls, config: WorkerConfig, metrics: Metrics | None = None) -> NodeContext:
+        """Every collaborator of a worker process; opens no connection and starts no process yet."""
+        client = redis.Redis.from_url(
+            registry_url(config), socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
+        )
+        node = node_id(config)
+        ledger = Ledger(client, node, ttl=2 * config.resources.lease_heartbeat)
+        security, admission = config.security, config.admission
+        remember = admission.max_wait + config.visibility_timeout + config.hard_time_limit
+        return cls(
+            config=config,
+            metrics=metrics or Metrics(),
+            node_id=node,
+            redis=client,
+            ledger=ledger,
+            keeper=LeaseKeeper(ledger, interval=config.resources.lease_heartbeat),
+            placement=Placement(client),
+            store=ModelStore(config.models.model_dir, config.models.sources, config.models.max_model_size),
+            verifier=Verifier(security.allowed_schedulers, client, max_age=security.max_envelope_age,
+                              remember_s=remember),
+            inference_times=InferenceTimes(),
         )
 
-    @cached_property
-    def ledger(self) -> Ledger:
-        return Ledger(self.redis, self.node_id, ttl=2 * self.config.resources.lease_heartbeat)
+    def for_child(self) -> NodeContext:
+        """A fresh context for a forked pool process: same config and metrics, its own everything else."""
+        return NodeContext.build(self.config, self.metrics)
 
-    @cached_property
-    def inference_times(self) -> InferenceTimes:
-        return InferenceTimes()
-
-    @cached_property
-    def keeper(self) -> LeaseKeeper:
-        return LeaseKeeper(self.ledger, interval=self.config.resources.lease_heartbeat)
-
-    @cached_property
-    def placement(self) -> Placement:
-        return Placement(self.redis)
-
-    @cached_property
-    def store(self) -> ModelStore:
-        models = self.config.models
-        return ModelStore(models.model_dir, models.sources, models.max_model_size)
-
-    @cached_property
-    def verifier(self) -> Verifier:
-        security = self.config.security
-        cfg = self.config
-        remember = cfg.admission.max_wait + cfg.visibility_timeout + cfg.hard_time_limit
-        return Verifier(security.allowed_schedulers, self.redis, max_age=security.max_envelope_age, remember_s=remember)
-
-    @cached_property
-    def executors(self) -> ExecutorPool:
-        from hypha_celery.executor.limits import NICE
-
-        cfg = self.config
-        settings = ExecutorSettings(
-            store=cfg.models.model_dir,
-            cache_size=cfg.model_cache_size,
-            max_model_size=cfg.models.max_model_size,
-            sandbox=cfg.execution.sandbox_enabled,
-            nice=NICE[cfg.execution.cpu_priority],
-            enforce_memory=cfg.security.enforce_memory_limits,
-            enforce_cpu=cfg.security.enforce_cpu_limits,
-            max_batch_size=cfg.batching.max_batch_size,
-            max_queue_delay_s=cfg.batching.max_queue_delay_microseconds / 1e6,
-            memory_mode=os.environ.get("HYPHA_MEMORY_ENFORCEMENT") or None,
-        )
-        return ExecutorPool(settings, on_cache_change=self._account_cache)
+    def close(self) -> None:
+        """Stop executors, hand back leases released moments ago (not at their expiry), drop connections."""
+        if self.closed:
+            return
+        self.closed = True
+        self.executors.close()
+        try:
+            self.keeper.flush()
+        except HyphaError as exc:
+            log.warning("could not release leases at shutdown (they expire by themselves): %s", exc)
+        self.redis.close()
 
     def _account_cache(self, device: str, size: int, evicted: int = 0) -> None:
         """A serving executor's cache changed: its bytes count as taken in the ledger.
@@ -155,8 +115,24 @@ class NodeContext:
             exclusive_gpu=False,
         )
         self.ledger.account(account.id, memory=account.memory, gpus=gpus, holder=f"model cache on {device}")
-        metrics.cache_changed(device, size, evicted)
+        self.metrics.cache_changed(device, size, evicted)
         if size:
             self.keeper.add(account)
         else:
             self.keeper.discard(account)
+
+
+def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:
+    """How this worker's executor processes run, from its config."""
+    return ExecutorSettings(
+        store=cfg.models.model_dir,
+        cache_size=cfg.model_cache_size,
+        max_model_size=cfg.models.max_model_size,
+        sandbox=cfg.execution.sandbox_enabled,
+        nice=NICE[cfg.execution.cpu_priority],
+        enforce_memory=cfg.security.enforce_memory_limits,
+        enforce_cpu=cfg.security.enforce_cpu_limits,
+        max_batch_size=cfg.batching.max_batch_size,
+        max_queue_delay_s=cfg.batching.max_queue_delay_microseconds / 1e6,
+        memory_mode=os.environ.get("HYPHA_MEMORY_ENFORCEMENT") or None,
+    )

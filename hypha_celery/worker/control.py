@@ -1,4 +1,8 @@
-"""Remote-control commands: ``celery -A hypha_celery inspect hypha_capabilities``."""
+"""Remote-control commands: ``celery -A hypha_celery inspect hypha_capabilities``.
+
+Imported by the app on both sides (Celery's ``inspect`` CLI checks the command
+name), so it imports nothing beyond Celery at module level.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +12,22 @@ from typing import Any
 
 from celery.worker.control import inspect_command
 
-from hypha_celery.worker import context as node
-
 __all__ = ["hypha_capabilities"]
 
 
 @inspect_command()
 def hypha_capabilities(state: Any) -> dict[str, Any]:
     """This worker's live capabilities, free resources, and whether its process touched CUDA."""
-    ctx = node.context()
+    ctx = state.consumer.controller.hypha
     step = getattr(state.consumer, "hypha_registry", None)
     caps = step.capabilities() if step is not None else {}
-    usage = ctx.ledger.usage().to_json()
     torch = sys.modules.get("torch")
     return {
         "worker_id": state.consumer.hostname,
         "node_id": ctx.node_id,
         "capabilities": caps,
-        "ledger": usage,
-        "model_cache": ctx.executors.cache() if "executors" in vars(ctx) else {},
+        "ledger": ctx.ledger.usage().to_json(),
+        "model_cache": ctx.executors.cache(),
         "process": {
             "pid": os.getpid(),
             "torch_imported": torch is not None,

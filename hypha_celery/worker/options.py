@@ -4,14 +4,18 @@
   loaded while the command line is parsed (an eager option), so the Celery
   settings it implies - broker, time limits, visibility timeout, concurrency -
   are in place before the worker reads them. A bad file stops the worker with
-  one line naming the key, and exit status 78 (EX_CONFIG).
+  one line naming the key, and exit status 78 (EX_CONFIG). The loaded
+  :class:`~hypha_celery.config.WorkerConfig` is the option's value, which
+  Celery hands to the bootsteps as ``hypha_config``.
 * ``--hypha-metrics-port N``: overrides ``metrics_port`` (two workers on one host).
 * ``--without-hypha-registry``: do not advertise in the registry.
+
+Bootsteps are named by path, so a scheduler that builds the app never
+imports the worker's own dependencies.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from typing import Any
@@ -20,14 +24,11 @@ import click
 from celery import Celery, signals
 
 from hypha_celery import keys
-from hypha_celery.config import EX_CONFIG, celery_settings, load_config
+from hypha_celery.config import EX_CONFIG, WorkerConfig, celery_settings, load_config
 from hypha_celery.errors import ConfigError
-from hypha_celery.monitoring import metrics
-from hypha_celery.worker import context as node
+from hypha_celery.tasks.headers import SENT_AT
 
 __all__ = ["install"]
-
-_started: dict[str, float] = {}
 
 
 def _fail(message: str) -> None:
@@ -35,16 +36,15 @@ def _fail(message: str) -> None:
     sys.exit(EX_CONFIG)
 
 
-def _load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
-    """Eager option callback: load, check and apply the worker config."""
+def _load(ctx: click.Context, _param: click.Parameter, value: str | None) -> WorkerConfig | str | None:
+    """Eager option callback: load, check and apply the worker config; the config becomes the option's value."""
     if ctx.resilient_parsing:
         return value
     from hypha_celery.worker.hostcheck import check_host
 
     try:
         cfg = load_config(value)
-        port = _metrics_port_from_argv()
-        check_host(cfg, metrics_port=port)
+        check_host(cfg, metrics_port=_metrics_port_from_argv())
     except ConfigError as exc:
         _fail(str(exc))
     app = ctx.obj.app
@@ -53,10 +53,7 @@ def _load(ctx: click.Context, _param: click.Parameter, value: str | None) -> str
         # Threads unless the command line names a pool. (Set as worker_pool in a config,
         # Celery's CLI would take even an explicit `--pool prefork` for its default.)
         app.conf.worker_pool = "threads"
-    node.configure(cfg)
-    if cfg.monitoring.collect_metrics:
-        metrics.setup()
-    return value
+    return cfg
 
 
 def _pool_given() -> bool:
@@ -64,6 +61,7 @@ def _pool_given() -> bool:
 
 
 def _metrics_port_from_argv() -> int | None:
+    """``--hypha-metrics-port`` as typed, read early: the eager config check needs it before click parses it."""
     argv = sys.argv
     for index, arg in enumerate(argv):
         if arg == "--hypha-metrics-port" and index + 1 < len(argv):
@@ -80,8 +78,7 @@ def _metrics_port_from_argv() -> int | None:
 
 
 def install(app: Celery) -> None:
-    from hypha_celery.worker.bootsteps import NodeStep, RegistryStep
-
+    """Add hypha's worker options, bootsteps, remote-control command and signal handlers to ``app``."""
     app.user_options["worker"].add(click.Option(
         ["--hypha-config"], is_eager=True, callback=_load, default=None, envvar=None,
         help="hypha worker config (TOML); default $HYPHA_CONFIG, else the seed's defaults.",
@@ -94,45 +91,19 @@ def install(app: Celery) -> None:
         ["--without-hypha-registry"], is_flag=True, default=False,
         help="Do not advertise this worker in the Redis registry.",
     ))
-    app.steps["worker"].add(NodeStep)
-    app.steps["consumer"].add(RegistryStep)
-    from hypha_celery.worker import control  # noqa: F401 - registers the inspect command
+    app.steps["worker"].add("hypha_celery.worker.bootsteps:NodeStep")
+    app.steps["consumer"].add("hypha_celery.worker.bootsteps:RegistryStep")
+    import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
+    signals.celeryd_after_setup.connect(_own_queue, weak=False)
+    signals.before_task_publish.connect(_stamp_sent_at, weak=False)
 
 
-@signals.celeryd_after_setup.connect(weak=False)
 def _own_queue(sender: str, instance: Any, **_: Any) -> None:
     """Each worker also consumes ``hypha.worker.<nodename>``, which only it reads."""
     instance.app.amqp.queues.select_add(keys.worker_queue(sender))
 
 
-@signals.before_task_publish.connect(weak=False)
 def _stamp_sent_at(headers: dict[str, Any] | None = None, **_: Any) -> None:
     """Record when a task was first published, for ``queue_wait_s``."""
     if headers is not None and str(headers.get("task", "")).startswith("hypha."):
-        headers.setdefault("hypha_sent_at", time.time())
-
-
-@signals.task_prerun.connect(weak=False)
-def _prerun(task_id: str, task: Any, **_: Any) -> None:
-    if task.name.startswith("hypha."):
-        _started[task_id] = time.monotonic()
-
-
-@signals.task_postrun.connect(weak=False)
-def _postrun(task_id: str, task: Any, state: str | None = None, retval: Any = None, **_: Any) -> None:
-    started = _started.pop(task_id, None)
-    if not task.name.startswith("hypha.") or state not in ("SUCCESS", "FAILURE"):
-        return
-    runtime = None if started is None else time.monotonic() - started
-    error = None if state == "SUCCESS" else type(retval).__name__
-    metrics.task_finished(task.name, runtime, error)
-
-
-@signals.worker_process_shutdown.connect(weak=False)
-def _process_exit(**_: Any) -> None:
-    metrics.process_exited(os.getpid())
-
-
-@signals.worker_shutdown.connect(weak=False)
-def _worker_exit(**_: Any) -> None:
-    metrics.teardown()
+        headers.setdefault(SENT_AT, time.time())

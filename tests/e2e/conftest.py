@@ -1,14 +1,19 @@
-"""End-to-end tests: real Redis, real ``celery -A hypha_celery worker`` processes, real executors.
+"""End-to-end tests: real Redis, real ``celery -A hypha_celery worker`` processes, real executors, subprocesses.
 
-Every test here carries the ``slow`` marker; ``pytest -m 'not slow'`` (``make test-unit``) skips them.
+Every test here carries the ``slow`` marker; ``pytest -m 'not slow'`` (or ``pytest tests/unit``) skips them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Called with the whole session's items, not only this folder's.
     for item in items:
-        if "/e2e/" in str(item.path):
+        if item.path.is_relative_to(HERE):
             item.add_marker(pytest.mark.slow)

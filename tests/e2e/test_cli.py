@@ -10,8 +10,7 @@ from pathlib import Path
 import redis
 
 from hypha_celery.security import load_signing_key, peer_id
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import threading
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 
-from hypha_celery.errors import MemoryLimitExceeded, ModelTooLarge, TaskTimeout
+from hypha_celery.errors import ExecutionError, MemoryLimitExceeded, ModelTooLarge, TaskTimeout
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+from hypha_celery.executor.protocol import Progress, Train
 from hypha_celery.models.architectures import build
 from hypha_celery.models.examples import clusters
 from hypha_celery.models.store import ModelStore
@@ -50,17 +54,17 @@ def test_executor_is_sandboxed(pool: ExecutorPool) -> None:
     # Given a serving executor, Then it has its own empty network namespace, a private temp dir,
     # none of the worker's environment, and the memory cap mode for a CPU process
     info = pool.describe("cpu")
-    assert info["net_namespace"] != os.readlink("/proc/self/ns/net")
-    assert info["interfaces"] == ["lo"]
-    assert info["tmpdir"] == info["cwd"] and "hypha-serve-cpu" in info["tmpdir"]
-    assert "HYPHA_BROKER_URL" not in info["environment"] and "AWS_SECRET_ACCESS_KEY" not in info["environment"]
-    assert info["memory_mode"] == "rlimit" and info["pid"] != os.getpid()
+    assert info.net_namespace != os.readlink("/proc/self/ns/net")
+    assert info.interfaces == ["lo"]
+    assert info.tmpdir == info.cwd and "hypha-serve-cpu" in info.tmpdir
+    assert "HYPHA_BROKER_URL" not in info.environment and "AWS_SECRET_ACCESS_KEY" not in info.environment
+    assert info.memory_mode == "rlimit" and info.pid != os.getpid()
 
 
 def test_low_priority_executors_are_niced(store_dir: Path) -> None:
     pool = make_pool(store_dir, nice=10)
     try:
-        assert pool.describe("cpu")["nice"] == 10
+        assert pool.describe("cpu").nice == 10
     finally:
         pool.close()
 
@@ -138,23 +142,24 @@ def test_a_memory_bomb_fails_alone(store_dir: Path, mode: str) -> None:
 
 def test_a_task_past_its_timeout_is_killed(pool: ExecutorPool) -> None:
     rows, labels = clusters(3000, seed=1)
-    request = {"op": "train", "model": "mlp", "data": {"inputs": rows, "targets": labels}, "epochs": 100_000,
-               "lr": 0.01, "batch_size": 8, "new_model": "never"}
+    job = Train(model="mlp", new_model="never", epochs=100_000, lr=0.01, batch_size=8,
+                data={"inputs": rows, "targets": labels})
     with pytest.raises(TaskTimeout, match="task_timeout"):
-        pool.run_job(request, lease=lease(), timeout=2)
+        pool.run_job(job, lease=lease(), timeout=2)
     # the next job gets a fresh executor
-    done = pool.run_job({**request, "epochs": 1, "new_model": "after-timeout"}, lease=lease(), timeout=60)
-    assert done["model_id"] == "after-timeout"
+    done = pool.run_job(Train(model="mlp", new_model="after-timeout", epochs=1, lr=0.01, batch_size=8,
+                              data={"inputs": rows, "targets": labels}), lease=lease(), timeout=60)
+    assert done.model_id == "after-timeout"
 
 
 def test_training_reports_progress_and_stores_a_new_model(pool: ExecutorPool, store_dir: Path) -> None:
     rows, labels = clusters(600, seed=2)
-    updates: list[dict] = []
-    result = pool.run_job({"op": "train", "model": "mlp", "data": {"inputs": rows, "targets": labels}, "epochs": 40,
-                           "lr": 0.01, "batch_size": 16, "new_model": "mlp-trained", "progress_interval": 0.0},
+    updates: list[Progress] = []
+    result = pool.run_job(Train(model="mlp", new_model="mlp-trained", epochs=40, lr=0.01, batch_size=16,
+                                data={"inputs": rows, "targets": labels}, progress_interval=0.0),
                           lease=lease(), timeout=120, on_progress=updates.append)
-    assert len(updates) >= 3 and updates[-1]["percent"] == 100.0
-    assert result["loss_curve"][-1] < result["loss_curve"][0]
+    assert len(updates) >= 3 and updates[-1].percent == 100.0
+    assert result.trained.loss_curve[-1] < result.trained.loss_curve[0]
     manifest = ModelStore(store_dir).manifest("mlp-trained")
     assert manifest.parent == "mlp"
     assert pool.infer(model="mlp-trained", inputs=[ROW], lease=lease(), timeout=60, batchable=True).output
@@ -173,5 +178,43 @@ def test_a_gpu_lane_sees_only_its_device(pool: ExecutorPool) -> None:
     # An executor for physical GPU 1 is started with CUDA_VISIBLE_DEVICES=1 (the task sees cuda:0),
     # and caps memory with the RSS watchdog, since CUDA needs large virtual reservations
     info = pool.describe("cuda:1")
-    assert info["cuda_visible_devices"] == "1" and info["memory_mode"] == "watchdog"
-    assert pool.describe("cpu")["cuda_visible_devices"] == ""
+    assert info.cuda_visible_devices == "1" and info.memory_mode == "watchdog"
+    assert pool.describe("cpu").cuda_visible_devices == ""
+
+
+def test_the_executors_traceback_reaches_the_worker(pool: ExecutorPool) -> None:
+    # Given inputs that make torch raise inside the executor (3 features for a model that takes 4)
+    # When the worker runs them
+    with pytest.raises(ExecutionError, match="RuntimeError") as raised:
+        pool.infer(model="mlp", inputs=[[1.0, 2.0, 3.0]], lease=lease(), timeout=60, batchable=True)
+    # Then the error's formatted traceback (what the worker logs and Celery stores) holds the
+    # executor's frames, down to the runtime function that raised
+    formatted = "".join(traceback.format_exception(raised.value))
+    assert "hypha_celery/models/runtime.py" in formatted and "in infer_batch" in formatted
+
+
+_SERVE_ALL = """
+import socket, sys
+from hypha_celery.executor.child import Executor, _Channel
+from hypha_celery.executor.protocol import ChildSettings, Describe, Infer, Train
+ours, theirs = socket.socketpair()
+settings = ChildSettings(store=sys.argv[1], cache_size=10**8, max_model_size=10**8, device="cpu", sandbox=False,
+                         nice=0, memory_mode="off", tmpdir=sys.argv[2])
+executor = Executor(settings, _Channel(theirs))
+executor.handle(Infer(model="mlp", items=[[[5.0, 3.4, 1.5, 0.2]]]))
+executor.handle(Describe())
+executor.handle(Train(model="mlp", new_model="mlp-imports", epochs=1, lr=0.01, batch_size=2, progress_interval=60.0,
+                      data={"inputs": [[5.0, 3.4, 1.5, 0.2]] * 4, "targets": [0, 1, 2, 0]}))
+print(" ".join(sorted(name for name in ("celery", "kombu", "redis", "nacl") if name in sys.modules)) or "none")
+"""
+
+
+def test_an_executor_serving_every_request_imports_no_celery_redis_or_nacl(store_dir: Path, tmp_path: Path) -> None:
+    # Given a fresh interpreter that runs the executor's code for every request kind (inference, training,
+    # describe), as `python -m hypha_celery.executor.child` does, minus the socket to a worker
+    scratch = tmp_path / "scratch"  # the executor empties its temp dir after each job
+    scratch.mkdir()
+    out = subprocess.run([sys.executable, "-c", _SERVE_ALL, str(store_dir), str(scratch)],
+                         capture_output=True, text=True, timeout=120)
+    # Then none of the worker's broker, result-backend or signing libraries was imported
+    assert (out.returncode, out.stdout.strip()) == (0, "none"), out.stderr

@@ -26,7 +26,8 @@ import pytest
 
 from hypha_celery.config import ModelSource
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.store import ModelStore, sha256_file, validate_model_id
+from hypha_celery.models.manifest import validate_model_id
+from hypha_celery.models.store import ModelStore, sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = "weights.safetensors"

@@ -9,7 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from tests.conftest import ROOT, free_port, scrape, wait_for
+from hypha_celery.tools.launch import free_port, scrape, wait_for
+from tests.conftest import ROOT
 
 SEED_METRICS = (
     "hypha_worker_tasks_active",

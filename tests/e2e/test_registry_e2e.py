@@ -48,7 +48,7 @@ def test_worker_registers_refreshes_and_leaves_on_sigterm(start_worker, redis_cl
     # When it gets SIGTERM, Then the record is removed
     assert worker.stop() == 0
     assert not redis_client.exists(key)
-    assert redis_client.zscore(keys.WORKERS, worker_id) is None
+    assert redis_client.zscore(keys.workers(), worker_id) is None
 
 
 def test_a_killed_worker_disappears_by_itself(start_worker, redis_client: redis.Redis, redis_url: str) -> None:
@@ -62,7 +62,7 @@ def test_a_killed_worker_disappears_by_itself(start_worker, redis_client: redis.
     assert 0 < redis_client.ttl(keys.worker(worker_id)) <= 3 * INTERVAL
     wait_for(lambda: not redis_client.exists(keys.worker(worker_id)), 30, "the record to expire")
     assert cli_workers(redis_url) == []
-    assert redis_client.zscore(keys.WORKERS, worker_id) is None  # the reader pruned the index
+    assert redis_client.zscore(keys.workers(), worker_id) is None  # the reader pruned the index
 
 
 def test_two_workers_each_with_its_own_queue(start_worker, celery_client, redis_url: str) -> None:

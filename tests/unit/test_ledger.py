@@ -1,4 +1,7 @@
-"""The node ledger: atomic all-or-nothing leases, the same contract on fakeredis and a real Redis."""
+"""The node ledger: atomic all-or-nothing leases, on fakeredis (the same Lua as Redis).
+
+``tests/e2e/test_ledger_on_redis.py`` runs this same contract against a real redis-server.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypha_celery import keys
-from hypha_celery.errors import InsufficientCapabilities, InsufficientGpuMemory, ResourcesBusy
-from hypha_celery.resources.ledger import Capacity, DuplicateTask, Lease, LeaseKeeper, Ledger
+from hypha_celery.errors import (
+    ControlFlow,
+    DuplicateTask,
+    InsufficientCapabilities,
+    InsufficientGpuMemory,
+    RegistryUnavailable,
+    ResourcesBusy,
+)
+from hypha_celery.resources.ledger import Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
 
 MiB = 2**20
@@ -24,15 +34,12 @@ def req(**fields: object) -> Requirements:
     return Requirements.parse({"memory": MiB, **fields})
 
 
-@pytest.fixture(params=["fakeredis", "redis"])
-def client(request: pytest.FixtureRequest) -> Iterator[redis.Redis]:
-    """The contract holds on both: fakeredis (lupa Lua) and a real redis-server."""
-    if request.param == "fakeredis":
-        fake = fakeredis.FakeRedis()
-        yield fake
-        fake.flushall()
-    else:
-        yield request.getfixturevalue("redis_client")
+@pytest.fixture
+def client() -> Iterator[redis.Redis]:
+    """fakeredis runs the scripts with lupa; the e2e twin of this file overrides this fixture with a real Redis."""
+    fake = fakeredis.FakeRedis()
+    yield fake
+    fake.flushall()
 
 
 @pytest.fixture
@@ -147,6 +154,61 @@ def test_lease_keeper_renews_in_the_background(client: redis.Redis) -> None:
     assert ledger.usage().memory_used == 0
 
 
+def test_hold_without_a_keeper_renews_and_releases(client: redis.Redis) -> None:
+    # Given a short TTL and no keeper of the caller's
+    ledger = Ledger(client, "node-h", ttl=0.4)
+    ledger.set_capacity(Capacity(cores=[0], memory=100 * MiB))
+    # When a lease is held for longer than its TTL
+    with ledger.hold(req(memory=50 * MiB), holder="a") as lease:
+        time.sleep(1.0)
+        # Then it is still held (renewed by a keeper of its own)
+        assert [entry["id"] for entry in ledger.usage().leases] == [lease.id]
+    # ... and given back when the block ends
+    assert ledger.usage().leases == []
+
+
+def test_a_refusal_says_why_and_which_resource(ledger: Ledger) -> None:
+    # Given the node's memory all taken
+    ledger.reserve(req(memory=1000 * MiB), holder="a")
+    # When more is asked, Then the refusal is typed: busy, on memory
+    assert ledger.try_reserve(req(memory=MiB), holder="b") == Refusal(why="busy", resource="memory")
+    # ... and asking more than the node has is infeasible, not busy
+    assert ledger.try_reserve(req(memory=2000 * MiB), holder="b") == Refusal(why="infeasible", resource="memory")
+
+
+def test_a_duplicate_refusal_names_the_running_lease(ledger: Ledger) -> None:
+    # Given a task running under a lease
+    first = ledger.reserve(req(), holder="w1", task_id="t-dup")
+    # When a copy of it asks
+    refusal = ledger.try_reserve(req(), holder="w2", task_id="t-dup")
+    # Then the refusal names the lease and its holder, and explains itself as a control-flow DuplicateTask
+    assert refusal == Refusal(why="duplicate", lease=first.id, holder="w1")
+    assert isinstance(refusal, Refusal)
+    error = ledger.refusal(req(), refusal, "t-dup")
+    assert isinstance(error, DuplicateTask) and isinstance(error, ControlFlow)
+
+
+def test_a_node_without_capacity_is_refused_as_unknown(client: redis.Redis) -> None:
+    # Given a node that never published its capacity (e.g. Redis restarted empty)
+    ledger = Ledger(client, "node-new", ttl=5)
+    # When a task asks, Then the refusal says so, and it reads as busy (the monitor publishes it again)
+    refusal = ledger.try_reserve(req(), holder="a")
+    assert refusal == Refusal(why="unknown_node")
+    assert isinstance(ledger.refusal(req(), refusal), ResourcesBusy)
+
+
+def test_a_redis_outage_is_registry_unavailable() -> None:
+    # Given a ledger whose Redis is down
+    server = fakeredis.FakeServer()
+    server.connected = False
+    ledger = Ledger(fakeredis.FakeRedis(server=server), "node-down", ttl=5)
+    # When it is asked anything, Then it raises hypha's RegistryUnavailable, not redis-py's error
+    with pytest.raises(RegistryUnavailable, match="ledger Redis unreachable"):
+        ledger.try_reserve(req(), holder="a")
+    with pytest.raises(RegistryUnavailable):
+        ledger.capacity()
+
+
 def test_a_task_id_runs_under_one_live_lease(client: redis.Redis, ledger: Ledger) -> None:
     first = ledger.reserve(req(memory=10 * MiB), holder="w1", task_id="t-1")
     with pytest.raises(DuplicateTask) as caught:
@@ -188,16 +250,16 @@ def test_a_gpu_cache_takes_memory_but_never_holds_the_device(client: redis.Redis
     on_one = whole if whole.gpu_ids == [1] else other
     assert on_one.gpus == {1: 10_000}
     assert ledger.usage().gpu_memory_used[1] == 40_000
-    assert client.zscore(keys.INDEX_FREE["gpus"], "node-a") == 0
+    assert client.zscore(keys.index_free()["gpus"], "node-a") == 0
 
 
 def test_placement_indexes_track_free_resources(client: redis.Redis, ledger: Ledger) -> None:
     lease = ledger.reserve(req(memory=250 * MiB, cpu_cores=2, gpus=1, gpu_memory=10_000), holder="a")
-    score = {name: client.zscore(key, "node-a") for name, key in keys.INDEX_FREE.items()}
+    score = {name: client.zscore(key, "node-a") for name, key in keys.index_free().items()}
     assert score == {"memory": 750 * MiB, "core_milli": 1000, "whole_cores": 2, "gpus": 1, "gpu_memory": 80_000}
     ledger.release(lease)
-    assert client.zscore(keys.INDEX_FREE["memory"], "node-a") == 1000 * MiB
-    assert client.zscore(keys.INDEX_FREE["gpus"], "node-a") == 2
+    assert client.zscore(keys.index_free()["memory"], "node-a") == 1000 * MiB
+    assert client.zscore(keys.index_free()["gpus"], "node-a") == 2
 
 
 # --- property tests of the fit logic, against an oracle written from the spec -------------------------
@@ -272,14 +334,14 @@ def test_fit_logic_matches_the_spec(case: tuple[Capacity, list[tuple[str, object
             held.append(result)
         else:
             want = {None: "infeasible", False: "busy"}.get(expected, "granted")
-            assert result["why"] == want, f"{r}: ledger said {result}, spec says {want}"
+            assert result.why == want, f"{r}: ledger said {result}, spec says {want}"
         usage = ledger.usage()
         assert usage.memory_used == sum(lease.memory for lease in held) <= capacity.memory
         assert all(used <= 1000 for used in usage.core_milli_used.values())
         for gpu, total in capacity.gpus.items():
             assert usage.gpu_memory_used.get(gpu, 0) <= total
         # the placement indexes say exactly what is free
-        free = {name: fake.zscore(key, "prop") for name, key in keys.INDEX_FREE.items()}
+        free = {name: fake.zscore(key, "prop") for name, key in keys.index_free().items()}
         assert free["memory"] == capacity.memory - usage.memory_used
         assert free["whole_cores"] == sum(1 for c in capacity.cores if not usage.core_milli_used.get(c))
         assert free["core_milli"] == max(1000 - usage.core_milli_used.get(c, 0) for c in capacity.cores)

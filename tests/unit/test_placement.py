@@ -8,6 +8,7 @@ import fakeredis
 import pytest
 
 from hypha_celery import keys
+from hypha_celery.errors import RegistryUnavailable
 from hypha_celery.resources.ledger import Capacity, Ledger
 from hypha_celery.resources.placement import Placement
 from hypha_celery.resources.requirements import Requirements
@@ -61,8 +62,29 @@ def test_a_node_without_live_workers_is_skipped_and_dropped_only_once_unadvertis
     client.zadd(keys.node_workers("quiet"), {"w-quiet": time.time() - 1})  # its worker's entry expired
     placement = Placement(client)
     assert placement.choose(Requirements(memory=GiB)) is None
-    assert client.zscore(keys.INDEX_CAPACITY["memory"], "quiet") is not None  # kept: it may come back
+    assert client.zscore(keys.index_capacity()["memory"], "quiet") is not None  # kept: it may come back
     client.delete(keys.node_workers("quiet"))  # nobody advertised it for 3 intervals
     assert placement.feasible(Requirements(memory=GiB)) is None
-    assert client.zscore(keys.INDEX_CAPACITY["memory"], "quiet") is None
+    assert client.zscore(keys.index_capacity()["memory"], "quiet") is None
     assert not Ledger(client, "quiet").indexed()  # what the worker's monitor checks to put it back
+
+
+def test_the_largest_node_is_described_for_an_infeasible_request(client: fakeredis.FakeRedis) -> None:
+    # Given two nodes of different sizes
+    node(client, "small", Capacity(cores=[0, 1], memory=8 * GiB))
+    node(client, "big", Capacity(cores=list(range(8)), memory=64 * GiB, gpus={0: 80 * GiB}))
+    # When no node can fit a request, Then the error names the largest capacity of each kind
+    error = Placement(client).infeasible(Requirements(memory=128 * GiB))
+    assert "the largest seen has memory 64" in str(error) and "cores 8" in str(error) and "gpus 1" in str(error)
+
+
+def test_a_redis_outage_is_registry_unavailable() -> None:
+    # Given placement over a Redis that is down
+    server = fakeredis.FakeServer()
+    server.connected = False
+    placement = Placement(fakeredis.FakeRedis(server=server))
+    # When it chooses or describes the largest node, Then it raises RegistryUnavailable, never redis-py's error
+    with pytest.raises(RegistryUnavailable, match="registry Redis unreachable"):
+        placement.choose(Requirements(memory=GiB))
+    with pytest.raises(RegistryUnavailable):
+        placement.largest()

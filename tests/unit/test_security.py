@@ -16,7 +16,7 @@ import nacl.signing
 import pytest
 
 from hypha_celery import keys
-from hypha_celery.errors import ConfigError, InvalidSignature
+from hypha_celery.errors import ConfigError, InvalidSignature, RegistryUnavailable
 from hypha_celery.security import (
     CLOCK_SKEW_S,
     ENVELOPE_HEADER,
@@ -514,3 +514,27 @@ def test_envelope_issued_absurdly_far_in_the_future(key: nacl.signing.SigningKey
     env = envelope(key, task_id, now=issued, ttl=300)
     with pytest.raises(InvalidSignature, match=r"in the future|invalid"):
         verify(verifier, env, task_id)
+
+
+def test_a_redis_outage_at_the_nonce_check_is_not_a_bad_signature(key: nacl.signing.SigningKey) -> None:
+    # Given a verifier whose nonce store (Redis) is down
+    server = fakeredis.FakeServer()
+    server.connected = False
+    verifier = Verifier([peer_id(key.verify_key)], fakeredis.FakeRedis(server=server))
+    task_id = new_id()
+    # When a validly signed envelope arrives, Then the outage is RegistryUnavailable, not InvalidSignature
+    with pytest.raises(RegistryUnavailable, match="cannot check the envelope nonce"):
+        verify(verifier, envelope(key, task_id), task_id)
+
+
+def test_the_package_keeps_exporting_the_split_modules_names() -> None:
+    # Given the signing side and the verifying side in modules of their own
+    import hypha_celery.security as security
+    from hypha_celery.security import envelope as envelope_module
+    from hypha_celery.security import verifier as verifier_module
+
+    # Then every public name of both is still importable from hypha_celery.security
+    for module in (envelope_module, verifier_module):
+        for name in module.__all__:
+            assert getattr(security, name) is getattr(module, name), name
+        assert set(module.__all__) <= set(security.__all__)

@@ -1,23 +1,19 @@
-"""The operator files under deploy/: they parse, agree with each other, and name metrics that exist.
+"""The operator files under deploy/: they parse and agree with each other.
 
-The worker's exported metric names come from :mod:`hypha_celery.monitoring.metrics` itself,
-set up in a subprocess so this process's Prometheus registry stays untouched.
+That the dashboard and alerts name metrics the worker exports is checked in
+``tests/e2e/test_deploy_metrics_e2e.py`` (it sets the metrics up in a subprocess).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from hypha_celery.config import WorkerConfig, load_config, parse_config
@@ -58,34 +54,8 @@ CELERY_EXPORTER_METRICS = {
     "celery_active_process_count",
 }
 
-# Run in a subprocess: set the worker's metrics up and print the sample names
-# Prometheus would scrape (a counter x is exposed as x_total, a histogram as
-# x_bucket, x_sum and x_count, a gauge as x).
-_EXPORTED_NAMES = """
-import json, sys
-from hypha_celery.monitoring import metrics
-metrics.setup(sys.argv[1])
-from prometheus_client import REGISTRY
-suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"], "summary": ["", "_sum", "_count"]}
-names = set()
-for family in REGISTRY.collect():
-    if family.name.startswith("hypha_worker_"):
-        names.update(family.name + suffix for suffix in suffixes[family.type])
-print(json.dumps(sorted(names)))
-"""
-
 HYPHA_METRIC = re.compile(r"\bhypha_worker_[A-Za-z0-9_]+")
 CELERY_METRIC = re.compile(r"\bcelery_[A-Za-z0-9_]+")
-
-
-@pytest.fixture(scope="module")
-def exported_names(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
-    directory = tmp_path_factory.mktemp("prometheus-multiproc")
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(directory)}
-    result = subprocess.run([sys.executable, "-c", _EXPORTED_NAMES, str(directory)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def load_yaml(path: Path) -> Any:
@@ -349,50 +319,14 @@ def test_worker_toml_mentions_every_config_key() -> None:
     assert not missing, missing
 
 
-# --- dashboard and alerts use real metric names
+# --- dashboard and alerts use real metric names (checked against the worker in tests/e2e)
 
 
-def test_exported_names_carry_the_exposition_suffixes(exported_names: set[str]) -> None:
-    # Given the names derived from the worker's metrics
-    # Then counters end in _total, histograms expose _bucket/_sum/_count, gauges their own name
-    assert "hypha_worker_tasks_completed_total" in exported_names
-    assert "hypha_worker_tasks_completed" not in exported_names
-    assert {"hypha_worker_task_duration_seconds_bucket", "hypha_worker_task_duration_seconds_sum",
-            "hypha_worker_task_duration_seconds_count"} <= exported_names
-    assert "hypha_worker_tasks_active" in exported_names
-
-
-def test_metric_check_flags_an_unknown_name(exported_names: set[str]) -> None:
+def test_metric_check_flags_an_unknown_name() -> None:
     # Given an expression that names a metric the worker does not export
     exprs = ["sum(rate(hypha_worker_tasks_completed_total[5m])) + hypha_worker_nonexistent"]
-    # When checking it, Then exactly that name is reported
-    assert unknown_metrics(exprs, exported_names) == {"hypha_worker_nonexistent"}
-
-
-def test_dashboard_hypha_metrics_are_exported(exported_names: set[str]) -> None:
-    # Given the dashboard's PromQL
-    exprs = dashboard_exprs(json.loads(DASHBOARD.read_text()))
-    assert any("hypha_worker_" in expr for expr in exprs)
-    # When checking every hypha_worker_* name, Then the worker exports each
-    assert unknown_metrics(exprs, exported_names) == set()
-
-
-def test_alert_hypha_metrics_are_exported(exported_names: set[str]) -> None:
-    # Given the alert rules' expressions
-    exprs = alert_exprs(load_yaml(ALERTS))
-    assert any("hypha_worker_" in expr for expr in exprs)
-    # When checking every hypha_worker_* name, Then the worker exports each
-    assert unknown_metrics(exprs, exported_names) == set()
-
-
-def test_dashboard_shows_every_worker_metric(exported_names: set[str]) -> None:
-    # Given the worker's metric families (a name and its exposition suffixes)
-    families = {re.sub(r"_(total|bucket|sum|count)$", "", name) for name in exported_names}
-    # When collecting the families the dashboard uses
-    used = {re.sub(r"_(total|bucket|sum|count)$", "", name)
-            for expr in dashboard_exprs(json.loads(DASHBOARD.read_text())) for name in HYPHA_METRIC.findall(expr)}
-    # Then each has a panel
-    assert families - used == set()
+    # When checking it against what the worker exports, Then exactly that name is reported
+    assert unknown_metrics(exprs, {"hypha_worker_tasks_completed_total"}) == {"hypha_worker_nonexistent"}
 
 
 def test_dashboard_celery_metrics_are_celery_exporter_names() -> None:

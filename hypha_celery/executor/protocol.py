@@ -1,0 +1,320 @@
+"""The executor's wire protocol: typed messages that the worker and its executors both import.
+
+One message is one JSON object on one line, tagged by ``kind``. JSON, never
+pickle, both ways: a process that ran untrusted inputs must not be able to
+make the worker run code by what it writes back. Both ends build and read
+these classes, never dicts with string keys, so a field has one definition.
+
+    worker -> executor   Infer | Train | Describe
+    executor -> worker   Ready (once, when it is up), then per request:
+                         Progress (Train, any number), then InferResult |
+                         TrainResult | Description, or Error; Fatal when the
+                         memory watchdog fired (the executor exits after it).
+
+Shutdown is the worker closing its end of the socket: the executor reads EOF
+and exits. The executor's settings travel once, as JSON in the environment
+variable :data:`SETTINGS_ENV` (:class:`ChildSettings`), the socket as the file
+descriptor in :data:`FD_ENV`. This module imports nothing heavy: the worker
+(no torch) and the executor (no Celery) both load it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Self, TypeVar
+
+__all__ = [
+    "FD_ENV",
+    "SETTINGS_ENV",
+    "ChildSettings",
+    "Describe",
+    "Description",
+    "Error",
+    "Fatal",
+    "Infer",
+    "InferResult",
+    "JobLimits",
+    "Progress",
+    "ProtocolError",
+    "Ready",
+    "Reply",
+    "Request",
+    "Train",
+    "TrainResult",
+    "Trained",
+    "Usage",
+    "decode_reply",
+    "decode_request",
+]
+
+SETTINGS_ENV = "HYPHA_EXECUTOR"
+FD_ENV = "HYPHA_EXECUTOR_FD"
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol: a bug, or an executor that misbehaves."""
+
+
+class _Record:
+    """A dataclass that travels as a JSON object; nested records override ``from_json``/``to_json``."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        """Build from a decoded object; unknown keys are ignored, a missing one is a ``TypeError``."""
+        return cls(**_known(cls, data))
+
+
+def _plain(value: Any) -> Any:
+    return value.to_json() if isinstance(value, _Record) else value
+
+
+def _known(cls: type[_Record], data: Any) -> dict[str, Any]:
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__} must be an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    return {key: value for key, value in data.items() if key in names}
+
+
+class _Message(_Record):
+    kind: ClassVar[str]
+
+    def encode(self) -> bytes:
+        """One line of the protocol."""
+        return (json.dumps({"kind": self.kind, **self.to_json()}, separators=(",", ":")) + "\n").encode()
+
+
+# --- settings --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChildSettings(_Record):
+    """What one executor process is started with."""
+
+    store: str
+    cache_size: int
+    max_model_size: int
+    device: str  # "cpu" or "cuda:0" (CUDA_VISIBLE_DEVICES names the physical device)
+    sandbox: bool
+    nice: int
+    memory_mode: str  # "rlimit", "watchdog" or "off"
+    tmpdir: str
+
+
+# --- requests --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobLimits(_Record):
+    """What the job's leases reserved; ``None``: not enforced."""
+
+    memory: int | None = None
+    cores: list[int] | None = None
+    gpu_memory: int | None = None
+
+
+@dataclass(frozen=True)
+class Infer(_Message):
+    """One forward pass over ``items`` (one per task of a batch), on the serving executor's cache."""
+
+    kind: ClassVar[str] = "infer"
+    model: str
+    items: list[Any]
+    expected_size: int | None = None
+    limits: JobLimits = field(default_factory=JobLimits)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{**known, "limits": JobLimits.from_json(known.get("limits", {}))})
+
+
+@dataclass(frozen=True)
+class Train(_Message):
+    """Fine-tune ``model`` on inline ``data`` or the verified file at ``data_path``; store it as ``new_model``."""
+
+    kind: ClassVar[str] = "train"
+    model: str
+    new_model: str
+    epochs: int
+    lr: float
+    batch_size: int
+    data: dict[str, Any] | None = None
+    data_path: str | None = None
+    progress_interval: float = 0.25
+    limits: JobLimits = field(default_factory=JobLimits)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{**known, "limits": JobLimits.from_json(known.get("limits", {}))})
+
+
+@dataclass(frozen=True)
+class Describe(_Message):
+    """Ask what the executor is allowed (its sandbox, its cache)."""
+
+    kind: ClassVar[str] = "describe"
+
+
+Request = Infer | Train | Describe
+
+
+# --- replies ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready(_Message):
+    kind: ClassVar[str] = "ready"
+    pid: int
+
+
+@dataclass(frozen=True)
+class Progress(_Message):
+    """A training step report, at most every ``Train.progress_interval`` seconds."""
+
+    kind: ClassVar[str] = "progress"
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    percent: float
+
+
+@dataclass(frozen=True)
+class Error(_Message):
+    """A request failed: ``type`` names a class of :mod:`hypha_celery.errors`.
+
+    ``traceback`` is the executor's, for an exception that is not a hypha error
+    (the task's ML code raised): the worker logs it and chains it to the error it raises.
+    """
+
+    kind: ClassVar[str] = "error"
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+@dataclass(frozen=True)
+class Fatal(Error):
+    """The memory watchdog fired: the executor exits right after this message."""
+
+    kind: ClassVar[str] = "fatal"
+
+
+@dataclass(frozen=True)
+class Usage(_Record):
+    """What a job used, measured in the executor."""
+
+    memory_peak: int
+    device: str
+    cpu_affinity: list[int]
+    gpu_memory_peak: int | None = None
+
+
+@dataclass(frozen=True)
+class InferResult(_Message):
+    """``outputs[i]`` and ``errors[i]`` answer ``items[i]``; ``cache`` is the cache's bytes per model after the job."""
+
+    kind: ClassVar[str] = "infer_result"
+    outputs: list[Any]
+    errors: list[Error | None]
+    cache_hit: bool
+    load_s: float
+    compute_s: float
+    batch_size: int
+    cache: dict[str, int]
+    usage: Usage
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "errors": [None if e is None else e.to_json() for e in self.errors]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{
+            **known,
+            "errors": [None if e is None else Error.from_json(e) for e in known.get("errors", ())],
+            "usage": Usage.from_json(known.get("usage")),
+        })
+
+
+@dataclass(frozen=True)
+class Trained(_Record):
+    """What training did; the client gets it with the new model's id."""
+
+    final_loss: float
+    loss_curve: list[float]
+    epochs: int
+    steps: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class TrainResult(_Message):
+    kind: ClassVar[str] = "train_result"
+    model_id: str
+    trained: Trained
+    load_s: float
+    usage: Usage
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{**known, "trained": Trained.from_json(known.get("trained")), "usage": Usage.from_json(known.get("usage"))})
+
+
+@dataclass(frozen=True)
+class Description(_Message):
+    """What the executor is allowed: for operators and tests of the sandbox."""
+
+    kind: ClassVar[str] = "description"
+    pid: int
+    cache: dict[str, int]
+    net_namespace: str
+    interfaces: list[str]
+    nice: int
+    tmpdir: str | None
+    cwd: str
+    cuda_visible_devices: str | None
+    environment: list[str]
+    memory_mode: str
+
+
+Reply = Ready | Progress | Error | Fatal | InferResult | TrainResult | Description
+
+_M = TypeVar("_M", bound=_Message)
+_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Train, Describe)}
+_REPLIES: dict[str, type[Reply]] = {
+    cls.kind: cls for cls in (Ready, Progress, Error, Fatal, InferResult, TrainResult, Description)
+}
+
+
+def _decode(line: bytes, kinds: Mapping[str, type[_M]]) -> _M:
+    try:
+        data = json.loads(line)
+    except ValueError as exc:
+        raise ProtocolError(f"not JSON ({exc}): {line[:80]!r}") from None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    cls = kinds.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"not a message this end reads: {line[:80]!r}")
+    try:
+        return cls.from_json(data)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {kind} message: {exc}") from None
+
+
+def decode_request(line: bytes) -> Request:
+    """What the executor reads; ``ProtocolError`` if the line is not a request."""
+    return _decode(line, _REQUESTS)
+
+
+def decode_reply(line: bytes) -> Reply:
+    """What the worker reads; ``ProtocolError`` if the line is not a reply."""
+    return _decode(line, _REPLIES)

@@ -1,0 +1,155 @@
+"""Ed25519-signed task envelopes, the signing side: canonical form, digests, peer ids, key files.
+
+What a scheduler needs to sign (:func:`signed_options`); the worker's check is
+:mod:`hypha_celery.security.verifier`. The format is described in
+:mod:`hypha_celery.security`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import base58
+import nacl.exceptions
+import nacl.signing
+
+from hypha_celery.errors import ConfigError
+
+__all__ = [
+    "CLOCK_SKEW_S",
+    "DEFAULT_TTL_S",
+    "ENVELOPE_HEADER",
+    "SIGNED_FIELDS",
+    "body_digest",
+    "canonical",
+    "generate_key",
+    "load_signing_key",
+    "peer_id",
+    "public_key_from_id",
+    "sign_envelope",
+    "signed_options",
+]
+
+ENVELOPE_HEADER = "hypha_envelope"
+DEFAULT_TTL_S = 300.0
+CLOCK_SKEW_S = 60.0
+_PEER_PREFIX = b"\x00\x24\x08\x01\x12\x20"  # identity multihash, 36 bytes of protobuf PublicKey{Ed25519}
+# The envelope's fields that the signature covers, i.e. all but "signature".
+SIGNED_FIELDS = ("v", "key_id", "task", "id", "model", "requirements", "body_sha256", "issued_at", "expires_at", "nonce")
+
+
+def canonical(value: Any) -> bytes:
+    """The one byte string a JSON value signs as: sorted keys, no spaces, ASCII, no NaN."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def body_digest(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of a message's arguments in canonical form: what binds an envelope to its body."""
+    return hashlib.sha256(canonical({"args": list(args), "kwargs": dict(kwargs)})).hexdigest()
+
+
+def peer_id(verify_key: nacl.signing.VerifyKey) -> str:
+    """The libp2p peer id of an Ed25519 public key."""
+    return base58.b58encode(_PEER_PREFIX + bytes(verify_key)).decode()
+
+
+def public_key_from_id(text: str) -> bytes:
+    """Public key bytes from a peer id, or from a base64 / hex encoded 32-byte key."""
+    text = text.strip()
+    if text.startswith("12D3KooW"):
+        try:
+            raw = base58.b58decode(text)
+        except ValueError:
+            raw = b""
+        if len(raw) == 38 and raw.startswith(_PEER_PREFIX):
+            return raw[len(_PEER_PREFIX):]
+        raise ValueError(f"{text!r} is not an Ed25519 libp2p peer id")
+    for decode in (bytes.fromhex, lambda s: base64.b64decode(s, validate=True)):
+        try:
+            raw = decode(text)
+        except (ValueError, binascii.Error):
+            continue
+        if len(raw) == 32:
+            return raw
+    raise ValueError(f"{text!r} is neither a peer id (12D3KooW...) nor a 32-byte public key in base64 or hex")
+
+
+def generate_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
+    """Write a new private key (base64 seed) to ``path`` with mode 0600; refuse to overwrite."""
+    key = nacl.signing.SigningKey.generate()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(base64.b64encode(bytes(key)).decode() + "\n")
+    return key
+
+
+def load_signing_key(path: str | os.PathLike[str]) -> nacl.signing.SigningKey:
+    """Read a key written by :func:`generate_key`; a world-readable key file is refused."""
+    file = Path(path)
+    try:
+        mode = file.stat().st_mode
+        text = file.read_text().strip()
+    except OSError as exc:
+        raise ConfigError("signing_key", f"cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise ConfigError("signing_key", f"{path} is readable by others (mode {oct(mode & 0o777)}); chmod 600 it")
+    try:
+        seed = base64.b64decode(text, validate=True)
+        return nacl.signing.SigningKey(seed)
+    except (binascii.Error, ValueError, nacl.exceptions.CryptoError):
+        raise ConfigError("signing_key", f"{path} does not hold a base64 Ed25519 seed") from None
+
+
+def sign_envelope(
+    key: nacl.signing.SigningKey,
+    *,
+    task_name: str,
+    task_id: str,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    ttl: float = DEFAULT_TTL_S,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The signed envelope for one task message."""
+    kwargs = dict(kwargs or {})
+    issued = time.time() if now is None else now
+    envelope: dict[str, Any] = {
+        "v": 1,
+        "key_id": peer_id(key.verify_key),
+        "task": task_name,
+        "id": task_id,
+        "model": kwargs.get("model"),
+        "requirements": kwargs.get("requirements"),
+        "body_sha256": body_digest(args, kwargs),
+        "issued_at": issued,
+        "expires_at": issued + ttl,
+        "nonce": secrets.token_hex(16),
+    }
+    envelope["signature"] = base64.b64encode(key.sign(canonical(envelope)).signature).decode()
+    return envelope
+
+
+def signed_options(
+    key: nacl.signing.SigningKey,
+    task_name: str,
+    *,
+    args: Sequence[Any] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    task_id: str | None = None,
+    ttl: float = DEFAULT_TTL_S,
+) -> dict[str, Any]:
+    """``task_id`` and ``headers`` to pass to ``apply_async`` / ``send_task`` for a signed message."""
+    task_id = task_id or str(uuid.uuid4())
+    envelope = sign_envelope(key, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs, ttl=ttl)
+    return {"task_id": task_id, "headers": {ENVELOPE_HEADER: envelope}}

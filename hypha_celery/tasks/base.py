@@ -1,0 +1,56 @@
+"""``HyphaTask``: the base class of hypha's tasks (Celery's custom-base-class pattern).
+
+It carries what the three tasks share: the guarded message strategy, the
+errors they raise on purpose (``throws``: logged without a traceback), the
+node context the worker hands over (:func:`~hypha_celery.worker.bootsteps.bind_tasks`),
+and per-task timing and outcome metrics in ``before_start`` / ``after_return``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from celery import Task, states
+
+from hypha_celery.errors import HyphaError
+
+if TYPE_CHECKING:
+    from hypha_celery.worker.context import NodeContext
+
+__all__ = ["HyphaTask", "NotInWorker"]
+
+
+class NotInWorker(RuntimeError):
+    """A hypha task ran where no worker handed it a node context (e.g. called eagerly in a scheduler)."""
+
+
+class HyphaTask(Task):
+    Strategy = "hypha_celery.tasks.strategy:guarded"
+    throws = (HyphaError,)
+    _node: NodeContext | None = None
+
+    @property
+    def node(self) -> NodeContext:
+        """The worker process's collaborators, handed over when the worker starts."""
+        if self._node is None:
+            raise NotInWorker(f"{self.name} runs only in a hypha worker (`celery -A hypha_celery worker`)")
+        return self._node
+
+    @node.setter
+    def node(self, ctx: NodeContext) -> None:
+        self._node = ctx
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.request.hypha_started = time.monotonic()
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> None:
+        """Count the outcome: Celery calls this for results and errors, not for deferred (ignored) copies."""
+        if self._node is None or status not in (states.SUCCESS, states.FAILURE):
+            return
+        started = getattr(self.request, "hypha_started", None)
+        runtime = None if started is None else time.monotonic() - started
+        error = None if status == states.SUCCESS else type(retval).__name__
+        self._node.metrics.task_finished(self.name, runtime, error)
