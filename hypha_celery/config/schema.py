@@ -69,7 +69,10 @@ class NetworkConfig:
 class ModelsConfig:
     model_dir: str = _key("str", "/var/lib/hypha/models")
     sources: list[ModelSource] = _key("sources", [])
-    max_model_size: int = _key("size", 4 * 10**9)
+    # 20 GB: an 8B-parameter model in bf16 (what Llama-3-8B, Mistral-7B and Qwen2-7B publish) is 16 GB of
+    # safetensors plus its tokenizer; a 13B one in bf16 (26 GB) needs a raised cap. It equals
+    # model_cache_size's default, so the parse check (a fetched model must be cacheable) holds by default.
+    max_model_size: int = _key("size", 20 * 10**9)
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,13 @@ class ExecutorProcess:
             FD_ENV: str(theirs.fileno()),
             "TMPDIR": child.tmpdir,
             "HOME": child.tmpdir,
+            # transformers models load offline, with a private (empty) Hugging Face home: nothing is fetched
+            "HF_HOME": os.path.join(child.tmpdir, "hf-home"),
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
             "CUDA_VISIBLE_DEVICES": device_key.partition(":")[2] if device_key.startswith("cuda") else "",
         })
         self.process = subprocess.Popen(

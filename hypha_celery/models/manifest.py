@@ -1,14 +1,58 @@
 """What a stored model or data set is: the manifest types, their file names, and their checks.
 
-A model is ``<id>/manifest.json`` (:class:`Manifest`) plus ``weights.safetensors``;
-a training data set is ``<id>/dataset.json`` (:class:`DatasetManifest`) plus
+A model is ``<id>/manifest.json`` (:class:`Manifest`) plus its files; a
+training data set is ``<id>/dataset.json`` (:class:`DatasetManifest`) plus
 ``data.json``. Every manifest lists its files, each with a sha256 and a size.
+
+Format ``hypha-model/1`` (unchanged, still read and still written by
+``ModelStore.save``): a built-in architecture (``mlp``, ``cnn``) with
+``config``, ``input_shape`` and ``weights.safetensors``.
+
+Format ``hypha-model/2`` adds, on top of every version-1 field:
+
+``runtime``
+    ``"builtin"`` (the version-1 rules apply) or ``"transformers"``.
+``task``
+    for transformers: ``feature-extraction`` (embeddings), ``text-classification``,
+    ``image-classification`` or ``text-generation``; it must be the task the
+    allow-list (:mod:`.hf_allowlist`) gives the architecture.
+``architecture``
+    for transformers: the class name from config.json ``architectures[0]``,
+    allowed for ``model_type``.
+``model_type``
+    config.json ``model_type`` (transformers only).
+``dtype``
+    the checkpoint's floating dtype (``float32``, ``float16``, ``bfloat16``, ``float64``).
+``files``
+    every copied Hugging Face file with its sha256 and size: ``config.json``,
+    ``model.safetensors`` or ``model.safetensors.index.json`` plus its shards
+    ``model-NNNNN-of-NNNNN.safetensors``, tokenizer, generation and preprocessor
+    files, and for sentence-transformers models ``modules.json``,
+    ``sentence_bert_config.json``, ``config_sentence_transformers.json`` and
+    ``1_Pooling/config.json`` (the only path with a folder: see :data:`HF_FILES`).
+``memory``
+    ``{"parameters", "weights_bytes", "kv_bytes_per_token"}`` read from the
+    safetensors headers: elements in the checkpoint, their bytes at the
+    checkpoint dtype, and for text generation 2 x layers x kv_heads x head_dim
+    x dtype bytes (else null). :meth:`Manifest.weights_bytes_at` and
+    :meth:`Manifest.kv_bytes_per_token_at` give them at a compute dtype
+    (:func:`compute_dtype`: fp32 on CPU, bf16 on CUDA).
+``max_length``
+    the most tokens an input may have: the smallest of config.json's position
+    embeddings, the tokenizer's ``model_max_length`` and sentence-transformers'
+    ``max_seq_length`` that are known; null for image models.
+``labels``
+    for classifiers, ``id2label`` as a list in id order; null otherwise.
+``dropped_config_keys``
+    keys the import removed from the stored config.json (``auto_map``: it names
+    code in the uploader's repository).
 
 These types are the contract between the store (:mod:`.store`), the sources
 that fetch into it (:mod:`.sources`), validation in the worker, and the
-executor's runtime; they import neither torch nor the store, so each of those
-can import them. A manifest may come from a remote source: ``from_json``
-checks it field by field before anything trusts it.
+executor's runtime; they import neither torch nor transformers nor the store,
+so each of those can import them, and the worker's own process can validate a
+manifest. A manifest may come from a remote source: ``from_json`` checks it
+field by field before anything trusts it.
 """
 
 from __future__ import annotations
@@ -21,31 +65,63 @@ from typing import Any, TypeGuard
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.architectures import ARCHITECTURES
+from hypha_celery.models.hf_allowlist import TASKS as TRANSFORMERS_TASKS
+from hypha_celery.models.hf_allowlist import TEXT_GENERATION, task_of
 
 __all__ = [
+    "CONFIG",
     "DATA",
     "DATASET_FORMAT",
     "DATASET_MANIFEST",
+    "DTYPE_BYTES",
     "FORMAT",
+    "FORMAT_V2",
+    "HF_FILES",
     "MODEL_MANIFEST",
+    "RUNTIMES",
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE",
+    "TRANSFORMERS_TASKS",
     "WEIGHTS",
     "DatasetManifest",
     "FileEntry",
     "Manifest",
+    "ModelMemory",
+    "compute_dtype",
+    "is_hf_file",
     "is_model_id",
+    "is_weights_shard",
     "validate_model_id",
 ]
 
 FORMAT = "hypha-model/1"
+FORMAT_V2 = "hypha-model/2"
+RUNTIMES = ("builtin", "transformers")
+BUILTIN_TASKS = ("classification", "regression")
 MODEL_MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 DATASET_FORMAT = "hypha-dataset/1"
 DATASET_MANIFEST = "dataset.json"
 DATA = "data.json"
+CONFIG = "config.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Hugging Face files a transformers model may carry into the store. Exact names (one path
+# component, except sentence-transformers' pooling config), plus the shard pattern below.
+HF_FILES = frozenset({
+    CONFIG, SAFETENSORS_SINGLE, SAFETENSORS_INDEX,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+    "generation_config.json", "preprocessor_config.json",
+    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
+})
+_SHARD = re.compile(r"^model-[0-9]{5}-of-[0-9]{5}\.safetensors\Z")
+# Bytes per element of the floating dtypes a checkpoint or a computation may use.
+DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 # \Z, not $: "$" also matches before a trailing newline, and "mlp\n" is not a valid id.
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
+_V2_KEYS = ("runtime", "model_type", "memory", "max_length", "labels", "dropped_config_keys")
 
 
 def is_model_id(value: object) -> TypeGuard[str]:
@@ -63,10 +139,38 @@ def validate_model_id(model_id: object) -> str:
     return model_id
 
 
+def is_weights_shard(name: object) -> bool:
+    """Whether ``name`` is a sharded checkpoint's file (``model-00001-of-00002.safetensors``)."""
+    return isinstance(name, str) and bool(_SHARD.match(name))
+
+
+def is_hf_file(name: object) -> bool:
+    """Whether ``name`` (a path relative to the model folder) is a file a transformers model may carry."""
+    return isinstance(name, str) and (name in HF_FILES or is_weights_shard(name))
+
+
+def compute_dtype(device: str) -> str:
+    """The dtype a transformers model computes in on ``device``: bf16 on CUDA, fp32 elsewhere."""
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 @dataclass(frozen=True)
 class FileEntry:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class ModelMemory:
+    """A transformers model's size, read from its safetensors headers before anything loads it.
+
+    ``parameters`` counts every element stored in the checkpoint (buffers saved
+    beside the weights included); ``weights_bytes`` is their bytes as stored.
+    """
+
+    parameters: int
+    weights_bytes: int
+    kv_bytes_per_token: int | None = None
 
 
 class _Listed:
@@ -86,7 +190,7 @@ class _Listed:
 
 @dataclass(frozen=True)
 class Manifest(_Listed):
-    """What a stored model is. ``input_shape`` is per sample (no batch dimension)."""
+    """What a stored model is. ``input_shape`` is per sample (no batch dimension; empty for transformers)."""
 
     id: str
     architecture: str
@@ -99,6 +203,37 @@ class Manifest(_Listed):
     parent: str | None = None
     created_at: float = field(default_factory=time.time)
     format: str = FORMAT
+    runtime: str = "builtin"
+    model_type: str | None = None
+    memory: ModelMemory | None = None
+    max_length: int | None = None
+    labels: list[str] | None = None
+    dropped_config_keys: list[str] = field(default_factory=list)
+
+    @property
+    def weights_files(self) -> list[str]:
+        """The files holding weights: ``weights.safetensors``, ``model.safetensors`` or the shards."""
+        return sorted(name for name in self.files
+                      if name in (WEIGHTS, SAFETENSORS_SINGLE) or is_weights_shard(name))
+
+    def weights_bytes_at(self, dtype: str) -> int:
+        """Bytes of the weights once materialised in ``dtype`` (``compute_dtype(device)``)."""
+        if self.memory is None:
+            return self.size
+        return self.memory.parameters * DTYPE_BYTES[dtype]
+
+    def kv_bytes_per_token_at(self, dtype: str) -> int | None:
+        """KV-cache bytes per token in ``dtype``; None for models that do not generate."""
+        if self.memory is None or self.memory.kv_bytes_per_token is None:
+            return None
+        return self.memory.kv_bytes_per_token * DTYPE_BYTES[dtype] // DTYPE_BYTES[self.dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self.format == FORMAT:  # version 1 stays byte-for-byte what older workers wrote and read
+            for key in _V2_KEYS:
+                data.pop(key)
+        return data
 
     @classmethod
     def from_json(cls, data: Any, model_id: str, max_size: int | None = None) -> Manifest:
@@ -108,20 +243,16 @@ class Manifest(_Listed):
 
         if not isinstance(data, dict):
             raise bad("is not a JSON object")
-        if data.get("format") != FORMAT:
-            raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r}")
+        if data.get("format") not in (FORMAT, FORMAT_V2):
+            raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r} or {FORMAT_V2!r}")
         if data.get("id") != model_id:
             raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
-        if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
-            raise bad(f"names unknown architecture {data.get('architecture')!r}")
-        shape = data.get("input_shape")
+        runtime = data.get("runtime", "builtin") if data["format"] == FORMAT_V2 else "builtin"
+        if runtime not in RUNTIMES:
+            raise bad(f"has unknown runtime {runtime!r}")
+        shape = data.get("input_shape", [] if runtime == "transformers" else None)
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             raise bad(f"has an invalid input_shape {shape!r}")
-        files = _files(data.get("files"), WEIGHTS, bad, max_size)
-        if data.get("dtype", "float32") not in ("float32", "float16", "bfloat16", "float64"):
-            raise bad(f"has unsupported dtype {data.get('dtype')!r}")
-        if data.get("task", "classification") not in ("classification", "regression"):
-            raise bad(f"has unknown task {data.get('task')!r}")
         if not isinstance(data.get("config") or {}, dict):
             raise bad(f"has a config that is not a table: {data.get('config')!r}")
         created_at = data.get("created_at") or 0.0
@@ -131,18 +262,71 @@ class Manifest(_Listed):
             raise bad(f"has an invalid parent {data.get('parent')!r}")
         if not isinstance(data.get("batchable", True), bool):
             raise bad(f"has a non-boolean batchable {data.get('batchable')!r}")
-        return cls(
-            id=model_id,
-            architecture=data["architecture"],
-            config=dict(data.get("config") or {}),
-            input_shape=list(shape),
-            files=files,
-            dtype=data.get("dtype", "float32"),
-            task=data.get("task", "classification"),
-            batchable=data.get("batchable", True),
-            parent=data.get("parent"),
-            created_at=float(created_at),
-        )
+        if data.get("dtype", "float32") not in DTYPE_BYTES:
+            raise bad(f"has unsupported dtype {data.get('dtype')!r}")
+        common: dict[str, Any] = {
+            "id": model_id, "config": dict(data.get("config") or {}), "input_shape": list(shape),
+            "dtype": data.get("dtype", "float32"), "batchable": data.get("batchable", True),
+            "parent": data.get("parent"), "created_at": float(created_at), "format": data["format"],
+        }
+        if runtime == "transformers":
+            return cls(**common, **_transformers_fields(data, bad, max_size))
+        if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
+            raise bad(f"names unknown architecture {data.get('architecture')!r}")
+        files = _files(data.get("files"), bad, max_size)
+        if WEIGHTS not in files:
+            raise bad(f"does not list {WEIGHTS}")
+        if data.get("task", "classification") not in BUILTIN_TASKS:
+            raise bad(f"has unknown task {data.get('task')!r}")
+        return cls(**common, architecture=data["architecture"], files=files,
+                   task=data.get("task", "classification"), runtime=runtime)
+
+
+def _transformers_fields(data: dict[str, Any], bad: Callable[[str], UnsupportedModel],
+                         max_size: int | None) -> dict[str, Any]:
+    """The fields only a ``runtime: transformers`` manifest has, checked against the allow-list."""
+    model_type, architecture, task = data.get("model_type"), data.get("architecture"), data.get("task")
+    allowed = task_of(model_type, architecture)
+    if allowed is None:
+        raise bad(f"names model_type {model_type!r} / architecture {architecture!r}, not on the allow-list")
+    if task != allowed:
+        raise bad(f"has task {task!r}; {architecture} serves {allowed!r}")
+    files = _files(data.get("files"), bad, max_size, is_hf_file)
+    if CONFIG not in files:
+        raise bad(f"does not list {CONFIG}")
+    shards = [name for name in files if is_weights_shard(name)]
+    if not (SAFETENSORS_SINGLE in files or (SAFETENSORS_INDEX in files and shards)):
+        raise bad(f"lists no weights ({SAFETENSORS_SINGLE}, or {SAFETENSORS_INDEX} with its shards)")
+    memory = data.get("memory")
+    if not isinstance(memory, dict):
+        raise bad("has no memory estimate")
+    parameters, weights_bytes, kv = memory.get("parameters"), memory.get("weights_bytes"), memory.get("kv_bytes_per_token")
+    if not isinstance(parameters, int) or not isinstance(weights_bytes, int) or not (
+            _positive(parameters) and _positive(weights_bytes)):
+        raise bad(f"has an invalid memory estimate {memory!r}")
+    if (task == TEXT_GENERATION) != _positive(kv) or (kv is not None and not _positive(kv)):
+        raise bad(f"has an invalid kv_bytes_per_token {kv!r} for task {task!r}")
+    max_length = data.get("max_length")
+    if max_length is not None and not _positive(max_length):
+        raise bad(f"has an invalid max_length {max_length!r}")
+    labels = data.get("labels")
+    if task.endswith("-classification"):
+        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
+            raise bad(f"has invalid labels {labels!r} for a classifier")
+    elif labels is not None:
+        raise bad(f"has labels, but task {task!r} does not classify")
+    dropped = data.get("dropped_config_keys", [])
+    if not isinstance(dropped, list) or not all(isinstance(key, str) for key in dropped):
+        raise bad(f"has invalid dropped_config_keys {dropped!r}")
+    return {
+        "architecture": architecture, "files": files, "task": task, "runtime": "transformers",
+        "model_type": model_type, "memory": ModelMemory(parameters, weights_bytes, kv),
+        "max_length": max_length, "labels": None if labels is None else list(labels), "dropped_config_keys": list(dropped),
+    }
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass(frozen=True)
@@ -172,19 +356,26 @@ class DatasetManifest(_Listed):
         created = data.get("created_at") or 0.0
         if isinstance(created, bool) or not isinstance(created, (int, float)):
             raise bad(f"has an invalid created_at {created!r}")
-        return cls(id=dataset_id, rows=rows, files=_files(data.get("files"), DATA, bad, max_size),
-                   created_at=float(created))
+        files = _files(data.get("files"), bad, max_size)
+        if DATA not in files:
+            raise bad(f"does not list {DATA}")
+        return cls(id=dataset_id, rows=rows, files=files, created_at=float(created))
+
+
+def _one_component(name: str) -> bool:
+    return bool(_FILE_NAME.match(name)) and ".." not in name
 
 
 def _files(
-    raw: Any, required: str, bad: Callable[[str], UnsupportedModel], max_size: int | None
+    raw: Any, bad: Callable[[str], UnsupportedModel], max_size: int | None,
+    allowed: Callable[[str], bool] = _one_component,
 ) -> dict[str, FileEntry]:
-    """A manifest's ``files``: safe names, a sha256 and a positive size each, under the cap."""
-    if not isinstance(raw, dict) or required not in raw:
-        raise bad(f"does not list {required}")
+    """A manifest's ``files``: allowed names, a sha256 and a positive size each, under the cap."""
+    if not isinstance(raw, dict):
+        raise bad("has no table of files")
     files = {}
     for name, entry in raw.items():
-        if not isinstance(name, str) or not _FILE_NAME.match(name) or ".." in name:
+        if not isinstance(name, str) or not allowed(name):
             raise bad(f"lists an invalid file name {name!r}")
         if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
             raise bad(f"has no valid sha256 for {name}")

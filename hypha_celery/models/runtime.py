@@ -2,6 +2,9 @@
 
 Used inside executor processes only (:mod:`hypha_celery.executor.child`);
 importing this module imports torch, so the worker's own processes never do.
+A manifest's ``runtime`` picks the code: ``builtin`` (``mlp``, ``cnn``) is
+here; ``transformers`` is :mod:`.transformers_runtime` (imported only when
+such a model is loaded, since transformers costs seconds to import).
 """
 
 from __future__ import annotations
@@ -53,8 +56,18 @@ def model_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[Loaded, int]:
+def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[Any, int]:
     """Verify and load ``model_id`` onto ``device``; returns the model and its size in bytes."""
+    if store.manifest(model_id).runtime == "transformers":
+        if trainable:
+            raise UnsupportedModel(f"model {model_id!r}: hypha.train supports the built-in architectures only")
+        from hypha_celery.models import transformers_runtime
+
+        return transformers_runtime.load(store, model_id, device)
+    return _load_builtin(store, model_id, device, trainable=trainable)
+
+
+def _load_builtin(store: ModelStore, model_id: str, device: str, *, trainable: bool) -> tuple[Loaded, int]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -95,7 +108,16 @@ def _encode(tensor: torch.Tensor, like: Any, single: bool) -> Any:
     return tensor.detach().to("cpu", torch.float32).tolist()
 
 
-def infer_batch(loaded: Loaded, items: Sequence[Any]) -> list[Any]:
+def infer_batch(loaded: Any, items: Sequence[Any]) -> list[Any]:
+    """Answer every item of a batch: a transformers model's texts or images, or a built-in model's rows."""
+    if not isinstance(loaded, Loaded):
+        from hypha_celery.models import transformers_runtime
+
+        return transformers_runtime.infer_batch(loaded, items)
+    return _infer_builtin(loaded, items)
+
+
+def _infer_builtin(loaded: Loaded, items: Sequence[Any]) -> list[Any]:
     """One forward pass over every item's rows; each item gets its own rows back, in its own form."""
     shape = loaded.manifest.input_shape
     tensors = [_decode(item, shape, loaded.dtype) for item in items]

