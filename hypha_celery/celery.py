@@ -20,7 +20,9 @@ from hypha_celery.worker.options import install
 __all__ = ["OVERRIDES_MODULE", "app", "create_app", "operator_overrides"]
 
 OVERRIDES_MODULE = "celeryconfig"
-TASK_MODULES = ("hypha_celery.tasks.infer", "hypha_celery.tasks.train", "hypha_celery.tasks.noop")
+TASK_MODULES = (
+    "hypha_celery.tasks.infer", "hypha_celery.tasks.generate", "hypha_celery.tasks.train", "hypha_celery.tasks.noop",
+)
 
 
 def operator_overrides(module: str = OVERRIDES_MODULE) -> dict[str, Any]:

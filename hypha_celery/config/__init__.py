@@ -2,8 +2,8 @@
 
 The file has the seed's sections (``[worker]``, ``[worker.network]``,
 ``[worker.models]``, ``[worker.execution]``, ``[worker.monitoring]``,
-``[worker.security]``) plus three hypha sections (``[worker.resources]``,
-``[worker.admission]``, ``[worker.batching]``). Every key is declared once,
+``[worker.security]``) plus four hypha sections (``[worker.resources]``,
+``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``). Every key is declared once,
 in :mod:`.schema`; anything else in the file is refused with a
 did-you-mean. Checks that depend on this machine (can a network namespace be
 made, is the port free) live in :mod:`hypha_celery.worker.hostcheck`, so that a
@@ -19,6 +19,7 @@ from hypha_celery.config.schema import (
     AdmissionConfig,
     BatchingConfig,
     ExecutionConfig,
+    GenerationConfig,
     ModelsConfig,
     ModelSource,
     MonitoringConfig,
@@ -35,6 +36,7 @@ __all__ = [
     "AdmissionConfig",
     "BatchingConfig",
     "ExecutionConfig",
+    "GenerationConfig",
     "ModelSource",
     "ModelsConfig",
     "MonitoringConfig",

@@ -2,8 +2,8 @@
 
 The file has the seed's sections (``[worker]``, ``[worker.network]``,
 ``[worker.models]``, ``[worker.execution]``, ``[worker.monitoring]``,
-``[worker.security]``) plus three hypha sections (``[worker.resources]``,
-``[worker.admission]``, ``[worker.batching]``). :mod:`.parse` reads a file
+``[worker.security]``) plus four hypha sections (``[worker.resources]``,
+``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``). :mod:`.parse` reads a file
 against these declarations; :mod:`.derive` turns a config into Celery settings.
 """
 
@@ -20,6 +20,7 @@ __all__ = [
     "AdmissionConfig",
     "BatchingConfig",
     "ExecutionConfig",
+    "GenerationConfig",
     "ModelSource",
     "ModelsConfig",
     "MonitoringConfig",
@@ -123,6 +124,12 @@ class BatchingConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    # Most tokens one hypha.generate request may ask for: bounds its KV cache and its run time.
+    max_new_tokens: int = _key("count", 512)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """The whole ``[worker]`` table; defaults are the seed's example values."""
 
@@ -139,6 +146,7 @@ class WorkerConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     source_path: str | None = field(default=None, compare=False)
 
     @property
@@ -170,6 +178,7 @@ SECTIONS = {
     "resources": ResourcesConfig,
     "admission": AdmissionConfig,
     "batching": BatchingConfig,
+    "generation": GenerationConfig,
 }
 
 SOURCE_KEYS = {

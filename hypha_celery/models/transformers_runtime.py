@@ -1,4 +1,4 @@
-"""Running stored Hugging Face models: safe loading, embeddings, text and image classification.
+"""Running stored Hugging Face models: safe loading, embeddings, text and image classification, generation.
 
 Used inside executor processes only (importing it imports torch; transformers
 is imported when a model loads). Loading never runs code that came with a
@@ -14,6 +14,10 @@ would initialise them at random) make the model an error, not a model.
 Pooling and normalisation of sentence-transformers models are read from their
 ``1_Pooling/config.json`` and ``modules.json`` and done here with torch ops;
 no class named in ``modules.json`` is ever imported.
+
+Generation is transformers' own ``generate`` (no sampling code here): a
+:class:`_Watch` stopping criterion, called after every token, notes the first
+token's time, stops on a stop string, and reports the text so far.
 """
 
 from __future__ import annotations
@@ -24,25 +28,29 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from hypha_celery.errors import InvalidInput, UnsupportedModel
+from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.executor.protocol import Generate, Streamed
 from hypha_celery.models.hf_allowlist import (
     FEATURE_EXTRACTION,
     IMAGE_CLASSIFICATION,
     TEXT_CLASSIFICATION,
+    TEXT_GENERATION,
     task_of,
 )
 from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.validation import MAX_IMAGE_PIXELS
 
-__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Pooling", "TransformerModel", "infer_batch", "load", "load_folder"]
+__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generated", "Pooling", "TransformerModel", "generate", "infer_batch",
+           "load", "load_folder"]
 
 # One forward pass holds at most this many texts, and this many (padded) tokens: bounds activation memory.
 MAX_BATCH_ROWS = 64
@@ -132,8 +140,8 @@ def load_folder(folder: Path, manifest: Manifest, device: str) -> tuple[Transfor
         raise UnsupportedModel(
             f"model {manifest.id!r}: {manifest.model_type!r}/{manifest.architecture!r} is not on the allow-list"
         )
-    if manifest.task not in (FEATURE_EXTRACTION, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION):
-        raise UnsupportedModel(f"model {manifest.id!r}: task {manifest.task!r} is not served by hypha.infer")
+    if manifest.task not in (FEATURE_EXTRACTION, TEXT_CLASSIFICATION, IMAGE_CLASSIFICATION, TEXT_GENERATION):
+        raise UnsupportedModel(f"model {manifest.id!r}: task {manifest.task!r} is not served by this worker")
     home = Path(tempfile.gettempdir())
     offline_environment(home)
     view = Path(tempfile.mkdtemp(prefix=f"hf-view-{manifest.id}-", dir=home))
@@ -224,6 +232,8 @@ def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], devic
         model.max_length = _max_length(manifest, model.tokenizer, raw_config)
     if manifest.task == FEATURE_EXTRACTION:
         model.pooling = _pooling(view, manifest)
+    elif manifest.task == TEXT_GENERATION:
+        pass  # the tokenizer (and its chat template) is all generation needs beside the module
     else:
         model.labels = _labels(module.config, manifest)
         model.multi_label = getattr(module.config, "problem_type", None) == "multi_label_classification"
@@ -327,6 +337,8 @@ def infer_batch(model: TransformerModel, items: Sequence[Any]) -> list[Any]:
     Every text (or image) of every item runs in passes sorted by length, so
     padding stays small; each item gets its own results back, in order.
     """
+    if model.task == TEXT_GENERATION:
+        raise InvalidTask(f"model {model.manifest.id!r} generates text: send it hypha.generate, not hypha.infer")
     key = "images" if model.task == IMAGE_CLASSIFICATION else "texts"
     flat: list[Any] = []
     owners: list[int] = []
@@ -416,3 +428,110 @@ def _images(model: TransformerModel, images: list[str]) -> list[Any]:
             logits = model.module(pixel_values=pixels.to(model.device, model.module.dtype)).logits
         out.extend(_classes(model, logits))
     return out
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What one generation produced (the stop string, if one ended it, cut from ``text``)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    compute_s: float
+
+
+class _Watch:
+    """A transformers ``StoppingCriteria`` (duck-typed: called after each token with the ids so far).
+
+    It times the first token, stops when the decoded text contains a stop string,
+    and reports the text so far at most every ``interval`` seconds.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int, stop: Sequence[str], interval: float,
+                 report: Callable[[Streamed], None]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_tokens = prompt_tokens
+        self.stop = tuple(stop)
+        self.interval = interval
+        self.report = report
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.stopped = False
+        self._last_report = 0.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        now = time.perf_counter()
+        if self.first_token_s is None:
+            self.first_token_s = now - self.started
+        generated = input_ids[0, self.prompt_tokens:]
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
+        self.stopped = any(stop in text for stop in self.stop)
+        if now - self._last_report >= self.interval:
+            self._last_report = now
+            self.report(Streamed(text=visible(text, self.stop), tokens=int(generated.shape[0])))
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+def visible(text: str, stop: Sequence[str]) -> str:
+    """What a client may see of unfinished text: a prefix of the final text.
+
+    Cut at a stop string, hold back a tail that may become one, and drop a
+    trailing replacement character (a multi-byte character whose bytes are still arriving).
+    """
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        return text[:min(cuts)]
+    hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - hold].rstrip("\ufffd")
+
+
+def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None]) -> Generated:
+    """Generate for one prompt with transformers' ``generate``; ``report`` gets the text as it grows."""
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if model.task != TEXT_GENERATION:
+        raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
+    params = request.params
+    tokenizer = model.tokenizer
+    if request.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidTask(f"model {model.manifest.id!r} has no chat template: send a prompt, not messages")
+        prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+        encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
+    else:
+        encoded = tokenizer(request.prompt, return_tensors="pt")
+    input_ids = encoded["input_ids"]
+    prompt_tokens = int(input_ids.shape[1])
+    limit = model.max_length or prompt_tokens + params["max_new_tokens"]
+    if prompt_tokens + params["max_new_tokens"] > limit:
+        raise InvalidInput(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({params['max_new_tokens']}) "
+                           f"exceeds the model's maximum length ({limit} tokens)")
+    sampling = {key: params[key] for key in ("temperature", "top_p", "top_k")} if params["do_sample"] else {}
+    config = GenerationConfig(
+        max_new_tokens=params["max_new_tokens"], do_sample=params["do_sample"],
+        repetition_penalty=params["repetition_penalty"], pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, **sampling,
+    )
+    if params["seed"] is not None:
+        torch.manual_seed(params["seed"])
+    watch = _Watch(tokenizer, prompt_tokens, params["stop"], request.progress_interval, report)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = model.module.generate(
+            input_ids=input_ids.to(model.device), attention_mask=encoded["attention_mask"].to(model.device),
+            generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
+        )
+    compute_s = time.perf_counter() - started
+    generated = output[0, prompt_tokens:]
+    text = tokenizer.decode(generated, skip_special_tokens=True)
+    cuts = [text.find(stop) for stop in params["stop"] if stop in text]
+    ended = tokenizer.eos_token_id is not None and generated.numel() > 0 and int(generated[-1]) == tokenizer.eos_token_id
+    if cuts:
+        text = text[:min(cuts)]
+    finish = "stop" if cuts or ended or generated.numel() < params["max_new_tokens"] else "length"
+    return Generated(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
+                     completion_tokens=int(generated.numel()),
+                     time_to_first_token_s=watch.first_token_s if watch.first_token_s is not None else compute_s,
+                     compute_s=compute_s)

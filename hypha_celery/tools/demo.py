@@ -182,6 +182,23 @@ def _transformers(models: Path, key: Any) -> None:
         f"{result['metrics']['duration_s'] * 1000:.0f} ms incl. load={result['metrics']['load_s']:.2f}s):")
     say(f"   cos({texts[0]!r}, {texts[1]!r}) = {cosine(vectors[0], vectors[1]):.3f}")
     say(f"   cos({texts[0]!r}, {texts[2]!r}) = {cosine(vectors[0], vectors[2]):.3f}")
+    if (models / "tiny-llama").is_dir():
+        job = submit("hypha.generate", model="tiny-llama", prompt="The cat sat on", max_new_tokens=48, signing_key=key)
+        say("6d. tiny-llama (random weights: nonsense, but streamed) generating from 'The cat sat on':")
+        shown = ""
+        sys.stdout.write("   ")
+        while not job.ready():
+            info = job.info if job.state == "PROGRESS" else None
+            if isinstance(info, dict) and str(info.get("text", "")).startswith(shown):
+                sys.stdout.write(info["text"][len(shown):])
+                sys.stdout.flush()
+                shown = info["text"]
+            time.sleep(0.05)
+        done = job.get(timeout=180)
+        print(done["output"]["text"][len(shown):] if done["output"]["text"].startswith(shown) else "")
+        usage, metrics = done["output"]["usage"], done["metrics"]
+        say(f"   finish_reason={done['output']['finish_reason']} tokens {usage['completion_tokens']}, "
+            f"{metrics['tokens_per_s']:.0f} tokens/s, first token after {metrics['time_to_first_token_s'] * 1000:.0f} ms")
     if (models / "tiny-bert-classifier").is_dir():
         labelled = submit("hypha.infer", model="tiny-bert-classifier", texts=["I loved this film"],
                           signing_key=key).get(timeout=180)

@@ -48,7 +48,9 @@ def test_metrics_count_every_task_across_pool_processes(start_worker, celery_cli
         result.get(timeout=60, propagate=False)
         assert result.state == "FAILURE"
     # Then one scrape shows every seed metric, and the counts equal what ran, summed over all processes
-    samples = wait_for(lambda: total(s := scrape(port), "hypha_worker_tasks_failed_total") == 3 and s, 15, "metrics")
+    # (a task's outcome is counted just after its result is stored, so wait for both totals)
+    samples = wait_for(lambda: total(s := scrape(port), "hypha_worker_tasks_failed_total") == 3
+                       and total(s, "hypha_worker_tasks_completed_total") == 10 and s, 15, "metrics")
     for name in SEED_METRICS:
         assert any(key == name or key.startswith(name + "{") for key in samples), name
     assert total(samples, "hypha_worker_tasks_completed_total") == 10

@@ -17,6 +17,8 @@ from hypha_celery.executor.protocol import (
     Description,
     Error,
     Fatal,
+    Generate,
+    GenerateResult,
     Infer,
     InferResult,
     JobLimits,
@@ -25,6 +27,7 @@ from hypha_celery.executor.protocol import (
     Ready,
     Reply,
     Request,
+    Streamed,
     Train,
     Trained,
     TrainResult,
@@ -44,12 +47,16 @@ REQUESTS: list[Request] = [
           limits=JobLimits(memory=2**28)),
     Train(model="mlp", new_model="mlp-3", epochs=1, lr=0.1, batch_size=4, data_path="/store/six/data.json",
           progress_interval=0.0),
+    Generate(model="tiny-llama", params={"max_new_tokens": 8, "stop": ["\n"]}, prompt="Once",
+             expected_size=4096, limits=JobLimits(memory=2**28)),
+    Generate(model="tiny-llama", params={}, messages=[{"role": "user", "content": "hi"}], progress_interval=0.0),
     Describe(),
 ]
 
 REPLIES: list[Reply] = [
     Ready(pid=42),
     Progress(epoch=1, epochs=3, step=5, steps=15, loss=0.25, percent=33.33),
+    Streamed(text="Once upon", tokens=2),
     Error(type="UnsupportedModel", message="model 'x' is not in the store"),
     Error(type="ExecutionError", message="RuntimeError: shape", traceback=TRACEBACK),
     Fatal(type="MemoryLimitExceeded", message="reached 900 MiB"),
@@ -57,6 +64,9 @@ REPLIES: list[Reply] = [
                 cache_hit=False, load_s=0.5, compute_s=0.01, batch_size=2, cache={"mlp": 1024}, usage=USAGE),
     TrainResult(model_id="mlp-2", trained=Trained(final_loss=0.1, loss_curve=[0.9, 0.1], epochs=2, steps=10, samples=40),
                 load_s=0.2, usage=Usage(memory_peak=0, device="cuda:0", cpu_affinity=[1], gpu_memory_peak=4096)),
+    GenerateResult(text="Once upon a time", finish_reason="length", prompt_tokens=2, completion_tokens=4,
+                   time_to_first_token_s=0.01, compute_s=0.05, cache_hit=True, load_s=0.0, cache={"tiny-llama": 4096},
+                   usage=USAGE),
     Description(pid=7, cache={}, net_namespace="net:[1]", interfaces=["lo"], nice=10, tmpdir="/tmp/x", cwd="/tmp/x",
                 cuda_visible_devices="", environment=["PATH"], memory_mode="rlimit"),
 ]

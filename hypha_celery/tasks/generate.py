@@ -1,0 +1,99 @@
+"""``hypha.generate``: text from a stored causal language model, streamed as it grows.
+
+It runs on the serving executor of its device, like ``hypha.infer``, so the
+model stays in that executor's cache between requests; a generation runs
+alone (not batched). While it runs, the task's ``PROGRESS`` state carries
+``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
+times a second: a client streams by polling ``AsyncResult.state``/``.info``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import shared_task
+
+from hypha_celery.errors import HyphaError
+from hypha_celery.executor.protocol import Generate, Streamed
+from hypha_celery.models.manifest import compute_dtype
+from hypha_celery.resources.gpu import gpu_utilization
+from hypha_celery.stages.results import package
+from hypha_celery.stages.validation import GenerateSpec, check_generate_model, validate_generate
+from hypha_celery.tasks.base import HyphaTask
+from hypha_celery.tasks.pipeline import Run, run_task
+
+__all__ = ["PROGRESS_INTERVAL_S", "generate"]
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
+
+
+def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
+    ctx = run.ctx
+    manifest = spec.manifest
+    if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
+        run.task.send_event("task-loading", model=spec.model)
+        manifest = ctx.store.manifest(spec.model)
+        check_generate_model(ctx.store, manifest, spec.messages is not None)
+    job = Generate(
+        model=spec.model,
+        params=spec.params.to_json(),
+        prompt=spec.prompt,
+        messages=spec.messages,
+        progress_interval=PROGRESS_INTERVAL_S,
+        expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
+    )
+
+    def report(update: Streamed) -> None:
+        run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
+
+    result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report)
+    run.timing.finished_at = time.time()
+    ctx.metrics.cache_event(hit=result.cache_hit, batch_size=1)
+    ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
+    try:
+        ctx.inference_times.flush(ctx.redis, run.worker)
+    except HyphaError as exc:  # the moving average is advisory; the result is not
+        log.warning("could not record the inference time: %s", exc)
+    after_first = result.compute_s - result.time_to_first_token_s
+    tokens_per_s = (result.completion_tokens - 1) / after_first if result.completion_tokens > 1 and after_first > 0 \
+        else 0.0
+    usage = result.usage
+    return package(
+        output={
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+        },
+        model=spec.model,
+        worker=run.worker,
+        lease=run.lease,
+        timing=run.timing,
+        load_s=result.load_s,
+        cache_hit=result.cache_hit,
+        memory_peak=usage.memory_peak,
+        device=usage.device,
+        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
+        extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
+               "compute_s": result.compute_s, "cpu_affinity": usage.cpu_affinity,
+               **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
+    )
+
+
+@shared_task(name="hypha.generate", base=HyphaTask, bind=True)
+def generate(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Generate text with ``model`` from ``prompt`` or chat ``messages``.
+
+    ``generate.delay(model="tiny-llama", prompt="Once upon a time", max_new_tokens=32)``;
+    ``generate.delay(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], do_sample=True, seed=1)``.
+    """
+    return run_task(
+        self,
+        kwargs,
+        args=args,
+        validate=lambda ctx: validate_generate(ctx.config, ctx.store, args, kwargs),
+        body=_run,
+    )
