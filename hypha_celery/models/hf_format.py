@@ -26,13 +26,13 @@ from hypha_celery.models.safetensors_header import read_checkpoint
 __all__ = ["Scan", "check_fetched", "clean_config", "describe", "identify", "read_config", "scan"]
 
 _PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_WHY_PICKLE = ("is a pickle (or TorchScript) file: unpickling runs code, and torch.load(weights_only=True) "
+_WHY_PICKLE = ("is a pickle (or TorchScript) file: unpickling runs code, and torch's weights_only loading "
                "has been bypassed (CVE-2025-32434, CVE-2026-24747); convert the weights to safetensors")
 _REFUSED_SUFFIXES = {
     **dict.fromkeys(_PICKLE, _WHY_PICKLE),
     ".pt2": "is a torch.export archive: its loader unpickles constants and custom objects",
-    ".jit": "is TorchScript: torch.jit.load has no safe mode",
-    ".torchscript": "is TorchScript: torch.jit.load has no safe mode",
+    ".jit": "is TorchScript: its loader has no safe mode",
+    ".torchscript": "is TorchScript: its loader has no safe mode",
     ".py": "is Python code shipped with the model; the worker never runs a model's own code",
     ".pyc": "is compiled Python shipped with the model; the worker never runs a model's own code",
 }
