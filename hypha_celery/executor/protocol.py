@@ -121,15 +121,10 @@ class JobLimits(_Record):
     gpu_memory: int | None = None
 
 
-@dataclass(frozen=True)
-class Infer(_Message):
-    """One forward pass over ``items`` (one per task of a batch), on the serving executor's cache."""
+class _JobRequest(_Message):
+    """A request that runs under the job's limits (a nested :class:`JobLimits`)."""
 
-    kind: ClassVar[str] = "infer"
-    model: str
-    items: list[Any]
-    expected_size: int | None = None
-    limits: JobLimits = field(default_factory=JobLimits)
+    limits: JobLimits
 
     @classmethod
     def from_json(cls, data: Any) -> Self:
@@ -138,7 +133,18 @@ class Infer(_Message):
 
 
 @dataclass(frozen=True)
-class Generate(_Message):
+class Infer(_JobRequest):
+    """One forward pass over ``items`` (one per task of a batch), on the serving executor's cache."""
+
+    kind: ClassVar[str] = "infer"
+    model: str
+    items: list[Any]
+    expected_size: int | None = None
+    limits: JobLimits = field(default_factory=JobLimits)
+
+
+@dataclass(frozen=True)
+class Generate(_JobRequest):
     """Generate text from ``prompt`` (or chat ``messages``) with ``model``, on the serving executor's cache.
 
     ``params`` are validated sampling settings (:class:`~hypha_celery.stages.validation.GenerateParams`
@@ -154,14 +160,9 @@ class Generate(_Message):
     expected_size: int | None = None
     limits: JobLimits = field(default_factory=JobLimits)
 
-    @classmethod
-    def from_json(cls, data: Any) -> Self:
-        known = _known(cls, data)
-        return cls(**{**known, "limits": JobLimits.from_json(known.get("limits", {}))})
-
 
 @dataclass(frozen=True)
-class Train(_Message):
+class Train(_JobRequest):
     """Fine-tune ``model`` on inline ``data`` or the verified file at ``data_path``; store it as ``new_model``."""
 
     kind: ClassVar[str] = "train"
@@ -174,11 +175,6 @@ class Train(_Message):
     data_path: str | None = None
     progress_interval: float = 0.25
     limits: JobLimits = field(default_factory=JobLimits)
-
-    @classmethod
-    def from_json(cls, data: Any) -> Self:
-        known = _known(cls, data)
-        return cls(**{**known, "limits": JobLimits.from_json(known.get("limits", {}))})
 
 
 @dataclass(frozen=True)
