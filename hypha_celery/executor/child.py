@@ -183,7 +183,7 @@ class Executor:
         return outputs, errors
 
     def generate(self, request: Generate) -> GenerateResult:
-        """One generation on the cached model, streaming the text so far to the worker."""
+        """One generation job (a batch of prompts) on the cached model, streaming each text to the worker."""
         from hypha_celery.models.transformers_runtime import TransformerModel, generate
 
         started_rss = limits.current_rss()
@@ -193,10 +193,8 @@ class Executor:
                     raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
                 done = generate(use.value, request, self.channel.write)
         return GenerateResult(
-            text=done.text,
-            finish_reason=done.finish_reason,
-            prompt_tokens=done.prompt_tokens,
-            completion_tokens=done.completion_tokens,
+            outputs=[None if isinstance(o, Exception) else o for o in done.outputs],
+            errors=[_error(o) if isinstance(o, Exception) else None for o in done.outputs],
             time_to_first_token_s=done.time_to_first_token_s,
             compute_s=done.compute_s,
             cache_hit=use.hit,

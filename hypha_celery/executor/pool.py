@@ -5,8 +5,10 @@ Inference runs in one long-lived *serving* executor per device ("cpu",
 task of the worker that wants that device goes through it, a cold model is
 loaded once (single-flight) and small requests for the same model arriving
 together are run as one forward pass (dynamic batching, as Triton's
-``max_queue_delay_microseconds``). Text generation runs there too, alone
-(not batched), on the same cache, streaming its text back as it grows. Training runs in *job* executors, reused
+``max_queue_delay_microseconds``). Text generation runs there too, on the same
+cache, streaming each text back as it grows; generations with identical sampling
+settings that arrive together run as one batch (a seeded sampled one runs alone, so
+its seed repeats). Training runs in *job* executors, reused
 between jobs but holding no cache, since training changes the weights.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
@@ -45,6 +47,7 @@ from hypha_celery.executor.protocol import (
     Error,
     Fatal,
     Generate,
+    Generated,
     GenerateResult,
     Infer,
     InferResult,
@@ -57,6 +60,7 @@ from hypha_celery.executor.protocol import (
     Streamed,
     Train,
     TrainResult,
+    Usage,
     decode_reply,
 )
 from hypha_celery.resources.ledger import Lease
@@ -294,6 +298,19 @@ class ItemResult:
 
 
 @dataclass
+class GeneratedItem:
+    """One task's share of a generation job."""
+
+    output: Generated
+    time_to_first_token_s: float
+    compute_s: float
+    cache_hit: bool
+    load_s: float
+    batch_size: int
+    usage: Usage
+
+
+@dataclass
 class _Request:
     model: str
     inputs: Any
@@ -301,13 +318,20 @@ class _Request:
     deadline: float
     batchable: bool
     expected_size: int | None
-    generate: Generate | None = None  # a generation: runs alone, streaming into ``streamed``
+    generate: Generate | None = None  # a generation, streaming into ``streamed``
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
-    generated: GenerateResult | None = None
+    generated: GeneratedItem | None = None
     streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
     error: BaseException | None = None
+
+    @property
+    def batch_key(self) -> tuple[str, str]:
+        """Requests that may share a batch: the same model, and for generations the same sampling settings."""
+        if self.generate is None:
+            return ("infer", self.model)
+        return ("generate", self.model + json.dumps(self.generate.params, sort_keys=True))
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -361,7 +385,7 @@ class _Lane:
             limit = settings.max_batch_size if first.batchable else 1
             form_until = first.enqueued + settings.max_queue_delay_s
             while limit > 1 and not self.pool.closed:
-                same = sum(1 for r in self.pending if r.model == first.model and r.batchable)
+                same = sum(1 for r in self.pending if r.batch_key == first.batch_key and r.batchable)
                 wait = form_until - time.monotonic()
                 if same >= limit or wait <= 0:
                     break
@@ -371,7 +395,7 @@ class _Lane:
             for request in list(self.pending):
                 if len(batch) >= limit:
                     break
-                if request.model == first.model and request.batchable:
+                if request.batch_key == first.batch_key and request.batchable:
                     batch.append(request)
                     self.pending.remove(request)
             return batch
@@ -403,7 +427,7 @@ class _Lane:
             return
         executor = self._ensure_executor()
         if batch[0].generate is not None:
-            self._generate(executor, batch[0], batch[0].generate, timeout)
+            self._generate(executor, batch, batch[0].generate, timeout)
             return
         job = Infer(
             model=batch[0].model,
@@ -447,17 +471,41 @@ class _Lane:
             ))
         self._cache_changed(reply.cache)
 
-    def _generate(self, executor: ExecutorProcess, request: _Request, job: Generate, timeout: float) -> None:
-        job = dataclasses.replace(job, limits=_job_limits([request.lease], self.pool.settings))
+    def _generate(self, executor: ExecutorProcess, batch: list[_Request], job: Generate, timeout: float) -> None:
+        prompts = [prompt for request in batch for prompt in request.generate.prompts]  # type: ignore[union-attr]
+        job = dataclasses.replace(job, prompts=prompts, limits=_job_limits([r.lease for r in batch], self.pool.settings))
+
+        def route(update: Progress | Streamed) -> None:
+            if isinstance(update, Streamed) and 0 <= update.index < len(batch):
+                batch[update.index].stream(update)
+
         try:
-            reply = executor.call(job, GenerateResult, timeout, request.stream)
+            reply = executor.call(job, GenerateResult, timeout, route)
         except errors.HyphaError as exc:
             if isinstance(exc, (errors.MemoryLimitExceeded, errors.ExecutorCrashed, errors.TaskTimeout)):
                 self._cache_changed({})  # the executor was killed: its cache is gone
-            request.finish(error=exc)
+                if len(batch) > 1 and not isinstance(exc, errors.TaskTimeout):
+                    for request in batch:  # find the one at fault: each runs alone
+                        self._generate(self._ensure_executor(), [request], job, timeout)
+                    return
+            for request in batch:
+                request.finish(error=exc)
             return
-        request.generated = reply
-        request.finish()
+        for index, (request, output, error) in enumerate(zip(batch, reply.outputs, reply.errors, strict=True)):
+            if error is not None or output is None:
+                request.finish(error=error_from_reply(error or Error("ExecutorCrashed", "no output"), executor.name))
+                continue
+            loaded_here = index == 0 and not reply.cache_hit
+            request.generated = GeneratedItem(
+                output=output,
+                time_to_first_token_s=reply.time_to_first_token_s,
+                compute_s=reply.compute_s,
+                cache_hit=not loaded_here,
+                load_s=reply.load_s if loaded_here else 0.0,
+                batch_size=len(batch),
+                usage=reply.usage,
+            )
+            request.finish()
         self._cache_changed(reply.cache)
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
@@ -543,15 +591,19 @@ class ExecutorPool:
         timeout: float,
         on_progress: Callable[[Streamed], None] | None = None,
         poll_s: float = 0.05,
-    ) -> GenerateResult:
-        """Run one generation on the serving executor of the lease's device; blocks until done.
+    ) -> GeneratedItem:
+        """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
+
+        Blocks until done.
 
         ``on_progress`` gets the newest text so far, in the calling thread (a Celery task's state
         belongs to its own thread), at most every ``poll_s`` seconds; intermediate texts may be skipped.
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        request = _Request(job.model, None, lease, time.monotonic() + timeout, False, job.expected_size, generate=job)
+        seeded_sampling = job.params.get("do_sample") and job.params.get("seed") is not None
+        request = _Request(job.model, None, lease, time.monotonic() + timeout, not seeded_sampling, job.expected_size,
+                           generate=job)
         self._lane(device_key(lease)).submit(request)
         reported: Streamed | None = None
         while not request.done.wait(poll_s):
@@ -611,6 +663,19 @@ class ExecutorPool:
         lane = self._lane(device)
         with lane.calling:
             return lane._ensure_executor().call(Describe(), Description, _START_TIMEOUT_S)
+
+    def holds(self, model: str, *, gpu: bool, gpu_count: int = 1) -> bool:
+        """Whether every serving executor a one-device request could land on already holds ``model``.
+
+        Sizing leaves a held model's weights out of a request's reservation (the
+        cache's own ledger account counts them); unsure means no.
+        """
+        with self._lock:
+            caches = {key: lane.cache for key, lane in self._lanes.items()}
+        if not gpu:
+            return model in caches.get("cpu", {})
+        holding = [key for key, cache in caches.items() if key.startswith("cuda:") and "," not in key and model in cache]
+        return gpu_count > 0 and len(holding) >= gpu_count
 
     def cache(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -36,10 +36,12 @@ __all__ = [
     "Fatal",
     "Generate",
     "GenerateResult",
+    "Generated",
     "Infer",
     "InferResult",
     "JobLimits",
     "Progress",
+    "Prompt",
     "ProtocolError",
     "Ready",
     "Reply",
@@ -144,21 +146,41 @@ class Infer(_JobRequest):
 
 
 @dataclass(frozen=True)
+class Prompt(_Record):
+    """One request's input to a generation: a ``prompt`` string or chat ``messages``."""
+
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
 class Generate(_JobRequest):
-    """Generate text from ``prompt`` (or chat ``messages``) with ``model``, on the serving executor's cache.
+    """Generate text for each of ``prompts`` (one per task of a batch) with ``model``, on the serving executor's cache.
 
     ``params`` are validated sampling settings (:class:`~hypha_celery.stages.validation.GenerateParams`
-    as JSON); the executor reports :class:`Streamed` at most every ``progress_interval`` seconds.
+    as JSON), the same for every prompt of a batch; the executor reports :class:`Streamed`
+    (with the prompt's index) at most every ``progress_interval`` seconds.
     """
 
     kind: ClassVar[str] = "generate"
     model: str
     params: dict[str, Any]
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    prompts: list[Prompt]
     progress_interval: float = 0.25
     expected_size: int | None = None
     limits: JobLimits = field(default_factory=JobLimits)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "prompts": [p.to_json() for p in self.prompts]}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = _known(cls, data)
+        prompts = known.get("prompts")
+        if not isinstance(prompts, list) or not prompts:
+            raise TypeError("Generate.prompts must be a non-empty list")
+        return cls(**{**known, "prompts": [Prompt.from_json(p) for p in prompts],
+                      "limits": JobLimits.from_json(known.get("limits", {}))})
 
 
 @dataclass(frozen=True)
@@ -211,11 +233,13 @@ class Progress(_Message):
 
 @dataclass(frozen=True)
 class Streamed(_Message):
-    """The text generated so far (cumulative, stop strings not yet cut) and its token count."""
+    """The text generated so far for prompt ``index`` of the batch (cumulative, held back before a
+    possible stop string) and its token count."""
 
     kind: ClassVar[str] = "streamed"
     text: str
     tokens: int
+    index: int = 0
 
 
 @dataclass(frozen=True)
@@ -277,14 +301,22 @@ class InferResult(_Message):
 
 
 @dataclass(frozen=True)
-class GenerateResult(_Message):
-    """What one generation produced; ``cache`` is the cache's bytes per model after the job."""
+class Generated(_Record):
+    """What one prompt of a generation produced."""
 
-    kind: ClassVar[str] = "generate_result"
     text: str
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     prompt_tokens: int
     completion_tokens: int
+
+
+@dataclass(frozen=True)
+class GenerateResult(_Message):
+    """``outputs[i]`` and ``errors[i]`` answer ``prompts[i]``; ``cache`` is the cache's bytes per model after the job."""
+
+    kind: ClassVar[str] = "generate_result"
+    outputs: list[Generated | None]
+    errors: list[Error | None]
     time_to_first_token_s: float
     compute_s: float
     cache_hit: bool
@@ -292,10 +324,19 @@ class GenerateResult(_Message):
     cache: dict[str, int]
     usage: Usage
 
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "outputs": [None if o is None else o.to_json() for o in self.outputs],
+                "errors": [None if e is None else e.to_json() for e in self.errors]}
+
     @classmethod
     def from_json(cls, data: Any) -> Self:
         known = _known(cls, data)
-        return cls(**{**known, "usage": Usage.from_json(known.get("usage"))})
+        return cls(**{
+            **known,
+            "outputs": [None if o is None else Generated.from_json(o) for o in known.get("outputs", ())],
+            "errors": [None if e is None else Error.from_json(e) for e in known.get("errors", ())],
+            "usage": Usage.from_json(known.get("usage")),
+        })
 
 
 @dataclass(frozen=True)

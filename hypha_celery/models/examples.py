@@ -163,12 +163,15 @@ def _train_tokenizer(folder: Path, max_length: int) -> int:
     return tokenizer.get_vocab_size()
 
 
-def write_tiny_bert(folder: Path, *, classifier: bool, seed: int = 0) -> None:
-    """A tiny BERT in Hugging Face layout: a text classifier, or an embedding model (sentence-transformers files)."""
+def write_tiny_bert(folder: Path, *, classifier: bool, seed: int = 0, hidden: int = 32, layers: int = 2,
+                    intermediate: int = 64, positions: int = 64) -> None:
+    """A tiny BERT in Hugging Face layout: a text classifier, or an embedding model (sentence-transformers files).
+
+    The sizes default to a model that loads in milliseconds; benchmarks ask for larger ones.
+    """
     import torch
     from safetensors.torch import save_file
 
-    hidden, layers, intermediate, positions = 32, 2, 64, 64
     vocab = _train_tokenizer(folder, positions)
     generator = torch.Generator().manual_seed(seed)
 
@@ -195,7 +198,7 @@ def write_tiny_bert(folder: Path, *, classifier: bool, seed: int = 0) -> None:
     state[f"{prefix}pooler.dense.bias"] = torch.zeros(hidden)
     config: dict[str, Any] = {
         "architectures": ["BertForSequenceClassification" if classifier else "BertModel"], "model_type": "bert",
-        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 2,
+        "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": max(2, hidden // 64),
         "intermediate_size": intermediate, "hidden_act": "gelu", "hidden_dropout_prob": 0.1,
         "attention_probs_dropout_prob": 0.1, "max_position_embeddings": positions, "type_vocab_size": 2,
         "initializer_range": 0.02, "layer_norm_eps": 1e-12, "pad_token_id": 0,
@@ -285,12 +288,15 @@ def _train_bpe(folder: Path, max_length: int) -> int:
     return tokenizer.get_vocab_size()
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, positions: int = 256) -> None:
-    """A tiny Llama-style causal LM in Hugging Face layout, weights written by their checkpoint names."""
+def write_tiny_llama(folder: Path, seed: int = 0, positions: int = 256, *, hidden: int = 64, layers: int = 2,
+                     intermediate: int = 128, heads: int = 4, kv_heads: int = 2) -> None:
+    """A tiny Llama-style causal LM in Hugging Face layout, weights written by their checkpoint names.
+
+    The sizes default to a model that loads in milliseconds; benchmarks ask for larger ones.
+    """
     import torch
     from safetensors.torch import save_file
 
-    hidden, layers, intermediate, heads, kv_heads = 64, 2, 128, 4, 2
     head_dim = hidden // heads
     vocab = _train_bpe(folder, positions)
     generator = torch.Generator().manual_seed(seed)

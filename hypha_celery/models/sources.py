@@ -22,7 +22,7 @@ from hypha_celery.models.manifest import MODEL_MANIFEST, DatasetManifest, Manife
 if TYPE_CHECKING:
     from hypha_celery.config import ModelSource
 
-__all__ = ["fetch_model"]
+__all__ = ["fetch_manifest", "fetch_model"]
 
 _CHUNK = 1 << 20
 _MANIFEST_CAP = 1 << 20
@@ -40,15 +40,7 @@ def fetch_model(
     """Download ``model_id`` (a model, or with ``parse``/``manifest_name`` a data set) from ``source``
     into ``staging``; return its validated manifest."""
     opener = _OPENERS[source.type]
-    with opener(source, f"{model_id}/{manifest_name}") as stream:
-        raw = _read_capped(stream, _MANIFEST_CAP, f"{model_id}/{manifest_name}")
-    try:
-        data = json.loads(raw)
-    except ValueError as exc:
-        raise UnsupportedModel(f"{model_id!r}: manifest is not JSON ({exc})") from None
-    manifest = parse(data, model_id, max_size)
-    if manifest.size > max_size:
-        raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
+    manifest, raw = _manifest(source, model_id, max_size, parse, manifest_name)
     for name, entry in manifest.files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)  # 1_Pooling/config.json: the manifest allows it
         with opener(source, f"{model_id}/{name}") as stream, open(staging / name, "wb") as out:
@@ -65,6 +57,32 @@ def fetch_model(
             raise UnsupportedModel(f"model {model_id!r}: {name} does not match its sha256 (corrupt or tampered)")
     (staging / manifest_name).write_bytes(raw)
     return manifest
+
+
+def fetch_manifest(source: ModelSource, model_id: str, max_size: int) -> Manifest:
+    """Only the validated manifest of ``model_id`` at ``source``: what sizing needs before admission."""
+    manifest, _ = _manifest(source, model_id, max_size, Manifest.from_json, MODEL_MANIFEST)
+    assert isinstance(manifest, Manifest)
+    return manifest
+
+
+def _manifest(
+    source: ModelSource,
+    model_id: str,
+    max_size: int,
+    parse: Callable[[Any, str, int | None], Manifest | DatasetManifest],
+    manifest_name: str,
+) -> tuple[Manifest | DatasetManifest, bytes]:
+    with _OPENERS[source.type](source, f"{model_id}/{manifest_name}") as stream:
+        raw = _read_capped(stream, _MANIFEST_CAP, f"{model_id}/{manifest_name}")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise UnsupportedModel(f"{model_id!r}: manifest is not JSON ({exc})") from None
+    manifest = parse(data, model_id, max_size)
+    if manifest.size > max_size:
+        raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
+    return manifest, raw
 
 
 def _chunks(stream: _Closing) -> Iterator[bytes]:

@@ -57,7 +57,7 @@ from hypha_celery.models.manifest import (
     is_model_id,
     validate_model_id,
 )
-from hypha_celery.models.sources import fetch_model
+from hypha_celery.models.sources import fetch_manifest, fetch_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -116,6 +116,24 @@ class ModelStore:
         """The local manifest, fetching the model first if the store lacks it."""
         self.ensure(model_id)
         return self._read_manifest(model_id)
+
+    def peek(self, model_id: str) -> Manifest:
+        """The manifest, local or read from the first source that has it, without fetching the model.
+
+        Sizing reads it before admission; the model itself is fetched (and
+        verified against this same kind of manifest) only under a lease.
+        """
+        if self.has(model_id):
+            return self._read_manifest(model_id)
+        if not self.sources:
+            raise UnsupportedModel(f"model {model_id!r} is not in the store and no sources are configured")
+        errors = []
+        for source in self.sources:
+            try:
+                return fetch_manifest(source, model_id, self.max_model_size)
+            except UnsupportedModel as exc:
+                errors.append(f"{source.type}: {exc}")
+        raise UnsupportedModel(f"model {model_id!r}: no source has its manifest: " + "; ".join(errors))
 
     def _read_manifest(self, model_id: str) -> Manifest:
         path = self.path(model_id) / MODEL_MANIFEST

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.executor.protocol import Generate, Streamed
+from hypha_celery.executor.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.models.hf_allowlist import (
     FEATURE_EXTRACTION,
     IMAGE_CLASSIFICATION,
@@ -49,7 +49,7 @@ from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.validation import MAX_IMAGE_PIXELS
 
-__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generated", "Pooling", "TransformerModel", "generate", "infer_batch",
+__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generation", "Pooling", "TransformerModel", "generate", "infer_batch",
            "load", "load_folder"]
 
 # One forward pass holds at most this many texts, and this many (padded) tokens: bounds activation memory.
@@ -431,13 +431,10 @@ def _images(model: TransformerModel, images: list[str]) -> list[Any]:
 
 
 @dataclass(frozen=True)
-class Generated:
-    """What one generation produced (the stop string, if one ended it, cut from ``text``)."""
+class Generation:
+    """What one generation job produced: per prompt a :class:`Generated` or the error that refused it."""
 
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
+    outputs: list[Generated | Exception]
     time_to_first_token_s: float
     compute_s: float
 
@@ -445,33 +442,48 @@ class Generated:
 class _Watch:
     """A transformers ``StoppingCriteria`` (duck-typed: called after each token with the ids so far).
 
-    It times the first token, stops when the decoded text contains a stop string,
-    and reports the text so far at most every ``interval`` seconds.
+    Per row of the batch it notes where the row ended (its end-of-sequence
+    token, or a stop string in its decoded text) and stops that row; it times the
+    first token and reports each live row's text at most every ``interval`` seconds.
+    Rows are decoded only when a stop string must be looked for or a report is due.
     """
 
-    def __init__(self, tokenizer: Any, prompt_tokens: int, stop: Sequence[str], interval: float,
-                 report: Callable[[Streamed], None]) -> None:
+    def __init__(self, tokenizer: Any, prompt_width: int, indices: Sequence[int], stop: Sequence[str],
+                 interval: float, report: Callable[[Streamed], None]) -> None:
         self.tokenizer = tokenizer
-        self.prompt_tokens = prompt_tokens
+        self.prompt_width = prompt_width
+        self.indices = list(indices)
         self.stop = tuple(stop)
         self.interval = interval
         self.report = report
+        self.eos = tokenizer.eos_token_id
         self.started = time.perf_counter()
         self.first_token_s: float | None = None
-        self.stopped = False
+        self.ended_at: list[int | None] = [None] * len(self.indices)
         self._last_report = 0.0
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
         now = time.perf_counter()
         if self.first_token_s is None:
             self.first_token_s = now - self.started
-        generated = input_ids[0, self.prompt_tokens:]
-        text = self.tokenizer.decode(generated, skip_special_tokens=True)
-        self.stopped = any(stop in text for stop in self.stop)
-        if now - self._last_report >= self.interval:
+        generated = input_ids[:, self.prompt_width:]
+        length = int(generated.shape[1])
+        due = now - self._last_report >= self.interval
+        if due:
             self._last_report = now
-            self.report(Streamed(text=visible(text, self.stop), tokens=int(generated.shape[0])))
-        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+        for row, ended in enumerate(self.ended_at):
+            if ended is not None:
+                continue
+            if self.eos is not None and int(generated[row, -1]) == self.eos:
+                self.ended_at[row] = length
+            if not (self.stop or due):
+                continue
+            text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+            if any(stop in text for stop in self.stop):
+                self.ended_at[row] = length
+            if due:
+                self.report(Streamed(text=visible(text, self.stop), tokens=length, index=self.indices[row]))
+        return torch.tensor([ended is not None for ended in self.ended_at], dtype=torch.bool, device=input_ids.device)
 
 
 def visible(text: str, stop: Sequence[str]) -> str:
@@ -487,51 +499,77 @@ def visible(text: str, stop: Sequence[str]) -> str:
     return text[:len(text) - hold].rstrip("\ufffd")
 
 
-def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None]) -> Generated:
-    """Generate for one prompt with transformers' ``generate``; ``report`` gets the text as it grows."""
+def _prompt_ids(model: TransformerModel, prompt: Prompt, max_new_tokens: int) -> list[int]:
+    """A prompt's token ids (chat messages rendered with the model's template), checked against its length."""
+    tokenizer = model.tokenizer
+    if prompt.messages is not None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidTask(f"model {model.manifest.id!r} has no chat template: send a prompt, not messages")
+        text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt.prompt)["input_ids"]
+    limit = model.max_length or len(ids) + max_new_tokens
+    if len(ids) + max_new_tokens > limit:
+        raise InvalidInput(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({max_new_tokens}) "
+                           f"exceeds the model's maximum length ({limit} tokens)")
+    return list(ids)
+
+
+def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None]) -> Generation:
+    """Generate for every prompt of ``request`` in one batch with transformers' ``generate``.
+
+    Prompts are left-padded to one width (the attention mask hides the padding),
+    so each row's greedy text equals what it generates alone. A prompt that is
+    refused (too long, messages without a chat template) gets its error; the
+    others still run. ``report`` gets each row's text as it grows.
+    """
     from transformers import GenerationConfig, StoppingCriteriaList
 
     if model.task != TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
     params = request.params
     tokenizer = model.tokenizer
-    if request.messages is not None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise InvalidTask(f"model {model.manifest.id!r} has no chat template: send a prompt, not messages")
-        prompt = tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-        encoded = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")
-    else:
-        encoded = tokenizer(request.prompt, return_tensors="pt")
-    input_ids = encoded["input_ids"]
-    prompt_tokens = int(input_ids.shape[1])
-    limit = model.max_length or prompt_tokens + params["max_new_tokens"]
-    if prompt_tokens + params["max_new_tokens"] > limit:
-        raise InvalidInput(f"the prompt ({prompt_tokens} tokens) plus max_new_tokens ({params['max_new_tokens']}) "
-                           f"exceeds the model's maximum length ({limit} tokens)")
+    outputs: list[Generated | Exception | None] = [None] * len(request.prompts)
+    rows: list[tuple[int, list[int]]] = []
+    for index, prompt in enumerate(request.prompts):
+        try:
+            rows.append((index, _prompt_ids(model, prompt, params["max_new_tokens"])))
+        except (InvalidTask, InvalidInput) as exc:
+            outputs[index] = exc
+    if not rows:
+        return Generation([o for o in outputs if o is not None], 0.0, 0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(len(ids) for _, ids in rows)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in rows])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows])
     sampling = {key: params[key] for key in ("temperature", "top_p", "top_k")} if params["do_sample"] else {}
     config = GenerationConfig(
         max_new_tokens=params["max_new_tokens"], do_sample=params["do_sample"],
-        repetition_penalty=params["repetition_penalty"], pad_token_id=tokenizer.pad_token_id,
+        repetition_penalty=params["repetition_penalty"], pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id, **sampling,
     )
     if params["seed"] is not None:
         torch.manual_seed(params["seed"])
-    watch = _Watch(tokenizer, prompt_tokens, params["stop"], request.progress_interval, report)
+    watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report)
     started = time.perf_counter()
     with torch.inference_mode():
         output = model.module.generate(
-            input_ids=input_ids.to(model.device), attention_mask=encoded["attention_mask"].to(model.device),
+            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
             generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
         )
     compute_s = time.perf_counter() - started
-    generated = output[0, prompt_tokens:]
-    text = tokenizer.decode(generated, skip_special_tokens=True)
-    cuts = [text.find(stop) for stop in params["stop"] if stop in text]
-    ended = tokenizer.eos_token_id is not None and generated.numel() > 0 and int(generated[-1]) == tokenizer.eos_token_id
-    if cuts:
-        text = text[:min(cuts)]
-    finish = "stop" if cuts or ended or generated.numel() < params["max_new_tokens"] else "length"
-    return Generated(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
-                     completion_tokens=int(generated.numel()),
-                     time_to_first_token_s=watch.first_token_s if watch.first_token_s is not None else compute_s,
-                     compute_s=compute_s)
+    for row, (index, ids) in enumerate(rows):
+        new = output[row, width:]
+        ended = watch.ended_at[row]
+        if ended is not None:
+            new = new[:ended]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in params["stop"] if stop in text]
+        if cuts:
+            text = text[:min(cuts)]
+        finish = "stop" if ended is not None or new.numel() < params["max_new_tokens"] else "length"
+        outputs[index] = Generated(text=text, finish_reason=finish, prompt_tokens=len(ids),
+                                   completion_tokens=int(new.numel()))
+    first = watch.first_token_s if watch.first_token_s is not None else compute_s
+    return Generation([o for o in outputs if o is not None], first, compute_s)

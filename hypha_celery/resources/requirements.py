@@ -3,6 +3,10 @@
 CPU is counted in thousandths of a core, as Kubernetes does, so that many
 small inference tasks can share a core (``cpu_cores = 0.25``); a request of a
 core or more must be whole cores, which the ledger pins exclusively.
+
+``memory`` and ``gpu_memory`` may be ``"auto"``: the worker sizes them from the
+model's manifest before admission (:mod:`hypha_celery.stages.sizing`). Until
+then they hold placeholders that only a scheduler's placement ever sees.
 """
 
 from __future__ import annotations
@@ -15,13 +19,18 @@ from typing import Any
 from hypha_celery.errors import ExcessiveMemoryRequest, InsufficientCpu, InvalidTask
 from hypha_celery.units import format_size, parse_size
 
-__all__ = ["Requirements", "check_caps"]
+__all__ = ["AUTO", "Requirements", "check_caps"]
 
 _FIELDS = ("cpu_cores", "memory", "gpus", "gpu_memory")
 MILLI = 1000
 # A task that names no memory still gets a reservation (and, with
 # enforce_memory_limits, a cap): enough for a small model and its activations.
 DEFAULT_MEMORY = 256 * 2**20
+AUTO = "auto"
+_AUTO_FIELDS = ("memory", "gpu_memory")
+# What an unsized "auto" gpu_memory stands for in a scheduler's placement: any GPU
+# with room (0 would mean a whole device). The worker sizes it before it reserves.
+_AUTO_GPU_PLACEHOLDER = 2**20
 
 
 @dataclass(frozen=True)
@@ -32,16 +41,21 @@ class Requirements:
     memory: int = DEFAULT_MEMORY
     gpus: int = 0
     gpu_memory: int = 0
+    auto: frozenset[str] = frozenset()  # fields asked as "auto": sized from the model before admission
 
     @property
     def cpu_cores(self) -> float:
         return self.cpu_milli / MILLI
 
     @classmethod
-    def parse(cls, raw: Any) -> Requirements:
-        """Validate a ``requirements`` kwarg; every problem is an ``InvalidTask`` naming the field."""
+    def parse(cls, raw: Any, *, auto_by_default: bool = False) -> Requirements:
+        """Validate a ``requirements`` kwarg; every problem is an ``InvalidTask`` naming the field.
+
+        With ``auto_by_default`` (tasks on models the worker can size), an
+        absent ``memory`` is ``"auto"``, and so is an absent ``gpu_memory`` when GPUs are asked for.
+        """
         if raw is None:
-            return cls()
+            raw = {}
         if isinstance(raw, Requirements):
             return raw
         if not isinstance(raw, Mapping):
@@ -50,20 +64,36 @@ class Requirements:
         if unknown:
             raise InvalidTask(f"requirements.{unknown[0]} is not a requirement (known: {', '.join(_FIELDS)})")
         cpu_milli = _cpu_milli(raw.get("cpu_cores", 1))
-        memory = _size("memory", raw.get("memory", DEFAULT_MEMORY), allow_zero=False)
         gpus = raw.get("gpus", 0)
         if isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= 1024:
             raise InvalidTask(f"requirements.gpus must be a whole number from 0 to 1024, got {str(gpus)[:40]}")
-        gpu_memory = _size("gpu_memory", raw.get("gpu_memory", 0), allow_zero=True)
+        auto = {name for name in _AUTO_FIELDS if raw.get(name) == AUTO}
+        if auto_by_default:
+            auto |= {name for name in _AUTO_FIELDS if name not in raw and (name == "memory" or gpus)}
+        memory = DEFAULT_MEMORY if "memory" in auto else \
+            _size("memory", raw.get("memory", DEFAULT_MEMORY), allow_zero=False)
+        gpu_memory = _AUTO_GPU_PLACEHOLDER if "gpu_memory" in auto else \
+            _size("gpu_memory", raw.get("gpu_memory", 0), allow_zero=True)
         if gpu_memory and not gpus:
             gpus = 1
-        return cls(cpu_milli=cpu_milli, memory=memory, gpus=gpus, gpu_memory=gpu_memory)
+        return cls(cpu_milli=cpu_milli, memory=memory, gpus=gpus, gpu_memory=gpu_memory, auto=frozenset(auto))
+
+    def sized(self, *, memory: int, gpu_memory: int) -> Requirements:
+        """These requirements with their ``"auto"`` fields set to sizes (the others stay as asked)."""
+        return Requirements(
+            cpu_milli=self.cpu_milli,
+            memory=memory if "memory" in self.auto else self.memory,
+            gpus=self.gpus,
+            gpu_memory=gpu_memory if "gpu_memory" in self.auto else self.gpu_memory,
+        )
 
     def describe(self) -> str:
         """For error messages a person reads."""
-        parts = [f"{self.cpu_cores:g} cores", f"{format_size(self.memory)} memory"]
+        memory = "auto" if "memory" in self.auto else format_size(self.memory)
+        parts = [f"{self.cpu_cores:g} cores", f"{memory} memory"]
         if self.gpus:
-            per = format_size(self.gpu_memory) if self.gpu_memory else "a whole device"
+            per = "auto" if "gpu_memory" in self.auto else \
+                format_size(self.gpu_memory) if self.gpu_memory else "a whole device"
             parts.append(f"{self.gpus} GPU(s) with {per} each")
         return ", ".join(parts)
 
@@ -102,7 +132,7 @@ def _size(name: str, value: Any, *, allow_zero: bool) -> int:
 
 def check_caps(req: Requirements, *, max_memory_per_task: int, max_cpu_cores_per_task: int) -> None:
     """The worker's per-task caps: over them a task can never run here, so fail now."""
-    if req.memory > max_memory_per_task:
+    if "memory" not in req.auto and req.memory > max_memory_per_task:
         raise ExcessiveMemoryRequest(
             f"asked for {format_size(req.memory)} memory; this worker allows at most "
             f"{format_size(max_memory_per_task)} per task (max_memory_per_task)"

@@ -59,6 +59,7 @@ def package(
             "cpu_milli": sum(lease.cores.values()),
             "memory": lease.memory,
             "gpus": lease.gpu_ids,
+            "gpu_memory": {str(gpu): size for gpu, size in lease.gpus.items()},
             "cuda_visible_devices": lease.cuda_visible_devices,
         },
     }

@@ -143,9 +143,16 @@ def _check_shape(args: Sequence[Any], kwargs: Mapping[str, Any], allowed: set[st
         raise InvalidTask(f"{task} is missing the required argument {missing[0]!r}")
 
 
-def requirements_for(cfg: WorkerConfig, raw: Any) -> Requirements:
-    """Parse a task's requirements and hold them to this worker's per-task caps."""
+def requirements_for(cfg: WorkerConfig, raw: Any, *, sizable: bool = False) -> Requirements:
+    """Parse a task's requirements and hold them to this worker's per-task caps.
+
+    ``"auto"`` sizes are for tasks on a model (``sizable``); sizing replaces them
+    before admission (:mod:`hypha_celery.stages.sizing`).
+    """
     req = Requirements.parse(raw)
+    if req.auto and not sizable:
+        raise InvalidTask(f"requirements.{sorted(req.auto)[0]} 'auto' is sized from a model's manifest for "
+                          "hypha.infer and hypha.generate; give this task a size")
     check_caps(req, max_memory_per_task=cfg.max_memory_per_task, max_cpu_cores_per_task=cfg.max_cpu_cores_per_task)
     return req
 
@@ -169,7 +176,7 @@ def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kw
         raise InvalidTask(f"hypha.infer takes exactly one of inputs (numbers), texts or images, got {', '.join(given)}")
     kind = given[0]
     model = validate_model_id(kwargs["model"])
-    requirements = requirements_for(cfg, kwargs.get("requirements"))
+    requirements = requirements_for(cfg, kwargs.get("requirements"), sizable=True)
     manifest = _local_manifest(store, model)
     max_bytes = cfg.security.max_input_bytes
     if kind == "texts":
@@ -330,7 +337,7 @@ def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any],
     if ("prompt" in kwargs) == ("messages" in kwargs):
         raise InvalidTask("hypha.generate takes exactly one of prompt (a string) or messages (chat turns)")
     model = validate_model_id(kwargs["model"])
-    requirements = requirements_for(cfg, kwargs.get("requirements"))
+    requirements = requirements_for(cfg, kwargs.get("requirements"), sizable=True)
     max_bytes = cfg.security.max_input_bytes
     prompt = messages = None
     if "prompt" in kwargs:

@@ -1,34 +1,48 @@
 """``hypha.generate``: text from a stored causal language model, streamed as it grows.
 
 It runs on the serving executor of its device, like ``hypha.infer``, so the
-model stays in that executor's cache between requests; a generation runs
-alone (not batched). While it runs, the task's ``PROGRESS`` state carries
+model stays in that executor's cache between requests; generations with the
+same sampling settings that arrive together run as one batch. While it runs, the task's ``PROGRESS`` state carries
 ``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
 times a second: a client streams by polling ``AsyncResult.state``/``.info``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
 
 from hypha_celery.errors import HyphaError
-from hypha_celery.executor.protocol import Generate, Streamed
+from hypha_celery.executor.protocol import Generate, Prompt, Streamed
 from hypha_celery.models.manifest import compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
+from hypha_celery.stages.sizing import prompt_token_bound, requirements_for_model
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, validate_generate
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "generate"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
+
+
+def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> GenerateSpec:
+    """Validate, then size ``"auto"`` requirements: weights plus the KV cache of prompt and new tokens."""
+    spec = validate_generate(ctx.config, ctx.store, args, kwargs)
+    manifest = spec.manifest or ctx.store.peek(spec.model)
+    tokens = prompt_token_bound(spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens
+    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds,
+                                          tokens=tokens)
+    return dataclasses.replace(spec, requirements=requirements)
 
 
 def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
@@ -41,8 +55,7 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),
-        prompt=spec.prompt,
-        messages=spec.messages,
+        prompts=[Prompt(prompt=spec.prompt, messages=spec.messages)],
         progress_interval=PROGRESS_INTERVAL_S,
         expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
     )
@@ -52,21 +65,22 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
 
     result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report)
     run.timing.finished_at = time.time()
-    ctx.metrics.cache_event(hit=result.cache_hit, batch_size=1)
+    ctx.metrics.cache_event(hit=result.cache_hit, batch_size=result.batch_size)
     ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
     try:
         ctx.inference_times.flush(ctx.redis, run.worker)
     except HyphaError as exc:  # the moving average is advisory; the result is not
         log.warning("could not record the inference time: %s", exc)
+    out = result.output
     after_first = result.compute_s - result.time_to_first_token_s
-    tokens_per_s = (result.completion_tokens - 1) / after_first if result.completion_tokens > 1 and after_first > 0 \
+    tokens_per_s = (out.completion_tokens - 1) / after_first if out.completion_tokens > 1 and after_first > 0 \
         else 0.0
     usage = result.usage
     return package(
         output={
-            "text": result.text,
-            "finish_reason": result.finish_reason,
-            "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens},
+            "text": out.text,
+            "finish_reason": out.finish_reason,
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
         },
         model=spec.model,
         worker=run.worker,
@@ -78,7 +92,7 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
         device=usage.device,
         gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
         extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
-               "compute_s": result.compute_s, "cpu_affinity": usage.cpu_affinity,
+               "compute_s": result.compute_s, "batch_size": result.batch_size, "cpu_affinity": usage.cpu_affinity,
                **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
     )
 
@@ -94,6 +108,6 @@ def generate(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self,
         kwargs,
         args=args,
-        validate=lambda ctx: validate_generate(ctx.config, ctx.store, args, kwargs),
+        validate=lambda ctx: _validate(ctx, args, kwargs),
         body=_run,
     )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
@@ -12,13 +14,23 @@ from hypha_celery.errors import HyphaError
 from hypha_celery.models.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
+from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.worker.context import NodeContext
 
 __all__ = ["infer"]
 
 log = logging.getLogger(__name__)
+
+
+def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> InferSpec:
+    """Validate, then size ``"auto"`` requirements from the model's manifest (read, not fetched)."""
+    spec = validate_infer(ctx.config, ctx.store, args, kwargs)
+    manifest = spec.manifest or ctx.store.peek(spec.model)
+    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds)
+    return dataclasses.replace(spec, requirements=requirements)
 
 
 def _expected_size(manifest: Manifest, run: Run) -> int:
@@ -77,6 +89,6 @@ def infer(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self,
         kwargs,
         args=args,
-        validate=lambda ctx: validate_infer(ctx.config, ctx.store, args, kwargs),
+        validate=lambda ctx: _validate(ctx, args, kwargs),
         body=_run,
     )

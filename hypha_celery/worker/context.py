@@ -25,6 +25,7 @@ from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics
 from hypha_celery.registry import InferenceTimes
+from hypha_celery.resources.gpu import CUDA_CONTEXT
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
 from hypha_celery.resources.placement import Placement
 from hypha_celery.security import Verifier
@@ -83,6 +84,13 @@ class NodeContext:
             inference_times=InferenceTimes(),
         )
 
+    def holds(self, model: str, gpu: bool) -> bool:
+        """Whether the serving executor a one-device request would land on already holds ``model``."""
+        if not gpu:
+            return self.executors.holds(model, gpu=False)
+        capacity = self.ledger.capacity()
+        return capacity is not None and self.executors.holds(model, gpu=True, gpu_count=len(capacity.gpus))
+
     def for_child(self) -> NodeContext:
         """A fresh context for a forked pool process: same config and metrics, its own everything else."""
         return NodeContext.build(self.config, self.metrics)
@@ -105,7 +113,9 @@ class NodeContext:
         The account is a lease like any other, renewed by this process's
         LeaseKeeper, so a dead worker's cache stops counting by itself.
         """
-        gpus = {int(device.split(":")[1].split(",")[0]): size} if device.startswith("cuda:") else {}
+        # A GPU executor's CUDA context lives as long as its cache does: counted with it.
+        gpus = {int(device.split(":")[1].split(",")[0]): size + CUDA_CONTEXT if size else 0} \
+            if device.startswith("cuda:") else {}
         account = Lease(
             id=f"cache:{self.node_id}:{os.getpid()}:{device}",
             node=self.node_id,

@@ -134,3 +134,65 @@ def test_the_cli_embeds_and_classifies_through_the_worker(start_worker, redis_ur
     assert out.returncode == 0, out.stderr
     label, score, text = out.stdout.decode().rstrip("\n").split("\t")
     assert label in ("negative", "positive") and 0.0 <= float(score) <= 1.0 and text == "I loved this film"
+
+
+def test_auto_requirements_reserve_the_estimate_and_nothing_for_a_held_model(start_worker, celery_client,
+                                                                             model_dir: Path) -> None:
+    from hypha_celery.models.store import ModelStore
+    from hypha_celery.stages.sizing import estimate, prompt_token_bound
+
+    # Given a worker whose serving executor does not hold the tiny Llama yet
+    start_worker()
+    app = celery_client()
+    manifest = ModelStore(model_dir).manifest(TINY_LLAMA)
+    tokens = prompt_token_bound(PROMPT, None, manifest.max_length) + 8
+
+    def reserved() -> int:
+        kwargs = {"model": TINY_LLAMA, "prompt": PROMPT, "max_new_tokens": 8}  # no requirements: "auto"
+        return app.send_task("hypha.generate", kwargs=kwargs).get(timeout=120)["metrics"]["reserved"]["memory"]
+
+    # When a request names no memory, the first reserves weights + KV cache + margin ...
+    assert reserved() == estimate(manifest, gpu=False, cached=False, tokens=tokens).host
+    # ... and the next, with the model held (and counted by the cache's own account), leaves the weights out
+    assert reserved() == estimate(manifest, gpu=False, cached=True, tokens=tokens).host
+
+
+def test_an_auto_request_that_cannot_fit_is_refused_by_admission(start_worker, celery_client) -> None:
+    from hypha_celery.errors import InsufficientCapabilities
+
+    # Given the only worker has less memory than the tiny Llama's auto size (its runtime floor alone is 256 MiB)
+    start_worker({"resources": {"node_id": "tiny-node", "memory": "200MiB"}})
+    app = celery_client()
+    # When a generation asks for "auto" memory, admission refuses it at once, naming what was asked
+    with pytest.raises(InsufficientCapabilities, match="largest seen has"):
+        app.send_task("hypha.generate", kwargs={"model": TINY_LLAMA, "prompt": PROMPT,
+                                                "requirements": {"memory": "auto"}}).get(timeout=60)
+    # ... while a request that states a size that fits runs
+    result = app.send_task("hypha.generate", kwargs={"model": TINY_LLAMA, "prompt": PROMPT, "max_new_tokens": 4,
+                                                     "requirements": {"memory": "150MiB"}}).get(timeout=120)
+    assert result["output"]["usage"]["completion_tokens"] >= 1
+
+
+def test_concurrent_greedy_generations_are_batched_and_equal_single_requests(start_worker, celery_client,
+                                                                              model_dir: Path) -> None:
+    # Given a worker that waits up to 0.3 s to form a batch
+    start_worker({"max_concurrent_tasks": 6, "batching": {"max_queue_delay_microseconds": 300_000}})
+    app = celery_client()
+    prompts = ["The cat sat on", "Once upon a time", "A dog", "The sun rose over the"]
+    # When four greedy generations with the same settings arrive together
+    sent = [app.send_task("hypha.generate", kwargs={"model": TINY_LLAMA, "prompt": p, "max_new_tokens": 12,
+                                                    "requirements": SMALL}) for p in prompts]
+    results = [r.get(timeout=120) for r in sent]
+    # Then some ran as one batch, and each text equals transformers' generate on that prompt alone
+    assert max(r["metrics"]["batch_size"] for r in results) > 1
+    for prompt, result in zip(prompts, results, strict=True):
+        text, prompt_tokens, completion_tokens = _in_process(model_dir, prompt, 12)
+        assert result["output"]["text"] == text
+        assert result["output"]["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+    # ... while a seeded sampled generation runs alone, so its seed repeats
+    seeded = {"model": TINY_LLAMA, "prompt": "The cat", "max_new_tokens": 8, "do_sample": True, "seed": 3,
+              "requirements": SMALL}
+    twice = [app.send_task("hypha.generate", kwargs=seeded) for _ in range(2)]
+    outs = [r.get(timeout=120) for r in twice]
+    assert [o["metrics"]["batch_size"] for o in outs] == [1, 1]
+    assert outs[0]["output"]["text"] == outs[1]["output"]["text"]

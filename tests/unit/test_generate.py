@@ -9,7 +9,7 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, InvalidTask
-from hypha_celery.executor.protocol import Generate, Streamed
+from hypha_celery.executor.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.store import ModelStore
@@ -48,11 +48,18 @@ def _validate(store: ModelStore, worker: dict[str, Any] | None = None, **kwargs:
     return validate_generate(parse_config({"worker": worker or {}}), store, (), {"model": TINY_LLAMA, **kwargs})
 
 
-def _run(model: transformers_runtime.TransformerModel, prompt: str, updates: list[Streamed] | None = None,
-         **params: Any) -> transformers_runtime.Generated:
-    request = Generate(model=TINY_LLAMA, prompt=prompt, params=GenerateParams(**params).to_json(),
+def _batch(model: transformers_runtime.TransformerModel, prompts: list[Prompt], updates: list[Streamed] | None = None,
+           **params: Any) -> list[Generated | Exception]:
+    request = Generate(model=TINY_LLAMA, prompts=prompts, params=GenerateParams(**params).to_json(),
                        progress_interval=0.0)
-    return transformers_runtime.generate(model, request, (updates if updates is not None else []).append)
+    return transformers_runtime.generate(model, request, (updates if updates is not None else []).append).outputs
+
+
+def _run(model: transformers_runtime.TransformerModel, prompt: str, updates: list[Streamed] | None = None,
+         **params: Any) -> Generated:
+    [done] = _batch(model, [Prompt(prompt=prompt)], updates, **params)
+    assert isinstance(done, Generated)
+    return done
 
 
 @pytest.mark.parametrize(("kwargs", "named"), [
@@ -185,13 +192,59 @@ def test_seeded_sampling_repeats(llama: transformers_runtime.TransformerModel) -
 
 def test_the_chat_template_renders_messages(llama: transformers_runtime.TransformerModel) -> None:
     # Given chat messages, When the tiny Llama generates from them
-    request = Generate(model=TINY_LLAMA, messages=[{"role": "user", "content": "Hello there"}],
+    messages = [{"role": "user", "content": "Hello there"}]
+    request = Generate(model=TINY_LLAMA, prompts=[Prompt(messages=messages)],
                        params=GenerateParams(max_new_tokens=4).to_json())
-    done = transformers_runtime.generate(llama, request, lambda update: None)
+    [done] = transformers_runtime.generate(llama, request, lambda update: None).outputs
+    assert isinstance(done, Generated)
     # Then the prompt is the rendered template (bos, the user turn, the assistant header)
-    rendered = llama.tokenizer.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
+    rendered = llama.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered.endswith("<|assistant|>\n") and "Hello there" in rendered
     assert done.prompt_tokens == len(llama.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+
+BATCH_PROMPTS = ["The cat sat", "Once upon a time there was a", "A", "The dog ran to the park and"]
+
+
+def test_a_batch_of_prompts_generates_what_each_generates_alone(llama: transformers_runtime.TransformerModel) -> None:
+    # Given prompts of different lengths (left-padded to one width in the batch)
+    alone = [_run(llama, prompt, max_new_tokens=16) for prompt in BATCH_PROMPTS]
+    # When they generate greedily as one batch
+    together = _batch(llama, [Prompt(prompt=p) for p in BATCH_PROMPTS], max_new_tokens=16)
+    # Then each row's text, token counts and finish reason equal its generation alone
+    assert together == alone
+
+
+def test_rows_of_a_batch_end_on_their_own_stop_strings(llama: transformers_runtime.TransformerModel) -> None:
+    # Given a stop string taken from the middle of the first prompt's greedy text
+    full = _run(llama, BATCH_PROMPTS[0], max_new_tokens=30).text
+    stop = full[6:9]
+    alone = [_run(llama, prompt, max_new_tokens=30, stop=[stop]) for prompt in BATCH_PROMPTS]
+    # When the batch generates with that stop string
+    updates: list[Streamed] = []
+    together = _batch(llama, [Prompt(prompt=p) for p in BATCH_PROMPTS], updates, max_new_tokens=30, stop=[stop])
+    # Then the first row stopped early for "stop", and every row equals its generation alone
+    assert together == alone
+    first = together[0]
+    assert isinstance(first, Generated) and first.finish_reason == "stop" and first.completion_tokens < 30
+    # ... and each row's streamed texts are prefixes of its own final text
+    for index, done in enumerate(together):
+        assert isinstance(done, Generated)
+        texts = [u.text for u in updates if u.index == index]
+        assert texts and all(done.text.startswith(text) for text in texts)
+
+
+def test_a_refused_prompt_fails_alone_and_the_rest_of_the_batch_runs(
+        llama: transformers_runtime.TransformerModel) -> None:
+    from hypha_celery.errors import InvalidInput
+
+    # Given a batch where one prompt is longer than the model's maximum length
+    too_long = "word " * 400
+    # When the batch generates
+    done = _batch(llama, [Prompt(prompt="The cat sat"), Prompt(prompt=too_long)], max_new_tokens=8)
+    # Then that prompt gets its own error and the other its text
+    assert isinstance(done[1], InvalidInput) and "maximum length" in str(done[1])
+    assert done[0] == _run(llama, "The cat sat", max_new_tokens=8)
 
 
 @pytest.mark.parametrize(("text", "stop", "shown"), [
