@@ -8,6 +8,11 @@
                     signing_key="scheduler.key")
     result.get(timeout=30)["output"]
 
+``model_sha256`` (what ``hypha-celery models sha256 ID`` prints) pins the
+exact model in the signed envelope: a worker whose store holds another
+manifest under that id refuses with ``ModelPinMismatch``. A pin needs
+``signing_key``: it travels in the envelope.
+
 Placement is best fit over the live free-resource indexes
 (:mod:`hypha_celery.resources.placement`): among workers that fit *now*, the one whose
 scarcest resource is tightest. When none fits now but one could, the task
@@ -43,9 +48,12 @@ def submit(
     app: Celery | None = None,
     queue: str | None = None,
     envelope_ttl: float = 300.0,
+    model_sha256: str | None = None,
     **task_kwargs: Any,
 ) -> AsyncResult:
     """Place, sign and send one hypha task; returns its ``AsyncResult``."""
+    if model_sha256 is not None and signing_key is None:
+        raise ValueError("model_sha256 travels in the signed envelope: pass signing_key too")
     if app is None:
         from hypha_celery.celery import app as default_app
 
@@ -63,7 +71,7 @@ def submit(
     options: dict[str, Any] = {}
     if signing_key is not None:
         key = signing_key if isinstance(signing_key, nacl.signing.SigningKey) else load_signing_key(signing_key)
-        options = signed_options(key, task_name, kwargs=kwargs, ttl=envelope_ttl)
+        options = signed_options(key, task_name, kwargs=kwargs, ttl=envelope_ttl, model_sha256=model_sha256)
     return app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
 
 

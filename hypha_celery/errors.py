@@ -6,6 +6,7 @@
      ├── InvalidTask                    kwargs do not match the task's schema
      │    └── InvalidInput              inputs malformed, wrong shape or too large
      ├── UnsupportedModel               model id unknown, malformed or unverifiable
+     │    └── ModelPinMismatch          the store holds another manifest than the task pinned
      ├── ModelTooLarge                  a model larger than the whole model cache
      ├── InsufficientCapabilities       no live worker can ever fit the request
      │    ├── InsufficientCpu           more cores than a task may hold here
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidSignature",
     "InvalidTask",
     "MemoryLimitExceeded",
+    "ModelPinMismatch",
     "ModelTooLarge",
     "NotHere",
     "RegistryUnavailable",
@@ -90,6 +92,10 @@ class InvalidInput(InvalidTask):
 
 class UnsupportedModel(HyphaError):
     """The model id is unknown here, malformed, or failed verification."""
+
+
+class ModelPinMismatch(UnsupportedModel):
+    """The task pins its model by a manifest sha256 that this worker's store entry for the id does not have."""
 
 
 class ModelTooLarge(HyphaError):

@@ -12,6 +12,21 @@ message header ``hypha_envelope``::
      "issued_at": 1700000000.0, "expires_at": 1700000300.0, "nonce": "<hex>",
      "signature": "<base64 Ed25519 signature of the canonical JSON of the other fields>"}
 
+An envelope may also carry ``"model_sha256": "<hex>"``, the sha256 of the
+model's ``manifest.json`` in the store (``ModelStore.manifest_sha256``,
+``hypha-celery models sha256 ID``): it pins the exact model, and the worker
+refuses the task with ``ModelPinMismatch`` when its store holds a different
+manifest under that id. The field is optional and signed like the others when
+present (64 lowercase hex characters, else ``InvalidSignature``); an envelope
+without it is byte for byte what it was before, so ``"v"`` stays 1. A worker
+from before the field existed checks for an exact key set and so refuses a
+pinned envelope as malformed: a pin is never silently ignored. With
+``verify_task_signatures = false`` a worker still honours a pin it finds in the
+header (unverified; a malformed one is ``InvalidTask``): a pin only restricts
+what may run, so honouring it cannot let anything run that would not have run
+without it (unsigned, it guards against a store that drifted, not against
+whoever can rewrite messages on the broker).
+
 Key ids are libp2p peer ids (``12D3KooW...``): the identity multihash of the
 Ed25519 public key, so a peer id *is* the public key and ``allowed_schedulers``
 can list peer ids (or raw public keys in base64 or hex).
@@ -28,9 +43,12 @@ from hypha_celery.security.envelope import (
     CLOCK_SKEW_S,
     DEFAULT_TTL_S,
     ENVELOPE_HEADER,
+    MODEL_SHA256,
+    OPTIONAL_SIGNED_FIELDS,
     SIGNED_FIELDS,
     body_digest,
     canonical,
+    check_model_sha256,
     generate_key,
     load_signing_key,
     peer_id,
@@ -44,11 +62,14 @@ __all__ = [
     "CLOCK_SKEW_S",
     "DEFAULT_TTL_S",
     "ENVELOPE_HEADER",
+    "MODEL_SHA256",
+    "OPTIONAL_SIGNED_FIELDS",
     "SIGNED_FIELDS",
     "Verified",
     "Verifier",
     "body_digest",
     "canonical",
+    "check_model_sha256",
     "generate_key",
     "load_signing_key",
     "peer_id",

@@ -12,6 +12,7 @@ import binascii
 import hashlib
 import json
 import os
+import re
 import secrets
 import time
 import uuid
@@ -29,9 +30,12 @@ __all__ = [
     "CLOCK_SKEW_S",
     "DEFAULT_TTL_S",
     "ENVELOPE_HEADER",
+    "MODEL_SHA256",
+    "OPTIONAL_SIGNED_FIELDS",
     "SIGNED_FIELDS",
     "body_digest",
     "canonical",
+    "check_model_sha256",
     "generate_key",
     "load_signing_key",
     "peer_id",
@@ -44,8 +48,20 @@ ENVELOPE_HEADER = "hypha_envelope"
 DEFAULT_TTL_S = 300.0
 CLOCK_SKEW_S = 60.0
 _PEER_PREFIX = b"\x00\x24\x08\x01\x12\x20"  # identity multihash, 36 bytes of protobuf PublicKey{Ed25519}
-# The envelope's fields that the signature covers, i.e. all but "signature".
+# The envelope's fields that the signature covers, i.e. all but "signature": these in every envelope,
+# OPTIONAL_SIGNED_FIELDS only when the scheduler set them (an envelope without one signs as it always did).
 SIGNED_FIELDS = ("v", "key_id", "task", "id", "model", "requirements", "body_sha256", "issued_at", "expires_at", "nonce")
+MODEL_SHA256 = "model_sha256"  # pins the model: the sha256 of its store entry's manifest.json
+OPTIONAL_SIGNED_FIELDS = (MODEL_SHA256,)
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_model_sha256(value: Any) -> str:
+    """``value`` if it is a sha256 in 64 lowercase hex characters, else ``ValueError`` naming the field."""
+    if not isinstance(value, str) or not _SHA256_HEX.fullmatch(value):
+        shown = value[:80] if isinstance(value, str) else value
+        raise ValueError(f"{MODEL_SHA256} must be 64 lowercase hex characters (a manifest's sha256), got {shown!r}")
+    return value
 
 
 def canonical(value: Any) -> bytes:
@@ -120,9 +136,14 @@ def sign_envelope(
     kwargs: Mapping[str, Any] | None = None,
     ttl: float = DEFAULT_TTL_S,
     now: float | None = None,
+    model_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """The signed envelope for one task message."""
+    """The signed envelope for one task message; ``model_sha256`` pins its model (see :mod:`hypha_celery.security`)."""
     kwargs = dict(kwargs or {})
+    if model_sha256 is not None:
+        check_model_sha256(model_sha256)
+        if kwargs.get("model") is None:
+            raise ValueError(f"{MODEL_SHA256} pins the task's model, but these arguments name no model")
     issued = time.time() if now is None else now
     envelope: dict[str, Any] = {
         "v": 1,
@@ -136,6 +157,8 @@ def sign_envelope(
         "expires_at": issued + ttl,
         "nonce": secrets.token_hex(16),
     }
+    if model_sha256 is not None:
+        envelope[MODEL_SHA256] = model_sha256
     envelope["signature"] = base64.b64encode(key.sign(canonical(envelope)).signature).decode()
     return envelope
 
@@ -148,8 +171,14 @@ def signed_options(
     kwargs: Mapping[str, Any] | None = None,
     task_id: str | None = None,
     ttl: float = DEFAULT_TTL_S,
+    model_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """``task_id`` and ``headers`` to pass to ``apply_async`` / ``send_task`` for a signed message."""
+    """``task_id`` and ``headers`` to pass to ``apply_async`` / ``send_task`` for a signed message.
+
+    ``model_sha256`` (what ``hypha-celery models sha256 ID`` prints) pins the exact model: a worker
+    whose store holds another manifest under that id refuses the task with ``ModelPinMismatch``.
+    """
     task_id = task_id or str(uuid.uuid4())
-    envelope = sign_envelope(key, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs, ttl=ttl)
+    envelope = sign_envelope(key, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs, ttl=ttl,
+                             model_sha256=model_sha256)
     return {"task_id": task_id, "headers": {ENVELOPE_HEADER: envelope}}

@@ -19,23 +19,30 @@ from hypha_celery.redis_errors import redis_errors
 from hypha_celery.security.envelope import (
     CLOCK_SKEW_S,
     ENVELOPE_HEADER,
+    MODEL_SHA256,
+    OPTIONAL_SIGNED_FIELDS,
     SIGNED_FIELDS,
     body_digest,
     canonical,
+    check_model_sha256,
     peer_id,
     public_key_from_id,
 )
 
 __all__ = ["Verified", "Verifier"]
 
+_REQUIRED = frozenset((*SIGNED_FIELDS, "signature"))
+_ALLOWED = _REQUIRED | frozenset(OPTIONAL_SIGNED_FIELDS)
+
 
 @dataclass(frozen=True)
 class Verified:
-    """Who signed an envelope, and whether this is the first delivery of it."""
+    """Who signed an envelope, whether this is the first delivery of it, and the model it pins (if any)."""
 
     key_id: str
     nonce: str
     first_delivery: bool
+    model_sha256: str | None = None
 
 
 class Verifier:
@@ -78,15 +85,16 @@ class Verifier:
         now = time.time() if now is None else now
         if envelope is None:
             raise InvalidSignature(f"task {task_name}[{task_id}] carries no signed envelope (header {ENVELOPE_HEADER!r})")
-        if not isinstance(envelope, dict) or set(envelope) != {*SIGNED_FIELDS, "signature"}:
-            raise InvalidSignature("the envelope is malformed: it must have exactly " + ", ".join((*SIGNED_FIELDS, "signature")))
+        if not isinstance(envelope, dict) or not _REQUIRED <= set(envelope) <= _ALLOWED:
+            raise InvalidSignature("the envelope is malformed: it must have exactly " + ", ".join((*SIGNED_FIELDS, "signature"))
+                                   + " (and optionally " + ", ".join(OPTIONAL_SIGNED_FIELDS) + ")")
         if not self.keys:
             raise InvalidSignature("this worker allows no scheduler keys (worker.security.allowed_schedulers is empty)")
         key_id = envelope["key_id"]
         verify_key = self.keys.get(key_id) if isinstance(key_id, str) else None
         if verify_key is None:
             raise InvalidSignature(f"key {key_id!r} is not in this worker's allowed_schedulers")
-        unsigned = {name: envelope[name] for name in SIGNED_FIELDS}
+        unsigned = {name: envelope[name] for name in (*SIGNED_FIELDS, *OPTIONAL_SIGNED_FIELDS) if name in envelope}
         try:
             signature = base64.b64decode(envelope["signature"], validate=True)
             verify_key.verify(canonical(unsigned), signature)
@@ -106,7 +114,8 @@ class Verifier:
         first = self._claim_nonce(key_id, str(unsigned["nonce"]), task_id, max(expires, now + self.remember_s))
         if first and expires < now:
             raise InvalidSignature(f"the envelope expired {now - expires:.0f}s ago")
-        return Verified(key_id=key_id, nonce=str(unsigned["nonce"]), first_delivery=first)
+        return Verified(key_id=key_id, nonce=str(unsigned["nonce"]), first_delivery=first,
+                        model_sha256=unsigned.get(MODEL_SHA256))
 
     def _check_matches(
         self, unsigned: Mapping[str, Any], *, task_name: str, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -127,6 +136,13 @@ class Verifier:
             digest = ""
         if unsigned["body_sha256"] != digest:
             raise InvalidSignature("the message's arguments differ from the signed ones")
+        if MODEL_SHA256 in unsigned:
+            try:
+                check_model_sha256(unsigned[MODEL_SHA256])
+            except ValueError as exc:
+                raise InvalidSignature(f"the envelope's {exc}") from None
+            if unsigned["model"] is None:
+                raise InvalidSignature(f"the envelope's {MODEL_SHA256} pins a model, but it names none")
 
     def _claim_nonce(self, key_id: str, nonce: str, task_id: str, expires: float) -> bool:
         """True on the first delivery of this envelope; a redelivery of the same task is allowed."""

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from hypha_celery.config import WorkerConfig
-from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.errors import InvalidInput, InvalidTask, ModelPinMismatch, UnsupportedModel
 from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
@@ -51,6 +51,7 @@ __all__ = [
     "TrainSpec",
     "check_generate_model",
     "check_infer_payload",
+    "check_model_pin",
     "image_size",
     "validate_generate",
     "validate_infer",
@@ -165,6 +166,23 @@ def _local_manifest(store: ModelStore, model: str) -> Manifest | None:
         known = ", ".join(store.list()[:20]) or "none"
         raise UnsupportedModel(f"model {model!r} is not in this worker's store (models here: {known})")
     return None
+
+
+def check_model_pin(store: ModelStore, model: Any, pin: str | None) -> None:
+    """Refuse (``ModelPinMismatch``) a task pinned by ``model_sha256`` to a manifest the store's ``model`` lacks.
+
+    A model not in the store yet passes: the task checks it again once it is fetched, under the lease.
+    """
+    if pin is None:
+        return
+    if not isinstance(model, str):
+        raise InvalidTask("model_sha256 pins the task's model, but this task names none")
+    if not store.has(model):
+        return
+    held = store.manifest_sha256(model)
+    if held != pin:
+        raise ModelPinMismatch(f"model {model!r}: the task pins manifest sha256 {pin[:12]}..., this worker's store "
+                               f"holds {held[:12]}... (another model under that id); refusing to run it")
 
 
 def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any]) -> InferSpec:

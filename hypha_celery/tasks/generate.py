@@ -23,7 +23,7 @@ from hypha_celery.models.manifest import compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound, requirements_for_model
-from hypha_celery.stages.validation import GenerateSpec, check_generate_model, validate_generate
+from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_model_pin, validate_generate
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
@@ -51,6 +51,7 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
+        check_model_pin(ctx.store, spec.model, run.model_sha256)
         check_generate_model(ctx.store, manifest, spec.messages is not None)
     job = Generate(
         model=spec.model,

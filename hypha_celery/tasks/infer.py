@@ -15,7 +15,7 @@ from hypha_celery.models.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import requirements_for_model
-from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
+from hypha_celery.stages.validation import InferSpec, check_infer_payload, check_model_pin, validate_infer
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
@@ -46,6 +46,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
+        check_model_pin(ctx.store, spec.model, run.model_sha256)
         check_infer_payload(manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes)
     item = ctx.executors.infer(
         model=spec.model,

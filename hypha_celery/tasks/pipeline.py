@@ -33,9 +33,10 @@ from hypha_celery.errors import (
 )
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.security import ENVELOPE_HEADER
+from hypha_celery.security import ENVELOPE_HEADER, MODEL_SHA256, check_model_sha256
 from hypha_celery.stages import admission
 from hypha_celery.stages.results import Timing
+from hypha_celery.stages.validation import check_model_pin
 from hypha_celery.tasks import headers
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.context import NodeContext
@@ -61,13 +62,14 @@ S = TypeVar("S", bound=Spec)
 
 @dataclass
 class Run:
-    """What a task body gets: the node, its lease, timing, and a way to report progress."""
+    """What a task body gets: the node, its lease, timing, the model pin, and a way to report progress."""
 
     ctx: NodeContext
     task: HyphaTask
     lease: Lease
     timing: Timing
     worker: str
+    model_sha256: str | None = None  # the envelope's pin: a body that fetches its model checks it after
 
     @property
     def remaining_s(self) -> float:
@@ -111,7 +113,9 @@ def run_task(
     worker = request.hostname or "unknown"
     timing = Timing(sent_at=_time_header(task, headers.SENT_AT))
     seen_before = False
-    if ctx.config.security.verify_task_signatures:
+    verify = ctx.config.security.verify_task_signatures
+    pin: str | None = None
+    if verify:
         try:
             verified = ctx.verifier.verify(
                 _header(task, ENVELOPE_HEADER), task_name=task.name, task_id=request.id, args=args, kwargs=kwargs
@@ -120,8 +124,13 @@ def run_task(
             ctx.metrics.refused("signature")
             raise
         seen_before = not verified.first_delivery
+        pin = verified.model_sha256
     try:
         spec = validate(ctx)
+        if not verify:
+            pin = _unverified_pin(task)
+        if pin is not None:
+            check_model_pin(ctx.store, kwargs.get("model"), pin)
     except _VALIDATION_REFUSALS:
         ctx.metrics.refused("validation")
         raise
@@ -141,11 +150,22 @@ def run_task(
         if announce:
             task.send_event("task-running", device=lease.device, gpus=lease.gpu_ids, cores=lease.core_ids)
         with ctx.metrics.active():
-            return body(Run(ctx, task, lease, timing, worker), spec)
+            return body(Run(ctx, task, lease, timing, worker, pin), spec)
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
         ctx.keeper.release(lease)
+
+
+def _unverified_pin(task: HyphaTask) -> str | None:
+    """The model pin in an envelope nobody verified (signatures off): still honoured, as a pin only restricts."""
+    envelope = _header(task, ENVELOPE_HEADER)
+    if not isinstance(envelope, dict) or MODEL_SHA256 not in envelope:
+        return None
+    try:
+        return check_model_sha256(envelope[MODEL_SHA256])
+    except ValueError as exc:
+        raise InvalidTask(f"the {ENVELOPE_HEADER} header's {exc}") from None
 
 
 def _is_copy(task: HyphaTask) -> bool:

@@ -10,7 +10,7 @@ from celery import shared_task
 from hypha_celery.executor.protocol import Train
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.stages.results import package
-from hypha_celery.stages.validation import TrainSpec, validate_train
+from hypha_celery.stages.validation import TrainSpec, check_model_pin, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 
@@ -28,6 +28,7 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     if spec.manifest is None:
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
+        check_model_pin(ctx.store, spec.model, run.model_sha256)
         if "inputs" in spec.data:
             check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
                          model=spec.model)

@@ -142,6 +142,22 @@ def list_models(directory: str | None) -> None:
         click.echo(f"{model_id:24} {manifest.architecture:5} input {manifest.input_shape}  {format_size(manifest.size)}")
 
 
+@models.command("sha256")
+@click.argument("model_id")
+@click.option("--store", "--dir", "store_dir", default=None, help="Model directory (default: the config's model_dir).")
+def sha256_command(model_id: str, store_dir: str | None) -> None:
+    """Print the sha256 of MODEL_ID's manifest: what `run ... --model-sha256` pins the model by."""
+    from hypha_celery.models.store import ModelStore
+
+    try:
+        store = ModelStore(store_dir or load_config().models.model_dir)
+        if not store.has(model_id):
+            raise click.ClickException(f"model {model_id!r} is not in {store.root}")
+        click.echo(store.manifest_sha256(model_id))
+    except HyphaError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 @main.group()
 def datasets() -> None:
     """Training data sets in the store (hypha.train data={"ref": ID})."""
@@ -264,9 +280,11 @@ def run() -> None:
     """Send work to the network and print the answer (for people not writing Python)."""
 
 
-def _submission(broker: str | None, key: str | None) -> dict[str, Any]:
-    """``submit`` keyword arguments: the app (for ``--broker``) and the signing key (``--key``)."""
-    options: dict[str, Any] = {"signing_key": key}
+def _submission(broker: str | None, key: str | None, model_sha256: str | None) -> dict[str, Any]:
+    """``submit`` keyword arguments: the app (for ``--broker``), the signing key (``--key``) and the pin."""
+    if model_sha256 is not None and key is None:
+        raise click.UsageError("--model-sha256 travels in the signed envelope: pass --key too")
+    options: dict[str, Any] = {"signing_key": key, "model_sha256": model_sha256}
     if broker is not None:
         from hypha_celery.celery import create_app
 
@@ -277,11 +295,11 @@ def _submission(broker: str | None, key: str | None) -> dict[str, Any]:
     return options
 
 
-def _submit(task: str, broker: str | None, key: str | None, **kwargs: Any) -> Any:
+def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | None, **kwargs: Any) -> Any:
     from hypha_celery.client import submit
 
     try:
-        return submit(task, **_submission(broker, key), **kwargs)
+        return submit(task, **_submission(broker, key, model_sha256), **kwargs)
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -299,6 +317,19 @@ def _result(async_result: Any, timeout: float) -> dict[str, Any]:
 _BROKER = click.option("--broker", default=None, help="Broker and result backend URL (default: the app's settings).")
 _KEY = click.option("--key", "key", default=None, type=click.Path(dir_okay=False, exists=True),
                     help="Sign the task with this private key (workers that verify signatures need it).")
+
+
+def _check_sha256(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from hypha_celery.security import check_model_sha256
+
+    try:
+        return None if value is None else check_model_sha256(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_PIN = click.option("--model-sha256", "model_sha256", default=None, callback=_check_sha256,
+                    help="Pin the exact model (`hypha-celery models sha256 ID`); needs --key.")
 _TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait for the answer.")
 
 
@@ -310,10 +341,12 @@ _TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=Tru
 @click.option("--temperature", type=float, default=None, help="Sample with this temperature (default: greedy).")
 @click.option("--seed", type=int, default=None, help="Seed for sampling.")
 @_KEY
+@_PIN
 @_BROKER
 @_TIMEOUT
 def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tuple[str, ...], temperature: float | None,
-                 seed: int | None, key: str | None, broker: str | None, timeout: float) -> None:
+                 seed: int | None, key: str | None, model_sha256: str | None, broker: str | None,
+                 timeout: float) -> None:
     """Generate text with MODEL, printing it as it arrives, then why it ended and the token counts."""
     kwargs: dict[str, Any] = {"prompt": prompt}
     if max_new_tokens is not None:
@@ -324,7 +357,7 @@ def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tupl
         kwargs.update(do_sample=True, temperature=temperature)
     if seed is not None:
         kwargs["seed"] = seed
-    async_result = _submit("hypha.generate", broker, key, model=model, **kwargs)
+    async_result = _submit("hypha.generate", broker, key, model_sha256, model=model, **kwargs)
     shown = ""
     deadline = time.monotonic() + timeout
     while not async_result.ready() and time.monotonic() < deadline:
@@ -348,11 +381,14 @@ def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tupl
 @click.option("--model", required=True, help="An embedding model id.")
 @click.argument("texts", nargs=-1, required=True)
 @_KEY
+@_PIN
 @_BROKER
 @_TIMEOUT
-def run_embed(model: str, texts: tuple[str, ...], key: str | None, broker: str | None, timeout: float) -> None:
+def run_embed(model: str, texts: tuple[str, ...], key: str | None, model_sha256: str | None, broker: str | None,
+              timeout: float) -> None:
     """Embed TEXTS with MODEL; prints one JSON line per text: {"text", "embedding"}."""
-    output = _result(_submit("hypha.infer", broker, key, model=model, texts=list(texts)), timeout)["output"]
+    submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
+    output = _result(submitted, timeout)["output"]
     for text, vector in zip(texts, output["embeddings"], strict=True):
         click.echo(json.dumps({"text": text, "embedding": vector}))
 
@@ -361,11 +397,14 @@ def run_embed(model: str, texts: tuple[str, ...], key: str | None, broker: str |
 @click.option("--model", required=True, help="A text-classification model id.")
 @click.argument("texts", nargs=-1, required=True)
 @_KEY
+@_PIN
 @_BROKER
 @_TIMEOUT
-def run_classify(model: str, texts: tuple[str, ...], key: str | None, broker: str | None, timeout: float) -> None:
+def run_classify(model: str, texts: tuple[str, ...], key: str | None, model_sha256: str | None, broker: str | None,
+                 timeout: float) -> None:
     """Classify TEXTS with MODEL; prints one line per text: label, score, text."""
-    rows = _result(_submit("hypha.infer", broker, key, model=model, texts=list(texts)), timeout)["output"]
+    submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
+    rows = _result(submitted, timeout)["output"]
     for text, row in zip(texts, rows, strict=True):
         click.echo(f"{row['label']}\t{row['score']:.4f}\t{text}")
 
