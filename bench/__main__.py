@@ -5,10 +5,12 @@ so. Results go to ``bench/results.json`` with each ratio next to its target.
 Redis is an embedded ``redis-server`` (``$HYPHA_BENCH_REDIS_URL`` to use
 another; it must be a database the bench may flush).
 
-Environment: ``HYPHA_BENCH_ONLY=2,3`` runs only those steps (1 admission,
-2 ledger, 3 placement, 4 model cache, 5 batching); ``HYPHA_BENCH_REPEATS``
-(default 3) runs of each figure; ``HYPHA_BENCH_TASKS`` (default 600) no-op
-tasks per admission run.
+``python -m bench --only 2,placement`` (or ``HYPHA_BENCH_ONLY=2,placement``)
+runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement,
+4 cache, 5 batching, 6 embeddings_batched, 7 generation_batched,
+8 cold_load_largest (the last three in :mod:`bench.models`).
+``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
+(default 600) no-op tasks per admission run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import os
 import platform
 import random
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,24 +33,9 @@ from typing import Any
 
 import redis
 
-from hypha_celery.tools import launch
-from hypha_celery.tools.launch import WorkerProcess, client_app, worker_env, write_worker_config
-
-ROOT = Path(__file__).resolve().parent.parent
-REPEATS = int(os.environ.get("HYPHA_BENCH_REPEATS", "3"))
-RESULTS: dict[str, Any] = {}
-
-
-def say(text: str = "") -> None:
-    print(text, flush=True)
-
-
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
-
-
-def record(name: str, *, ratio: float, target: str, met: bool, unit: str, **detail: Any) -> None:
-    RESULTS[name] = {"ratio": ratio, "target": target, "met": met, "unit": unit, **detail}
+from bench.common import REPEATS, RESULTS, ROOT, fmt, hypha_config, record, say, spread, start_worker, throughput, wait_ready
+from bench.models import bench_cold_load_largest, bench_embeddings_batched, bench_generation_batched
+from hypha_celery.tools.launch import client_app
 
 
 def machine() -> dict[str, Any]:
@@ -81,52 +67,6 @@ def machine() -> dict[str, Any]:
     }
 
 
-# --- processes ---------------------------------------------------------------------------------------
-
-def start_worker(app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
-                 queues: str | None = None, concurrency: int = 4) -> WorkerProcess:
-    """A worker (hypha's or the plain Celery app's) on ``concurrency`` threads, logging warnings only."""
-    name = f"bench-{uuid.uuid4().hex[:6]}"
-    path = None if config is None else write_worker_config(workdir / f"{name}.toml", config)
-    args = ["-P", "threads", "-c", str(concurrency), *(["-Q", queues] if queues else [])]
-    return launch.start_worker(name, workdir / f"{name}.log", worker_env(url, url, url), app=app, config=path,
-                               loglevel="warning", args=args, cwd=ROOT)
-
-
-def wait_ready(worker: WorkerProcess, app: Any) -> None:
-    """Until the worker answers a ping (at level warning it logs no ``ready.`` line)."""
-    destination = [f"{worker.name}@{socket.gethostname()}"]
-    try:
-        worker.wait_ready(ready=lambda: bool(app.control.ping(destination=destination, timeout=0.5)))
-    except (RuntimeError, TimeoutError) as exc:
-        raise SystemExit(f"bench worker did not start: {exc}") from None
-
-
-def throughput(app: Any, name: str, kwargs: dict[str, Any], count: int, queue: str) -> float:
-    """Tasks per second for ``count`` tasks sent at once, until the last result is in."""
-    started = time.perf_counter()
-    results = [app.send_task(name, kwargs=kwargs, queue=queue) for _ in range(count)]
-    for result in results:
-        result.get(timeout=300)
-    return count / (time.perf_counter() - started)
-
-
-def hypha_config(models: Path, **extra: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        "max_concurrent_tasks": 4,
-        "max_memory_per_task": "1GB",
-        "task_timeout": 120,
-        "model_cache_size": "1GB",
-        "models": {"model_dir": str(models), "max_model_size": "500MB"},
-        "security": {"verify_task_signatures": False},
-        "monitoring": {"collect_metrics": False},
-        "resources": {"node_id": f"bench-{uuid.uuid4().hex[:6]}", "memory": "8GB"},
-    }
-    for key, value in extra.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
-    return config
-
-
 # --- 1. admission overhead ---------------------------------------------------------------------------
 
 def bench_admission(url: str, workdir: Path, models: Path) -> None:
@@ -155,11 +95,6 @@ def bench_admission(url: str, workdir: Path, models: Path) -> None:
         plain.stop()
         hypha.stop()
         app.close()
-
-
-def fmt(values: list[float], unit: str, scale: float = 1.0) -> str:
-    s = spread([v * scale for v in values])
-    return f"min {s['min']:9.1f}  median {s['median']:9.1f}  max {s['max']:9.1f} {unit}"
 
 
 # --- 2. ledger -----------------------------------------------------------------------------------------
@@ -427,6 +362,19 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
 
 # --- main ----------------------------------------------------------------------------------------------
 
+def selection(argv: list[str]) -> set[str]:
+    """The steps ``--only a,b`` (or ``$HYPHA_BENCH_ONLY``) names, by number or name; empty for all."""
+    only = os.environ.get("HYPHA_BENCH_ONLY", "")
+    for index, arg in enumerate(argv):
+        if arg == "--only" and index + 1 < len(argv):
+            only = argv[index + 1]
+        elif arg.startswith("--only="):
+            only = arg.removeprefix("--only=")
+        elif arg.startswith("-") and arg != "--only":
+            raise SystemExit(f"unknown option {arg!r}; python -m bench --help lists the options")
+    return {part.strip() for part in only.split(",") if part.strip()}
+
+
 def main() -> int:
     if {"-h", "--help"} & set(sys.argv[1:]):
         say(__doc__ or "")
@@ -434,28 +382,35 @@ def main() -> int:
     from hypha_celery.models.examples import init_examples
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
-    workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-"))
+    only = selection(sys.argv[1:])
+    url, workdir = "", Path()  # set below: the steps read them when they run
+    steps: list[tuple[int, str, Callable[[], None]]] = [  # numbered as printed; --only 2,placement picks some
+        (2, "ledger", lambda: bench_ledger(url)),
+        (3, "placement", lambda: bench_placement(url)),
+        (4, "cache", lambda: bench_cache(workdir)),
+        (8, "cold_load_largest", lambda: bench_cold_load_largest(workdir / "models")),
+        (1, "admission", lambda: bench_admission(url, workdir, workdir / "models")),
+        (5, "batching", lambda: bench_batching(url, workdir, workdir / "models")),
+        (6, "embeddings_batched", lambda: bench_embeddings_batched(url, workdir, workdir / "models")),
+        (7, "generation_batched", lambda: bench_generation_batched(url, workdir, workdir / "models")),
+    ]
+    unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
+    if unknown:
+        raise SystemExit(f"no bench step {', '.join(sorted(unknown))}; the steps are "
+                         + ", ".join(f"{number} {name}" for number, name, _ in sorted(steps)))
     server = None
-    url = os.environ.get("HYPHA_BENCH_REDIS_URL")
+    url = os.environ.get("HYPHA_BENCH_REDIS_URL", "")
     if not url:
         server = EmbeddedRedis()
         url = server.start()
     redis.Redis.from_url(url).flushdb()
-    models = workdir / "models"
-    init_examples(models)
+    workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-"))
+    init_examples(workdir / "models")
     info = machine()
     say("hypha-celery bench  " + "  ".join(f"{k}={v}" for k, v in info.items()))
-    steps: list[tuple[int, Callable[[], None]]] = [  # numbered as printed; HYPHA_BENCH_ONLY=2,3 picks some
-        (2, lambda: bench_ledger(url)),
-        (3, lambda: bench_placement(url)),
-        (4, lambda: bench_cache(workdir)),
-        (1, lambda: bench_admission(url, workdir, models)),
-        (5, lambda: bench_batching(url, workdir, models)),
-    ]
-    only = os.environ.get("HYPHA_BENCH_ONLY")
     try:
-        for number, step in steps:
-            if only and str(number) not in only.split(","):
+        for number, name, step in steps:
+            if only and str(number) not in only and name not in only:
                 continue
             step()
     finally:
