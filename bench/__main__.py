@@ -8,7 +8,8 @@ another; it must be a database the bench may flush).
 ``python -m bench --only 2,placement`` (or ``HYPHA_BENCH_ONLY=2,placement``)
 runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement,
 4 cache, 5 batching, 6 embeddings_batched, 7 generation_batched,
-8 cold_load_largest (the last three in :mod:`bench.models`).
+8 cold_load_largest (these three in :mod:`bench.models`), 9 gpu (:mod:`bench.gpu`;
+on a machine without an NVIDIA GPU it says so and measures nothing).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -375,6 +376,14 @@ def selection(argv: list[str]) -> set[str]:
     return {part.strip() for part in only.split(",") if part.strip()}
 
 
+def bench_gpu() -> None:
+    from bench import gpu
+
+    say("\n[9] GPU: batched inference and generation on cuda through the serving executor")
+    for name, figure in gpu.run(say).items():
+        record(name, **figure)
+
+
 def main() -> int:
     if {"-h", "--help"} & set(sys.argv[1:]):
         say(__doc__ or "")
@@ -393,6 +402,7 @@ def main() -> int:
         (5, "batching", lambda: bench_batching(url, workdir, workdir / "models")),
         (6, "embeddings_batched", lambda: bench_embeddings_batched(url, workdir, workdir / "models")),
         (7, "generation_batched", lambda: bench_generation_batched(url, workdir, workdir / "models")),
+        (9, "gpu", bench_gpu),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

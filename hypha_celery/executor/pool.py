@@ -273,8 +273,13 @@ class ExecutorProcess:
 
 
 def _child_env() -> dict[str, str]:
-    """The executor's environment: nothing of the worker's secrets, only what Python and torch need."""
-    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHASHSEED", "OMP_NUM_THREADS")
+    """The executor's environment: nothing of the worker's secrets, only what Python and torch need.
+
+    ``LD_LIBRARY_PATH`` and ``CUDA_HOME`` stay: GPU images (NVIDIA's container
+    runtime among them) find the driver's ``libcuda`` through them.
+    """
+    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHASHSEED", "OMP_NUM_THREADS",
+            "LD_LIBRARY_PATH", "CUDA_HOME")
     env = {key: os.environ[key] for key in keep if key in os.environ}
     env.setdefault("PATH", "/usr/bin:/bin")
     env["MALLOC_ARENA_MAX"] = "2"  # bounded allocator arenas keep RLIMIT_AS meaningful
