@@ -291,6 +291,7 @@ class GenerateResult(_Message):
     load_s: float
     cache: dict[str, int]
     usage: Usage
+    dtype: str | None = None  # the loaded model's parameter dtype ("bfloat16" on CUDA, "float32" on CPU)
 
     @classmethod
     def from_json(cls, data: Any) -> Self:

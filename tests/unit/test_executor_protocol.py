@@ -66,7 +66,7 @@ REPLIES: list[Reply] = [
                 load_s=0.2, usage=Usage(memory_peak=0, device="cuda:0", cpu_affinity=[1], gpu_memory_peak=4096)),
     GenerateResult(text="Once upon a time", finish_reason="length", prompt_tokens=2, completion_tokens=4,
                    time_to_first_token_s=0.01, compute_s=0.05, cache_hit=True, load_s=0.0, cache={"tiny-llama": 4096},
-                   usage=USAGE),
+                   usage=USAGE, dtype="bfloat16"),
     Description(pid=7, cache={}, net_namespace="net:[1]", interfaces=["lo"], nice=10, tmpdir="/tmp/x", cwd="/tmp/x",
                 cuda_visible_devices="", environment=["PATH"], memory_mode="rlimit"),
 ]
