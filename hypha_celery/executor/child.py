@@ -192,6 +192,7 @@ class Executor:
                 if not isinstance(use.value, TransformerModel):
                     raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
                 done = generate(use.value, request, self.channel.write)
+                dtype = str(use.value.module.dtype).removeprefix("torch.")
         return GenerateResult(
             outputs=[None if isinstance(o, Exception) else o for o in done.outputs],
             errors=[_error(o) if isinstance(o, Exception) else None for o in done.outputs],
@@ -201,6 +202,7 @@ class Executor:
             load_s=use.load_s,
             cache=self.cache.sizes(),
             usage=self._usage(started_rss),
+            dtype=dtype,
         )
 
     def train(self, request: Train) -> TrainResult:

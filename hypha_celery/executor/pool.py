@@ -313,6 +313,7 @@ class GeneratedItem:
     load_s: float
     batch_size: int
     usage: Usage
+    dtype: str | None = None  # the loaded model's parameter dtype
 
 
 @dataclass
@@ -509,6 +510,7 @@ class _Lane:
                 load_s=reply.load_s if loaded_here else 0.0,
                 batch_size=len(batch),
                 usage=reply.usage,
+                dtype=reply.dtype,
             )
             request.finish()
         self._cache_changed(reply.cache)

@@ -323,6 +323,7 @@ class GenerateResult(_Message):
     load_s: float
     cache: dict[str, int]
     usage: Usage
+    dtype: str | None = None  # the loaded model's parameter dtype ("bfloat16" on CUDA, "float32" on CPU)
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "outputs": [None if o is None else o.to_json() for o in self.outputs],

@@ -14,12 +14,16 @@ from dataclasses import asdict, dataclass
 from types import ModuleType
 from typing import Any
 
-__all__ = ["CUDA_CONTEXT", "GpuInfo", "gpu_utilization", "list_gpus"]
+__all__ = ["CUDA_CONTEXT", "CUDA_HOST_RUNTIME", "GpuInfo", "gpu_utilization", "list_gpus"]
 
 # What one process's CUDA context takes on a device before any tensor: 500-600 MiB
 # with torch 2.x and CUDA 12-13 on Hopper, rounded up. A serving executor's context
 # is counted with its model cache; a request that loads first counts it itself.
 CUDA_CONTEXT = 768 * 2**20
+# Host memory the same process's CUDA runtime adds once initialised (driver state, cuBLAS and
+# kernel images paged in): an estimate of 1-2 GiB, rounded up; `make gpu-check` prints the
+# measured host peak of a first GPU job next to what was reserved.
+CUDA_HOST_RUNTIME = 2 * 2**30
 
 log = logging.getLogger(__name__)
 # NVML's own state is per process (nvmlInit), so whether this process started it is kept per process too.

@@ -21,7 +21,8 @@ On the device the model runs on (its compute dtype: bf16 on CUDA, fp32 on CPU):
 
 For a GPU run the host still holds the runtime and, while loading, one
 weights file at a time (transformers loads shard by shard), so host memory is
-the floor plus the largest weights file. Training (the job executors, never
+the floor plus the largest weights file, plus on a first load what the CUDA
+runtime adds to the executor's host memory. Training (the job executors, never
 cached) reserves weights, gradients and two optimizer moments: 4 x the
 weights, plus the margin.
 """
@@ -34,7 +35,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.models.manifest import Manifest, compute_dtype
-from hypha_celery.resources.gpu import CUDA_CONTEXT
+from hypha_celery.resources.gpu import CUDA_CONTEXT, CUDA_HOST_RUNTIME
 from hypha_celery.resources.requirements import Requirements, check_caps
 
 __all__ = [
@@ -92,7 +93,7 @@ def estimate(manifest: Manifest, *, gpu: bool, cached: bool, tokens: int = 0, tr
         return Estimate(host=resident + kv + margin + HOST_FLOOR, device=0)
     largest_file = max((manifest.files[name].size for name in manifest.weights_files), default=0)
     context = 0 if cached else CUDA_CONTEXT
-    return Estimate(host=HOST_FLOOR + (0 if cached else largest_file),
+    return Estimate(host=HOST_FLOOR + (0 if cached else largest_file + CUDA_HOST_RUNTIME),
                     device=resident + context + kv + margin + DEVICE_FLOOR)
 
 

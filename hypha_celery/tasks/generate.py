@@ -94,6 +94,7 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
         gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
         extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
                "compute_s": result.compute_s, "batch_size": result.batch_size, "cpu_affinity": usage.cpu_affinity,
+               **({"dtype": result.dtype} if result.dtype is not None else {}),
                **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
     )
 

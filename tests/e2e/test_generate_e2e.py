@@ -52,6 +52,7 @@ def test_greedy_generation_through_the_worker_equals_in_process_generate(start_w
     assert output["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
     assert output["finish_reason"] == "length" and completion_tokens == 24
     assert result["metrics"]["time_to_first_token_s"] > 0 and result["metrics"]["tokens_per_s"] > 0
+    assert (result["metrics"]["device"], result["metrics"]["dtype"]) == ("cpu", "float32")
 
 
 def test_progress_carries_the_growing_text(start_worker, celery_client) -> None:

@@ -11,6 +11,9 @@ from types import SimpleNamespace
 
 H200_BYTES = 150_754_820_096
 _initialised = False
+# Tests set these: per device, its compute processes as (pid, bytes or None) and its memory in use.
+processes: dict[int, list[tuple[int, int | None]]] = {}
+used: dict[int, int] = {}
 
 
 class NVMLError(Exception):
@@ -48,7 +51,12 @@ def nvmlDeviceGetName(handle: int) -> str:
 
 
 def nvmlDeviceGetMemoryInfo(handle: int) -> SimpleNamespace:
-    return SimpleNamespace(total=H200_BYTES, free=H200_BYTES, used=0)
+    return SimpleNamespace(total=H200_BYTES, free=H200_BYTES - used.get(handle, 0), used=used.get(handle, 0))
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list[SimpleNamespace]:
+    _check()
+    return [SimpleNamespace(pid=pid, usedGpuMemory=amount) for pid, amount in processes.get(handle, [])]
 
 
 def nvmlDeviceGetCudaComputeCapability(handle: int) -> tuple[int, int]:

@@ -72,7 +72,7 @@ REPLIES: list[Reply] = [
                                       completion_tokens=4), None],
                    errors=[None, Error(type="InvalidInput", message="the prompt is too long")],
                    time_to_first_token_s=0.01, compute_s=0.05, cache_hit=True, load_s=0.0, cache={"tiny-llama": 4096},
-                   usage=USAGE),
+                   usage=USAGE, dtype="bfloat16"),
     Description(pid=7, cache={}, net_namespace="net:[1]", interfaces=["lo"], nice=10, tmpdir="/tmp/x", cwd="/tmp/x",
                 cuda_visible_devices="", environment=["PATH"], memory_mode="rlimit"),
 ]

@@ -11,7 +11,7 @@ from hypha_celery.errors import ExcessiveMemoryRequest, InvalidTask
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.manifest import Manifest
 from hypha_celery.models.store import ModelStore
-from hypha_celery.resources.gpu import CUDA_CONTEXT
+from hypha_celery.resources.gpu import CUDA_CONTEXT, CUDA_HOST_RUNTIME
 from hypha_celery.resources.requirements import DEFAULT_MEMORY, Requirements
 from hypha_celery.stages import sizing
 from hypha_celery.stages.sizing import DEVICE_FLOOR, HOST_FLOOR, estimate, prompt_token_bound, requirements_for_model
@@ -71,7 +71,7 @@ def test_gpu_generation_reserves_bf16_weights_and_the_cuda_context_on_first_load
     first = estimate(llama, gpu=True, cached=False, tokens=50)
     assert first.device == weights + CUDA_CONTEXT + 50 * kv + weights // 10 + DEVICE_FLOOR
     largest = max(llama.files[name].size for name in llama.weights_files)
-    assert first.host == HOST_FLOOR + largest
+    assert first.host == HOST_FLOOR + largest + CUDA_HOST_RUNTIME
     warm = estimate(llama, gpu=True, cached=True, tokens=50)
     assert warm.device == first.device - weights - CUDA_CONTEXT and warm.host == HOST_FLOOR
 
