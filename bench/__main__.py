@@ -8,8 +8,8 @@ another; it must be a database the bench may flush).
 ``python -m bench --only 2,placement`` (or ``HYPHA_BENCH_ONLY=2,placement``)
 runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement,
 4 cache, 5 batching, 6 embeddings_batched, 7 generation_batched,
-8 cold_load_largest (these three in :mod:`bench.models`), 9 gpu (:mod:`bench.gpu`;
-on a machine without an NVIDIA GPU it says so and measures nothing).
+8 cold_load_largest, 10 first_request (these four in :mod:`bench.models`), 9 gpu
+(:mod:`bench.gpu`; on a machine without an NVIDIA GPU it says so and measures nothing).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -35,7 +35,12 @@ from typing import Any
 import redis
 
 from bench.common import REPEATS, RESULTS, ROOT, fmt, hypha_config, record, say, spread, start_worker, throughput, wait_ready
-from bench.models import bench_cold_load_largest, bench_embeddings_batched, bench_generation_batched
+from bench.models import (
+    bench_cold_load_largest,
+    bench_embeddings_batched,
+    bench_first_request,
+    bench_generation_batched,
+)
 from hypha_celery.tools.launch import client_app
 
 
@@ -403,6 +408,7 @@ def main() -> int:
         (6, "embeddings_batched", lambda: bench_embeddings_batched(url, workdir, workdir / "models")),
         (7, "generation_batched", lambda: bench_generation_batched(url, workdir, workdir / "models")),
         (9, "gpu", bench_gpu),
+        (10, "first_request", lambda: bench_first_request(url, workdir, workdir / "models")),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

@@ -18,7 +18,7 @@ from typing import Any
 from bench.common import REPEATS, fmt, hypha_config, record, say, spread, start_worker, wait_ready
 from hypha_celery.tools.launch import client_app
 
-__all__ = ["bench_cold_load_largest", "bench_embeddings_batched", "bench_generation_batched"]
+__all__ = ["bench_cold_load_largest", "bench_embeddings_batched", "bench_first_request", "bench_generation_batched"]
 
 CLIENTS = 16
 GENERATIONS = 8
@@ -221,3 +221,46 @@ def bench_cold_load_largest(models: Path) -> None:
     say(f"    read / load = {ratio:.2f} (target >= 0.5: loading costs at most twice reading)")
     record("cold_load_largest", ratio=ratio, target=">= 0.5", met=ratio >= 0.5, unit="file read time / cold load time",
            model=largest, bytes=manifest.size, read_s=spread(reads), load_s=spread(loads))
+
+
+def bench_first_request(url: str, workdir: Path, models: Path) -> None:
+    """Start-to-ready and the first request after ``ready`` against a warm one: executors started on demand
+    (``prewarm = false``) vs at boot with the model preloaded."""
+    from hypha_celery.models.examples import MINILM, TINY_EMBEDDER
+
+    model = MINILM if (models / MINILM).is_dir() else TINY_EMBEDDER
+    say(f"\n[10] first request after ready ({model}): executors started on first use vs at boot with preload")
+    app = client_app(url, name="bench-first")
+    kwargs = {"model": model, "texts": [SENTENCES[0]], "requirements": {"cpu_cores": 0.5, "memory": "1GB"}}
+
+    def latency() -> float:
+        started = time.perf_counter()
+        app.send_task("hypha.infer", kwargs=kwargs).get(timeout=300)
+        return time.perf_counter() - started
+
+    figures: dict[str, dict[str, float]] = {}
+    for label, execution, preload in (("on first use", {"prewarm": False}, []),
+                                      ("at boot", {"prewarm": True}, [model])):
+        ready_s, first, warm = [], [], []
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            config = hypha_config(models, execution=execution)
+            config["models"] = {**config["models"], "preload": preload}
+            worker = start_worker("hypha_celery", url, workdir, config=config)
+            try:
+                wait_ready(worker, app)
+                ready_s.append(time.perf_counter() - started)
+                first.append(latency())
+                warm.append(statistics.median(latency() for _ in range(5)))
+            finally:
+                worker.stop()
+        figures[label] = {"ready_s": statistics.median(ready_s), "first_s": statistics.median(first),
+                          "warm_s": statistics.median(warm)}
+        say(f"    executors {label:13} start to ready {figures[label]['ready_s']:6.2f} s, first request "
+            f"{figures[label]['first_s'] * 1000:7.1f} ms, warm {figures[label]['warm_s'] * 1000:6.1f} ms")
+    app.close()
+    boot = figures["at boot"]
+    ratio = boot["first_s"] / boot["warm_s"]
+    say(f"    first / warm with executors started at boot = {ratio:.2f} (target <= 2; the model is preloaded)")
+    record("first_request", ratio=ratio, target="<= 2", met=ratio <= 2, unit="first request after ready / warm request",
+           **{label.replace(" ", "_"): values for label, values in figures.items()})

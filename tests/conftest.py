@@ -108,6 +108,8 @@ def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
         "monitoring": {"collect_metrics": False, "monitor_interval": 1},
         "resources": {"memory": "4GB", "lease_heartbeat": 1},
         "admission": {"backoff_initial": 0.2, "backoff_max": 1.0},
+        # Most tests send no ML work: starting executors at boot would only slow them (the prewarm test sets it).
+        "execution": {"prewarm": False},
     }
     for key, value in (overrides or {}).items():
         if isinstance(value, dict) and isinstance(worker.get(key), dict):

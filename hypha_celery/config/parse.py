@@ -235,3 +235,11 @@ def _check_consistency(cfg: WorkerConfig) -> None:
             "worker.models.max_model_size",
             "is larger than worker.model_cache_size; such a model could be fetched but never cached",
         )
+    from hypha_celery.models.manifest import is_model_id  # the one definition of a model id; no torch
+
+    for index, model in enumerate(cfg.models.preload):
+        if not is_model_id(model):
+            raise ConfigError(f"worker.models.preload[{index}]", f"{model!r} is not a model id")
+    if cfg.models.preload and not cfg.execution.prewarm:
+        raise ConfigError("worker.models.preload", "needs worker.execution.prewarm = true (models load into "
+                                                   "the executors started at boot)")

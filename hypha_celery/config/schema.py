@@ -74,6 +74,8 @@ class ModelsConfig:
     # safetensors plus its tokenizer; a 13B one in bf16 (26 GB) needs a raised cap. It equals
     # model_cache_size's default, so the parse check (a fetched model must be cacheable) holds by default.
     max_model_size: int = _key("size", 20 * 10**9)
+    # Models the serving executors load at boot, before the worker takes tasks (ids in the store or its sources).
+    preload: list[str] = _key("strs", [])
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class ExecutionConfig:
     sandbox_enabled: bool = _key("bool", True)
     cpu_priority: str = _key("str", "normal", choices=("low", "normal", "high"))
     gpu_sharing: bool = _key("bool", False)
+    # Start each device's serving executor (torch imported) at boot, so the first request is not cold.
+    prewarm: bool = _key("bool", True)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from hypha_celery.executor.protocol import (
     Infer,
     InferResult,
     JobLimits,
+    Load,
+    Loaded,
     Ready,
     Reply,
     Request,
@@ -258,6 +260,10 @@ class Executor:
             return self.generate(request)
         if isinstance(request, Train):
             return self.train(request)
+        if isinstance(request, Load):
+            with self.cache.use(request.model, request.expected_size) as use:
+                pass
+            return Loaded(cache_hit=use.hit, load_s=use.load_s, cache=self.cache.sizes())
         assert isinstance(request, Describe)
         return self.describe()
 

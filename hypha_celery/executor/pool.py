@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,6 +52,8 @@ from hypha_celery.executor.protocol import (
     Infer,
     InferResult,
     JobLimits,
+    Load,
+    Loaded,
     Progress,
     ProtocolError,
     Ready,
@@ -371,6 +373,7 @@ class _Lane:
         self.pending: deque[_Request] = deque()
         self.cond = threading.Condition()
         self.cache: dict[str, int] = {}
+        self.warm = False  # started at boot: kept running (restarted in the background if it dies)
         self.calling = threading.Lock()  # one request on the executor's socket at a time
         self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
         self.thread.start()
@@ -683,6 +686,52 @@ class ExecutorPool:
             return model in caches.get("cpu", {})
         holding = [key for key, cache in caches.items() if key.startswith("cuda:") and "," not in key and model in cache]
         return gpu_count > 0 and len(holding) >= gpu_count
+
+    def prewarm(self, device: str, preload: Sequence[tuple[str, int | None]] = ()) -> dict[str, float]:
+        """Start ``device``'s serving executor now (torch imported) and load ``preload`` (model, expected bytes).
+
+        The worker calls this at boot, before it takes tasks, so the first request is not a cold
+        one; the lane is then kept warm (:meth:`keep_warm`). Returns each loaded model's load seconds;
+        a model that fails to load is logged and skipped (the worker still serves).
+        """
+        lane = self._lane(device)
+        lane.warm = True
+        loaded: dict[str, float] = {}
+        with lane.calling:
+            executor = lane._ensure_executor()
+            for model, expected in preload:
+                try:
+                    reply = executor.call(Load(model=model, expected_size=expected), Loaded, _START_TIMEOUT_S)
+                except errors.HyphaError as exc:
+                    log.error("[worker.models] preload: %s could not be loaded on %s: %s", model, device, exc)
+                    if not executor.alive:
+                        lane._cache_changed({})
+                        executor = lane._ensure_executor()
+                    continue
+                loaded[model] = reply.load_s
+                lane._cache_changed(reply.cache)
+        return loaded
+
+    def keep_warm(self) -> None:
+        """Restart, in the background, a prewarmed serving executor that died while idle."""
+        with self._lock:
+            lanes = [lane for lane in self._lanes.values() if lane.warm]
+        for lane in lanes:
+            if lane.executor is not None and lane.executor.alive:
+                continue
+            if not lane.calling.acquire(blocking=False):
+                continue  # a request is (re)starting it already
+
+            def restart(lane: _Lane = lane) -> None:
+                try:
+                    if not self.closed:
+                        lane._ensure_executor()
+                except errors.HyphaError as exc:
+                    log.warning("could not restart the %s serving executor: %s", lane.key, exc)
+                finally:
+                    lane.calling.release()
+
+            threading.Thread(target=restart, name=f"hypha-rewarm-{lane.key}", daemon=True).start()
 
     def cache(self) -> dict[str, dict[str, int]]:
         with self._lock:

@@ -5,11 +5,11 @@ pickle, both ways: a process that ran untrusted inputs must not be able to
 make the worker run code by what it writes back. Both ends build and read
 these classes, never dicts with string keys, so a field has one definition.
 
-    worker -> executor   Infer | Generate | Train | Describe
+    worker -> executor   Infer | Generate | Train | Load | Describe
     executor -> worker   Ready (once, when it is up), then per request:
                          Progress (Train) or Streamed (Generate), any number,
                          then InferResult | GenerateResult | TrainResult |
-                         Description, or Error; Fatal when the memory
+                         Loaded | Description, or Error; Fatal when the memory
                          watchdog fired (the executor exits after it).
 
 Shutdown is the worker closing its end of the socket: the executor reads EOF
@@ -40,6 +40,8 @@ __all__ = [
     "Infer",
     "InferResult",
     "JobLimits",
+    "Load",
+    "Loaded",
     "Progress",
     "Prompt",
     "ProtocolError",
@@ -200,13 +202,22 @@ class Train(_JobRequest):
 
 
 @dataclass(frozen=True)
+class Load(_Message):
+    """Load ``model`` into the serving executor's cache with no request waiting: ``[worker.models] preload``."""
+
+    kind: ClassVar[str] = "load"
+    model: str
+    expected_size: int | None = None
+
+
+@dataclass(frozen=True)
 class Describe(_Message):
     """Ask what the executor is allowed (its sandbox, its cache)."""
 
     kind: ClassVar[str] = "describe"
 
 
-Request = Infer | Generate | Train | Describe
+Request = Infer | Generate | Train | Load | Describe
 
 
 # --- replies ---------------------------------------------------------------------------------------
@@ -366,6 +377,16 @@ class TrainResult(_Message):
 
 
 @dataclass(frozen=True)
+class Loaded(_Message):
+    """A :class:`Load` done: how long it took, and the cache's bytes per model after it."""
+
+    kind: ClassVar[str] = "loaded"
+    cache_hit: bool
+    load_s: float
+    cache: dict[str, int]
+
+
+@dataclass(frozen=True)
 class Description(_Message):
     """What the executor is allowed: for operators and tests of the sandbox."""
 
@@ -382,13 +403,13 @@ class Description(_Message):
     memory_mode: str
 
 
-Reply = Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Description
+Reply = Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Loaded | Description
 
 _M = TypeVar("_M", bound=_Message)
-_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Describe)}
+_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Load, Describe)}
 _REPLIES: dict[str, type[Reply]] = {
     cls.kind: cls
-    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Description)
+    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Loaded, Description)
 }
 
 

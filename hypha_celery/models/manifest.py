@@ -88,6 +88,7 @@ __all__ = [
     "Manifest",
     "ModelMemory",
     "compute_dtype",
+    "expected_size",
     "is_hf_file",
     "is_model_id",
     "is_weights_shard",
@@ -147,6 +148,13 @@ def is_weights_shard(name: object) -> bool:
 def is_hf_file(name: object) -> bool:
     """Whether ``name`` (a path relative to the model folder) is a file a transformers model may carry."""
     return isinstance(name, str) and (name in HF_FILES or is_weights_shard(name))
+
+
+def expected_size(manifest: Manifest, device: str) -> int:
+    """The bytes a model takes in a serving executor's cache on ``device``: a transformers model's at its compute dtype."""
+    if manifest.runtime == "transformers":
+        return manifest.weights_bytes_at(compute_dtype(device))
+    return manifest.size
 
 
 def compute_dtype(device: str) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.errors import HyphaError
-from hypha_celery.models.manifest import Manifest, compute_dtype
+from hypha_celery.models.manifest import expected_size
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import requirements_for_model
@@ -33,13 +33,6 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     return dataclasses.replace(spec, requirements=requirements)
 
 
-def _expected_size(manifest: Manifest, run: Run) -> int:
-    """The bytes the model will take in the executor's cache: a transformers model's at its compute dtype."""
-    if manifest.runtime == "transformers":
-        return manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu"))
-    return manifest.size
-
-
 def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     ctx = run.ctx
     manifest = spec.manifest
@@ -54,7 +47,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         lease=run.lease,
         timeout=run.remaining_s,
         batchable=manifest.batchable,
-        expected_size=_expected_size(manifest, run),
+        expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
     )
     run.timing.finished_at = time.time()
     ctx.metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)

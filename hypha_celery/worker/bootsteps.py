@@ -1,8 +1,11 @@
 """Worker bootsteps: the node (ledger capacity, metrics, monitor) and the registry.
 
 ``NodeStep`` lives in the worker blueprint: it publishes this node's capacity
-to the ledger before the consumer starts taking tasks, serves metrics, and
-refreshes resource gauges every ``monitor_interval`` on the worker's timer.
+to the ledger before the consumer starts taking tasks, starts each device's
+serving executor and loads ``[worker.models] preload`` (so the worker reports
+``ready`` only once the first request would be warm), serves metrics, and
+refreshes resource gauges every ``monitor_interval`` on the worker's timer
+(restarting a serving executor that died while idle).
 
 ``RegistryStep`` lives in the consumer blueprint, after the task consumer
 started: it registers the worker's capabilities, refreshes them every
@@ -24,6 +27,7 @@ from celery import bootsteps, signals
 from hypha_celery import keys, registry
 from hypha_celery.config import WorkerConfig, load_config
 from hypha_celery.errors import HyphaError
+from hypha_celery.models.manifest import expected_size
 from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
@@ -80,7 +84,36 @@ class NodeStep(bootsteps.StartStopStep):
             self.http = ctx.metrics.serve(self.metrics_port)
             log.info("hypha metrics on :%d", self.metrics_port)
         self._publish_capacity()
+        if self.config.execution.prewarm:
+            self._prewarm(w)
         self.timer_ref = w.timer.call_repeatedly(self.config.monitoring.monitor_interval, self._monitor)
+
+    def _prewarm(self, w: Any) -> None:
+        """Start the serving executors (torch imported) and load the preload models, before tasks arrive."""
+        if "prefork" in str(getattr(w, "pool_cls", "")).lower():
+            log.info("prewarm skipped: under --pool prefork each pool process starts its own executors on first use")
+            return
+        ctx = self.context
+        started = time.monotonic()
+        gpus = sorted(node_capacity(ctx.config).gpus)
+        devices = ["cpu", *(f"cuda:{index}" for index in gpus)]
+        targets = set(devices[1:] or devices)  # preload onto every GPU, else the CPU
+        loaded: dict[str, float] = {}
+        for device in devices:
+            preload = []
+            if device in targets:
+                for model in ctx.config.models.preload:
+                    try:
+                        preload.append((model, expected_size(ctx.store.manifest(model), device)))
+                    except HyphaError as exc:
+                        log.error("[worker.models] preload: %s: %s", model, exc)
+            try:
+                for model, load_s in ctx.executors.prewarm(device, preload).items():
+                    loaded[f"{model} on {device}"] = load_s
+            except HyphaError as exc:
+                log.error("could not start the %s serving executor at boot (the first request will): %s", device, exc)
+        log.info("serving executors ready in %.2fs (%s)%s", time.monotonic() - started, ", ".join(devices),
+                 "; preloaded " + ", ".join(f"{k} ({v:.2f}s)" for k, v in loaded.items()) if loaded else "")
 
     def _publish_capacity(self) -> None:
         ctx = self.context
@@ -102,6 +135,8 @@ class NodeStep(bootsteps.StartStopStep):
             self.capacity_published = False
             log.warning("resource monitor: %s", exc)
             return
+        if self.config.execution.prewarm:
+            ctx.executors.keep_warm()
         memory = psutil.virtual_memory()
         ctx.metrics.update_resources(usage, psutil.cpu_percent() / 100.0, memory.percent / 100.0, gpu_utilization())
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -218,3 +220,36 @@ def test_an_executor_serving_every_request_imports_no_celery_redis_or_nacl(store
                          capture_output=True, text=True, timeout=120)
     # Then none of the worker's broker, result-backend or signing libraries was imported
     assert (out.returncode, out.stdout.strip()) == (0, "none"), out.stderr
+
+
+def test_prewarm_starts_the_executor_and_preloads_so_the_first_request_is_warm(pool: ExecutorPool) -> None:
+    # Given a pool whose cpu executor is started and "mlp" preloaded before any request
+    loaded = pool.prewarm("cpu", [("mlp", None)])
+    assert set(loaded) == {"mlp"} and pool.cache()["cpu"].keys() == {"mlp"}
+    # When the first request arrives, Then it finds the model in the cache
+    first = pool.infer(model="mlp", inputs=[[5.0, 3.4, 1.5, 0.2]], lease=lease(), timeout=30, batchable=True)
+    assert first.cache_hit and first.load_s == 0.0
+
+
+def test_a_prewarmed_executor_that_dies_idle_is_restarted(pool: ExecutorPool) -> None:
+    # Given a prewarmed cpu executor
+    pool.prewarm("cpu")
+    lane = pool._lane("cpu")
+    assert lane.executor is not None
+    dead = lane.executor.pid
+    # When it is killed while idle and the monitor's keep_warm runs
+    os.kill(dead, signal.SIGKILL)
+    lane.executor.process.wait()
+    pool.keep_warm()
+    # Then a new executor is started in the background, with no request needed
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (lane.executor and lane.executor.alive and lane.executor.pid != dead):
+        time.sleep(0.1)
+    assert lane.executor is not None and lane.executor.alive and lane.executor.pid != dead
+
+
+def test_a_preload_that_cannot_load_is_skipped(pool: ExecutorPool) -> None:
+    # Given a preload list naming a model the store lacks, When the lane is prewarmed
+    loaded = pool.prewarm("cpu", [("no-such-model", None), ("mlp", None)])
+    # Then the missing one is skipped (logged) and the others are loaded
+    assert set(loaded) == {"mlp"}

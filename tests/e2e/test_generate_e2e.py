@@ -197,3 +197,12 @@ def test_concurrent_greedy_generations_are_batched_and_equal_single_requests(sta
     outs = [r.get(timeout=120) for r in twice]
     assert [o["metrics"]["batch_size"] for o in outs] == [1, 1]
     assert outs[0]["output"]["text"] == outs[1]["output"]["text"]
+
+
+def test_a_worker_that_preloads_answers_its_first_request_from_the_cache(start_worker, celery_client) -> None:
+    # Given a worker that starts its serving executor and loads the tiny Llama at boot
+    worker = start_worker({"execution": {"prewarm": True}, "models": {"preload": [TINY_LLAMA]}})
+    assert "serving executors ready" in worker.output() and f"preloaded {TINY_LLAMA} on cpu" in worker.output()
+    # When its first request arrives, Then the model is already in the cache
+    result = _generate(celery_client(), prompt=PROMPT, max_new_tokens=4)
+    assert result["metrics"]["cache_hit"] is True and result["metrics"]["load_s"] == 0.0

@@ -157,3 +157,12 @@ def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
     # Given a path with no file, When loading it, Then a ConfigError says so
     with pytest.raises(ConfigError, match="file not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_preload_names_model_ids_and_needs_prewarm() -> None:
+    # Given preload lists, When parsed, Then a bad id or preload without prewarm names the key
+    assert parse_config({"worker": {"models": {"preload": ["tiny-llama"]}}}).models.preload == ["tiny-llama"]
+    with pytest.raises(ConfigError, match=r"worker\.models\.preload\[1\]"):
+        parse_config({"worker": {"models": {"preload": ["ok", "../etc"]}}})
+    with pytest.raises(ConfigError, match=r"worker\.models\.preload: needs worker\.execution\.prewarm"):
+        parse_config({"worker": {"models": {"preload": ["ok"]}, "execution": {"prewarm": False}}})

@@ -23,6 +23,8 @@ from hypha_celery.executor.protocol import (
     Infer,
     InferResult,
     JobLimits,
+    Load,
+    Loaded,
     Progress,
     Prompt,
     ProtocolError,
@@ -53,6 +55,7 @@ REQUESTS: list[Request] = [
              expected_size=4096, limits=JobLimits(memory=2**28)),
     Generate(model="tiny-llama", params={}, prompts=[Prompt(messages=[{"role": "user", "content": "hi"}]),
                                                      Prompt(prompt="Two")], progress_interval=0.0),
+    Load(model="tiny-llama", expected_size=4096),
     Describe(),
 ]
 
@@ -73,6 +76,7 @@ REPLIES: list[Reply] = [
                    errors=[None, Error(type="InvalidInput", message="the prompt is too long")],
                    time_to_first_token_s=0.01, compute_s=0.05, cache_hit=True, load_s=0.0, cache={"tiny-llama": 4096},
                    usage=USAGE, dtype="bfloat16"),
+    Loaded(cache_hit=False, load_s=0.25, cache={"tiny-llama": 4096}),
     Description(pid=7, cache={}, net_namespace="net:[1]", interfaces=["lo"], nice=10, tmpdir="/tmp/x", cwd="/tmp/x",
                 cuda_visible_devices="", environment=["PATH"], memory_mode="rlimit"),
 ]
