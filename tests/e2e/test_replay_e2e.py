@@ -41,10 +41,10 @@ def test_a_signed_task_that_waited_in_the_queue_past_its_expiry_still_runs(
     busy = submit("hypha.noop", signing_key=key, app=app, queue="hypha", requirements=SMALL, hold_s=6)
     # When a task whose envelope lives 2 s is sent behind it
     waiting = submit("hypha.noop", signing_key=key, app=app, queue="hypha", requirements=SMALL, envelope_ttl=2)
-    recorded = _record_of(redis.Redis.from_url(redis_url), key, waiting.id)
     # Then it runs once the busy one is done, after its envelope expired
     first = busy.get(timeout=60)
     done = waiting.get(timeout=60)
+    recorded = _record_of(redis.Redis.from_url(redis_url), key, waiting.id)  # what submit() wrote as it sent it
     assert recorded.seen is not None
     assert done["metrics"]["started_at"] >= first["metrics"]["finished_at"] > recorded.seen + 2
     assert waiting.state == "SUCCESS"
