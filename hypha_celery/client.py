@@ -13,6 +13,11 @@ exact model in the signed envelope: a worker whose store holds another
 manifest under that id refuses with ``ModelPinMismatch``. A pin needs
 ``signing_key``: it travels in the envelope.
 
+A signed task's nonce is recorded in the registry Redis just before it is sent
+(:func:`hypha_celery.security.record_sent`): its envelope's lifetime
+(``envelope_ttl``) then bounds the time until it was sent, and a task that
+waits in a busy queue past it still runs (see :mod:`hypha_celery.security.verifier`).
+
 Placement is best fit over the live free-resource indexes
 (:mod:`hypha_celery.resources.placement`): among workers that fit *now*, the one whose
 scarcest resource is tightest. When none fits now but one could, the task
@@ -23,6 +28,7 @@ before anything is sent.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -30,12 +36,15 @@ import nacl.signing
 from celery import Celery
 from celery.result import AsyncResult
 
+from hypha_celery.config import load_config
 from hypha_celery.errors import RegistryUnavailable
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.routing import placement_for
-from hypha_celery.security import load_signing_key, signed_options
+from hypha_celery.security import ENVELOPE_HEADER, load_signing_key, record_sent, replay_window, signed_options
 
 __all__ = ["submit"]
+
+log = logging.getLogger(__name__)
 
 
 def submit(
@@ -72,7 +81,17 @@ def submit(
     if signing_key is not None:
         key = signing_key if isinstance(signing_key, nacl.signing.SigningKey) else load_signing_key(signing_key)
         options = signed_options(key, task_name, kwargs=kwargs, ttl=envelope_ttl, model_sha256=model_sha256)
+        _record(options["headers"][ENVELOPE_HEADER])
     return app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
+
+
+def _record(envelope: dict[str, Any]) -> None:
+    """Record the envelope's nonce as sent now, so a backlog in the queue does not count against its expiry."""
+    config = load_config()
+    try:
+        record_sent(placement_for().redis, envelope, window=replay_window(config))
+    except RegistryUnavailable as exc:  # the first worker to take it records it instead, if before its expiry
+        log.warning("%s: the task must reach a worker within its envelope's lifetime", exc)
 
 
 def _place(req: Requirements) -> str:

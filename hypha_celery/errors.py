@@ -4,7 +4,8 @@
      ├── ConfigError                    a worker config key is wrong; names the key
      ├── InvalidSignature               the task envelope failed verification
      ├── InvalidTask                    kwargs do not match the task's schema
-     │    └── InvalidInput              inputs malformed, wrong shape or too large
+     │    ├── InvalidInput              inputs malformed, wrong shape or too large
+     │    └── MalformedMessage          the message is no task message (undecodable, wrong shape)
      ├── UnsupportedModel               model id unknown, malformed or unverifiable
      │    └── ModelPinMismatch          the store holds another manifest than the task pinned
      ├── ModelTooLarge                  a model larger than the whole model cache
@@ -52,6 +53,7 @@ __all__ = [
     "InvalidInput",
     "InvalidSignature",
     "InvalidTask",
+    "MalformedMessage",
     "MemoryLimitExceeded",
     "ModelPinMismatch",
     "ModelTooLarge",
@@ -88,6 +90,10 @@ class InvalidTask(HyphaError):
 
 class InvalidInput(InvalidTask):
     """The inputs are malformed, of the wrong shape, or over the size cap."""
+
+
+class MalformedMessage(InvalidTask):
+    """The message cannot be a task: its body does not decode, or is not ``[args, kwargs, options]``."""
 
 
 class UnsupportedModel(HyphaError):

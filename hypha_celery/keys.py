@@ -27,7 +27,8 @@ Placement indexes (node -> number; kept exact by the ledger's Lua scripts)::
 
 Security::
 
-    hypha:nonce:<key_id>:<nonce>      string  seen envelope nonce; expires with the envelope
+    hypha:nonce:<key_id>:<nonce>      string  JSON {"task", "seen", "delivered", "done"} of a seen envelope nonce;
+                                              kept until issued_at + the replay window (security/verifier.py)
 
 This module is the only source of these names. The Lua scripts build none:
 each receives the keys it touches in ``KEYS``, in the order its header lists

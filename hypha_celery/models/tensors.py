@@ -6,7 +6,7 @@ base64 tensor form::
     {"dtype": "float32", "shape": [N, 4], "data": "<base64 of the raw little-endian bytes>"}
 
 Either may hold one sample (the model's per-sample shape) or a batch
-(``[N, *shape]``). :func:`check_inputs` checks structure, shape and size, so a
+(``[N, *shape]``); in either form a NaN or an infinity is refused. :func:`check_inputs` checks structure, shape and size, so a
 malformed or oversized task is refused before it reserves resources or
 reaches an executor. Turning inputs into tensors, and outputs back into the
 input's form, is :mod:`hypha_celery.models.runtime`'s, inside the executor.
@@ -26,6 +26,14 @@ from hypha_celery.errors import InvalidInput
 __all__ = ["DTYPES", "Batch", "check_inputs"]
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
+# Float dtype -> (bytes, the exponent bits): an element whose exponent bits are all set is NaN or infinite.
+FLOAT_EXPONENTS = {
+    "float16": (2, 0x7C00),
+    "bfloat16": (2, 0x7F80),
+    "float32": (4, 0x7F800000),
+    "float64": (8, 0x7FF0000000000000),
+}
+NOT_FINITE = "inputs must be finite numbers: NaN and infinity are refused"
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,8 @@ def _check_rectangular(value: Any, shape: list[int], depth: int) -> None:
     if depth == len(shape):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidInput(f"inputs must be numbers, found {type(value).__name__} {value!r:.40}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(NOT_FINITE)
         return
     if not isinstance(value, list) or len(value) != shape[depth]:
         raise InvalidInput(f"inputs are ragged: expected {shape[depth]} items at depth {depth}")
@@ -109,4 +119,16 @@ def _check_encoded(inputs: dict[str, Any], sample_shape: list[int], max_bytes: i
         raise InvalidInput("encoded data is not valid base64") from None
     if len(raw) != expected:
         raise InvalidInput(f"encoded data has {len(raw)} bytes; shape {shape} of {dtype} needs {expected}")
+    if dtype in FLOAT_EXPONENTS and not _all_finite(raw, dtype):
+        raise InvalidInput(NOT_FINITE)
     return Batch(rows=_rows(shape, sample_shape, model))
+
+
+def _all_finite(raw: bytes, dtype: str) -> bool:
+    """No NaN or infinity in little-endian ``raw`` of a float ``dtype``: no element with every exponent bit set."""
+    import numpy as np  # the worker's extra; imported here so a scheduler importing this module needs none
+
+    width, mask = FLOAT_EXPONENTS[dtype]
+    words = np.frombuffer(raw, dtype=f"<u{width}")
+    exponent = np.asarray(mask, dtype=words.dtype)
+    return not bool(np.any((words & exponent) == exponent))

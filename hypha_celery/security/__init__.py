@@ -56,7 +56,7 @@ from hypha_celery.security.envelope import (
     sign_envelope,
     signed_options,
 )
-from hypha_celery.security.verifier import Verified, Verifier
+from hypha_celery.security.verifier import NonceRecord, Verified, Verifier, record_sent, replay_window
 
 __all__ = [
     "CLOCK_SKEW_S",
@@ -65,6 +65,7 @@ __all__ = [
     "MODEL_SHA256",
     "OPTIONAL_SIGNED_FIELDS",
     "SIGNED_FIELDS",
+    "NonceRecord",
     "Verified",
     "Verifier",
     "body_digest",
@@ -74,6 +75,8 @@ __all__ = [
     "load_signing_key",
     "peer_id",
     "public_key_from_id",
+    "record_sent",
+    "replay_window",
     "sign_envelope",
     "signed_options",
 ]

@@ -8,6 +8,7 @@ and per-task timing and outcome metrics in ``before_start`` / ``after_return``.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
     from hypha_celery.worker.context import NodeContext
 
 __all__ = ["HyphaTask", "NotInWorker"]
+
+log = logging.getLogger(__name__)
 
 
 class NotInWorker(RuntimeError):
@@ -47,9 +50,19 @@ class HyphaTask(Task):
     def after_return(
         self, status: str, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
     ) -> None:
-        """Count the outcome: Celery calls this for results and errors, not for deferred (ignored) copies."""
+        """Count the outcome: Celery calls this for results and errors, not for deferred (ignored) copies.
+
+        Celery calls it once the final state is stored: only then is the envelope's nonce marked
+        finished, so a copy redelivered because the result could not be stored is not a replay.
+        """
         if self._node is None or status not in (states.SUCCESS, states.FAILURE):
             return
+        nonce = getattr(self.request, "hypha_nonce", None)
+        if nonce is not None:
+            try:
+                self._node.verifier.mark_finished(nonce[0], nonce[1], task_id)
+            except HyphaError as exc:
+                log.warning("task %s: %s (a replay of it may run again while its result is gone)", task_id, exc)
         started = getattr(self.request, "hypha_started", None)
         runtime = None if started is None else time.monotonic() - started
         error = None if status == states.SUCCESS else type(retval).__name__

@@ -125,6 +125,9 @@ def run_task(
             raise
         seen_before = not verified.first_delivery
         pin = verified.model_sha256
+        if verified.finished:
+            _refuse_finished(ctx, task)
+        request.hypha_nonce = (verified.key_id, verified.nonce)  # marked finished in HyphaTask.after_return
     try:
         spec = validate(ctx)
         if not verify:
@@ -166,6 +169,16 @@ def _unverified_pin(task: HyphaTask) -> str | None:
         return check_model_sha256(envelope[MODEL_SHA256])
     except ValueError as exc:
         raise InvalidTask(f"the {ENVELOPE_HEADER} header's {exc}") from None
+
+
+def _refuse_finished(ctx: NodeContext, task: HyphaTask) -> NoReturn:
+    """A copy of a signed task that already finished: dropped while its result is stored, else a replay."""
+    _drop_if_finished(task)
+    ctx.metrics.refused("signature")
+    raise InvalidSignature(
+        f"replayed: task {task.request.id} already finished under this envelope's nonce, and its result is gone;"
+        " it does not run again"
+    )
 
 
 def _is_copy(task: HyphaTask) -> bool:

@@ -28,7 +28,7 @@ from hypha_celery.registry import InferenceTimes
 from hypha_celery.resources.gpu import CUDA_CONTEXT
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
 from hypha_celery.resources.placement import Placement
-from hypha_celery.security import Verifier
+from hypha_celery.security import Verifier, replay_window
 
 __all__ = ["NodeContext", "node_id"]
 
@@ -68,8 +68,8 @@ class NodeContext:
         )
         node = node_id(config)
         ledger = Ledger(client, node, ttl=2 * config.resources.lease_heartbeat)
-        security, admission = config.security, config.admission
-        remember = admission.max_wait + config.visibility_timeout + config.hard_time_limit
+        security = config.security
+        remember = replay_window(config) - security.max_envelope_age  # how long copies may come back
         return cls(
             config=config,
             metrics=metrics or Metrics(),

@@ -93,6 +93,7 @@ def install(app: Celery) -> None:
     ))
     app.steps["worker"].add("hypha_celery.worker.bootsteps:NodeStep")
     app.steps["consumer"].add("hypha_celery.worker.bootsteps:RegistryStep")
+    app.steps["consumer"].add("hypha_celery.tasks.strategy:MessageGuardStep")
     import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
     signals.celeryd_after_setup.connect(_own_queue, weak=False)
     signals.before_task_publish.connect(_stamp_sent_at, weak=False)

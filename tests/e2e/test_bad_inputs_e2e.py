@@ -273,6 +273,10 @@ def validation_cases(k: Keys) -> list[Case]:
         Case("encoded extra key", "InvalidInput", "needs exactly", s(infer(inputs=encoded(1, exec="rm -rf /")))),
         Case("encoded zero dim", "InvalidInput", "positive integers", s(infer(inputs=encoded(1, shape=[0, 4])))),
         Case("encoded data not a string", "InvalidInput", "base64 string", s(infer(inputs=encoded(1, data=[1, 2])))),
+        Case("encoded NaN", "InvalidInput", "finite numbers",
+             s(infer(inputs=encoded(1, data=base64.b64encode(struct.pack("<4f", 1.0, float("nan"), 1.0, 1.0)).decode())))),
+        Case("encoded infinity", "InvalidInput", "finite numbers",
+             s(infer(inputs=encoded(1, data=base64.b64encode(struct.pack("<4f", 1.0, 1.0, float("-inf"), 1.0)).decode())))),
         # hypha.train
         Case("train epochs a string", "InvalidTask", "epochs must be an integer", s({**TRAIN, "epochs": "10"}, "hypha.train")),
         Case("train lr negative", "InvalidTask", "lr must be a number in (0, 10]", s({**TRAIN, "lr": -0.1}, "hypha.train")),
@@ -371,23 +375,21 @@ def test_bad_input_corpus_on_one_worker(start_worker, celery_client, redis_clien
         except Exception as exc:
             lost.append(f"{result.id}: {type(exc).__name__}: {str(exc)[:200]}")
 
-    # the refused raw messages: never ran, and the worker said why
+    # the refused raw messages: never ran, the worker said why, and those with a task id failed by name
     log = wait_for(
-        lambda: (text := worker.output()).count("Can't decode message body") >= 3
+        lambda: (text := worker.output()).count("refused a malformed message") >= 5
         and "application/x-python-serialize" in text
         and text,
         10,
         "the worker to log the refused messages",
     )
     for name, result in [("pickle", pickled), ("not json", not_json), ("not utf-8", not_utf8),
-                         ("no task header", no_headers), ("JSON of the wrong shape", wrong_shape)]:
-        if result.state == "SUCCESS":
-            failures.append(f"{name}: the refused message ran (state SUCCESS)")
-    for name, result in [("pickle", pickled), ("not json", not_json), ("not utf-8", not_utf8), ("no task header", no_headers),
                          ("JSON of the wrong shape", wrong_shape)]:
-        if result.state != "PENDING":
-            failures.append(f"{name}: expected PENDING (refused before any task code), got {result.state}")
-    assert "ContentDisallowed" in log or "Refusing" in log
+        if result.state != "FAILURE" or type(result.result).__name__ != "MalformedMessage":
+            failures.append(f"{name}: expected FAILURE with MalformedMessage, got {result.state} {result.result!r:.200}")
+    if no_headers.state != "PENDING":  # no task headers: nothing names its id (the one publish_raw made up)
+        failures.append(f"no task header: expected PENDING, got {no_headers.state}")
+    assert "ContentDisallowed" in log
 
     # no bad task ran: no leases but the model cache's, no task guards, no new models
     def stray_leases() -> list[dict[str, Any]]:
@@ -404,7 +406,7 @@ def test_bad_input_corpus_on_one_worker(start_worker, celery_client, redis_clien
     stray = stray_leases()
     guards = live_guards()
     new_models = sorted(set(os.listdir(model_dir)) - set(models_before))
-    unexpected = [line for line in log.splitlines() if "raised unexpected" in line]
+    unexpected = [line for line in log.splitlines() if "raised unexpected" in line or "Traceback" in line]
     assert "the body is not [args, kwargs, options]" in worker.output()
 
     assert worker.alive(), f"the worker died:\n{worker.output()[-3000:]}"
@@ -439,14 +441,15 @@ def test_worker_keeps_serving_after_undecodable_messages(start_worker, celery_cl
             raise AssertionError(f"a valid task after the refused messages: {exc!r}\n{worker.output()[-4000:]}") from None
         assert value["model"] == "mlp"
     log = wait_for(
-        lambda: (text := worker.output()).count("Can't decode message body") >= 4
+        lambda: (text := worker.output()).count("refused a malformed message") >= len(refused)
         and all(kind in text for kind in ["application/x-python-serialize", *content_types])
         and text,
         10,
         "the worker to log the refused messages",
     )
-    assert "{not json" in log
-    assert [result.state for result in refused] == ["PENDING"] * len(refused)
+    assert "the body cannot be decoded" in log and "Traceback" not in log
+    assert [result.state for result in refused] == ["FAILURE"] * len(refused)
+    assert {type(result.result).__name__ for result in refused} == {"MalformedMessage"}
     assert worker.alive()
 
 
@@ -481,4 +484,60 @@ def test_a_body_that_is_no_task_message_does_not_kill_the_worker(
             f"{fatal}\n{log[-2000:]}"
         )
     assert result.get(timeout=5)["model"] == "mlp"
-    assert poison.state != "SUCCESS"
+    # ... and the bad one failed by name, with one line in the log
+    assert poison.state == "FAILURE" and type(poison.result).__name__ == "MalformedMessage"
+    assert worker.output().count(f"[{poison.id}]") == 1
+
+
+MALFORMED = [
+    pytest.param("application/x-python-serialize", b"\x80\x04K\x01.", "hypha.infer", "MalformedMessage",
+                 "cannot be decoded: ContentDisallowed", id="pickle"),
+    pytest.param("application/json", b"{not json", "hypha.infer", "MalformedMessage", "cannot be decoded", id="not-json"),
+    pytest.param("application/json", b'{"args": [], "kwargs": {}}', "hypha.infer", "MalformedMessage",
+                 "not [args, kwargs, options]", id="not-a-task-body"),
+    pytest.param("application/json", b"[[], [], {}]", "hypha.noop", "MalformedMessage", "not [args, kwargs, options]",
+                 id="kwargs-not-an-object"),
+    pytest.param("application/json", b"[[], {}, {}]", "hypha.nosuch", "NotRegistered", "hypha.nosuch",
+                 id="unregistered-task"),
+]
+
+
+@pytest.mark.parametrize(("content_type", "body", "task", "error", "fragment"), MALFORMED)
+def test_a_malformed_message_fails_its_task_id_by_name_with_one_log_line(
+    start_worker, celery_client, tmp_path: Path, content_type: str, body: bytes, task: str, error: str, fragment: str
+) -> None:
+    key = generate_key(tmp_path / "scheduler.key")
+    worker = start_worker(worker_config(key))
+    app = celery_client()
+    # Given a raw message with task headers (so a task id) whose body or name is no task this worker runs
+    bad = publish_raw(app, body, task=task, content_type=content_type)
+    # When a client waits on its id, Then it gets a final FAILURE with the named error, not PENDING for ever
+    with pytest.raises(Exception) as caught:
+        bad.get(timeout=30)
+    assert type(caught.value).__name__ == error and fragment in str(caught.value)
+    assert bad.state == "FAILURE"
+    # ... the worker logged it in one line, with no traceback, and keeps serving
+    log = worker.output()
+    assert [line for line in log.splitlines() if bad.id in line and "refused a malformed message" in line] != []
+    assert log.count(bad.id) == 1, log[-3000:]
+    assert "Traceback" not in log
+    assert app.send_task(**signed(key, VALID)).get(timeout=60)["model"] == "mlp"
+
+
+def test_a_malformed_message_does_not_overwrite_a_finished_tasks_result(start_worker, celery_client, tmp_path: Path) -> None:
+    key = generate_key(tmp_path / "scheduler.key")
+    worker = start_worker(worker_config(key))
+    app = celery_client()
+    # Given a task that finished
+    done = app.send_task(**signed(key, VALID))
+    value = done.get(timeout=60)
+    # When a malformed message arrives under the same task id
+    template = app.amqp.as_task_v2(done.id, "hypha.infer", args=(), kwargs={})
+    with app.connection_for_write() as conn:
+        conn.Producer().publish(b"{not json", exchange="", routing_key="hypha", serializer=None,
+                                content_type="application/json", content_encoding="utf-8",
+                                headers=dict(template.headers), **template.properties)
+    wait_for(lambda: any(done.id in line and "refused a malformed message" in line
+                         for line in worker.output().splitlines()), 30, "the worker to refuse it")
+    # Then the stored result is still the task's own
+    assert app.AsyncResult(done.id).get(timeout=5) == value

@@ -83,8 +83,9 @@ def test_pickled_message_is_refused_and_the_worker_keeps_serving(start_worker, c
     # Then a valid task sent after it still completes
     ok = app.send_task("hypha.infer", kwargs={"model": "mlp", "inputs": ROWS}).get(timeout=60)
     assert ok["model"] == "mlp"
-    # ... the pickled one never ran, and the worker said why
-    assert pickled.state == "PENDING"
+    # ... the pickled one never ran: it failed by name, and the worker said why in one line
+    assert pickled.state == "FAILURE" and type(pickled.result).__name__ == "MalformedMessage"
     log = worker.output()
-    assert "application/x-python-serialize" in log and ("ContentDisallowed" in log or "Refusing" in log)
+    assert "application/x-python-serialize" in log and "ContentDisallowed" in log
+    assert log.count(pickled.id) == 1
     assert worker.alive()

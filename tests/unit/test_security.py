@@ -20,6 +20,7 @@ from hypha_celery.errors import ConfigError, InvalidSignature, RegistryUnavailab
 from hypha_celery.security import (
     CLOCK_SKEW_S,
     ENVELOPE_HEADER,
+    NonceRecord,
     Verifier,
     body_digest,
     canonical,
@@ -27,6 +28,8 @@ from hypha_celery.security import (
     load_signing_key,
     peer_id,
     public_key_from_id,
+    record_sent,
+    replay_window,
     sign_envelope,
     signed_options,
 )
@@ -191,10 +194,11 @@ def test_sign_and_verify_round_trip(key: nacl.signing.SigningKey, verifier: Veri
     assert verified.key_id == peer_id(key.verify_key)
     assert verified.nonce == env["nonce"]
     assert verified.first_delivery is True
-    # the nonce is remembered, for the task id, until the envelope expires (+ skew)
+    # the nonce is remembered, for the task id, for the replay window (max_age, by default 3600 s) + skew
     stored = keys.nonce(env["key_id"], env["nonce"])
-    assert fake_redis.get(stored) == task_id.encode()
-    assert 0 < fake_redis.ttl(stored) <= 300 + CLOCK_SKEW_S + 2
+    record = NonceRecord.loads(fake_redis.get(stored))
+    assert record.task == task_id and record.delivered and not record.done
+    assert 3600 < fake_redis.ttl(stored) <= 3600 + CLOCK_SKEW_S + 2
 
 
 def test_envelope_survives_a_json_round_trip(key: nacl.signing.SigningKey, verifier: Verifier) -> None:
@@ -403,6 +407,138 @@ def test_expired_by_the_verifiers_clock(key: nacl.signing.SigningKey, verifier: 
     env = envelope(key, task_id, ttl=60)
     with pytest.raises(InvalidSignature, match="expired"):
         verify(verifier, env, task_id, now=env["expires_at"] + 1)
+
+
+# --- expiry bounds the time until the network first records the nonce, not the time in a queue -----
+
+def test_a_task_recorded_when_sent_is_accepted_after_waiting_past_its_expiry(
+    key: nacl.signing.SigningKey, verifier: Verifier, fake_redis: Any
+) -> None:
+    # Given an envelope with a 60 s lifetime that the scheduler recorded as it sent it
+    task_id = new_id()
+    env = envelope(key, task_id, ttl=60)
+    assert record_sent(fake_redis, env, window=3600, now=env["issued_at"])
+    # When a worker first takes it from the queue 10 minutes after it expired
+    late = env["expires_at"] + 600
+    # Then it is accepted, as the first delivery; a later copy is not the first
+    assert verify(verifier, env, task_id, now=late).first_delivery is True
+    assert verify(verifier, env, task_id, now=late + 1).first_delivery is False
+
+
+def test_a_task_nobody_recorded_before_its_expiry_is_refused(key: nacl.signing.SigningKey, verifier: Verifier,
+                                                              fake_redis: Any) -> None:
+    # Given an envelope nobody recorded (sent without submit(), never delivered)
+    task_id = new_id()
+    env = envelope(key, task_id, ttl=60)
+    # When a worker first sees it after its expiry, Then it is refused, and no record is made for it
+    with pytest.raises(InvalidSignature, match=r"expired \d+s ago, before this network first saw it"):
+        verify(verifier, env, task_id, now=env["expires_at"] + 1)
+    assert fake_redis.get(keys.nonce(env["key_id"], env["nonce"])) is None
+
+
+def test_a_record_made_after_the_expiry_does_not_make_an_envelope_valid(
+    key: nacl.signing.SigningKey, verifier: Verifier, fake_redis: Any
+) -> None:
+    # Given a record of the envelope written after it expired (by whoever can write Redis)
+    task_id = new_id()
+    env = envelope(key, task_id, ttl=60)
+    assert record_sent(fake_redis, env, window=3600, now=env["expires_at"] + 5)
+    # Then the envelope is refused as expired
+    with pytest.raises(InvalidSignature, match=r"expired 5s before this network first saw it"):
+        verify(verifier, env, task_id, now=env["expires_at"] + 10)
+
+
+def test_an_envelope_older_than_the_replay_window_is_refused_even_when_recorded(
+    key: nacl.signing.SigningKey, fake_redis: Any
+) -> None:
+    # Given a worker keeping nonces for 600 + 400 s, and a recorded envelope
+    verifier = Verifier([peer_id(key.verify_key)], fake_redis, max_age=600, remember_s=400)
+    task_id = new_id()
+    env = envelope(key, task_id, ttl=60)
+    assert record_sent(fake_redis, env, window=1000, now=env["issued_at"])
+    # Then the record outlives every moment the worker would accept the envelope
+    assert fake_redis.ttl(keys.nonce(env["key_id"], env["nonce"])) > 1000
+    assert verify(verifier, env, task_id, now=env["issued_at"] + 1000).first_delivery
+    # ... and past the window the envelope is refused whatever Redis says
+    with pytest.raises(InvalidSignature, match="cannot be told from a replay"):
+        verify(verifier, env, task_id, now=env["issued_at"] + 1001)
+
+
+def test_replay_window_covers_the_longest_validity_and_every_way_a_copy_comes_back() -> None:
+    from hypha_celery.config import parse_config
+
+    config = parse_config({"worker": {"task_timeout": 100, "security": {"max_envelope_age": 900},
+                                      "admission": {"max_wait": 50}}})
+    window = replay_window(config)
+    assert window == 900 + 50 + config.visibility_timeout + config.hard_time_limit
+    assert window > 900 + 50 + 2 * 100
+
+
+def test_record_sent_refuses_a_reused_nonce(key: nacl.signing.SigningKey, fake_redis: Any) -> None:
+    env = envelope(key, new_id())
+    assert record_sent(fake_redis, env, window=600) is True
+    assert record_sent(fake_redis, {**env, "id": new_id()}, window=600) is False
+
+
+def test_a_recorded_nonce_is_refused_for_another_task(key: nacl.signing.SigningKey, verifier: Verifier,
+                                                     fake_redis: Any) -> None:
+    first_id, second_id = new_id(), new_id()
+    first = envelope(key, first_id)
+    assert record_sent(fake_redis, first, window=3600)
+    second = envelope(key, second_id)
+    second["nonce"] = first["nonce"]
+    with pytest.raises(InvalidSignature, match=f"replayed nonce: already used by task {first_id}"):
+        verify(verifier, resign(key, second), second_id)
+
+
+# --- a finished task's nonce ---------------------------------------------------------------------------
+
+def test_a_finished_tasks_envelope_says_so_on_every_later_delivery(key: nacl.signing.SigningKey,
+                                                                   verifier: Verifier) -> None:
+    # Given a task that ran and finished
+    task_id = new_id()
+    env = envelope(key, task_id)
+    assert verify(verifier, env, task_id).finished is False
+    verifier.mark_finished(env["key_id"], env["nonce"], task_id)
+    # When the same message comes again, Then the verifier reports it finished
+    again = verify(verifier, env, task_id)
+    assert again.finished is True and again.first_delivery is False
+
+
+def test_mark_finished_for_another_task_id_changes_nothing(key: nacl.signing.SigningKey, verifier: Verifier) -> None:
+    task_id = new_id()
+    env = envelope(key, task_id)
+    verify(verifier, env, task_id)
+    verifier.mark_finished(env["key_id"], env["nonce"], "someone-else")
+    verifier.mark_finished(env["key_id"], "no-such-nonce", task_id)
+    assert verify(verifier, env, task_id).finished is False
+
+
+def test_marking_finished_keeps_the_records_expiry(key: nacl.signing.SigningKey, verifier: Verifier,
+                                                  fake_redis: Any) -> None:
+    task_id = new_id()
+    env = envelope(key, task_id)
+    verify(verifier, env, task_id)
+    stored = keys.nonce(env["key_id"], env["nonce"])
+    before = fake_redis.ttl(stored)
+    verifier.mark_finished(env["key_id"], env["nonce"], task_id)
+    assert NonceRecord.loads(fake_redis.get(stored)).done
+    assert before - 2 <= fake_redis.ttl(stored) <= before
+
+
+def test_a_record_from_an_older_worker_still_allows_redelivery(key: nacl.signing.SigningKey, verifier: Verifier,
+                                                               fake_redis: Any) -> None:
+    # Given the nonce record an older worker wrote: the bare task id
+    task_id = new_id()
+    env = envelope(key, task_id)
+    fake_redis.set(keys.nonce(env["key_id"], env["nonce"]), task_id, ex=600)
+    # Then a redelivery is accepted as before, and another task id is a replay
+    assert verify(verifier, env, task_id).first_delivery is False
+    other_id = new_id()
+    other = envelope(key, other_id)
+    fake_redis.set(keys.nonce(other["key_id"], other["nonce"]), task_id, ex=600)
+    with pytest.raises(InvalidSignature, match=f"replayed nonce: already used by task {task_id}"):
+        verify(verifier, other, other_id)
 
 
 def test_issued_in_the_future_beyond_skew(key: nacl.signing.SigningKey, verifier: Verifier) -> None:
