@@ -21,6 +21,7 @@ from tests.unit.test_ledger import (  # noqa: F401 - pytest collects the importe
     test_hold_without_a_keeper_renews_and_releases,
     test_infeasible_is_not_busy,
     test_lease_keeper_renews_in_the_background,
+    test_leases_are_taken_back_into_a_ledger_that_restarted_empty,
     test_placement_indexes_track_free_resources,
     test_release_is_idempotent_and_returns_everything,
     test_renewal_keeps_a_lease_alive,

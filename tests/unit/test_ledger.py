@@ -368,6 +368,21 @@ def test_a_lease_taken_back_over_commits_rather_than_move(client: redis.Redis) -
     assert ledger.reserve(req(memory=MiB, cpu_cores=1), holder="c").cores == {1: 1000}
 
 
+def test_leases_are_taken_back_into_a_ledger_that_restarted_empty(client: redis.Redis) -> None:
+    # Given a running task's lease, and the ledger's Redis restarted empty (no capacity, no leases)
+    ledger = Ledger(client, "node-e", ttl=5)
+    capacity = Capacity(cores=[0, 1], memory=1000 * MiB)
+    ledger.set_capacity(capacity)
+    lease = ledger.reserve(req(memory=600 * MiB, cpu_cores=1), holder="a", task_id="t-e")
+    client.flushall()
+    # When the holder takes it back before the worker's monitor publishes the capacity again
+    assert ledger.retake([lease]) == {lease.id: []}
+    ledger.set_capacity(capacity)
+    # Then the republished node counts it: a second 600 MiB task waits
+    assert ledger.usage().memory_used == 600 * MiB
+    assert ledger.try_reserve(req(memory=600 * MiB), holder="b") == Refusal(why="busy", resource="memory")
+
+
 def test_the_keeper_takes_leases_back_after_an_outage_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     # Given a keeper renewing a one-core lease on a 2-core node every 0.1 s (TTL 0.4 s)
     server = fakeredis.FakeServer()
