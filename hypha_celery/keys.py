@@ -19,8 +19,8 @@ Ledger (one per node, i.e. per host; shared by every worker process on it)::
 Placement indexes (node -> number; kept exact by the ledger's Lua scripts)::
 
     hypha:index:free_memory           free bytes of memory
-    hypha:index:free_core_milli       most free millicores on any one core
-    hypha:index:free_whole_cores      cores nobody holds
+    hypha:index:free_core_milli       free millicores of the shared CPU pool (a fraction fits these)
+    hypha:index:free_whole_cores      whole cores that may leave the shared pool now
     hypha:index:free_gpus             GPUs nobody holds
     hypha:index:free_gpu_memory       most free bytes on one GPU (that an exclusive task could take)
     hypha:index:cap_memory, cap_cores, cap_gpus, cap_gpu_memory   capacities, for "infeasible anywhere"

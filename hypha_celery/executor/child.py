@@ -86,7 +86,7 @@ class Executor:
         self.store = ModelStore(settings.store, max_model_size=settings.max_model_size)
         self.cache = ModelCache(settings.cache_size, self._load, on_evict=self._unload)
         self.memory_mode = settings.memory_mode
-        self._pinned: list[int] | None = None
+        self._pinned: tuple[list[int], int] | None = None
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
@@ -102,10 +102,11 @@ class Executor:
     @contextmanager
     def _limits(self, job_limits: JobLimits) -> Iterator[None]:
         cores = job_limits.cores
-        if cores and cores != self._pinned:  # re-pinning every thread costs a syscall each: only on change
-            self.torch.set_num_threads(max(1, len(cores)))
-            limits.pin_threads(cores)
-            self._pinned = cores
+        pinned = (cores, max(1, job_limits.threads or len(cores))) if cores else None
+        if pinned and pinned != self._pinned:  # re-pinning every thread costs a syscall each: only on change
+            self.torch.set_num_threads(pinned[1])
+            limits.pin_threads(pinned[0])
+            self._pinned = pinned
         gpu_bytes = job_limits.gpu_memory
         if gpu_bytes and self.device.startswith("cuda"):
             total = self.torch.cuda.get_device_properties(0).total_memory

@@ -351,11 +351,15 @@ class _Request:
 
 
 def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
+    # Affinity: the cores held alone, and for a fraction every core of the shared pool it was admitted
+    # to (the kernel spreads fractions over it); threads: the cores' worth reserved, at least one.
     cores = sorted({core for lease in leases for core in lease.cores})
+    milli = sum(sum(lease.cores.values()) for lease in leases)
     return JobLimits(
         memory=sum(lease.memory for lease in leases) if settings.enforce_memory else None,
         cores=cores if settings.enforce_cpu and cores else None,
         gpu_memory=sum(sum(lease.gpus.values()) for lease in leases) or None,
+        threads=min(len(cores), max(1, -(-milli // 1000))) if settings.enforce_cpu and cores else None,
     )
 
 

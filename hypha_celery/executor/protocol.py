@@ -123,6 +123,7 @@ class JobLimits(_Record):
     memory: int | None = None
     cores: list[int] | None = None
     gpu_memory: int | None = None
+    threads: int | None = None  # torch threads: the cores' worth reserved (a fraction: 1), else len(cores)
 
 
 class _JobRequest(_Message):

@@ -58,6 +58,7 @@ local function free_lease(id)
   local l = cjson.decode(raw)
   if l.m > 0 then redis.call('HINCRBY', USED, 'memory', -l.m) end
   for i = 1, #l.c, 2 do redis.call('HINCRBY', USED, 'c' .. l.c[i], -l.c[i + 1]) end
+  if (l.s or 0) > 0 then redis.call('HINCRBY', USED, 'shared', -l.s) end
   for i = 1, #l.g, 2 do
     if l.k == 'cache' then
       redis.call('HINCRBY', USED, 'gc' .. l.g[i], -l.g[i + 1])
@@ -76,19 +77,27 @@ local function expire_stale(now)
   return #dead
 end
 
+-- CPU as Kubernetes' static CPU manager has it: a whole-core request holds its cores alone
+-- ("c<id>" = 1000); fractional requests share the pool of every core nobody holds alone, and
+-- "shared" counts their thousandths. Returns the pool's core ids and its free thousandths.
+local function shared_pool(cap, used)
+  local pool = {}
+  for _, c in ipairs(cap.cores) do
+    if num(used, 'c' .. c) == 0 then table.insert(pool, c) end
+  end
+  return pool, #pool * 1000 - num(used, 'shared')
+end
+
 -- Keep the placement indexes equal to what is free right now (``used``: the used hash, if at hand).
 local function refresh_index(cap, used)
   if cap == nil then return end
   used = used or hash(USED)
   redis.call('ZADD', FREE_MEMORY, cap.memory - num(used, 'memory'), NODE)
-  local best_core, whole = 0, 0
-  for _, c in ipairs(cap.cores) do
-    local free = 1000 - num(used, 'c' .. c)
-    if free > best_core then best_core = free end
-    if free == 1000 then whole = whole + 1 end
-  end
-  redis.call('ZADD', FREE_CORE_MILLI, best_core, NODE)
-  redis.call('ZADD', FREE_WHOLE_CORES, whole, NODE)
+  -- a fraction fits the pool's free thousandths; a whole core may leave the pool while
+  -- the cores that stay still cover every fraction running in it
+  local pool, free_shared = shared_pool(cap, used)
+  redis.call('ZADD', FREE_CORE_MILLI, math.max(0, free_shared), NODE)
+  redis.call('ZADD', FREE_WHOLE_CORES, math.max(0, math.floor(free_shared / 1000)), NODE)
   local free_gpus, best_gpu = 0, 0
   for _, g in ipairs(cap.gpus) do
     local holders = num(used, 'gh' .. g)

@@ -2,7 +2,8 @@
 -- KEYS: 1-9 the prelude's, 10 the task's guard (keys.KeySchema.task_guard; a placeholder without a task)
 -- ARGV: 1 node, 2 lease_id, 3 ttl_ms, 4 memory, 5 cpu_milli, 6 gpus, 7 gpu_memory (0 = whole device),
 --       8 holder, 9 task_id ('' for none)
--- Returns JSON: {ok=true, id, m, c=[core, milli, ...], g=[gpu, bytes, ...], x, e}
+-- Returns JSON: {ok=true, id, m, c=[core, 1000, ...] (cores held alone), s (thousandths of the shared
+--            pool), a=[core, ...] (the pool, a fraction's affinity), g=[gpu, bytes, ...], x, e}
 --            or {ok=false, why='busy'|'infeasible'|'duplicate'|'unknown_node', resource=..., lease=..., holder=...}
 local GUARD = KEYS[10]
 local LEASE_ID = ARGV[2]
@@ -50,24 +51,18 @@ local used = hash(USED)
 
 if num(used, 'memory') + MEMORY > cap.memory then return refuse('busy', 'memory') end
 
--- CPU: whole cores are pinned exclusively; a fraction goes to the fullest core it fits (best fit).
-local cores = {}
+-- CPU (prelude's shared_pool): whole cores are held alone, taken from the shared pool only while
+-- the cores left in it still cover the fractions running there; a fraction takes thousandths of
+-- the pool and may run on every core of it (its affinity: the pool as it is now).
+local cores, shared, affinity = {}, 0, {}
+local pool, free_shared = shared_pool(cap, used)
 if CPU_MILLI >= 1000 then
   local want = CPU_MILLI / 1000
-  for _, c in ipairs(cap.cores) do
-    if #cores / 2 < want and num(used, 'c' .. c) == 0 then
-      table.insert(cores, c); table.insert(cores, 1000)
-    end
-  end
-  if #cores / 2 < want then return refuse('busy', 'cpu') end
+  if free_shared < CPU_MILLI then return refuse('busy', 'cpu') end
+  for i = 1, want do table.insert(cores, pool[i]); table.insert(cores, 1000) end
 elseif CPU_MILLI > 0 then
-  local best, best_free = nil, 1001
-  for _, c in ipairs(cap.cores) do
-    local free = 1000 - num(used, 'c' .. c)
-    if free >= CPU_MILLI and free < best_free then best, best_free = c, free end
-  end
-  if best == nil then return refuse('busy', 'cpu') end
-  cores = {best, CPU_MILLI}
+  if free_shared < CPU_MILLI then return refuse('busy', 'cpu') end
+  shared, affinity = CPU_MILLI, pool
 end
 
 -- GPU: exclusive unless the node shares GPUs and the task named a per-device amount.
@@ -98,15 +93,16 @@ local function add(field, amount)
 end
 if MEMORY > 0 then add('memory', MEMORY) end
 for i = 1, #cores, 2 do add('c' .. cores[i], cores[i + 1]) end
+if shared > 0 then add('shared', shared) end
 for i = 1, #gpus, 2 do
   add('g' .. gpus[i], gpus[i + 1])
   add('gh' .. gpus[i], 1)
   if x == 1 then add('gx' .. gpus[i], 1) end
 end
 local expires = now + TTL_MS
-local lease = {m = MEMORY, c = cores, g = gpus, x = x, h = HOLDER, t = TASK_ID, k = 'task'}
+local lease = {m = MEMORY, c = cores, s = shared, a = affinity, g = gpus, x = x, h = HOLDER, t = TASK_ID, k = 'task'}
 redis.call('HSET', LEASE_DATA, LEASE_ID, cjson.encode(lease))
 redis.call('ZADD', LEASES, expires, LEASE_ID)
 if TASK_ID ~= '' then redis.call('SET', GUARD, LEASE_ID, 'PX', TTL_MS) end
 refresh_index(cap, used)
-return cjson.encode({ok = true, id = LEASE_ID, m = MEMORY, c = cores, g = gpus, x = x, e = expires})
+return cjson.encode({ok = true, id = LEASE_ID, m = MEMORY, c = cores, s = shared, a = affinity, g = gpus, x = x, e = expires})

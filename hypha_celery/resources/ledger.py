@@ -50,7 +50,7 @@ __all__ = ["Capacity", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
 log = logging.getLogger(__name__)
 
 _UNREACHABLE = "ledger Redis unreachable"
-_SCRIPTS = ("set_capacity", "reserve", "release", "renew", "account", "usage")
+_SCRIPTS = ("set_capacity", "reserve", "release", "renew", "retake", "account", "usage")
 
 
 def _pairs(flat: Any) -> dict[int, int]:
@@ -58,6 +58,16 @@ def _pairs(flat: Any) -> dict[int, int]:
     if not flat:
         return {}
     return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+
+def _flat(pairs: dict[int, int]) -> list[int]:
+    return [value for key, amount in sorted(pairs.items()) for value in (key, amount)]
+
+
+def _spread(milli: int, cores: list[int]) -> dict[int, int]:
+    """A fraction's thousandths over its affinity, so the amounts still add up to what it holds."""
+    base, extra = divmod(milli, len(cores))
+    return {core: base + (1 if i < extra else 0) for i, core in enumerate(sorted(cores))}
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,13 @@ class Capacity:
 
 @dataclass(frozen=True)
 class Lease:
-    """A granted reservation. ``cores`` and ``gpus`` map a device to what is held on it."""
+    """A granted reservation. ``cores`` and ``gpus`` map a device to what is held on it.
+
+    CPU follows Kubernetes' static CPU manager: a whole-core request holds its cores alone
+    (1000 each); a fraction holds ``cpu_shared`` thousandths of the pool of cores nobody holds
+    alone, and ``cores`` is then that pool as it was at admission (the task's affinity), the
+    thousandths spread over it. ``holder`` and ``cache`` let a lost lease be taken back as it was.
+    """
 
     id: str
     node: str
@@ -81,6 +97,9 @@ class Lease:
     gpus: dict[int, int]
     exclusive_gpu: bool
     task_id: str | None = None
+    cpu_shared: int = 0
+    holder: str = ""
+    cache: bool = False
 
     @property
     def core_ids(self) -> list[int]:
@@ -102,7 +121,11 @@ class Lease:
 
 @dataclass(frozen=True)
 class Usage:
-    """A snapshot of a node's ledger after expired leases were reaped."""
+    """A snapshot of a node's ledger after expired leases were reaped.
+
+    ``core_milli_used``: cores held alone (1000 each; more after a forced re-take, see
+    :meth:`Ledger.retake`); ``shared_milli_used``: thousandths the fractions hold in the shared pool.
+    """
 
     capacity: Capacity | None
     memory_used: int
@@ -110,6 +133,7 @@ class Usage:
     gpu_memory_used: dict[int, int]
     gpu_holders: dict[int, int]
     leases: list[dict[str, Any]]
+    shared_milli_used: int = 0
 
     @property
     def memory_free(self) -> int:
@@ -117,7 +141,7 @@ class Usage:
 
     @property
     def cores_used(self) -> float:
-        return sum(self.core_milli_used.values()) / 1000
+        return (sum(self.core_milli_used.values()) + self.shared_milli_used) / 1000
 
     def to_json(self) -> dict[str, Any]:
         cap = self.capacity
@@ -196,14 +220,17 @@ class Ledger:
                 lease=answer.get("lease", ""),
                 holder=answer.get("holder", ""),
             )
+        shared, affinity = int(answer["s"]), [int(core) for core in answer["a"] or []]
         return Lease(
             id=lease_id,
             node=self.node,
             memory=int(answer["m"]),
-            cores=_pairs(answer["c"]),
+            cores=_spread(shared, affinity) if shared else _pairs(answer["c"]),
             gpus=_pairs(answer["g"]),
             exclusive_gpu=bool(answer["x"]),
             task_id=task_id,
+            cpu_shared=shared,
+            holder=holder,
         )
 
     def reserve(
@@ -250,6 +277,38 @@ class Ledger:
         lost = self._run("renew", [ttl_ms, *(lease.id for lease in leases)], self._guards(leases))
         return {item.decode() if isinstance(item, bytes) else str(item) for item in lost}
 
+    def retake(self, leases: Iterable[Lease], ttl: float | None = None) -> dict[str, list[str]]:
+        """Renew leases this process still holds, and take back any that were lost, as they were.
+
+        A lease is lost when the ledger reaped it: its Redis was unreachable for longer than the
+        TTL, or its holder stalled past it. The holder still runs, on the cores it was pinned to, so
+        the lease comes back with the same id, cores and GPUs even where another lease took them
+        meanwhile: the ledger then over-commits, as the node really does, and admission refuses
+        until the usage drops. Returns each lease taken back with what it over-commits (``[]``: nothing).
+        """
+        leases = list(leases)
+        if not leases:
+            return {}
+        held = [
+            {
+                "id": lease.id,
+                "m": lease.memory,
+                "c": [] if lease.cpu_shared else _flat(lease.cores),
+                "s": lease.cpu_shared,
+                "a": sorted(lease.cores) if lease.cpu_shared else [],
+                "g": _flat(lease.gpus),
+                "x": 1 if lease.exclusive_gpu else 0,
+                "h": lease.holder,
+                "t": lease.task_id or "",
+                "k": "cache" if lease.cache else "task",
+            }
+            for lease in leases
+        ]
+        ttl_ms = int((ttl or self.ttl) * 1000)
+        answer = json.loads(self._run("retake", [ttl_ms, json.dumps(held)], self._guards(leases)))
+        retaken = answer["retaken"] if isinstance(answer["retaken"], dict) else {}
+        return {lease_id: list(clash or []) for lease_id, clash in retaken.items()}
+
     def account(self, lease_id: str, *, memory: int = 0, gpus: dict[int, int] | None = None, holder: str = "") -> None:
         """Record memory already in use (a model cache) under ``lease_id``, replacing its old amount."""
         flat: list[int] = []
@@ -269,6 +328,7 @@ class Ledger:
             gpu_memory_used=_gpu_used(used),
             gpu_holders={int(k[2:]): int(v) for k, v in used.items() if k.startswith("gh") and int(v)},
             leases=list(data["leases"]) if isinstance(data["leases"], list) else [],
+            shared_milli_used=int(used.get("shared", 0)),
         )
 
     def indexed(self) -> bool:
@@ -333,10 +393,17 @@ class LeaseKeeper:
     call, moments later. A lease whose release never happens (the process died)
     expires by itself.
 
-    A lease that comes back lost from a renewal (its holder stalled past the
-    TTL and it was reaped) is logged and remembered: ``lost(lease)`` tells its
-    holder that somebody else may now hold those resources.
+    A lease that comes back lost from a renewal (the ledger's Redis was
+    unreachable for longer than the TTL, or the holder stalled past it) is still
+    in use, so the keeper takes it back at once, as it was (:meth:`Ledger.retake`),
+    and logs that once. After a renewal that found Redis unreachable, the keeper
+    tries again every ``_RETRY_S`` and its first call that gets through renews and
+    takes back in one step, so nothing is admitted in between by this ledger's
+    view of an empty node. ``lost(lease)`` tells a holder that somebody else held
+    some of its resources when it was taken back (the node over-committed).
     """
+
+    _RETRY_S = 0.25  # after an unanswered renewal: how soon to try again (a lost lease is taken back then)
 
     def __init__(self, ledger: Ledger, interval: float | None = None) -> None:
         self.ledger = ledger
@@ -344,6 +411,7 @@ class LeaseKeeper:
         self._leases: dict[str, Lease] = {}
         self._releasing: list[Lease] = []
         self._lost: set[str] = set()
+        self._unreachable = False  # the last renewal failed: the next one takes back whatever was lost
         self._guard = threading.Lock()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -382,19 +450,51 @@ class LeaseKeeper:
             self.ledger.release(*batch)
 
     def lost(self, lease: Lease) -> bool:
+        """Whether ``lease`` was lost and, when taken back, found some of its resources held by others."""
         with self._guard:
             return lease.id in self._lost
 
     def renew_now(self) -> None:
+        """Renew every held lease and take back the lost ones; raises ``RegistryUnavailable`` when Redis is down."""
         with self._guard:
             leases = list(self._leases.values())
+            unreachable = self._unreachable
         if not leases:
             return
-        lost = self.ledger.renew(leases)
-        if lost:
-            log.warning("leases lost before renewal (holder stalled past the TTL?): %s", ", ".join(sorted(lost)))
+        try:
+            if unreachable:  # the ledger may have reaped any of them meanwhile: one call renews or takes back
+                retaken = self.ledger.retake(leases)
+            else:
+                lost = self.ledger.renew(leases)
+                with self._guard:
+                    still_held = [lease for lease in leases if lease.id in lost and lease.id in self._leases]
+                retaken = self.ledger.retake(still_held) if still_held else {}
+        except errors.RegistryUnavailable as exc:
+            if not unreachable:
+                log.warning("%s: %d lease(s) will be renewed, or taken back if lost, when it answers",
+                            exc, len(leases))
             with self._guard:
-                self._lost |= lost & set(self._leases)
+                self._unreachable = True
+            raise
+        if unreachable:
+            log.warning("ledger Redis answers again: leases renewed")
+        self._settle(leases, retaken)
+
+    def _settle(self, leases: list[Lease], retaken: dict[str, list[str]]) -> None:
+        """Log what was taken back (once), and give back any its holder released meanwhile."""
+        with self._guard:
+            self._unreachable = False
+            gone = [lease for lease in leases if lease.id in retaken and lease.id not in self._leases]
+            self._lost |= {lease_id for lease_id, clash in retaken.items() if clash and lease_id in self._leases}
+        if retaken:
+            log.warning("took back %d lease(s) lost before renewal (ledger outage, or holder stalled past the TTL): %s",
+                        len(retaken), ", ".join(sorted(retaken)))
+        for lease_id, clash in sorted(retaken.items()):
+            if clash:
+                log.warning("lease %s, taken back, over-commits the node (%s): admission waits until it drops",
+                            lease_id, ", ".join(clash))
+        if gone:  # released by its holder while being taken back: give it back again
+            self.ledger.release(*gone)
 
     def _loop(self) -> None:
         next_renewal = time.monotonic() + self.interval
@@ -403,12 +503,18 @@ class LeaseKeeper:
             self._wake.clear()
             try:
                 self.flush()
-                if time.monotonic() >= next_renewal:
-                    next_renewal = time.monotonic() + self.interval
-                    with self._guard:
-                        if not self._leases and not self._releasing:
-                            self._thread = None
-                            return
-                    self.renew_now()
-            except Exception as exc:  # keep going through a Redis blip; unreleased leases expire anyway
+            except Exception as exc:  # unreleased leases expire by themselves
+                log.warning("lease keeper: could not release leases (they expire by themselves): %s", exc)
+            if time.monotonic() < next_renewal:
+                continue
+            next_renewal = time.monotonic() + self.interval
+            with self._guard:
+                if not self._leases and not self._releasing:
+                    self._thread = None
+                    return
+            try:
+                self.renew_now()
+            except errors.RegistryUnavailable:  # logged once by renew_now; try again soon
+                next_renewal = time.monotonic() + min(self.interval, self._RETRY_S)
+            except Exception as exc:  # keep going through anything else; a lease not renewed expires
                 log.warning("lease keeper: %s", exc)

@@ -111,7 +111,8 @@ class NodeContext:
         """A serving executor's cache changed: its bytes count as taken in the ledger.
 
         The account is a lease like any other, renewed by this process's
-        LeaseKeeper, so a dead worker's cache stops counting by itself.
+        LeaseKeeper, so a dead worker's cache stops counting by itself, and one
+        lost in a ledger outage is accounted again when the ledger answers.
         """
         # A GPU executor's CUDA context lives as long as its cache does: counted with it.
         gpus = {int(device.split(":")[1].split(",")[0]): size + CUDA_CONTEXT if size else 0} \
@@ -123,8 +124,10 @@ class NodeContext:
             cores={},
             gpus=gpus,
             exclusive_gpu=False,
+            holder=f"model cache on {device}",
+            cache=True,  # lost in a ledger outage, the keeper accounts it again (Ledger.retake)
         )
-        self.ledger.account(account.id, memory=account.memory, gpus=gpus, holder=f"model cache on {device}")
+        self.ledger.account(account.id, memory=account.memory, gpus=gpus, holder=account.holder)
         self.metrics.cache_changed(device, size, evicted)
         if size:
             self.keeper.add(account)

@@ -36,7 +36,9 @@ def _random_request(rng: random.Random) -> Requirements:
 
 def _audit(client: redis.Redis, lease: Lease, sign: int) -> None:
     checks = [("audit:memory", lease.memory, CAPACITY.memory)]
-    checks += [(f"audit:core:{c}", milli, 1000) for c, milli in lease.cores.items()]
+    # a core held alone is held by one lease; fractions share the pool of the others, so only their sum is bounded
+    checks += [(f"audit:core:{c}", milli, 1000) for c, milli in lease.cores.items() if not lease.cpu_shared]
+    checks += [("audit:cpu", sum(lease.cores.values()), 1000 * len(CAPACITY.cores))]
     checks += [(f"audit:gpu:{g}", amount, CAPACITY.gpus[g]) for g, amount in lease.gpus.items()]
     with client.pipeline(transaction=False) as pipe:
         for key, amount, _ in checks:

@@ -71,6 +71,7 @@ def _touch_everything(client: redis.Redis, schema: KeySchema) -> None:
     assert isinstance(lease, Lease)
     ledger.account("cache:1", memory=2**20, holder="cache")
     ledger.renew([lease])
+    ledger.retake([lease])
     ledger.usage()
     record = registry.WorkerRecord(worker_id=WORKER, node_id=NODE, queue=keys.worker_queue(WORKER),
                                    max_memory_per_task=2**30, max_cpu_cores_per_task=1, gpu_sharing=False,

@@ -23,8 +23,10 @@ from hypha_celery.errors import (
     RegistryUnavailable,
     ResourcesBusy,
 )
+from hypha_celery.executor.pool import ExecutorSettings, _job_limits
 from hypha_celery.resources.ledger import Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
+from hypha_celery.tools.launch import wait_for
 
 MiB = 2**20
 
@@ -63,16 +65,54 @@ def test_reservation_takes_every_resource_or_none(ledger: Ledger) -> None:
         before.memory_used, before.core_milli_used, before.gpu_memory_used)
 
 
-def test_whole_cores_are_pinned_exclusively_and_fractions_pack(ledger: Ledger) -> None:
+def test_whole_cores_are_held_alone_and_fractions_share_the_pool(ledger: Ledger) -> None:
+    # Given two whole cores held alone on a 4-core node
     two = ledger.reserve(req(cpu_cores=2), holder="a")
-    assert two.cores == {0: 1000, 1: 1000}
-    # fractions go to the fullest core they fit (best fit), leaving whole cores whole
+    assert two.cores == {0: 1000, 1: 1000} and two.cpu_shared == 0
+    # When fractions arrive, Then each may run on every core of the shared pool (the cores nobody holds alone)
     quarter = ledger.reserve(req(cpu_cores=0.25), holder="b")
     half = ledger.reserve(req(cpu_cores=0.5), holder="c")
-    assert quarter.core_ids == half.core_ids == [2]
-    assert ledger.reserve(req(cpu_cores=1), holder="d").cores == {3: 1000}
+    assert quarter.core_ids == half.core_ids == [2, 3]
+    assert (quarter.cpu_shared, sum(quarter.cores.values()), half.cpu_shared) == (250, 250, 500)
+    # ... a whole core may leave the pool while the core left still covers the 0.75 running in it
+    assert ledger.reserve(req(cpu_cores=1), holder="d").cores == {2: 1000}
     with pytest.raises(ResourcesBusy, match="cpu"):
         ledger.reserve(req(cpu_cores=1), holder="e")
+    # ... and the last quarter of the pool goes to a fraction, pinned to the one core left in it
+    assert ledger.reserve(req(cpu_cores=0.25), holder="f").core_ids == [3]
+    with pytest.raises(ResourcesBusy, match="cpu"):
+        ledger.reserve(req(cpu_cores=0.001), holder="g")
+    usage = ledger.usage()
+    assert usage.core_milli_used == {0: 1000, 1: 1000, 2: 1000} and usage.shared_milli_used == 1000
+    assert usage.cores_used == 4
+
+
+def test_two_half_core_tasks_are_not_packed_onto_one_core(client: redis.Redis) -> None:
+    # Given an idle 2-core node
+    ledger = Ledger(client, "two-cores", ttl=5)
+    ledger.set_capacity(Capacity(cores=[0, 1], memory=1000 * MiB))
+    # When two 0.5-core tasks are admitted
+    a = ledger.reserve(req(cpu_cores=0.5), holder="a")
+    b = ledger.reserve(req(cpu_cores=0.5), holder="b")
+    # Then both may run on both cores (the kernel spreads them), not both on core 0
+    assert a.core_ids == b.core_ids == [0, 1]
+    # ... and they still count as one core of the two: one whole core is left to hold alone
+    assert ledger.reserve(req(cpu_cores=1), holder="c").cores == {0: 1000}
+    assert ledger.try_reserve(req(cpu_cores=0.001), holder="d") == Refusal(why="busy", resource="cpu")
+
+
+def test_a_fractions_job_may_run_on_its_whole_pool_with_one_thread(client: redis.Redis) -> None:
+    # Given a 0.5-core lease and a 2-core lease on an idle 4-core node
+    ledger = Ledger(client, "pins", ttl=5)
+    ledger.set_capacity(Capacity(cores=[0, 1, 2, 3], memory=1000 * MiB))
+    half = ledger.reserve(req(cpu_cores=0.5), holder="a")
+    two = ledger.reserve(req(cpu_cores=2), holder="b")
+    settings = ExecutorSettings(store="/nowhere", cache_size=0, max_model_size=0, sandbox=False, nice=0,
+                                enforce_memory=False, enforce_cpu=True)
+    # Then the executor pins the fraction's job to the pool it was admitted to, with one torch thread
+    assert (_job_limits([half], settings).cores, _job_limits([half], settings).threads) == ([0, 1, 2, 3], 1)
+    # ... and the whole-core job to its own cores, one thread each
+    assert (_job_limits([two], settings).cores, _job_limits([two], settings).threads) == ([0, 1], 2)
 
 
 def test_gpu_best_fit_and_exclusive_devices(ledger: Ledger) -> None:
@@ -256,10 +296,119 @@ def test_a_gpu_cache_takes_memory_but_never_holds_the_device(client: redis.Redis
 def test_placement_indexes_track_free_resources(client: redis.Redis, ledger: Ledger) -> None:
     lease = ledger.reserve(req(memory=250 * MiB, cpu_cores=2, gpus=1, gpu_memory=10_000), holder="a")
     score = {name: client.zscore(key, "node-a") for name, key in keys.index_free().items()}
-    assert score == {"memory": 750 * MiB, "core_milli": 1000, "whole_cores": 2, "gpus": 1, "gpu_memory": 80_000}
+    assert score == {"memory": 750 * MiB, "core_milli": 2000, "whole_cores": 2, "gpus": 1, "gpu_memory": 80_000}
     ledger.release(lease)
     assert client.zscore(keys.index_free()["memory"], "node-a") == 1000 * MiB
     assert client.zscore(keys.index_free()["gpus"], "node-a") == 2
+
+
+# --- leases lost in a ledger outage are taken back -----------------------------------------------------
+
+def _outlive(ledger: Ledger, *leases: Lease) -> None:
+    """Let ``leases`` expire unrenewed, as in a ledger outage longer than the TTL, and see them reaped."""
+    time.sleep(ledger.ttl + 0.1)
+    gone = {lease.id for lease in leases}
+    assert not gone & {entry["id"] for entry in ledger.usage().leases}
+
+
+def test_a_lost_lease_is_taken_back_as_it_was(client: redis.Redis) -> None:
+    # Given a node whose leases - whole cores, a fraction, a GPU with a task id, a model cache - were reaped
+    ledger = Ledger(client, "node-r", ttl=0.3)
+    ledger.set_capacity(Capacity(cores=[0, 1, 2], memory=1000 * MiB, gpus={0: 80_000}))
+    whole = ledger.reserve(req(memory=100 * MiB, cpu_cores=1), holder="w/t-1", task_id="t-1")
+    fraction = ledger.reserve(req(memory=100 * MiB, cpu_cores=0.5), holder="w/t-2")
+    gpu = ledger.reserve(req(cpu_cores=0.25, gpus=1), holder="w/t-3", task_id="t-3")
+    cache = Lease(id="cache:node-r:1:cpu", node="node-r", memory=300 * MiB, cores={}, gpus={}, exclusive_gpu=False,
+                  holder="model cache on cpu", cache=True)
+    ledger.account(cache.id, memory=cache.memory, holder=cache.holder)
+    before = ledger.usage()
+    _outlive(ledger, whole, fraction, gpu, cache)
+    assert ledger.usage().memory_used == 0
+    # When their holder, still running, takes them back
+    retaken = ledger.retake([whole, fraction, gpu, cache], ttl=5)
+    # Then each is back under its own id, nothing over-committed, and the ledger counts what it counted before
+    assert retaken == {whole.id: [], fraction.id: [], gpu.id: [], cache.id: []}
+    after = ledger.usage()
+    assert (after.memory_used, after.core_milli_used, after.shared_milli_used, after.gpu_memory_used,
+            after.gpu_holders) == (before.memory_used, before.core_milli_used, before.shared_milli_used,
+                                   before.gpu_memory_used, before.gpu_holders)
+    leases = {entry["id"]: entry for entry in after.leases}
+    assert leases[whole.id]["c"] == [0, 1000] and leases[fraction.id]["a"] == [1, 2]
+    assert leases[cache.id]["k"] == "cache" and leases[gpu.id]["t"] == "t-3"
+    # ... so the cores stay pinned as they were: a whole core is left in the pool, the exclusive one is not offered
+    assert ledger.reserve(req(cpu_cores=1), holder="x").cores == {1: 1000}
+    # ... and the task ids are guarded again: a copy of t-1 is refused
+    with pytest.raises(DuplicateTask):
+        ledger.reserve(req(), holder="copy", task_id="t-1")
+    # ... and a live lease is only renewed
+    assert ledger.retake([whole]) == {}
+    # ... and releasing them gives everything back
+    ledger.release(whole, fraction, gpu)
+    ledger.account(cache.id, memory=0)
+    assert {entry["h"] for entry in ledger.usage().leases} == {"x"}
+
+
+def test_a_lease_taken_back_over_commits_rather_than_move(client: redis.Redis) -> None:
+    # Given a task holding core 0 and 600 MiB whose lease was reaped, and another task admitted meanwhile on the same
+    ledger = Ledger(client, "node-o", ttl=0.3)
+    ledger.set_capacity(Capacity(cores=[0, 1], memory=1000 * MiB))
+    first = ledger.reserve(req(memory=600 * MiB, cpu_cores=1), holder="a")
+    _outlive(ledger, first)
+    second = ledger.reserve(req(memory=600 * MiB, cpu_cores=1), holder="b")
+    assert second.cores == first.cores == {0: 1000}
+    # When the first holder (its threads still pinned to core 0) takes its lease back
+    retaken = ledger.retake([first], ttl=5)
+    # Then it comes back on core 0 as it runs, and the ledger says the node is over-committed
+    assert retaken == {first.id: ["memory", "core 0"]}
+    usage = ledger.usage()
+    assert usage.core_milli_used == {0: 2000} and usage.memory_used == 1200 * MiB
+    # ... so nothing more is admitted until usage drops below capacity again
+    assert ledger.try_reserve(req(memory=MiB, cpu_cores=0.1), holder="c") == Refusal(why="busy", resource="memory")
+    ledger.release(second)
+    assert ledger.reserve(req(memory=MiB, cpu_cores=1), holder="c").cores == {1: 1000}
+
+
+def test_leases_are_taken_back_into_a_ledger_that_restarted_empty(client: redis.Redis) -> None:
+    # Given a running task's lease, and the ledger's Redis restarted empty (no capacity, no leases)
+    ledger = Ledger(client, "node-e", ttl=5)
+    capacity = Capacity(cores=[0, 1], memory=1000 * MiB)
+    ledger.set_capacity(capacity)
+    lease = ledger.reserve(req(memory=600 * MiB, cpu_cores=1), holder="a", task_id="t-e")
+    client.flushall()
+    # When the holder takes it back before the worker's monitor publishes the capacity again
+    assert ledger.retake([lease]) == {lease.id: []}
+    ledger.set_capacity(capacity)
+    # Then the republished node counts it: a second 600 MiB task waits
+    assert ledger.usage().memory_used == 600 * MiB
+    assert ledger.try_reserve(req(memory=600 * MiB), holder="b") == Refusal(why="busy", resource="memory")
+
+
+def test_the_keeper_takes_leases_back_after_an_outage_and_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    # Given a keeper renewing a one-core lease on a 2-core node every 0.1 s (TTL 0.4 s)
+    server = fakeredis.FakeServer()
+    ledger = Ledger(fakeredis.FakeRedis(server=server), "node-k2", ttl=0.4)
+    ledger.set_capacity(Capacity(cores=[0, 1], memory=100 * MiB))
+    keeper = LeaseKeeper(ledger, interval=0.1)
+    lease = ledger.reserve(req(cpu_cores=1), holder="a", task_id="t-k")
+    keeper.add(lease)
+    # When the ledger's Redis is unreachable for longer than 2 x the TTL
+    server.connected = False
+    time.sleep(1.0)
+    server.connected = True
+    # Then the lease is held again under its id, on its core, while its holder runs
+    wait_for(lambda: [entry["id"] for entry in ledger.usage().leases] == [lease.id], 5, "the lease taken back")
+    assert ledger.usage().core_milli_used == {0: 1000}
+    # ... so a second one-core task fits beside it, and a third does not
+    assert ledger.reserve(req(cpu_cores=1), holder="b").cores == {1: 1000}
+    assert ledger.try_reserve(req(cpu_cores=1), holder="c") == Refusal(why="busy", resource="cpu")
+    # ... and the outage and the take-back were each logged once, not at every heartbeat after
+    time.sleep(0.5)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("took back" in m for m in messages) == 1
+    assert sum("unreachable" in m for m in messages) == 1
+    assert not keeper.lost(lease)
+    keeper.release(lease)
+    keeper.flush()
 
 
 # --- property tests of the fit logic, against an oracle written from the spec -------------------------
@@ -286,11 +435,14 @@ def _fits(cap: Capacity, held: list[Lease], r: Requirements) -> bool:
     mem = sum(lease.memory for lease in held)
     if mem + r.memory > cap.memory:
         return False
-    core_use = {c: sum(lease.cores.get(c, 0) for lease in held) for c in cap.cores}
+    # CPU as Kubernetes' static CPU manager: whole cores alone, fractions from the pool of the rest
+    alone = {c for lease in held if not lease.cpu_shared for c in lease.cores}
+    pool = len(cap.cores) - len(alone)
+    shared = sum(lease.cpu_shared for lease in held)
     if r.cpu_milli >= 1000:
-        if sum(1 for used in core_use.values() if used == 0) < r.cpu_milli // 1000:
+        if (pool - r.cpu_milli // 1000) * 1000 < shared:
             return False
-    elif not any(1000 - used >= r.cpu_milli for used in core_use.values()):
+    elif pool * 1000 - shared < r.cpu_milli:
         return False
     exclusive = not cap.gpu_sharing or r.gpu_memory == 0
     eligible = 0
@@ -337,14 +489,18 @@ def test_fit_logic_matches_the_spec(case: tuple[Capacity, list[tuple[str, object
             assert result.why == want, f"{r}: ledger said {result}, spec says {want}"
         usage = ledger.usage()
         assert usage.memory_used == sum(lease.memory for lease in held) <= capacity.memory
-        assert all(used <= 1000 for used in usage.core_milli_used.values())
+        assert all(used == 1000 for used in usage.core_milli_used.values())
+        pool = [c for c in capacity.cores if not usage.core_milli_used.get(c)]
+        assert usage.shared_milli_used == sum(lease.cpu_shared for lease in held) <= 1000 * len(pool)
+        if isinstance(result, Lease) and result.cpu_shared:
+            assert result.core_ids == sorted(pool)  # a fraction's affinity: the whole shared pool
         for gpu, total in capacity.gpus.items():
             assert usage.gpu_memory_used.get(gpu, 0) <= total
         # the placement indexes say exactly what is free
         free = {name: fake.zscore(key, "prop") for name, key in keys.index_free().items()}
         assert free["memory"] == capacity.memory - usage.memory_used
-        assert free["whole_cores"] == sum(1 for c in capacity.cores if not usage.core_milli_used.get(c))
-        assert free["core_milli"] == max(1000 - usage.core_milli_used.get(c, 0) for c in capacity.cores)
+        assert free["core_milli"] == 1000 * len(pool) - usage.shared_milli_used
+        assert free["whole_cores"] == (1000 * len(pool) - usage.shared_milli_used) // 1000
         assert free["gpus"] == sum(1 for g in capacity.gpus if not usage.gpu_holders.get(g))
     ledger.release(*held)
     assert ledger.usage().leases == []
