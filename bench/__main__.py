@@ -75,6 +75,55 @@ def machine() -> dict[str, Any]:
 
 # --- 1. admission overhead ---------------------------------------------------------------------------
 
+def commands_per_task(url: str, run: Callable[[int], Any], tasks: int = 200) -> dict[str, float]:
+    """Redis commands per task while ``run(tasks)`` sends and waits for ``tasks`` tasks, read exactly with MONITOR.
+
+    ``client``: commands clients sent (a MULTI ... EXEC block counted once, so it is the round trips,
+    except that a pipeline without MULTI still counts per command: an upper bound); ``in_scripts``:
+    commands the Lua scripts ran inside Redis (no round trip each); ``by_command``: the client commands by name.
+    Both workers' idle broker polling (a BRPOP a second) is included.
+    """
+    client = redis.Redis.from_url(url)
+    seen: list[tuple[str, str, str]] = []
+    stop = threading.Event()
+    ready = threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                command = monitor.next_command()
+                name = command["command"].split(" ", 1)[0].lower()
+                seen.append((command["client_type"], f"{command['client_address']}:{command['client_port']}", name))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    ready.wait(10)
+    run(tasks)
+    stop.set()
+    client.ping()  # one more command wakes the monitor so the thread sees ``stop``
+    thread.join(10)
+    client.close()
+    in_transaction: set[str] = set()
+    counted = scripted = 0
+    by_command: dict[str, float] = {}
+    for kind, source, name in seen:
+        if kind == "lua":
+            scripted += 1
+            continue
+        if name in ("monitor", "ping") or (source in in_transaction and name not in ("exec", "discard")):
+            continue
+        if name == "multi":
+            in_transaction.add(source)
+        elif name in ("exec", "discard"):
+            in_transaction.discard(source)
+            continue
+        counted += 1
+        by_command[name] = by_command.get(name, 0) + 1 / tasks
+    return {"client": counted / tasks, "in_scripts": scripted / tasks,
+            **{f"by_command.{name}": round(value, 3) for name, value in by_command.items()}}
+
+
 def bench_admission(url: str, workdir: Path, models: Path) -> None:
     say("\n[1] admission overhead: no-op tasks/s, hypha's full path vs plain Celery (same broker, 4 threads)")
     app = client_app(url, name="bench-client")
@@ -95,8 +144,19 @@ def bench_admission(url: str, workdir: Path, models: Path) -> None:
         say(f"    plain Celery  {fmt(plain_runs, 'tasks/s')}")
         say(f"    hypha         {fmt(hypha_runs, 'tasks/s')}")
         say(f"    ratio {ratio:.3f} (target >= 0.90)")
+        plain_cmds = commands_per_task(url, lambda n: throughput(app, "plain.noop", {}, n, "plain"))
+        hypha_cmds = commands_per_task(url, lambda n: throughput(app, "hypha.noop", req, n, "hypha"))
+        for label, cmds in (("plain Celery", plain_cmds), ("hypha", hypha_cmds)):
+            names = {k.removeprefix("by_command."): v for k, v in cmds.items() if k.startswith("by_command.")}
+            top = ", ".join(f"{name} {calls:.2f}" for name, calls in sorted(names.items(), key=lambda kv: -kv[1])[:9])
+            say(f"    Redis round trips per task, {label:12} {cmds['client']:6.2f}; inside scripts "
+                f"{cmds['in_scripts']:5.2f}  ({top})")
+        extra = hypha_cmds["client"] - plain_cmds["client"]
+        say(f"    hypha's extra round trips per task: {extra:.2f} (MONITOR; MULTI/EXEC counted once; idle polling "
+            "included)")
         record("admission_overhead", ratio=ratio, target=">= 0.90", met=ratio >= 0.90, unit="hypha/plain tasks per s",
-               plain=spread(plain_runs), hypha=spread(hypha_runs), tasks=count)
+               plain=spread(plain_runs), hypha=spread(hypha_runs), tasks=count,
+               commands_per_task={"plain": plain_cmds, "hypha": hypha_cmds, "extra": extra})
     finally:
         plain.stop()
         hypha.stop()
