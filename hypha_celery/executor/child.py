@@ -235,6 +235,8 @@ class Executor:
                 task=manifest.task,
                 batchable=manifest.batchable,
                 parent=manifest.id,
+                produced_by=None if request.task_id is None else {"task_id": request.task_id,
+                                                                  "trained": trained.to_json()},
             )
             del loaded
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))

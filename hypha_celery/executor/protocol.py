@@ -200,6 +200,7 @@ class Train(_JobRequest):
     data_path: str | None = None
     progress_interval: float = 0.25
     limits: JobLimits = field(default_factory=JobLimits)
+    task_id: str | None = None  # recorded with the new model, so a copy of the task can tell its own model
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,9 @@ Layout::
                                                 a transformers model's allow-listed files (``import_hf``)
     <model_dir>/<model_id>/.verified.json       the stamp: each file's size, mtime, ctime, inode and
                                                 sha256 when it was last hashed and matched
+    <model_dir>/<model_id>/.produced.json       a trained model's record: the task id that saved it and
+                                                what training reported (``save(produced_by=...)``), so a
+                                                copy of that task answers from it (``produced_by``)
 
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
@@ -64,10 +67,11 @@ if TYPE_CHECKING:
 
     from hypha_celery.config import ModelSource
 
-__all__ = ["STAMP", "Imported", "ModelStore", "sha256_file"]
+__all__ = ["PRODUCED", "STAMP", "Imported", "ModelStore", "sha256_file"]
 
 _CHUNK = 1 << 20
 STAMP = ".verified.json"
+PRODUCED = ".produced.json"
 DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
 
 
@@ -218,8 +222,13 @@ class ModelStore:
         task: str = "classification",
         batchable: bool = True,
         parent: str | None = None,
+        produced_by: dict[str, Any] | None = None,
     ) -> Manifest:
-        """Store a module's weights as a new model (atomically; an existing id is refused)."""
+        """Store a module's weights as a new model (atomically; an existing id is refused).
+
+        ``produced_by`` (the saving task's id and what it reported) is written with the model, in
+        the same ``rename``: whoever finds the model finds the record (:meth:`produced_by`).
+        """
         from safetensors.torch import save_file
 
         validate_model_id(model_id)
@@ -244,9 +253,19 @@ class ModelStore:
                 parent=parent,
             )
             self._write_stamp(staging, {WEIGHTS: self._stamp(weights, manifest.files[WEIGHTS].sha256)})
+            if produced_by is not None:
+                _write_json(staging / PRODUCED, produced_by)
             _write_json(staging / MODEL_MANIFEST, manifest.to_json())
             self._install(model_id, staging)
         return manifest
+
+    def produced_by(self, model_id: str) -> dict[str, Any] | None:
+        """The record ``save(produced_by=...)`` stored with a model; None when there is none or it is unreadable."""
+        try:
+            data = json.loads((self.path(model_id) / PRODUCED).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
 
     def manifest_sha256(self, model_id: str) -> str:
         """The sha256 of the stored ``manifest.json`` bytes: what a scheduler can pin a model by."""

@@ -18,6 +18,10 @@ whole request within ``max_input_bytes``.
 rendered with the model's chat template, so only for a model that has one)
 and sampling settings, each checked for type and range here
 (:class:`GenerateParams`); ``max_new_tokens`` is capped by ``[worker.generation]``.
+
+``hypha.train`` refuses a ``new_model`` id that is taken, except by a model this same task id saved:
+that is a copy of a finished task (redelivered after its result could not be stored, or after
+kill -9), which answers from what the first run recorded (:func:`finished_training`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, ModelPinMismatch, UnsupportedModel
+from hypha_celery.executor.protocol import Trained
 from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
@@ -52,6 +57,7 @@ __all__ = [
     "check_generate_model",
     "check_infer_payload",
     "check_model_pin",
+    "finished_training",
     "image_size",
     "validate_generate",
     "validate_infer",
@@ -123,6 +129,9 @@ class TrainSpec:
     new_model: str
     requirements: Requirements
     manifest: Manifest | None
+    # Set on a copy of a task that already saved ``new_model`` (a redelivery after the result could not be
+    # stored, or after kill -9): what that run reported. The copy answers from it and trains nothing.
+    finished: Trained | None = None
 
 
 @dataclass(frozen=True)
@@ -321,8 +330,11 @@ def validate_train(
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 10:
         raise InvalidTask(f"lr must be a number in (0, 10], got {lr!r}")
     new_model = validate_model_id(kwargs.get("new_model") or f"{model}-ft-{task_id.replace('-', '')[:12]}")
+    finished = None
     if store.has(new_model):
-        raise InvalidTask(f"new_model {new_model!r} already exists; model ids are immutable, pick another")
+        finished = finished_training(store, new_model, task_id)
+        if finished is None:
+            raise InvalidTask(f"new_model {new_model!r} already exists; model ids are immutable, pick another")
     data = kwargs["data"]
     manifest = _local_manifest(store, model)
     if isinstance(data, Mapping) and set(data) == {"ref"}:
@@ -337,7 +349,22 @@ def validate_train(
         if not isinstance(targets, list) or len(targets) != batch.rows:
             raise InvalidInput(f"data.targets must be a list of {batch.rows} targets, one per input row")
     return TrainSpec(model=model, data=dict(data), epochs=epochs, lr=float(lr), batch_size=batch_size,
-                     new_model=new_model, requirements=requirements, manifest=manifest)
+                     new_model=new_model, requirements=requirements, manifest=manifest, finished=finished)
+
+
+def finished_training(store: ModelStore, new_model: str, task_id: str) -> Trained | None:
+    """What training reported, when the stored ``new_model`` was saved by task ``task_id`` itself; else None.
+
+    The record is written with the model in one ``rename`` (``ModelStore.save(produced_by=...)``), so a
+    model without it, or saved by another task id, stays what it was: an id already taken.
+    """
+    record = store.produced_by(new_model)
+    if record is None or record.get("task_id") != task_id:
+        return None
+    try:
+        return Trained.from_json(record.get("trained"))
+    except (TypeError, ValueError):
+        return None
 
 
 def validate_noop(cfg: WorkerConfig, args: Sequence[Any], kwargs: Mapping[str, Any]) -> NoopSpec:

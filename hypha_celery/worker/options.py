@@ -9,6 +9,8 @@
   Celery hands to the bootsteps as ``hypha_config``.
 * ``--hypha-metrics-port N``: overrides ``metrics_port`` (two workers on one host).
 * ``--without-hypha-registry``: do not advertise in the registry.
+* On a ``redis://`` broker the worker uses :mod:`hypha_celery.worker.broker`'s transport
+  (set at ``celeryd_init``), so that a broker outage does not stop it.
 
 Bootsteps are named by path, so a scheduler that builds the app never
 imports the worker's own dependencies.
@@ -95,8 +97,25 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add("hypha_celery.worker.bootsteps:RegistryStep")
     app.steps["consumer"].add("hypha_celery.tasks.strategy:MessageGuardStep")
     import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
+    signals.celeryd_init.connect(_redis_transport, weak=False)
     signals.celeryd_after_setup.connect(_own_queue, weak=False)
     signals.before_task_publish.connect(_stamp_sent_at, weak=False)
+
+
+def _redis_transport(conf: Any = None, **_: Any) -> None:
+    """A worker on Redis uses :mod:`hypha_celery.worker.broker`'s transport (a broker outage must not stop it).
+
+    Decided here, once every setting is final (``--hypha-config``, an operator's ``celeryconfig``),
+    and before the consumer opens its connection; an explicit ``broker_transport`` is kept.
+    """
+    from hypha_celery.worker.broker import broker_transport
+
+    if conf is None or conf.broker_transport:
+        return
+    urls = [conf.broker_url, conf.broker_read_url, conf.broker_write_url]
+    chosen = [broker_transport(url) for url in urls if url]
+    if chosen and all(chosen):
+        conf.broker_transport = chosen[0]
 
 
 def _own_queue(sender: str, instance: Any, **_: Any) -> None:

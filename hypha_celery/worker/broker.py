@@ -1,0 +1,77 @@
+"""kombu's Redis transport, minus the way a broker outage stops the worker.
+
+When the consumer loses the broker, Celery calls ``Connection.collect()`` and then
+``Connection.close()``. If the outage interrupted the default channel's ``BRPOP`` read,
+``collect()`` leaves that channel open but clears the transport's link to its
+``Connection`` (``transport.client = None``); ``close()`` then closes the channel, which
+restores its unacknowledged messages through a new connection pool built from
+``transport.client``: ``AttributeError: 'NoneType' object has no attribute 'hostname'``
+in ``_connparams`` (the kombu #582/#970 family). An ``AttributeError`` is not a
+connection error, so Celery calls it unrecoverable and the worker exits. An ack of a
+message delivered on that channel, made after it closed, fails the same way.
+
+:class:`Channel` keeps the connection parameters it was opened with, so a late restore or
+ack reaches the broker like any other command: it succeeds once Redis is back (a task
+that finishes after the outage is acknowledged, not redelivered later), and while Redis is
+down it fails with a Redis ``ConnectionError``, which Celery's reconnect path survives by
+design. Nothing is lost when a restore fails: the messages stay in kombu's unacked hash in
+Redis, and a live worker restores them after ``visibility_timeout`` (a copy of a finished
+task is then dropped by its stored result).
+
+A transport class, named by Celery's ``broker_transport`` setting, is kombu's extension
+point for this: a bootstep or signal runs around the consumer, not inside
+``Connection.close()``, and patching kombu's module would change every other user of it in
+the process. :func:`broker_transport` says when the worker uses it: every broker URL is
+``redis://`` (kombu keeps its own transport, and its TLS defaults, for ``rediss://`` and
+anything else).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+__all__ = ["TRANSPORT", "Channel", "Transport", "broker_transport"]
+
+TRANSPORT = "hypha_celery.worker.broker:Transport"
+
+
+class Channel(kombu_redis.Channel):
+    """A Redis channel that still reaches its broker after its connection was released.
+
+    It keeps the parameters of its first (synchronous) pool, so that a late restore or ack
+    connects as any other does: to the broker if it is back, else it fails with a connection
+    error. A channel that never built a pool fails with a connection error at once.
+    """
+
+    _released_params: dict[str, Any] | None = None
+
+    def _connparams(self, asynchronous: bool = False) -> Any:
+        transport = self.connection
+        if transport is not None and transport.client is not None:
+            params = super()._connparams(asynchronous=asynchronous)
+            if not asynchronous:
+                self._released_params = dict(params)
+            return params
+        if not asynchronous and self._released_params is not None:
+            return dict(self._released_params)
+        raise RedisConnectionError("the broker connection of this channel was released (connection lost)")
+
+
+class Transport(kombu_redis.Transport):
+    """kombu's Redis transport with :class:`Channel`."""
+
+    Channel = Channel
+
+
+def broker_transport(urls: str | Sequence[str] | None) -> str | None:
+    """:data:`TRANSPORT` when every broker URL is ``redis://``, else None (kombu picks by scheme)."""
+    if not urls:
+        return None
+    listed = [u for u in urls.split(";") if u] if isinstance(urls, str) else list(urls)
+    if listed and all(isinstance(u, str) and u.startswith("redis://") for u in listed):
+        return TRANSPORT
+    return None
