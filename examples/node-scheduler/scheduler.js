@@ -7,7 +7,7 @@
 //                     [--queue hypha] [--model mlp] [--inputs '[[5.1,3.5,1.4,0.2]]'] [--timeout 60]
 //                     [--tamper] [--print-key-id]
 //
-// The key file is the one `hypha-celery keygen` writes (a base64 Ed25519 seed); the worker must list
+// The key file is the one `hypha-celery keys generate` writes (a base64 Ed25519 seed); the worker must list
 // its peer id (`--print-key-id` prints it) in [worker.security] allowed_schedulers. Prints one JSON
 // line {"task_id", "status", "result"} and exits 0 on SUCCESS, 1 otherwise. `--tamper` changes the
 // inputs after signing, which a verifying worker must refuse with InvalidSignature.

@@ -69,7 +69,7 @@ export function keyFromSeed(seed) {
   return nacl.sign.keyPair.fromSeed(Uint8Array.from(seed));
 }
 
-/** Read a key file written by `hypha-celery keygen` / generate_key: one line, the base64 seed. */
+/** Read a key file written by `hypha-celery keys generate` / generate_key: one line, the base64 seed. */
 export function loadKeyFile(path) {
   return keyFromSeed(Buffer.from(readFileSync(path, "utf8").trim(), "base64"));
 }
