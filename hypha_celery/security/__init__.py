@@ -7,10 +7,16 @@ its id, a hash of its arguments, its model and requirements, when it was
 issued, when it expires, and a random nonce. The envelope travels in the
 message header ``hypha_envelope``::
 
-    {"v": 1, "key_id": "12D3KooW...", "task": "hypha.infer", "id": "<task id>",
+    {"v": 2, "key_id": "12D3KooW...", "task": "hypha.infer", "id": "<task id>",
      "model": "mlp", "requirements": {...}, "body_sha256": "<hex>",
      "issued_at": 1700000000.0, "expires_at": 1700000300.0, "nonce": "<hex>",
      "signature": "<base64 Ed25519 signature of the canonical JSON of the other fields>"}
+
+"Canonical" is RFC 8785, the JSON Canonicalization Scheme, for the envelope and
+for ``body_sha256`` (the SHA-256 of ``{"args": [...], "kwargs": {...}}``), so a
+scheduler in any language can sign: ``docs/envelope.md`` is the full spec, with
+test vectors in ``docs/envelope-vectors/``. Version 1 (canonical form Python's
+``json.dumps``) is refused with ``InvalidSignature`` naming version 2.
 
 An envelope may also carry ``"model_sha256": "<hex>"``, the sha256 of the
 model's ``manifest.json`` in the store (``ModelStore.manifest_sha256``,
@@ -18,7 +24,8 @@ model's ``manifest.json`` in the store (``ModelStore.manifest_sha256``,
 refuses the task with ``ModelPinMismatch`` when its store holds a different
 manifest under that id. The field is optional and signed like the others when
 present (64 lowercase hex characters, else ``InvalidSignature``); an envelope
-without it is byte for byte what it was before, so ``"v"`` stays 1. A worker
+without it is byte for byte what it would be without the pin, so the field
+did not need a version of its own. A worker
 from before the field existed checks for an exact key set and so refuses a
 pinned envelope as malformed: a pin is never silently ignored. With
 ``verify_task_signatures = false`` a worker still honours a pin it finds in the
@@ -43,12 +50,14 @@ from hypha_celery.security.envelope import (
     CLOCK_SKEW_S,
     DEFAULT_TTL_S,
     ENVELOPE_HEADER,
+    ENVELOPE_VERSION,
     MODEL_SHA256,
     OPTIONAL_SIGNED_FIELDS,
     SIGNED_FIELDS,
     body_digest,
     canonical,
     check_model_sha256,
+    check_version,
     generate_key,
     load_signing_key,
     peer_id,
@@ -62,6 +71,7 @@ __all__ = [
     "CLOCK_SKEW_S",
     "DEFAULT_TTL_S",
     "ENVELOPE_HEADER",
+    "ENVELOPE_VERSION",
     "MODEL_SHA256",
     "OPTIONAL_SIGNED_FIELDS",
     "SIGNED_FIELDS",
@@ -71,6 +81,7 @@ __all__ = [
     "body_digest",
     "canonical",
     "check_model_sha256",
+    "check_version",
     "generate_key",
     "load_signing_key",
     "peer_id",

@@ -2,7 +2,13 @@
 
 What a scheduler needs to sign (:func:`signed_options`); the worker's check is
 :mod:`hypha_celery.security.verifier`. The format is described in
-:mod:`hypha_celery.security`.
+:mod:`hypha_celery.security`, and for implementers in other languages in
+``docs/envelope.md`` (with test vectors in ``docs/envelope-vectors/``).
+
+The canonical form is RFC 8785, the JSON Canonicalization Scheme (JCS), through
+the ``rfc8785`` package: numbers as ECMAScript prints them, keys sorted by UTF-16
+code units, strings in UTF-8 with minimal escapes. That is what makes a signature
+reproducible outside Python; envelope version 1 used ``json.dumps`` and is refused.
 """
 
 from __future__ import annotations
@@ -10,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
 import re
 import secrets
@@ -23,6 +28,7 @@ from typing import Any
 import base58
 import nacl.exceptions
 import nacl.signing
+import rfc8785
 
 from hypha_celery.errors import ConfigError
 
@@ -30,12 +36,14 @@ __all__ = [
     "CLOCK_SKEW_S",
     "DEFAULT_TTL_S",
     "ENVELOPE_HEADER",
+    "ENVELOPE_VERSION",
     "MODEL_SHA256",
     "OPTIONAL_SIGNED_FIELDS",
     "SIGNED_FIELDS",
     "body_digest",
     "canonical",
     "check_model_sha256",
+    "check_version",
     "generate_key",
     "load_signing_key",
     "peer_id",
@@ -45,6 +53,7 @@ __all__ = [
 ]
 
 ENVELOPE_HEADER = "hypha_envelope"
+ENVELOPE_VERSION = 2  # 2: RFC 8785 canonical form (1: Python's json.dumps, refused since)
 DEFAULT_TTL_S = 300.0
 CLOCK_SKEW_S = 60.0
 _PEER_PREFIX = b"\x00\x24\x08\x01\x12\x20"  # identity multihash, 36 bytes of protobuf PublicKey{Ed25519}
@@ -64,14 +73,33 @@ def check_model_sha256(value: Any) -> str:
     return value
 
 
+def check_version(value: Any) -> int:
+    """``value`` if it is this envelope version, else ``ValueError`` naming the version this side speaks."""
+    if type(value) is int and value == ENVELOPE_VERSION:
+        return value
+    if type(value) is int and value == 1:
+        raise ValueError(
+            "envelope version 1 (canonical form: Python's json.dumps) is no longer accepted: this worker verifies "
+            f"v{ENVELOPE_VERSION} envelopes, canonicalized by RFC 8785 (JCS); upgrade the scheduler (see docs/envelope.md)"
+        )
+    raise ValueError(f"unknown envelope version {value!r}: this worker verifies v{ENVELOPE_VERSION} "
+                     "(RFC 8785 / JCS canonical form, docs/envelope.md)")
+
+
 def canonical(value: Any) -> bytes:
-    """The one byte string a JSON value signs as: sorted keys, no spaces, ASCII, no NaN."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    """The one byte string a JSON value signs as: its RFC 8785 (JCS) canonical form.
+
+    ``ValueError`` (``rfc8785.CanonicalizationError``) for what JCS cannot express: NaN and
+    infinities, integers beyond +-(2**53 - 1) (send those as strings), strings that are not
+    valid Unicode (lone surrogates), object keys that are not strings, values that are not JSON.
+    """
+    return rfc8785.dumps(value)
 
 
 def body_digest(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str:
-    """The SHA-256 (hex) of a message's arguments in canonical form: what binds an envelope to its body."""
+    """The SHA-256 (hex) of ``{"args": [...], "kwargs": {...}}`` in canonical form: what binds an envelope to its body."""
     return hashlib.sha256(canonical({"args": list(args), "kwargs": dict(kwargs)})).hexdigest()
+
 
 
 def peer_id(verify_key: nacl.signing.VerifyKey) -> str:
@@ -137,8 +165,12 @@ def sign_envelope(
     ttl: float = DEFAULT_TTL_S,
     now: float | None = None,
     model_sha256: str | None = None,
+    nonce: str | None = None,
 ) -> dict[str, Any]:
-    """The signed envelope for one task message; ``model_sha256`` pins its model (see :mod:`hypha_celery.security`)."""
+    """The signed envelope for one task message; ``model_sha256`` pins its model (see :mod:`hypha_celery.security`).
+
+    ``now`` and ``nonce`` are for reproducible test vectors; leave them unset to sign a real task.
+    """
     kwargs = dict(kwargs or {})
     if model_sha256 is not None:
         check_model_sha256(model_sha256)
@@ -146,7 +178,7 @@ def sign_envelope(
             raise ValueError(f"{MODEL_SHA256} pins the task's model, but these arguments name no model")
     issued = time.time() if now is None else now
     envelope: dict[str, Any] = {
-        "v": 1,
+        "v": ENVELOPE_VERSION,
         "key_id": peer_id(key.verify_key),
         "task": task_name,
         "id": task_id,
@@ -155,7 +187,7 @@ def sign_envelope(
         "body_sha256": body_digest(args, kwargs),
         "issued_at": issued,
         "expires_at": issued + ttl,
-        "nonce": secrets.token_hex(16),
+        "nonce": secrets.token_hex(16) if nonce is None else nonce,
     }
     if model_sha256 is not None:
         envelope[MODEL_SHA256] = model_sha256

@@ -42,6 +42,7 @@ from hypha_celery.security.envelope import (
     body_digest,
     canonical,
     check_model_sha256,
+    check_version,
     peer_id,
     public_key_from_id,
 )
@@ -170,6 +171,10 @@ class Verifier:
         if not isinstance(envelope, dict) or not _REQUIRED <= set(envelope) <= _ALLOWED:
             raise InvalidSignature("the envelope is malformed: it must have exactly " + ", ".join((*SIGNED_FIELDS, "signature"))
                                    + " (and optionally " + ", ".join(OPTIONAL_SIGNED_FIELDS) + ")")
+        try:
+            check_version(envelope["v"])  # before the signature: a v1 envelope's bytes differ, say why
+        except ValueError as exc:
+            raise InvalidSignature(str(exc)) from None
         if not self.keys:
             raise InvalidSignature("this worker allows no scheduler keys (worker.security.allowed_schedulers is empty)")
         key_id = envelope["key_id"]
@@ -208,8 +213,6 @@ class Verifier:
     def _check_matches(
         self, unsigned: Mapping[str, Any], *, task_name: str, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> None:
-        if unsigned["v"] != 1:
-            raise InvalidSignature(f"unknown envelope version {unsigned['v']!r}")
         if unsigned["task"] != task_name:
             raise InvalidSignature(f"the envelope was signed for task {unsigned['task']!r}, delivered as {task_name!r}")
         if unsigned["id"] != task_id:
@@ -220,8 +223,8 @@ class Verifier:
             raise InvalidSignature("the message's requirements differ from the signed ones")
         try:
             digest = body_digest(args, kwargs)
-        except (TypeError, ValueError, RecursionError):
-            digest = ""
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidSignature(f"the message's arguments have no RFC 8785 canonical form: {exc}") from None
         if unsigned["body_sha256"] != digest:
             raise InvalidSignature("the message's arguments differ from the signed ones")
         if MODEL_SHA256 in unsigned:

@@ -55,8 +55,8 @@ PROMPT = "The cat sat on the mat and"
 MODEL = "tiny-llama"  # hypha_celery.models.examples.TINY_LLAMA (not imported here: that module imports the store)
 # What the worker, the model build and the client import: (module, the pip package that provides it).
 _NEEDED = (
-    ("celery", "celery[redis]"), ("redis", "redis"), ("nacl", "pynacl"), ("base58", "base58"), ("click", "click"),
-    ("psutil", "psutil"), ("prometheus_client", "prometheus-client"), ("numpy", "numpy"),
+    ("celery", "celery[redis]"), ("redis", "redis"), ("nacl", "pynacl"), ("base58", "base58"), ("rfc8785", "rfc8785"),
+    ("click", "click"), ("psutil", "psutil"), ("prometheus_client", "prometheus-client"), ("numpy", "numpy"),
     ("safetensors", "safetensors"), ("transformers", "transformers"), ("tokenizers", "tokenizers"),
     ("tomli_w", "tomli-w"), ("torch", "torch"),
 )

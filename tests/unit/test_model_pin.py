@@ -67,7 +67,7 @@ def test_a_pin_is_signed_and_the_verifier_hands_it_on(key: nacl.signing.SigningK
     options = signed_options(key, TASK, kwargs=KWARGS, model_sha256=PIN)
     env = options["headers"][ENVELOPE_HEADER]
     # Then the envelope carries it, and the verified result names it
-    assert env[MODEL_SHA256] == PIN and env["v"] == 1
+    assert env[MODEL_SHA256] == PIN and env["v"] == 2
     verified = verify(verifier, env, options["task_id"])
     assert verified.model_sha256 == PIN and verified.first_delivery
 

@@ -185,7 +185,7 @@ def test_sign_and_verify_round_trip(key: nacl.signing.SigningKey, verifier: Veri
     task_id = new_id()
     env = envelope(key, task_id)
     assert set(env) == {*FIELDS, "signature"}
-    assert env["v"] == 1 and env["key_id"] == peer_id(key.verify_key)
+    assert env["v"] == 2 and env["key_id"] == peer_id(key.verify_key)
     assert env["task"] == TASK and env["id"] == task_id
     assert env["model"] == "mlp" and env["requirements"] == KWARGS["requirements"]
     assert env["body_sha256"] == body_digest((), KWARGS)
@@ -327,7 +327,7 @@ ALTERED = {
     "issued_at": "later",
     "expires_at": 1e12,
     "nonce": "0" * 32,
-    "v": 2,
+    "v": 3,
 }
 
 
@@ -344,7 +344,8 @@ def test_each_signed_field_altered_after_signing(key: nacl.signing.SigningKey, v
         overrides["kwargs"] = {**KWARGS, "model": "cnn"}
     if field == "requirements":
         overrides["kwargs"] = {**KWARGS, "requirements": ALTERED["requirements"]}
-    with pytest.raises(InvalidSignature, match="bad signature"):
+    # (the version is read before the signature, to name the version a worker speaks)
+    with pytest.raises(InvalidSignature, match="unknown envelope version" if field == "v" else "bad signature"):
         verify(verifier, env, ALTERED["id"] if field == "id" else task_id, **overrides)
 
 
@@ -390,8 +391,8 @@ def test_mismatch_does_not_burn_the_nonce(key: nacl.signing.SigningKey, verifier
 def test_unknown_version_even_when_signed(key: nacl.signing.SigningKey, verifier: Verifier) -> None:
     task_id = new_id()
     env = envelope(key, task_id)
-    env["v"] = 2
-    with pytest.raises(InvalidSignature, match="unknown envelope version 2"):
+    env["v"] = 3
+    with pytest.raises(InvalidSignature, match="unknown envelope version 3"):
         verify(verifier, resign(key, env), task_id)
 
 

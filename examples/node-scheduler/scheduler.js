@@ -1,0 +1,70 @@
+#!/usr/bin/env node
+// A hypha scheduler in Node.js: sign a hypha.infer envelope (RFC 8785 + Ed25519), send it with
+// celery-node over Redis (Celery protocol 2, the envelope in the `hypha_envelope` header), and read
+// the result from the Redis result backend.
+//
+//   node scheduler.js --key scheduler.key [--broker redis://127.0.0.1:6379/0] [--backend URL]
+//                     [--queue hypha] [--model mlp] [--inputs '[[5.1,3.5,1.4,0.2]]'] [--timeout 60]
+//                     [--tamper] [--print-key-id]
+//
+// The key file is the one `hypha-celery keys generate` writes (a base64 Ed25519 seed); the worker must list
+// its peer id (`--print-key-id` prints it) in [worker.security] allowed_schedulers. Prints one JSON
+// line {"task_id", "status", "result"} and exits 0 on SUCCESS, 1 otherwise. `--tamper` changes the
+// inputs after signing, which a verifying worker must refuse with InvalidSignature.
+
+import { randomUUID } from "node:crypto";
+import { parseArgs } from "node:util";
+
+import celery from "celery-node";
+
+import { ENVELOPE_HEADER, loadKeyFile, peerId, signEnvelope } from "./lib/envelope.js";
+
+const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
+
+const { values: opts } = parseArgs({
+  options: {
+    key: { type: "string" },
+    broker: { type: "string", default: process.env.HYPHA_BROKER_URL ?? "redis://127.0.0.1:6379/0" },
+    backend: { type: "string" },
+    queue: { type: "string", default: "hypha" },
+    model: { type: "string", default: "mlp" },
+    inputs: { type: "string", default: "[[5.1,3.5,1.4,0.2]]" },
+    timeout: { type: "string", default: "60" },
+    tamper: { type: "boolean", default: false },
+    "print-key-id": { type: "boolean", default: false },
+  },
+});
+
+if (!opts.key) {
+  console.error("usage: node scheduler.js --key FILE [--broker URL] [--queue hypha] [--tamper] (see the header)");
+  process.exit(2);
+}
+const key = loadKeyFile(opts.key);
+if (opts["print-key-id"]) {
+  console.log(peerId(key.publicKey));
+  process.exit(0);
+}
+
+const task = "hypha.infer";
+const taskId = randomUUID();
+const kwargs = { model: opts.model, inputs: JSON.parse(opts.inputs) };
+const envelope = signEnvelope(key, { task, id: taskId, args: [], kwargs, ttl: 300 });
+if (opts.tamper) kwargs.inputs = kwargs.inputs.map((row) => row.map((x) => x + 1)); // after signing
+
+const client = celery.createClient(opts.broker, opts.backend ?? opts.broker, opts.queue);
+// celery-node's sendTask takes no headers, so build its protocol-2 message and add ours before sending.
+const message = client.createTaskMessage(taskId, task, [], kwargs);
+message.headers[ENVELOPE_HEADER] = envelope;
+client.sendTaskMessage(task, message);
+
+const deadline = Date.now() + Number(opts.timeout) * 1000;
+let meta = null;
+while (Date.now() < deadline) {
+  meta = await client.backend.getTaskMeta(taskId);
+  if (meta && FINAL.has(meta.status)) break;
+  await new Promise((resolve) => setTimeout(resolve, 200));
+}
+await client.disconnect();
+const status = meta && FINAL.has(meta.status) ? meta.status : "TIMEOUT";
+console.log(JSON.stringify({ task_id: taskId, status, result: meta ? meta.result : null }));
+process.exit(status === "SUCCESS" ? 0 : 1);
