@@ -1,0 +1,120 @@
+"""Landlock for real: a process under the executor's rules tries to read and write around the store.
+
+Each case runs in a fresh interpreter (a Landlock domain cannot be left). On a
+kernel without Landlock these tests skip with the reason, except in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hypha_celery.executor import landlock
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+_PROBE = r"""
+import errno, json, os, sys
+from hypha_celery.executor import limits
+
+store, tmpdir, secret, outside, trains = sys.argv[1:6]
+staging = limits.confine_filesystem(store=store, tmpdir=tmpdir, trains=trains == "1")
+results = {"staging": staging}
+
+def attempt(name, action):
+    try:
+        action()
+        results[name] = "ok"
+    except OSError as exc:
+        results[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+
+def write(path):
+    with open(path, "w") as handle:
+        handle.write("x")
+
+attempt("read store", lambda: open(os.path.join(store, "mlp", "manifest.json")).read())
+attempt("list store", lambda: os.listdir(store))
+attempt("read secret", lambda: open(secret).read())
+attempt("list outside", lambda: os.listdir(outside))
+attempt("stat secret", lambda: os.stat(secret))
+attempt("write tmpdir", lambda: write(os.path.join(tmpdir, "scratch")))
+attempt("write outside", lambda: write(os.path.join(outside, "dropped")))
+attempt("write model file", lambda: write(os.path.join(store, "mlp", "manifest.json")))
+attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
+attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
+attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
+attempt("read proc", lambda: open("/proc/self/status").read())
+attempt("write dev null", lambda: write("/dev/null"))
+import torch  # what the executor imports once confined
+attempt("torch", lambda: torch.ones(2).sum().item())
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def abi() -> int:
+    try:
+        return landlock.abi_version()
+    except OSError as exc:
+        if IN_CI:
+            raise
+        pytest.skip(landlock.unavailable_reason(exc))
+
+
+def _probe(tmp_path: Path, model_dir: Path, *, trains: bool) -> dict[str, str | None]:
+    store = tmp_path / "models"
+    shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(".locks"))
+    (store / landlock.STAGING).mkdir()  # as a training executor leaves it
+    tmpdir = tmp_path / "executor-tmp"
+    tmpdir.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "worker.toml"
+    secret.write_text('[worker.security]\nsigning_key = "do-not-leak"\n')
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(store), str(tmpdir), str(secret), str(outside),
+                          "1" if trains else "0"], capture_output=True, text=True, timeout=120, cwd=outside)
+    assert out.returncode == 0, out.stderr
+    results: dict[str, str | None] = json.loads(out.stdout)
+    return results
+
+
+def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
+        abi: int, tmp_path: Path, model_dir: Path) -> None:
+    # Given a process confined as a serving executor, started in a directory that holds the worker's config
+    # When it tries to read and write inside and outside what it is allowed
+    results = _probe(tmp_path, model_dir, trains=False)
+    # Then the store, /proc, /dev/null and its temp dir work, torch imports and runs, and nothing else opens
+    assert results == {
+        "staging": None,
+        "read store": "ok", "list store": "ok", "read proc": "ok", "write dev null": "ok", "torch": "ok",
+        "write tmpdir": "ok", "stat secret": "ok",
+        "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES",
+        "write model file": "EACCES", "create in store": "EACCES", "rename model away": "EACCES",
+        "write staging": "EACCES",
+    }
+
+
+def test_a_training_executor_may_also_stage_new_models_only(abi: int, tmp_path: Path, model_dir: Path) -> None:
+    # Given a process confined as a training (job) executor
+    results = _probe(tmp_path, model_dir, trains=True)
+    if abi < 2:
+        pytest.skip(f"Landlock ABI {abi}: a training executor may write the whole store (no REFER)")
+    # Then it may write under the store's staging folder, and still not change or move a stored model
+    assert results["staging"] == str(tmp_path / "models" / ".incoming")
+    assert results["write staging"] == "ok" and results["write tmpdir"] == "ok"
+    assert {key: results[key] for key in ("write model file", "create in store", "rename model away",
+                                          "read secret", "write outside")} == dict.fromkeys(
+        ("write model file", "create in store", "rename model away", "read secret", "write outside"), "EACCES")
+
+
+def test_a_kernel_with_landlock_passes_the_workers_start_check(abi: int) -> None:
+    from hypha_celery.worker import hostcheck
+
+    # Given this kernel's Landlock, When the worker checks the host for sandbox_enabled, Then nothing is refused
+    hostcheck._check_landlock()
