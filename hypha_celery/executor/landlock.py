@@ -170,8 +170,8 @@ def python_paths(startup_dir: str | None = None) -> list[str]:
     """What this interpreter imports from: prefixes, the executable's directory, ``sys.path``, our package.
 
     ``sys.path[0]`` of ``python -m`` is the directory the process started in
-    (the worker's), which may hold its config: it is left out unless it is
-    where ``hypha_celery`` itself lives.
+    (the worker's), which may hold its config: it is left out (the package's
+    own directory is listed, wherever it lives).
     """
     import hypha_celery
 
@@ -182,7 +182,7 @@ def python_paths(startup_dir: str | None = None) -> list[str]:
     for entry in sys.path:
         if not entry or not os.path.isabs(entry):
             continue  # a relative entry names the working directory
-        if startup and os.path.realpath(entry) == startup and package.parent != Path(startup):
+        if startup and os.path.realpath(entry) == startup:
             continue
         paths.add(entry)
     return sorted(p for p in paths if p)

@@ -12,6 +12,9 @@ Layout::
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
 
+    <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
+                                                for a sandboxed training executor, which may write only there)
+
 Data sets live beside models and travel by the same sources and checks, so
 ``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
 
