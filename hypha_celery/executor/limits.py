@@ -81,14 +81,16 @@ def apply_static(*, nice: int, sandbox: bool) -> None:
         enter_network_namespace()
 
 
-def confine_filesystem(*, store: str, tmpdir: str, trains: bool) -> str | None:
+def confine_filesystem(*, store: str, tmpdir: str, trains: bool, abi: int | None = None) -> str | None:
     """Restrict this (single-threaded) process's files with Landlock; the staging folder for new models.
 
     ``trains``: a job executor, which stages trained models under
     ``<store>/.incoming`` (``None``: in the store itself, on Landlock ABI 1).
+    ``abi``: the Landlock ABI to use, at most the kernel's (default: the kernel's).
     Raises ``OSError`` when the kernel has no Landlock.
     """
-    abi = landlock.abi_version()
+    kernel = landlock.abi_version()
+    abi = kernel if abi is None else min(abi, kernel)
     staging = None
     if trains:
         Path(store, landlock.LOCKS).mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ _PROBE = r"""
 import errno, json, os, sys
 from hypha_celery.executor import limits
 
-store, tmpdir, secret, outside, trains = sys.argv[1:6]
-staging = limits.confine_filesystem(store=store, tmpdir=tmpdir, trains=trains == "1")
+store, tmpdir, secret, outside, trains, abi = sys.argv[1:7]
+staging = limits.confine_filesystem(store=store, tmpdir=tmpdir, trains=trains == "1", abi=int(abi) if abi else None)
 results = {"staging": staging}
 
 def attempt(name, action):
@@ -53,6 +53,13 @@ attempt("read proc", lambda: open("/proc/self/status").read())
 attempt("write dev null", lambda: write("/dev/null"))
 import torch  # what the executor imports once confined
 attempt("torch", lambda: torch.ones(2).sum().item())
+if trains == "1":  # as Executor.train stores a trained model
+    from hypha_celery.models.architectures import build
+    from hypha_celery.models.store import ModelStore
+
+    config = {"in_features": 4, "hidden": 8, "out_features": 3}
+    attempt("save model", lambda: ModelStore(store, staging=staging).save(
+        "trained", build("mlp", config), architecture="mlp", config=config, input_shape=[4]))
 print(json.dumps(results))
 """
 
@@ -67,7 +74,7 @@ def abi() -> int:
         pytest.skip(landlock.unavailable_reason(exc))
 
 
-def _probe(tmp_path: Path, model_dir: Path, *, trains: bool) -> dict[str, str | None]:
+def _probe(tmp_path: Path, model_dir: Path, *, trains: bool, abi: int | None = None) -> dict[str, str | None]:
     store = tmp_path / "models"
     shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(".locks"))
     (store / landlock.STAGING).mkdir()  # as a training executor leaves it
@@ -78,7 +85,8 @@ def _probe(tmp_path: Path, model_dir: Path, *, trains: bool) -> dict[str, str | 
     secret = outside / "worker.toml"
     secret.write_text('[worker.security]\nsigning_key = "do-not-leak"\n')
     out = subprocess.run([sys.executable, "-c", _PROBE, str(store), str(tmpdir), str(secret), str(outside),
-                          "1" if trains else "0"], capture_output=True, text=True, timeout=120, cwd=outside)
+                          "1" if trains else "0", "" if abi is None else str(abi)],
+                         capture_output=True, text=True, timeout=120, cwd=outside)
     assert out.returncode == 0, out.stderr
     results: dict[str, str | None] = json.loads(out.stdout)
     return results
@@ -101,16 +109,29 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
 
 
 def test_a_training_executor_may_also_stage_new_models_only(abi: int, tmp_path: Path, model_dir: Path) -> None:
-    # Given a process confined as a training (job) executor
-    results = _probe(tmp_path, model_dir, trains=True)
     if abi < 2:
         pytest.skip(f"Landlock ABI {abi}: a training executor may write the whole store (no REFER)")
-    # Then it may write under the store's staging folder, and still not change or move a stored model
+    # Given a process confined as a training (job) executor
+    # When it saves a model, and tries to change what is stored
+    results = _probe(tmp_path, model_dir, trains=True)
+    # Then the model is staged under the store's .incoming and renamed into place; a stored model
+    # cannot be changed or moved, and nothing outside opens
     assert results["staging"] == str(tmp_path / "models" / ".incoming")
-    assert results["write staging"] == "ok" and results["write tmpdir"] == "ok"
-    assert {key: results[key] for key in ("write model file", "create in store", "rename model away",
-                                          "read secret", "write outside")} == dict.fromkeys(
-        ("write model file", "create in store", "rename model away", "read secret", "write outside"), "EACCES")
+    assert (results["save model"], results["write staging"], results["write tmpdir"]) == ("ok", "ok", "ok")
+    assert (tmp_path / "models" / "trained" / "manifest.json").is_file()
+    denied = ("write model file", "create in store", "rename model away", "read secret", "write outside")
+    assert {key: results[key] for key in denied} == dict.fromkeys(denied, "EACCES")
+
+
+def test_on_abi_1_a_training_executor_stages_in_the_store_itself(abi: int, tmp_path: Path, model_dir: Path) -> None:
+    # Given a process confined as a training executor with ABI 1's rights (renames within one folder only;
+    # a newer kernel denies a rename across folders to such a ruleset, as ABI 1 does)
+    # When it saves a model
+    results = _probe(tmp_path, model_dir, trains=True, abi=1)
+    # Then it stages in model_dir and the save works; outside the store stays closed
+    assert results["staging"] is None and results["save model"] == "ok"
+    assert (tmp_path / "models" / "trained" / "manifest.json").is_file()
+    assert (results["read secret"], results["write outside"]) == ("EACCES", "EACCES")
 
 
 def test_a_kernel_with_landlock_passes_the_workers_start_check(abi: int) -> None:
