@@ -197,7 +197,7 @@ def executor_rules(*, store: str, tmpdir: str, trains: bool, abi: int,
         rules += [Rule(entry, READ) for entry in os.environ.get(variable, "").split(":") if os.path.isabs(entry)]
     for pattern in _DEVICES:
         rules += [Rule(path, DEVICE) for path in sorted(glob.glob(pattern))]
-    rules.append(Rule("/proc/self/clear_refs", WRITE_FILE))
+    rules.append(Rule("/proc/self/clear_refs", WRITE_FILE | TRUNCATE))  # limits.reset_peak_rss opens it "w"
     rules.append(Rule(tmpdir, FULL))
     if not trains:
         rules.append(Rule(store, READ))

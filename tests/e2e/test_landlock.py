@@ -34,9 +34,9 @@ def attempt(name, action):
     except OSError as exc:
         results[name] = errno.errorcode.get(exc.errno, str(exc.errno))
 
-def write(path):
+def write(path, text="x"):
     with open(path, "w") as handle:
-        handle.write("x")
+        handle.write(text)
 
 attempt("read store", lambda: open(os.path.join(store, "mlp", "manifest.json")).read())
 attempt("list store", lambda: os.listdir(store))
@@ -50,6 +50,7 @@ attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
 attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
 attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
 attempt("read proc", lambda: open("/proc/self/status").read())
+attempt("reset peak rss", lambda: write("/proc/self/clear_refs", "5"))  # as limits.reset_peak_rss
 attempt("write dev null", lambda: write("/dev/null"))
 import torch  # what the executor imports once confined
 attempt("torch", lambda: torch.ones(2).sum().item())
@@ -100,7 +101,8 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
     # Then the store, /proc, /dev/null and its temp dir work, torch imports and runs, and nothing else opens
     assert results == {
         "staging": None,
-        "read store": "ok", "list store": "ok", "read proc": "ok", "write dev null": "ok", "torch": "ok",
+        "read store": "ok", "list store": "ok", "read proc": "ok", "reset peak rss": "ok", "write dev null": "ok",
+        "torch": "ok",
         "write tmpdir": "ok", "stat secret": "ok",
         "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES",
         "write model file": "EACCES", "create in store": "EACCES", "rename model away": "EACCES",
