@@ -77,7 +77,7 @@ def abi() -> int:
 
 def _probe(tmp_path: Path, model_dir: Path, *, trains: bool, abi: int | None = None) -> dict[str, str | None]:
     store = tmp_path / "models"
-    shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(".locks"))
+    shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(landlock.LOCKS, landlock.STAGING))
     (store / landlock.STAGING).mkdir()  # as a training executor leaves it
     tmpdir = tmp_path / "executor-tmp"
     tmpdir.mkdir()
