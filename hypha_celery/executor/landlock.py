@@ -9,9 +9,10 @@ itself, before it imports torch, to:
   the ``hypha_celery`` package), the system's shared libraries (``/lib*``,
   ``/usr/lib*``, ``/usr/local/lib``, ``LD_LIBRARY_PATH``, ``/usr/local/cuda``,
   ``/usr/local/nvidia``, ``CUDA_HOME``), a few files of ``/etc`` (``ld.so.cache``,
-  ``localtime``, ``passwd``, ``group``, ``nsswitch.conf``), ``/proc`` and ``/sys``
-  (CPU and GPU topology; another process's private ``/proc`` files stay closed:
-  a Landlock domain may not ptrace out of itself);
+  ``localtime``, ``passwd``, ``group``, ``nsswitch.conf``), ``/sys`` (CPU and GPU
+  topology), ``/proc/self`` and system-wide ``/proc`` files (``cpuinfo``,
+  ``meminfo``, ``stat``, ``sys``, ``driver/nvidia``, ...), not other processes'
+  ``/proc/<pid>`` (the worker's ``environ`` holds its secrets);
 * read and write: its temp dir, ``/dev/null``, ``/dev/zero``, ``/dev/full``,
   ``/dev/random``, ``/dev/urandom``, ``/dev/nvidia*`` (with device ``ioctl``),
   and ``/proc/self/clear_refs`` (per-job peak memory);
@@ -97,8 +98,12 @@ STAGING = ".incoming"  # a training executor's staging folders, under model_dir
 LOCKS = ".locks"  # the store's per-model lock files (ModelStore._lock)
 
 _SYSTEM_READ = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib",
-                "/usr/local/cuda", "/usr/local/nvidia", "/proc", "/sys",
+                "/usr/local/cuda", "/usr/local/nvidia", "/sys",
                 "/etc/ld.so.cache", "/etc/localtime", "/etc/passwd", "/etc/group", "/etc/nsswitch.conf")
+# Not all of /proc: a same-user process's /proc/<pid>/environ (the worker's secrets) is readable
+# to PTRACE_MODE_READ, which Landlock domains do not restrict on every kernel.
+_PROC_READ = ("/proc/self", "/proc/cpuinfo", "/proc/meminfo", "/proc/stat", "/proc/loadavg", "/proc/version",
+              "/proc/filesystems", "/proc/devices", "/proc/modules", "/proc/sys", "/proc/driver/nvidia")
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/nvidia*",
             "/dev/nvidia-caps", "/dev/dxg")
 
@@ -192,7 +197,7 @@ def executor_rules(*, store: str, tmpdir: str, trains: bool, abi: int,
                    startup_dir: str | None = None) -> list[Rule]:
     """The paths an executor may reach, and how (see the module docstring)."""
     rules = [Rule(path, READ) for path in python_paths(startup_dir)]
-    rules += [Rule(path, READ) for path in _SYSTEM_READ]
+    rules += [Rule(path, READ) for path in _SYSTEM_READ + _PROC_READ]
     for variable in ("LD_LIBRARY_PATH", "CUDA_HOME"):
         rules += [Rule(entry, READ) for entry in os.environ.get(variable, "").split(":") if os.path.isabs(entry)]
     for pattern in _DEVICES:
@@ -259,5 +264,6 @@ def _add_rule(syscall: ctypes._CFuncPtr, ruleset: int, rule: Rule, handled: int,
     finally:
         if not rule.path.startswith("/proc/"):
             os.close(fd)
-        # else: the O_PATH descriptor stays open, pinning the procfs dentry, so the inode
-        # the rule names is not dropped and re-created (with no rule) under memory pressure
+        # else: the O_PATH descriptor stays open, pinning the procfs dentry, so the inode the rule
+        # names (procfs makes a new one per lookup of /proc/<pid>) is not dropped and re-created
+        # without the rule under memory pressure

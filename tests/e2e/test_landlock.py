@@ -50,6 +50,7 @@ attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
 attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
 attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
 attempt("read proc", lambda: open("/proc/self/status").read())
+attempt("read worker environ", lambda: open(f"/proc/{os.getppid()}/environ").read())  # the worker's secrets
 attempt("reset peak rss", lambda: write("/proc/self/clear_refs", "5"))  # as limits.reset_peak_rss
 attempt("write dev null", lambda: write("/dev/null"))
 import torch  # what the executor imports once confined
@@ -104,7 +105,7 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
         "read store": "ok", "list store": "ok", "read proc": "ok", "reset peak rss": "ok", "write dev null": "ok",
         "torch": "ok",
         "write tmpdir": "ok", "stat secret": "ok",
-        "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES",
+        "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES", "read worker environ": "EACCES",
         "write model file": "EACCES", "create in store": "EACCES", "rename model away": "EACCES",
         "write staging": "EACCES",
     }

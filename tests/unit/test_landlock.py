@@ -46,7 +46,8 @@ def _writable(rules: list[Rule]) -> set[str]:
 def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir_and_devices() -> None:
     rules = _by_path(executor_rules(store=STORE, tmpdir=TMP, trains=False, abi=5))
     assert rules[STORE] == READ and rules[TMP] == FULL
-    assert rules["/dev/null"] == DEVICE and rules["/proc"] == READ and rules["/sys"] == READ
+    assert rules["/dev/null"] == DEVICE and rules["/proc/self"] == READ and rules["/sys"] == READ
+    assert "/proc" not in rules  # another process's /proc/<pid>/environ would be readable
     assert {path for path in _writable(executor_rules(store=STORE, tmpdir=TMP, trains=False, abi=5))
             if not path.startswith("/dev/")} == {TMP, "/proc/self/clear_refs"}
 
