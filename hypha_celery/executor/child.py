@@ -76,14 +76,14 @@ class _Channel:
 class Executor:
     """This process's model store and cache, and the requests it answers one at a time."""
 
-    def __init__(self, settings: ChildSettings, channel: _Channel) -> None:
+    def __init__(self, settings: ChildSettings, channel: _Channel, staging: str | None = None) -> None:
         import torch  # only now: the process limits (a network namespace needs one thread) are applied
 
         self.torch = torch
         self.channel = channel
         self.device = settings.device
         self.tmpdir = Path(settings.tmpdir)
-        self.store = ModelStore(settings.store, max_model_size=settings.max_model_size)
+        self.store = ModelStore(settings.store, max_model_size=settings.max_model_size, staging=staging)
         self.cache = ModelCache(settings.cache_size, self._load, on_evict=self._unload)
         self.memory_mode = settings.memory_mode
         self._pinned: tuple[list[int], int] | None = None
@@ -317,11 +317,14 @@ def main() -> None:
     settings = ChildSettings.from_json(json.loads(os.environ[SETTINGS_ENV]))
     channel = _Channel(socket.socket(fileno=int(os.environ[FD_ENV])))
     try:
-        limits.apply_static(nice=settings.nice, sandbox=settings.sandbox)
         tmpdir = Path(settings.tmpdir)
         tmpdir.mkdir(parents=True, exist_ok=True)
+        limits.apply_static(nice=settings.nice, sandbox=settings.sandbox)
+        staging = None
+        if settings.sandbox:  # last: the network namespace writes /proc/self/uid_map first
+            staging = limits.confine_filesystem(store=settings.store, tmpdir=settings.tmpdir, trains=settings.trains)
         os.chdir(tmpdir)
-        executor = Executor(settings, channel)
+        executor = Executor(settings, channel, staging)
     except Exception as exc:
         channel.write(Error(type="ExecutorCrashed", message=f"executor could not start: {exc}"))
         sys.exit(71)

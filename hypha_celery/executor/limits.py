@@ -3,7 +3,9 @@
 At start (before torch is imported, while the process has one thread):
 no core dumps, ``PR_SET_NO_NEW_PRIVS``, ``nice`` for ``cpu_priority``, and
 with ``sandbox_enabled`` a fresh network namespace (an unprivileged user
-namespace when not root) so task code can reach no network.
+namespace when not root) so task code can reach no network, and then a
+Landlock ruleset (``confine_filesystem``, :mod:`hypha_celery.executor.landlock`)
+so it can open only the store, its temp dir and what Python and torch need.
 
 Per job: CPU affinity of every thread to the reserved cores
 (``enforce_cpu_limits``), and a memory cap (``enforce_memory_limits``):
@@ -20,11 +22,15 @@ import resource
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+from hypha_celery.executor import landlock
 
 __all__ = [
     "AS_SLACK",
     "NICE",
     "apply_static",
+    "confine_filesystem",
     "current_rss",
     "current_vms",
     "enter_network_namespace",
@@ -73,6 +79,27 @@ def apply_static(*, nice: int, sandbox: bool) -> None:
         os.nice(nice)
     if sandbox:
         enter_network_namespace()
+
+
+def confine_filesystem(*, store: str, tmpdir: str, trains: bool, abi: int | None = None) -> str | None:
+    """Restrict this (single-threaded) process's files with Landlock; the staging folder for new models.
+
+    ``trains``: a job executor, which stages trained models under
+    ``<store>/.incoming`` (``None``: in the store itself, on Landlock ABI 1).
+    ``abi``: the Landlock ABI to use, at most the kernel's (default: the kernel's).
+    Raises ``OSError`` when the kernel has no Landlock.
+    """
+    kernel = landlock.abi_version()
+    abi = kernel if abi is None else min(abi, kernel)
+    staging = None
+    if trains:
+        Path(store, landlock.LOCKS).mkdir(parents=True, exist_ok=True)
+        if abi >= 2:
+            staging = os.path.join(store, landlock.STAGING)
+            os.makedirs(staging, exist_ok=True)
+    rules = landlock.executor_rules(store=store, tmpdir=tmpdir, trains=trains, abi=abi, startup_dir=os.getcwd())
+    landlock.restrict(rules, abi, required=(store, tmpdir))
+    return staging
 
 
 def pin_threads(cores: list[int]) -> None:

@@ -127,7 +127,7 @@ class ExecutorSettings:
 class ExecutorProcess:
     """One executor interpreter and its socket. Used by one thread at a time."""
 
-    def __init__(self, name: str, settings: ExecutorSettings, device_key: str) -> None:
+    def __init__(self, name: str, settings: ExecutorSettings, device_key: str, *, trains: bool = False) -> None:
         self.name = name
         self.device_key = device_key
         ours, theirs = socket.socketpair()
@@ -141,6 +141,7 @@ class ExecutorProcess:
             nice=settings.nice,
             memory_mode=memory_mode if settings.enforce_memory else "off",
             tmpdir=tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
+            trains=trains,
         )
         self.tmpdir = child.tmpdir
         env = _child_env()
@@ -647,7 +648,7 @@ class ExecutorPool:
             idle = self._idle_jobs.setdefault(key, [])
             executor = idle.pop() if idle else None
         if executor is None or not executor.alive:
-            executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key)
+            executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key, trains=True)
         job = dataclasses.replace(job, limits=_job_limits([lease], self.settings))
         try:
             result = executor.call(job, TrainResult, timeout, _training_progress(on_progress))

@@ -111,6 +111,7 @@ class ChildSettings(_Record):
     nice: int
     memory_mode: str  # "rlimit", "watchdog" or "off"
     tmpdir: str
+    trains: bool = False  # a job executor: with the sandbox, it may also stage new models in the store
 
 
 # --- requests --------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ Layout::
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
 
+    <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
+                                                for a sandboxed training executor, which may write only there)
+
 Data sets live beside models and travel by the same sources and checks, so
 ``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
 
@@ -95,11 +98,15 @@ class ModelStore:
     """Models under ``root``; missing ones are fetched from ``sources`` in order."""
 
     def __init__(
-        self, root: str | os.PathLike[str], sources: Sequence[ModelSource] = (), max_model_size: int = DEFAULT_MAX_MODEL_SIZE
+        self, root: str | os.PathLike[str], sources: Sequence[ModelSource] = (), max_model_size: int = DEFAULT_MAX_MODEL_SIZE,
+        staging: str | os.PathLike[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.sources = list(sources)
         self.max_model_size = max_model_size
+        # Where new models are assembled before their rename into root; a sandboxed training
+        # executor may write only below root/.incoming (hypha_celery.executor.landlock).
+        self.staging = Path(staging) if staging is not None else self.root
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -389,12 +396,12 @@ class ModelStore:
     @contextmanager
     def _staging(self, model_id: str) -> Iterator[Path]:
         """A fresh staging folder (the model's lock is held: any older one is a dead process's)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
         leftover = re.compile(rf"^\.incoming-{re.escape(model_id)}-[a-z0-9_]{{8}}\Z")
-        for entry in self.root.iterdir():
+        for entry in self.staging.iterdir():
             if leftover.match(entry.name):
                 shutil.rmtree(entry, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.root))
+        staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.staging))
         try:
             yield staging
         finally:

@@ -14,6 +14,7 @@ import sys
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import ConfigError
+from hypha_celery.executor import landlock
 from hypha_celery.executor.limits import NICE, enter_network_namespace
 
 __all__ = ["check_host"]
@@ -37,6 +38,7 @@ def check_host(cfg: WorkerConfig, *, metrics_port: int | None = None) -> None:
             "enable unprivileged user namespaces (sysctl kernel.unprivileged_userns_clone=1) "
             "or set sandbox_enabled = false",
         )
+        _check_landlock()
     nice = NICE[cfg.execution.cpu_priority]
     if nice < 0:
         _probe_in_child(
@@ -51,6 +53,22 @@ def check_host(cfg: WorkerConfig, *, metrics_port: int | None = None) -> None:
     from hypha_celery.resources.capabilities import node_capacity
 
     node_capacity(cfg)  # refuses cores, memory or GPUs the machine does not have
+
+
+def _check_landlock() -> None:
+    """The sandbox confines each executor's files with Landlock: the kernel must have it, and let us use it."""
+    key = "worker.execution.sandbox_enabled"
+    try:
+        abi = landlock.abi_version()
+    except OSError as exc:
+        raise ConfigError(key, f"{landlock.unavailable_reason(exc)}; executors' files cannot be confined, "
+                               "so the sandbox is refused; set sandbox_enabled = false to run without it") from None
+    _probe_in_child(
+        key,
+        lambda: landlock.restrict([], abi),
+        f"this kernel has Landlock (ABI {abi}) but refuses to apply it ({{error}}); "
+        "set sandbox_enabled = false to run without the sandbox",
+    )
 
 
 def _check_isolation(cfg: WorkerConfig) -> None:

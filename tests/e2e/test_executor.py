@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypha_celery.errors import ExecutionError, MemoryLimitExceeded, ModelTooLarge, TaskTimeout
+from hypha_celery.errors import ExecutionError, MemoryLimitExceeded, ModelTooLarge, TaskTimeout, UnsupportedModel
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
 from hypha_celery.executor.protocol import Progress, Train
 from hypha_celery.models.architectures import build
@@ -165,6 +166,66 @@ def test_training_reports_progress_and_stores_a_new_model(pool: ExecutorPool, st
     manifest = ModelStore(store_dir).manifest("mlp-trained")
     assert manifest.parent == "mlp"
     assert pool.infer(model="mlp-trained", inputs=[ROW], lease=lease(), timeout=60, batchable=True).output
+
+
+def _plant_symlink(store_dir: Path, tmp_path: Path) -> str:
+    """A model ``mlp-planted`` whose weights are a symlink, planted in the store, to the worker's config.
+
+    The stand-in config (a signing key in it) lies outside the store and the executor's temp dir, padded to
+    the weights' size so the executor gets past the size check and opens the file to hash it.
+    """
+    planted = store_dir / "mlp-planted"
+    shutil.copytree(store_dir / "mlp", planted)
+    manifest = json.loads((planted / "manifest.json").read_text())
+    (planted / "manifest.json").write_text(json.dumps({**manifest, "id": "mlp-planted"}))
+    weights = planted / "weights.safetensors"
+    secret = tmp_path / "worker.toml"
+    secret.write_bytes(b'[worker.security]\nsigning_key = "do-not-leak"\n'.ljust(weights.stat().st_size, b"#"))
+    weights.unlink()
+    weights.symlink_to(secret)
+    return "mlp-planted"
+
+
+def test_a_symlink_planted_in_the_store_cannot_reach_the_workers_files(pool: ExecutorPool, store_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    # Given a model whose weights file is a symlink, planted in the store, to the worker's config
+    planted = _plant_symlink(store_dir, tmp_path)
+    # When a task asks the sandboxed executor for it
+    with pytest.raises(ExecutionError, match="PermissionError") as refused:
+        pool.infer(model=planted, inputs=[ROW], lease=lease(), timeout=60, batchable=True)
+    # Then the kernel refused the open (without the sandbox it is read, and refused by its sha256
+    # only after its bytes went through the executor), and the store's own model still serves
+    assert "Permission denied" in str(refused.value) and "do-not-leak" not in str(refused.value)
+    assert pool.infer(model="mlp", inputs=[ROW], lease=lease(), timeout=60, batchable=True).output
+
+
+def test_a_training_executor_cannot_read_a_data_set_outside_the_store(pool: ExecutorPool, store_dir: Path,
+                                                                      tmp_path: Path) -> None:
+    # Given a data set file outside the store (the worker hands over only the store's own data sets)
+    rows, labels = clusters(40, seed=3)
+    outside = tmp_path / "data.json"
+    outside.write_text(json.dumps({"inputs": rows, "targets": labels}))
+    # When a training job names it
+    with pytest.raises(ExecutionError, match="Permission denied"):
+        pool.run_job(Train(model="mlp", new_model="from-outside", epochs=1, lr=0.01, batch_size=8,
+                           data_path=str(outside)), lease=lease(), timeout=60)
+    # Then nothing was trained from it; the same executor trains on inline rows into the store
+    assert not ModelStore(store_dir).has("from-outside")
+    done = pool.run_job(Train(model="mlp", new_model="from-inline", epochs=1, lr=0.01, batch_size=8,
+                              data={"inputs": rows, "targets": labels}), lease=lease(), timeout=60)
+    assert ModelStore(store_dir).manifest(done.model_id).parent == "mlp"
+
+
+def test_without_the_sandbox_the_planted_symlink_is_read(store_dir: Path, tmp_path: Path) -> None:
+    # Given the planted symlink of the test above, and an executor without the sandbox
+    planted = _plant_symlink(store_dir, tmp_path)
+    pool = make_pool(store_dir, sandbox=False)
+    try:
+        # Then the executor opened and hashed the worker's file: only the manifest's sha256 refused it
+        with pytest.raises(UnsupportedModel, match="sha256"):
+            pool.infer(model=planted, inputs=[ROW], lease=lease(), timeout=60, batchable=True)
+    finally:
+        pool.close()
 
 
 def test_a_model_bigger_than_the_cache_is_an_error(store_dir: Path) -> None:

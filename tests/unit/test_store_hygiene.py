@@ -39,3 +39,20 @@ def test_a_manifest_with_a_non_boolean_batchable_is_refused(tmp_path: Path, mode
     (tmp_path / "mlp" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UnsupportedModel, match="batchable"):
         ModelStore(tmp_path).manifest("mlp")
+
+
+def test_a_store_with_a_staging_folder_assembles_new_models_there(tmp_path: Path) -> None:
+    from hypha_celery.models.architectures import build
+
+    # Given a store whose staging folder is model_dir/.incoming (a sandboxed training executor's),
+    # holding a dead save's leftover
+    root = tmp_path / "store"
+    leftover = root / ".incoming" / ".incoming-mlp-abcd1234"
+    leftover.mkdir(parents=True)
+    store = ModelStore(root, staging=root / ".incoming")
+    config = {"in_features": 4, "hidden": 8, "out_features": 3}
+    # When a model is saved
+    store.save("mlp", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    # Then it is installed in model_dir by a rename from the staging folder, which is left empty
+    assert store.list() == ["mlp"] and list((root / ".incoming").iterdir()) == []
+    assert ModelStore(root).verified_weights("mlp")[0].architecture == "mlp"
