@@ -74,6 +74,27 @@ def test_a_worker_that_dies_for_good_strands_nothing_on_its_own_queue(start_work
     assert "moved" in a.output() and own in a.output()
 
 
+def test_a_task_deferred_to_a_dead_workers_queue_reaches_a_live_worker(start_worker, celery_client) -> None:
+    # Given A and B with room for one 900 MB task each, and B killed -9 for good while its record
+    # still advertises that room (it expires 90 s after its last refresh)
+    room = {**LONG, "max_memory_per_task": "1GB"}
+    a = start_worker({**room, "resources": {"node_id": "node-a", "memory": "1GB"}})
+    b = start_worker({**room, "resources": {"node_id": "node-b", "memory": "1GB"},
+                      "network": {"advertisement_interval": 30}})
+    b.kill9()
+    app = celery_client()
+    own = keys.worker_queue(worker_id(a))
+    big = {"requirements": {"memory": "900MB"}}
+    holding = app.send_task("hypha.noop", kwargs={**big, "hold_s": 5}, queue=own)
+    wait_for(lambda: holding.state == "STARTED", 20, "A to run the first task")
+    # When a second one arrives at A while A is full, and A defers it to B, which placement still lists
+    deferred = app.send_task("hypha.noop", kwargs=big, queue=own)
+    wait_for(lambda: f"on {keys.worker_queue(worker_id(b))}" in a.output(), 20, "A to defer the task to B's queue")
+    # Then it comes back from B's queue and completes on A
+    assert deferred.get(timeout=60)["worker"] == worker_id(a)
+    assert holding.get(timeout=30)["worker"] == worker_id(a)
+
+
 # --- the sweeper alone, against the broker's own keys ----------------------------------------------
 
 
