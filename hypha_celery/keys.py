@@ -6,7 +6,7 @@ Registry (one record per worker, written by the registry bootstep)::
     hypha:workers                     zset   worker_id -> unix time its record expires (live index)
     hypha:node:<node>:workers         zset   worker_id -> expiry, the workers sharing one node's ledger
     hypha:queue_owners                zset   worker_id -> when its own queue stops being consumed (2 x
-                                             lease_heartbeat after its sweeper's last mark; kept a day)
+                                             lease_heartbeat after its sweeper's last mark; kept an hour)
     hypha:sweeper                     string the queue sweeper's lock: the one worker sweeping now
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::

@@ -81,7 +81,7 @@ return 1
 _DRAIN_LIMIT = 1000  # messages moved from one list per sweep; the next sweep moves the rest
 _ORPHAN_LIMIT = 100  # orphaned reservations examined per sweep; the next sweep examines the rest
 _NOT_OURS_LIMIT = 10_000  # reservations remembered as not ours to move (another app's, unreadable)
-_FORGET_S = 86400.0  # a dead worker's mark is kept (its queue drained) this long after it expired
+_FORGET_S = 3600.0  # a dead worker's mark is kept (its queue drained) this long after it expired
 
 
 def _owner(queue: str) -> bool:
