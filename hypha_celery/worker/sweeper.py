@@ -327,7 +327,7 @@ class SweeperStep(bootsteps.StartStopStep):
         c.hypha_sweeper = None
 
     def start(self, c: Any) -> None:
-        if self.thread is not None and self.thread.is_alive():
+        if self.thread is not None and self.thread.is_alive() and not self.stopping.is_set():
             return
         app = c.app
         options = {**(app.conf.broker_transport_options or {}), "socket_timeout": 5, "socket_connect_timeout": 5}
@@ -336,11 +336,12 @@ class SweeperStep(bootsteps.StartStopStep):
             log.info("queue sweeper off: the broker is %s, not Redis", connection.transport.driver_type)
             connection.release()
             return
-        self.stopping.clear()
-        self.thread = threading.Thread(target=self._run, args=(c, connection), name="hypha-sweeper", daemon=True)
+        self.stopping = threading.Event()  # one per thread: a thread still ending sees its own
+        self.thread = threading.Thread(target=self._run, args=(c, connection, self.stopping), name="hypha-sweeper",
+                                       daemon=True)
         self.thread.start()
 
-    def _run(self, c: Any, connection: Any) -> None:
+    def _run(self, c: Any, connection: Any, stopping: threading.Event) -> None:
         ctx = c.controller.hypha
         app = c.app
         shared = app.conf.task_default_queue
@@ -349,7 +350,7 @@ class SweeperStep(bootsteps.StartStopStep):
         sweeper: Sweeper | None = None
         period = ctx.config.resources.lease_heartbeat / 2
         try:
-            while not self.stopping.is_set():
+            while not stopping.is_set():
                 if sweeper is None:
                     try:
                         sweeper = Sweeper(BrokerQueues(connection.default_channel), ctx.redis, c.hostname,
@@ -359,22 +360,23 @@ class SweeperStep(bootsteps.StartStopStep):
                     except Exception as exc:  # the broker is down at start (kombu's or redis' error): try again
                         log.debug("queue sweeper: broker not reachable yet (%s)", exc)
                         connection.collect()
-                        self.stopping.wait(period)
+                        stopping.wait(period)
                         continue
                 try:
                     sweeper.run_once()
                 except Exception:  # a bug must not end the thread: the worker keeps its sign of life
                     log.exception("queue sweeper: unexpected error; going on")
-                self.stopping.wait(period)
+                stopping.wait(period)
         finally:
             if sweeper is not None:
                 sweeper.release()
             connection.release()
 
     def stop(self, c: Any) -> None:
+        """Ask the thread to end; wait a moment only (a consumer restart in an outage must not wait on Redis)."""
         self.stopping.set()
         if self.thread is not None:
-            self.thread.join(timeout=10)
+            self.thread.join(timeout=1)
             self.thread = None
 
     shutdown = stop
