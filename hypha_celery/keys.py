@@ -5,6 +5,9 @@ Registry (one record per worker, written by the registry bootstep)::
     hypha:worker:<worker_id>          hash   the worker's capabilities; TTL 3 x advertisement_interval
     hypha:workers                     zset   worker_id -> unix time its record expires (live index)
     hypha:node:<node>:workers         zset   worker_id -> expiry, the workers sharing one node's ledger
+    hypha:queue_owners                zset   worker_id -> when its own queue stops being consumed (2 x
+                                             lease_heartbeat after its sweeper's last mark; kept an hour)
+    hypha:sweeper                     string the queue sweeper's lock: the one worker sweeping now
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
@@ -94,6 +97,12 @@ class KeySchema:
 
     def worker(self, worker_id: str) -> str:
         return f"{self.prefix}:worker:{worker_id}"
+
+    def queue_owners(self) -> str:
+        return f"{self.prefix}:queue_owners"
+
+    def sweeper_lock(self) -> str:
+        return f"{self.prefix}:sweeper"
 
     def node_workers(self, node: str) -> str:
         head, tail = self.node_workers_affixes()

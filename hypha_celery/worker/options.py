@@ -9,6 +9,7 @@
   Celery hands to the bootsteps as ``hypha_config``.
 * ``--hypha-metrics-port N``: overrides ``metrics_port`` (two workers on one host).
 * ``--without-hypha-registry``: do not advertise in the registry.
+* ``--without-hypha-sweeper``: do not run the queue sweeper (:mod:`hypha_celery.worker.sweeper`).
 * On a ``redis://`` broker the worker uses :mod:`hypha_celery.worker.broker`'s transport
   (set at ``celeryd_init``), so that a broker outage does not stop it.
 
@@ -93,9 +94,14 @@ def install(app: Celery) -> None:
         ["--without-hypha-registry"], is_flag=True, default=False,
         help="Do not advertise this worker in the Redis registry.",
     ))
+    app.user_options["worker"].add(click.Option(
+        ["--without-hypha-sweeper"], is_flag=True, default=False,
+        help="Do not re-publish dead workers' messages (the queue sweeper; Redis broker only).",
+    ))
     app.steps["worker"].add("hypha_celery.worker.bootsteps:NodeStep")
     app.steps["consumer"].add("hypha_celery.worker.bootsteps:RegistryStep")
     app.steps["consumer"].add("hypha_celery.tasks.strategy:MessageGuardStep")
+    app.steps["consumer"].add("hypha_celery.worker.sweeper:SweeperStep")
     import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
     signals.celeryd_init.connect(_redis_transport, weak=False)
     signals.celeryd_after_setup.connect(_own_queue, weak=False)

@@ -131,7 +131,7 @@ def test_kill_9_mid_task_is_redelivered_to_the_other_worker(start_worker, celery
     # Then its lease expires within 2 x heartbeat of the kill (its expiry is on the Redis clock) and is reaped
     assert lease["e"] - killed_ms <= 2 * 1000
     wait_for(lambda: not task_leases(Ledger(redis_client, "node-a")), 30, "A's lease to be reaped")
-    # ... and the unacked message comes back (after the visibility timeout) and completes on B
+    # ... and the unacked message comes back (re-published by the queue sweeper) and completes on B
     assert result.get(timeout=120)["worker"] == b_id
 
 
