@@ -96,6 +96,8 @@ class LazyCluster:
             return self._client
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not a command; and never recurse while half-built (copy, pickle)
+            raise AttributeError(name)
         return getattr(self.cluster, name)
 
     def close(self) -> None:

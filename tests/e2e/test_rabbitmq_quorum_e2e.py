@@ -32,7 +32,11 @@ def _drop_shared_queue(amqp_url: str) -> None:
 
 @pytest.fixture
 def quorum_broker(amqp_url: str) -> Iterator[str]:
-    """The broker with no ``hypha`` queue before and after (other tests declare it classic)."""
+    """The broker with no ``hypha`` queue before and after (other tests declare it classic).
+
+    Ask for it before ``start_worker``: fixtures are torn down in reverse, so the queue is deleted
+    after the worker stopped (a live consumer would declare it again at once).
+    """
     _drop_shared_queue(amqp_url)
     yield amqp_url
     _drop_shared_queue(amqp_url)
@@ -67,8 +71,10 @@ def test_the_shared_queue_type_becomes_the_celery_setting() -> None:
 
 
 def test_tasks_run_over_rabbitmq_with_a_quorum_shared_queue(
-    start_worker, celery_client, quorum_broker: str, model_dir: Path,
+    quorum_broker: str, start_worker, celery_client, model_dir: Path,
 ) -> None:
+    # (quorum_broker comes first: set up before the worker, it is torn down after the worker stopped, so no
+    # consumer declares the quorum queue again after it was deleted)
     # Given a worker and a scheduler configured with shared_queue_type = "quorum", on RabbitMQ
     # (3 GB of memory: two 2 GB tasks cannot run side by side)
     worker = start_worker({**QUORUM, "resources": {"memory": "3GB"}}, broker=quorum_broker)
