@@ -16,6 +16,7 @@ import redis
 
 from hypha_celery.config import load_config, registry_url
 from hypha_celery.errors import HyphaError
+from hypha_celery.redis_client import registry_client
 from hypha_celery.resources.placement import Placement
 from hypha_celery.resources.requirements import Requirements
 
@@ -33,7 +34,7 @@ def placement_for(url: str | None = None) -> Placement:
     with _lock:
         found = _placements.get(url)
         if found is None:
-            client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            client = registry_client(url, timeout=2)
             found = _placements[url] = Placement(client)
         return found
 

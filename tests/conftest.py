@@ -2,6 +2,10 @@
 
 * ``redis_url``: ``$HYPHA_TEST_REDIS_URL`` (CI points it at the machine's Redis,
   database 15), else an embedded ``redis-server`` for the session.
+* ``redis_cluster_url``: a 3-primary Redis Cluster from the same ``redis-server``
+  for the session (:class:`~hypha_celery.tools.embedded_redis.EmbeddedCluster`);
+  skipped with a reason when the binary cannot run cluster mode, except in CI.
+  ``cluster_client``: a client of it with ``HYPHA_KEY_PREFIX={hypha}``, emptied per test.
 * ``amqp_url``: ``$HYPHA_TEST_AMQP_URL``; skipped with a reason when unset,
   except in CI (``CI=true``), where a missing broker is a failure.
 * ``start_worker``: a real ``celery -A hypha_celery worker`` subprocess with a
@@ -23,8 +27,9 @@ import fakeredis
 import pytest
 import redis
 
+from hypha_celery.redis_client import registry_client
 from hypha_celery.tools import launch
-from hypha_celery.tools.embedded_redis import EmbeddedRedis
+from hypha_celery.tools.embedded_redis import EmbeddedCluster, EmbeddedRedis
 from hypha_celery.tools.launch import (
     WorkerProcess,
     client_app,
@@ -72,6 +77,35 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
     client.flushdb()
     yield client
     client.flushdb()
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> Iterator[str]:
+    """A 3-primary Redis Cluster on loopback ports (its URL says ``?cluster=true``)."""
+    try:
+        cluster = EmbeddedCluster(primaries=3).__enter__()
+    except RuntimeError as exc:
+        if IN_CI:
+            pytest.fail(f"no Redis Cluster in CI: {exc}")
+        pytest.skip(f"the redis-server here cannot run a cluster: {exc}")
+    try:
+        yield cluster.url
+    finally:
+        cluster.close()
+
+
+CLUSTER_PREFIX = "{hypha}"  # one hash tag: every hypha key in one slot
+
+
+@pytest.fixture
+def cluster_client(redis_cluster_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[redis.Redis]:
+    """A registry client of the cluster, built as a worker builds it, with ``HYPHA_KEY_PREFIX={hypha}``."""
+    monkeypatch.setenv("HYPHA_KEY_PREFIX", CLUSTER_PREFIX)
+    client = registry_client(redis_cluster_url, timeout=5)
+    client.flushall()  # every primary
+    yield client
+    client.flushall()
     client.close()
 
 

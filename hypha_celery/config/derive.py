@@ -54,6 +54,7 @@ def celery_settings(cfg: WorkerConfig, environ: Mapping[str, str] = os.environ) 
         "task_soft_time_limit": cfg.soft_time_limit,
         "task_time_limit": cfg.hard_time_limit,
         "worker_concurrency": cfg.max_concurrent_tasks,
+        "task_default_queue_type": cfg.network.shared_queue_type,
         "broker_transport_options": {
             "visibility_timeout": cfg.visibility_timeout,
             "unacked_restore_interval": 5,

@@ -64,6 +64,8 @@ class NetworkConfig:
     advertisement_interval: float = _key("seconds", 60.0)
     result_backend: str | None = _key("url?", None)
     registry_url: str | None = _key("url?", None)
+    # "quorum": the shared queue is a RabbitMQ quorum queue (replicated); the Redis transport ignores it.
+    shared_queue_type: str = _key("str", "classic", choices=("classic", "quorum"))
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,11 @@ result_backend_transport_options = _derived["result_backend_transport_options"]
 # Every worker consumes the shared queue and its own queue
 # ("hypha.worker.<nodename>"), which a scheduler picks through placement.
 task_default_queue = "hypha"
+# [worker.network] shared_queue_type: "quorum" declares the shared queue as a RabbitMQ quorum
+# queue (x-queue-type=quorum; Celery then turns off global QoS and sends countdowns through its
+# native delayed delivery). Per-worker queues stay classic. A scheduler must use the same value:
+# RabbitMQ refuses to declare an existing queue with another type.
+task_default_queue_type = _derived["task_default_queue_type"]
 task_create_missing_queues = True
 task_routes = ("hypha_celery.routing.route_by_requirements",)
 

@@ -196,12 +196,11 @@ def workers(as_json: bool, registry: str | None) -> None:
 
 
 def _workers(url: str | None) -> list[dict[str, Any]]:
-    import redis
-
+    from hypha_celery.redis_client import registry_client
     from hypha_celery.registry import list_workers
 
-    client = redis.Redis.from_url(url or registry_url(load_config()), socket_timeout=5, socket_connect_timeout=5)
     try:
+        client = registry_client(url or registry_url(load_config()), timeout=5)
         return list_workers(client)
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None

@@ -70,11 +70,10 @@ def main() -> int:
 
 
 def _wait_registered(worker: WorkerProcess, timeout: float = 90.0) -> list[dict[str, Any]]:
-    import redis
-
+    from hypha_celery.redis_client import registry_client
     from hypha_celery.registry import list_workers
 
-    client = redis.Redis.from_url(os.environ["HYPHA_REGISTRY_URL"])
+    client = registry_client(os.environ["HYPHA_REGISTRY_URL"])
 
     def registered() -> list[dict[str, Any]]:
         if not worker.alive():

@@ -368,10 +368,9 @@ def _write_config(setup: Setup, models: Path, peer: str, sandbox: bool) -> Path:
 
 def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | None:
     """Step 2. ``None`` when the worker is up and registered, else the exit status."""
-    import redis
-
     from hypha_celery.models.examples import write_tiny_llama
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.redis_client import registry_client
     from hypha_celery.registry import list_workers
     from hypha_celery.resources.ledger import Ledger
     from hypha_celery.security import generate_key, peer_id
@@ -402,7 +401,7 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
     peer = peer_id(setup.key.verify_key)
     setup.app = client_app(setup.url, name="hypha-gpu-check")
 
-    client = redis.Redis.from_url(setup.url)
+    client = registry_client(setup.url)
     setup._closers.append(client.close)
     if setup.nvml is not None:  # the baseline is taken before the worker exists
         setup.nvml.baseline = {index: setup.nvml.device_used(index) for index in setup.nvml.handles}

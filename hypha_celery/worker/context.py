@@ -6,7 +6,9 @@ when the worker starts and hands it to every hypha task (their base class,
 process gets a context of its own right after the fork (:meth:`NodeContext.for_child`):
 Redis connections, the lease keeper's thread and executor processes are never
 shared across a fork. Everything here is built up front; nothing is created on
-first use, so there is nothing to lock.
+first use, so there is nothing to lock (one exception, which locks itself: a
+Redis Cluster client asks for the slot map on first use,
+:class:`~hypha_celery.redis_client.LazyCluster`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypha_celery.executor.limits import NICE
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics
+from hypha_celery.redis_client import registry_client
 from hypha_celery.registry import InferenceTimes
 from hypha_celery.resources.gpu import CUDA_CONTEXT
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
@@ -63,9 +66,7 @@ class NodeContext:
     @classmethod
     def build(cls, config: WorkerConfig, metrics: Metrics | None = None) -> NodeContext:
         """Every collaborator of a worker process; opens no connection and starts no process yet."""
-        client = redis.Redis.from_url(
-            registry_url(config), socket_timeout=5, socket_connect_timeout=5, health_check_interval=30
-        )
+        client = registry_client(registry_url(config), timeout=5, health_check_interval=30)
         node = node_id(config)
         ledger = Ledger(client, node, ttl=2 * config.resources.lease_heartbeat)
         security = config.security

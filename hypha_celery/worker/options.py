@@ -27,8 +27,9 @@ import click
 from celery import Celery, signals
 
 from hypha_celery import keys
-from hypha_celery.config import EX_CONFIG, WorkerConfig, celery_settings, load_config
+from hypha_celery.config import EX_CONFIG, WorkerConfig, celery_settings, load_config, registry_url
 from hypha_celery.errors import ConfigError
+from hypha_celery.redis_client import check_registry
 from hypha_celery.tasks.headers import SENT_AT
 
 __all__ = ["install"]
@@ -48,6 +49,7 @@ def _load(ctx: click.Context, _param: click.Parameter, value: str | None) -> Wor
     try:
         cfg = load_config(value)
         check_host(cfg, metrics_port=_metrics_port_from_argv())
+        check_registry(registry_url(cfg))  # a Redis Cluster needs HYPHA_KEY_PREFIX with a hash tag
     except ConfigError as exc:
         _fail(str(exc))
     app = ctx.obj.app

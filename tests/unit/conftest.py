@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-_PROCESS_FIXTURES = frozenset({"redis_url", "redis_client", "amqp_url", "start_worker", "celery_client"})
+_PROCESS_FIXTURES = frozenset({
+    "redis_url", "redis_client", "redis_cluster_url", "cluster_client", "amqp_url", "start_worker", "celery_client",
+})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
