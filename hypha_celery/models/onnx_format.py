@@ -155,8 +155,11 @@ def check_fetched(folder: Path, manifest: Manifest) -> None:
 
 
 def _parse(data: bytes, what: str) -> Any:
-    import onnx
-    from google.protobuf.message import DecodeError
+    try:
+        import onnx
+        from google.protobuf.message import DecodeError
+    except ImportError:
+        raise UnsupportedModel(f"{what}: an ONNX model needs the [onnx] extra (onnx, onnxruntime)") from None
 
     try:
         # From bytes, with no folder: onnx never resolves external data here (it is load_external_data=False's

@@ -13,7 +13,8 @@ Execution providers: the CPU one; on a CUDA device the CUDA one (then CPU for
 the operators CUDA lacks), which needs onnxruntime-gpu: a CPU-only
 onnxruntime refuses a GPU lease rather than run on the host memory the lease
 did not reserve. The CPU thread pool gets the cores the executor is pinned to
-when the model loads, without spinning.
+when the model loads, without spinning, and no CPU memory arena (freed
+activations return to the system, so the job's memory cap measures real use).
 
 Inputs and outputs use the built-in models' forms (a nested list, or the
 encoded tensor object: :mod:`.runtime` decodes and encodes them). A batchable
@@ -69,12 +70,16 @@ def load(store: ModelStore, model_id: str, device: str) -> tuple[OnnxModel, int]
     claimed = {key: getattr(manifest, key) for key in described.fields()}
     if claimed != described.fields():
         raise UnsupportedModel(f"model {model_id!r}: manifest disagrees with its graph")
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UnsupportedModel(f"model {model_id!r} is an ONNX model; this worker lacks the [onnx] extra") from None
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)))
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # freed activations go back to the system: the job's memory cap sees real use
     options.log_severity_level = 3
     providers: list[Any] = ["CPUExecutionProvider"]
     if device.startswith("cuda"):

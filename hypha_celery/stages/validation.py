@@ -225,7 +225,7 @@ def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: 
     if manifest.runtime == "onnx":
         if kind != "inputs":
             raise InvalidInput(f"model {model!r} is an ONNX model: it takes inputs (numbers), not {kind}")
-        if importlib.util.find_spec("onnxruntime") is None:  # finds it without importing it
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
             raise UnsupportedModel(f"model {model!r} is an ONNX model; this worker lacks the [onnx] extra")
         check_inputs(payload, manifest.input_shape, max_bytes=max_bytes, model=model)
         return

@@ -265,3 +265,39 @@ def test_an_onnx_manifest_breaking_a_rule_is_refused(store: ModelStore, mlp, tmp
     change(data)
     with pytest.raises(UnsupportedModel, match=reason):
         Manifest.from_json(data, "m")
+
+
+def test_the_worker_checks_an_onnx_payload_before_any_executor(store: ModelStore, mlp, tmp_path) -> None:
+    from hypha_celery.errors import InvalidInput
+    from hypha_celery.stages.validation import check_infer_payload
+
+    # Given an imported graph taking 4 features per sample
+    manifest = store.import_onnx(exported(mlp, tmp_path / "src"), "m").manifest
+    # Then rows of 4 pass, and texts or rows of another width are refused with the reason
+    check_infer_payload(manifest, "inputs", ROWS, 1 << 20)
+    with pytest.raises(InvalidInput, match=r"takes \[4\] per sample"):
+        check_infer_payload(manifest, "inputs", [[1.0, 2.0, 3.0]], 1 << 20)
+    with pytest.raises(InvalidInput, match="ONNX model: it takes inputs"):
+        check_infer_payload(manifest, "texts", {"texts": ["hello"]}, 1 << 20)
+
+
+def test_a_fetched_graph_is_checked_again_and_a_planted_one_never_installed(mlp, tmp_path: Path) -> None:
+    from hypha_celery.config import ModelSource
+
+    # Given a source store serving a good graph, and one whose graph (hashes forged) points at external data
+    served = ModelStore(tmp_path / "served")
+    served.import_onnx(exported(mlp, tmp_path / "src"), "good")
+    served.import_onnx(exported(mlp, tmp_path / "src"), "bad")
+    folder = served.path("bad")
+    with_external_tensor(folder / ONNX_FILE, folder / ONNX_FILE, "../good/model.onnx")
+    manifest = json.loads((folder / MODEL_MANIFEST).read_text())
+    manifest["files"][ONNX_FILE] = {"sha256": sha256_file(folder / ONNX_FILE), "size": (folder / ONNX_FILE).stat().st_size}
+    (folder / MODEL_MANIFEST).write_text(json.dumps(manifest))
+    store = ModelStore(tmp_path / "worker", [ModelSource(type="local", path=str(served.root))])
+    # When a worker's store fetches both
+    loaded, _ = load(store, "good", "cpu")
+    # Then the good one runs, and the planted one is refused at the fetch and never installed
+    assert torch.allclose(torch.tensor(infer_batch(loaded, [ROWS])[0]), mlp(torch.tensor(ROWS)).detach(), atol=1e-5)
+    with pytest.raises(UnsupportedModel, match="uses external data"):
+        store.manifest("bad")
+    assert not store.has("bad")
