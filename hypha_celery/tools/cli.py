@@ -89,7 +89,7 @@ def init_examples_command(directory: str, overwrite: bool) -> None:
 
 @models.command("import")
 @click.argument("directory", type=click.Path(exists=True))
-@click.option("--id", "model_id", default=None, help="Model id (default: the directory's name).")
+@click.option("--id", "model_id", default=None, help="Model id (default: the directory's name, or the .onnx file's stem).")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "text-classification",
                                                          "image-classification", "text-generation"]),
               help="Task (default: the one the architecture serves).")
