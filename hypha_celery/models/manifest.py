@@ -11,7 +11,8 @@ Format ``hypha-model/1`` (unchanged, still read and still written by
 Format ``hypha-model/2`` adds, on top of every version-1 field:
 
 ``runtime``
-    ``"builtin"`` (the version-1 rules apply) or ``"transformers"``.
+    ``"builtin"`` (the version-1 rules apply), ``"transformers"`` or ``"onnx"``
+    (one ``model.onnx`` run by onnxruntime: see below).
 ``task``
     for transformers: ``feature-extraction`` (embeddings), ``text-classification``,
     ``image-classification`` or ``text-generation``; it must be the task the
@@ -47,6 +48,16 @@ Format ``hypha-model/2`` adds, on top of every version-1 field:
     keys the import removed from the stored config.json (``auto_map``: it names
     code in the uploader's repository).
 
+A ``runtime: onnx`` manifest (:mod:`.onnx_format` reads the graph at import) has
+``architecture`` ``"onnx"``, ``task`` ``"inference"``, ``files`` exactly
+``model.onnx``, ``dtype`` the graph input's dtype, ``input_shape`` its
+per-sample shape, ``batchable`` whether axis 0 of the input is dynamic,
+``config`` ``{"inputs": [{"name", "dtype", "shape"}], "outputs": [...],
+"batch_axis": 0 or null, "opsets", "ir_version"}`` (a null in a shape is a
+symbolic dimension) and ``memory`` the graph's tensor bytes
+(``kv_bytes_per_token`` null). It runs in its own dtypes: its weights take
+``memory.weights_bytes`` on every device.
+
 These types are the contract between the store (:mod:`.store`), the sources
 that fetch into it (:mod:`.sources`), validation in the worker, and the
 executor's runtime; they import neither torch nor transformers nor the store,
@@ -78,6 +89,9 @@ __all__ = [
     "FORMAT_V2",
     "HF_FILES",
     "MODEL_MANIFEST",
+    "ONNX_ARCHITECTURE",
+    "ONNX_FILE",
+    "ONNX_TASK",
     "RUNTIMES",
     "SAFETENSORS_INDEX",
     "SAFETENSORS_SINGLE",
@@ -97,7 +111,10 @@ __all__ = [
 
 FORMAT = "hypha-model/1"
 FORMAT_V2 = "hypha-model/2"
-RUNTIMES = ("builtin", "transformers")
+RUNTIMES = ("builtin", "transformers", "onnx")
+ONNX_FILE = "model.onnx"
+ONNX_ARCHITECTURE = "onnx"
+ONNX_TASK = "inference"
 BUILTIN_TASKS = ("classification", "regression")
 MODEL_MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -152,7 +169,7 @@ def is_hf_file(name: object) -> bool:
 
 def expected_size(manifest: Manifest, device: str) -> int:
     """The bytes a model takes in a serving executor's cache on ``device``: a transformers model's at its compute dtype."""
-    if manifest.runtime == "transformers":
+    if manifest.runtime in ("transformers", "onnx"):
         return manifest.weights_bytes_at(compute_dtype(device))
     return manifest.size
 
@@ -220,14 +237,16 @@ class Manifest(_Listed):
 
     @property
     def weights_files(self) -> list[str]:
-        """The files holding weights: ``weights.safetensors``, ``model.safetensors`` or the shards."""
+        """The files holding weights: ``weights.safetensors``, ``model.safetensors``, the shards or ``model.onnx``."""
         return sorted(name for name in self.files
-                      if name in (WEIGHTS, SAFETENSORS_SINGLE) or is_weights_shard(name))
+                      if name in (WEIGHTS, SAFETENSORS_SINGLE, ONNX_FILE) or is_weights_shard(name))
 
     def weights_bytes_at(self, dtype: str) -> int:
-        """Bytes of the weights once materialised in ``dtype`` (``compute_dtype(device)``)."""
+        """Bytes of the weights once materialised in ``dtype`` (``compute_dtype(device)``); an ONNX graph keeps its own."""
         if self.memory is None:
             return self.size
+        if self.runtime == "onnx":
+            return self.memory.weights_bytes
         return self.memory.parameters * DTYPE_BYTES[dtype]
 
     def kv_bytes_per_token_at(self, dtype: str) -> int | None:
@@ -279,6 +298,8 @@ class Manifest(_Listed):
         }
         if runtime == "transformers":
             return cls(**common, **_transformers_fields(data, bad, max_size))
+        if runtime == "onnx":
+            return cls(**common, **_onnx_fields(data, common, bad, max_size))
         if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
             raise bad(f"names unknown architecture {data.get('architecture')!r}")
         files = _files(data.get("files"), bad, max_size)
@@ -331,6 +352,44 @@ def _transformers_fields(data: dict[str, Any], bad: Callable[[str], UnsupportedM
         "model_type": model_type, "memory": ModelMemory(parameters, weights_bytes, kv),
         "max_length": max_length, "labels": None if labels is None else list(labels), "dropped_config_keys": list(dropped),
     }
+
+
+def _onnx_fields(data: dict[str, Any], common: dict[str, Any], bad: Callable[[str], UnsupportedModel],
+                 max_size: int | None) -> dict[str, Any]:
+    """The fields of a ``runtime: onnx`` manifest: one graph file, its input and outputs, its batch axis."""
+    if data.get("architecture") != ONNX_ARCHITECTURE or data.get("task") != ONNX_TASK:
+        raise bad(f"has architecture {data.get('architecture')!r} / task {data.get('task')!r}; an ONNX model has "
+                  f"{ONNX_ARCHITECTURE!r} / {ONNX_TASK!r}")
+    files = _files(data.get("files"), bad, max_size)
+    if set(files) != {ONNX_FILE}:
+        raise bad(f"lists {sorted(files)}; an ONNX model is exactly {ONNX_FILE} (external data is refused)")
+    if common["dtype"] not in ("float32", "float16", "float64"):
+        raise bad(f"has input dtype {common['dtype']!r}; ONNX inputs are float16, float32 or float64")
+    config = common["config"]
+    inputs, outputs, axis = config.get("inputs"), config.get("outputs"), config.get("batch_axis", "missing")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not _named_tensors(inputs):
+        raise bad(f"has invalid config.inputs {inputs!r}: one input with a name")
+    if not isinstance(outputs, list) or not outputs or not _named_tensors(outputs):
+        raise bad(f"has invalid config.outputs {outputs!r}: one or more outputs with names")
+    if axis not in (0, None) or isinstance(axis, bool) or (common["batchable"] and axis != 0):
+        raise bad(f"has an invalid batch_axis {axis!r} (batchable: {common['batchable']})")
+    memory = data.get("memory")
+    if not isinstance(memory, dict):
+        raise bad("has no memory estimate")
+    parameters, weights_bytes = memory.get("parameters"), memory.get("weights_bytes")
+    if not isinstance(parameters, int) or not isinstance(weights_bytes, int) or isinstance(parameters, bool) \
+            or isinstance(weights_bytes, bool) or min(parameters, weights_bytes) < 0 \
+            or memory.get("kv_bytes_per_token") is not None:
+        raise bad(f"has an invalid memory estimate {memory!r}")
+    for key in ("model_type", "max_length", "labels"):
+        if data.get(key) is not None:
+            raise bad(f"has {key} {data.get(key)!r}; an ONNX model has none")
+    return {"architecture": ONNX_ARCHITECTURE, "files": files, "task": ONNX_TASK, "runtime": "onnx",
+            "memory": ModelMemory(parameters, weights_bytes, None)}
+
+
+def _named_tensors(entries: list[Any]) -> bool:
+    return all(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] for entry in entries)
 
 
 def _positive(value: object) -> bool:

@@ -4,7 +4,8 @@ Used inside executor processes only (:mod:`hypha_celery.executor.child`);
 importing this module imports torch, so the worker's own processes never do.
 A manifest's ``runtime`` picks the code: ``builtin`` (``mlp``, ``cnn``) is
 here; ``transformers`` is :mod:`.transformers_runtime` (imported only when
-such a model is loaded, since transformers costs seconds to import).
+such a model is loaded, since transformers costs seconds to import); ``onnx``
+is :mod:`.onnx_runtime` (onnxruntime, imported only for such a model).
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def model_bytes(module: nn.Module) -> int:
 
 def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[Any, int]:
     """Verify and load ``model_id`` onto ``device``; returns the model and its size in bytes."""
-    if store.manifest(model_id).runtime == "transformers":
+    runtime = store.manifest(model_id).runtime
+    if runtime == "onnx":
+        if trainable:
+            raise UnsupportedModel(f"model {model_id!r}: an ONNX model serves hypha.infer only; it cannot be trained")
+        from hypha_celery.models import onnx_runtime
+
+        return onnx_runtime.load(store, model_id, device)
+    if runtime == "transformers":
         if trainable:
             raise UnsupportedModel(f"model {model_id!r}: hypha.train supports the built-in architectures only")
         from hypha_celery.models import transformers_runtime
@@ -109,7 +117,11 @@ def _encode(tensor: torch.Tensor, like: Any, single: bool) -> Any:
 
 
 def infer_batch(loaded: Any, items: Sequence[Any]) -> list[Any]:
-    """Answer every item of a batch: a transformers model's texts or images, or a built-in model's rows."""
+    """Answer every item of a batch: a transformers model's texts or images, or a built-in or ONNX model's rows."""
+    if getattr(getattr(loaded, "manifest", None), "runtime", None) == "onnx":
+        from hypha_celery.models import onnx_runtime
+
+        return onnx_runtime.infer_batch(loaded, items)
     if not isinstance(loaded, Loaded):
         from hypha_celery.models import transformers_runtime
 

@@ -6,6 +6,7 @@ Layout::
     <model_dir>/<model_id>/weights.safetensors  a built-in model's weights (no pickle: loading runs no code)
     <model_dir>/<model_id>/config.json, model.safetensors, tokenizer.json, ...
                                                 a transformers model's allow-listed files (``import_hf``)
+    <model_dir>/<model_id>/model.onnx           an ONNX model's one file, its graph checked (``import_onnx``)
     <model_dir>/<model_id>/.verified.json       the stamp: each file's size, mtime, ctime, inode and
                                                 sha256 when it was last hashed and matched
     <model_dir>/<model_id>/.produced.json       a trained model's record: the task id that saved it and
@@ -56,6 +57,9 @@ from hypha_celery.models.manifest import (
     DATASET_MANIFEST,
     FORMAT_V2,
     MODEL_MANIFEST,
+    ONNX_ARCHITECTURE,
+    ONNX_FILE,
+    ONNX_TASK,
     WEIGHTS,
     DatasetManifest,
     FileEntry,
@@ -178,6 +182,10 @@ class ModelStore:
                             from hypha_celery.models.hf_format import check_fetched
 
                             check_fetched(staging, manifest)
+                        if isinstance(manifest, Manifest) and manifest.runtime == "onnx":
+                            from hypha_celery.models import onnx_format
+
+                            onnx_format.check_fetched(staging, manifest)
                         self._install(model_id, staging)
                     return
                 except UnsupportedModel as exc:
@@ -327,6 +335,47 @@ class ModelStore:
                 _write_json(staging / MODEL_MANIFEST, manifest.to_json())
                 self._install(model_id, staging)
         return Imported(manifest, found.skipped)
+
+    def import_onnx(self, source: str | os.PathLike[str], model_id: str) -> Imported:
+        """Store an ONNX model as ``model_id`` (format 2, runtime ``onnx``).
+
+        ``source`` is a ``.onnx`` file, or a directory holding ``model.onnx`` (its
+        other files are skipped: external data is refused, so nothing else is
+        needed). The file is copied into a staging folder first and the copy is
+        what :func:`.onnx_format.describe` checks and measures, so the stored
+        graph is the one checked; one rename installs it.
+        """
+        from hypha_celery.models import onnx_format
+
+        validate_model_id(model_id)
+        path = Path(source)
+        skipped: builtins.list[str] = []
+        if path.is_dir():
+            skipped = sorted(entry.name for entry in path.iterdir() if entry.name != ONNX_FILE)
+            path = path / ONNX_FILE
+            if not path.is_file():
+                raise UnsupportedModel(f"{source}: holds no {ONNX_FILE}")
+        elif path.suffix != ".onnx" or not path.is_file():
+            raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
+        if path.stat().st_size > self.max_model_size:
+            raise UnsupportedModel(f"{path}: larger than max_model_size ({self.max_model_size} bytes)")
+        with self._lock(model_id):
+            if self.has(model_id):
+                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
+            with self._staging(model_id) as staging:
+                target = staging / ONNX_FILE
+                shutil.copyfile(path, target)
+                described = onnx_format.describe(target, self.max_model_size)
+                entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
+                manifest = Manifest(
+                    id=model_id, architecture=ONNX_ARCHITECTURE, task=ONNX_TASK, files={ONNX_FILE: entry},
+                    format=FORMAT_V2, runtime="onnx", **described.fields(),
+                )
+                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
+                self._write_stamp(staging, {ONNX_FILE: self._stamp(target, entry.sha256)})
+                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
+                self._install(model_id, staging)
+        return Imported(manifest, skipped)
 
     def _verify_dir(self, manifest: Manifest | DatasetManifest, folder: Path) -> None:
         """Check each listed file against the manifest: by its stamp when unchanged, else by its sha256."""

@@ -22,7 +22,11 @@ On the device the model runs on (its compute dtype: bf16 on CUDA, fp32 on CPU):
 For a GPU run the host still holds the runtime and, while loading, one
 weights file at a time (transformers loads shard by shard), so host memory is
 the floor plus the largest weights file, plus on a first load what the CUDA
-runtime adds to the executor's host memory. Training (the job executors, never
+runtime adds to the executor's host memory. An ONNX model (``runtime: onnx``)
+keeps its own dtypes (its weights are the graph's tensor bytes on any device)
+and, while loading, holds its file's bytes and onnxruntime's parse of them
+beside the weights: a first load adds twice ``model.onnx``'s size to host
+memory, on the CPU too. Training (the job executors, never
 cached) reserves weights, gradients and two optimizer moments: 4 x the
 weights, plus the margin.
 """
@@ -89,11 +93,12 @@ def estimate(manifest: Manifest, *, gpu: bool, cached: bool, tokens: int = 0, tr
         resident = 4 * weights  # weights, gradients, two optimizer moments
     else:
         resident = 0 if cached else weights
-    if not gpu:
-        return Estimate(host=resident + kv + margin + HOST_FLOOR, device=0)
     largest_file = max((manifest.files[name].size for name in manifest.weights_files), default=0)
+    loading = 0 if cached or manifest.runtime != "onnx" else 2 * largest_file
+    if not gpu:
+        return Estimate(host=resident + kv + margin + HOST_FLOOR + loading, device=0)
     context = 0 if cached else CUDA_CONTEXT
-    return Estimate(host=HOST_FLOOR + (0 if cached else largest_file + CUDA_HOST_RUNTIME),
+    return Estimate(host=HOST_FLOOR + loading + (0 if cached else largest_file + CUDA_HOST_RUNTIME),
                     device=resident + context + kv + margin + DEVICE_FLOOR)
 
 
@@ -118,11 +123,11 @@ def requirements_for_model(
 ) -> Requirements:
     """A task's ``requirements`` kwarg, sized for ``manifest`` and held to this worker's caps.
 
-    ``memory``/``gpu_memory`` default to ``"auto"`` for transformers models (built-in
+    ``memory``/``gpu_memory`` default to ``"auto"`` for transformers and ONNX models (built-in
     models keep the fixed default). ``holds(model, gpu)``: whether the serving
     executor the request would use already holds the model.
     """
-    req = Requirements.parse(raw, auto_by_default=manifest.runtime == "transformers")
+    req = Requirements.parse(raw, auto_by_default=manifest.runtime in ("transformers", "onnx"))
     if req.auto:
         cached = not training and req.gpus <= 1 and holds(manifest.id, req.gpus > 0)
         req = size_requirements(req, manifest, cached=cached, tokens=tokens, training=training)

