@@ -212,6 +212,8 @@ class Executor:
         from hypha_celery.models.runtime import load, train
 
         started_rss = limits.current_rss()
+        if self.store.manifest(request.model).runtime == "transformers":
+            return self._train_transformer(request, started_rss)
         with self._limits(request.limits):
             started = time.perf_counter()
             loaded, _ = load(self.store, request.model, self.device, trainable=True)
@@ -240,6 +242,27 @@ class Executor:
             )
             del loaded
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))
+
+    def _train_transformer(self, request: Train, started_rss: int) -> TrainResult:
+        """Full or LoRA fine-tuning (:mod:`hypha_celery.models.finetune`); the result enters the store as a new entry."""
+        from hypha_celery.models.finetune import finetune, save
+
+        with self._limits(request.limits):
+            started = time.perf_counter()
+            done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write)
+            load_s = time.perf_counter() - started - (done.trained.metrics or {}).get("train_s", 0.0)
+            produced = None if request.task_id is None else {"task_id": request.task_id, "trained": done.trained.to_json()}
+            out = self.tmpdir / "trained"
+            out.mkdir()
+            if save(done, self.store, out, merge=request.merge) == "adapter":
+                self.store.save_adapter(out, request.new_model, request.model, produced_by=produced)
+            else:
+                self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
+                                     produced_by=produced)
+            trained = done.trained
+            del done
+        return TrainResult(model_id=request.new_model, trained=trained, load_s=max(0.0, load_s),
+                           usage=self._usage(started_rss))
 
     def describe(self) -> Description:
         """What this process is allowed: for operators and tests of the sandbox."""
@@ -280,16 +303,21 @@ class Executor:
             self.channel.write(reply)
 
 
-def _training_data(request: Train) -> dict[str, Any]:
-    """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before)."""
+def _training_data(request: Train, *, texts: bool = False) -> dict[str, Any]:
+    """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before).
+
+    ``texts``: for a transformers model, ``{"texts": [...]}`` (causal LM) or ``{"texts", "labels"}`` (classifier).
+    """
     data: Any = request.data
     if data is None:
         if request.data_path is None:
             raise InvalidInput("a training job needs data or a data set")
         with open(request.data_path) as handle:
             data = json.load(handle)
-    if not isinstance(data, dict) or not {"inputs", "targets"} <= set(data):
-        raise InvalidInput("a data set must be an object with 'inputs' and 'targets'")
+    wanted = ({"texts"}, "'texts' (and 'labels' for a classifier)") if texts else ({"inputs", "targets"},
+                                                                                    "'inputs' and 'targets'")
+    if not isinstance(data, dict) or not wanted[0] <= set(data):
+        raise InvalidInput(f"a data set for model {request.model!r} must be an object with {wanted[1]}")
     return data
 
 

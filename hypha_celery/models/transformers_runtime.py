@@ -126,16 +126,23 @@ class TransformerModel:
     multi_label: bool = False
 
 
-def load(store: ModelStore, model_id: str, device: str) -> tuple[TransformerModel, int]:
-    """Verify ``model_id``'s files and load it onto ``device``; returns it and its real bytes."""
+def load(store: ModelStore, model_id: str, device: str, *, dtype: str | None = None) -> tuple[TransformerModel, int]:
+    """Verify ``model_id``'s files and load it onto ``device``; returns it and its real bytes.
+
+    ``dtype``: the parameters' dtype (training asks for ``float32``); default :func:`compute_dtype`.
+    """
     manifest, folder = store.verified_folder(model_id)  # checks every listed file's size and sha256
-    return load_folder(folder, manifest, device)
+    return load_folder(folder, manifest, device, dtype=dtype)
 
 
-def load_folder(folder: Path, manifest: Manifest, device: str) -> tuple[TransformerModel, int]:
+def load_folder(folder: Path, manifest: Manifest, device: str, *, dtype: str | None = None
+                ) -> tuple[TransformerModel, int]:
     """Load the (verified) model in ``folder`` through a private view of the manifest's files."""
     if manifest.runtime != "transformers":
         raise UnsupportedModel(f"model {manifest.id!r} is not a transformers model")
+    if manifest.adapter_of is not None:
+        raise UnsupportedModel(f"model {manifest.id!r} is a LoRA adapter of {manifest.adapter_of.id!r}, not a model: "
+                               "serving adapters is not supported yet (train with merge: true for a full model)")
     if task_of(manifest.model_type, manifest.architecture) != manifest.task:
         raise UnsupportedModel(
             f"model {manifest.id!r}: {manifest.model_type!r}/{manifest.architecture!r} is not on the allow-list"
@@ -147,7 +154,7 @@ def load_folder(folder: Path, manifest: Manifest, device: str) -> tuple[Transfor
     view = Path(tempfile.mkdtemp(prefix=f"hf-view-{manifest.id}-", dir=home))
     try:
         config = _private_view(folder, manifest, view)
-        return _load_view(view, manifest, config, device)
+        return _load_view(view, manifest, config, device, dtype or compute_dtype(device))
     finally:
         shutil.rmtree(view, ignore_errors=True)
 
@@ -201,9 +208,10 @@ def _transformers_class(manifest: Manifest) -> Any:
     return cls
 
 
-def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], device: str) -> tuple[TransformerModel, int]:
+def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], device: str, dtype_name: str
+               ) -> tuple[TransformerModel, int]:
     cls = _transformers_class(manifest)
-    dtype = _TORCH_DTYPES[compute_dtype(device)]
+    dtype = _TORCH_DTYPES[dtype_name]
     config = cls.config_class.from_dict(raw_config)
     try:
         module, info = cls.from_pretrained(
