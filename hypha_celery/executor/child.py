@@ -248,9 +248,7 @@ class Executor:
         from hypha_celery.models.finetune import finetune, save
 
         with self._limits(request.limits):
-            started = time.perf_counter()
             done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write)
-            load_s = time.perf_counter() - started - (done.trained.metrics or {}).get("train_s", 0.0)
             produced = None if request.task_id is None else {"task_id": request.task_id, "trained": done.trained.to_json()}
             out = self.tmpdir / "trained"
             out.mkdir()
@@ -259,9 +257,9 @@ class Executor:
             else:
                 self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
                                      produced_by=produced)
-            trained = done.trained
+            trained, load_s = done.trained, done.load_s
             del done
-        return TrainResult(model_id=request.new_model, trained=trained, load_s=max(0.0, load_s),
+        return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s,
                            usage=self._usage(started_rss))
 
     def describe(self) -> Description:

@@ -29,6 +29,7 @@ import math
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ class Finetuned:
     module: Any
     trained: Trained
     method: str
+    load_s: float = 0.0
 
 
 def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: str,
@@ -74,7 +76,9 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
                                "and text-classification models")
     torch.manual_seed(request.seed)
     random.seed(request.seed)
+    started = time.perf_counter()
     loaded, _ = load(store, request.model, device, dtype="float32")
+    load_s = time.perf_counter() - started
     texts, labels = _examples(loaded, data)
     module = loaded.module
     if request.method == "lora":
@@ -83,7 +87,7 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
         module.requires_grad_(True)
     max_length = min(request.max_length or MAX_TRAIN_LENGTH, loaded.max_length or MAX_TRAIN_LENGTH)
     trained = _loop(loaded, module, texts, labels, request, max_length, progress)
-    return Finetuned(model=loaded, module=module, trained=trained, method=request.method)
+    return Finetuned(model=loaded, module=module, trained=trained, method=request.method, load_s=load_s)
 
 
 def _examples(model: TransformerModel, data: dict[str, Any]) -> tuple[list[str], list[int] | None]:
@@ -115,7 +119,9 @@ def _with_lora(model: TransformerModel, settings: dict[str, Any]) -> Any:
         task_type=TaskType.CAUSAL_LM if model.task == TEXT_GENERATION else TaskType.SEQ_CLS,
     )
     try:
-        return get_peft_model(model.module, config)
+        with warnings.catch_warnings():  # peft 0.21 reads transformers' deprecated alias; nothing for a user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return get_peft_model(model.module, config)
     except ValueError as exc:  # a target module the model lacks
         raise InvalidInput(f"lora: {exc}") from None
 

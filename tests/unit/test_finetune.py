@@ -1,0 +1,208 @@
+"""hypha.train on transformers models without processes: argument checks, sizing, LoRA in process, adapter entries."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hypha_celery.config import parse_config
+from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.executor.protocol import Progress, Train
+from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples, write_tiny_llama
+from hypha_celery.models.manifest import ADAPTER_FILES, Manifest
+from hypha_celery.models.store import ModelStore
+from hypha_celery.stages.sizing import Training, estimate, lora_trainable_bound
+from hypha_celery.stages.validation import TrainSpec, validate_train
+
+TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    root = tmp_path_factory.mktemp("ft-store")
+    init_examples(root)
+    return ModelStore(root)
+
+
+def _validate(store: ModelStore, **kwargs: Any) -> TrainSpec:
+    return validate_train(parse_config({"worker": {}}), store, (), kwargs, "task-0123456789ab")
+
+
+# --- argument validation ---------------------------------------------------------------------------
+
+
+def test_a_causal_lm_takes_texts_with_transformers_defaults(store: ModelStore) -> None:
+    # Given texts for the tiny Llama and no other argument
+    spec = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS})
+    # Then it is a full fine-tune with the transformers defaults, max_length capped by the model's own
+    assert spec.finetune is not None and spec.finetune.method == "full"
+    assert (spec.epochs, spec.batch_size, spec.lr) == (1, 8, 5e-5)
+    assert spec.finetune.max_length == store.manifest(TINY_LLAMA).max_length
+
+
+def test_lora_settings_are_checked_and_defaulted(store: ModelStore) -> None:
+    # Given a LoRA run that sets r only
+    spec = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", lora={"r": 4}, max_steps=5)
+    # Then alpha defaults to 2r, dropout to 0, and the learning rate to LoRA's default
+    assert spec.finetune is not None and spec.finetune.lora == {"r": 4, "alpha": 8, "dropout": 0.0}
+    assert spec.lr == 2e-4 and spec.finetune.max_steps == 5
+
+
+@pytest.mark.parametrize(("kwargs", "error", "names"), [
+    ({"method": "qlora"}, InvalidTask, "method must be"),
+    ({"method": "lora", "lora": {"r": 0}}, InvalidTask, "r must be an integer"),
+    ({"method": "lora", "lora": {"alpha": -1}}, InvalidTask, "lora.alpha"),
+    ({"method": "lora", "lora": {"dropout": 1.0}}, InvalidTask, "lora.dropout"),
+    ({"method": "lora", "lora": {"target_modules": ["q_proj", "../x"]}}, InvalidTask, "lora.target_modules"),
+    ({"method": "lora", "lora": {"rank": 4}}, InvalidTask, "unknown setting 'rank'"),
+    ({"lora": {"r": 4}}, InvalidTask, "lora applies to method 'lora'"),
+    ({"merge": True}, InvalidTask, "merge applies to method 'lora'"),
+    ({"max_steps": 0}, InvalidTask, "max_steps must be"),
+    ({"max_steps": 3, "epochs": 2}, InvalidTask, "epochs or max_steps"),
+    ({"grad_accum": 0}, InvalidTask, "grad_accum must be"),
+    ({"warmup_steps": -1}, InvalidTask, "warmup_steps must be"),
+    ({"seed": "1"}, InvalidTask, "seed must be"),
+    ({"max_length": 100_000}, InvalidTask, "max_length must be"),
+    ({"batch_size": 0}, InvalidTask, "batch_size must be"),
+    ({"lr": 0}, InvalidTask, "lr must be"),
+    ({"data": {"texts": []}}, InvalidInput, "data.texts"),
+    ({"data": {"texts": ["a"], "labels": [0]}}, InvalidTask, "causal LM"),
+    ({"data": {"inputs": [[1.0]], "targets": [0]}}, InvalidTask, "takes texts"),
+])
+def test_each_bad_argument_is_refused_by_name(store: ModelStore, kwargs: dict[str, Any], error: type[Exception],
+                                              names: str) -> None:
+    # Given one bad argument on an otherwise valid causal-LM task
+    task = {"model": TINY_LLAMA, "data": {"texts": TEXTS}, **kwargs}
+    # Then validation refuses it, naming the argument
+    with pytest.raises(error, match=names.replace("(", r"\(").replace("[", r"\[")):
+        _validate(store, **task)
+
+
+def test_classifier_labels_are_names_or_ids(store: ModelStore) -> None:
+    # Given the tiny classifier (labels negative, positive)
+    ok = _validate(store, model=TINY_CLASSIFIER, data={"texts": ["a", "b"], "labels": ["positive", 0]})
+    assert ok.finetune is not None
+    # Then an unknown name, an out-of-range id and missing labels are refused
+    with pytest.raises(InvalidInput, match=r"data.labels\[1\] is 'neutral'"):
+        _validate(store, model=TINY_CLASSIFIER, data={"texts": ["a", "b"], "labels": [1, "neutral"]})
+    with pytest.raises(InvalidInput, match=r"data.labels\[0\] is 2"):
+        _validate(store, model=TINY_CLASSIFIER, data={"texts": ["a"], "labels": [2]})
+    with pytest.raises(InvalidInput, match="one label per text"):
+        _validate(store, model=TINY_CLASSIFIER, data={"texts": ["a"]})
+
+
+def test_built_in_models_refuse_transformers_arguments(store: ModelStore) -> None:
+    rows = {"inputs": [[5.0, 3.4, 1.5, 0.2]], "targets": [0]}
+    with pytest.raises(InvalidTask, match="method applies to transformers models"):
+        _validate(store, model="mlp", data=rows, method="lora")
+    with pytest.raises(InvalidTask, match="built-in model: data takes inputs"):
+        _validate(store, model="mlp", data={"texts": TEXTS})
+    # And a built-in model's task keeps its defaults
+    spec = _validate(store, model="mlp", data=rows)
+    assert spec.finetune is None and (spec.epochs, spec.batch_size, spec.lr) == (10, 32, 1e-3)
+
+
+def test_an_embedding_model_is_not_trainable(store: ModelStore) -> None:
+    with pytest.raises(InvalidTask, match="fine-tunes text-generation and text-classification"):
+        _validate(store, model="tiny-bert-embedder", data={"texts": TEXTS})
+
+
+# --- sizing --------------------------------------------------------------------------------------
+
+
+def test_lora_sizing_counts_only_trainable_state(store: ModelStore) -> None:
+    # Given the tiny Llama's config and a LoRA of rank 4 on two projections
+    manifest = store.manifest(TINY_LLAMA)
+    config = json.loads((store.path(TINY_LLAMA) / "config.json").read_text())
+    bound = lora_trainable_bound(config, 4, 2)
+    assert bound is not None and 0 < bound < manifest.memory.parameters // 10  # type: ignore[union-attr]
+    # When training is sized full and LoRA, without activations
+    full = estimate(manifest, gpu=False, cached=False, training=Training(activation_bytes_per_token=1))
+    lora = estimate(manifest, gpu=False, cached=False, training=Training(trainable=bound, activation_bytes_per_token=1))
+    weights = manifest.weights_bytes_at("float32")
+    # Then full counts 4 x the weights, LoRA the weights once plus 4 x the trainable parameters' float32 bytes
+    assert full.host - lora.host == 3 * weights - 4 * bound * 4
+    # And activations grow with the tokens of a micro-batch
+    more = estimate(manifest, gpu=False, cached=False, training=Training(trainable=bound, tokens=512,
+                                                                         activation_bytes_per_token=1000))
+    assert more.host - lora.host == 512 * 1000
+
+
+# --- LoRA in process, and the adapter entry ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_run(store: ModelStore) -> tuple[Any, list[Progress]]:
+    import torch
+
+    from hypha_celery.models.finetune import finetune
+
+    torch.set_num_threads(1)
+    updates: list[Progress] = []
+    request = Train(model=TINY_LLAMA, new_model="unused", epochs=1, lr=1e-2, batch_size=4, method="lora",
+                    lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_steps=12, progress_interval=0.0)
+    return finetune(store, request, {"texts": TEXTS}, "cpu", updates.append), updates
+
+
+def test_lora_on_the_tiny_causal_lm_lowers_the_loss(lora_run: tuple[Any, list[Progress]]) -> None:
+    done, updates = lora_run
+    curve = done.trained.loss_curve
+    # Then the loss fell, only the adapter trained, and progress counted every step up to 100%
+    assert len(curve) == 12 and curve[-1] < curve[0] * 0.9
+    assert done.trained.trained_tokens > 0
+    assert done.trained.metrics["trainable_parameters"] < 10_000
+    assert [u.step for u in updates[:-1]] == list(range(1, 13)) and updates[-1].percent == 100.0
+    assert all(u.tokens_per_s is not None and u.tokens_per_s > 0 for u in updates)
+    assert updates[-1].eta_s == 0.0
+
+
+def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: ModelStore, lora_run: Any,
+                                                                       tmp_path: Path) -> None:
+    from hypha_celery.models.finetune import save
+
+    done, _ = lora_run
+    # When the adapter is saved and stored
+    out = tmp_path / "out"
+    out.mkdir()
+    assert save(done, store, out, merge=False) == "adapter"
+    manifest = store.save_adapter(out, "tiny-llama-lora", TINY_LLAMA)
+    # Then the entry lists exactly peft's two files, and names the base by id and manifest sha256
+    assert set(manifest.files) == ADAPTER_FILES
+    assert sorted(p.name for p in store.path("tiny-llama-lora").iterdir() if not p.name.startswith(".")) == \
+        sorted([*ADAPTER_FILES, "manifest.json"])
+    stored = store.manifest("tiny-llama-lora")
+    assert stored.adapter_of is not None
+    assert (stored.adapter_of.id, stored.adapter_of.sha256) == (TINY_LLAMA, store.manifest_sha256(TINY_LLAMA))
+    assert stored.task == "text-generation" and stored.memory is not None and stored.memory.parameters < 10_000
+    # And serving or training it is refused by name (it is not a model)
+    with pytest.raises(UnsupportedModel, match="LoRA adapter"):
+        from hypha_celery.models import transformers_runtime
+
+        transformers_runtime.load(store, "tiny-llama-lora", "cpu")
+    with pytest.raises(InvalidTask, match="LoRA adapter"):
+        _validate(store, model="tiny-llama-lora", data={"texts": TEXTS})
+
+
+def test_an_import_still_refuses_adapter_files(store: ModelStore, tmp_path: Path) -> None:
+    # Given a model folder that also carries an adapter
+    folder = tmp_path / "with-adapter"
+    folder.mkdir()
+    write_tiny_llama(folder)
+    (folder / "adapter_config.json").write_text("{}")
+    # Then the import refuses it as an adapter presented as a full model
+    with pytest.raises(UnsupportedModel, match="LoRA/PEFT adapter"):
+        store.import_hf(folder, "never")
+
+
+def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> None:
+    data = json.loads((store.path(TINY_LLAMA) / "manifest.json").read_text())
+    data["id"] = "x"
+    # A model's manifest listing adapter files, and an adapter's listing model files, are refused
+    with pytest.raises(UnsupportedModel, match="invalid adapter_of"):
+        Manifest.from_json({**data, "adapter_of": {"id": "../up", "sha256": "0" * 64}}, "x")
+    with pytest.raises(UnsupportedModel, match="invalid file name"):
+        Manifest.from_json({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
+    assert "adapter_of" not in Manifest.from_json(data, "x").to_json()  # a model's manifest has no such key
