@@ -16,7 +16,8 @@ Layout::
                                                 copy of that task answers from it (``produced_by``)
 
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
-    <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
+    <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]} (built-in models), or
+                                                {"texts": [...]} / {"texts": [...], "labels": [...]} (``save_texts``)
 
 Data sets live beside models and travel by the same sources and checks, so
 ``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
@@ -200,16 +201,29 @@ class ModelStore:
         return manifest, self.path(dataset_id) / DATA
 
     def save_dataset(self, dataset_id: str, inputs: builtins.list[Any], targets: builtins.list[Any]) -> DatasetManifest:
-        """Store a training data set (atomically; an existing id is refused)."""
+        """Store a training data set of rows (atomically; an existing id is refused)."""
+        if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets) or not inputs:
+            raise UnsupportedModel("a data set needs equally long, non-empty lists of inputs and targets")
+        return self._save_data(dataset_id, {"inputs": inputs, "targets": targets}, len(inputs))
+
+    def save_texts(self, dataset_id: str, texts: builtins.list[Any], labels: builtins.list[Any] | None = None
+                   ) -> DatasetManifest:
+        """Store a text data set for a transformers model: ``texts``, and ``labels`` for a classifier."""
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+            raise UnsupportedModel("a text data set needs a non-empty list of non-empty strings")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(texts)):
+            raise UnsupportedModel("a text data set's labels must be a list with one label per text")
+        data: dict[str, Any] = {"texts": texts} if labels is None else {"texts": texts, "labels": labels}
+        return self._save_data(dataset_id, data, len(texts))
+
+    def _save_data(self, dataset_id: str, content: dict[str, Any], rows: int) -> DatasetManifest:
         validate_model_id(dataset_id)
         if self.path(dataset_id).exists():
             raise UnsupportedModel(f"{dataset_id!r} already exists in the store; ids are immutable")
-        if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets) or not inputs:
-            raise UnsupportedModel("a data set needs equally long, non-empty lists of inputs and targets")
         with self._lock(dataset_id), self._staging(dataset_id) as staging:
             data = staging / DATA
-            data.write_text(json.dumps({"inputs": inputs, "targets": targets}, separators=(",", ":")))
-            manifest = DatasetManifest(id=dataset_id, rows=len(inputs),
+            data.write_text(json.dumps(content, separators=(",", ":")))
+            manifest = DatasetManifest(id=dataset_id, rows=rows,
                                        files={DATA: FileEntry(sha256=sha256_file(data), size=data.stat().st_size)})
             self._write_stamp(staging, {DATA: self._stamp(data, manifest.files[DATA].sha256)})
             _write_json(staging / DATASET_MANIFEST, manifest.to_json())

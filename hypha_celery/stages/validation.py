@@ -196,7 +196,7 @@ def requirements_for(cfg: WorkerConfig, raw: Any, *, sizable: bool = False) -> R
     req = Requirements.parse(raw)
     if req.auto and not sizable:
         raise InvalidTask(f"requirements.{sorted(req.auto)[0]} 'auto' is sized from a model's manifest for "
-                          "hypha.infer and hypha.generate; give this task a size")
+                          "hypha.infer, hypha.generate and hypha.train on transformers models; give this task a size")
     check_caps(req, max_memory_per_task=cfg.max_memory_per_task, max_cpu_cores_per_task=cfg.max_cpu_cores_per_task)
     return req
 

@@ -118,13 +118,18 @@ def test_lora_on_the_tiny_llama_stores_an_adapter_entry(start_worker, celery_cli
                                                 "requirements": CORES}).get(timeout=60)
 
 
-def test_lora_with_merge_stores_a_full_model_that_generates(start_worker, celery_client, store_dir: Path) -> None:
+def test_lora_with_merge_on_a_stored_text_data_set_stores_a_full_model(start_worker, celery_client,
+                                                                         store_dir: Path) -> None:
+    # Given a text data set in the store
+    ModelStore(store_dir).save_texts("cats", ["the cat sat on the mat"] * 4)
     start_worker({"models": {"model_dir": str(store_dir)}})
     app = celery_client()
+    # When a LoRA run on it asks for the merged model
     app.send_task("hypha.train", kwargs={
-        "model": TINY_LLAMA, "data": {"texts": ["the cat sat on the mat"] * 4}, "method": "lora", "merge": True,
+        "model": TINY_LLAMA, "data": {"ref": "cats"}, "method": "lora", "merge": True,
         "max_steps": 3, "batch_size": 4, "new_model": "tiny-llama-merged", "requirements": CORES,
     }).get(timeout=300)
+    # Then a full model without adapter files is stored, and it generates
     manifest = ModelStore(store_dir).manifest("tiny-llama-merged")
     assert manifest.adapter_of is None and "model.safetensors" in manifest.files
     assert not any(name.startswith("adapter") for name in manifest.files)

@@ -168,7 +168,8 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     out = tmp_path / "out"
     out.mkdir()
     assert save(done, store, out, merge=False) == "adapter"
-    manifest = store.save_adapter(out, "tiny-llama-lora", TINY_LLAMA)
+    record = {"task_id": "task-0123456789ab", "trained": done.trained.to_json()}
+    manifest = store.save_adapter(out, "tiny-llama-lora", TINY_LLAMA, produced_by=record)
     # Then the entry lists exactly peft's two files, and names the base by id and manifest sha256
     assert set(manifest.files) == ADAPTER_FILES
     assert sorted(p.name for p in store.path("tiny-llama-lora").iterdir() if not p.name.startswith(".")) == \
@@ -177,6 +178,9 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     assert stored.adapter_of is not None
     assert (stored.adapter_of.id, stored.adapter_of.sha256) == (TINY_LLAMA, store.manifest_sha256(TINY_LLAMA))
     assert stored.task == "text-generation" and stored.memory is not None and stored.memory.parameters < 10_000
+    # And a copy of the task that saved it answers from the record instead of training again
+    copy = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", new_model="tiny-llama-lora")
+    assert copy.finished is not None and copy.finished.trained_tokens == done.trained.trained_tokens
     # And serving or training it is refused by name (it is not a model)
     with pytest.raises(UnsupportedModel, match="LoRA adapter"):
         from hypha_celery.models import transformers_runtime
@@ -206,3 +210,21 @@ def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> Non
     with pytest.raises(UnsupportedModel, match="invalid file name"):
         Manifest.from_json({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
     assert "adapter_of" not in Manifest.from_json(data, "x").to_json()  # a model's manifest has no such key
+
+
+def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> None:
+    from hypha_celery.executor.child import _training_data
+
+    # Given a classifier data set stored by reference
+    store.save_texts("sentiment", ["good", "bad"], ["positive", "negative"])
+    spec = _validate(store, model=TINY_CLASSIFIER, data={"ref": "sentiment"})
+    assert spec.finetune is not None and spec.data == {"ref": "sentiment"}
+    # Then the executor reads texts and labels from it, and a rows-only data set is refused for a transformers model
+    _, path = store.dataset("sentiment")
+    request = Train(model=TINY_CLASSIFIER, new_model="n", epochs=1, lr=1e-3, batch_size=2, data_path=str(path))
+    assert _training_data(request, texts=True) == {"texts": ["good", "bad"], "labels": ["positive", "negative"]}
+    store.save_dataset("rows", [[1.0]], [0])
+    rows = Train(model=TINY_CLASSIFIER, new_model="n", epochs=1, lr=1e-3, batch_size=2,
+                 data_path=str(store.dataset("rows")[1]))
+    with pytest.raises(InvalidInput, match="'texts'"):
+        _training_data(rows, texts=True)
