@@ -79,6 +79,9 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
     started = time.perf_counter()
     loaded, _ = load(store, request.model, device, dtype="float32")
     load_s = time.perf_counter() - started
+    if loaded.multi_label or (loaded.task == TEXT_CLASSIFICATION and len(loaded.labels or []) < 2):
+        raise UnsupportedModel(f"model {request.model!r}: hypha.train fine-tunes single-label classifiers (one label "
+                               "per text, two classes or more); this one is multi-label or a regressor")
     texts, labels = _examples(loaded, data)
     module = loaded.module
     if request.method == "lora":

@@ -228,3 +228,20 @@ def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> N
                  data_path=str(store.dataset("rows")[1]))
     with pytest.raises(InvalidInput, match="'texts'"):
         _training_data(rows, texts=True)
+
+
+def test_a_model_still_at_a_source_is_validated_from_its_manifest(store: ModelStore, tmp_path: Path) -> None:
+    from hypha_celery.stages.validation import finetune_params
+    from hypha_celery.tasks.train import _finetune_kwargs
+
+    # Given a worker whose store lacks the tiny Llama, with the shared store as its source
+    config = parse_config({"worker": {"models": {"sources": [{"type": "local", "path": str(store.root)}]}}})
+    remote = ModelStore(tmp_path / "empty", config.models.sources)
+    # When a LoRA task on it is validated
+    spec = validate_train(config, remote, (), {"model": TINY_LLAMA, "data": {"texts": TEXTS}, "method": "lora",
+                                               "max_length": 4096 // 2, "max_steps": 2}, "task-1")
+    # Then the source's manifest decided it (a transformers model, max_length capped by the model's), nothing fetched
+    assert spec.manifest is None and not remote.has(TINY_LLAMA)
+    assert spec.finetune is not None and spec.finetune.max_length == store.manifest(TINY_LLAMA).max_length
+    # And the checked arguments check again, unchanged, on the fetched manifest
+    assert finetune_params(_finetune_kwargs(spec), remote.manifest(TINY_LLAMA)) == spec.finetune
