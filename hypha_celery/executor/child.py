@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from hypha_celery.executor.protocol import (
     decode_request,
 )
 from hypha_celery.models.cache import ModelCache
+from hypha_celery.models.manifest import expected_size
 from hypha_celery.models.store import ModelStore
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
@@ -86,15 +87,39 @@ class Executor:
         self.store = ModelStore(settings.store, max_model_size=settings.max_model_size)
         self.cache = ModelCache(settings.cache_size, self._load, on_evict=self._unload)
         self.memory_mode = settings.memory_mode
+        self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
         from hypha_celery.models.runtime import load
 
+        adapter_of = self.store.manifest(model_id).adapter_of
+        if adapter_of is not None:
+            return self._attach(model_id, adapter_of.id)
         return load(self.store, model_id, self.device)
 
+    def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
+        """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
+        from hypha_celery.models.transformers_runtime import attach_adapter
+
+        pin = ExitStack()
+        base = pin.enter_context(self.cache.use(base_id, expected_size(self.store.manifest(base_id), self.device)))
+        try:
+            attached, size = attach_adapter(base.value, self.store, adapter_id)
+        except BaseException:
+            pin.close()
+            raise
+        self._base_pins[adapter_id] = pin
+        return attached, size
+
     def _unload(self, model_id: str, loaded: Any) -> None:
+        pin = self._base_pins.pop(model_id, None)
+        if pin is not None:  # an adapter: detach it from the shared base, then let the base go
+            from hypha_celery.models.transformers_runtime import detach_adapter
+
+            detach_adapter(loaded)
+            pin.close()
         del loaded
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()

@@ -185,8 +185,12 @@ def requirements_for_model(
     holds: Callable[[str, bool], bool],
     tokens: int = 0,
     training: bool | Training = False,
+    base: Manifest | None = None,
 ) -> Requirements:
     """A task's ``requirements`` kwarg, sized for ``manifest`` and held to this worker's caps.
+
+    ``base``: when ``manifest`` is a LoRA adapter, its base model's: the request needs the
+    base's weights (unless held) and KV cache, plus the adapter's own bytes (unless held).
 
     ``memory``/``gpu_memory`` default to ``"auto"`` for transformers models (built-in
     models keep the fixed default). ``holds(model, gpu)``: whether the serving
@@ -195,6 +199,15 @@ def requirements_for_model(
     req = Requirements.parse(raw, auto_by_default=manifest.runtime == "transformers")
     if req.auto:
         cached = not training and req.gpus <= 1 and holds(manifest.id, req.gpus > 0)
-        req = size_requirements(req, manifest, cached=cached, tokens=tokens, training=training)
+        if base is not None and not cached:  # an adapter not held yet: its base (unless held) plus its own bytes
+            base_cached = req.gpus <= 1 and holds(base.id, req.gpus > 0)
+            sizes = estimate(base, gpu=req.gpus > 0, cached=base_cached, tokens=tokens)
+            adapter = manifest.weights_bytes_at(compute_dtype("cuda" if req.gpus > 0 else "cpu"))
+            req = req.sized(memory=sizes.host + (0 if req.gpus > 0 else adapter),
+                            gpu_memory=sizes.device + (adapter if req.gpus > 0 else 0))
+        elif base is not None:
+            req = size_requirements(req, base, cached=True, tokens=tokens)
+        else:
+            req = size_requirements(req, manifest, cached=cached, tokens=tokens, training=training)
     check_caps(req, max_memory_per_task=cfg.max_memory_per_task, max_cpu_cores_per_task=cfg.max_cpu_cores_per_task)
     return req

@@ -264,18 +264,11 @@ def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: 
         return
     if importlib.util.find_spec("transformers") is None:  # finds it without importing it
         raise UnsupportedModel(f"model {model!r} is a transformers model; this worker lacks the [hf] extra")
-    _refuse_adapter(manifest)
     if manifest.task == "text-generation":
         raise InvalidTask(f"model {model!r} generates text: send it hypha.generate, not hypha.infer")
     wanted = "texts" if manifest.task in _TEXT_TASKS else "images"
     if kind != wanted:
         raise InvalidInput(f"model {model!r} ({manifest.task}) takes {wanted}, not {kind}")
-
-
-def _refuse_adapter(manifest: Manifest) -> None:
-    if manifest.adapter_of is not None:
-        raise UnsupportedModel(f"model {manifest.id!r} is a LoRA adapter of {manifest.adapter_of.id!r}: serving "
-                               "adapters is not supported yet (train with merge: true for a full model)")
 
 
 def _check_texts(texts: Any, max_bytes: int) -> list[str]:
@@ -643,8 +636,10 @@ def check_generate_model(store: ModelStore, manifest: Manifest, chat: bool) -> N
                           f"{_TASK_FOR.get(manifest.task, 'hypha.infer')}")
     if importlib.util.find_spec("transformers") is None:  # finds it without importing it
         raise UnsupportedModel(f"model {model!r} is a transformers model; this worker lacks the [hf] extra")
-    _refuse_adapter(manifest)
-    if chat and not has_chat_template(store, manifest):
+    templated = manifest
+    if manifest.adapter_of is not None and store.has(manifest.adapter_of.id):  # an adapter: its base's template
+        templated = store.manifest(manifest.adapter_of.id)
+    if chat and not has_chat_template(store, templated):
         raise InvalidTask(f"model {model!r} has no chat template (chat_template.jinja or tokenizer_config.json's "
                           "chat_template): send a prompt, not messages")
 

@@ -112,10 +112,23 @@ def test_lora_on_the_tiny_llama_stores_an_adapter_entry(start_worker, celery_cli
     adapter = store.manifest("tiny-llama-lora")
     assert adapter.adapter_of is not None
     assert (adapter.adapter_of.id, adapter.adapter_of.sha256) == (TINY_LLAMA, store.manifest_sha256(TINY_LLAMA))
-    # And serving an adapter is refused by name, not attempted
-    with pytest.raises(UnsupportedModel, match="LoRA adapter"):
-        app.send_task("hypha.generate", kwargs={"model": "tiny-llama-lora", "prompt": "the cat",
-                                                "requirements": CORES}).get(timeout=60)
+    # And the adapter serves through hypha.generate, attached to the cached base: its text differs from the base's
+    def generate(model: str) -> dict[str, Any]:
+        return app.send_task("hypha.generate", kwargs={"model": model, "prompt": "the cat", "max_new_tokens": 12,
+                                                       "requirements": CORES}).get(timeout=120)
+
+    base = generate(TINY_LLAMA)
+    tuned = generate("tiny-llama-lora")
+    assert tuned["output"]["text"] != base["output"]["text"]
+    assert generate(TINY_LLAMA)["output"]["text"] == base["output"]["text"]
+    assert generate("tiny-llama-lora")["metrics"]["cache_hit"]
+    # And an adapter of a base whose manifest changed since is refused, not attached
+    store.path("tiny-llama-lora").rename(store.path("orphan"))
+    orphan = store.path("orphan") / "manifest.json"
+    orphan.write_text(orphan.read_text().replace(adapter.adapter_of.sha256, "0" * 64).replace(
+        '"id": "tiny-llama-lora"', '"id": "orphan"'))
+    with pytest.raises(UnsupportedModel, match="trained on another"):
+        generate("orphan")
 
 
 def test_lora_with_merge_on_a_stored_text_data_set_stores_a_full_model(start_worker, celery_client,

@@ -181,11 +181,7 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     # And a copy of the task that saved it answers from the record instead of training again
     copy = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", new_model="tiny-llama-lora")
     assert copy.finished is not None and copy.finished.trained_tokens == done.trained.trained_tokens
-    # And serving or training it is refused by name (it is not a model)
-    with pytest.raises(UnsupportedModel, match="LoRA adapter"):
-        from hypha_celery.models import transformers_runtime
-
-        transformers_runtime.load(store, "tiny-llama-lora", "cpu")
+    # And training it is refused by name (train its base)
     with pytest.raises(InvalidTask, match="LoRA adapter"):
         _validate(store, model="tiny-llama-lora", data={"texts": TEXTS})
 
@@ -245,3 +241,104 @@ def test_a_model_still_at_a_source_is_validated_from_its_manifest(store: ModelSt
     assert spec.finetune is not None and spec.finetune.max_length == store.manifest(TINY_LLAMA).max_length
     # And the checked arguments check again, unchanged, on the fetched manifest
     assert finetune_params(_finetune_kwargs(spec), remote.manifest(TINY_LLAMA)) == spec.finetune
+
+
+# --- adapters served from one cached base ----------------------------------------------------------
+
+
+class _Replies:
+    """The executor's channel, kept in memory: what it would have written to the worker."""
+
+    def __init__(self) -> None:
+        self.sent: list[Any] = []
+
+    def write(self, message: Any) -> None:
+        self.sent.append(message)
+
+
+def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
+    from hypha_celery.models.finetune import finetune, save
+
+    request = Train(model=TINY_LLAMA, new_model=name, epochs=1, lr=2e-2, batch_size=4, method="lora",
+                    lora={"r": 4, "alpha": 8}, max_steps=4, seed=seed, progress_interval=60.0)
+    done = finetune(store, request, {"texts": TEXTS}, "cpu", lambda update: None)
+    out = tmp_path / name
+    out.mkdir()
+    save(done, store, out, merge=False)
+    store.save_adapter(out, name, TINY_LLAMA)
+
+
+def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelStore, tmp_path: Path) -> None:
+    from hypha_celery.executor.child import Executor
+    from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.stages.validation import GenerateParams
+
+    # Given two adapters of the tiny Llama, and an executor with an empty cache
+    for name, seed in (("lora-a", 1), ("lora-b", 2)):
+        if not store.has(name):
+            _adapter(store, name, seed, tmp_path)
+    settings = ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",
+                             sandbox=False, nice=0, memory_mode="off", tmpdir=str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    executor = Executor(settings, _Replies())  # type: ignore[arg-type]
+
+    def text(model: str) -> str:
+        request = Generate(model=model, params=GenerateParams(max_new_tokens=12).to_json(),
+                           prompts=[Prompt(prompt="the cat sat")], progress_interval=60.0)
+        result = executor.generate(request)
+        assert result.outputs[0] is not None, result.errors
+        return result.outputs[0].text
+
+    # When the base and each adapter generate, then the base again
+    base = text(TINY_LLAMA)
+    first, second = text("lora-a"), text("lora-b")
+    again = text(TINY_LLAMA)
+    # Then the adapters change the output, the base is unchanged by them, and each adapter is repeatable
+    assert first != base and second != base and again == base
+    assert text("lora-a") == first
+    # And the cache holds the base once plus each adapter's own (small) bytes
+    sizes = executor.cache.sizes()
+    assert set(sizes) == {TINY_LLAMA, "lora-a", "lora-b"}
+    assert all(sizes[name] < sizes[TINY_LLAMA] // 10 for name in ("lora-a", "lora-b"))
+    # And making room evicts the adapters before the base they hang on, then the base
+    with executor.cache._lock:
+        executor.cache._make_room(executor.cache.capacity - sizes[TINY_LLAMA])
+    assert set(executor.cache.sizes()) == {TINY_LLAMA}
+    assert text(TINY_LLAMA) == base  # the adapters left the base module as it was
+    with executor.cache._lock:
+        executor.cache._make_room(executor.cache.capacity)
+    assert executor.cache.sizes() == {}
+
+
+def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: ModelStore, tmp_path: Path) -> None:
+    import torch
+
+    from hypha_celery.models import transformers_runtime
+    from hypha_celery.models.finetune import finetune, save
+
+    # Given a LoRA run on the tiny classifier (peft also trains its classification head)
+    request = Train(model=TINY_CLASSIFIER, new_model="cls-lora", epochs=1, lr=5e-2, batch_size=4, method="lora",
+                    lora={"r": 4}, max_steps=6, progress_interval=60.0)
+    texts = ["good great", "bad awful"] * 4
+    done = finetune(store, request, {"texts": texts, "labels": [1, 0] * 4}, "cpu", lambda update: None)
+    encoded = done.model.tokenizer(texts[:2], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        trained = done.module(**encoded).logits
+    out = tmp_path / "cls"
+    out.mkdir()
+    save(done, store, out, merge=False)
+    store.save_adapter(out, "cls-lora", TINY_CLASSIFIER)
+    # When the stored adapter is attached to a freshly loaded base
+    base, _ = transformers_runtime.load(store, TINY_CLASSIFIER, "cpu")
+    with torch.inference_mode():
+        before = base.module(**encoded).logits
+    attached, size = transformers_runtime.attach_adapter(base, store, "cls-lora")
+    transformers_runtime.activate(attached)
+    with torch.inference_mode():
+        adapted = attached.module(**encoded).logits
+    transformers_runtime.activate(base)
+    with torch.inference_mode():
+        after = base.module(**encoded).logits
+    # Then it answers as the trained model did, and the base as before
+    assert torch.allclose(adapted, trained, atol=1e-5) and not torch.allclose(adapted, before, atol=1e-3)
+    assert torch.equal(after, before) and 0 < size < 100_000
