@@ -22,7 +22,9 @@ On the device the model runs on (its compute dtype: bf16 on CUDA, fp32 on CPU):
 For a GPU run the host still holds the runtime and, while loading, one
 weights file at a time (transformers loads shard by shard), so host memory is
 the floor plus the largest weights file, plus on a first load what the CUDA
-runtime adds to the executor's host memory.
+runtime adds to the executor's host memory. A LoRA adapter is sized on its base
+(``requirements_for_model(base=...)``): the base's weights unless held, its KV cache,
+plus the adapter's own bytes unless the adapter is held.
 
 Training (the job executors, never cached) computes in float32 on every device
 (:class:`Training`). A full fine-tune reserves weights, gradients and AdamW's two

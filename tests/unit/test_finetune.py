@@ -342,3 +342,25 @@ def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: Mod
     # Then it answers as the trained model did, and the base as before
     assert torch.allclose(adapted, trained, atol=1e-5) and not torch.allclose(adapted, before, atol=1e-3)
     assert torch.equal(after, before) and 0 < size < 100_000
+
+
+def test_an_adapter_request_is_sized_on_its_base(store: ModelStore, tmp_path: Path) -> None:
+    from hypha_celery.stages.sizing import requirements_for_model
+
+    if not store.has("lora-a"):
+        _adapter(store, "lora-a", 1, tmp_path)
+    adapter, base = store.manifest("lora-a"), store.manifest(TINY_LLAMA)
+    config = parse_config({"worker": {}})
+
+    def memory(held: set[str]) -> int:
+        req = requirements_for_model(config, {"cpu_cores": 1}, adapter, holds=lambda model, gpu: model in held,
+                                     tokens=100, base=base)
+        return req.memory
+
+    plain = requirements_for_model(config, {"cpu_cores": 1}, base, holds=lambda model, gpu: False, tokens=100).memory
+    held_base = requirements_for_model(config, {"cpu_cores": 1}, base, holds=lambda model, gpu: True, tokens=100).memory
+    adapter_bytes = adapter.weights_bytes_at("float32")
+    # Nothing held: the base's weights and KV cache plus the adapter; base held: the adapter on top of the KV cache
+    assert memory(set()) == plain + adapter_bytes
+    assert memory({TINY_LLAMA}) == held_base + adapter_bytes
+    assert memory({TINY_LLAMA, "lora-a"}) == held_base
