@@ -31,6 +31,10 @@ from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
 
+__all__ = ["PROGRESS_INTERVAL_S", "train"]
+
+log = logging.getLogger(__name__)
+
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
 
 
@@ -62,10 +66,6 @@ def _training_size(store: ModelStore, manifest: Manifest, params: FinetuneParams
     return Training(trainable=trainable, tokens=batch_size * params.max_length,
                     activation_bytes_per_token=activation_bytes_per_token(config))
 
-__all__ = ["train"]
-
-log = logging.getLogger(__name__)
-
 
 def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     if spec.finished is not None:
@@ -84,7 +84,8 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
         if manifest.runtime == "transformers" and spec.finetune is None:
             raise InvalidTask(f"model {spec.model!r} is a transformers model: data takes texts, not inputs and targets")
         if spec.finetune is not None:  # checked again on the fetched manifest: its task, labels, max_length
-            spec = dataclasses.replace(spec, finetune=finetune_params(_finetune_kwargs(spec), manifest))
+            spec = dataclasses.replace(spec, finetune=finetune_params(_finetune_kwargs(spec.model, spec.finetune),
+                                                                      manifest))
         if "inputs" in spec.data:
             check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
                          model=spec.model)
@@ -115,16 +116,15 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     )
 
 
-def _finetune_kwargs(spec: TrainSpec) -> dict[str, Any]:
+def _finetune_kwargs(model: str, finetune: FinetuneParams) -> dict[str, Any]:
     """The validated transformers arguments as task kwargs, to check them again on a fetched manifest."""
-    assert spec.finetune is not None
-    params = spec.finetune.to_json()
+    params = finetune.to_json()
     kwargs = {key: value for key, value in params.items() if value is not None and key != "lora"}
     if params["lora"] is not None:
         kwargs["lora"] = params["lora"]
     else:
         kwargs.pop("merge")
-    return {"model": spec.model, **kwargs}
+    return {"model": model, **kwargs}
 
 
 def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:

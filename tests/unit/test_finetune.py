@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +241,7 @@ def test_a_model_still_at_a_source_is_validated_from_its_manifest(store: ModelSt
     assert spec.manifest is None and not remote.has(TINY_LLAMA)
     assert spec.finetune is not None and spec.finetune.max_length == store.manifest(TINY_LLAMA).max_length
     # And the checked arguments check again, unchanged, on the fetched manifest
-    assert finetune_params(_finetune_kwargs(spec), remote.manifest(TINY_LLAMA)) == spec.finetune
+    assert finetune_params(_finetune_kwargs(TINY_LLAMA, spec.finetune), remote.manifest(TINY_LLAMA)) == spec.finetune
 
 
 # --- adapters served from one cached base ----------------------------------------------------------
@@ -364,3 +365,23 @@ def test_an_adapter_request_is_sized_on_its_base(store: ModelStore, tmp_path: Pa
     assert memory(set()) == plain + adapter_bytes
     assert memory({TINY_LLAMA}) == held_base + adapter_bytes
     assert memory({TINY_LLAMA, "lora-a"}) == held_base
+
+
+def test_an_adapter_is_fetched_from_a_source_and_checked_against_its_files(store: ModelStore, tmp_path: Path) -> None:
+    if not store.has("lora-a"):
+        _adapter(store, "lora-a", 1, tmp_path)
+    config = parse_config({"worker": {"models": {"sources": [{"type": "local", "path": str(store.root)}]}}})
+    # Given a worker store that fetches from the shared store: the adapter arrives whole and verified
+    fetched = ModelStore(tmp_path / "fetched", config.models.sources)
+    assert fetched.manifest("lora-a").adapter_of == store.manifest("lora-a").adapter_of
+    # When a source serves an adapter whose manifest misstates its weights
+    origin = ModelStore(tmp_path / "origin")
+    shutil.copytree(store.path("lora-a"), origin.path("lora-b"))
+    manifest = json.loads((origin.path("lora-b") / "manifest.json").read_text())
+    manifest["id"] = "lora-b"
+    manifest["memory"]["parameters"] += 1
+    (origin.path("lora-b") / "manifest.json").write_text(json.dumps(manifest))
+    other = parse_config({"worker": {"models": {"sources": [{"type": "local", "path": str(origin.root)}]}}})
+    # Then the fetch is refused
+    with pytest.raises(UnsupportedModel, match="memory"):
+        ModelStore(tmp_path / "fetched-2", other.models.sources).manifest("lora-b")
