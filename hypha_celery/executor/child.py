@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ from hypha_celery.executor.protocol import (
     decode_request,
 )
 from hypha_celery.models.cache import ModelCache
+from hypha_celery.models.manifest import expected_size
 from hypha_celery.models.store import ModelStore
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
@@ -86,15 +87,39 @@ class Executor:
         self.store = ModelStore(settings.store, max_model_size=settings.max_model_size, staging=staging)
         self.cache = ModelCache(settings.cache_size, self._load, on_evict=self._unload)
         self.memory_mode = settings.memory_mode
+        self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
         from hypha_celery.models.runtime import load
 
+        adapter_of = self.store.manifest(model_id).adapter_of
+        if adapter_of is not None:
+            return self._attach(model_id, adapter_of.id)
         return load(self.store, model_id, self.device)
 
+    def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
+        """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
+        from hypha_celery.models.transformers_runtime import attach_adapter
+
+        pin = ExitStack()
+        base = pin.enter_context(self.cache.use(base_id, expected_size(self.store.manifest(base_id), self.device)))
+        try:
+            attached, size = attach_adapter(base.value, self.store, adapter_id)
+        except BaseException:
+            pin.close()
+            raise
+        self._base_pins[adapter_id] = pin
+        return attached, size
+
     def _unload(self, model_id: str, loaded: Any) -> None:
+        pin = self._base_pins.pop(model_id, None)
+        if pin is not None:  # an adapter: detach it from the shared base, then let the base go
+            from hypha_celery.models.transformers_runtime import detach_adapter
+
+            detach_adapter(loaded)
+            pin.close()
         del loaded
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
@@ -212,6 +237,8 @@ class Executor:
         from hypha_celery.models.runtime import load, train
 
         started_rss = limits.current_rss()
+        if self.store.manifest(request.model).runtime == "transformers":
+            return self._train_transformer(request, started_rss)
         with self._limits(request.limits):
             started = time.perf_counter()
             loaded, _ = load(self.store, request.model, self.device, trainable=True)
@@ -240,6 +267,25 @@ class Executor:
             )
             del loaded
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))
+
+    def _train_transformer(self, request: Train, started_rss: int) -> TrainResult:
+        """Full or LoRA fine-tuning (:mod:`hypha_celery.models.finetune`); the result enters the store as a new entry."""
+        from hypha_celery.models.finetune import finetune, save
+
+        with self._limits(request.limits):
+            done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write)
+            produced = None if request.task_id is None else {"task_id": request.task_id, "trained": done.trained.to_json()}
+            out = self.tmpdir / "trained"
+            out.mkdir()
+            if save(done, self.store, out, merge=request.merge) == "adapter":
+                self.store.save_adapter(out, request.new_model, request.model, produced_by=produced)
+            else:
+                self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
+                                     produced_by=produced)
+            trained, load_s = done.trained, done.load_s
+            del done
+        return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s,
+                           usage=self._usage(started_rss))
 
     def describe(self) -> Description:
         """What this process is allowed: for operators and tests of the sandbox."""
@@ -280,16 +326,21 @@ class Executor:
             self.channel.write(reply)
 
 
-def _training_data(request: Train) -> dict[str, Any]:
-    """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before)."""
+def _training_data(request: Train, *, texts: bool = False) -> dict[str, Any]:
+    """Inline rows, or a stored data set's ``data.json`` (verified by the worker just before).
+
+    ``texts``: for a transformers model, ``{"texts": [...]}`` (causal LM) or ``{"texts", "labels"}`` (classifier).
+    """
     data: Any = request.data
     if data is None:
         if request.data_path is None:
             raise InvalidInput("a training job needs data or a data set")
         with open(request.data_path) as handle:
             data = json.load(handle)
-    if not isinstance(data, dict) or not {"inputs", "targets"} <= set(data):
-        raise InvalidInput("a data set must be an object with 'inputs' and 'targets'")
+    wanted = ({"texts"}, "'texts' (and 'labels' for a classifier)") if texts else ({"inputs", "targets"},
+                                                                                    "'inputs' and 'targets'")
+    if not isinstance(data, dict) or not wanted[0] <= set(data):
+        raise InvalidInput(f"a data set for model {request.model!r} must be an object with {wanted[1]}")
     return data
 
 

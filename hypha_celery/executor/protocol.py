@@ -189,7 +189,14 @@ class Generate(_JobRequest):
 
 @dataclass(frozen=True)
 class Train(_JobRequest):
-    """Fine-tune ``model`` on inline ``data`` or the verified file at ``data_path``; store it as ``new_model``."""
+    """Fine-tune ``model`` on inline ``data`` or the verified file at ``data_path``; store it as ``new_model``.
+
+    The fields after ``task_id`` are for transformers models only (validated by
+    :func:`~hypha_celery.stages.validation.validate_train`): ``method`` ``full`` or
+    ``lora`` (``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules``), ``merge``
+    (a LoRA run stores the merged model), ``max_steps`` (optimizer steps; ``epochs``
+    when None), ``grad_accum``, ``warmup_steps``, ``seed``, ``max_length`` (tokens).
+    """
 
     kind: ClassVar[str] = "train"
     model: str
@@ -202,6 +209,14 @@ class Train(_JobRequest):
     progress_interval: float = 0.25
     limits: JobLimits = field(default_factory=JobLimits)
     task_id: str | None = None  # recorded with the new model, so a copy of the task can tell its own model
+    method: str = "full"
+    lora: dict[str, Any] | None = None
+    merge: bool = False
+    max_steps: int | None = None
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    seed: int = 0
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +249,10 @@ class Ready(_Message):
 
 @dataclass(frozen=True)
 class Progress(_Message):
-    """A training step report, at most every ``Train.progress_interval`` seconds."""
+    """A training step report, at most every ``Train.progress_interval`` seconds.
+
+    ``tokens_per_s`` and ``eta_s`` (seconds left at the rate so far): transformers training only.
+    """
 
     kind: ClassVar[str] = "progress"
     epoch: int
@@ -243,6 +261,8 @@ class Progress(_Message):
     steps: int
     loss: float
     percent: float
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -363,6 +383,9 @@ class Trained(_Record):
     epochs: int
     steps: int
     samples: int
+    # transformers training: tokens the model was trained on (padding not counted), and what it measured
+    trained_tokens: int | None = None
+    metrics: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

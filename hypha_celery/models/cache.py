@@ -74,7 +74,8 @@ class ModelCache:
         self._clock = clock or time.perf_counter
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._loading: dict[str, _Loading] = {}
-        self._lock = threading.Lock()
+        # Reentrant: evicting an adapter releases its base's pin from inside the cache (on_evict under the lock)
+        self._lock = threading.RLock()
         self.stats = CacheStats()
 
     @property
@@ -162,17 +163,24 @@ class ModelCache:
         return sum(entry.size for entry in self._entries.values())
 
     def _make_room(self, size: int) -> None:
-        """Evict least-recently-used unpinned models until ``size`` more bytes fit (lock held)."""
-        for key in list(self._entries):
-            if self._used_locked() + size <= self.capacity:
-                return
-            entry = self._entries[key]
-            if entry.pins:
-                continue
-            del self._entries[key]
-            self.stats.evictions += 1
-            if self._on_evict is not None:
-                self._on_evict(key, entry.value)
+        """Evict least-recently-used unpinned models until ``size`` more bytes fit (lock held).
+
+        Passes repeat while one evicts something: evicting an adapter unpins the base it hangs on.
+        """
+        evicted = True
+        while evicted:
+            evicted = False
+            for key in list(self._entries):
+                if self._used_locked() + size <= self.capacity:
+                    return
+                entry = self._entries.get(key)
+                if entry is None or entry.pins:
+                    continue
+                del self._entries[key]
+                self.stats.evictions += 1
+                evicted = True
+                if self._on_evict is not None:
+                    self._on_evict(key, entry.value)
 
     def _too_large(self, key: str, size: int) -> ModelTooLarge:
         return ModelTooLarge(

@@ -16,7 +16,7 @@ is the reference image classifier.
 
 from __future__ import annotations
 
-__all__ = ["ALLOWED", "TASKS", "task_of"]
+__all__ = ["ALLOWED", "LORA_TARGET_MODULES", "TASKS", "task_of"]
 
 FEATURE_EXTRACTION = "feature-extraction"
 TEXT_CLASSIFICATION = "text-classification"
@@ -36,6 +36,14 @@ ALLOWED: dict[str, dict[str, str]] = {
     "qwen2": {"Qwen2ForCausalLM": TEXT_GENERATION},
     "gpt2": {"GPT2LMHeadModel": TEXT_GENERATION},
     "vit": {"ViTForImageClassification": IMAGE_CLASSIFICATION},
+}
+
+# LoRA's default target modules per model_type (``hypha.train`` ``method: lora`` without
+# ``target_modules``): the attention query and value projections, as peft's own defaults.
+LORA_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"], "bert": ["query", "value"], "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"], "mpnet": ["q", "v"],
 }
 
 

@@ -21,9 +21,10 @@ from typing import Any
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.hf_allowlist import ALLOWED, TEXT_GENERATION, task_of
 from hypha_celery.models.manifest import CONFIG, DTYPE_BYTES, Manifest, ModelMemory, is_hf_file
-from hypha_celery.models.safetensors_header import read_checkpoint
+from hypha_celery.models.safetensors_header import Checkpoint, read_checkpoint, read_header
 
-__all__ = ["Scan", "check_fetched", "clean_config", "describe", "identify", "read_config", "scan"]
+__all__ = ["Scan", "check_adapter", "check_fetched", "check_fetched_adapter", "clean_config", "describe", "identify",
+           "read_config", "scan"]
 
 _PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _WHY_PICKLE = ("is a pickle (or TorchScript) file: unpickling runs code, and torch's weights_only loading "
@@ -141,6 +142,29 @@ def check_fetched(folder: Path, manifest: Manifest) -> None:
     if claimed != fields:
         differ = sorted(key for key in fields if claimed[key] != fields[key])
         raise UnsupportedModel(f"model {manifest.id!r}: manifest disagrees with its files on {', '.join(differ)}")
+
+
+def check_adapter(folder: Path) -> Checkpoint:
+    """A LoRA adapter's two files, read without peft: a LORA ``adapter_config.json`` and float weights.
+
+    Only ``hypha.train`` writes adapters into the store (an import refuses them, :func:`scan`);
+    this checks what it wrote, and what a source serves, before the entry is installed.
+    """
+    config = _read_json(folder / "adapter_config.json")
+    if config.get("peft_type") != "LORA":
+        raise UnsupportedModel(f"adapter_config.json has peft_type {config.get('peft_type')!r}; only LORA is supported")
+    checkpoint = read_header(folder / "adapter_model.safetensors")
+    if checkpoint.dtype is None or checkpoint.parameters == 0:
+        raise UnsupportedModel("adapter_model.safetensors holds no floating-point weights")
+    return checkpoint
+
+
+def check_fetched_adapter(folder: Path, manifest: Manifest) -> None:
+    """Refuse a fetched adapter whose files say something other than its manifest (as :func:`check_fetched`)."""
+    checkpoint = check_adapter(folder)
+    memory = manifest.memory
+    if memory is None or (memory.parameters, memory.weights_bytes) != (checkpoint.parameters, checkpoint.nbytes):
+        raise UnsupportedModel(f"model {manifest.id!r}: manifest disagrees with its adapter weights on memory")
 
 
 def identify(config: dict[str, Any], task: str | None = None) -> tuple[str, str, str]:

@@ -47,6 +47,14 @@ Format ``hypha-model/2`` adds, on top of every version-1 field:
 ``dropped_config_keys``
     keys the import removed from the stored config.json (``auto_map``: it names
     code in the uploader's repository).
+``adapter_of`` (only on a LoRA adapter entry, absent otherwise)
+    ``{"id", "sha256"}``: the base model by id and by the sha256 of its
+    ``manifest.json`` (``ModelStore.manifest_sha256``). An adapter entry holds
+    exactly :data:`ADAPTER_FILES` (peft's ``adapter_config.json`` and
+    ``adapter_model.safetensors``); ``model_type``, ``architecture``, ``task``,
+    ``max_length``, ``labels`` and ``kv_bytes_per_token`` are its base's,
+    ``parameters``/``weights_bytes`` its own. Only ``hypha.train``
+    (``method: lora``) writes one: an import still refuses adapter files.
 
 A ``runtime: onnx`` manifest (:mod:`.onnx_format` reads the graph at import) has
 ``architecture`` ``"onnx"``, ``task`` ``"inference"``, ``files`` exactly
@@ -80,6 +88,9 @@ from hypha_celery.models.hf_allowlist import TASKS as TRANSFORMERS_TASKS
 from hypha_celery.models.hf_allowlist import TEXT_GENERATION, task_of
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILES",
+    "ADAPTER_WEIGHTS",
     "CONFIG",
     "DATA",
     "DATASET_FORMAT",
@@ -97,6 +108,7 @@ __all__ = [
     "SAFETENSORS_SINGLE",
     "TRANSFORMERS_TASKS",
     "WEIGHTS",
+    "AdapterOf",
     "DatasetManifest",
     "FileEntry",
     "Manifest",
@@ -124,6 +136,9 @@ DATA = "data.json"
 CONFIG = "config.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = frozenset({ADAPTER_CONFIG, ADAPTER_WEIGHTS})  # an adapter entry's files: these two, nothing else
 # Hugging Face files a transformers model may carry into the store. Exact names (one path
 # component, except sentence-transformers' pooling config), plus the shard pattern below.
 HF_FILES = frozenset({
@@ -139,7 +154,7 @@ DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _FILE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
 _SHA256 = re.compile(r"^[0-9a-f]{64}\Z")
-_V2_KEYS = ("runtime", "model_type", "memory", "max_length", "labels", "dropped_config_keys")
+_V2_KEYS = ("runtime", "model_type", "memory", "max_length", "labels", "dropped_config_keys", "adapter_of")
 
 
 def is_model_id(value: object) -> TypeGuard[str]:
@@ -198,6 +213,14 @@ class ModelMemory:
     kv_bytes_per_token: int | None = None
 
 
+@dataclass(frozen=True)
+class AdapterOf:
+    """The base model a LoRA adapter was trained on: its id and its manifest's sha256."""
+
+    id: str
+    sha256: str
+
+
 class _Listed:
     """What every manifest has: the files it lists, each with a sha256 and a size."""
 
@@ -234,12 +257,13 @@ class Manifest(_Listed):
     max_length: int | None = None
     labels: list[str] | None = None
     dropped_config_keys: list[str] = field(default_factory=list)
+    adapter_of: AdapterOf | None = None
 
     @property
     def weights_files(self) -> list[str]:
-        """The files holding weights: ``weights.safetensors``, ``model.safetensors``, the shards or ``model.onnx``."""
+        """The files holding weights: ``weights.safetensors``, ``model.safetensors``, shards, an adapter's, ``model.onnx``."""
         return sorted(name for name in self.files
-                      if name in (WEIGHTS, SAFETENSORS_SINGLE, ONNX_FILE) or is_weights_shard(name))
+                      if name in (WEIGHTS, SAFETENSORS_SINGLE, ADAPTER_WEIGHTS, ONNX_FILE) or is_weights_shard(name))
 
     def weights_bytes_at(self, dtype: str) -> int:
         """Bytes of the weights once materialised in ``dtype`` (``compute_dtype(device)``); an ONNX graph keeps its own."""
@@ -260,6 +284,8 @@ class Manifest(_Listed):
         if self.format == FORMAT:  # version 1 stays byte-for-byte what older workers wrote and read
             for key in _V2_KEYS:
                 data.pop(key)
+        elif self.adapter_of is None:  # only adapters carry it: a model's manifest bytes stay what they were
+            data.pop("adapter_of")
         return data
 
     @classmethod
@@ -320,12 +346,18 @@ def _transformers_fields(data: dict[str, Any], bad: Callable[[str], UnsupportedM
         raise bad(f"names model_type {model_type!r} / architecture {architecture!r}, not on the allow-list")
     if task != allowed:
         raise bad(f"has task {task!r}; {architecture} serves {allowed!r}")
-    files = _files(data.get("files"), bad, max_size, is_hf_file)
-    if CONFIG not in files:
-        raise bad(f"does not list {CONFIG}")
-    shards = [name for name in files if is_weights_shard(name)]
-    if not (SAFETENSORS_SINGLE in files or (SAFETENSORS_INDEX in files and shards)):
-        raise bad(f"lists no weights ({SAFETENSORS_SINGLE}, or {SAFETENSORS_INDEX} with its shards)")
+    adapter_of = _adapter_of(data.get("adapter_of"), bad)
+    if adapter_of is not None:
+        files = _files(data.get("files"), bad, max_size, ADAPTER_FILES.__contains__)
+        if set(files) != ADAPTER_FILES:
+            raise bad(f"of an adapter must list exactly {', '.join(sorted(ADAPTER_FILES))}")
+    else:
+        files = _files(data.get("files"), bad, max_size, is_hf_file)
+        if CONFIG not in files:
+            raise bad(f"does not list {CONFIG}")
+        shards = [name for name in files if is_weights_shard(name)]
+        if not (SAFETENSORS_SINGLE in files or (SAFETENSORS_INDEX in files and shards)):
+            raise bad(f"lists no weights ({SAFETENSORS_SINGLE}, or {SAFETENSORS_INDEX} with its shards)")
     memory = data.get("memory")
     if not isinstance(memory, dict):
         raise bad("has no memory estimate")
@@ -351,6 +383,7 @@ def _transformers_fields(data: dict[str, Any], bad: Callable[[str], UnsupportedM
         "architecture": architecture, "files": files, "task": task, "runtime": "transformers",
         "model_type": model_type, "memory": ModelMemory(parameters, weights_bytes, kv),
         "max_length": max_length, "labels": None if labels is None else list(labels), "dropped_config_keys": list(dropped),
+        "adapter_of": adapter_of,
     }
 
 
@@ -390,6 +423,15 @@ def _onnx_fields(data: dict[str, Any], common: dict[str, Any], bad: Callable[[st
 
 def _named_tensors(entries: list[Any]) -> bool:
     return all(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] for entry in entries)
+
+
+def _adapter_of(raw: Any, bad: Callable[[str], UnsupportedModel]) -> AdapterOf | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not is_model_id(raw.get("id")) or not isinstance(raw.get("sha256"), str) \
+            or not _SHA256.match(raw["sha256"]):
+        raise bad(f"has an invalid adapter_of {raw!r} (expected {{'id': <model id>, 'sha256': <64 hex digits>}})")
+    return AdapterOf(id=raw["id"], sha256=raw["sha256"])
 
 
 def _positive(value: object) -> bool:

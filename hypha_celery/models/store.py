@@ -7,6 +7,9 @@ Layout::
     <model_dir>/<model_id>/config.json, model.safetensors, tokenizer.json, ...
                                                 a transformers model's allow-listed files (``import_hf``)
     <model_dir>/<model_id>/model.onnx           an ONNX model's one file, its graph checked (``import_onnx``)
+    <model_dir>/<model_id>/adapter_config.json, adapter_model.safetensors
+                                                a LoRA adapter trained by ``hypha.train`` (``save_adapter``):
+                                                its manifest names the base model (``adapter_of``)
     <model_dir>/<model_id>/.verified.json       the stamp: each file's size, mtime, ctime, inode and
                                                 sha256 when it was last hashed and matched
     <model_dir>/<model_id>/.produced.json       a trained model's record: the task id that saved it and
@@ -14,7 +17,8 @@ Layout::
                                                 copy of that task answers from it (``produced_by``)
 
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
-    <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]}
+    <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]} (built-in models), or
+                                                {"texts": [...]} / {"texts": [...], "labels": [...]} (``save_texts``)
 
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
                                                 for a sandboxed training executor, which may write only there)
@@ -37,6 +41,7 @@ whose hash no longer matches the manifest is refused.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -44,6 +49,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import (
+    ADAPTER_FILES,
     CONFIG,
     DATA,
     DATASET_MANIFEST,
@@ -61,9 +68,11 @@ from hypha_celery.models.manifest import (
     ONNX_FILE,
     ONNX_TASK,
     WEIGHTS,
+    AdapterOf,
     DatasetManifest,
     FileEntry,
     Manifest,
+    ModelMemory,
     is_model_id,
     validate_model_id,
 )
@@ -179,9 +188,12 @@ class ModelStore:
                         manifest = fetch_model(source, model_id, staging, self.max_model_size, parse, marker)
                         self._verify_dir(manifest, staging)
                         if isinstance(manifest, Manifest) and manifest.runtime == "transformers":
-                            from hypha_celery.models.hf_format import check_fetched
+                            from hypha_celery.models.hf_format import check_fetched, check_fetched_adapter
 
-                            check_fetched(staging, manifest)
+                            if manifest.adapter_of is not None:
+                                check_fetched_adapter(staging, manifest)
+                            else:
+                                check_fetched(staging, manifest)
                         if isinstance(manifest, Manifest) and manifest.runtime == "onnx":
                             from hypha_celery.models import onnx_format
 
@@ -204,16 +216,29 @@ class ModelStore:
         return manifest, self.path(dataset_id) / DATA
 
     def save_dataset(self, dataset_id: str, inputs: builtins.list[Any], targets: builtins.list[Any]) -> DatasetManifest:
-        """Store a training data set (atomically; an existing id is refused)."""
+        """Store a training data set of rows (atomically; an existing id is refused)."""
+        if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets) or not inputs:
+            raise UnsupportedModel("a data set needs equally long, non-empty lists of inputs and targets")
+        return self._save_data(dataset_id, {"inputs": inputs, "targets": targets}, len(inputs))
+
+    def save_texts(self, dataset_id: str, texts: builtins.list[Any], labels: builtins.list[Any] | None = None
+                   ) -> DatasetManifest:
+        """Store a text data set for a transformers model: ``texts``, and ``labels`` for a classifier."""
+        if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+            raise UnsupportedModel("a text data set needs a non-empty list of non-empty strings")
+        if labels is not None and (not isinstance(labels, list) or len(labels) != len(texts)):
+            raise UnsupportedModel("a text data set's labels must be a list with one label per text")
+        data: dict[str, Any] = {"texts": texts} if labels is None else {"texts": texts, "labels": labels}
+        return self._save_data(dataset_id, data, len(texts))
+
+    def _save_data(self, dataset_id: str, content: dict[str, Any], rows: int) -> DatasetManifest:
         validate_model_id(dataset_id)
         if self.path(dataset_id).exists():
             raise UnsupportedModel(f"{dataset_id!r} already exists in the store; ids are immutable")
-        if not isinstance(inputs, list) or not isinstance(targets, list) or len(inputs) != len(targets) or not inputs:
-            raise UnsupportedModel("a data set needs equally long, non-empty lists of inputs and targets")
         with self._lock(dataset_id), self._staging(dataset_id) as staging:
             data = staging / DATA
-            data.write_text(json.dumps({"inputs": inputs, "targets": targets}, separators=(",", ":")))
-            manifest = DatasetManifest(id=dataset_id, rows=len(inputs),
+            data.write_text(json.dumps(content, separators=(",", ":")))
+            manifest = DatasetManifest(id=dataset_id, rows=rows,
                                        files={DATA: FileEntry(sha256=sha256_file(data), size=data.stat().st_size)})
             self._write_stamp(staging, {DATA: self._stamp(data, manifest.files[DATA].sha256)})
             _write_json(staging / DATASET_MANIFEST, manifest.to_json())
@@ -293,14 +318,16 @@ class ModelStore:
         self._verify_dir(manifest, self.path(model_id))
         return manifest, self.path(model_id)
 
-    def import_hf(self, directory: str | os.PathLike[str], model_id: str, task: str | None = None) -> Imported:
+    def import_hf(self, directory: str | os.PathLike[str], model_id: str, task: str | None = None, *,
+                  parent: str | None = None, produced_by: dict[str, Any] | None = None) -> Imported:
         """Store a local Hugging Face model directory as ``model_id`` (format 2, runtime ``transformers``).
 
         Refused files (pickle, code, adapters) refuse the whole import before
         anything is copied; allow-listed files are copied into a staging folder,
         the stored ``config.json`` is rewritten without ``auto_map`` (copied as is when it has none), and the
         manifest is computed from the copies (so what was measured is what is
-        stored) before one rename installs the model.
+        stored) before one rename installs the model. ``parent`` and ``produced_by``: as for :meth:`save`
+        (``hypha.train`` stores a fine-tuned transformers model through here).
         """
         from hypha_celery.models import hf_format
 
@@ -328,10 +355,12 @@ class ModelStore:
                     raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
                 manifest = Manifest(
                     id=model_id, config={}, input_shape=[], files=files, format=FORMAT_V2, runtime="transformers",
-                    dropped_config_keys=dropped, **hf_format.describe(staging, found.copy, task),
+                    dropped_config_keys=dropped, parent=parent, **hf_format.describe(staging, found.copy, task),
                 )
                 Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
                 self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256) for name, entry in files.items()})
+                if produced_by is not None:
+                    _write_json(staging / PRODUCED, produced_by)
                 _write_json(staging / MODEL_MANIFEST, manifest.to_json())
                 self._install(model_id, staging)
         return Imported(manifest, found.skipped)
@@ -376,6 +405,45 @@ class ModelStore:
                 _write_json(staging / MODEL_MANIFEST, manifest.to_json())
                 self._install(model_id, staging)
         return Imported(manifest, skipped)
+
+    def save_adapter(self, directory: str | os.PathLike[str], model_id: str, base: str, *,
+                     produced_by: dict[str, Any] | None = None) -> Manifest:
+        """Store peft's ``adapter_config.json`` + ``adapter_model.safetensors`` in ``directory`` as an adapter entry.
+
+        Its manifest names the base by id and by the sha256 of the base's manifest; every
+        other model field is the base's (:mod:`.manifest`, ``adapter_of``). Only those two
+        files are copied: anything else peft wrote (a model card) stays behind.
+        """
+        from hypha_celery.models import hf_format
+
+        validate_model_id(model_id)
+        source = Path(directory)
+        base_manifest = self.manifest(base)
+        if base_manifest.runtime != "transformers" or base_manifest.adapter_of is not None or base_manifest.memory is None:
+            raise UnsupportedModel(f"model {base!r} is not a transformers model: it takes no adapter")
+        base_sha256 = self.manifest_sha256(base)
+        with self._lock(model_id):
+            if self.has(model_id):
+                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
+            with self._staging(model_id) as staging:
+                files: dict[str, FileEntry] = {}
+                for name in sorted(ADAPTER_FILES):
+                    shutil.copyfile(source / name, staging / name)
+                    files[name] = FileEntry(sha256=sha256_file(staging / name), size=(staging / name).stat().st_size)
+                checkpoint = hf_format.check_adapter(staging)
+                manifest = dataclasses.replace(
+                    base_manifest, id=model_id, files=files, dtype=checkpoint.dtype or base_manifest.dtype,
+                    memory=ModelMemory(checkpoint.parameters, checkpoint.nbytes, base_manifest.memory.kv_bytes_per_token),
+                    parent=base, created_at=time.time(), dropped_config_keys=[],
+                    adapter_of=AdapterOf(id=base, sha256=base_sha256),
+                )
+                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
+                self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256) for name, entry in files.items()})
+                if produced_by is not None:
+                    _write_json(staging / PRODUCED, produced_by)
+                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
+                self._install(model_id, staging)
+        return manifest
 
     def _verify_dir(self, manifest: Manifest | DatasetManifest, folder: Path) -> None:
         """Check each listed file against the manifest: by its stamp when unchanged, else by its sha256."""

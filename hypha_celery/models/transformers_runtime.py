@@ -15,6 +15,10 @@ Pooling and normalisation of sentence-transformers models are read from their
 ``1_Pooling/config.json`` and ``modules.json`` and done here with torch ops;
 no class named in ``modules.json`` is ever imported.
 
+A LoRA adapter entry (``manifest.adapter_of``) is not loaded on its own: :func:`attach_adapter`
+adds it to its loaded base (transformers' peft integration), so many adapters share one base
+module; :func:`activate` selects the request's adapter (or none, for the base) before a pass.
+
 Generation is transformers' own ``generate`` (no sampling code here): a
 :class:`_Watch` stopping criterion, called after every token, notes the first
 token's time, stops on a stop string, and reports the text so far.
@@ -23,12 +27,15 @@ token's time, stops on a stop string, and reports the text so far.
 from __future__ import annotations
 
 import base64
+import dataclasses
+import hashlib
 import io
 import json
 import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,8 +56,8 @@ from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.validation import MAX_IMAGE_PIXELS
 
-__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generation", "Pooling", "TransformerModel", "generate", "infer_batch",
-           "load", "load_folder"]
+__all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generation", "Pooling", "TransformerModel", "activate",
+           "attach_adapter", "detach_adapter", "generate", "infer_batch", "load", "load_folder"]
 
 # One forward pass holds at most this many texts, and this many (padded) tokens: bounds activation memory.
 MAX_BATCH_ROWS = 64
@@ -124,18 +131,28 @@ class TransformerModel:
     max_length: int | None = None
     labels: list[str] | None = None
     multi_label: bool = False
+    # A LoRA adapter attached to the (shared) base module: its peft name; None serves the base itself
+    adapter: str | None = None
+    adapter_id: str | None = None
 
 
-def load(store: ModelStore, model_id: str, device: str) -> tuple[TransformerModel, int]:
-    """Verify ``model_id``'s files and load it onto ``device``; returns it and its real bytes."""
+def load(store: ModelStore, model_id: str, device: str, *, dtype: str | None = None) -> tuple[TransformerModel, int]:
+    """Verify ``model_id``'s files and load it onto ``device``; returns it and its real bytes.
+
+    ``dtype``: the parameters' dtype (training asks for ``float32``); default :func:`compute_dtype`.
+    """
     manifest, folder = store.verified_folder(model_id)  # checks every listed file's size and sha256
-    return load_folder(folder, manifest, device)
+    return load_folder(folder, manifest, device, dtype=dtype)
 
 
-def load_folder(folder: Path, manifest: Manifest, device: str) -> tuple[TransformerModel, int]:
+def load_folder(folder: Path, manifest: Manifest, device: str, *, dtype: str | None = None
+                ) -> tuple[TransformerModel, int]:
     """Load the (verified) model in ``folder`` through a private view of the manifest's files."""
     if manifest.runtime != "transformers":
         raise UnsupportedModel(f"model {manifest.id!r} is not a transformers model")
+    if manifest.adapter_of is not None:
+        raise UnsupportedModel(f"model {manifest.id!r} is a LoRA adapter of {manifest.adapter_of.id!r}, not a model: "
+                               "it is attached to its loaded base (attach_adapter), never loaded alone")
     if task_of(manifest.model_type, manifest.architecture) != manifest.task:
         raise UnsupportedModel(
             f"model {manifest.id!r}: {manifest.model_type!r}/{manifest.architecture!r} is not on the allow-list"
@@ -147,7 +164,7 @@ def load_folder(folder: Path, manifest: Manifest, device: str) -> tuple[Transfor
     view = Path(tempfile.mkdtemp(prefix=f"hf-view-{manifest.id}-", dir=home))
     try:
         config = _private_view(folder, manifest, view)
-        return _load_view(view, manifest, config, device)
+        return _load_view(view, manifest, config, device, dtype or compute_dtype(device))
     finally:
         shutil.rmtree(view, ignore_errors=True)
 
@@ -201,9 +218,10 @@ def _transformers_class(manifest: Manifest) -> Any:
     return cls
 
 
-def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], device: str) -> tuple[TransformerModel, int]:
+def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], device: str, dtype_name: str
+               ) -> tuple[TransformerModel, int]:
     cls = _transformers_class(manifest)
-    dtype = _TORCH_DTYPES[compute_dtype(device)]
+    dtype = _TORCH_DTYPES[dtype_name]
     config = cls.config_class.from_dict(raw_config)
     try:
         module, info = cls.from_pretrained(
@@ -238,6 +256,64 @@ def _load_view(view: Path, manifest: Manifest, raw_config: dict[str, Any], devic
         model.labels = _labels(module.config, manifest)
         model.multi_label = getattr(module.config, "problem_type", None) == "multi_label_classification"
     return model, module_bytes(module)
+
+
+def attach_adapter(base: TransformerModel, store: ModelStore, adapter_id: str) -> tuple[TransformerModel, int]:
+    """Attach the stored LoRA adapter ``adapter_id`` to the loaded ``base`` (its module is shared, not copied).
+
+    The adapter must name this base by id and by its manifest's sha256; its two files are
+    verified and read through a private view, like a model's. Returns the adapter's view of
+    the model (:func:`activate` selects it before each pass) and the adapter's own bytes.
+    """
+    manifest, folder = store.verified_folder(adapter_id)
+    if manifest.adapter_of is None:
+        raise UnsupportedModel(f"model {adapter_id!r} is not an adapter")
+    if manifest.adapter_of.id != base.manifest.id or manifest.adapter_of.sha256 != store.manifest_sha256(base.manifest.id):
+        raise UnsupportedModel(f"adapter {adapter_id!r} was trained on another {manifest.adapter_of.id!r} (its "
+                               "manifest sha256 differs from the stored base's); refusing to attach it")
+    name = "hypha_" + hashlib.sha256(adapter_id.encode()).hexdigest()[:16]  # peft names cannot hold '.'
+    home = Path(tempfile.gettempdir())
+    view = Path(tempfile.mkdtemp(prefix=f"hf-view-{adapter_id}-", dir=home))
+    module = base.module
+    before = _parameter_bytes(module)
+    try:
+        for file in manifest.files:
+            (view / file).symlink_to((folder / file).resolve())
+        with warnings.catch_warnings():  # peft warns that a model holds several adapters: that is the point
+            warnings.filterwarnings("ignore", message=".*peft_config.*", category=UserWarning)
+            module.load_adapter(str(view), adapter_name=name)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise UnsupportedModel(f"adapter {adapter_id!r} could not be attached to {base.manifest.id!r}: {exc}") from None
+    finally:
+        shutil.rmtree(view, ignore_errors=True)
+    module.requires_grad_(False)
+    module.eval()
+    attached = dataclasses.replace(base, adapter=name, adapter_id=adapter_id)
+    return attached, max(1, _parameter_bytes(module) - before)
+
+
+def detach_adapter(model: TransformerModel) -> None:
+    """Remove ``model``'s adapter from the shared base module (the adapter left the cache)."""
+    if model.adapter is not None and getattr(model.module, "_hf_peft_config_loaded", False):
+        model.module.delete_adapter(model.adapter)
+
+
+def activate(model: TransformerModel) -> None:
+    """Select ``model``'s adapter on the shared base module before a pass, or no adapter for the base itself."""
+    module = model.module
+    if not getattr(module, "_hf_peft_config_loaded", False):
+        if model.adapter is not None:
+            raise UnsupportedModel(f"adapter {model.adapter_id!r} is no longer attached to its base")
+        return
+    if model.adapter is None:
+        module.disable_adapters()
+    else:
+        module.enable_adapters()
+        module.set_adapter(model.adapter)
+
+
+def _parameter_bytes(module: Any) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _unused_head(manifest: Manifest, key: str) -> bool:
@@ -339,6 +415,7 @@ def infer_batch(model: TransformerModel, items: Sequence[Any]) -> list[Any]:
     """
     if model.task == TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} generates text: send it hypha.generate, not hypha.infer")
+    activate(model)
     key = "images" if model.task == IMAGE_CLASSIFICATION else "texts"
     flat: list[Any] = []
     owners: list[int] = []
@@ -525,6 +602,8 @@ def generate(model: TransformerModel, request: Generate, report: Callable[[Strea
     others still run. ``report`` gets each row's text as it grows.
     """
     from transformers import GenerationConfig, StoppingCriteriaList
+
+    activate(model)
 
     if model.task != TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")

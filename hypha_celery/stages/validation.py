@@ -19,7 +19,10 @@ rendered with the model's chat template, so only for a model that has one)
 and sampling settings, each checked for type and range here
 (:class:`GenerateParams`); ``max_new_tokens`` is capped by ``[worker.generation]``.
 
-``hypha.train`` refuses a ``new_model`` id that is taken, except by a model this same task id saved:
+``hypha.train`` trains a built-in model on ``inputs``/``targets``, or a transformers model (a
+causal LM or a text classifier) on ``texts`` (with ``labels`` for a classifier), full or LoRA
+(:func:`finetune_params`: each argument checked by name). It refuses a ``new_model`` id that is
+taken, except by a model this same task id saved:
 that is a copy of a finished task (redelivered after its result could not be stored, or after
 kill -9), which answers from what the first run recorded (:func:`finished_training`).
 """
@@ -31,6 +34,7 @@ import binascii
 import importlib.util
 import json
 import math
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -49,6 +53,9 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "MAX_TEXTS",
     "MAX_TEXT_CHARS",
+    "MAX_TRAIN_LENGTH",
+    "MAX_TRAIN_TEXTS",
+    "FinetuneParams",
     "GenerateParams",
     "GenerateSpec",
     "InferSpec",
@@ -57,8 +64,10 @@ __all__ = [
     "check_generate_model",
     "check_infer_payload",
     "check_model_pin",
+    "finetune_params",
     "finished_training",
     "image_size",
+    "resolve_labels",
     "validate_generate",
     "validate_infer",
     "validate_noop",
@@ -79,6 +88,13 @@ _ROLES = ("system", "user", "assistant")
 _TASK_FOR = {"feature-extraction": "hypha.infer", "text-classification": "hypha.infer",
              "image-classification": "hypha.infer"}
 _TEXT_TASKS = ("feature-extraction", "text-classification")
+_TRAIN_ARGS = frozenset({"model", "data", "epochs", "lr", "batch_size", "requirements", "new_model"})
+_FINETUNE_ARGS = frozenset({"method", "lora", "merge", "max_steps", "grad_accum", "warmup_steps", "seed", "max_length"})
+_TRAINABLE_TASKS = ("text-generation", "text-classification")
+_MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,128}\Z")
+# hypha.train on a transformers model: texts inline per task, and tokens per text (further capped by the model's).
+MAX_TRAIN_TEXTS = 100_000
+MAX_TRAIN_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,23 @@ class GenerateSpec:
 
 
 @dataclass(frozen=True)
+class FinetuneParams:
+    """``hypha.train``'s arguments for a transformers model, checked (the executor's ``Train`` fields)."""
+
+    method: str = "full"  # or "lora"
+    lora: dict[str, Any] | None = None  # r, alpha, dropout and (when given) target_modules
+    merge: bool = False
+    max_steps: int | None = None
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    seed: int = 0
+    max_length: int = 2048
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class TrainSpec:
     model: str
     data: dict[str, Any]
@@ -132,6 +165,7 @@ class TrainSpec:
     # Set on a copy of a task that already saved ``new_model`` (a redelivery after the result could not be
     # stored, or after kill -9): what that run reported. The copy answers from it and trains nothing.
     finished: Trained | None = None
+    finetune: FinetuneParams | None = None  # set for a transformers model
 
 
 @dataclass(frozen=True)
@@ -162,7 +196,7 @@ def requirements_for(cfg: WorkerConfig, raw: Any, *, sizable: bool = False) -> R
     req = Requirements.parse(raw)
     if req.auto and not sizable:
         raise InvalidTask(f"requirements.{sorted(req.auto)[0]} 'auto' is sized from a model's manifest for "
-                          "hypha.infer and hypha.generate; give this task a size")
+                          "hypha.infer, hypha.generate and hypha.train on transformers models; give this task a size")
     check_caps(req, max_memory_per_task=cfg.max_memory_per_task, max_cpu_cores_per_task=cfg.max_cpu_cores_per_task)
     return req
 
@@ -327,13 +361,36 @@ def _int_arg(kwargs: Mapping[str, Any], name: str, default: int, low: int, high:
 def validate_train(
     cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any], task_id: str
 ) -> TrainSpec:
-    allowed = {"model", "data", "epochs", "lr", "batch_size", "requirements", "new_model"}
-    _check_shape(args, kwargs, allowed, {"model", "data"}, "hypha.train")
+    """A ``hypha.train`` task: a built-in model on rows, or a transformers model on texts (:class:`FinetuneParams`)."""
+    _check_shape(args, kwargs, {*_TRAIN_ARGS, *_FINETUNE_ARGS}, {"model", "data"}, "hypha.train")
     model = validate_model_id(kwargs["model"])
-    requirements = requirements_for(cfg, kwargs.get("requirements"))
-    epochs = _int_arg(kwargs, "epochs", 10, 1, 1_000_000)
-    batch_size = _int_arg(kwargs, "batch_size", 32, 1, 65_536)
-    lr = kwargs.get("lr", 1e-3)
+    requirements = requirements_for(cfg, kwargs.get("requirements"), sizable=True)
+    data = kwargs["data"]
+    kind = _train_data_kind(data)
+    manifest = _local_manifest(store, model)
+    known = manifest if manifest is not None or kind == "rows" else store.peek(model)
+    transformers = known.runtime == "transformers" if known is not None else kind == "texts"
+    if transformers:
+        if kind == "rows":
+            raise InvalidTask(f"model {model!r} is a transformers model: data takes texts ({{'texts': [...]}}, with "
+                              "'labels' for a classifier), not inputs and targets")
+        finetune = finetune_params(kwargs, known)
+    else:
+        if kind == "texts":
+            raise InvalidTask(f"model {model!r} is a built-in model: data takes inputs and targets, not texts")
+        given = sorted(set(kwargs) & _FINETUNE_ARGS)
+        if given:
+            raise InvalidTask(f"{given[0]} applies to transformers models; model {model!r} is a built-in model")
+        if requirements.auto:
+            raise InvalidTask(f"requirements.{sorted(requirements.auto)[0]} 'auto' is sized from a transformers "
+                              "model's manifest; give training a built-in model a size")
+        finetune = None
+    epochs = _int_arg(kwargs, "epochs", 10 if finetune is None else 1, 1, 1_000_000)
+    if finetune is not None and finetune.max_steps is not None and "epochs" in kwargs:
+        raise InvalidTask("hypha.train takes epochs or max_steps, not both")
+    batch_size = _int_arg(kwargs, "batch_size", 32 if finetune is None else 8, 1, 65_536)
+    default_lr = 1e-3 if finetune is None else (2e-4 if finetune.method == "lora" else 5e-5)
+    lr = kwargs.get("lr", default_lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 10:
         raise InvalidTask(f"lr must be a number in (0, 10], got {lr!r}")
     new_model = validate_model_id(kwargs.get("new_model") or f"{model}-ft-{task_id.replace('-', '')[:12]}")
@@ -342,21 +399,135 @@ def validate_train(
         finished = finished_training(store, new_model, task_id)
         if finished is None:
             raise InvalidTask(f"new_model {new_model!r} already exists; model ids are immutable, pick another")
-    data = kwargs["data"]
-    manifest = _local_manifest(store, model)
-    if isinstance(data, Mapping) and set(data) == {"ref"}:
+    max_bytes = cfg.security.max_input_bytes
+    if kind == "ref":
         ref = validate_model_id(data["ref"])
         if not (store.path(ref) / DATASET_MANIFEST).is_file() and not store.sources:
             raise UnsupportedModel(f"data set {ref!r} is not in this worker's store and no sources are configured")
-    elif not isinstance(data, Mapping) or set(data) != {"inputs", "targets"}:
-        raise InvalidTask("data must be {'inputs': [...], 'targets': [...]} or {'ref': '<data set id>'}")
+    elif kind == "texts":
+        _check_training_texts(data, known, max_bytes)
     elif manifest is not None:
-        batch = check_inputs(data["inputs"], manifest.input_shape, max_bytes=cfg.security.max_input_bytes, model=model)
+        batch = check_inputs(data["inputs"], manifest.input_shape, max_bytes=max_bytes, model=model)
         targets = data["targets"]
         if not isinstance(targets, list) or len(targets) != batch.rows:
             raise InvalidInput(f"data.targets must be a list of {batch.rows} targets, one per input row")
     return TrainSpec(model=model, data=dict(data), epochs=epochs, lr=float(lr), batch_size=batch_size,
-                     new_model=new_model, requirements=requirements, manifest=manifest, finished=finished)
+                     new_model=new_model, requirements=requirements, manifest=manifest, finished=finished,
+                     finetune=finetune)
+
+
+def _train_data_kind(data: Any) -> str:
+    """``ref`` (a stored data set), ``rows`` (inputs and targets: built-in models) or ``texts`` (transformers)."""
+    keys = set(data) if isinstance(data, Mapping) else None
+    if keys == {"ref"}:
+        return "ref"
+    if keys == {"inputs", "targets"}:
+        return "rows"
+    if keys in ({"texts"}, {"texts", "labels"}):
+        return "texts"
+    raise InvalidTask("data must be {'inputs': [...], 'targets': [...]} (a built-in model), {'texts': [...]} (a causal "
+                      "LM), {'texts': [...], 'labels': [...]} (a text classifier) or {'ref': '<data set id>'}")
+
+
+def finetune_params(kwargs: Mapping[str, Any], manifest: Manifest | None) -> FinetuneParams:
+    """The transformers-only arguments of ``hypha.train``, each checked by name (``InvalidTask``)."""
+    if manifest is not None:
+        if manifest.adapter_of is not None:
+            raise InvalidTask(f"model {manifest.id!r} is a LoRA adapter of {manifest.adapter_of.id!r}: train the base "
+                              "model")
+        if manifest.task not in _TRAINABLE_TASKS:
+            raise InvalidTask(f"model {manifest.id!r} ({manifest.task}): hypha.train fine-tunes "
+                              f"{' and '.join(_TRAINABLE_TASKS)} models")
+    if importlib.util.find_spec("transformers") is None:  # finds it without importing it
+        raise UnsupportedModel(f"model {kwargs['model']!r} is a transformers model; this worker lacks the [hf] extra")
+    method = kwargs.get("method", "full")
+    if method not in ("full", "lora"):
+        raise InvalidTask(f"method must be 'full' or 'lora', got {method!r}")
+    merge = kwargs.get("merge", False)
+    if not isinstance(merge, bool):
+        raise InvalidTask(f"merge must be true or false, got {merge!r}")
+    if method == "full" and ("lora" in kwargs or merge):
+        raise InvalidTask(f"{'lora' if 'lora' in kwargs else 'merge'} applies to method 'lora' only")
+    lora = _lora_settings(kwargs.get("lora", {})) if method == "lora" else None
+    if lora is not None and importlib.util.find_spec("peft") is None:
+        raise UnsupportedModel("method 'lora' needs peft; this worker lacks it (install hypha-celery[hf])")
+    max_steps = kwargs.get("max_steps")
+    if max_steps is not None:
+        max_steps = _int_arg(kwargs, "max_steps", 1, 1, 10_000_000)
+    seed = kwargs.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise InvalidTask(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    max_length = _int_arg(kwargs, "max_length", MAX_TRAIN_LENGTH, 1, MAX_TRAIN_LENGTH)
+    if manifest is not None and manifest.max_length:
+        max_length = min(max_length, manifest.max_length)  # the model's own limit caps it
+    return FinetuneParams(method=method, lora=lora, merge=merge, max_steps=max_steps,
+                          grad_accum=_int_arg(kwargs, "grad_accum", 1, 1, 1024),
+                          warmup_steps=_int_arg(kwargs, "warmup_steps", 0, 0, 10_000_000), seed=seed,
+                          max_length=max_length)
+
+
+def _lora_settings(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise InvalidTask(f"lora must be an object with r, alpha, dropout, target_modules; got {raw!r}")
+    unknown = sorted(set(raw) - {"r", "alpha", "dropout", "target_modules"})
+    if unknown:
+        raise InvalidTask(f"lora got an unknown setting {unknown[0]!r} (it takes r, alpha, dropout, target_modules)")
+    settings: dict[str, Any] = {"r": _int_arg(raw, "r", 8, 1, 1024)}
+    alpha = raw.get("alpha", 2 * settings["r"])
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
+            or not 0 < alpha <= 100_000:
+        raise InvalidTask(f"lora.alpha must be a number in (0, 100000], got {alpha!r}")
+    settings["alpha"] = alpha
+    dropout = raw.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise InvalidTask(f"lora.dropout must be a number in [0, 1), got {dropout!r}")
+    settings["dropout"] = float(dropout)
+    targets = raw.get("target_modules")
+    if targets is not None:
+        if not isinstance(targets, list) or not 0 < len(targets) <= 64 or not all(
+                isinstance(t, str) and _MODULE_NAME.match(t) for t in targets):
+            raise InvalidTask("lora.target_modules must be a list of 1 to 64 module names (letters, digits, '_', '.'), "
+                              f"got {targets!r}")
+        settings["target_modules"] = list(targets)
+    return settings
+
+
+def _check_training_texts(data: Mapping[str, Any], manifest: Manifest | None, max_bytes: int) -> None:
+    texts = data["texts"]
+    if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
+        raise InvalidInput("data.texts must be a non-empty list of non-empty strings")
+    if len(texts) > MAX_TRAIN_TEXTS:
+        raise InvalidInput(f"data.texts holds {len(texts)} texts; at most {MAX_TRAIN_TEXTS} inline (store more as a "
+                           "data set)")
+    longest = max(len(text) for text in texts)
+    if longest > MAX_TEXT_CHARS:
+        raise InvalidInput(f"a text has {longest} characters; at most {MAX_TEXT_CHARS}")
+    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    if size > max_bytes:
+        raise InvalidInput(f"data.texts are {size} bytes, above max_input_bytes ({max_bytes})")
+    labels = data.get("labels")
+    if manifest is None:
+        return
+    if manifest.task == "text-generation" and labels is not None:
+        raise InvalidTask(f"model {manifest.id!r} is a causal LM: data takes texts only, no labels")
+    if manifest.task == "text-classification":
+        if not isinstance(labels, list) or len(labels) != len(texts):
+            raise InvalidInput(f"data.labels must be a list with one label per text ({len(texts)}) for a classifier")
+        resolve_labels(labels, manifest.labels or [])
+
+
+def resolve_labels(raw: list[Any], names: list[str]) -> list[int]:
+    """Class ids for labels given as names (``id2label``'s) or ids; ``InvalidInput`` naming the first bad one."""
+    ids = []
+    for index, label in enumerate(raw):
+        if isinstance(label, str) and label in names:
+            ids.append(names.index(label))
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+            ids.append(label)
+        else:
+            raise InvalidInput(f"data.labels[{index}] is {label!r}: use a label name ({', '.join(names)}) or an id "
+                               f"from 0 to {len(names) - 1}")
+    return ids
 
 
 def finished_training(store: ModelStore, new_model: str, task_id: str) -> Trained | None:
@@ -472,7 +643,10 @@ def check_generate_model(store: ModelStore, manifest: Manifest, chat: bool) -> N
                           f"{_TASK_FOR.get(manifest.task, 'hypha.infer')}")
     if importlib.util.find_spec("transformers") is None:  # finds it without importing it
         raise UnsupportedModel(f"model {model!r} is a transformers model; this worker lacks the [hf] extra")
-    if chat and not has_chat_template(store, manifest):
+    templated = manifest
+    if manifest.adapter_of is not None and store.has(manifest.adapter_of.id):  # an adapter: its base's template
+        templated = store.manifest(manifest.adapter_of.id)
+    if chat and not has_chat_template(store, templated):
         raise InvalidTask(f"model {model!r} has no chat template (chat_template.jinja or tokenizer_config.json's "
                           "chat_template): send a prompt, not messages")
 

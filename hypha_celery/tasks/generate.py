@@ -40,8 +40,9 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     spec = validate_generate(ctx.config, ctx.store, args, kwargs)
     manifest = spec.manifest or ctx.store.peek(spec.model)
     tokens = prompt_token_bound(spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens
+    base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
     requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds,
-                                          tokens=tokens)
+                                          tokens=tokens, base=base)
     return dataclasses.replace(spec, requirements=requirements)
 
 
@@ -53,6 +54,8 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
         manifest = ctx.store.manifest(spec.model)
         check_model_pin(ctx.store, spec.model, run.model_sha256)
         check_generate_model(ctx.store, manifest, spec.messages is not None)
+    if manifest.adapter_of is not None:  # a LoRA adapter: the executor attaches it to its base, fetched here
+        ctx.store.manifest(manifest.adapter_of.id)
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),

@@ -29,7 +29,8 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
     """Validate, then size ``"auto"`` requirements from the model's manifest (read, not fetched)."""
     spec = validate_infer(ctx.config, ctx.store, args, kwargs)
     manifest = spec.manifest or ctx.store.peek(spec.model)
-    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds)
+    base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
+    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds, base=base)
     return dataclasses.replace(spec, requirements=requirements)
 
 
@@ -41,6 +42,8 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         manifest = ctx.store.manifest(spec.model)
         check_model_pin(ctx.store, spec.model, run.model_sha256)
         check_infer_payload(manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes)
+    if manifest.adapter_of is not None:  # a LoRA adapter: the executor attaches it to its base, fetched here
+        ctx.store.manifest(manifest.adapter_of.id)
     item = ctx.executors.infer(
         model=spec.model,
         inputs=spec.inputs,

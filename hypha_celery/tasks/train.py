@@ -1,23 +1,70 @@
-"""``hypha.train``: fine-tune a stored model and store the result as a new model."""
+"""``hypha.train``: fine-tune a stored model and store the result as a new model.
+
+A built-in model trains on ``inputs``/``targets``; a transformers model (causal LM or text
+classifier) trains full or LoRA on ``texts`` (:mod:`hypha_celery.models.finetune`), its
+``"auto"`` memory sized for training (:mod:`hypha_celery.stages.sizing`). While it runs the
+task's ``PROGRESS`` state carries step, epoch, loss, percent (and for transformers tokens/s and
+ETA) at most four times a second.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
 
+from hypha_celery.errors import InvalidTask
 from hypha_celery.executor.protocol import Train, Trained
+from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
+from hypha_celery.models.manifest import CONFIG, Manifest
+from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.stages.results import package
-from hypha_celery.stages.validation import TrainSpec, check_model_pin, validate_train
+from hypha_celery.stages.sizing import Training, activation_bytes_per_token, lora_trainable_bound, requirements_for_model
+from hypha_celery.stages.validation import FinetuneParams, TrainSpec, check_model_pin, finetune_params, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.worker.context import NodeContext
 
-__all__ = ["train"]
+__all__ = ["PROGRESS_INTERVAL_S", "train"]
 
 log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
+
+
+def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any], task_id: str) -> TrainSpec:
+    """Validate, then size a transformers model's ``"auto"`` requirements for training it."""
+    spec = validate_train(ctx.config, ctx.store, args, kwargs, task_id)
+    if spec.finetune is None:
+        return spec
+    manifest = spec.manifest or ctx.store.peek(spec.model)
+    job = _training_size(ctx.store, manifest, spec.finetune, spec.batch_size)
+    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds,
+                                          training=job)
+    return dataclasses.replace(spec, requirements=requirements)
+
+
+def _training_size(store: ModelStore, manifest: Manifest, params: FinetuneParams, batch_size: int) -> Training:
+    """Trainable parameters and activations of one micro-batch, from the config when the model is here."""
+    config = None
+    if store.has(manifest.id) and CONFIG in manifest.files:
+        try:
+            config = json.loads((store.path(manifest.id) / CONFIG).read_text())
+        except (OSError, ValueError):
+            config = None
+    config = config if isinstance(config, dict) else None
+    trainable = None
+    if params.lora is not None:
+        targets = params.lora.get("target_modules") or LORA_TARGET_MODULES.get(manifest.model_type or "", [])
+        trainable = lora_trainable_bound(config, params.lora["r"], len(targets), len(manifest.labels or []))
+    return Training(trainable=trainable, tokens=batch_size * params.max_length,
+                    activation_bytes_per_token=activation_bytes_per_token(config))
 
 
 def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
@@ -34,12 +81,19 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
         run.task.send_event("task-loading", model=spec.model)
         manifest = ctx.store.manifest(spec.model)
         check_model_pin(ctx.store, spec.model, run.model_sha256)
+        if manifest.runtime == "transformers" and spec.finetune is None:
+            raise InvalidTask(f"model {spec.model!r} is a transformers model: data takes texts, not inputs and targets")
+        if spec.finetune is not None:  # checked again on the fetched manifest: its task, labels, max_length
+            spec = dataclasses.replace(spec, finetune=finetune_params(_finetune_kwargs(spec.model, spec.finetune),
+                                                                      manifest))
         if "inputs" in spec.data:
             check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
                          model=spec.model)
     run.progress({"stage": "load", "epoch": 0, "epochs": spec.epochs, "step": 0, "loss": None, "percent": 0.0})
+    tuned = spec.finetune.to_json() if spec.finetune is not None else {}
     job = Train(model=spec.model, new_model=spec.new_model, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                data=data, data_path=data_path, task_id=run.task.request.id)
+                data=data, data_path=data_path, task_id=run.task.request.id, progress_interval=PROGRESS_INTERVAL_S,
+                **tuned)
     result = ctx.executors.run_job(
         job,
         lease=run.lease,
@@ -62,6 +116,17 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     )
 
 
+def _finetune_kwargs(model: str, finetune: FinetuneParams) -> dict[str, Any]:
+    """The validated transformers arguments as task kwargs, to check them again on a fetched manifest."""
+    params = finetune.to_json()
+    kwargs = {key: value for key, value in params.items() if value is not None and key != "lora"}
+    if params["lora"] is not None:
+        kwargs["lora"] = params["lora"]
+    else:
+        kwargs.pop("merge")
+    return {"model": model, **kwargs}
+
+
 def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     """A copy of this task already saved ``new_model``: its result, from what that run recorded; nothing runs."""
     log.info("task %s: model %r was saved by this task id; answering the copy from it", run.task.request.id,
@@ -80,11 +145,12 @@ def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
 
 @shared_task(name="hypha.train", base=HyphaTask, bind=True)
 def train(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}`` (or ``{"ref": "<data set>"}``)."""
+    """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``, ``{"texts": [...]}`` (with ``"labels"``
+    for a classifier) or ``{"ref": "<data set>"}``."""
     return run_task(
         self,
         kwargs,
         args=args,
-        validate=lambda ctx: validate_train(ctx.config, ctx.store, args, kwargs, self.request.id),
+        validate=lambda ctx: _validate(ctx, args, kwargs, self.request.id),
         body=_run,
     )

@@ -195,16 +195,19 @@ def datasets() -> None:
 @click.argument("file", type=click.Path(dir_okay=False, exists=True))
 @click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
 def datasets_add(dataset_id: str, file: str, directory: str | None) -> None:
-    """Store FILE ({"inputs": [...], "targets": [...]}) as data set DATASET_ID."""
+    """Store FILE ({"inputs": [...], "targets": [...]}, or {"texts": [...]} with "labels" for a classifier) as DATASET_ID."""
     from hypha_celery.models.store import ModelStore
 
     try:
         with open(file) as handle:
             data = json.load(handle)
         if not isinstance(data, dict):
-            raise click.ClickException(f"{file} must hold a JSON object with 'inputs' and 'targets'")
-        manifest = ModelStore(directory or load_config().models.model_dir).save_dataset(
-            dataset_id, data.get("inputs") or [], data.get("targets") or [])
+            raise click.ClickException(f"{file} must hold a JSON object with 'inputs' and 'targets', or 'texts'")
+        store = ModelStore(directory or load_config().models.model_dir)
+        if "texts" in data:
+            manifest = store.save_texts(dataset_id, data["texts"], data.get("labels"))
+        else:
+            manifest = store.save_dataset(dataset_id, data.get("inputs") or [], data.get("targets") or [])
     except (ValueError, HyphaError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{dataset_id}: {manifest.rows} rows, sha256 {manifest.files['data.json'].sha256[:16]}...")
