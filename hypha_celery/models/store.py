@@ -357,12 +357,7 @@ class ModelStore:
                     id=model_id, config={}, input_shape=[], files=files, format=FORMAT_V2, runtime="transformers",
                     dropped_config_keys=dropped, parent=parent, **hf_format.describe(staging, found.copy, task),
                 )
-                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
-                self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256) for name, entry in files.items()})
-                if produced_by is not None:
-                    _write_json(staging / PRODUCED, produced_by)
-                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
-                self._install(model_id, staging)
+                self._finish(staging, manifest, produced_by)
         return Imported(manifest, found.skipped)
 
     def import_onnx(self, source: str | os.PathLike[str], model_id: str) -> Imported:
@@ -437,13 +432,18 @@ class ModelStore:
                     parent=base, created_at=time.time(), dropped_config_keys=[],
                     adapter_of=AdapterOf(id=base, sha256=base_sha256),
                 )
-                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
-                self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256) for name, entry in files.items()})
-                if produced_by is not None:
-                    _write_json(staging / PRODUCED, produced_by)
-                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
-                self._install(model_id, staging)
+                self._finish(staging, manifest, produced_by)
         return manifest
+
+    def _finish(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None) -> None:
+        """Check the manifest as a reader will, stamp the staged files, write the manifest, install."""
+        Manifest.from_json(manifest.to_json(), manifest.id, self.max_model_size)
+        self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256)
+                                    for name, entry in manifest.files.items()})
+        if produced_by is not None:
+            _write_json(staging / PRODUCED, produced_by)
+        _write_json(staging / MODEL_MANIFEST, manifest.to_json())
+        self._install(manifest.id, staging)
 
     def _verify_dir(self, manifest: Manifest | DatasetManifest, folder: Path) -> None:
         """Check each listed file against the manifest: by its stamp when unchanged, else by its sha256."""
