@@ -466,6 +466,7 @@ class _Lane:
                 request.finish(error=exc)
             return
         usage = reply.usage
+        self._cache_changed(reply.cache)  # before any answer: a task that follows sees the model as held
         for index, (request, output, error) in enumerate(zip(batch, reply.outputs, reply.errors, strict=True)):
             if error is not None:
                 request.finish(error=error_from_reply(error, executor.name))
@@ -483,7 +484,6 @@ class _Lane:
                 cpu_affinity=usage.cpu_affinity,
                 gpu_memory_peak=usage.gpu_memory_peak,
             ))
-        self._cache_changed(reply.cache)
 
     def _generate(self, executor: ExecutorProcess, batch: list[_Request], job: Generate, timeout: float) -> None:
         prompts = [prompt for request in batch for prompt in request.generate.prompts]  # type: ignore[union-attr]
@@ -505,6 +505,7 @@ class _Lane:
             for request in batch:
                 request.finish(error=exc)
             return
+        self._cache_changed(reply.cache)  # before any answer: a task that follows sees the model as held
         for index, (request, output, error) in enumerate(zip(batch, reply.outputs, reply.errors, strict=True)):
             if error is not None or output is None:
                 request.finish(error=error_from_reply(error or Error("ExecutorCrashed", "no output"), executor.name))
@@ -521,7 +522,6 @@ class _Lane:
                 dtype=reply.dtype,
             )
             request.finish()
-        self._cache_changed(reply.cache)
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""

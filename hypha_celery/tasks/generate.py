@@ -9,7 +9,6 @@ times a second: a client streams by polling ``AsyncResult.state``/``.info``.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -22,10 +21,10 @@ from hypha_celery.executor.protocol import Generate, Prompt, Streamed
 from hypha_celery.models.manifest import compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
-from hypha_celery.stages.sizing import prompt_token_bound, requirements_for_model
-from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_model_pin, validate_generate
+from hypha_celery.stages.sizing import prompt_token_bound
+from hypha_celery.stages.validation import GenerateSpec, check_generate_model, validate_generate
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "generate"]
@@ -38,24 +37,14 @@ PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a wri
 def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> GenerateSpec:
     """Validate, then size ``"auto"`` requirements: weights plus the KV cache of prompt and new tokens."""
     spec = validate_generate(ctx.config, ctx.store, args, kwargs)
-    manifest = spec.manifest or ctx.store.peek(spec.model)
-    tokens = prompt_token_bound(spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens
-    base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
-    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds,
-                                          tokens=tokens, base=base)
-    return dataclasses.replace(spec, requirements=requirements)
+    return sized(ctx, spec, kwargs.get("requirements"), lambda manifest: prompt_token_bound(
+        spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens)
 
 
 def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     ctx = run.ctx
-    manifest = spec.manifest
-    if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
-        run.task.send_event("task-loading", model=spec.model)
-        manifest = ctx.store.manifest(spec.model)
-        check_model_pin(ctx.store, spec.model, run.model_sha256)
-        check_generate_model(ctx.store, manifest, spec.messages is not None)
-    if manifest.adapter_of is not None:  # a LoRA adapter: the executor attaches it to its base, fetched here
-        ctx.store.manifest(manifest.adapter_of.id)
+    manifest = model_under_lease(run, spec, lambda manifest: check_generate_model(
+        ctx.store, manifest, spec.messages is not None))
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),

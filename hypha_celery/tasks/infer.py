@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
@@ -14,36 +12,19 @@ from hypha_celery.errors import HyphaError
 from hypha_celery.models.manifest import expected_size
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
-from hypha_celery.stages.sizing import requirements_for_model
-from hypha_celery.stages.validation import InferSpec, check_infer_payload, check_model_pin, validate_infer
+from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tasks.pipeline import Run, run_task
-from hypha_celery.worker.context import NodeContext
+from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 
 __all__ = ["infer"]
 
 log = logging.getLogger(__name__)
 
 
-def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> InferSpec:
-    """Validate, then size ``"auto"`` requirements from the model's manifest (read, not fetched)."""
-    spec = validate_infer(ctx.config, ctx.store, args, kwargs)
-    manifest = spec.manifest or ctx.store.peek(spec.model)
-    base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
-    requirements = requirements_for_model(ctx.config, kwargs.get("requirements"), manifest, holds=ctx.holds, base=base)
-    return dataclasses.replace(spec, requirements=requirements)
-
-
 def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     ctx = run.ctx
-    manifest = spec.manifest
-    if manifest is None:  # not local at validation: fetch (and verify) it now, under the lease
-        run.task.send_event("task-loading", model=spec.model)
-        manifest = ctx.store.manifest(spec.model)
-        check_model_pin(ctx.store, spec.model, run.model_sha256)
-        check_infer_payload(manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes)
-    if manifest.adapter_of is not None:  # a LoRA adapter: the executor attaches it to its base, fetched here
-        ctx.store.manifest(manifest.adapter_of.id)
+    manifest = model_under_lease(run, spec, lambda manifest: check_infer_payload(
+        manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes))
     item = ctx.executors.infer(
         model=spec.model,
         inputs=spec.inputs,
@@ -86,6 +67,6 @@ def infer(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self,
         kwargs,
         args=args,
-        validate=lambda ctx: _validate(ctx, args, kwargs),
+        validate=lambda ctx: sized(ctx, validate_infer(ctx.config, ctx.store, args, kwargs), kwargs.get("requirements")),
         body=_run,
     )

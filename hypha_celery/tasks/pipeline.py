@@ -11,6 +11,7 @@ task's node context (:attr:`HyphaTask.node <hypha_celery.tasks.base.HyphaTask.no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -31,17 +32,19 @@ from hypha_celery.errors import (
     ResourcesBusy,
     UnsupportedModel,
 )
+from hypha_celery.models.manifest import Manifest
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.security import ENVELOPE_HEADER, MODEL_SHA256, check_model_sha256
 from hypha_celery.stages import admission
 from hypha_celery.stages.results import Timing
+from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import check_model_pin
 from hypha_celery.tasks import headers
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["WAITING", "Run", "run_task"]
+__all__ = ["WAITING", "ModelSpec", "Run", "model_under_lease", "run_task", "sized"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,47 @@ class Spec(Protocol):
 
 
 S = TypeVar("S", bound=Spec)
+
+
+class ModelSpec(Spec, Protocol):
+    """A validated task on a stored model; ``manifest`` is None when the model must be fetched."""
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def manifest(self) -> Manifest | None: ...
+
+
+M = TypeVar("M", bound=ModelSpec)
+
+
+def sized(ctx: NodeContext, spec: M, raw: Any, tokens: Callable[[Manifest], int] = lambda _: 0) -> M:
+    """``spec`` with its ``"auto"`` requirements sized from its model's manifest (read, not fetched).
+
+    ``raw``: the task's ``requirements`` kwarg; ``tokens``: the KV-cache tokens the request needs.
+    A LoRA adapter is sized on its base as well.
+    """
+    manifest = spec.manifest or ctx.store.peek(spec.model)
+    base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
+    requirements = requirements_for_model(ctx.config, raw, manifest, holds=ctx.holds, tokens=tokens(manifest),
+                                          base=base)
+    return dataclasses.replace(spec, requirements=requirements)  # type: ignore[type-var]
+
+
+def model_under_lease(run: Run, spec: ModelSpec, check: Callable[[Manifest], None]) -> Manifest:
+    """The task's manifest: fetched (and verified, pin and ``check`` included) now if validation could not read
+    it locally; an adapter's base fetched too (the executor attaches the adapter to it)."""
+    ctx = run.ctx
+    manifest = spec.manifest
+    if manifest is None:
+        run.task.send_event("task-loading", model=spec.model)
+        manifest = ctx.store.manifest(spec.model)
+        check_model_pin(ctx.store, spec.model, run.model_sha256)
+        check(manifest)
+    if manifest.adapter_of is not None:
+        ctx.store.manifest(manifest.adapter_of.id)
+    return manifest
 
 
 @dataclass

@@ -71,8 +71,9 @@ def test_progress_carries_the_growing_text(start_worker, celery_client) -> None:
             seen.append(info["text"])
         time.sleep(0.01)
     final = pending.get(timeout=60)["output"]["text"]
-    # Then at least two different texts were seen, each a prefix of the final text
-    assert len(set(seen)) >= 2
+    # Then the client saw the text before it was final (the first report comes with the first token; how many
+    # more depends on how long the generation takes), and every text seen is a prefix of the final one
+    assert seen and min(len(text) for text in seen) < len(final)
     assert all(final.startswith(text) for text in seen)
 
 
