@@ -140,8 +140,12 @@ def test_the_worker_keeps_serving_through_repeated_redis_outages(start_worker, c
             assert worker.alive(), f"the worker exited in outage {outage}:\n{worker.output()[-4000:]}"
             assert noop(app) is None, f"after outage {outage}"
             # ... and the two tasks that ran through the outage finish and store their results
-            wait_for(partial(in_states, app, {train: "SUCCESS", hold: "SUCCESS"}), 120,
-                     f"the tasks of outage {outage} to finish")
+            try:
+                wait_for(partial(in_states, app, {train: "SUCCESS", hold: "SUCCESS"}), 240,
+                         f"the tasks of outage {outage} to finish")
+            except TimeoutError as exc:
+                states = {name: state(app, task) for name, task in (("train", train), ("hold", hold))}
+                raise AssertionError(f"{exc}; states {states}; worker log:\n{worker.output()[-6000:]}") from None
             model_id = app.AsyncResult(train).result["output"]["model_id"]
             assert ModelStore(store_dir).has(model_id)
         log = worker.output()
