@@ -9,14 +9,11 @@ times a second: a client streams by polling ``AsyncResult.state``/``.info``.
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.errors import HyphaError
 from hypha_celery.executor.protocol import Generate, Prompt, Streamed
 from hypha_celery.models.manifest import compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
@@ -28,8 +25,6 @@ from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "generate"]
-
-log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
 
@@ -57,13 +52,7 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
         run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
 
     result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report)
-    run.timing.finished_at = time.time()
-    ctx.metrics.cache_event(hit=result.cache_hit, batch_size=result.batch_size)
-    ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
-    try:
-        ctx.inference_times.flush(ctx.redis, run.worker)
-    except HyphaError as exc:  # the moving average is advisory; the result is not
-        log.warning("could not record the inference time: %s", exc)
+    run.finished(spec.model, cache_hit=result.cache_hit, batch_size=result.batch_size)
     out = result.output
     after_first = result.compute_s - result.time_to_first_token_s
     tokens_per_s = (out.completion_tokens - 1) / after_first if out.completion_tokens > 1 and after_first > 0 \

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.errors import HyphaError
 from hypha_celery.models.manifest import expected_size
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
@@ -17,8 +14,6 @@ from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 
 __all__ = ["infer"]
-
-log = logging.getLogger(__name__)
 
 
 def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
@@ -33,13 +28,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         batchable=manifest.batchable,
         expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
     )
-    run.timing.finished_at = time.time()
-    ctx.metrics.cache_event(hit=item.cache_hit, batch_size=item.batch_size)
-    ctx.inference_times.observe(spec.model, run.timing.finished_at - run.timing.started_at)
-    try:
-        ctx.inference_times.flush(ctx.redis, run.worker)
-    except HyphaError as exc:  # the moving average is advisory; the result is not
-        log.warning("could not record the inference time: %s", exc)
+    run.finished(spec.model, cache_hit=item.cache_hit, batch_size=item.batch_size)
     return package(
         output=item.output,
         model=spec.model,

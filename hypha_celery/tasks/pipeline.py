@@ -24,6 +24,7 @@ from celery.exceptions import Ignore
 
 from hypha_celery.errors import (
     DuplicateTask,
+    HyphaError,
     InsufficientCapabilities,
     InvalidSignature,
     InvalidTask,
@@ -119,6 +120,17 @@ class Run:
     def remaining_s(self) -> float:
         """Seconds left of ``task_timeout`` (it counts from admission)."""
         return max(0.0, self.timing.started_at + self.ctx.config.task_timeout - time.time())
+
+    def finished(self, model: str, *, cache_hit: bool, batch_size: int) -> None:
+        """The ML work is done: stamp the time, count the cache event, record the model's inference time."""
+        ctx = self.ctx
+        self.timing.finished_at = time.time()
+        ctx.metrics.cache_event(hit=cache_hit, batch_size=batch_size)
+        ctx.inference_times.observe(model, self.timing.finished_at - self.timing.started_at)
+        try:
+            ctx.inference_times.flush(ctx.redis, self.worker)
+        except HyphaError as exc:  # the moving average is advisory; the result is not
+            log.warning("could not record the inference time: %s", exc)
 
     def progress(self, meta: dict[str, Any]) -> None:
         self.task.update_state(state="PROGRESS", meta=meta)
