@@ -127,9 +127,12 @@ def test_the_worker_keeps_serving_through_repeated_redis_outages(start_worker, c
                               broker=server.url, backend=server.url, env={"HYPHA_REGISTRY_URL": server.url})
         app = celery_client(broker=server.url, backend=server.url)
         for outage in range(OUTAGES):
-            # ... running a training task and a one-core task (both delivered, neither acknowledged)
+            # ... running a training task and a one-core task (both delivered, neither acknowledged); the training
+            # is long enough to outlast the outage: one that ended inside it would lose its result with the
+            # Redis that restarts empty, which is no fault of the worker's
+
             train = app.send_task("hypha.train", kwargs={"model": "mlp", "data": {"inputs": rows, "targets": labels},
-                                                         "epochs": 250, "batch_size": 8}).id
+                                                         "epochs": 600, "batch_size": 8}).id
             hold = app.send_task("hypha.noop", kwargs={"hold_s": 12, "requirements": {"cpu_cores": 1}}).id
             wait_for(partial(in_states, app, {train: "PROGRESS", hold: "STARTED"}), 60, "both tasks to run")
             # When Redis goes away for several seconds and comes back (empty, as a crashed Redis does)
