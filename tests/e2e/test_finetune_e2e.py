@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA
 from hypha_celery.models.manifest import ADAPTER_FILES
 from hypha_celery.models.store import ModelStore
+from hypha_celery.tools.launch import worker_env
+from tests.conftest import ROOT
 
 CORES = {"cpu_cores": 1}  # memory: "auto", sized for training from the manifest
 POSITIVE = ("loved", "wonderful", "sunny", "warm", "fresh", "faster", "better")
@@ -149,3 +153,29 @@ def test_lora_with_merge_on_a_stored_text_data_set_stores_a_full_model(start_wor
     out = app.send_task("hypha.generate", kwargs={"model": "tiny-llama-merged", "prompt": "the cat",
                                                   "max_new_tokens": 4, "requirements": CORES}).get(timeout=120)
     assert out["output"]["usage"]["completion_tokens"] >= 1
+
+
+def test_the_cli_trains_drawing_progress_and_printing_the_model_id(start_worker, store_dir: Path, redis_url: str,
+                                                                    tmp_path: Path) -> None:
+    # Given a worker with the tiny Llama and a text file of training texts, one a line
+    start_worker({"models": {"model_dir": str(store_dir)}})
+    data = tmp_path / "texts.txt"
+    data.write_text("the cat sat on the mat\nthe dog ran across the park\n\nthe train leaves at nine\n")
+    # When `hypha-celery run train` trains a LoRA adapter for long enough that the client sees it run
+    out = subprocess.run(
+        [sys.executable, "-m", "hypha_celery.tools.cli", "run", "train", "--model", TINY_LLAMA, "--data", str(data),
+         "--method", "lora", "--lora-r", "4", "--target-module", "q_proj", "--target-module", "v_proj",
+         "--max-steps", "300", "--batch-size", "3", "--lr", "0.01", "--new-model", "tiny-llama-cli", "--cpu-cores", "1"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env(redis_url, redis_url, redis_url),
+    )
+    # Then stderr shows plain progress lines (stderr is a pipe: no bar), the last one the finished run,
+    # and stdout names the new model and its final loss
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.startswith("step ")]
+    assert len(lines) >= 2, out.stderr
+    assert any(" 100.0%" not in line and "tok/s" in line and "ETA" in line for line in lines), out.stderr
+    assert lines[-1].startswith("step 300/300  100.0%  loss ") and "\r" not in out.stderr
+    assert "model_id: tiny-llama-cli" in out.stdout.splitlines()
+    final = ModelStore(store_dir).manifest("tiny-llama-cli")
+    assert final.adapter_of is not None and final.adapter_of.id == TINY_LLAMA
+    assert any(line.startswith("final_loss: ") for line in out.stdout.splitlines())
