@@ -594,13 +594,13 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
             if value is not None}
     if target_modules:
         lora["target_modules"] = list(target_modules)
-    options = {"new_model": new_model, "method": method, "merge": merge, "epochs": epochs, "max_steps": max_steps,
+    options: dict[str, Any] = {"new_model": new_model, "method": method, "merge": merge, "epochs": epochs, "max_steps": max_steps,
                "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "warmup_steps": warmup_steps,
                "seed": seed, "max_length": max_length, "lora": lora or None,
                "requirements": None if cpu_cores is None else {"cpu_cores": cpu_cores}}
     kwargs.update({name: value for name, value in options.items() if value is not None})
     async_result = _submit("hypha.train", broker, key, model_sha256, model=model, **kwargs)
-    progress = TrainProgress(click.get_text_stream("stderr"))
+    progress = TrainProgress(sys.stderr)
     deadline = time.monotonic() + timeout
     output: dict[str, Any] | None = None
     try:
