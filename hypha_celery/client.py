@@ -20,7 +20,8 @@ waits in a busy queue past it still runs (see :mod:`hypha_celery.security.verifi
 
 Placement is best fit over the live free-resource indexes
 (:mod:`hypha_celery.resources.placement`): among workers that fit *now*, the one whose
-scarcest resource is tightest. When none fits now but one could, the task
+scarcest resource is tightest, preferring one that already holds the model (or an
+adapter's base). When none fits now but one could, the task
 goes to the shared ``hypha`` queue and waits there for admission; when no
 live worker could ever fit it, ``InsufficientCapabilities`` is raised here,
 before anything is sent.
@@ -76,7 +77,7 @@ def submit(
         kwargs["requirements"] = requirements
     req = Requirements.parse(requirements)
     if queue is None:
-        queue = _place(req)
+        queue = _place(req, model)
     options: dict[str, Any] = {}
     if signing_key is not None:
         key = signing_key if isinstance(signing_key, nacl.signing.SigningKey) else load_signing_key(signing_key)
@@ -94,10 +95,10 @@ def _record(envelope: dict[str, Any]) -> None:
         log.warning("%s: the task must reach a worker within its envelope's lifetime", exc)
 
 
-def _place(req: Requirements) -> str:
+def _place(req: Requirements, model: str | None) -> str:
     placement = placement_for()
     try:
-        choice = placement.choose(req)
+        choice = placement.choose(req, model=model)
         if choice is not None:
             return choice.queue
         if placement.feasible(req) is None and placement.any_live_worker():

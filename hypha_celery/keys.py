@@ -9,6 +9,12 @@ Registry (one record per worker, written by the registry bootstep)::
                                              lease_heartbeat after its sweeper's last mark; kept an hour)
     hypha:sweeper                     string the queue sweeper's lock: the one worker sweeping now
 
+Models (what each worker holds, for placement by model; written with the worker's record)::
+
+    hypha:model:<model>:stored        zset   worker_id -> expiry, workers whose store holds the model
+    hypha:model:<model>:loaded        zset   worker_id -> expiry, workers whose serving cache holds it now
+    hypha:adapter_bases               hash   adapter id -> the id of its base model (ids are immutable)
+
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
     hypha:node:<node>:capacity        hash   spec: JSON {"memory", "cores": [ids], "gpus": [[id, bytes]], "sharing"}
@@ -103,6 +109,17 @@ class KeySchema:
 
     def sweeper_lock(self) -> str:
         return f"{self.prefix}:sweeper"
+
+    def model_workers(self, model: str, tier: str) -> str:
+        """Workers holding ``model``: ``tier`` ``stored`` (in the store) or ``loaded`` (in a serving cache)."""
+        return f"{self.prefix}:model:{model}:{tier}"
+
+    def adapter_bases(self) -> str:
+        return f"{self.prefix}:adapter_bases"
+
+    def worker_affixes(self) -> tuple[str, str]:
+        """What comes before and after the worker id in :meth:`worker` (``place.lua`` joins them)."""
+        return f"{self.prefix}:worker:", ""
 
     def node_workers(self, node: str) -> str:
         head, tail = self.node_workers_affixes()

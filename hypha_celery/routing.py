@@ -1,7 +1,8 @@
 """A Celery router: plain ``apply_async`` / ``send_task`` with a ``requirements`` kwarg is placed too.
 
 Listed in ``task_routes`` (:mod:`hypha_celery.config.settings`). A hypha task without an explicit
-queue goes to the queue of the best-fitting live worker; when none fits now
+queue goes to the queue of the best-fitting live worker (one holding its ``model``, or the
+adapter's base, first); when none fits now
 (or the registry cannot be read) it goes to the shared ``hypha`` queue and
 the worker that takes it defers it until resources free up.
 """
@@ -49,7 +50,8 @@ def route_by_requirements(
     except HyphaError:
         return None  # the worker refuses it with the reason
     try:
-        choice = placement_for().choose(req)
+        model = (kwargs or {}).get("model")
+        choice = placement_for().choose(req, model=model if isinstance(model, str) and model else None)
     except (HyphaError, redis.RedisError) as exc:
         log.warning("placement unavailable (%s); sending %s to the shared queue", exc, name)
         return None

@@ -1,11 +1,14 @@
 -- Choose a live worker whose node fits a request, best fit first.
 -- KEYS (keys.KeySchema.placement, in this order):
 --   1 free_memory, 2 free_core_milli, 3 free_whole_cores, 4 free_gpus, 5 free_gpu_memory,
---   6 cap_memory, 7 cap_cores, 8 cap_gpus, 9 cap_gpu_memory
+--   6 cap_memory, 7 cap_cores, 8 cap_gpus, 9 cap_gpu_memory,
+--   10... preferred holders, best first (keys.KeySchema.model_workers: worker -> expiry), may be none
 -- ARGV: 1 mode ('free' = fits now, 'capacity' = could ever fit), 2 memory, 3 cpu_milli,
 --       4 gpus, 5 gpu_memory, 6 exclude worker id, 7 scan limit,
 --       8, 9 what comes before and after the node in a node's workers key (keys.KeySchema.node_workers_affixes)
--- Returns {node, worker} or {} when nothing fits.
+--       10, 11 what comes before and after the worker id in its record's key (keys.KeySchema.worker_affixes)
+-- Returns {node, worker} or {} when nothing fits. In 'free' mode a live holder in the first
+-- preferred set whose node fits wins (the tightest fit among them), then the next set's, then best fit.
 local FREE_MEMORY = KEYS[1]
 local FREE_CORE_MILLI = KEYS[2]
 local FREE_WHOLE_CORES = KEYS[3]
@@ -24,6 +27,9 @@ local EXCLUDE = ARGV[6]
 local SCAN_LIMIT = tonumber(ARGV[7])
 local NODE_WORKERS_HEAD = ARGV[8]
 local NODE_WORKERS_TAIL = ARGV[9]
+local WORKER_HEAD = ARGV[10]
+local WORKER_TAIL = ARGV[11]
+local HOLDERS = {unpack(KEYS, 10)}
 
 local INDEXES = {FREE_MEMORY, FREE_CORE_MILLI, FREE_WHOLE_CORES, FREE_GPUS, FREE_GPU_MEMORY,
                  CAP_MEMORY, CAP_CORES, CAP_GPUS, CAP_GPU_MEMORY}
@@ -77,6 +83,24 @@ elseif MEMORY == 0 then
   elseif CPU_MILLI >= 1000 then primary, floor = FREE_WHOLE_CORES, CPU_MILLI / 1000
   else primary, floor = FREE_CORE_MILLI, CPU_MILLI end
 end
+-- Workers that hold the model (or an adapter's base): the tightest fit among the first set's live
+-- holders, then the next set's. Ties go to the first met.
+if MODE == 'free' then
+  for _, holders in ipairs(HOLDERS) do
+    local best, best_score = nil, nil
+    for _, w in ipairs(redis.call('ZRANGEBYSCORE', holders, now, '+inf', 'LIMIT', 0, SCAN_LIMIT)) do
+      if w ~= EXCLUDE then
+        local node = redis.call('HGET', WORKER_HEAD .. w .. WORKER_TAIL, 'node_id')
+        if node and fits(node) then
+          local s = score(primary, node)
+          if best == nil or s < best_score then best, best_score = {node, w}, s end
+        end
+      end
+    end
+    if best then return best end
+  end
+end
+
 local offset, page = 0, 100
 while offset < SCAN_LIMIT do
   local nodes = redis.call('ZRANGEBYSCORE', primary, floor, '+inf', 'LIMIT', offset, page)

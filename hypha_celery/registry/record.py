@@ -14,6 +14,13 @@ seconds), the per-task limits, and ``free_*`` (what the node's ledger had free
 at the last refresh; :func:`list_workers` reads it live). ``avg_inference_time``
 is there from the first write (``{}`` until a task was timed); only
 :class:`~hypha_celery.registry.inference_times.InferenceTimes` changes it after that.
+
+``models`` lists every entry of the worker's store, LoRA adapters included;
+``adapters`` maps each adapter among them to its base's id and ``loaded`` lists
+what its serving executors hold in memory now. The same transaction indexes
+them for placement (``hypha:model:<id>:stored`` / ``:loaded``, worker -> expiry,
+and ``hypha:adapter_bases``), so a scheduler finds the workers holding a model
+or an adapter's base without reading records.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +44,7 @@ if TYPE_CHECKING:  # a scheduler reads records without the worker's psutil
 
 __all__ = ["WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
 
-_JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory")
+_JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory", "adapters", "loaded")
 _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
 _INT_FIELDS = (
     "cpu_cores", "total_memory", "available_memory", "max_concurrent_tasks", "pid",
@@ -69,9 +76,14 @@ def encode_record(
     now: float,
     ttl: float,
     extra: Mapping[str, int] | None = None,
+    *,
+    adapters: Mapping[str, str] | None = None,
+    loaded: Sequence[str] = (),
 ) -> dict[str, str]:
     """The hash fields for one worker: numbers as plain numbers, lists and maps as JSON."""
     data: dict[str, Any] = caps.to_json()
+    data["adapters"] = dict(adapters or {})
+    data["loaded"] = sorted(loaded)
     data.pop(_AVERAGES)  # owned by InferenceTimes.flush, never overwritten by a refresh
     data.update({
         "worker_id": record.worker_id,
@@ -135,16 +147,21 @@ def register(
     *,
     ttl: float,
     extra: Mapping[str, int] | None = None,
+    adapters: Mapping[str, str] | None = None,
+    loaded: Sequence[str] = (),
     schema: KeySchema | None = None,
 ) -> float:
     """Write (or refresh) a worker's record and index entries in one transaction; returns the time written.
 
     A new record gets ``avg_inference_time`` from ``caps`` (``{}`` when nothing was timed) in
-    the same transaction; a refresh leaves the field to ``InferenceTimes``.
+    the same transaction; a refresh leaves the field to ``InferenceTimes``. ``adapters``
+    (adapter id -> base id) and ``loaded`` (models held in memory) feed placement by model.
     """
     schema = schema or KeySchema.from_env()
     now = time.time()
-    fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl, extra)
+    fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl, extra, adapters=adapters, loaded=loaded)
+    held = [(schema.model_workers(model, "stored"), model) for model in caps.models]
+    held += [(schema.model_workers(model, "loaded"), model) for model in loaded]
     key = schema.worker(record.worker_id)
     node_workers = schema.node_workers(record.node_id)
     with redis_errors(_UNREACHABLE), client.pipeline(transaction=True) as pipe:
@@ -154,6 +171,13 @@ def register(
         pipe.zadd(schema.workers(), {record.worker_id: now + ttl})
         pipe.zadd(node_workers, {record.worker_id: now + ttl})
         pipe.expire(node_workers, max(1, int(ttl + 0.999)))
+        for index, _ in held:  # an entry lives as long as the record; a dropped model's entry expires
+            pipe.zremrangebyscore(index, "-inf", now)
+            pipe.zadd(index, {record.worker_id: now + ttl})
+            pipe.expire(index, max(1, int(ttl + 0.999)))
+        if adapters:
+            bases: dict[Any, Any] = dict(adapters)
+            pipe.hset(schema.adapter_bases(), mapping=bases)
         pipe.execute()
     return now
 
@@ -164,7 +188,11 @@ def deregister(client: redis.Redis, worker_id: str, node_id: str, *, schema: Key
     now = time.time()
     node_workers = schema.node_workers(node_id)
     with redis_errors(_UNREACHABLE):
+        models, loaded = client.hmget(schema.worker(worker_id), ["models", "loaded"])
         with client.pipeline(transaction=True) as pipe:
+            for tier, raw in (("stored", models), ("loaded", loaded)):
+                for model in json.loads(raw) if raw else []:
+                    pipe.zrem(schema.model_workers(model, tier), worker_id)
             pipe.delete(schema.worker(worker_id))
             pipe.zrem(schema.workers(), worker_id)
             pipe.zrem(node_workers, worker_id)

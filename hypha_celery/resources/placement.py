@@ -7,6 +7,13 @@ and release, so placement reads the truth without scanning worker hashes:
 node that fits every dimension is the tightest fit - big holes stay free for
 big tasks. It then picks a live worker of that node. With 10,000 registered
 nodes this is one Redis round trip of a few sorted-set lookups.
+
+A request for a model prefers the workers that hold it, from the registry's
+model indexes (:mod:`hypha_celery.registry.record`), best first: the model in
+a serving cache, an adapter's base in a serving cache, the model in the store,
+the adapter's base in the store; within a tier the tightest fit wins. Only
+when no holder fits now does best fit over every node decide. One more round
+trip reads an adapter's base (``hypha:adapter_bases``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from hypha_celery.units import format_size
 __all__ = ["Choice", "Placement"]
 
 SCAN_LIMIT = 2000
+MODEL_TIERS = ("loaded", "stored")  # a model in a serving cache beats one only in a store
 _UNREACHABLE = "registry Redis unreachable"
 
 
@@ -50,19 +58,31 @@ class Placement:
         self.schema = schema or KeySchema.from_env()
         self._keys = list(self.schema.placement().values())
         self._node_workers = self.schema.node_workers_affixes()
+        self._worker = self.schema.worker_affixes()
 
-    def _place(self, req: Requirements, mode: str, exclude: str | None) -> Choice | None:
-        args = [mode, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, exclude or "", SCAN_LIMIT, *self._node_workers]
+    def _place(self, req: Requirements, mode: str, exclude: str | None, model: str | None = None) -> Choice | None:
+        args = [mode, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, exclude or "", SCAN_LIMIT, *self._node_workers,
+                *self._worker]
         with redis_errors(_UNREACHABLE):
-            found = lua.script("place")(self.redis, self._keys, args)
+            found = lua.script("place")(self.redis, [*self._keys, *self.holders(model)], args)
         if not found:
             return None
         node, worker = (item.decode() if isinstance(item, bytes) else item for item in found)
         return Choice(node=node, worker=worker)
 
-    def choose(self, req: Requirements, *, exclude: str | None = None) -> Choice | None:
-        """A live worker whose node has ``req`` free now (best fit), or ``None``."""
-        return self._place(req, "free", exclude)
+    def holders(self, model: str | None) -> list[str]:
+        """The holder indexes a request for ``model`` prefers, best first (none without a model)."""
+        if model is None:
+            return []
+        with redis_errors(_UNREACHABLE):
+            raw = self.redis.hget(self.schema.adapter_bases(), model)
+        ids = [model] if raw is None else [model, raw.decode() if isinstance(raw, bytes) else str(raw)]
+        return [self.schema.model_workers(held, tier) for tier in MODEL_TIERS for held in ids]
+
+    def choose(self, req: Requirements, *, exclude: str | None = None, model: str | None = None) -> Choice | None:
+        """A live worker whose node has ``req`` free now, or ``None``: one holding ``model`` (or an
+        adapter's base) if such a node fits, else the best fit."""
+        return self._place(req, "free", exclude, model)
 
     def feasible(self, req: Requirements, *, exclude: str | None = None) -> Choice | None:
         """A live worker whose node could ever fit ``req`` (its capacity), or ``None``."""

@@ -174,6 +174,7 @@ class RegistryStep(bootsteps.StartStopStep):
         self.record: registry.WorkerRecord | None = None
         self.context: NodeContext  # the worker's, from NodeStep, at start
         self.healthy = True
+        self._bases: dict[str, str | None] = {}  # model id -> its base's id (an adapter) or None
         c.hypha_registry = None
 
     def start(self, c: Any) -> None:
@@ -200,6 +201,17 @@ class RegistryStep(bootsteps.StartStopStep):
                                    capacity=node_capacity(ctx.config))
         return caps.to_json()
 
+    def _adapters(self, models: list[str]) -> dict[str, str]:
+        """Adapter id -> base id among ``models``; ids are immutable, so each manifest is read once."""
+        for model in models:
+            if model not in self._bases:
+                try:
+                    adapter_of = self.context.store.peek(model).adapter_of
+                except HyphaError:
+                    continue  # a broken entry: advertised by id, never placed on as an adapter
+                self._bases[model] = adapter_of.id if adapter_of is not None else None
+        return {model: base for model in models if (base := self._bases.get(model)) is not None}
+
     def refresh(self) -> None:
         if self.record is None:
             return
@@ -208,8 +220,9 @@ class RegistryStep(bootsteps.StartStopStep):
         try:
             caps = detect_capabilities(cfg, ctx.store.list(), capacity=node_capacity(cfg))
             usage = ctx.ledger.usage()
+            loaded = sorted({model for lane in ctx.executors.cache().values() for model in lane})
             registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
-                              extra=ctx.metrics.cache_totals())
+                              extra=ctx.metrics.cache_totals(), adapters=self._adapters(caps.models), loaded=loaded)
             ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
         except HyphaError as exc:
             if self.healthy:

@@ -30,7 +30,7 @@ from hypha_celery.security import Verifier, peer_id, sign_envelope
 
 SCRIPTS = sorted(path.name for path in resources.files("hypha_celery").joinpath("lua").iterdir()
                  if path.name.endswith(".lua"))
-BINDING = re.compile(r"^local ([A-Z][A-Z0-9_]*) = (?:.*?\b(KEYS|ARGV)\[(\d+)\]|tail\((KEYS|ARGV), (\d+)\))")
+BINDING = re.compile(r"^local ([A-Z][A-Z0-9_]*) = (?:.*?\b(KEYS|ARGV)\[(\d+)\]|\{?(?:tail|unpack)\((KEYS|ARGV), (\d+)\)\}?)")
 NODE, TASK, WORKER = "node-1", "task-1", "celery@host"
 
 
@@ -78,6 +78,7 @@ def _touch_everything(client: redis.Redis, schema: KeySchema) -> None:
                                    verify_task_signatures=True, started_at=time.time())
     registry.register(client, record, _caps(), ledger.usage(), ttl=60, schema=schema)
     assert Placement(client, schema=schema).choose(Requirements(memory=2**20)) is not None
+    assert Placement(client, schema=schema).choose(Requirements(memory=2**20), model="m") is not None
     times = registry.InferenceTimes(schema=schema)
     times.observe("mlp", 0.5)
     times.flush(client, WORKER)
@@ -126,10 +127,12 @@ def test_every_key_python_sends_is_the_one_the_script_names(sent: list[tuple[lua
         for position, local in bindings.items():
             if local == "GUARDS":  # a tail: one task guard per lease, from that position on
                 assert sent_keys[position - 1:] == [schema.task_guard(TASK)] * len(sent_keys[position - 1:])
+            elif local == "HOLDERS":  # a tail: the model's holders, by tier
+                assert sent_keys[position - 1:] in ([], [schema.model_workers("m", tier) for tier in ("loaded", "stored")])
             else:
                 assert sent_keys[position - 1] == roles[local], f"{script.name}: KEYS[{position}] is {local}"
         # ... and no key is sent that the header does not name
-        tail = any(local == "GUARDS" for local in bindings.values())
+        tail = any(local in ("GUARDS", "HOLDERS") for local in bindings.values())
         assert tail or len(sent_keys) == len(bindings), script.name
 
 
