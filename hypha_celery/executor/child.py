@@ -48,7 +48,7 @@ from hypha_celery.executor.protocol import (
     Usage,
     decode_request,
 )
-from hypha_celery.models.cache import ModelCache
+from hypha_celery.models.cache import ModelCache, Use
 from hypha_celery.models.manifest import expected_size
 from hypha_celery.models.store import ModelStore
 
@@ -174,15 +174,15 @@ class Executor:
         items = request.items
         started_rss = limits.current_rss()
         with self._limits(request.limits):
-            with self.cache.use(request.model, request.expected_size) as use:
+            with self._models(request.model, request.expected_size, request.models) as (use, per_item):
                 compute_started = time.perf_counter()
                 try:
-                    outputs: list[Any] = infer_batch(use.value, items)
+                    outputs: list[Any] = infer_batch(use.value, items, per_item)
                     errors: list[Error | None] = [None] * len(items)
                 except Exception:
                     if len(items) == 1:
                         raise
-                    outputs, errors = self._one_by_one(use.value, items)
+                    outputs, errors = self._one_by_one(use.value, items, per_item)
                 compute_s = time.perf_counter() - compute_started
         return InferResult(
             outputs=outputs,
@@ -195,15 +195,31 @@ class Executor:
             usage=self._usage(started_rss),
         )
 
-    def _one_by_one(self, loaded: Any, items: list[Any]) -> tuple[list[Any], list[Error | None]]:
+    @contextmanager
+    def _models(self, model: str, expected_size: int | None, models: list[str] | None) -> Iterator[tuple[Use, Any]]:
+        """``model`` from the cache, pinned; with ``models`` (a batch mixing adapters of one base) every one of them,
+        pinned, and each item's loaded view (else None). The use reports a hit only if every model was cached."""
+        if not models or len(set(models)) == 1:
+            with self.cache.use(model, expected_size) as use:
+                yield use, None
+            return
+        with ExitStack() as stack:
+            uses = {name: stack.enter_context(self.cache.use(name, expected_size if name == model else None))
+                    for name in dict.fromkeys([model, *models])}
+            first = uses[model]
+            combined = Use(first.value, first.size, hit=all(u.hit for u in uses.values()),
+                           load_s=sum(u.load_s for u in uses.values()))
+            yield combined, [uses[name].value for name in models]
+
+    def _one_by_one(self, loaded: Any, items: list[Any], per_item: Any = None) -> tuple[list[Any], list[Error | None]]:
         """A batch failed: run each item alone so only the item at fault fails."""
         from hypha_celery.models.runtime import infer_batch
 
         outputs: list[Any] = []
         errors: list[Error | None] = []
-        for item in items:
+        for index, item in enumerate(items):
             try:
-                outputs.append(infer_batch(loaded, [item])[0])
+                outputs.append(infer_batch(per_item[index] if per_item else loaded, [item])[0])
                 errors.append(None)
             except Exception as exc:
                 outputs.append(None)
@@ -216,10 +232,10 @@ class Executor:
 
         started_rss = limits.current_rss()
         with self._limits(request.limits):
-            with self.cache.use(request.model, request.expected_size) as use:
+            with self._models(request.model, request.expected_size, request.models) as (use, per_prompt):
                 if not isinstance(use.value, TransformerModel):
                     raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
-                done = generate(use.value, request, self.channel.write)
+                done = generate(use.value, request, self.channel.write, per_prompt)
                 dtype = str(use.value.module.dtype).removeprefix("torch.")
         return GenerateResult(
             outputs=[None if isinstance(o, Exception) else o for o in done.outputs],

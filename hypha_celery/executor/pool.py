@@ -8,7 +8,9 @@ together are run as one forward pass (dynamic batching, as Triton's
 ``max_queue_delay_microseconds``). Text generation runs there too, on the same
 cache, streaming each text back as it grows; generations with identical sampling
 settings that arrive together run as one batch (a seeded sampled one runs alone, so
-its seed repeats). Training runs in *job* executors, reused
+its seed repeats). Requests for different LoRA adapters of one base (and for the base
+itself) share a batch: each row runs with its own adapter (peft's mixed-batch forward,
+:mod:`hypha_celery.models.transformers_runtime`). Training runs in *job* executors, reused
 between jobs but holding no cache, since training changes the weights.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
@@ -328,6 +330,7 @@ class _Request:
     batchable: bool
     expected_size: int | None
     generate: Generate | None = None  # a generation, streaming into ``streamed``
+    family: str | None = None  # an adapter's base: requests for adapters of one base (and the base) share batches
     enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
@@ -337,10 +340,12 @@ class _Request:
 
     @property
     def batch_key(self) -> tuple[str, str]:
-        """Requests that may share a batch: the same model, and for generations the same sampling settings."""
+        """Requests that may share a batch: the same model (or adapters of one base, and that base), and for
+        generations the same sampling settings."""
+        family = self.family or self.model
         if self.generate is None:
-            return ("infer", self.model)
-        return ("generate", self.model + json.dumps(self.generate.params, sort_keys=True))
+            return ("infer", family)
+        return ("generate", family + json.dumps(self.generate.params, sort_keys=True))
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -362,6 +367,11 @@ def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
         gpu_memory=sum(sum(lease.gpus.values()) for lease in leases) or None,
         threads=min(len(cores), max(1, -(-milli // 1000))) if settings.enforce_cpu and cores else None,
     )
+
+
+def _mixed(models: list[str]) -> list[str] | None:
+    """Each item's model for a batch that mixes adapters of one base; None when every item asks for one model."""
+    return models if len(set(models)) > 1 else None
 
 
 def device_key(lease: Lease) -> str:
@@ -448,6 +458,7 @@ class _Lane:
             items=[r.inputs for r in batch],
             expected_size=batch[0].expected_size,
             limits=_job_limits([r.lease for r in batch], self.pool.settings),
+            models=_mixed([r.model for r in batch]),
         )
         try:
             reply = executor.call(job, InferResult, timeout)
@@ -487,7 +498,9 @@ class _Lane:
 
     def _generate(self, executor: ExecutorProcess, batch: list[_Request], job: Generate, timeout: float) -> None:
         prompts = [prompt for request in batch for prompt in request.generate.prompts]  # type: ignore[union-attr]
-        job = dataclasses.replace(job, prompts=prompts, limits=_job_limits([r.lease for r in batch], self.pool.settings))
+        models = [request.model for request in batch for _ in request.generate.prompts]  # type: ignore[union-attr]
+        job = dataclasses.replace(job, model=batch[0].model, prompts=prompts, models=_mixed(models),
+                                  limits=_job_limits([r.lease for r in batch], self.pool.settings))
 
         def route(update: Progress | Streamed) -> None:
             if isinstance(update, Streamed) and 0 <= update.index < len(batch):
@@ -586,11 +599,15 @@ class ExecutorPool:
         timeout: float,
         batchable: bool,
         expected_size: int | None = None,
+        family: str | None = None,
     ) -> ItemResult:
-        """Run one task's inference (possibly batched with others); blocks until done."""
+        """Run one task's inference (possibly batched with others); blocks until done.
+
+        ``family``: an adapter's base id (or a base's own id), so requests for adapters of one base share a batch.
+        """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        request = _Request(model, inputs, lease, time.monotonic() + timeout, batchable, expected_size)
+        request = _Request(model, inputs, lease, time.monotonic() + timeout, batchable, expected_size, family=family)
         self._lane(device_key(lease)).submit(request)
         request.done.wait()
         if request.error is not None:
@@ -606,6 +623,7 @@ class ExecutorPool:
         timeout: float,
         on_progress: Callable[[Streamed], None] | None = None,
         poll_s: float = 0.05,
+        family: str | None = None,
     ) -> GeneratedItem:
         """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
 
@@ -618,7 +636,7 @@ class ExecutorPool:
             raise errors.ExecutorCrashed("the worker is shutting down")
         seeded_sampling = job.params.get("do_sample") and job.params.get("seed") is not None
         request = _Request(job.model, None, lease, time.monotonic() + timeout, not seeded_sampling, job.expected_size,
-                           generate=job)
+                           generate=job, family=family)
         self._lane(device_key(lease)).submit(request)
         reported: Streamed | None = None
         while not request.done.wait(poll_s):

@@ -140,13 +140,18 @@ class _JobRequest(_Message):
 
 @dataclass(frozen=True)
 class Infer(_JobRequest):
-    """One forward pass over ``items`` (one per task of a batch), on the serving executor's cache."""
+    """One forward pass over ``items`` (one per task of a batch), on the serving executor's cache.
+
+    ``models``: each item's model when the batch mixes adapters of one base (and the base itself);
+    ``model`` is then the first item's.
+    """
 
     kind: ClassVar[str] = "infer"
     model: str
     items: list[Any]
     expected_size: int | None = None
     limits: JobLimits = field(default_factory=JobLimits)
+    models: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,7 @@ class Generate(_JobRequest):
     progress_interval: float = 0.25
     expected_size: int | None = None
     limits: JobLimits = field(default_factory=JobLimits)
+    models: list[str] | None = None  # each prompt's model in a batch that mixes adapters of one base, as for Infer
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "prompts": [p.to_json() for p in self.prompts]}

@@ -116,8 +116,11 @@ def _encode(tensor: torch.Tensor, like: Any, single: bool) -> Any:
     return tensor.detach().to("cpu", torch.float32).tolist()
 
 
-def infer_batch(loaded: Any, items: Sequence[Any]) -> list[Any]:
-    """Answer every item of a batch: a transformers model's texts or images, or a built-in or ONNX model's rows."""
+def infer_batch(loaded: Any, items: Sequence[Any], per_item: Sequence[Any] | None = None) -> list[Any]:
+    """Answer every item of a batch: a transformers model's texts or images, or a built-in or ONNX model's rows.
+
+    ``per_item``: each item's transformers model when the batch mixes adapters of one base.
+    """
     if getattr(getattr(loaded, "manifest", None), "runtime", None) == "onnx":
         from hypha_celery.models import onnx_runtime
 
@@ -125,7 +128,7 @@ def infer_batch(loaded: Any, items: Sequence[Any]) -> list[Any]:
     if not isinstance(loaded, Loaded):
         from hypha_celery.models import transformers_runtime
 
-        return transformers_runtime.infer_batch(loaded, items)
+        return transformers_runtime.infer_batch(loaded, items, per_item)
     return _infer_builtin(loaded, items)
 
 

@@ -18,6 +18,9 @@ no class named in ``modules.json`` is ever imported.
 A LoRA adapter entry (``manifest.adapter_of``) is not loaded on its own: :func:`attach_adapter`
 adds it to its loaded base (transformers' peft integration), so many adapters share one base
 module; :func:`activate` selects the request's adapter (or none, for the base) before a pass.
+A batch may mix requests for several adapters of one base (and the base itself): each row
+then names its adapter in peft's mixed-batch LoRA forward (``adapter_names``, see
+:class:`_RowAdapters`), so they share one pass.
 
 Generation is transformers' own ``generate`` (no sampling code here): a
 :class:`_Watch` stopping criterion, called after every token, notes the first
@@ -36,7 +39,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -309,7 +313,78 @@ def activate(model: TransformerModel) -> None:
         module.disable_adapters()
     else:
         module.enable_adapters()
+        _enable_saved_modules(module)
         module.set_adapter(model.adapter)
+
+
+def _enable_saved_modules(module: Any) -> None:
+    """Enable peft's ``modules_to_save`` copies (a LoRA classifier's own head) again.
+
+    transformers 5's ``disable_adapters`` disables them, but its ``enable_adapters`` only
+    re-enables the LoRA layers: after one request for the base, every adapter would answer
+    with the base's classification head.
+    """
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    for layer in module.modules():
+        if isinstance(layer, AuxiliaryTrainingWrapper) and layer.disable_adapters:
+            layer.enable_adapters(True)
+
+
+_BASE_ROW = "__base__"  # peft's name for a row of a mixed batch that runs without an adapter
+
+
+class _RowAdapters:
+    """Which adapter each row of the next pass uses, on the base module all of them share.
+
+    peft's LoRA layers and ``modules_to_save`` wrappers take ``adapter_names`` (one per row)
+    in ``forward`` and run each row's own low-rank update on top of one base pass; PeftModel
+    injects the argument with forward pre-hooks, and so do we, since the adapters hang on
+    transformers' own module. ``rows`` is set before each pass (a text batch runs in chunks).
+    """
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self.rows: list[str] = []
+
+    def hook(self, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        kwargs["adapter_names"] = self.rows
+        return args, kwargs
+
+    @contextmanager
+    def installed(self) -> Iterator[_RowAdapters]:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        layers: list[Any] = [layer for layer in self.module.modules()
+                             if isinstance(layer, (LoraLayer, AuxiliaryTrainingWrapper))]
+        handles = [layer.register_forward_pre_hook(self.hook, with_kwargs=True) for layer in layers]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def _selected(model: TransformerModel, per_row: Sequence[TransformerModel] | None) -> Iterator[_RowAdapters | None]:
+    """Select the adapter for a pass: ``model``'s, or with ``per_row`` naming different adapters of one base, each
+    row's own (yields the :class:`_RowAdapters` to set per pass)."""
+    names = {view.adapter for view in per_row or ()}
+    if len(names) <= 1:
+        activate(per_row[0] if per_row else model)
+        yield None
+        return
+    if any(view.module is not model.module for view in per_row or ()):
+        raise UnsupportedModel(f"a mixed batch must hold adapters of one loaded base ({model.manifest.id!r})")
+    first = next(view for view in per_row or () if view.adapter is not None)
+    activate(first)  # adapters enabled; each row's own is named in the pass
+    with _RowAdapters(model.module).installed() as rows:
+        yield rows
+
+
+def _row_name(view: TransformerModel) -> str:
+    return view.adapter if view.adapter is not None else _BASE_ROW
 
 
 def _parameter_bytes(module: Any) -> int:
@@ -407,15 +482,22 @@ def _image_processor(view: Path, manifest: Manifest) -> Any:
 # --- inference -------------------------------------------------------------------------------------
 
 
-def infer_batch(model: TransformerModel, items: Sequence[Any]) -> list[Any]:
+def infer_batch(model: TransformerModel, items: Sequence[Any], per_item: Sequence[TransformerModel] | None = None
+                ) -> list[Any]:
     """Answer each item (``{"texts": [...]}`` or ``{"images": [...]}``) of a batch of requests.
 
     Every text (or image) of every item runs in passes sorted by length, so
     padding stays small; each item gets its own results back, in order.
+    ``per_item``: each item's model when the batch mixes adapters of ``model``'s base.
     """
     if model.task == TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} generates text: send it hypha.generate, not hypha.infer")
-    activate(model)
+    with _selected(model, per_item) as mixed:
+        return _infer(model, items, per_item, mixed)
+
+
+def _infer(model: TransformerModel, items: Sequence[Any], per_item: Sequence[TransformerModel] | None,
+           mixed: _RowAdapters | None) -> list[Any]:
     key = "images" if model.task == IMAGE_CLASSIFICATION else "texts"
     flat: list[Any] = []
     owners: list[int] = []
@@ -425,7 +507,8 @@ def infer_batch(model: TransformerModel, items: Sequence[Any]) -> list[Any]:
             raise InvalidInput(f"model {model.manifest.id!r} ({model.task}) takes {key!r}")
         flat.extend(values)
         owners.extend([index] * len(values))
-    rows = _images(model, flat) if key == "images" else _texts(model, flat)
+    names = [_row_name(per_item[owner]) for owner in owners] if mixed is not None and per_item else None
+    rows = _images(model, flat, mixed, names) if key == "images" else _texts(model, flat, mixed, names)
     results: list[list[Any]] = [[] for _ in items]
     for owner, row in zip(owners, rows, strict=True):
         results[owner].append(row)
@@ -434,7 +517,8 @@ def infer_batch(model: TransformerModel, items: Sequence[Any]) -> list[Any]:
     return results
 
 
-def _texts(model: TransformerModel, texts: list[str]) -> list[Any]:
+def _texts(model: TransformerModel, texts: list[str], mixed: _RowAdapters | None = None,
+           names: list[str] | None = None) -> list[Any]:
     encoded = model.tokenizer(texts, truncation=True, max_length=model.max_length, padding=False)
     ids: list[list[int]] = encoded["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
@@ -443,6 +527,8 @@ def _texts(model: TransformerModel, texts: list[str]) -> list[Any]:
         features = model.tokenizer.pad({name: [encoded[name][i] for i in chunk] for name in encoded.keys()},
                                        padding=True, return_tensors="pt")
         features = {name: tensor.to(model.device) for name, tensor in features.items()}
+        if mixed is not None and names is not None:
+            mixed.rows = [names[i] for i in chunk]
         with torch.inference_mode():
             output = model.module(**features)
         rows = _embeddings(model, output, features["attention_mask"]) if model.task == FEATURE_EXTRACTION \
@@ -486,7 +572,8 @@ def _classes(model: TransformerModel, logits: torch.Tensor) -> list[dict[str, An
     return rows
 
 
-def _images(model: TransformerModel, images: list[str]) -> list[Any]:
+def _images(model: TransformerModel, images: list[str], mixed: _RowAdapters | None = None,
+            names: list[str] | None = None) -> list[Any]:
     from PIL import Image
 
     decoded = []
@@ -501,6 +588,8 @@ def _images(model: TransformerModel, images: list[str]) -> list[Any]:
     out: list[Any] = []
     for start in range(0, len(decoded), MAX_BATCH_ROWS):
         pixels = model.image_processor(images=decoded[start:start + MAX_BATCH_ROWS], return_tensors="pt")["pixel_values"]
+        if mixed is not None and names is not None:
+            mixed.rows = names[start:start + MAX_BATCH_ROWS]
         with torch.inference_mode():
             logits = model.module(pixel_values=pixels.to(model.device, model.module.dtype)).logits
         out.extend(_classes(model, logits))
@@ -593,17 +682,23 @@ def _prompt_ids(model: TransformerModel, prompt: Prompt, max_new_tokens: int) ->
     return list(ids)
 
 
-def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None]) -> Generation:
+def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
+             per_prompt: Sequence[TransformerModel] | None = None) -> Generation:
     """Generate for every prompt of ``request`` in one batch with transformers' ``generate``.
 
     Prompts are left-padded to one width (the attention mask hides the padding),
     so each row's greedy text equals what it generates alone. A prompt that is
     refused (too long, messages without a chat template) gets its error; the
-    others still run. ``report`` gets each row's text as it grows.
+    others still run. ``report`` gets each row's text as it grows. ``per_prompt``:
+    each prompt's model when the batch mixes adapters of ``model``'s base.
     """
-    from transformers import GenerationConfig, StoppingCriteriaList
+    with _selected(model, per_prompt) as mixed:
+        return _generate(model, request, report, per_prompt, mixed)
 
-    activate(model)
+
+def _generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
+              per_prompt: Sequence[TransformerModel] | None, mixed: _RowAdapters | None) -> Generation:
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     if model.task != TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
@@ -631,6 +726,8 @@ def generate(model: TransformerModel, request: Generate, report: Callable[[Strea
     if params["seed"] is not None:
         torch.manual_seed(params["seed"])
     watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report)
+    if mixed is not None and per_prompt is not None:
+        mixed.rows = [_row_name(per_prompt[index]) for index, _ in rows]
     started = time.perf_counter()
     with torch.inference_mode():
         output = model.module.generate(

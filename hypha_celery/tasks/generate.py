@@ -2,7 +2,8 @@
 
 It runs on the serving executor of its device, like ``hypha.infer``, so the
 model stays in that executor's cache between requests; generations with the
-same sampling settings that arrive together run as one batch. While it runs, the task's ``PROGRESS`` state carries
+same sampling settings that arrive together run as one batch, adapters of one base (and the base) included.
+While it runs, the task's ``PROGRESS`` state carries
 ``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
 times a second: a client streams by polling ``AsyncResult.state``/``.info``.
 """
@@ -51,7 +52,8 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     def report(update: Streamed) -> None:
         run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
 
-    result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report)
+    result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report,
+                                    family=manifest.adapter_of.id if manifest.adapter_of is not None else None)
     run.finished(spec.model, cache_hit=result.cache_hit, batch_size=result.batch_size)
     out = result.output
     after_first = result.compute_s - result.time_to_first_token_s

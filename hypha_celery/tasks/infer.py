@@ -27,6 +27,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         timeout=run.remaining_s,
         batchable=manifest.batchable,
         expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
+        family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
     )
     run.finished(spec.model, cache_hit=item.cache_hit, batch_size=item.batch_size)
     return package(
