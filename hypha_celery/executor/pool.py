@@ -473,6 +473,9 @@ class _Lane:
         except errors.HyphaError as exc:
             if isinstance(exc, errors.TaskTimeout):
                 self._cache_changed({})
+            elif job.models is not None:  # one model of a mixed batch failed (an adapter that cannot attach)
+                self._per_model(batch, self._execute)
+                return
             for request in batch:
                 request.finish(error=exc)
             return
@@ -515,6 +518,9 @@ class _Lane:
                     for request in batch:  # find the one at fault: each runs alone
                         self._generate(self._ensure_executor(), [request], job, timeout)
                     return
+            elif job.models is not None:  # one model of a mixed batch failed (an adapter that cannot attach)
+                self._per_model(batch, lambda group: self._generate(self._ensure_executor(), group, job, timeout))
+                return
             for request in batch:
                 request.finish(error=exc)
             return
@@ -535,6 +541,15 @@ class _Lane:
                 dtype=reply.dtype,
             )
             request.finish()
+
+    @staticmethod
+    def _per_model(batch: list[_Request], run: Callable[[list[_Request]], None]) -> None:
+        """Run a failed mixed batch again, one model's requests at a time, so only the model at fault fails."""
+        groups: dict[str, list[_Request]] = {}
+        for request in batch:
+            groups.setdefault(request.model, []).append(request)
+        for group in groups.values():
+            run(group)
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
