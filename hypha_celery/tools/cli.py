@@ -50,18 +50,19 @@ def redis_command(port: int | None) -> None:
     """Run an embedded redis-server in the foreground and print its URL."""
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
-    server = EmbeddedRedis(port)
-    server.start()
-    click.echo(server.url, err=False)
-    sys.stdout.flush()
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
         stop["now"] = True
 
+    # Installed before the URL is printed: whoever reads it may stop us at once, and must not leave the server behind.
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    server = EmbeddedRedis(port)
+    server.start()
     try:
+        click.echo(server.url, err=False)
+        sys.stdout.flush()
         while not stop["now"] and server.process is not None and server.process.poll() is None:
             time.sleep(0.2)
     finally:
