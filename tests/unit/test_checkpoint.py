@@ -239,3 +239,65 @@ def test_discard_needs_no_checkpoint_to_exist(tmp_path: Path) -> None:
     (checkpoint.folder(tmp_path, TASK) / "step-000000001").mkdir(parents=True)
     assert checkpoint.discard(tmp_path, TASK) is True and not checkpoint.folder(tmp_path, TASK).exists()
     shutil.rmtree(tmp_path / ".checkpoints")
+
+
+# --- the worker's side: a copy answered from the saved model, and a failed run, delete the checkpoints -----
+
+
+def _left_checkpoint(root: Path) -> Path:
+    path = checkpoint.folder(root, TASK) / "step-000000004"
+    path.mkdir(parents=True)
+    (path / "checkpoint.json").write_text("{}")
+    return path.parent
+
+
+def _run_of(root: Path, executors: Any = None) -> Any:
+    from types import SimpleNamespace
+
+    from hypha_celery.resources.ledger import Lease
+    from hypha_celery.stages.results import Timing
+    from hypha_celery.tasks.pipeline import Run
+
+    ctx = SimpleNamespace(store=ModelStore(root), executors=executors, config=SimpleNamespace(task_timeout=60))
+    task = SimpleNamespace(request=SimpleNamespace(id=TASK), send_event=lambda *a, **k: None,
+                           update_state=lambda **k: None)
+    lease = Lease(id="", node="node-a", memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=TASK)
+    return Run(ctx, task, lease, Timing(started_at=1.0), "w@host")  # type: ignore[arg-type]
+
+
+def test_a_copy_answered_from_its_saved_model_deletes_the_checkpoints_left(tmp_path: Path) -> None:
+    from hypha_celery.executor.protocol import Trained
+    from hypha_celery.stages.validation import TrainSpec
+    from hypha_celery.tasks.train import _run
+
+    # Given a checkpoint left by a run killed between saving its model and deleting it
+    left = _left_checkpoint(tmp_path)
+    trained = Trained(final_loss=0.5, loss_curve=[1.0, 0.5], epochs=1, steps=2, samples=4, resumed_from_step=1)
+    spec = TrainSpec(model=TINY_LLAMA, data={}, epochs=1, lr=0.1, batch_size=2, new_model="done",
+                     requirements=None, manifest=None, finished=trained)  # type: ignore[arg-type]
+    # When the copy is answered from the saved model
+    result = _run(_run_of(tmp_path), spec)
+    # Then it reports what that run did, and the checkpoints are gone
+    assert result["output"]["resumed_from_step"] == 1 and result["metrics"]["saved_earlier"] is True
+    assert not left.exists()
+
+
+def test_a_failed_run_deletes_its_checkpoints(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from hypha_celery.errors import ExecutionError
+    from hypha_celery.stages.validation import FinetuneParams, TrainSpec
+    from hypha_celery.tasks.train import _run
+
+    # Given a run whose executor job fails, with a checkpoint of the task on disk
+    left = _left_checkpoint(tmp_path)
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise ExecutionError("RuntimeError: boom")
+
+    spec = TrainSpec(model=TINY_LLAMA, data={"texts": TEXTS}, epochs=1, lr=0.1, batch_size=2, new_model="never",
+                     requirements=None, manifest=object(), finetune=FinetuneParams(checkpoint_every=4))  # type: ignore[arg-type]
+    # When it runs, Then the failure is the task's answer, and its checkpoints are gone
+    with pytest.raises(ExecutionError, match="boom"):
+        _run(_run_of(tmp_path, SimpleNamespace(run_job=fail)), spec)
+    assert not left.exists()
