@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,8 +145,9 @@ class Checkpoints:
         device = named[0][1].device if named else torch.device("cpu")
         if device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-        meta = {
-            "format": FORMAT, "task_id": self.task_id, **asdict(at), "identity": asdict(self.identity),
+        meta = {  # shallow: json writes the curve and generator state as they are (asdict would copy them first)
+            "format": FORMAT, "task_id": self.task_id, **{f.name: getattr(at, f.name) for f in fields(at)},
+            "identity": asdict(self.identity),
             "trainable": [[name, list(p.shape)] for name, p in named],
             "optimizer_scalars": scalars, "schedule": schedule.state_dict(),
             "lrs": [group["lr"] for group in optimizer.param_groups],
