@@ -66,7 +66,7 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
                         task_id=task_id, checkpoint_every=every, progress_interval=0.25)
         done = finetune(store, request, {"texts": TEXTS}, "cpu", lambda _update: None)
         checkpoint.discard(models, task_id)
-        return float(done.trained.metrics["train_s"]), done.trained
+        return float((done.trained.metrics or {})["train_s"]), done.trained
 
     try:
         run(None)  # warm-up: imports, first allocations
