@@ -1,0 +1,161 @@
+"""DiLoCo through real workers: signed rounds of inner hypha.train tasks and hypha.aggregate, deltas in shared storage.
+
+Each worker has its own store (the tiny causal LM fetched from a local source) and the same shared
+storage: a local folder, or an S3 bucket on moto's server. Kept tiny (2 workers, a few steps a
+round): the machine running these has two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+
+from hypha_celery.client import submit
+from hypha_celery.errors import DeltaRejected
+from hypha_celery.models.examples import TINY_LLAMA
+from hypha_celery.models.shared_storage import LocalStorage, S3Storage
+from hypha_celery.security import peer_id
+from hypha_celery.training import diloco
+
+SUBJECTS = ("the cat", "a dog", "the bird", "my friend", "the child", "a farmer")
+VERBS = ("sat on", "looked at", "walked to", "slept near", "ran past", "found")
+OBJECTS = ("the mat", "a tree", "the river", "the old house", "a red ball", "the garden")
+TRAIN = {"lr": 3e-3, "batch_size": 4, "max_length": 32, "seed": 1}
+CORES = {"cpu_cores": 1}
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}." for _ in range(n)]
+
+
+def shards(count: int, size: int) -> list[dict[str, Any]]:
+    texts = corpus(count * size, seed=7)
+    return [{"texts": texts[index::count]} for index in range(count)]
+
+
+@pytest.fixture
+def key() -> nacl.signing.SigningKey:
+    return nacl.signing.SigningKey.generate()
+
+
+@pytest.fixture
+def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, redis_url: str,
+            key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Any]]:
+    """``workers(storage, count)``: workers with their own stores, one core each, verifying signatures."""
+    monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # the scheduler places and records nonces there
+
+    def start(storage: dict[str, Any], count: int = 2) -> list[Any]:
+        return [start_worker({
+            "models": {"model_dir": str(tmp_path / f"store-{index}"),
+                       "sources": [{"type": "local", "path": str(model_dir)}]},
+            "training": {"shared_storage": storage},
+            "resources": {"node_id": f"node-{index}-{tmp_path.name}", "cpu_cores": 1},
+            "task_timeout": 240,
+            "security": {"verify_task_signatures": True, "allowed_schedulers": [peer_id(key.verify_key)]},
+        }) for index in range(count)]
+
+    return start
+
+
+def test_diloco_rounds_on_a_shared_folder_lower_the_loss_and_two_jobs_do_not_mix(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        tmp_path: Path) -> None:
+    # Given two workers sharing a folder, and a corpus cut into two shards
+    shared = tmp_path / "shared"
+    workers({"type": "local", "path": str(shared)})
+    app = celery_client()
+    # When two DiLoCo jobs run at once on the tiny causal LM
+    first = diloco(TINY_LLAMA, shards(2, 12), rounds=3, inner_steps=4, outer_lr=1.0, outer_momentum=0.5,
+                   requirements=CORES, signing_key=key, app=app, round_timeout=300, **TRAIN)
+    second = diloco(TINY_LLAMA, shards(2, 8), rounds=1, inner_steps=2, outer_lr=1.0, outer_momentum=0.5,
+                    requirements=CORES, signing_key=key, app=app, round_timeout=300, **TRAIN)
+    done, other = first.wait(timeout=900), second.wait(timeout=300)
+    # Then each round used both workers' deltas, and the global loss fell from round to round
+    rounds = done["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert all(r["refused"] == [] and r["bytes_moved"] > 0 and len(r["workers"]) >= 1 for r in rounds)
+    losses = [r["loss"] for r in rounds]
+    assert losses[-1] < losses[0] * 0.9, losses
+    assert first.progress()["stage"] == "done" and len(first.progress()["history"]) == 3
+    # And the final version is a stored model in the shared folder, child of the round before
+    storage = LocalStorage(shared)
+    manifest = json.loads(storage.get_bytes(f"models/{done['model_id']}/manifest.json") or b"{}")
+    assert done["model_id"] == f"{first.job}-v3" and manifest["parent"] == f"{first.job}-v2"
+    # And the two jobs' rounds stayed apart: each record lists deltas of its own job only
+    assert other["model_id"] == f"{second.job}-v1"
+    for job, count in ((first.job, 3), (second.job, 1)):
+        for round_ in range(1, count + 1):
+            record = json.loads(storage.get_bytes(f"jobs/{job}/round-{round_}/aggregate.json") or b"{}")
+            assert record["job"] == job and record["round"] == round_ and record["deltas"] == 2
+            deltas = sorted((shared / "jobs" / job / f"round-{round_}").glob("*.safetensors"))
+            assert len(deltas) == 2
+
+
+@pytest.fixture
+def s3_storage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A bucket on moto's S3 server (dummy credentials, inherited by the workers)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true"),
+                        ("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config")),
+                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))):
+        monkeypatch.setenv(name, value)
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", region_name="us-east-1", endpoint_url=endpoint).create_bucket(Bucket="diloco")
+    yield {"type": "s3", "bucket": "diloco", "region": "us-east-1", "endpoint_url": endpoint, "prefix": "runs"}
+    server.stop()
+
+
+def test_on_s3_a_tampered_delta_and_another_rounds_delta_are_refused(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        s3_storage: dict[str, Any]) -> None:
+    # Given two workers sharing an S3 bucket, and one round's inner tasks run by hand (signed like any task)
+    workers(s3_storage)
+    app = celery_client()
+    job = "tamper-test"
+
+    def inner(shard: dict[str, Any], round_: int) -> dict[str, Any]:
+        result = submit("hypha.train", model=TINY_LLAMA, data=shard, requirements=CORES, signing_key=key, app=app,
+                        diloco={"job": job, "round": round_, "inner_steps": 2}, **TRAIN).get(timeout=300)
+        return dict(result["output"]["diloco"])
+
+    def outer(reports: list[dict[str, Any]], min_workers: int) -> Any:
+        return submit("hypha.aggregate", job=job, round=1, base=TINY_LLAMA, deltas=reports, min_workers=min_workers,
+                      outer_lr=1.0, outer_momentum=0.0, requirements={"cpu_cores": 0.5, "memory": "512MiB"},
+                      signing_key=key, app=app)
+
+    one, two = (inner(shard, 1) for shard in shards(2, 4))
+    straggler = inner(shards(1, 4)[0], 2)  # the same job's next round: never applied to round 1
+    assert one["ref"].startswith(f"jobs/{job}/round-1/") and len(one["sha256"]) == 64 and one["samples"] == 4
+    # When one delta's bytes are altered in the bucket after its inner task reported them
+    storage = S3Storage("diloco", region="us-east-1", endpoint_url=s3_storage["endpoint_url"], prefix="runs")
+    raw = storage.client.get_object(Bucket="diloco", Key=f"runs/{two['ref']}")["Body"].read()
+    storage.client.put_object(Bucket="diloco", Key=f"runs/{two['ref']}", Body=raw[:-4] + b"\0\0\0\0")
+    # Then an outer step that needs both deltas is refused, naming the tampered one
+    with pytest.raises(DeltaRejected, match="tampered or corrupt"):
+        outer([one, two, straggler], min_workers=2).get(timeout=120)
+    # And one that needs one applies the good delta only, refusing the tampered and the straggler's
+    out = outer([one, two, straggler], min_workers=1).get(timeout=120)["output"]
+    reasons = {entry["ref"]: entry["reason"] for entry in out["refused"]}
+    assert out["deltas"] == 1 and set(reasons) == {two["ref"], straggler["ref"]}
+    assert "tampered" in reasons[two["ref"]] and "round 2" in reasons[straggler["ref"]]
+    # And the next version is in the bucket, fetched by a worker like any model (it serves a generation)
+    assert storage.exists(f"models/{job}-v1/manifest.json")
+    text = submit("hypha.generate", model=f"{job}-v1", prompt="the cat", max_new_tokens=4, signing_key=key,
+                  app=app).get(timeout=120)["output"]["text"]
+    assert isinstance(text, str)
+    # And the round is idempotent: asked again, it answers the same version from its record
+    again = outer([one], min_workers=1).get(timeout=120)["output"]
+    assert again["replayed"] is True and again["sha256"] == out["sha256"]
