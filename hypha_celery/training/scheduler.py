@@ -79,7 +79,8 @@ class DilocoJob:
         self.settings = settings
         self._lock = threading.Lock()
         self._progress: dict[str, Any] = {"job": job, "round": 0, "rounds": settings.rounds, "stage": "starting",
-                                          "finished": 0, "arrived": 0, "workers": len(settings.shards), "history": []}
+                                          "finished": 0, "arrived": 0, "workers": len(settings.shards), "tasks": [],
+                                          "history": []}
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
@@ -90,7 +91,8 @@ class DilocoJob:
         return self
 
     def progress(self) -> dict[str, Any]:
-        """Where the job is: the round, its stage (``inner``, ``aggregate``, ``done``, ``failed``), and past rounds."""
+        """Where the job is: the round, its stage (``inner``, ``aggregate``, ``done``, ``failed``), the round's inner
+        task ids (``tasks``), how many finished and how many reported (``arrived``), and past rounds (``history``)."""
         with self._lock:
             return {**self._progress, "history": list(self._progress["history"])}
 
@@ -150,6 +152,7 @@ class DilocoJob:
                                    model_sha256=pin if s.signing_key is not None else None)
             signatures.append(self.app.signature("hypha.train", kwargs=kwargs, **options))
         results = group(signatures).apply_async().results
+        self._update(tasks=[result.id for result in results])
         deadline = time.monotonic() + s.round_timeout
         quorum_at: float | None = None
         reports: dict[str, dict[str, Any]] = {}

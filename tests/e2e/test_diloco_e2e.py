@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +160,32 @@ def test_on_s3_a_tampered_delta_and_another_rounds_delta_are_refused(
     # And the round is idempotent: asked again, it answers the same version from its record
     again = outer([one], min_workers=1).get(timeout=120)["output"]
     assert again["replayed"] is True and again["sha256"] == out["sha256"]
+
+
+def test_a_worker_killed_mid_round_leaves_the_round_to_the_others(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        tmp_path: Path) -> None:
+    # Given two workers on a shared folder, and a job whose rounds need one delta and wait 3 s for stragglers
+    started = workers({"type": "local", "path": str(tmp_path / "shared")})
+    app = celery_client()
+    job = diloco(TINY_LLAMA, shards(2, 8), rounds=2, inner_steps=150, outer_lr=1.0, outer_momentum=0.5,
+                 min_workers=1, straggler_s=3, requirements=CORES, signing_key=key, app=app, round_timeout=300,
+                 **TRAIN)
+    # When a worker is killed -9 while it trains its inner task of round 1
+    deadline = time.monotonic() + 180
+    victim = None
+    while victim is None and time.monotonic() < deadline:
+        for task_id in job.progress()["tasks"] if job.progress()["round"] == 1 else []:
+            if app.AsyncResult(task_id).state == "PROGRESS":
+                victim = next((w for w in started if task_id in w.output()), None)
+        time.sleep(0.1)
+    assert victim is not None, job.progress()
+    victim.kill9()
+    survivor = next(w for w in started if w is not victim)
+    # Then the job still completes both rounds, with the survivor's deltas only
+    done = job.wait(timeout=600)
+    assert [r["round"] for r in done["rounds"]] == [1, 2]
+    for entry in done["rounds"]:
+        assert len(entry["workers"]) == 1 and entry["workers"][0].startswith(survivor.name), entry
+    # And training went on: the second round started from a lower loss than the first
+    assert done["rounds"][1]["loss"] < done["rounds"][0]["loss"]
