@@ -12,7 +12,9 @@
     #   "bytes_moved", "duration_s", "refused", ...}, ...]}
 
 Each round is a Celery ``group`` (canvas) of ``hypha.train`` tasks with a ``diloco`` block, one
-per shard, each signed and placed like any task (:func:`hypha_celery.client.send_options`), on
+per shard, each signed like any task (:func:`hypha_celery.client.send_options`) and sent to the
+shared ``hypha`` queue (``queue=`` to choose), so that each idle worker takes one: best-fit
+placement would stack a round's tasks on the one tightest node. They run on
 the round's global version pinned by its manifest sha256 from round 2 on. The round then waits for
 them with a deadline (``round_timeout``; and once ``min_workers`` have answered, at most
 ``straggler_s`` more for the rest) and sends the signed ``hypha.aggregate`` with the reports
@@ -49,6 +51,9 @@ from hypha_celery.security import load_signing_key
 __all__ = ["DilocoJob", "diloco"]
 
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
+# Inner tasks go to the queue every worker reads, so each idle worker takes one: best-fit placement would send
+# a round's tasks to the same tightest node, one after another. Admission still decides where each runs.
+SHARED_QUEUE = "hypha"
 POLL_S = 0.25
 
 
@@ -148,7 +153,7 @@ class DilocoJob:
                                       "diloco": {"job": self.job, "round": round_, "inner_steps": s.inner_steps}}
             if s.requirements is not None:
                 kwargs["requirements"] = s.requirements
-            options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue,
+            options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or SHARED_QUEUE,
                                    model_sha256=pin if s.signing_key is not None else None)
             signatures.append(self.app.signature("hypha.train", kwargs=kwargs, **options))
         results = group(signatures).apply_async().results

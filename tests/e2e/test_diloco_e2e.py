@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +23,10 @@ from hypha_celery.client import submit
 from hypha_celery.errors import DeltaRejected
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage
-from hypha_celery.security import peer_id
+from hypha_celery.security import generate_key, peer_id
+from hypha_celery.tools.launch import worker_env
 from hypha_celery.training import diloco
+from tests.conftest import ROOT
 
 SUBJECTS = ("the cat", "a dog", "the bird", "my friend", "the child", "a farmer")
 VERBS = ("sat on", "looked at", "walked to", "slept near", "ran past", "found")
@@ -42,8 +46,8 @@ def shards(count: int, size: int) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def key() -> nacl.signing.SigningKey:
-    return nacl.signing.SigningKey.generate()
+def key(tmp_path: Path) -> nacl.signing.SigningKey:
+    return generate_key(tmp_path / "scheduler.key")
 
 
 @pytest.fixture
@@ -189,3 +193,25 @@ def test_a_worker_killed_mid_round_leaves_the_round_to_the_others(
         assert len(entry["workers"]) == 1 and entry["workers"][0].startswith(survivor.name), entry
     # And training went on: the second round started from a lower loss than the first
     assert done["rounds"][1]["loss"] < done["rounds"][0]["loss"]
+
+
+def test_the_cli_runs_diloco_with_a_progress_bar_per_round(workers: Callable[..., list[Any]], redis_url: str,
+                                                            tmp_path: Path) -> None:
+    # Given a worker on a shared folder, and two shard files
+    workers({"type": "local", "path": str(tmp_path / "shared")}, count=1)
+    files = []
+    for index, shard in enumerate(shards(2, 4)):
+        files += ["--shard", str(tmp_path / f"shard-{index}.json")]
+        (tmp_path / f"shard-{index}.json").write_text(json.dumps(shard))
+    # When `hypha-celery run diloco` trains two rounds, signed with the scheduler's key file
+    out = subprocess.run(
+        [sys.executable, "-m", "hypha_celery.tools.cli", "run", "diloco", "--model", TINY_LLAMA, *files, "--rounds", "2",
+         "--inner-steps", "2", "--outer-lr", "1.0", "--outer-momentum", "0.5", "--lr", "0.003", "--batch-size", "4",
+         "--max-length", "32", "--key", str(tmp_path / "scheduler.key"), "--timeout", "300"],
+        capture_output=True, text=True, timeout=400, cwd=ROOT, env=worker_env(redis_url, redis_url, redis_url),
+    )
+    # Then it drew a bar per round and a line per round done, and printed the result as JSON
+    assert out.returncode == 0, out.stderr
+    assert "round 1/2" in out.stderr and "round 2/2" in out.stderr and "round 2: loss" in out.stderr
+    result = json.loads(out.stdout)
+    assert result["model_id"].endswith("-v2") and [r["round"] for r in result["rounds"]] == [1, 2]
