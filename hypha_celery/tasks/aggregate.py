@@ -122,6 +122,9 @@ def _run(run: Run, spec: AggregateSpec) -> dict[str, Any]:
         output = _aggregate(ctx, spec)
         storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
     run.timing.finished_at = time.time()
+    run.task.send_event("task-progress", stage="aggregated", job=spec.job, round=spec.round,
+                        model_id=output["model_id"], workers=output["workers"], bytes_moved=output["bytes_moved"],
+                        loss=output["loss"], refused=len(output["refused"]))
     return package(output=output, model=spec.base, worker=run.worker, lease=run.lease, timing=run.timing,
                    extra={"model_id": output["model_id"]})
 

@@ -32,6 +32,7 @@ and the result backend carry the reports (a few hundred bytes per task).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -45,7 +46,7 @@ from celery import Celery, group
 from celery.result import AsyncResult
 
 from hypha_celery.client import send_options
-from hypha_celery.errors import RoundFailed
+from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
 
 __all__ = ["DilocoJob", "diloco"]
@@ -54,6 +55,11 @@ TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # Inner tasks go to the queue every worker reads, so each idle worker takes one: best-fit placement would send
 # a round's tasks to the same tightest node, one after another. Admission still decides where each runs.
 SHARED_QUEUE = "hypha"
+AGGREGATE_ATTEMPTS = 3
+# An outer step refused for its inputs fails the job; any other failure (a lost worker, a timeout) re-runs it.
+REFUSALS = (DeltaRejected, InvalidTask, InvalidSignature, UnsupportedModel)
+
+log = logging.getLogger(__name__)
 POLL_S = 0.25
 
 
@@ -195,10 +201,22 @@ class DilocoJob:
                                   "min_workers": s.min_workers, "requirements": s.aggregate_requirements}
         if pin is not None:
             kwargs["base_sha256"] = pin
-        options = send_options("hypha.aggregate", kwargs, signing_key=s.signing_key, queue=s.queue)
-        result = self.app.send_task("hypha.aggregate", kwargs=kwargs, **options)
-        answer = result.get(timeout=s.round_timeout, propagate=True)
-        return dict(answer["output"])
+        for attempt in range(1, AGGREGATE_ATTEMPTS + 1):
+            options = send_options("hypha.aggregate", kwargs, signing_key=s.signing_key, queue=s.queue)
+            result = self.app.send_task("hypha.aggregate", kwargs=kwargs, **options)
+            try:
+                answer = result.get(timeout=s.round_timeout, propagate=True)
+            except REFUSALS:
+                raise
+            except Exception as exc:  # its worker died, it timed out: the same inputs again (idempotent by round)
+                if attempt == AGGREGATE_ATTEMPTS:
+                    raise
+                log.warning("job %s round %d: the outer step failed (%s: %s); sending it again", self.job, round_,
+                            type(exc).__name__, exc)
+                self._update(stage="aggregate", retried=attempt)
+                continue
+            return dict(answer["output"])
+        raise AssertionError("unreachable")
 
 
 def _collect(result: AsyncResult, round_: int, job: str, reports: dict[str, dict[str, Any]],

@@ -45,6 +45,14 @@ def shards(count: int, size: int) -> list[dict[str, Any]]:
     return [{"texts": texts[index::count]} for index in range(count)]
 
 
+def corpus_loss(app: Any, key: nacl.signing.SigningKey, model: str, texts: list[str]) -> float:
+    """The model's mean next-token loss on ``texts``: the first (and only) step of a training on all of them at once,
+    measured before that step changes anything (it is stored under a new id; ``model`` stays as it is)."""
+    result = submit("hypha.train", model=model, data={"texts": texts}, max_steps=1, batch_size=len(texts), lr=1e-9,
+                    max_length=32, requirements=CORES, signing_key=key, app=app).get(timeout=300)
+    return float(result["output"]["loss_curve"][0])
+
+
 @pytest.fixture
 def key(tmp_path: Path) -> nacl.signing.SigningKey:
     return generate_key(tmp_path / "scheduler.key")
@@ -93,6 +101,13 @@ def test_diloco_rounds_on_a_shared_folder_lower_the_loss_and_two_jobs_do_not_mix
     storage = LocalStorage(shared)
     manifest = json.loads(storage.get_bytes(f"models/{done['model_id']}/manifest.json") or b"{}")
     assert done["model_id"] == f"{first.job}-v3" and manifest["parent"] == f"{first.job}-v2"
+    # And its final model is within a stated margin of one worker trained on the whole corpus for as many steps as
+    # all inner steps together (2 workers x 3 rounds x 4)
+    texts = [text for shard in shards(2, 12) for text in shard["texts"]]
+    alone = submit("hypha.train", model=TINY_LLAMA, data={"texts": texts}, max_steps=2 * 3 * 4, requirements=CORES,
+                   signing_key=key, app=app, **TRAIN).get(timeout=300)["output"]["model_id"]
+    diloco_loss, alone_loss = corpus_loss(app, key, done["model_id"], texts), corpus_loss(app, key, alone, texts)
+    assert diloco_loss < 1.5 * alone_loss, (diloco_loss, alone_loss)
     # And the two jobs' rounds stayed apart: each record lists deltas of its own job only
     assert other["model_id"] == f"{second.job}-v1"
     for job, count in ((first.job, 3), (second.job, 1)):
