@@ -48,7 +48,7 @@ def load_weights(path: Path, what: str) -> dict[str, np.ndarray]:
         raise UnsupportedModel(f"{what}: DiLoCo reads float16/32/64 safetensors only ({exc})") from None
     for name, tensor in tensors.items():
         if str(tensor.dtype) not in _FLOATS:
-            raise UnsupportedModel(f"{what}: tensor {name} is {tensor.dtype}; DiLoCo averages float tensors only")
+            raise UnsupportedModel(f"{what}: tensor {name} is {tensor.dtype}; DiLoCo reads float16/32/64 tensors only")
     return tensors
 
 

@@ -128,19 +128,21 @@ def _inner(run: Run, spec: InnerSpec) -> dict[str, Any]:
     ctx, block, base = run.ctx, spec.block, spec.train.model
     output = result["output"]
     trained = output["model_id"]
-    _, base_folder = ctx.store.verified_folder(base)
-    _, trained_folder = ctx.store.verified_folder(trained)
-    base_weights = base_folder / SAFETENSORS_SINGLE
-    if not base_weights.is_file():
-        raise UnsupportedModel(f"model {base!r}: DiLoCo needs its weights in one {SAFETENSORS_SINGLE} (not sharded)")
-    base_sha256 = ctx.store.manifest_sha256(base)
     key = block.delta_key(run.task.request.id)
-    with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
-        delta = Path(scratch) / "delta.safetensors"
-        pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
-                        {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
-        stored = ctx.storage().put_file(key, delta)
-    ctx.store.remove(trained)
+    try:  # the trained entry only serves to compute the delta: it leaves the store whatever happens
+        _, base_folder = ctx.store.verified_folder(base)
+        _, trained_folder = ctx.store.verified_folder(trained)
+        base_weights = base_folder / SAFETENSORS_SINGLE
+        if not base_weights.is_file():
+            raise UnsupportedModel(f"model {base!r}: DiLoCo needs its weights in one {SAFETENSORS_SINGLE} (not sharded)")
+        base_sha256 = ctx.store.manifest_sha256(base)
+        with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
+            delta = Path(scratch) / "delta.safetensors"
+            pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
+                            {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
+            stored = ctx.storage().put_file(key, delta)
+    finally:
+        ctx.store.remove(trained)
     curve = output.get("loss_curve") or [output["final_loss"]]
     report = {
         "job": block.job, "round": block.round, "ref": key, "sha256": stored.sha256, "bytes": stored.size,
