@@ -121,6 +121,8 @@ def _run(run: Run, spec: AggregateSpec) -> dict[str, Any]:
     else:
         output = _aggregate(ctx, spec)
         storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
+        ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
+                                 refused=len(output["refused"]))
     run.timing.finished_at = time.time()
     run.task.send_event("task-progress", stage="aggregated", job=spec.job, round=spec.round,
                         model_id=output["model_id"], workers=output["workers"], bytes_moved=output["bytes_moved"],

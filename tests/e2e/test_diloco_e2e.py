@@ -24,7 +24,7 @@ from hypha_celery.errors import DeltaRejected
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage
 from hypha_celery.security import generate_key, peer_id
-from hypha_celery.tools.launch import worker_env
+from hypha_celery.tools.launch import free_port, scrape, worker_env
 from hypha_celery.training import diloco
 from tests.conftest import ROOT
 
@@ -64,8 +64,9 @@ def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, r
     """``workers(storage, count)``: workers with their own stores, one core each, verifying signatures."""
     monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # the scheduler places and records nonces there
 
-    def start(storage: dict[str, Any], count: int = 2) -> list[Any]:
+    def start(storage: dict[str, Any], count: int = 2, metrics_ports: tuple[int, ...] = ()) -> list[Any]:
         return [start_worker({
+            **({"monitoring": {"collect_metrics": True, "metrics_port": metrics_ports[index]}} if metrics_ports else {}),
             "models": {"model_dir": str(tmp_path / f"store-{index}"),
                        "sources": [{"type": "local", "path": str(model_dir)}]},
             "training": {"shared_storage": storage},
@@ -142,7 +143,8 @@ def test_on_s3_a_tampered_delta_and_another_rounds_delta_are_refused(
         workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
         s3_storage: dict[str, Any]) -> None:
     # Given two workers sharing an S3 bucket, and one round's inner tasks run by hand (signed like any task)
-    workers(s3_storage)
+    ports = (free_port(), free_port())
+    workers(s3_storage, metrics_ports=ports)
     app = celery_client()
     job = "tamper-test"
 
@@ -171,6 +173,14 @@ def test_on_s3_a_tampered_delta_and_another_rounds_delta_are_refused(
     reasons = {entry["ref"]: entry["reason"] for entry in out["refused"]}
     assert out["deltas"] == 1 and set(reasons) == {two["ref"], straggler["ref"]}
     assert "tampered" in reasons[two["ref"]] and "round 2" in reasons[straggler["ref"]]
+    # And the workers count the outer step it applied, the deltas it took and refused, and the bytes moved
+    samples = [scrape(port) for port in ports]
+    total = {name: sum(sample.get(name, 0.0) for sample in samples) for name in (
+        "hypha_worker_diloco_rounds_total", 'hypha_worker_diloco_deltas_total{outcome="accepted"}',
+        'hypha_worker_diloco_deltas_total{outcome="refused"}', "hypha_worker_diloco_bytes_moved_total")}
+    assert total == {"hypha_worker_diloco_rounds_total": 1, 'hypha_worker_diloco_deltas_total{outcome="accepted"}': 1,
+                     'hypha_worker_diloco_deltas_total{outcome="refused"}': 2,
+                     "hypha_worker_diloco_bytes_moved_total": out["bytes_moved"]}
     # And the next version is in the bucket, fetched by a worker like any model (it serves a generation)
     assert storage.exists(f"models/{job}-v1/manifest.json")
     text = submit("hypha.generate", model=f"{job}-v1", prompt="the cat", max_new_tokens=4, signing_key=key,
