@@ -33,7 +33,7 @@ from hypha_celery.errors import DeltaRejected, UnsupportedModel
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["check_delta", "load_weights", "outer_step", "pseudo_gradient", "save_tensors"]
+__all__ = ["WeightedMean", "check_delta", "load_weights", "nesterov", "outer_step", "pseudo_gradient", "save_tensors"]
 
 _FLOATS = ("float16", "float32", "float64")
 
@@ -104,22 +104,47 @@ def check_delta(path: Path, base: Mapping[str, np.ndarray], expected: Mapping[st
     return tensors
 
 
+class WeightedMean:
+    """The samples-weighted mean of deltas added one at a time: one delta and the running sum in memory."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.samples = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], samples: int) -> None:
+        import numpy as np
+
+        for name, tensor in delta.items():
+            weighted = tensor.astype(np.float64) * samples
+            self.sums[name] = weighted if name not in self.sums else self.sums[name] + weighted
+        self.samples += samples
+
+    def mean(self) -> dict[str, np.ndarray]:
+        if self.samples <= 0:
+            raise DeltaRejected("the outer step needs at least one delta with samples")
+        return {name: total / self.samples for name, total in self.sums.items()}
+
+
+def nesterov(base: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
+             previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The next weights and momentum from the base, the averaged pseudo-gradient and the last round's momentum."""
+    import numpy as np
+
+    weights, velocity = {}, {}
+    for name, tensor in base.items():
+        g = average[name].astype(np.float64)
+        m = g if previous is None else momentum * previous[name].astype(np.float64) + g
+        weights[name] = (tensor.astype(np.float64) - lr * (g + momentum * m)).astype(tensor.dtype)
+        velocity[name] = m.astype(np.float32)
+    return weights, velocity
+
+
 def outer_step(base: Mapping[str, np.ndarray], deltas: Sequence[tuple[Mapping[str, np.ndarray], int]],
                previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The next weights and momentum from the base, ``(delta, samples)`` pairs and the last round's momentum."""
-    import numpy as np
-
-    total = sum(samples for _, samples in deltas)
-    if not deltas or total <= 0:
-        raise DeltaRejected("the outer step needs at least one delta with samples")
-    weights, velocity = {}, {}
-    for name, tensor in base.items():
-        average = np.zeros(tensor.shape, dtype=np.float64)
-        for delta, samples in deltas:  # in the caller's order: the same inputs give the same bits
-            average += delta[name].astype(np.float64) * (samples / total)
-        m = average if previous is None else momentum * previous[name].astype(np.float64) + average
-        update = average + momentum * m
-        weights[name] = (tensor.astype(np.float64) - lr * update).astype(tensor.dtype)
-        velocity[name] = m.astype(np.float32)
-    return weights, velocity
+    """:func:`nesterov` on the samples-weighted mean of ``(delta, samples)`` pairs, added in the order given."""
+    mean = WeightedMean()
+    for delta, samples in deltas:
+        mean.add(delta, samples)
+    return nesterov(base, mean.mean(), previous, lr=lr, momentum=momentum)

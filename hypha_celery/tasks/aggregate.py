@@ -132,7 +132,7 @@ def _run(run: Run, spec: AggregateSpec) -> dict[str, Any]:
 
 
 def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
-    from hypha_celery.models.deltas import check_delta, load_weights, outer_step, save_tensors
+    from hypha_celery.models.deltas import WeightedMean, check_delta, load_weights, nesterov, save_tensors
 
     storage = ctx.storage()
     manifest, base_folder = ctx.store.verified_folder(spec.base)
@@ -142,7 +142,8 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
                             f"{spec.base_sha256[:12]}...; refusing to aggregate onto another model")
     base = load_weights(base_folder / SAFETENSORS_SINGLE, f"model {spec.base!r}")
     expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
-    accepted: list[tuple[dict[str, Any], int, dict[str, Any]]] = []
+    mean = WeightedMean()  # added in the order of the refs: the same inputs give the same bits
+    accepted: list[dict[str, Any]] = []
     refused: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hypha-aggregate-") as scratch:
         for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):
@@ -154,7 +155,8 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
                     storage.get_file(report["ref"], path, sha256=report["sha256"], max_size=ctx.store.max_model_size)
                 except SharedStorageError as exc:
                     raise DeltaRejected(f"{what}: {exc}") from None
-                accepted.append((check_delta(path, base, expected, what), samples, report))
+                mean.add(check_delta(path, base, expected, what), samples)
+                accepted.append(report)
                 path.unlink()
             except DeltaRejected as exc:
                 log.warning("job %s round %d: %s", spec.job, spec.round, exc)
@@ -170,14 +172,13 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             previous = load_weights(path, f"job {spec.job}'s momentum after round {spec.round - 1}")
             if previous.keys() != base.keys():
                 raise DeltaRejected(f"job {spec.job}'s momentum does not match the base's tensors")
-        weights, momentum = outer_step(base, [(tensors, samples) for tensors, samples, _ in accepted], previous,
-                                       lr=spec.outer_lr, momentum=spec.outer_momentum)
-        moment = Path(scratch) / "momentum.safetensors"
+        weights, momentum = nesterov(base, mean.mean(), previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
+        moment = Path(scratch) / "momentum-next.safetensors"
         save_tensors(momentum, moment, expected)
         storage.put_file(momentum_key(spec.job, spec.round), moment)
         next_id = version_id(spec.job, spec.round)
         _publish(ctx, manifest.task, spec.base, base_folder, next_id, weights, Path(scratch) / "next", expected)
-    reports = [report for _, _, report in accepted]
+    reports = accepted
     samples = sum(int(report["samples"]) for report in reports)
     return {
         "job": spec.job, "round": spec.round, "base": spec.base, "base_sha256": base_sha256,
