@@ -301,6 +301,11 @@ class ModelStore:
             self._install(model_id, staging)
         return manifest
 
+    def remove(self, model_id: str) -> None:
+        """Delete a stored entry (DiLoCo's per-round trained models, once their delta is uploaded)."""
+        with self._lock(model_id):
+            shutil.rmtree(self.path(model_id), ignore_errors=True)
+
     def produced_by(self, model_id: str) -> dict[str, Any] | None:
         """The record ``save(produced_by=...)`` stored with a model; None when there is none or it is unreadable."""
         try:

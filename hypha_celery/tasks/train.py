@@ -161,7 +161,11 @@ def _discard_checkpoints(ctx: NodeContext, task_id: str, why: str) -> None:
 @shared_task(name="hypha.train", base=HyphaTask, bind=True)
 def train(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``, ``{"texts": [...]}`` (with ``"labels"``
-    for a classifier) or ``{"ref": "<data set>"}``."""
+    for a classifier) or ``{"ref": "<data set>"}``; with ``diloco``, one inner task of a DiLoCo round."""
+    if "diloco" in kwargs:  # hypha_celery.tasks.diloco: train, then write the pseudo-gradient to shared storage
+        from hypha_celery.tasks.diloco import train_round
+
+        return train_round(self, args, kwargs)
     return run_task(
         self,
         kwargs,
