@@ -6,10 +6,12 @@ Redis is an embedded ``redis-server`` (``$HYPHA_BENCH_REDIS_URL`` to use
 another; it must be a database the bench may flush).
 
 ``python -m bench --only 2,placement`` (or ``HYPHA_BENCH_ONLY=2,placement``)
-runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement,
-4 cache, 5 batching, 6 embeddings_batched, 7 generation_batched,
+runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
+(:mod:`bench.scale`), 4 cache, 5 batching, 6 embeddings_batched, 7 generation_batched,
 8 cold_load_largest, 10 first_request (these four in :mod:`bench.models`), 9 gpu
-(:mod:`bench.gpu`; on a machine without an NVIDIA GPU it says so and measures nothing).
+(:mod:`bench.gpu`; on a machine without an NVIDIA GPU it says so and measures nothing),
+11 counts (Redis round trips and RabbitMQ messages per task, :mod:`bench.counts`),
+12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -19,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import random
 import shutil
 import statistics
 import subprocess
@@ -35,12 +36,14 @@ from typing import Any
 import redis
 
 from bench.common import REPEATS, RESULTS, ROOT, fmt, hypha_config, record, say, spread, start_worker, throughput, wait_ready
+from bench.counts import bench_counts
 from bench.models import (
     bench_cold_load_largest,
     bench_embeddings_batched,
     bench_first_request,
     bench_generation_batched,
 )
+from bench.scale import bench_placement, bench_registry
 from hypha_celery.tools.launch import client_app
 
 
@@ -200,65 +203,6 @@ def bench_ledger(url: str) -> None:
     record("ledger_pair_cost", ratio=round_trips, target="<= 2 round trips", met=round_trips <= 2.0,
            unit="PING round trips per reserve+release pair", ping_per_s=spread(pings), pairs_per_s=spread(pairs),
            commands_per_pair=commands, redis_usec_per_script=stats.get("usec_per_call"))
-    client.close()
-
-
-# --- 3. placement --------------------------------------------------------------------------------------
-
-def bench_placement(url: str) -> None:
-    from hypha_celery import keys
-    from hypha_celery.resources.ledger import Capacity, Ledger
-    from hypha_celery.resources.placement import Placement
-    from hypha_celery.resources.requirements import Requirements
-
-    say("\n[3] placement among 10,000 registered workers (real Redis, indexes kept by the ledger)")
-    client = redis.Redis.from_url(url)
-    rng = random.Random(7)
-    nodes = 10_000
-    started = time.perf_counter()
-    expires = time.time() + 3600
-    schema = keys.KeySchema.from_env()
-    for index in range(nodes):
-        node = f"n{index:05d}"
-        gpus = {g: rng.choice([24, 40, 80, 141]) * 10**9 for g in range(rng.choice([0, 0, 1, 2, 4, 8]))}
-        ledger = Ledger(client, node, ttl=3600)
-        ledger.set_capacity(Capacity(cores=list(range(rng.choice([4, 8, 16, 32, 64]))),
-                                     memory=rng.choice([16, 32, 64, 128, 256]) * 2**30, gpus=gpus))
-        if rng.random() < 0.5:  # half the nodes are partly busy
-            try:
-                ledger.reserve(Requirements(cpu_milli=2000, memory=rng.choice([4, 8, 12]) * 2**30), holder="busy")
-            except Exception:
-                pass
-        worker = f"w{index:05d}@host"
-        client.zadd(schema.node_workers(node), {worker: expires})
-        client.zadd(schema.workers(), {worker: expires})
-    say(f"    registered {nodes} nodes in {time.perf_counter() - started:.1f}s")
-    placement = Placement(client)
-    requests = [Requirements(cpu_milli=rng.choice([250, 1000, 4000]), memory=rng.choice([1, 8, 30, 100]) * 2**30,
-                             gpus=rng.choice([0, 0, 1, 2]), gpu_memory=rng.choice([0, 20 * 10**9, 70 * 10**9]))
-                for _ in range(500)]
-    medians, found = [], 0
-    for _ in range(REPEATS):
-        times = []
-        for req in requests:
-            t0 = time.perf_counter()
-            choice = placement.choose(req)
-            times.append((time.perf_counter() - t0) * 1000)
-            found += choice is not None
-        medians.append(statistics.median(times))
-        p99 = sorted(times)[int(len(times) * 0.99)]
-    ping = []
-    for _ in range(500):
-        t0 = time.perf_counter()
-        client.ping()
-        ping.append((time.perf_counter() - t0) * 1000)
-    median = statistics.median(medians)
-    say(f"    choose()      median of runs {fmt(medians, 'ms')}  (p99 last run {p99:.2f} ms; PING median "
-        f"{statistics.median(ping):.3f} ms; {found} of {len(requests) * REPEATS} placed)")
-    say(f"    median {median:.2f} ms (target < 5 ms)")
-    record("placement_10k", ratio=median / statistics.median(ping), target="median < 5 ms", met=median < 5.0,
-           unit="choose() median / PING median", median_ms=median, runs_ms=spread(medians), ping_ms=statistics.median(ping),
-           p99_ms=p99, nodes=nodes)
     client.close()
 
 
@@ -469,6 +413,8 @@ def main() -> int:
         (7, "generation_batched", lambda: bench_generation_batched(url, workdir, workdir / "models")),
         (9, "gpu", bench_gpu),
         (10, "first_request", lambda: bench_first_request(url, workdir, workdir / "models")),
+        (11, "counts", lambda: bench_counts(url, workdir, workdir / "models")),
+        (12, "registry", lambda: bench_registry(url, workdir / "models")),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

@@ -43,7 +43,7 @@ from hypha_celery.resources.requirements import Requirements
 from hypha_celery.routing import placement_for
 from hypha_celery.security import ENVELOPE_HEADER, load_signing_key, record_sent, replay_window, signed_options
 
-__all__ = ["submit"]
+__all__ = ["send_options", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +75,34 @@ def submit(
         kwargs["inputs"] = inputs
     if requirements is not None:
         kwargs["requirements"] = requirements
-    req = Requirements.parse(requirements)
+    options = send_options(task_name, kwargs, signing_key=signing_key, queue=queue, envelope_ttl=envelope_ttl,
+                           model_sha256=model_sha256)
+    return app.send_task(task_name, kwargs=kwargs, **options)
+
+
+def send_options(
+    task_name: str,
+    kwargs: dict[str, Any],
+    *,
+    signing_key: nacl.signing.SigningKey | str | os.PathLike[str] | None = None,
+    queue: str | None = None,
+    envelope_ttl: float = 300.0,
+    model_sha256: str | None = None,
+) -> dict[str, Any]:
+    """The ``queue``, ``task_id`` and signed ``headers`` for sending ``kwargs`` (placed by their requirements).
+
+    What :func:`submit` sends with; canvas users (``hypha_celery.training``) put them on signatures.
+    The nonce is recorded as sent now, so send the task right after.
+    """
     if queue is None:
-        queue = _place(req, model)
-    options: dict[str, Any] = {}
+        model = kwargs.get("model")
+        queue = _place(Requirements.parse(kwargs.get("requirements")), model if isinstance(model, str) else None)
+    options: dict[str, Any] = {"queue": queue}
     if signing_key is not None:
         key = signing_key if isinstance(signing_key, nacl.signing.SigningKey) else load_signing_key(signing_key)
-        options = signed_options(key, task_name, kwargs=kwargs, ttl=envelope_ttl, model_sha256=model_sha256)
+        options.update(signed_options(key, task_name, kwargs=kwargs, ttl=envelope_ttl, model_sha256=model_sha256))
         _record(options["headers"][ENVELOPE_HEADER])
-    return app.send_task(task_name, kwargs=kwargs, queue=queue, **options)
+    return options
 
 
 def _record(envelope: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@
      ├── InvalidSignature               the task envelope failed verification
      ├── InvalidTask                    kwargs do not match the task's schema
      │    ├── InvalidInput              inputs malformed, wrong shape or too large
+ │    │    └── DeltaRejected        a DiLoCo pseudo-gradient failed its checks (sha256, shape, job, round)
      │    └── MalformedMessage          the message is no task message (undecodable, wrong shape)
      ├── UnsupportedModel               model id unknown, malformed or unverifiable
      │    └── ModelPinMismatch          the store holds another manifest than the task pinned
@@ -20,6 +21,8 @@
      ├── ExecutorCrashed                the task's process died without an answer
      ├── ExecutionError                 the task's own ML code raised (e.g. a torch error)
      ├── RegistryUnavailable            Redis (registry/ledger) cannot be reached
+ ├── SharedStorageError             DiLoCo's shared storage failed (missing object, unreachable, bad sha256)
+ ├── RoundFailed                    a DiLoCo round ended with fewer than min_workers deltas
      └── ControlFlow                    steers a task at admission; never a task's result
           ├── DuplicateTask             a live lease already runs this task id (a redelivered copy)
           └── NotHere                   this node can never fit the task; another live node can
@@ -42,6 +45,7 @@ __all__ = [
     "AdmissionTimeout",
     "ConfigError",
     "ControlFlow",
+    "DeltaRejected",
     "DuplicateTask",
     "ExcessiveMemoryRequest",
     "ExecutionError",
@@ -60,6 +64,8 @@ __all__ = [
     "NotHere",
     "RegistryUnavailable",
     "ResourcesBusy",
+    "RoundFailed",
+    "SharedStorageError",
     "TaskTimeout",
     "UnsupportedModel",
 ]
@@ -90,6 +96,10 @@ class InvalidTask(HyphaError):
 
 class InvalidInput(InvalidTask):
     """The inputs are malformed, of the wrong shape, or over the size cap."""
+
+
+class DeltaRejected(InvalidInput):
+    """A DiLoCo pseudo-gradient is not what its inner task reported, or not for this job, round or base."""
 
 
 class MalformedMessage(InvalidTask):
@@ -150,6 +160,14 @@ class ExecutionError(HyphaError):
 
 class RegistryUnavailable(HyphaError):
     """The registry / ledger Redis could not be reached."""
+
+
+class SharedStorageError(HyphaError):
+    """The shared storage of DiLoCo deltas and model versions failed: an object is missing, unreadable or altered."""
+
+
+class RoundFailed(HyphaError):
+    """A DiLoCo round could not complete: fewer than ``min_workers`` deltas arrived before its deadline."""
 
 
 class ControlFlow(HyphaError):

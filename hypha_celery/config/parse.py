@@ -178,6 +178,8 @@ def _parse_value(key: str, meta: Mapping[str, Any], value: Any) -> Any:
         return list(value)
     if kind == "sources":
         return _parse_sources(key, value)
+    if kind == "storage":
+        return _parse_storage(key, value)
     raise ConfigError(key, f"internal: unknown kind {kind}")
 
 
@@ -221,6 +223,16 @@ def _parse_sources(key: str, value: Any) -> list[ModelSource]:
             fields["prefix"] += "/"  # "models" means the folder models/, not keys starting "models"
         sources.append(ModelSource(**fields))
     return sources
+
+
+def _parse_storage(key: str, value: Any) -> ModelSource | None:
+    """A writable storage (DiLoCo's shared storage): a local folder or an S3 bucket, never an HTTP source."""
+    if isinstance(value, Mapping) and value.get("type") == "http":
+        raise ConfigError(f"{key}.type", "'http' sources are read-only; shared storage must be 'local' or 's3'")
+    try:
+        return _parse_sources(key, [value])[0]
+    except ConfigError as exc:  # name the key itself, not an array entry of it
+        raise ConfigError(exc.key.replace(f"{key}[0]", key, 1), exc.reason) from None
 
 
 def _check_consistency(cfg: WorkerConfig) -> None:

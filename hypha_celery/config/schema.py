@@ -3,7 +3,7 @@
 The file has the seed's sections (``[worker]``, ``[worker.network]``,
 ``[worker.models]``, ``[worker.execution]``, ``[worker.monitoring]``,
 ``[worker.security]``) plus four hypha sections (``[worker.resources]``,
-``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``). :mod:`.parse` reads a file
+``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``, ``[worker.training]``). :mod:`.parse` reads a file
 against these declarations; :mod:`.derive` turns a config into Celery settings.
 """
 
@@ -27,6 +27,7 @@ __all__ = [
     "NetworkConfig",
     "ResourcesConfig",
     "SecurityConfig",
+    "TrainingConfig",
     "WorkerConfig",
 ]
 
@@ -136,6 +137,13 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    # Where DiLoCo rounds keep pseudo-gradients, outer momentum and global model versions: a writable
+    # {type = "local", path} or {type = "s3", bucket, region, endpoint_url, prefix}. None: no DiLoCo here.
+    shared_storage: ModelSource | None = _key("storage?", None)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """The whole ``[worker]`` table; defaults are the seed's example values."""
 
@@ -153,6 +161,7 @@ class WorkerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
     source_path: str | None = field(default=None, compare=False)
 
     @property
@@ -185,6 +194,7 @@ SECTIONS = {
     "admission": AdmissionConfig,
     "batching": BatchingConfig,
     "generation": GenerationConfig,
+    "training": TrainingConfig,
 }
 
 SOURCE_KEYS = {

@@ -298,10 +298,18 @@ class Executor:
             else:
                 self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
                                      produced_by=produced)
+            self._discard_checkpoints(request)
             trained, load_s = done.trained, done.load_s
             del done
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s,
                            usage=self._usage(started_rss))
+
+    def _discard_checkpoints(self, request: Train) -> None:
+        """The model is saved: the task's checkpoints (:mod:`hypha_celery.models.checkpoint`) have done their work."""
+        from hypha_celery.models.checkpoint import discard
+
+        if request.task_id is not None:
+            discard(self.store.root, request.task_id)
 
     def describe(self) -> Description:
         """What this process is allowed: for operators and tests of the sandbox."""

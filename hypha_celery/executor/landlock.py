@@ -17,9 +17,11 @@ itself, before it imports torch, to:
   ``/dev/random``, ``/dev/urandom``, ``/dev/nvidia*`` (with device ``ioctl``),
   and ``/proc/self/clear_refs`` (per-job peak memory);
 * a training (job) executor besides: create files only under the store's
-  staging folder ``<model_dir>/.incoming/`` and its lock files in
-  ``<model_dir>/.locks/``, and create (by ``rename``) new model folders in
-  ``model_dir``; it cannot change or remove an existing model.
+  staging folder ``<model_dir>/.incoming/``, its lock files in
+  ``<model_dir>/.locks/`` and training checkpoints in ``<model_dir>/.checkpoints/``
+  (:mod:`hypha_celery.models.checkpoint`: written, renamed and removed there),
+  and create (by ``rename``) new model folders in ``model_dir``; it cannot
+  change or remove an existing model.
 
 Everything else (the worker's config, signing keys, other users' files,
 ``/tmp``) cannot be opened, listed or written: ``open`` fails with ``EACCES``,
@@ -47,7 +49,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypha_celery.models.checkpoint import CHECKPOINTS
+
 __all__ = [
+    "CHECKPOINTS",
     "DEVICE",
     "FULL",
     "LOCKS",
@@ -210,6 +215,7 @@ def executor_rules(*, store: str, tmpdir: str, trains: bool, abi: int,
         rules.append(Rule(store, READ | MAKE_DIR | REFER))
         rules.append(Rule(os.path.join(store, STAGING), FULL))
         rules.append(Rule(os.path.join(store, LOCKS), READ | WRITE_FILE | MAKE_REG | TRUNCATE))
+        rules.append(Rule(os.path.join(store, CHECKPOINTS), FULL))
     else:
         rules.append(Rule(store, FULL))  # ABI 1 renames within one directory only: stage in model_dir
     return rules

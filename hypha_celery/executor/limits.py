@@ -85,7 +85,8 @@ def confine_filesystem(*, store: str, tmpdir: str, trains: bool, abi: int | None
     """Restrict this (single-threaded) process's files with Landlock; the staging folder for new models.
 
     ``trains``: a job executor, which stages trained models under
-    ``<store>/.incoming`` (``None``: in the store itself, on Landlock ABI 1).
+    ``<store>/.incoming`` (``None``: in the store itself, on Landlock ABI 1) and
+    writes checkpoints under ``<store>/.checkpoints``.
     ``abi``: the Landlock ABI to use, at most the kernel's (default: the kernel's).
     Raises ``OSError`` when the kernel has no Landlock.
     """
@@ -94,6 +95,7 @@ def confine_filesystem(*, store: str, tmpdir: str, trains: bool, abi: int | None
     staging = None
     if trains:
         Path(store, landlock.LOCKS).mkdir(parents=True, exist_ok=True)
+        Path(store, landlock.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         if abi >= 2:
             staging = os.path.join(store, landlock.STAGING)
             os.makedirs(staging, exist_ok=True)

@@ -201,7 +201,8 @@ class Train(_JobRequest):
     :func:`~hypha_celery.stages.validation.validate_train`): ``method`` ``full`` or
     ``lora`` (``lora``: ``r``, ``alpha``, ``dropout``, ``target_modules``), ``merge``
     (a LoRA run stores the merged model), ``max_steps`` (optimizer steps; ``epochs``
-    when None), ``grad_accum``, ``warmup_steps``, ``seed``, ``max_length`` (tokens).
+    when None), ``grad_accum``, ``warmup_steps``, ``seed``, ``max_length`` (tokens),
+    ``checkpoint_every`` (optimizer steps between checkpoints under the task id; None: none).
     """
 
     kind: ClassVar[str] = "train"
@@ -223,6 +224,7 @@ class Train(_JobRequest):
     warmup_steps: int = 0
     seed: int = 0
     max_length: int | None = None
+    checkpoint_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,10 @@ class Trained(_Record):
     # transformers training: tokens the model was trained on (padding not counted), and what it measured
     trained_tokens: int | None = None
     metrics: dict[str, Any] | None = None
+    # with checkpoint_every: the step a checkpoint of this task resumed the run at (0: from the start), and why
+    # a checkpoint found at start was refused (another model sha256, other data or settings, unreadable)
+    resumed_from_step: int = 0
+    checkpoint_refused: str | None = None
 
 
 @dataclass(frozen=True)

@@ -44,20 +44,31 @@ local function score(index, node)
   return tonumber(redis.call('ZSCORE', index, node) or '-1')
 end
 
-local function fits(node)
-  if score(MEM, node) < MEMORY then return false end
+-- Whether scores read by ``get(index)`` meet every dimension of the request.
+local function meets(get)
+  if get(MEM) < MEMORY then return false end
   if MODE == 'capacity' then
-    if score(CAP_CORES, node) < math.max(1, math.ceil(CPU_MILLI / 1000)) then return false end
+    if get(CAP_CORES) < math.max(1, math.ceil(CPU_MILLI / 1000)) then return false end
   elseif CPU_MILLI >= 1000 then
-    if score(FREE_WHOLE_CORES, node) < CPU_MILLI / 1000 then return false end
-  elseif score(FREE_CORE_MILLI, node) < CPU_MILLI then
+    if get(FREE_WHOLE_CORES) < CPU_MILLI / 1000 then return false end
+  elseif get(FREE_CORE_MILLI) < CPU_MILLI then
     return false
   end
   if NGPU > 0 then
-    if score(GMEM, node) < GPU_MEMORY then return false end
-    if score(GPUS, node) < NGPU and not (MODE == 'free' and NGPU == 1 and GPU_MEMORY > 0) then return false end
+    if get(GMEM) < GPU_MEMORY then return false end
+    if get(GPUS) < NGPU and not (MODE == 'free' and NGPU == 1 and GPU_MEMORY > 0) then return false end
   end
   return true
+end
+
+local function fits(node)
+  return meets(function(index) return score(index, node) end)
+end
+
+-- The highest score in an index (-1 when it is empty): no node scores more.
+local function top(index)
+  local best = redis.call('ZREVRANGE', index, 0, 0, 'WITHSCORES')
+  return tonumber(best[2] or '-1')
 end
 
 local function live_worker(node)
@@ -73,6 +84,11 @@ local function live_worker(node)
   end
   return nil
 end
+
+-- Every check compares a node's score with a floor, so when the best score of some index is
+-- below its floor no node fits: say so at once instead of walking SCAN_LIMIT candidates that all
+-- fail (e.g. every core busy while memory is free). The answer is the walk's, without the walk.
+if not meets(top) then return {} end
 
 -- Walk the scarcest resource's index upwards: the first node that fits is the tightest fit.
 local primary, floor = MEM, MEMORY

@@ -13,7 +13,9 @@ truncated to ``max_length`` tokens and padded per batch.
 The loop is plain torch: AdamW over the trainable parameters, a linear warmup
 over ``warmup_steps`` then a linear decay to zero, ``grad_accum`` micro-batches
 per optimizer step, a seeded shuffle per epoch. ``Progress`` goes out at most
-every ``progress_interval`` seconds with the step, loss, tokens/s and ETA.
+every ``progress_interval`` seconds with the step, loss, tokens/s and ETA. With
+``checkpoint_every`` (and a task id) the loop writes a checkpoint every that many
+steps and, at start, resumes from one the task left (:mod:`.checkpoint`).
 
 :func:`save` writes the result into a folder the store then takes in: a full
 model in Hugging Face layout (``save_pretrained``: config.json and
@@ -24,6 +26,7 @@ or peft's ``adapter_config.json`` + ``adapter_model.safetensors`` for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -39,6 +42,7 @@ import torch
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
 from hypha_celery.executor.protocol import Progress, Train, Trained
+from hypha_celery.models.checkpoint import Checkpoints, Identity, Position, data_fingerprint
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES, TEXT_CLASSIFICATION, TEXT_GENERATION
 from hypha_celery.models.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE, Manifest
 from hypha_celery.models.store import ModelStore
@@ -89,8 +93,26 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
     else:
         module.requires_grad_(True)
     max_length = min(request.max_length or MAX_TRAIN_LENGTH, loaded.max_length or MAX_TRAIN_LENGTH)
-    trained = _loop(loaded, module, texts, labels, request, max_length, progress)
+    checkpoints = _checkpoints(store, request, texts, labels, max_length)
+    trained = _loop(loaded, module, texts, labels, request, max_length, progress, checkpoints)
+    if checkpoints is not None:
+        trained = dataclasses.replace(trained, resumed_from_step=checkpoints.resumed_from_step,
+                                      checkpoint_refused=checkpoints.refused)
     return Finetuned(model=loaded, module=module, trained=trained, method=request.method, load_s=load_s)
+
+
+def _checkpoints(store: ModelStore, request: Train, texts: list[str], labels: list[int] | None,
+                 max_length: int) -> Checkpoints | None:
+    """The task's checkpoints, when it asked for them: who the run is, for checking one found at start."""
+    if not request.checkpoint_every or request.task_id is None:
+        return None
+    settings = {"model": request.model, "method": request.method, "lora": request.lora, "lr": request.lr,
+                "batch_size": request.batch_size, "grad_accum": request.grad_accum, "epochs": request.epochs,
+                "max_steps": request.max_steps, "warmup_steps": request.warmup_steps, "seed": request.seed,
+                "max_length": max_length}
+    identity = Identity(model_sha256=store.manifest_sha256(request.model),
+                        data_sha256=data_fingerprint(texts, labels), settings=settings)
+    return Checkpoints(store.root, request.task_id, request.checkpoint_every, identity)
 
 
 def _examples(model: TransformerModel, data: dict[str, Any]) -> tuple[list[str], list[int] | None]:
@@ -143,13 +165,14 @@ def _batch(model: TransformerModel, texts: list[str], labels: list[int] | None, 
 
 
 def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[int] | None, request: Train,
-          max_length: int, progress: Callable[[Progress], None]) -> Trained:
+          max_length: int, progress: Callable[[Progress], None], checkpoints: Checkpoints | None = None) -> Trained:
     rows, batch_size, accum = len(texts), request.batch_size, max(1, request.grad_accum)
     micro_per_epoch = math.ceil(rows / batch_size)
     steps_per_epoch = max(1, math.ceil(micro_per_epoch / accum))
     total = request.max_steps or request.epochs * steps_per_epoch
     epochs = math.ceil(total / steps_per_epoch)
-    parameters = [p for p in module.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    parameters = [p for _, p in named]
     optimizer = torch.optim.AdamW(parameters, lr=request.lr)
     warmup = request.warmup_steps
 
@@ -162,13 +185,20 @@ def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[i
     generator = random.Random(request.seed)
     curve: list[float] = []
     step = tokens = 0
+    resumed = checkpoints.restore(named, optimizer, schedule) if checkpoints is not None else None
+    if resumed is not None:
+        generator.setstate(_rng_state(resumed.order_state))
+        curve, step, tokens = list(resumed.curve), resumed.step, resumed.tokens
+    steps_before, tokens_before = step, tokens  # a resumed run's rate and ETA count its own steps only
     started = last_report = time.monotonic()
     module.train(True)
-    for epoch in range(1, epochs + 1):
+    for epoch in range(1 if resumed is None else resumed.epoch, epochs + 1):
+        order_state = generator.getstate()
         order = list(range(rows))
         generator.shuffle(order)
         micro = [order[at:at + batch_size] for at in range(0, rows, batch_size)]
-        for first in range(0, len(micro), accum):
+        skip = resumed.position if resumed is not None and epoch == resumed.epoch else 0
+        for first in range(skip, len(micro), accum):
             if step >= total:
                 break
             group = micro[first:first + accum]
@@ -185,15 +215,20 @@ def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[i
             schedule.step()
             step += 1
             curve.append(step_loss)
+            if checkpoints is not None and checkpoints.due(step):
+                checkpoints.save(Position(step=step, epoch=epoch, position=first + len(group), order_state=order_state,
+                                          curve=curve, tokens=tokens), named, optimizer, schedule)
             now = time.monotonic()
             if now - last_report >= request.progress_interval:
                 last_report = now
-                progress(_progress(epoch, epochs, step, total, step_loss, tokens, now - started))
+                progress(_progress(epoch, epochs, step, total, step_loss, tokens - tokens_before, now - started,
+                                   steps_before))
     module.train(False)
     elapsed = time.monotonic() - started
-    progress(_progress(epochs, epochs, step, total, curve[-1], tokens, elapsed))
+    progress(_progress(epochs, epochs, step, total, curve[-1], tokens - tokens_before, elapsed, steps_before))
     tail = curve[-min(len(curve), steps_per_epoch):]  # the last epoch's steps (or all of them)
-    metrics: dict[str, Any] = {"train_s": round(elapsed, 3), "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+    rate = (tokens - tokens_before) / elapsed if elapsed else None  # this run's own tokens (not a checkpoint's)
+    metrics: dict[str, Any] = {"train_s": round(elapsed, 3), "tokens_per_s": None if rate is None else round(rate, 1),
                                "trainable_parameters": sum(p.numel() for p in parameters), "max_length": max_length}
     if labels is not None:
         metrics["train_accuracy"] = _accuracy(model, module, texts, labels, batch_size, max_length)
@@ -201,9 +236,17 @@ def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[i
                    samples=rows, trained_tokens=tokens, metrics=metrics)
 
 
-def _progress(epoch: int, epochs: int, step: int, total: int, loss: float, tokens: int, elapsed: float) -> Progress:
+def _rng_state(saved: Any) -> tuple[Any, ...]:
+    """``random.Random.getstate()`` back from its JSON form (lists for tuples)."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
+
+
+def _progress(epoch: int, epochs: int, step: int, total: int, loss: float, tokens: int, elapsed: float,
+              first_step: int = 0) -> Progress:
+    """``tokens`` and ``elapsed``: since ``first_step`` (0, or the step a run resumed at)."""
     rate = tokens / elapsed if elapsed > 0 else 0.0
-    eta = elapsed / step * (total - step) if step else None
+    eta = elapsed / (step - first_step) * (total - step) if step > first_step else None
     return Progress(epoch=epoch, epochs=epochs, step=step, steps=total, loss=loss,
                     percent=round(100.0 * step / total, 2), tokens_per_s=round(rate, 1),
                     eta_s=None if eta is None else round(eta, 2))

@@ -20,6 +20,8 @@ Layout::
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]} (built-in models), or
                                                 {"texts": [...]} / {"texts": [...], "labels": [...]} (``save_texts``)
 
+    <model_dir>/.checkpoints/<task id>/         a training task's latest checkpoint (:mod:`.checkpoint`)
+
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
                                                 for a sandboxed training executor, which may write only there)
 
@@ -298,6 +300,11 @@ class ModelStore:
             _write_json(staging / MODEL_MANIFEST, manifest.to_json())
             self._install(model_id, staging)
         return manifest
+
+    def remove(self, model_id: str) -> None:
+        """Delete a stored entry (DiLoCo's per-round trained models, once their delta is uploaded)."""
+        with self._lock(model_id):
+            shutil.rmtree(self.path(model_id), ignore_errors=True)
 
     def produced_by(self, model_id: str) -> dict[str, Any] | None:
         """The record ``save(produced_by=...)`` stored with a model; None when there is none or it is unreadable."""

@@ -91,6 +91,9 @@ class Metrics:
     def update_resources(self, usage: Any, cpu: float, memory: float, gpus: dict[int, float]) -> None:
         """Refresh host and ledger gauges (the worker's monitor timer)."""
 
+    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int) -> None:
+        """A DiLoCo outer step applied ``accepted`` deltas (``refused`` were not) that moved ``bytes_moved``."""
+
     def cache_totals(self) -> dict[str, int]:
         """Model cache hits and misses summed over this worker's processes (``{}`` without metrics)."""
         return {}
@@ -155,6 +158,12 @@ class PrometheusMetrics(Metrics):
         self.task_rejections = Counter(p + "task_rejections",
                                        "Tasks refused before admission: bad signature or invalid arguments",
                                        ["stage"], registry=reg)
+        self.diloco_rounds = Counter(p + "diloco_rounds", "DiLoCo outer steps applied by this worker", registry=reg)
+        self.diloco_bytes = Counter(p + "diloco_bytes_moved",
+                                    "Bytes DiLoCo's inner workers pulled (weights) and pushed (deltas) in the rounds "
+                                    "this worker aggregated", registry=reg)
+        self.diloco_deltas = Counter(p + "diloco_deltas", "DiLoCo deltas offered to this worker's outer steps",
+                                     ["outcome"], registry=reg)
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -177,6 +186,12 @@ class PrometheusMetrics(Metrics):
             self.tasks_failed.labels(task, error).inc()
         if runtime is not None:
             self.task_duration.labels(task).observe(runtime)
+
+    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int) -> None:
+        self.diloco_rounds.inc()
+        self.diloco_bytes.inc(bytes_moved)
+        self.diloco_deltas.labels("accepted").inc(accepted)
+        self.diloco_deltas.labels("refused").inc(refused)
 
     def cache_event(self, *, hit: bool, batch_size: int) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

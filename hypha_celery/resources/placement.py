@@ -5,8 +5,10 @@ and release, so placement reads the truth without scanning worker hashes:
 ``lua/place.lua`` walks the index of the scarcest resource the task asks for
 (GPU memory, else memory, else cores) upwards from the request, so the first
 node that fits every dimension is the tightest fit - big holes stay free for
-big tasks. It then picks a live worker of that node. With 10,000 registered
-nodes this is one Redis round trip of a few sorted-set lookups.
+big tasks. It then picks a live worker of that node. When some index's best
+score is below what the task asks, it answers "nothing fits" without walking
+(the walk would find nothing either). With 100,000 registered nodes this is one
+Redis round trip of a few sorted-set lookups (``make bench``, step 3).
 
 A request for a model prefers the workers that hold it, from the registry's
 model indexes (:mod:`hypha_celery.registry.record`), best first: the model in

@@ -89,7 +89,8 @@ _TASK_FOR = {"feature-extraction": "hypha.infer", "text-classification": "hypha.
              "image-classification": "hypha.infer"}
 _TEXT_TASKS = ("feature-extraction", "text-classification")
 _TRAIN_ARGS = frozenset({"model", "data", "epochs", "lr", "batch_size", "requirements", "new_model"})
-_FINETUNE_ARGS = frozenset({"method", "lora", "merge", "max_steps", "grad_accum", "warmup_steps", "seed", "max_length"})
+_FINETUNE_ARGS = frozenset({"method", "lora", "merge", "max_steps", "grad_accum", "warmup_steps", "seed", "max_length",
+                            "checkpoint_every"})
 _TRAINABLE_TASKS = ("text-generation", "text-classification")
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,128}\Z")
 # hypha.train on a transformers model: texts inline per task, and tokens per text (further capped by the model's).
@@ -147,6 +148,7 @@ class FinetuneParams:
     warmup_steps: int = 0
     seed: int = 0
     max_length: int = 2048
+    checkpoint_every: int | None = None  # optimizer steps between checkpoints (models.checkpoint)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -463,7 +465,15 @@ def finetune_params(kwargs: Mapping[str, Any], manifest: Manifest | None) -> Fin
     return FinetuneParams(method=method, lora=lora, merge=merge, max_steps=max_steps,
                           grad_accum=_int_arg(kwargs, "grad_accum", 1, 1, 1024),
                           warmup_steps=_int_arg(kwargs, "warmup_steps", 0, 0, 10_000_000), seed=seed,
-                          max_length=max_length)
+                          max_length=max_length, checkpoint_every=_checkpoint_every(kwargs))
+
+
+def _checkpoint_every(kwargs: Mapping[str, Any]) -> int | None:
+    """``checkpoint_every``: optimizer steps between checkpoints, an integer >= 1, or absent (no checkpoints)."""
+    value = kwargs.get("checkpoint_every")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10_000_000):
+        raise InvalidInput(f"checkpoint_every must be an integer from 1 to 10000000 (optimizer steps), got {value!r}")
+    return value
 
 
 def _lora_settings(raw: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""hypha's Celery tasks: ``hypha.infer``, ``hypha.generate``, ``hypha.train`` and ``hypha.noop``.
+"""hypha's Celery tasks: ``hypha.infer``, ``hypha.generate``, ``hypha.train``, ``hypha.noop`` and
+``hypha.aggregate`` (DiLoCo's outer step).
 
 Every task takes keyword arguments only and goes through
 :func:`hypha_celery.tasks.pipeline.run_task`.

@@ -4,7 +4,10 @@ A built-in model trains on ``inputs``/``targets``; a transformers model (causal 
 classifier) trains full or LoRA on ``texts`` (:mod:`hypha_celery.models.finetune`), its
 ``"auto"`` memory sized for training (:mod:`hypha_celery.stages.sizing`). While it runs the
 task's ``PROGRESS`` state carries step, epoch, loss, percent (and for transformers tokens/s and
-ETA) at most four times a second.
+ETA) at most four times a second. With ``checkpoint_every`` the executor checkpoints the run under
+the task id and a redelivered copy resumes from it (:mod:`hypha_celery.models.checkpoint`); the
+checkpoint goes once the task has its answer: its model saved (by the executor, or earlier, for a
+copy answered from the store) or the run failed.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from celery import shared_task
 
 from hypha_celery.errors import InvalidTask
 from hypha_celery.executor.protocol import Train, Trained
+from hypha_celery.models import checkpoint
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
 from hypha_celery.models.manifest import CONFIG, Manifest
 from hypha_celery.models.store import ModelStore
@@ -94,12 +98,16 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
     job = Train(model=spec.model, new_model=spec.new_model, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
                 data=data, data_path=data_path, task_id=run.task.request.id, progress_interval=PROGRESS_INTERVAL_S,
                 **tuned)
-    result = ctx.executors.run_job(
-        job,
-        lease=run.lease,
-        timeout=run.remaining_s,
-        on_progress=lambda update: run.progress({"stage": "run", **update.to_json()}),
-    )
+    try:
+        result = ctx.executors.run_job(
+            job,
+            lease=run.lease,
+            timeout=run.remaining_s,
+            on_progress=lambda update: run.progress({"stage": "run", **update.to_json()}),
+        )
+    except Exception:
+        _discard_checkpoints(ctx, run.task.request.id, "the run failed")  # a failure is this task's answer
+        raise
     run.timing.finished_at = time.time()
     output = {**result.trained.to_json(), "model_id": result.model_id}
     return package(
@@ -131,6 +139,7 @@ def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     """A copy of this task already saved ``new_model``: its result, from what that run recorded; nothing runs."""
     log.info("task %s: model %r was saved by this task id; answering the copy from it", run.task.request.id,
              spec.new_model)
+    _discard_checkpoints(run.ctx, run.task.request.id, "its model was saved earlier")
     run.timing.finished_at = time.time()
     return package(
         output={**trained.to_json(), "model_id": spec.new_model},
@@ -143,10 +152,20 @@ def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     )
 
 
+def _discard_checkpoints(ctx: NodeContext, task_id: str, why: str) -> None:
+    """Delete what checkpoints the task left (a killed run's executor could not)."""
+    if checkpoint.discard(ctx.store.root, task_id):
+        log.info("task %s: checkpoints deleted (%s)", task_id, why)
+
+
 @shared_task(name="hypha.train", base=HyphaTask, bind=True)
 def train(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Fine-tune ``model`` on ``data={"inputs": [...], "targets": [...]}``, ``{"texts": [...]}`` (with ``"labels"``
-    for a classifier) or ``{"ref": "<data set>"}``."""
+    for a classifier) or ``{"ref": "<data set>"}``; with ``diloco``, one inner task of a DiLoCo round."""
+    if "diloco" in kwargs:  # hypha_celery.tasks.diloco: train, then write the pseudo-gradient to shared storage
+        from hypha_celery.tasks.diloco import train_round
+
+        return train_round(self, args, kwargs)
     return run_task(
         self,
         kwargs,

@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -51,18 +52,19 @@ def redis_command(port: int | None) -> None:
     """Run an embedded redis-server in the foreground and print its URL."""
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
-    server = EmbeddedRedis(port)
-    server.start()
-    click.echo(server.url, err=False)
-    sys.stdout.flush()
     stop = {"now": False}
 
     def _stop(*_: Any) -> None:
         stop["now"] = True
 
+    # Installed before the URL is printed: whoever reads it may stop us at once, and must not leave the server behind.
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    server = EmbeddedRedis(port)
+    server.start()
     try:
+        click.echo(server.url, err=False)
+        sys.stdout.flush()
         while not stop["now"] and server.process is not None and server.process.poll() is None:
             time.sleep(0.2)
     finally:
@@ -468,8 +470,6 @@ def _train_data(data: str | None, dataset: str | None) -> dict[str, Any]:
         raise click.UsageError("give exactly one of --data FILE or --dataset ID")
     if data is None:
         return {"ref": dataset}
-    from pathlib import Path
-
     text = Path(data).read_text(encoding="utf-8")
     if data.endswith(".json"):
         try:
@@ -623,6 +623,84 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
                         ("train_accuracy", metrics.get("train_accuracy"))):
         if value is not None:
             click.echo(f"{name}: {value}")
+
+
+@run.command("diloco")
+@click.option("--model", required=True, help="The starting model id (a causal LM or text classifier).")
+@click.option("--shard", "shard_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
+              help='A JSON file holding one shard ({"texts": [...]}); repeatable: one inner task per shard per round.')
+@click.option("--shard-ref", "shard_refs", multiple=True, help="A stored data set id as a shard (repeatable).")
+@click.option("--rounds", type=click.IntRange(1), required=True, help="Outer rounds.")
+@click.option("--inner-steps", type=click.IntRange(1), required=True, help="Optimizer steps per worker per round.")
+@click.option("--outer-lr", type=float, default=0.7, show_default=True)
+@click.option("--outer-momentum", type=float, default=0.9, show_default=True)
+@click.option("--min-workers", type=click.IntRange(1), default=None, help="Deltas a round needs (default: every shard).")
+@click.option("--round-timeout", type=float, default=600.0, show_default=True, help="Seconds a round waits for deltas.")
+@click.option("--lr", type=float, default=None, help="Inner AdamW learning rate (default: hypha.train's).")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--max-length", type=int, default=None)
+@click.option("--cpu-cores", type=float, default=1.0, show_default=True, help="Cores each inner task reserves.")
+@_KEY
+@_BROKER
+@_TIMEOUT
+def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, ...], rounds: int, inner_steps: int,
+               outer_lr: float, outer_momentum: float, min_workers: int | None, round_timeout: float,
+               lr: float | None, batch_size: int | None, max_length: int | None, cpu_cores: float, key: str | None,
+               broker: str | None, timeout: float) -> None:
+    """Train MODEL with DiLoCo across workers, a progress bar per round; prints the final model and each round."""
+    from hypha_celery.training import diloco
+
+    shards: list[dict[str, Any]] = [{"ref": ref} for ref in shard_refs]
+    for path in shard_files:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or "texts" not in data:
+            raise click.BadParameter(f'{path}: a shard file holds {{"texts": [...]}}', param_hint="--shard")
+        shards.append(data)
+    if not shards:
+        raise click.UsageError("give at least one --shard or --shard-ref")
+    given = (("lr", lr), ("batch_size", batch_size), ("max_length", max_length))
+    extra: dict[str, Any] = {name: value for name, value in given if value is not None}
+    options = _submission(broker, key, None)
+    options.pop("model_sha256")
+    try:
+        job = diloco(model, shards, rounds, inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                     min_workers=min_workers, requirements={"cpu_cores": cpu_cores}, round_timeout=round_timeout,
+                     **options, **extra)
+    except (HyphaError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    _follow(job, len(shards), timeout)
+
+
+def _follow(job: Any, workers: int, timeout: float) -> None:
+    """One progress bar per round (inner tasks finished), a line per round done, then the result as JSON."""
+    deadline = time.monotonic() + timeout
+    shown_round, shown, printed = 0, 0, 0
+    bar: Any = None
+    while time.monotonic() < deadline:
+        progress = job.progress()
+        for entry in progress["history"][printed:]:
+            if bar is not None:
+                bar.update(workers - shown)
+                bar.render_finish()
+                bar = None
+            click.echo(f"round {entry['round']}: loss {entry['loss']:.4f}  workers {len(entry['workers'])}  "
+                       f"{entry['bytes_moved'] / 1e6:.2f} MB moved  {entry['duration_s']:.1f} s", err=True)
+            printed += 1
+        if progress["stage"] in ("done", "failed"):
+            break
+        if progress["round"] != shown_round and progress["stage"] == "inner":
+            shown_round, shown = progress["round"], 0
+            bar = click.progressbar(length=workers, label=f"round {shown_round}/{progress['rounds']}", file=sys.stderr)
+            bar.render_progress()
+        if bar is not None and progress["finished"] > shown:
+            bar.update(progress["finished"] - shown)
+            shown = progress["finished"]
+        time.sleep(0.2)
+    try:
+        result = job.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except (HyphaError, TimeoutError) as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    click.echo(json.dumps(result, indent=2))
 
 
 @main.command()

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 import redis
 
 from hypha_celery.config import WorkerConfig, registry_url
-from hypha_celery.errors import HyphaError
+from hypha_celery.config.schema import ModelSource
+from hypha_celery.errors import HyphaError, InvalidTask
 from hypha_celery.executor.limits import NICE
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+from hypha_celery.models.shared_storage import SharedStorage, models_source, open_storage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics
 from hypha_celery.redis_client import registry_client
@@ -36,6 +38,12 @@ from hypha_celery.security import Verifier, replay_window
 __all__ = ["NodeContext", "node_id"]
 
 log = logging.getLogger(__name__)
+
+
+def _sources(cfg: WorkerConfig) -> list[ModelSource]:
+    """The model sources, then DiLoCo's shared storage (its global model versions, read like any source)."""
+    shared = cfg.training.shared_storage
+    return [*cfg.models.sources, *([] if shared is None else [models_source(shared)])]
 
 
 def node_id(cfg: WorkerConfig) -> str:
@@ -57,6 +65,7 @@ class NodeContext:
     store: ModelStore
     verifier: Verifier
     inference_times: InferenceTimes
+    shared_storage: SharedStorage | None = None
     executors: ExecutorPool = field(init=False)
     closed: bool = field(default=False, init=False)
 
@@ -79,11 +88,18 @@ class NodeContext:
             ledger=ledger,
             keeper=LeaseKeeper(ledger, interval=config.resources.lease_heartbeat),
             placement=Placement(client),
-            store=ModelStore(config.models.model_dir, config.models.sources, config.models.max_model_size),
+            store=ModelStore(config.models.model_dir, _sources(config), config.models.max_model_size),
             verifier=Verifier(security.allowed_schedulers, client, max_age=security.max_envelope_age,
                               remember_s=remember),
             inference_times=InferenceTimes(),
+            shared_storage=None if config.training.shared_storage is None else open_storage(config.training.shared_storage),
         )
+
+    def storage(self) -> SharedStorage:
+        """DiLoCo's shared storage (``[worker.training] shared_storage``); a worker without one takes no rounds."""
+        if self.shared_storage is None:
+            raise InvalidTask("DiLoCo tasks need [worker.training] shared_storage, which this worker does not have")
+        return self.shared_storage
 
     def holds(self, model: str, gpu: bool) -> bool:
         """Whether the serving executor a one-device request would land on already holds ``model``."""

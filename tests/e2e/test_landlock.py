@@ -49,6 +49,16 @@ attempt("write model file", lambda: write(os.path.join(store, "mlp", "manifest.j
 attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
 attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
 attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
+
+def checkpoint():  # as models.checkpoint writes, publishes and deletes one
+    task = os.path.join(store, ".checkpoints", "task-1")
+    os.makedirs(os.path.join(task, ".tmp-1"))
+    write(os.path.join(task, ".tmp-1", "checkpoint.json"))
+    os.rename(os.path.join(task, ".tmp-1"), os.path.join(task, "step-000000001"))
+    import shutil
+    shutil.rmtree(task)
+
+attempt("write checkpoints", checkpoint)
 attempt("read proc", lambda: open("/proc/self/status").read())
 attempt("read worker environ", lambda: open(f"/proc/{os.getppid()}/environ").read())  # the worker's secrets
 attempt("reset peak rss", lambda: write("/proc/self/clear_refs", "5"))  # as limits.reset_peak_rss
@@ -78,8 +88,10 @@ def abi() -> int:
 
 def _probe(tmp_path: Path, model_dir: Path, *, trains: bool, abi: int | None = None) -> dict[str, str | None]:
     store = tmp_path / "models"
-    shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(landlock.LOCKS, landlock.STAGING))
+    shutil.copytree(model_dir, store, ignore=shutil.ignore_patterns(landlock.LOCKS, landlock.STAGING,
+                                                                     landlock.CHECKPOINTS))
     (store / landlock.STAGING).mkdir()  # as a training executor leaves it
+    (store / landlock.CHECKPOINTS).mkdir()
     tmpdir = tmp_path / "executor-tmp"
     tmpdir.mkdir()
     outside = tmp_path / "outside"
@@ -107,7 +119,7 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
         "write tmpdir": "ok", "stat secret": "ok",
         "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES", "read worker environ": "EACCES",
         "write model file": "EACCES", "create in store": "EACCES", "rename model away": "EACCES",
-        "write staging": "EACCES",
+        "write staging": "EACCES", "write checkpoints": "EACCES",
     }
 
 
@@ -121,6 +133,7 @@ def test_a_training_executor_may_also_stage_new_models_only(abi: int, tmp_path: 
     # cannot be changed or moved, and nothing outside opens
     assert results["staging"] == str(tmp_path / "models" / ".incoming")
     assert (results["save model"], results["write staging"], results["write tmpdir"]) == ("ok", "ok", "ok")
+    assert results["write checkpoints"] == "ok" and not (tmp_path / "models" / ".checkpoints" / "task-1").exists()
     assert (tmp_path / "models" / "trained" / "manifest.json").is_file()
     denied = ("write model file", "create in store", "rename model away", "read secret", "write outside")
     assert {key: results[key] for key in denied} == dict.fromkeys(denied, "EACCES")

@@ -44,6 +44,17 @@ def test_a_causal_lm_takes_texts_with_transformers_defaults(store: ModelStore) -
     assert spec.finetune.max_length == store.manifest(TINY_LLAMA).max_length
 
 
+def test_checkpoint_every_is_carried_to_the_executor(store: ModelStore) -> None:
+    # Given a LoRA run that asks for a checkpoint every 50 steps, and one that asks for none
+    spec = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", max_steps=100, checkpoint_every=50)
+    plain = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS})
+    # Then the executor's Train carries it (the task passes finetune.to_json() on), and none by default
+    assert spec.finetune is not None and spec.finetune.checkpoint_every == 50
+    job = Train(model=TINY_LLAMA, new_model="x", epochs=1, lr=1e-3, batch_size=8, **spec.finetune.to_json())
+    assert Train.from_json(json.loads(json.dumps(job.to_json()))).checkpoint_every == 50
+    assert plain.finetune is not None and plain.finetune.checkpoint_every is None
+
+
 def test_lora_settings_are_checked_and_defaulted(store: ModelStore) -> None:
     # Given a LoRA run that sets r only
     spec = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", lora={"r": 4}, max_steps=5)
@@ -68,6 +79,10 @@ def test_lora_settings_are_checked_and_defaulted(store: ModelStore) -> None:
     ({"seed": "1"}, InvalidTask, "seed must be"),
     ({"max_length": 100_000}, InvalidTask, "max_length must be"),
     ({"batch_size": 0}, InvalidTask, "batch_size must be"),
+    ({"checkpoint_every": 0}, InvalidInput, "checkpoint_every must be an integer from 1"),
+    ({"checkpoint_every": "50"}, InvalidInput, "checkpoint_every must be"),
+    ({"checkpoint_every": 2.5}, InvalidInput, "checkpoint_every must be"),
+    ({"checkpoint_every": True}, InvalidInput, "checkpoint_every must be"),
     ({"lr": 0}, InvalidTask, "lr must be"),
     ({"data": {"texts": []}}, InvalidInput, "data.texts"),
     ({"data": {"texts": ["a"], "labels": [0]}}, InvalidTask, "causal LM"),
@@ -99,6 +114,8 @@ def test_built_in_models_refuse_transformers_arguments(store: ModelStore) -> Non
     rows = {"inputs": [[5.0, 3.4, 1.5, 0.2]], "targets": [0]}
     with pytest.raises(InvalidTask, match="method applies to transformers models"):
         _validate(store, model="mlp", data=rows, method="lora")
+    with pytest.raises(InvalidTask, match="checkpoint_every applies to transformers models"):
+        _validate(store, model="mlp", data=rows, checkpoint_every=5)
     with pytest.raises(InvalidTask, match="built-in model: data takes inputs"):
         _validate(store, model="mlp", data={"texts": TEXTS})
     # And a built-in model's task keeps its defaults

@@ -1,0 +1,150 @@
+"""DiLoCo's arithmetic on safetensors files: pseudo-gradients and the outer Nesterov step.
+
+Runs in the worker's own process with numpy (``safetensors.numpy``), never
+torch: the inner task computes its delta from two stored checkpoints after the
+executor trained (so the training code stays as it is), and the outer task
+averages deltas into the next global version.
+
+Sign convention (the DiLoCo paper's, arXiv 2311.08105): a pseudo-gradient is
+``base - trained``, so it points like a gradient, and the outer step descends
+it as SGD with Nesterov momentum does (``torch.optim.SGD(nesterov=True)``)::
+
+    g      = sum(samples_i * delta_i) / sum(samples_i)
+    m      = momentum * m_prev + g              (m_prev = 0 in the first round)
+    update = g + momentum * m
+    next   = base - outer_lr * update
+
+With ``outer_lr = 1`` and ``momentum = 0`` the next version is the
+samples-weighted average of the workers' trained weights (FedAvg). Float
+checkpoints only (float16/32/64); a bfloat16 checkpoint is refused, since numpy
+has no bfloat16. Every file carries its job, round and base sha256 in its
+safetensors metadata, and a delta is checked against them and the base's
+tensor names and shapes before it is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from hypha_celery.errors import DeltaRejected, UnsupportedModel
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["WeightedMean", "check_delta", "load_weights", "nesterov", "outer_step", "pseudo_gradient", "save_tensors"]
+
+_FLOATS = ("float16", "float32", "float64")
+
+
+def load_weights(path: Path, what: str) -> dict[str, np.ndarray]:
+    """A float checkpoint's tensors by name (``what`` names it in errors)."""
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, ValueError, TypeError) as exc:  # bfloat16 (no numpy dtype), a garbled header
+        raise UnsupportedModel(f"{what}: DiLoCo reads float16/32/64 safetensors only ({exc})") from None
+    for name, tensor in tensors.items():
+        if str(tensor.dtype) not in _FLOATS:
+            raise UnsupportedModel(f"{what}: tensor {name} is {tensor.dtype}; DiLoCo reads float16/32/64 tensors only")
+    return tensors
+
+
+def save_tensors(tensors: Mapping[str, np.ndarray], path: Path, metadata: Mapping[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(path), metadata={"format": "pt", **metadata})
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        return dict(handle.metadata() or {})
+
+
+def pseudo_gradient(base: Path, trained: Path, out: Path, metadata: Mapping[str, str]) -> None:
+    """Write ``base - trained`` (float32) to ``out``; the two checkpoints must hold the same tensors."""
+    import numpy as np
+
+    start, end = load_weights(base, "the round's base"), load_weights(trained, "the trained model")
+    if start.keys() != end.keys():
+        differ = sorted(start.keys() ^ end.keys())
+        raise UnsupportedModel(f"the trained model's tensors differ from its base's (e.g. {differ[0]})")
+    delta = {}
+    for name, tensor in start.items():
+        if tensor.shape != end[name].shape:
+            raise UnsupportedModel(f"tensor {name}: trained shape {end[name].shape} is not the base's {tensor.shape}")
+        delta[name] = (tensor.astype(np.float32) - end[name].astype(np.float32)).astype(np.float32)
+    save_tensors(delta, out, metadata)
+
+
+def check_delta(path: Path, base: Mapping[str, np.ndarray], expected: Mapping[str, str], what: str
+                ) -> dict[str, np.ndarray]:
+    """The delta's tensors, refused unless its metadata says ``expected`` and its tensors are the base's shapes."""
+    try:
+        metadata = read_metadata(path)
+    except Exception as exc:  # safetensors raises its own error types for a garbled file
+        raise DeltaRejected(f"{what}: not a safetensors file ({exc})") from None
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise DeltaRejected(f"{what}: it is for {key} {metadata.get(key)!r}, not {value!r}; refused")
+    try:
+        tensors = load_weights(path, what)
+    except UnsupportedModel as exc:
+        raise DeltaRejected(str(exc)) from None
+    if tensors.keys() != base.keys():
+        differ = sorted(tensors.keys() ^ base.keys())
+        raise DeltaRejected(f"{what}: its tensors are not the base's (e.g. {differ[0]}); refused")
+    for name, tensor in tensors.items():
+        if tensor.shape != base[name].shape:
+            raise DeltaRejected(f"{what}: tensor {name} has shape {tensor.shape}, the base {base[name].shape}; refused")
+    return tensors
+
+
+class WeightedMean:
+    """The samples-weighted mean of deltas added one at a time: one delta and the running sum in memory."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, np.ndarray] = {}
+        self.samples = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], samples: int) -> None:
+        import numpy as np
+
+        for name, tensor in delta.items():
+            weighted = tensor.astype(np.float64) * samples
+            self.sums[name] = weighted if name not in self.sums else self.sums[name] + weighted
+        self.samples += samples
+
+    def mean(self) -> dict[str, np.ndarray]:
+        if self.samples <= 0:
+            raise DeltaRejected("the outer step needs at least one delta with samples")
+        return {name: total / self.samples for name, total in self.sums.items()}
+
+
+def nesterov(base: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
+             previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
+             ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The next weights and momentum from the base, the averaged pseudo-gradient and the last round's momentum."""
+    import numpy as np
+
+    weights, velocity = {}, {}
+    for name, tensor in base.items():
+        g = average[name].astype(np.float64)
+        m = g if previous is None else momentum * previous[name].astype(np.float64) + g
+        weights[name] = (tensor.astype(np.float64) - lr * (g + momentum * m)).astype(tensor.dtype)
+        velocity[name] = m.astype(np.float32)
+    return weights, velocity
+
+
+def outer_step(base: Mapping[str, np.ndarray], deltas: Sequence[tuple[Mapping[str, np.ndarray], int]],
+               previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """:func:`nesterov` on the samples-weighted mean of ``(delta, samples)`` pairs, added in the order given."""
+    mean = WeightedMean()
+    for delta, samples in deltas:
+        mean.add(delta, samples)
+    return nesterov(base, mean.mean(), previous, lr=lr, momentum=momentum)

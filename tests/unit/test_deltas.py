@@ -1,0 +1,101 @@
+"""DiLoCo's arithmetic: pseudo-gradients, the checks on a delta, and the outer step against torch's Nesterov SGD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hypha_celery.errors import DeltaRejected, InvalidTask, UnsupportedModel
+from hypha_celery.models.deltas import check_delta, load_weights, outer_step, pseudo_gradient, save_tensors
+from hypha_celery.tasks.diloco import parse_block
+
+META = {"job": "j", "round": "1", "base_sha256": "a" * 64}
+
+
+def _weights(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+
+
+def test_a_pseudo_gradient_is_base_minus_trained(tmp_path: Path) -> None:
+    # Given a base and a trained checkpoint
+    base, trained = _weights(0), _weights(1)
+    save_tensors(base, tmp_path / "base.safetensors", {})
+    save_tensors(trained, tmp_path / "trained.safetensors", {})
+    # When the pseudo-gradient is written
+    pseudo_gradient(tmp_path / "base.safetensors", tmp_path / "trained.safetensors", tmp_path / "d.safetensors", META)
+    # Then it is base - trained, and it passes the checks for its own job, round and base
+    delta = check_delta(tmp_path / "d.safetensors", base, META, "d")
+    for name in base:
+        np.testing.assert_allclose(delta[name], base[name] - trained[name])
+
+
+def test_a_delta_for_another_round_or_of_other_shapes_is_refused(tmp_path: Path) -> None:
+    base = _weights(0)
+    save_tensors(base, tmp_path / "d.safetensors", META)
+    # When it is offered to round 2, Then it is refused, naming the round
+    with pytest.raises(DeltaRejected, match="round '1', not '2'"):
+        check_delta(tmp_path / "d.safetensors", base, {**META, "round": "2"}, "d")
+    # And a delta whose tensor shapes differ from the base's is refused
+    save_tensors({"w": np.zeros((4, 3), np.float32), "b": base["b"]}, tmp_path / "bad.safetensors", META)
+    with pytest.raises(DeltaRejected, match="shape"):
+        check_delta(tmp_path / "bad.safetensors", base, META, "bad")
+    # And a file that is no safetensors at all
+    (tmp_path / "junk.safetensors").write_bytes(b"\x08" + b"\0" * 7 + b"not json")
+    with pytest.raises(DeltaRejected, match="not a safetensors file"):
+        check_delta(tmp_path / "junk.safetensors", base, META, "junk")
+
+
+def test_a_bfloat16_checkpoint_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+    with pytest.raises(UnsupportedModel, match="float16/32/64"):
+        load_weights(tmp_path / "bf16.safetensors", "bf16")
+
+
+def test_with_lr_one_and_no_momentum_the_step_is_the_sample_weighted_average() -> None:
+    # Given a base and two workers' trained weights, one with three times the samples
+    base, one, two = _weights(0), _weights(1), _weights(2)
+    deltas = [({k: base[k] - one[k] for k in base}, 3), ({k: base[k] - two[k] for k in base}, 1)]
+    # When the outer step is plain averaging (FedAvg)
+    weights, _ = outer_step(base, deltas, None, lr=1.0, momentum=0.0)
+    # Then the next weights are the weighted average of the trained ones
+    for name in base:
+        np.testing.assert_allclose(weights[name], 0.75 * one[name] + 0.25 * two[name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_outer_step_matches_torch_sgd_with_nesterov_momentum_over_rounds() -> None:
+    # Given torch's SGD(nesterov=True) on the same parameters, fed the averaged pseudo-gradient as its gradient
+    base = _weights(0)
+    params = {name: torch.nn.Parameter(torch.tensor(value)) for name, value in base.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=0.7, momentum=0.9, nesterov=True)
+    current, momentum = base, None
+    for round_ in range(3):
+        deltas = [({k: _weights(10 + round_)[k] * 0.1 for k in base}, 2), ({k: _weights(20 + round_)[k] * 0.1
+                                                                           for k in base}, 5)]
+        average = {k: (2 * deltas[0][0][k] + 5 * deltas[1][0][k]) / 7 for k in base}
+        # When both take one outer step per round
+        current, momentum = outer_step(current, deltas, momentum, lr=0.7, momentum=0.9)
+        optimizer.zero_grad()
+        for name, parameter in params.items():
+            parameter.grad = torch.tensor(average[name])
+        optimizer.step()
+        # Then the weights agree round after round (the momentum carried between rounds)
+        for name, parameter in params.items():
+            np.testing.assert_allclose(current[name], parameter.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("block", "words"), [
+    ({"job": "j", "round": 0, "inner_steps": 5}, "diloco.round"),
+    ({"job": "../x", "round": 1, "inner_steps": 5}, "diloco.job"),
+    ({"job": "j", "round": 1, "inner_steps": True}, "diloco.inner_steps"),
+    ({"job": "j", "round": 1, "inner_steps": 5, "lr": 1}, "unknown key 'lr'"),
+    ("j", "must be an object"),
+])
+def test_a_bad_diloco_block_is_refused_by_name(block: object, words: str) -> None:
+    with pytest.raises(InvalidTask, match=words):
+        parse_block(block)

@@ -1,0 +1,98 @@
+"""DiLoCo's shared storage, on a local folder and on S3 (moto in process): streamed puts and gets, sha256 checked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hypha_celery.config.parse import parse_config
+from hypha_celery.config.schema import ModelSource
+from hypha_celery.errors import ConfigError, SharedStorageError
+from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage, models_source, open_storage
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Storage]:
+    import boto3
+    from moto import mock_aws
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))):
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="shared")
+        yield S3Storage("shared", region="us-east-1", prefix="runs")
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
+    if request.param == "local":
+        return LocalStorage(tmp_path / "shared")
+    return request.getfixturevalue("s3")  # type: ignore[no-any-return]
+
+
+def test_a_file_goes_in_and_comes_back_with_its_sha256(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given a file larger than one streaming chunk
+    source = tmp_path / "delta.bin"
+    source.write_bytes(bytes(range(256)) * 9000)
+    # When it is put and got back with the sha256 the put reported
+    stored = storage.put_file("jobs/j1/round-1/t1.safetensors", source)
+    back = storage.get_file("jobs/j1/round-1/t1.safetensors", tmp_path / "back.bin", sha256=stored.sha256)
+    # Then the bytes, size and hash are the same, and the key exists
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    assert back == stored and stored.size == source.stat().st_size
+    assert storage.exists("jobs/j1/round-1/t1.safetensors") and not storage.exists("jobs/j1/round-1/t2.safetensors")
+
+
+def test_an_object_that_is_not_the_reported_sha256_is_refused(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given an object stored, then replaced by other bytes under the same key
+    stored = storage.put_bytes("jobs/j1/round-1/t1.safetensors", b"the worker's delta")
+    storage.put_bytes("jobs/j1/round-1/t1.safetensors", b"someone else's delta")
+    # When it is read expecting the first sha256, Then it is refused and nothing is left behind
+    with pytest.raises(SharedStorageError, match="tampered or corrupt"):
+        storage.get_file("jobs/j1/round-1/t1.safetensors", tmp_path / "got", sha256=stored.sha256)
+    assert not (tmp_path / "got").exists()
+
+
+def test_missing_objects_caps_and_bad_keys_are_named_errors(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given an empty storage, Then a missing object reads as None (small) or an error (files)
+    assert storage.get_bytes("jobs/none/aggregate.json") is None
+    with pytest.raises(SharedStorageError):
+        storage.get_file("jobs/none/x.safetensors", tmp_path / "x")
+    # And an object over the cap is refused, and a key cannot climb out of the storage
+    storage.put_bytes("big", b"x" * 100)
+    with pytest.raises(SharedStorageError, match="larger than 10 bytes"):
+        storage.get_file("big", tmp_path / "big", max_size=10)
+    for bad in ("../etc/passwd", "/abs", "a//b", "a/../b", ""):
+        with pytest.raises(SharedStorageError, match="bad shared-storage key"):
+            storage.put_bytes(bad, b"x")
+
+
+def test_the_models_folder_is_a_model_source() -> None:
+    # Given storages described as config tables, Then their models/ folder reads as a model source
+    assert models_source(ModelSource(type="local", path="/mnt/shared")).path == "/mnt/shared/models"
+    s3 = models_source(ModelSource(type="s3", bucket="b", prefix="runs/"))
+    assert (s3.type, s3.bucket, s3.prefix) == ("s3", "b", "runs/models/")
+    assert isinstance(open_storage(ModelSource(type="local", path="/mnt/shared")), LocalStorage)
+
+
+@pytest.mark.parametrize(("table", "key", "words"), [
+    ({"type": "http", "url": "http://x"}, "worker.training.shared_storage.type", "read-only"),
+    ({"type": "s3"}, "worker.training.shared_storage.bucket", "required"),
+    ({"type": "local", "pth": "/x"}, "worker.training.shared_storage.pth", "did you mean 'path'"),
+    ("s3://bucket", "worker.training.shared_storage", "table"),
+])
+def test_a_bad_shared_storage_names_the_key(table: object, key: str, words: str) -> None:
+    # When the config names a storage that cannot be written, Then the error names the key and why
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"worker": {"training": {"shared_storage": table}}})
+    assert caught.value.key == key and words in caught.value.reason
+
+
+def test_a_good_shared_storage_parses() -> None:
+    cfg = parse_config({"worker": {"training": {"shared_storage": {"type": "s3", "bucket": "b", "prefix": "runs"}}}})
+    assert cfg.training.shared_storage == ModelSource(type="s3", bucket="b", prefix="runs/")
+    assert parse_config({}).training.shared_storage is None
