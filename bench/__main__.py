@@ -11,7 +11,9 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 8 cold_load_largest, 10 first_request (these four in :mod:`bench.models`), 9 gpu
 (:mod:`bench.gpu`; on a machine without an NVIDIA GPU it says so and measures nothing),
 11 counts (Redis round trips and RabbitMQ messages per task, :mod:`bench.counts`),
-12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`).
+12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`),
+13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
+16 diloco (:mod:`bench.diloco`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -35,8 +37,10 @@ from typing import Any
 
 import redis
 
+from bench.checkpoint import bench_checkpoint_overhead
 from bench.common import REPEATS, RESULTS, ROOT, fmt, hypha_config, record, say, spread, start_worker, throughput, wait_ready
 from bench.counts import bench_counts
+from bench.diloco import bench_diloco
 from bench.models import (
     bench_cold_load_largest,
     bench_embeddings_batched,
@@ -44,6 +48,7 @@ from bench.models import (
     bench_generation_batched,
 )
 from bench.scale import bench_placement, bench_registry
+from bench.training import bench_adapter_switch, bench_training_throughput
 from hypha_celery.tools.launch import client_app
 
 
@@ -415,6 +420,10 @@ def main() -> int:
         (10, "first_request", lambda: bench_first_request(url, workdir, workdir / "models")),
         (11, "counts", lambda: bench_counts(url, workdir, workdir / "models")),
         (12, "registry", lambda: bench_registry(url, workdir / "models")),
+        (13, "checkpoint", lambda: bench_checkpoint_overhead(workdir)),
+        (14, "training", lambda: bench_training_throughput(url, workdir, workdir / "models")),
+        (15, "adapter_switch", lambda: bench_adapter_switch(workdir)),
+        (16, "diloco", lambda: bench_diloco(url, workdir)),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

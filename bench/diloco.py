@@ -1,7 +1,7 @@
 """DiLoCo's point, measured: bytes moved per round vs plain data-parallel for the same steps; a round's wall time.
 
-``python -m bench.diloco [--workers 2] [--rounds 2] [--inner-steps 20]`` (not a ``make bench`` step: it
-trains). It starts an embedded Redis (or ``$HYPHA_BENCH_REDIS_URL``) and ``--workers`` real workers
+``python -m bench.diloco [--workers 2] [--rounds 2] [--inner-steps 20]`` (also ``make bench`` step 16).
+It starts an embedded Redis (or ``$HYPHA_BENCH_REDIS_URL``) and ``--workers`` real workers
 sharing a folder, runs a DiLoCo job on ``tiny-llama`` with one shard per worker, and reports:
 
 * ``diloco_bytes_ratio``: bytes plain data-parallel would move for the same steps / bytes DiLoCo
@@ -30,10 +30,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, hypha_config, say, start_worker, wait_ready
+from bench.common import RESULTS, ROOT, hypha_config, record, say, start_worker, wait_ready
 from hypha_celery.tools.launch import client_app
 
-__all__ = ["main"]
+__all__ = ["bench_diloco", "main"]
 
 WORDS = ("the cat", "a dog", "the bird", "sat on", "looked at", "ran past", "the mat", "a tree", "the river")
 
@@ -50,74 +50,82 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--inner-steps", type=int, default=20)
     options = parser.parse_args()
-    from hypha_celery.models.examples import TINY_LLAMA, init_examples
-    from hypha_celery.models.store import ModelStore
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
-    from hypha_celery.training import diloco
 
     server = None
     url = os.environ.get("HYPHA_BENCH_REDIS_URL", "")
     if not url:
         server = EmbeddedRedis()
         url = server.start()
-    os.environ["HYPHA_REGISTRY_URL"] = url
     workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-diloco-"))
-    workers = []
+    try:
+        bench_diloco(url, workdir, workers=options.workers, rounds=options.rounds, inner_steps=options.inner_steps)
+        (ROOT / "bench" / "diloco-results.json").write_text(json.dumps(RESULTS, indent=2, sort_keys=True) + "\n")
+    finally:
+        if server is not None:
+            server.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 2, inner_steps: int = 20) -> None:
+    """``make bench`` step 16: a DiLoCo job on ``workers`` real workers sharing a folder under ``workdir``."""
+    from hypha_celery.models.examples import TINY_LLAMA, init_examples
+    from hypha_celery.models.store import ModelStore
+    from hypha_celery.training import diloco
+
+    os.environ["HYPHA_REGISTRY_URL"] = url
+    workdir = workdir / "diloco"
+    running = []
     try:
         init_examples(workdir / "models")
         app = client_app(url, url, name="hypha-bench-diloco")
-        for index in range(options.workers):
+        for index in range(workers):
             config = hypha_config(workdir / f"store-{index}", task_timeout=600)
             config["models"]["sources"] = [{"type": "local", "path": str(workdir / "models")}]
             config.update(training={"shared_storage": {"type": "local", "path": str(workdir / "shared")}},
                           resources={**config["resources"], "cpu_cores": 1})
-            workers.append(start_worker("hypha_celery", url, workdir, config=config, concurrency=1))
-        for worker in workers:
+            running.append(start_worker("hypha_celery", url, workdir, config=config, concurrency=1))
+        for worker in running:
             wait_ready(worker, app)
-        shards = _corpus(options.workers, 16)
+        shards = _corpus(workers, 16)
         train = {"lr": 3e-3, "batch_size": 4, "max_length": 32, "seed": 1}
         cores = {"cpu_cores": 1}
-        job = diloco(TINY_LLAMA, shards, rounds=options.rounds, inner_steps=options.inner_steps, outer_lr=1.0,
+        job = diloco(TINY_LLAMA, shards, rounds=rounds, inner_steps=inner_steps, outer_lr=1.0,
                      outer_momentum=0.5, requirements=cores, app=app, round_timeout=600, **train)
         done = job.wait(timeout=3600)
         plain = []  # one worker doing one round's inner steps on one shard, its executor warm (after the job)
         for _ in range(3):
             started = time.perf_counter()
-            app.send_task("hypha.train", kwargs={"model": TINY_LLAMA, "data": shards[0], "max_steps": options.inner_steps,
+            app.send_task("hypha.train", kwargs={"model": TINY_LLAMA, "data": shards[0], "max_steps": inner_steps,
                                                  "new_model": f"bench-{uuid.uuid4().hex[:8]}", "requirements": cores,
                                                  **train}, queue="hypha").get(timeout=600)
             plain.append(time.perf_counter() - started)
         store = ModelStore(workdir / "models")
         _, folder = store.verified_folder(TINY_LLAMA)
         parameter_bytes = _float32_bytes(folder / "model.safetensors")
-        say(f"DiLoCo: {options.workers} workers, {options.rounds} rounds of {options.inner_steps} inner steps; "
+        say(f"DiLoCo: {workers} workers, {rounds} rounds of {inner_steps} inner steps; "
             f"float32 parameters {parameter_bytes / 1e6:.2f} MB")
         ratios = []
         for entry in done["rounds"]:
-            workers_in = len(entry["workers"]) if entry["workers"] else options.workers
-            data_parallel = 2 * parameter_bytes * options.inner_steps * options.workers
+            workers_in = len(entry["workers"]) if entry["workers"] else workers
+            data_parallel = 2 * parameter_bytes * inner_steps * workers
             ratios.append(data_parallel / entry["bytes_moved"])
             say(f"  round {entry['round']}: loss {entry['loss']:.3f}  workers {workers_in}  "
                 f"{entry['duration_s']:.2f} s  DiLoCo {entry['bytes_moved'] / 1e6:.2f} MB  "
                 f"data-parallel {data_parallel / 1e6:.2f} MB  ratio {ratios[-1]:.1f}")
         round_s = statistics.median(entry["duration_s"] for entry in done["rounds"])
         plain_s = min(plain)
-        results = {
-            "diloco_bytes_ratio": {"ratio": statistics.median(ratios), "unit": "data-parallel bytes / DiLoCo bytes",
-                                   "inner_steps": options.inner_steps, "workers": options.workers},
-            "diloco_round_time": {"ratio": round_s / plain_s, "unit": "round wall time / one worker's inner steps",
-                                  "round_s": round_s, "one_worker_s": plain_s},
-        }
-        say(f"  bytes ratio (median) {results['diloco_bytes_ratio']['ratio']:.1f}; round {round_s:.2f} s vs one "
-            f"worker's {options.inner_steps} steps {plain_s:.2f} s: {round_s / plain_s:.2f}x")
-        (ROOT / "bench" / "diloco-results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        bytes_ratio = statistics.median(ratios)
+        record("diloco_bytes_ratio", ratio=bytes_ratio, target="report", met=True,
+               unit="data-parallel bytes / DiLoCo bytes per round", inner_steps=inner_steps, workers=workers)
+        record("diloco_round_time", ratio=round_s / plain_s, target="report", met=True,
+               unit="round wall time / one worker's inner steps", round_s=round_s, one_worker_s=plain_s)
+        say(f"  bytes ratio (median) {bytes_ratio:.1f}; round {round_s:.2f} s vs one "
+            f"worker's {inner_steps} steps {plain_s:.2f} s: {round_s / plain_s:.2f}x")
     finally:
-        for worker in workers:
+        for worker in running:
             worker.stop()
-        if server is not None:
-            server.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-    return 0
 
 
 def _float32_bytes(path: Path) -> int:
