@@ -43,6 +43,7 @@ from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import check_model_pin
 from hypha_celery.tasks import headers
 from hypha_celery.tasks.base import HyphaTask
+from hypha_celery.worker.backend import release_with_result
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["WAITING", "ModelSpec", "Run", "model_under_lease", "run_task", "sized"]
@@ -217,7 +218,7 @@ def run_task(
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
-        ctx.keeper.release(lease)
+        release_with_result(task, ctx.keeper, lease)  # in the result's own round trip where it can
 
 
 def _unverified_pin(task: HyphaTask) -> str | None:

@@ -1,0 +1,170 @@
+"""Celery's Redis result backend, carrying a task's lease release in the result's own round trip.
+
+Celery stores a result as one ``MULTI`` / ``SET`` / ``PUBLISH`` / ``EXEC`` pipeline. When the
+node's ledger lives on the same Redis server (host, port, database and user: the default, where
+the registry URL is the result backend's), :class:`ResultBackend` queues the ledger's release
+script in that same transaction, so giving the lease back costs no round trip of its own and the
+lease is freed in the same atomic step that stores the result (the task guard says "done" exactly
+when the result is there to say so).
+
+The task hands its lease over with :func:`release_with_result` when its body ends. Exactness is kept:
+
+* the lease stays renewed until the store begins, so it is never reaped while the task runs;
+* if the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, the result is
+  ignored, the server has not loaded the script yet, Celery skipped the write because a success was
+  already stored) or the store fails, the release is handed to the process's
+  :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which gives it back moments later in its own
+  call, as it did every release before;
+* a worker killed -9 before the store leaves a lease nobody renews: it expires by itself.
+
+The worker selects this class for ``redis://`` and ``rediss://`` result backends at
+``celeryd_init`` (through the loader's backend aliases, :func:`backend_aliases`); schedulers and
+other clients keep Celery's own class, and nothing in a stored result differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery.app.task import Context, Task, get_actual_ignore_result
+from celery.backends.redis import RedisBackend
+
+from hypha_celery.resources.ledger import Call, Lease, LeaseKeeper, Ledger
+
+__all__ = ["BACKEND", "RELEASE", "Release", "ResultBackend", "backend_aliases", "release_with_result",
+           "settle_release"]
+
+log = logging.getLogger(__name__)
+
+BACKEND = "hypha_celery.worker.backend:ResultBackend"
+RELEASE = "hypha_release"  # the request attribute that carries a task's Release to its result store
+_SAME_SERVER = ("host", "port", "path", "db", "username")  # connection kwargs that name one server and identity
+
+
+@dataclass
+class Release:
+    """Leases a task gives back with its result: in the store's transaction, else by the keeper."""
+
+    keeper: LeaseKeeper
+    leases: list[Lease]
+    settled: bool = field(default=False)
+
+    def call(self) -> Call:
+        return self.keeper.ledger.release_call(*self.leases)
+
+    def begin(self) -> None:
+        """The store is about to carry the release: stop renewing (a renewal after it would take the lease back)."""
+        for lease in self.leases:
+            self.keeper.discard(lease)
+
+    def carried(self) -> None:
+        self.settled = True
+
+    def fallback(self) -> None:
+        """Give the leases back through the keeper (its own call, moments later), unless the store did."""
+        if self.settled:
+            return
+        self.settled = True
+        for lease in self.leases:
+            self.keeper.release(lease)
+
+
+def release_with_result(task: Task, keeper: LeaseKeeper, lease: Lease) -> None:
+    """Give ``lease`` back with the task's result store when that store can carry it, else through the keeper now."""
+    request = task.request
+    backend = task.backend
+    if (
+        isinstance(backend, ResultBackend)
+        and not request.called_directly
+        and not get_actual_ignore_result(task, request)
+        and backend.carries(keeper.ledger)
+    ):
+        pending = getattr(request, RELEASE, None)
+        if isinstance(pending, Release) and not pending.settled:
+            pending.leases.append(lease)
+        else:
+            setattr(request, RELEASE, Release(keeper, [lease]))
+        return
+    keeper.release(lease)
+
+
+def settle_release(request: Context | None) -> None:
+    """After the task's stores (``task_postrun``): a release no store carried goes through the keeper."""
+    pending = getattr(request, RELEASE, None) if request is not None else None
+    if isinstance(pending, Release):
+        pending.fallback()
+
+
+def backend_aliases(aliases: dict[str, str] | None) -> dict[str, str]:
+    """Celery's backend aliases with ``redis`` and ``rediss`` pointing here (an alias the operator set is kept)."""
+    chosen = dict(aliases or {})
+    for scheme in ("redis", "rediss"):
+        chosen.setdefault(scheme, BACKEND)
+    return chosen
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend that also runs the task's pending lease release in the result's transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._riding = threading.local()  # the Release the current thread's store carries
+
+    def carries(self, ledger: Ledger) -> bool:
+        """Whether ``ledger``'s scripts can run on this backend's connections: same server, database and user."""
+        if not isinstance(ledger.redis, redis.Redis):  # a Redis Cluster client: its keys may live on any node
+            return False
+        pool = ledger.redis.connection_pool
+        mine = self.client.connection_pool
+        if pool.connection_class is not mine.connection_class:
+            return False
+        theirs, ours = pool.connection_kwargs, mine.connection_kwargs
+        return all(theirs.get(name) == ours.get(name) for name in _SAME_SERVER)
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        pending = getattr(request, RELEASE, None) if request is not None else None
+        if not isinstance(pending, Release) or pending.settled:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        pending.begin()
+        self._riding.release = pending
+        try:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        except Exception as exc:
+            if not pending.settled:
+                log.warning("task %s: storing its %s result failed (%s: %s); its lease is given back separately",
+                            task_id, state, type(exc).__name__, exc)
+            raise
+        finally:
+            self._riding.release = None
+            pending.fallback()  # nothing if the store carried it
+
+    def _set(self, key: str, value: Any, expires: int | None = None) -> None:
+        """Celery's ``SET`` + ``PUBLISH`` transaction, with the ledger's release queued after them."""
+        pending: Release | None = getattr(self._riding, "release", None)
+        if pending is None or pending.settled:
+            super()._set(key, value, expires)
+            return
+        if expires is None:
+            expires = self.expires
+        call = pending.call()
+        with self.client.pipeline() as pipe:
+            if expires:
+                pipe.setex(key, expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            call.script.queue(pipe, call.keys, call.args)
+            replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[-1], Exception):  # e.g. NOSCRIPT: the keeper's own call loads the script
+            log.info("the result store could not carry the lease release (%s); releasing separately", replies[-1])
+            pending.fallback()
+        else:
+            pending.carried()
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply

@@ -1,0 +1,139 @@
+"""A task's lease release rides in its result's Redis transaction, and is never lost for it.
+
+Real ``redis-server``, real workers; Redis' own MONITOR shows which commands travelled together.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from hypha_celery import lua
+from hypha_celery.resources.ledger import Ledger
+from hypha_celery.tools.launch import wait_for
+
+
+def task_leases(ledger: Ledger) -> dict[str, dict]:
+    """The node's task leases by task id."""
+    return {lease["t"]: lease for lease in ledger.usage().leases if lease.get("k") == "task"}
+
+
+@contextmanager
+def monitored(url: str) -> Iterator[list[tuple[str, str]]]:
+    """Every command clients send while inside, as (client address, command line), from Redis' MONITOR."""
+    client = redis.Redis.from_url(url)
+    seen: list[tuple[str, str]] = []
+    stop, ready = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                command = monitor.next_command()
+                if command["client_type"] != "lua":
+                    seen.append((f"{command['client_address']}:{command['client_port']}", command["command"]))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield seen
+    finally:
+        stop.set()
+        client.ping()  # wakes the monitor so it sees ``stop``
+        thread.join(10)
+        client.close()
+
+
+def transactions(seen: list[tuple[str, str]]) -> tuple[list[list[str]], list[str]]:
+    """The MULTI ... EXEC blocks (each a list of command lines) and the commands sent outside any."""
+    open_blocks: dict[str, list[str]] = {}
+    blocks: list[list[str]] = []
+    alone: list[str] = []
+    for source, line in seen:
+        name = line.split(" ", 1)[0].strip('"').lower()
+        if name == "multi":
+            open_blocks[source] = []
+        elif name in ("exec", "discard") and source in open_blocks:
+            blocks.append(open_blocks.pop(source))
+        elif source in open_blocks:
+            open_blocks[source].append(line)
+        else:
+            alone.append(line)
+    return blocks, alone
+
+
+def test_the_release_travels_in_the_result_transaction(start_worker, celery_client, redis_client, redis_url) -> None:
+    # Given a worker whose ledger shares the result backend's Redis (the default: the registry URL is the backend's)
+    start_worker({"resources": {"node_id": "ride"}})
+    ledger = Ledger(redis_client, "ride")
+    app = celery_client()
+    warm = app.send_task("hypha.noop", kwargs={})
+    warm.get(timeout=30)  # the server may not have the release script yet: then the keeper releases (and loads it)
+    wait_for(lambda: warm.id not in task_leases(ledger), 5, "the first lease to be released")
+    release = lua.script("release", prelude=True).sha
+    # When no-op tasks run while MONITOR records every command
+    with monitored(redis_url) as seen:
+        results = [app.send_task("hypha.noop", kwargs={"requirements": {"cpu_cores": 0.1}}) for _ in range(5)]
+        for result in results:
+            result.get(timeout=30)
+            # Then the moment a result is visible its lease is gone: both happened in one atomic step
+            assert result.id not in task_leases(ledger)
+    blocks, alone = transactions(seen)
+    for result in results:
+        [stored] = [block for block in blocks if any(result.id in line and "SUCCESS" in line for line in block)]
+        # ... the release script ran inside the transaction that stored the task's result
+        assert any(release in line for line in stored), stored
+    # ... and none of their releases travelled on its own
+    assert not [line for line in alone if release in line and any(r.id in line for r in results)]
+
+
+def _as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+def test_a_failed_result_store_still_releases_the_lease(start_worker, celery_client, redis_client, redis_url) -> None:
+    # Given a worker whose results and ledger both go through the Redis user "results" (so the release rides along)
+    redis_client.acl_setuser("results", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+                             commands=["+@all"])
+    try:
+        url = _as_user(redis_url, "results", "secret")
+        # (lease_heartbeat 10 s: a lease nobody released would live 20 s, so a release is not mistaken for expiry)
+        worker = start_worker({"resources": {"node_id": "nostore", "lease_heartbeat": 10}}, backend=url,
+                              env={"HYPHA_REGISTRY_URL": url})
+        ledger = Ledger(redis_client, "nostore")
+        app = celery_client()
+        result = app.send_task("hypha.noop", kwargs={"hold_s": 3})
+        wait_for(lambda: result.id in task_leases(ledger) and result.state == "STARTED", 30, "the task to hold its lease")
+        # When that user loses the right to store results (Celery stores them with SETEX) while the task runs
+        redis_client.acl_setuser("results", commands=["-setex"])
+        # Then the task's result store fails when it ends (the whole transaction is refused) ...
+        wait_for(lambda: "storing its SUCCESS result failed" in worker.output(), 30, "the failed store")
+        assert "no permissions to run the 'setex' command" in worker.output()
+        # ... and its lease is given back all the same, not left to expire
+        wait_for(lambda: result.id not in task_leases(ledger), 5, "the lease to be released")
+        assert result.state == "STARTED"
+    finally:
+        redis_client.acl_deluser("results")
+
+
+def test_a_worker_killed_9_loses_its_lease_by_expiry(start_worker, celery_client, redis_client) -> None:
+    # Given a worker holding a task's lease (lease_heartbeat 1 s: the lease lives 2 s past its last renewal)
+    worker = start_worker({"resources": {"node_id": "killed"}})
+    ledger = Ledger(redis_client, "killed")
+    app = celery_client()
+    result = app.send_task("hypha.noop", kwargs={"hold_s": 30})
+    wait_for(lambda: result.id in task_leases(ledger), 30, "the task to hold its lease")
+    # When the worker is killed -9: no result is stored, so no release rides anywhere
+    worker.kill9()
+    seconds, micros = redis_client.time()
+    killed_ms = seconds * 1000 + micros // 1000
+    lease = task_leases(ledger)[result.id]
+    # Then the lease, renewed no more, expires within 2 x heartbeat of the kill and is reaped
+    assert lease["e"] - killed_ms <= 2 * 1000
+    wait_for(lambda: result.id not in task_leases(ledger), 10, "the lease to expire")
