@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -218,17 +218,31 @@ class Ledger:
         self._run("set_capacity", [json.dumps(spec)], self.schema.index_capacity().values())
 
     def try_reserve(
-        self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
+        self,
+        req: Requirements,
+        *,
+        holder: str,
+        task_id: str | None = None,
+        ttl: float | None = None,
+        via: Callable[[Call], Any] | None = None,
     ) -> Lease | Refusal:
-        """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain."""
+        """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain.
+
+        ``via`` runs the script and returns its reply instead of this ledger's client: a transaction
+        to the same server that carries other commands too (:mod:`hypha_celery.worker.backend`).
+        The script is the same either way, so the reservation is the same atomic all-or-nothing step;
+        sent twice with the same lease id (a lost reply), it answers with the lease it took.
+        """
         lease_id = uuid.uuid4().hex
         ttl_ms = int((ttl or self.ttl) * 1000)
         guard = self.schema.task_guard(task_id) if task_id else self._no_guard
-        raw = self._run(
+        call = self._call(
             "reserve",
             [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or ""],
             [guard],
         )
+        with redis_errors(_UNREACHABLE):
+            raw = via(call) if via is not None else call.script(self.redis, call.keys, call.args)
         answer = json.loads(raw)
         if not answer["ok"]:
             return Refusal(

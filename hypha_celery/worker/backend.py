@@ -24,19 +24,24 @@ other clients keep Celery's own class, and nothing in a stored result differs.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
+from celery import states
 from celery.app.task import Context, Task, get_actual_ignore_result
 from celery.backends.redis import RedisBackend
+from redis.exceptions import NoScriptError
 
 from hypha_celery.resources.ledger import Call, Lease, LeaseKeeper, Ledger
 
-__all__ = ["BACKEND", "RELEASE", "Release", "ResultBackend", "backend_aliases", "release_with_result",
-           "settle_release"]
+__all__ = ["BACKEND", "RELEASE", "Release", "ResultBackend", "backend_aliases", "mark_started", "release_with_result",
+           "settle_release", "started_with"]
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,44 @@ def release_with_result(task: Task, keeper: LeaseKeeper, lease: Lease) -> None:
     keeper.release(lease)
 
 
+def started_with(task: Task, ledger: Ledger) -> Callable[[Call], Any] | None:
+    """How the task's reservation travels with its ``STARTED`` state write (a ``via`` for :meth:`Ledger.try_reserve`).
+
+    Hypha tasks do not let Celery store ``STARTED`` before they run (``HyphaTask.track_started``): it is
+    stored here, after the task was verified and validated. Where the backend carries ``ledger``, the
+    reservation rides in that write's transaction (returned, to be handed to the ledger); else the
+    state is stored now, on its own, and None is returned. Nothing is stored where Celery would not
+    track it (``task_track_started`` off, an ignored result, a task called eagerly).
+    """
+    request = task.request
+    if (
+        request.called_directly
+        or request.is_eager
+        or get_actual_ignore_result(task, request)
+        or not task.app.conf.task_track_started
+    ):
+        return None
+    backend = task.backend
+    if isinstance(backend, ResultBackend) and backend.carries(ledger):
+        return functools.partial(backend.store_started, request.id, request)
+    backend.store_result(request.id, _started_meta(request), states.STARTED, request=request)
+    return None
+
+
+def mark_started(task: Task) -> None:
+    """Store ``STARTED`` for a task that reserves nothing, where Celery would track it."""
+    request = task.request
+    if request.called_directly or request.is_eager or get_actual_ignore_result(task, request):
+        return
+    if task.app.conf.task_track_started:
+        task.backend.store_result(request.id, _started_meta(request), states.STARTED, request=request)
+
+
+def _started_meta(request: Context) -> dict[str, Any]:
+    """What Celery stores with ``STARTED``: the process and the worker."""
+    return {"pid": os.getpid(), "hostname": request.hostname}
+
+
 def settle_release(request: Context | None) -> None:
     """After the task's stores (``task_postrun``): a release no store carried goes through the keeper."""
     pending = getattr(request, RELEASE, None) if request is not None else None
@@ -125,6 +168,42 @@ class ResultBackend(RedisBackend):
         theirs, ours = pool.connection_kwargs, mine.connection_kwargs
         return all(theirs.get(name) == ours.get(name) for name in _SAME_SERVER)
 
+    def store_started(self, task_id: str, request: Context, call: Call) -> Any:
+        """Store ``STARTED`` as Celery does, with ``call`` (the ledger's reservation) in the same transaction.
+
+        Returns the call's reply. As in Celery, a stored ``SUCCESS`` is never overwritten (the call then
+        runs alone); a transaction that fails stores the state and runs the call each on its own, and a
+        server that has not loaded the script yet gets it loaded and run.
+        """
+        meta = self._get_result_meta(result=_started_meta(request), state=states.STARTED, traceback=None,
+                                     request=request)
+        meta["task_id"] = task_id
+        if self._get_task_meta_for(task_id)["status"] == states.SUCCESS:
+            return call.script(self.client, call.keys, call.args)
+        key, value = self.get_key_for_task(task_id), self.encode(meta)
+        try:
+            with self.client.pipeline() as pipe:
+                if self.expires:
+                    pipe.execute_command("SETEX", key, self.expires, value)  # as Celery sends it
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+                call.script.queue(pipe, call.keys, call.args)
+                replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            log.warning("task %s: storing STARTED with its reservation failed (%s: %s); doing each on its own",
+                        task_id, type(exc).__name__, exc)
+            self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
+            return call.script(self.client, call.keys, call.args)  # the same lease id: never taken twice
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                log.warning("task %s: could not store STARTED (%s)", task_id, reply)
+        if isinstance(replies[-1], NoScriptError):
+            return call.script(self.client, call.keys, call.args)
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        return replies[-1]
+
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
         pending = getattr(request, RELEASE, None) if request is not None else None
@@ -154,7 +233,7 @@ class ResultBackend(RedisBackend):
         call = pending.call()
         with self.client.pipeline() as pipe:
             if expires:
-                pipe.setex(key, expires, value)
+                pipe.execute_command("SETEX", key, expires, value)  # as Celery sends it
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)

@@ -20,6 +20,7 @@ from hypha_celery.worker.backend import (
     backend_aliases,
     release_with_result,
     settle_release,
+    started_with,
 )
 
 URL = "redis://127.0.0.1:6390/0"  # nothing listens: building clients opens no connection
@@ -132,3 +133,28 @@ def test_a_carried_release_is_not_released_again() -> None:
     pending.fallback()
     # the store carried it: the keeper stopped renewing it and releases nothing
     assert keeper.discarded == ["l1"] and keeper.released == []
+
+
+@pytest.mark.parametrize(("carrying", "tracked"), [(True, True), (False, True), (True, False)])
+def test_started_is_stored_with_the_reservation_or_before_it(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, carrying: bool, tracked: bool
+) -> None:
+    # Given a hypha-like task (Celery does not store its STARTED) and a worker that tracks STARTED or not
+    app.conf.task_track_started = tracked
+
+    @app.task(name="t", bind=True, shared=False, track_started=False)
+    def probe(self: Any) -> None: ...
+
+    stored: list[str] = []
+    monkeypatch.setattr(ResultBackend, "store_result", lambda self, task_id, meta, state, **_: stored.append(state))
+    probe.push_request(id="t1", hostname="w@host", called_directly=False, is_eager=False)
+    ledger = Keeper(URL if carrying else "redis://127.0.0.1:6391/0").ledger
+    # When its reservation is about to be made
+    via = started_with(probe, ledger)
+    probe.pop_request()
+    if not tracked:  # Then nothing is stored where Celery would not track STARTED, and the ledger reserves alone
+        assert via is None and stored == []
+    elif carrying:  # ... the reservation rides with the STARTED write, which has not happened yet
+        assert via is not None and stored == []
+    else:  # ... or STARTED is stored now, on its own, and the ledger reserves alone
+        assert via is None and stored == ["STARTED"]
