@@ -1,21 +1,28 @@
-"""Celery's Redis result backend, carrying a task's lease release in the result's own round trip.
+"""Celery's Redis result backend, carrying a task's lease in its state writes' own round trips.
 
-Celery stores a result as one ``MULTI`` / ``SET`` / ``PUBLISH`` / ``EXEC`` pipeline. When the
-node's ledger lives on the same Redis server (host, port, database and user: the default, where
-the registry URL is the result backend's), :class:`ResultBackend` queues the ledger's release
-script in that same transaction, so giving the lease back costs no round trip of its own and the
-lease is freed in the same atomic step that stores the result (the task guard says "done" exactly
-when the result is there to say so).
+Celery stores a task state as one ``MULTI`` / ``SETEX`` / ``PUBLISH`` / ``EXEC`` transaction. When
+the node's ledger lives on the same Redis server (host, port, database and user: the default, where
+the registry URL is the result backend's), :class:`ResultBackend` queues the ledger's scripts in
+those transactions, so the ledger costs no round trip of its own:
 
-The task hands its lease over with :func:`release_with_result` when its body ends. Exactness is kept:
+* the **reservation** travels with ``STARTED``, which hypha tasks store themselves once they are
+  verified and validated (:func:`started_with`, :meth:`ResultBackend.store_started`). It is the same
+  Lua script, so still one atomic, all-or-nothing step before any ML work;
+* the **release** travels with the result (:func:`release_with_result`), so the lease is freed in the
+  same atomic step that stores the result (the task guard says "done" exactly when the result is
+  there to say so).
 
-* the lease stays renewed until the store begins, so it is never reaped while the task runs;
-* if the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, the result is
+Exactness is kept:
+
+* the lease stays renewed until the result store begins, so it is never reaped while the task runs;
+* where the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, the result is
   ignored, the server has not loaded the script yet, Celery skipped the write because a success was
   already stored) or the store fails, the release is handed to the process's
   :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which gives it back moments later in its own
-  call, as it did every release before;
-* a worker killed -9 before the store leaves a lease nobody renews: it expires by itself.
+  call, as it did every release before; ``task_postrun`` settles any release no store carried;
+* a ``STARTED`` transaction that fails is sent again as two calls; the reservation, sent twice with
+  one lease id, takes once (``reserve.lua``);
+* a worker killed -9 leaves leases nobody renews: they expire by themselves.
 
 The worker selects this class for ``redis://`` and ``rediss://`` result backends at
 ``celeryd_init`` (through the loader's backend aliases, :func:`backend_aliases`); schedulers and

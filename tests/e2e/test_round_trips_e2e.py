@@ -74,9 +74,10 @@ def transactions(seen: list[tuple[str, str]]) -> tuple[list[list[str]], list[str
     return blocks, alone
 
 
-def test_the_lease_travels_with_the_task_states(start_worker, celery_client, redis_client, redis_url) -> None:
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_the_lease_travels_with_the_task_states(start_worker, celery_client, redis_client, redis_url, pool) -> None:
     # Given a worker whose ledger shares the result backend's Redis (the default: the registry URL is the backend's)
-    start_worker({"resources": {"node_id": "ride"}})
+    start_worker({"resources": {"node_id": "ride"}}, args=("--pool", pool, "--concurrency", "2"))
     ledger = Ledger(redis_client, "ride")
     app = celery_client()
     warm = app.send_task("hypha.noop", kwargs={})
