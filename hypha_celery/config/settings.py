@@ -53,7 +53,8 @@ worker_concurrency = _derived["worker_concurrency"]
 # see tasks that are still queued.
 worker_send_task_events = True
 task_send_sent_event = True
-# STARTED and PROGRESS states are what a client polls to see where a task is.
+# STARTED and PROGRESS states are what a client polls to see where a task is. (Hypha tasks store
+# STARTED themselves, after validation, with their reservation: hypha_celery.worker.backend.)
 task_track_started = True
 
 # Our executor kills a task at task_timeout (SIGTERM, then SIGKILL after a

@@ -51,6 +51,13 @@ class Script:
             client.script_load(self.text)
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
+    def queue(self, pipe: redis.client.Pipeline, keys: Sequence[str], args: Sequence[Any]) -> None:
+        """Add a run of this script to ``pipe``, to travel with the pipeline's other commands in one round trip.
+
+        Its reply is a ``NoScriptError`` in the pipeline's results when that server has not loaded it yet.
+        """
+        pipe.evalsha(self.sha, len(keys), *keys, *args)
+
 
 @functools.cache  # one immutable Script per file for the whole process, shared by every client
 def script(name: str, *, prelude: bool = False) -> Script:

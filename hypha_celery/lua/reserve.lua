@@ -20,6 +20,15 @@ if cap == nil then return cjson.encode({ok = false, why = 'unknown_node'}) end
 local now = now_ms()
 if expire_stale(now) > 0 then refresh_index(cap) end
 
+-- The same call again (its reply was lost with a dropped connection, and it was sent once more):
+-- answer with the lease it took, so a retried reservation never takes twice or meets itself as a duplicate.
+local taken = redis.call('HGET', LEASE_DATA, LEASE_ID)
+if taken then
+  local l = cjson.decode(taken)
+  return cjson.encode({ok = true, id = LEASE_ID, m = l.m, c = l.c, s = l.s, a = l.a, g = l.g, x = l.x,
+                       e = tonumber(redis.call('ZSCORE', LEASES, LEASE_ID))})
+end
+
 -- The task guard lives as long as the lease that runs the task (on any node: renewals
 -- extend both), then says "done" for a while, so a copy of the task never runs beside
 -- it or right after it.

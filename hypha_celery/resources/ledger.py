@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -45,7 +45,7 @@ from hypha_celery.redis_errors import redis_errors
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.units import format_size
 
-__all__ = ["Capacity", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
+__all__ = ["Call", "Capacity", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,19 @@ def _spread(milli: int, cores: list[int]) -> dict[int, int]:
     """A fraction's thousandths over its affinity, so the amounts still add up to what it holds."""
     base, extra = divmod(milli, len(cores))
     return {core: base + (1 if i < extra else 0) for i, core in enumerate(sorted(cores))}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One ledger script call, ready to run alone or to ride on another pipeline to the same server.
+
+    A result store that shares the ledger's Redis server queues it with its own writes
+    (:mod:`hypha_celery.worker.backend`), so the call costs no round trip of its own.
+    """
+
+    script: lua.Script
+    keys: list[str]
+    args: list[Any]
 
 
 @dataclass(frozen=True)
@@ -183,9 +196,13 @@ class Ledger:
         self._keys = list(self.schema.ledger(node_id).values())
         self._no_guard = self.schema.task_guard("-")  # fills a guard slot for a lease that runs no task
 
+    def _call(self, name: str, args: list[Any], extra_keys: Iterable[str] = ()) -> Call:
+        return Call(lua.script(name, prelude=True), [*self._keys, *extra_keys], [self.node, *args])
+
     def _run(self, name: str, args: list[Any], extra_keys: Iterable[str] = ()) -> Any:
+        call = self._call(name, args, extra_keys)
         with redis_errors(_UNREACHABLE):
-            return lua.script(name, prelude=True)(self.redis, [*self._keys, *extra_keys], [self.node, *args])
+            return call.script(self.redis, call.keys, call.args)
 
     def _guards(self, leases: Iterable[Lease]) -> list[str]:
         return [self.schema.task_guard(lease.task_id) if lease.task_id else self._no_guard for lease in leases]
@@ -201,17 +218,31 @@ class Ledger:
         self._run("set_capacity", [json.dumps(spec)], self.schema.index_capacity().values())
 
     def try_reserve(
-        self, req: Requirements, *, holder: str, task_id: str | None = None, ttl: float | None = None
+        self,
+        req: Requirements,
+        *,
+        holder: str,
+        task_id: str | None = None,
+        ttl: float | None = None,
+        via: Callable[[Call], Any] | None = None,
     ) -> Lease | Refusal:
-        """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain."""
+        """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain.
+
+        ``via`` runs the script and returns its reply instead of this ledger's client: a transaction
+        to the same server that carries other commands too (:mod:`hypha_celery.worker.backend`).
+        The script is the same either way, so the reservation is the same atomic all-or-nothing step;
+        sent twice with the same lease id (a lost reply), it answers with the lease it took.
+        """
         lease_id = uuid.uuid4().hex
         ttl_ms = int((ttl or self.ttl) * 1000)
         guard = self.schema.task_guard(task_id) if task_id else self._no_guard
-        raw = self._run(
+        call = self._call(
             "reserve",
             [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or ""],
             [guard],
         )
+        with redis_errors(_UNREACHABLE):
+            raw = via(call) if via is not None else call.script(self.redis, call.keys, call.args)
         answer = json.loads(raw)
         if not answer["ok"]:
             return Refusal(
@@ -267,6 +298,10 @@ class Ledger:
         if not leases:
             return 0
         return int(self._run("release", [lease.id for lease in leases], self._guards(leases)))
+
+    def release_call(self, *leases: Lease) -> Call:
+        """:meth:`release` as a :class:`Call`, to run on a pipeline to this ledger's server (its reply: the count)."""
+        return self._call("release", [lease.id for lease in leases], self._guards(leases))
 
     def renew(self, leases: Iterable[Lease], ttl: float | None = None) -> set[str]:
         """Extend leases; returns the ids that were already lost (expired or released)."""

@@ -20,10 +20,11 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hypha_celery.config import AdmissionConfig
 from hypha_celery.errors import AdmissionTimeout, NotHere, ResourcesBusy
-from hypha_celery.resources.ledger import Lease, Ledger
+from hypha_celery.resources.ledger import Call, Lease, Ledger
 from hypha_celery.resources.placement import Placement
 from hypha_celery.resources.requirements import Requirements
 
@@ -42,14 +43,22 @@ class Deferral:
 
 
 def admit(
-    ledger: Ledger, placement: Placement, req: Requirements, *, task_id: str, holder: str, worker_id: str
+    ledger: Ledger,
+    placement: Placement,
+    req: Requirements,
+    *,
+    task_id: str,
+    holder: str,
+    worker_id: str,
+    via: Callable[[Call], Any] | None = None,
 ) -> Lease:
     """Reserve ``req`` for ``task_id`` on this node, or raise why not.
 
     ``ResourcesBusy`` (wait), ``NotHere`` (another live node can fit it),
     ``InsufficientCapabilities`` (no live node ever can), ``DuplicateTask``.
+    ``via``: where the reservation script travels (:meth:`Ledger.try_reserve`).
     """
-    answer = ledger.try_reserve(req, holder=holder, task_id=task_id)
+    answer = ledger.try_reserve(req, holder=holder, task_id=task_id, via=via)
     if isinstance(answer, Lease):
         return answer
     if answer.why == "infeasible":

@@ -43,6 +43,7 @@ from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import check_model_pin
 from hypha_celery.tasks import headers
 from hypha_celery.tasks.base import HyphaTask
+from hypha_celery.worker.backend import mark_started, release_with_result, started_with
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["WAITING", "ModelSpec", "Run", "model_under_lease", "run_task", "sized"]
@@ -197,12 +198,13 @@ def run_task(
     if seen_before or _is_copy(task):
         _drop_if_finished(task)
     if getattr(spec, "finished", None) is not None:  # a copy whose output exists (train: its model): no lease, no run
+        mark_started(task)
         timing.started_at = time.time()
         nothing = Lease(id="", node=ctx.node_id, memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=request.id)
         return body(Run(ctx, task, nothing, timing, worker, pin), spec)
     try:
         lease = admission.admit(ctx.ledger, ctx.placement, req, task_id=request.id, holder=f"{worker}/{request.id}",
-                                worker_id=worker)
+                                worker_id=worker, via=started_with(task, ctx.ledger))  # STARTED and the lease: one trip
     except DuplicateTask as duplicate:
         _on_duplicate(task, duplicate)
     except (ResourcesBusy, NotHere) as reason:
@@ -217,7 +219,7 @@ def run_task(
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
-        ctx.keeper.release(lease)
+        release_with_result(task, ctx.keeper, lease)  # in the result's own round trip where it can
 
 
 def _unverified_pin(task: HyphaTask) -> str | None:

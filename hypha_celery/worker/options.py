@@ -12,6 +12,10 @@
 * ``--without-hypha-sweeper``: do not run the queue sweeper (:mod:`hypha_celery.worker.sweeper`).
 * On a ``redis://`` broker the worker uses :mod:`hypha_celery.worker.broker`'s transport
   (set at ``celeryd_init``), so that a broker outage does not stop it.
+* On a ``redis://`` or ``rediss://`` result backend it stores results with
+  :mod:`hypha_celery.worker.backend`'s class (also at ``celeryd_init``), which carries a task's
+  lease release in the result's own transaction; ``task_postrun`` hands any release no store
+  carried to the lease keeper.
 
 Bootsteps are named by path, so a scheduler that builds the app never
 imports the worker's own dependencies.
@@ -106,6 +110,8 @@ def install(app: Celery) -> None:
     app.steps["consumer"].add("hypha_celery.worker.sweeper:SweeperStep")
     import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
     signals.celeryd_init.connect(_redis_transport, weak=False)
+    signals.celeryd_init.connect(_result_backend, weak=False)
+    signals.task_postrun.connect(_settle_release, weak=False)
     signals.celeryd_after_setup.connect(_own_queue, weak=False)
     signals.before_task_publish.connect(_stamp_sent_at, weak=False)
 
@@ -124,6 +130,26 @@ def _redis_transport(conf: Any = None, **_: Any) -> None:
     chosen = [broker_transport(url) for url in urls if url]
     if chosen and all(chosen):
         conf.broker_transport = chosen[0]
+
+
+def _result_backend(instance: Any = None, **_: Any) -> None:
+    """A worker stores results with :mod:`hypha_celery.worker.backend`'s class: a task's lease release rides along.
+
+    Chosen through the loader's backend aliases (``redis``, ``rediss``), so the result backend URL stays as
+    configured and every client (schedulers, Flower) keeps Celery's own class.
+    """
+    from hypha_celery.worker.backend import backend_aliases
+
+    loader = getattr(getattr(instance, "app", None), "loader", None)
+    if loader is not None:
+        loader.override_backends = backend_aliases(loader.override_backends)
+
+
+def _settle_release(task: Any = None, **_: Any) -> None:
+    """After a task's result stores: a lease release none of them carried goes through the lease keeper."""
+    from hypha_celery.worker.backend import settle_release
+
+    settle_release(getattr(task, "request", None))
 
 
 def _own_queue(sender: str, instance: Any, **_: Any) -> None:

@@ -13,6 +13,7 @@ from tests.unit.test_ledger import (  # noqa: F401 - pytest collects the importe
     test_a_lost_lease_is_taken_back_as_it_was,
     test_a_node_without_capacity_is_refused_as_unknown,
     test_a_refusal_says_why_and_which_resource,
+    test_a_reservation_sent_twice_takes_once,
     test_a_task_id_runs_under_one_live_lease,
     test_an_expired_lease_returns_its_resources,
     test_cache_accounts_count_as_taken,

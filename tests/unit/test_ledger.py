@@ -24,7 +24,7 @@ from hypha_celery.errors import (
     ResourcesBusy,
 )
 from hypha_celery.executor.pool import ExecutorSettings, _job_limits
-from hypha_celery.resources.ledger import Capacity, Lease, LeaseKeeper, Ledger, Refusal
+from hypha_celery.resources.ledger import Call, Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.tools.launch import wait_for
 
@@ -226,6 +226,23 @@ def test_a_duplicate_refusal_names_the_running_lease(ledger: Ledger) -> None:
     assert isinstance(refusal, Refusal)
     error = ledger.refusal(req(), refusal, "t-dup")
     assert isinstance(error, DuplicateTask) and isinstance(error, ControlFlow)
+
+
+def test_a_reservation_sent_twice_takes_once(ledger: Ledger) -> None:
+    # Given a transport that delivers the reservation script twice (its first reply lost with a dropped connection)
+    def twice(call: Call) -> object:
+        call.script(ledger.redis, call.keys, call.args)
+        return call.script(ledger.redis, call.keys, call.args)
+
+    # When a task reserves through it
+    lease = ledger.try_reserve(req(memory=100 * MiB, cpu_cores=1, gpus=1), holder="w", task_id="t-twice", via=twice)
+    # Then the second delivery answers with the lease the first took: granted once, counted once
+    assert isinstance(lease, Lease) and lease.memory == 100 * MiB and len(lease.cores) == 1 and len(lease.gpus) == 1
+    usage = ledger.usage()
+    assert usage.memory_used == 100 * MiB and sum(usage.core_milli_used.values()) == 1000
+    assert [held["id"] for held in usage.leases] == [lease.id]
+    # ... and it is released as one lease
+    assert ledger.release(lease) == 1 and ledger.usage().memory_used == 0
 
 
 def test_a_node_without_capacity_is_refused_as_unknown(client: redis.Redis) -> None:

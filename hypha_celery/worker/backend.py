@@ -1,0 +1,256 @@
+"""Celery's Redis result backend, carrying a task's lease in its state writes' own round trips.
+
+Celery stores a task state as one ``MULTI`` / ``SETEX`` / ``PUBLISH`` / ``EXEC`` transaction. When
+the node's ledger lives on the same Redis server (host, port, database and user: the default, where
+the registry URL is the result backend's), :class:`ResultBackend` queues the ledger's scripts in
+those transactions, so the ledger costs no round trip of its own:
+
+* the **reservation** travels with ``STARTED``, which hypha tasks store themselves once they are
+  verified and validated (:func:`started_with`, :meth:`ResultBackend.store_started`). It is the same
+  Lua script, so still one atomic, all-or-nothing step before any ML work;
+* the **release** travels with the result (:func:`release_with_result`), so the lease is freed in the
+  same atomic step that stores the result (the task guard says "done" exactly when the result is
+  there to say so).
+
+Exactness is kept:
+
+* the lease stays renewed until the result store begins, so it is never reaped while the task runs;
+* where the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, the result is
+  ignored, the server has not loaded the script yet, Celery skipped the write because a success was
+  already stored) or the store fails, the release is handed to the process's
+  :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which gives it back moments later in its own
+  call, as it did every release before; ``task_postrun`` settles any release no store carried;
+* a ``STARTED`` transaction that fails is sent again as two calls; the reservation, sent twice with
+  one lease id, takes once (``reserve.lua``);
+* a worker killed -9 leaves leases nobody renews: they expire by themselves.
+
+The worker selects this class for ``redis://`` and ``rediss://`` result backends at
+``celeryd_init`` (through the loader's backend aliases, :func:`backend_aliases`); schedulers and
+other clients keep Celery's own class, and nothing in a stored result differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+from celery import states
+from celery.app.task import Context, Task, get_actual_ignore_result
+from celery.backends.redis import RedisBackend
+from redis.exceptions import NoScriptError
+
+from hypha_celery.resources.ledger import Call, Lease, LeaseKeeper, Ledger
+
+__all__ = ["BACKEND", "RELEASE", "Release", "ResultBackend", "backend_aliases", "mark_started", "release_with_result",
+           "settle_release", "started_with"]
+
+log = logging.getLogger(__name__)
+
+BACKEND = "hypha_celery.worker.backend:ResultBackend"
+RELEASE = "hypha_release"  # the request attribute that carries a task's Release to its result store
+_SAME_SERVER = ("host", "port", "path", "db", "username")  # connection kwargs that name one server and identity
+
+
+@dataclass
+class Release:
+    """Leases a task gives back with its result: in the store's transaction, else by the keeper."""
+
+    keeper: LeaseKeeper
+    leases: list[Lease]
+    settled: bool = field(default=False)
+
+    def call(self) -> Call:
+        return self.keeper.ledger.release_call(*self.leases)
+
+    def begin(self) -> None:
+        """The store is about to carry the release: stop renewing (a renewal after it would take the lease back)."""
+        for lease in self.leases:
+            self.keeper.discard(lease)
+
+    def carried(self) -> None:
+        self.settled = True
+
+    def fallback(self) -> None:
+        """Give the leases back through the keeper (its own call, moments later), unless the store did."""
+        if self.settled:
+            return
+        self.settled = True
+        for lease in self.leases:
+            self.keeper.release(lease)
+
+
+def release_with_result(task: Task, keeper: LeaseKeeper, lease: Lease) -> None:
+    """Give ``lease`` back with the task's result store when that store can carry it, else through the keeper now."""
+    request = task.request
+    backend = task.backend
+    if (
+        isinstance(backend, ResultBackend)
+        and not request.called_directly
+        and not get_actual_ignore_result(task, request)
+        and backend.carries(keeper.ledger)
+    ):
+        pending = getattr(request, RELEASE, None)
+        if isinstance(pending, Release) and not pending.settled:
+            pending.leases.append(lease)
+        else:
+            setattr(request, RELEASE, Release(keeper, [lease]))
+        return
+    keeper.release(lease)
+
+
+def started_with(task: Task, ledger: Ledger) -> Callable[[Call], Any] | None:
+    """How the task's reservation travels with its ``STARTED`` state write (a ``via`` for :meth:`Ledger.try_reserve`).
+
+    Hypha tasks do not let Celery store ``STARTED`` before they run (``HyphaTask.track_started``): it is
+    stored here, after the task was verified and validated. Where the backend carries ``ledger``, the
+    reservation rides in that write's transaction (returned, to be handed to the ledger); else the
+    state is stored now, on its own, and None is returned. Nothing is stored where Celery would not
+    track it (``task_track_started`` off, an ignored result, a task called eagerly).
+    """
+    request = task.request
+    if (
+        request.called_directly
+        or request.is_eager
+        or get_actual_ignore_result(task, request)
+        or not task.app.conf.task_track_started
+    ):
+        return None
+    backend = task.backend
+    if isinstance(backend, ResultBackend) and backend.carries(ledger):
+        return functools.partial(backend.store_started, request.id, request)
+    backend.store_result(request.id, _started_meta(request), states.STARTED, request=request)
+    return None
+
+
+def mark_started(task: Task) -> None:
+    """Store ``STARTED`` for a task that reserves nothing, where Celery would track it."""
+    request = task.request
+    if request.called_directly or request.is_eager or get_actual_ignore_result(task, request):
+        return
+    if task.app.conf.task_track_started:
+        task.backend.store_result(request.id, _started_meta(request), states.STARTED, request=request)
+
+
+def _started_meta(request: Context) -> dict[str, Any]:
+    """What Celery stores with ``STARTED``: the process and the worker."""
+    return {"pid": os.getpid(), "hostname": request.hostname}
+
+
+def settle_release(request: Context | None) -> None:
+    """After the task's stores (``task_postrun``): a release no store carried goes through the keeper."""
+    pending = getattr(request, RELEASE, None) if request is not None else None
+    if isinstance(pending, Release):
+        pending.fallback()
+
+
+def backend_aliases(aliases: dict[str, str] | None) -> dict[str, str]:
+    """Celery's backend aliases with ``redis`` and ``rediss`` pointing here (an alias the operator set is kept)."""
+    chosen = dict(aliases or {})
+    for scheme in ("redis", "rediss"):
+        chosen.setdefault(scheme, BACKEND)
+    return chosen
+
+
+class ResultBackend(RedisBackend):
+    """Celery's Redis result backend that also runs the task's pending lease release in the result's transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._riding = threading.local()  # the Release the current thread's store carries
+
+    def carries(self, ledger: Ledger) -> bool:
+        """Whether ``ledger``'s scripts can run on this backend's connections: same server, database and user."""
+        if not isinstance(ledger.redis, redis.Redis):  # a Redis Cluster client: its keys may live on any node
+            return False
+        pool = ledger.redis.connection_pool
+        mine = self.client.connection_pool
+        if pool.connection_class is not mine.connection_class:
+            return False
+        theirs, ours = pool.connection_kwargs, mine.connection_kwargs
+        return all(theirs.get(name) == ours.get(name) for name in _SAME_SERVER)
+
+    def store_started(self, task_id: str, request: Context, call: Call) -> Any:
+        """Store ``STARTED`` as Celery does, with ``call`` (the ledger's reservation) in the same transaction.
+
+        Returns the call's reply. As in Celery, a stored ``SUCCESS`` is never overwritten (the call then
+        runs alone); a transaction that fails stores the state and runs the call each on its own, and a
+        server that has not loaded the script yet gets it loaded and run.
+        """
+        meta = self._get_result_meta(result=_started_meta(request), state=states.STARTED, traceback=None,
+                                     request=request)
+        meta["task_id"] = task_id
+        if self._get_task_meta_for(task_id)["status"] == states.SUCCESS:
+            return call.script(self.client, call.keys, call.args)
+        key, value = self.get_key_for_task(task_id), self.encode(meta)
+        try:
+            with self.client.pipeline() as pipe:
+                if self.expires:
+                    pipe.execute_command("SETEX", key, self.expires, value)  # as Celery sends it
+                else:
+                    pipe.set(key, value)
+                pipe.publish(key, value)
+                call.script.queue(pipe, call.keys, call.args)
+                replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as exc:
+            log.warning("task %s: storing STARTED with its reservation failed (%s: %s); doing each on its own",
+                        task_id, type(exc).__name__, exc)
+            self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
+            return call.script(self.client, call.keys, call.args)  # the same lease id: never taken twice
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                log.warning("task %s: could not store STARTED (%s)", task_id, reply)
+        if isinstance(replies[-1], NoScriptError):
+            return call.script(self.client, call.keys, call.args)
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        return replies[-1]
+
+    def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        pending = getattr(request, RELEASE, None) if request is not None else None
+        if not isinstance(pending, Release) or pending.settled:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        pending.begin()
+        self._riding.release = pending
+        try:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        except Exception as exc:
+            if not pending.settled:
+                log.warning("task %s: storing its %s result failed (%s: %s); its lease is given back separately",
+                            task_id, state, type(exc).__name__, exc)
+            raise
+        finally:
+            self._riding.release = None
+            pending.fallback()  # nothing if the store carried it
+
+    def _set(self, key: str, value: Any, expires: int | None = None) -> None:
+        """Celery's ``SET`` + ``PUBLISH`` transaction, with the ledger's release queued after them."""
+        pending: Release | None = getattr(self._riding, "release", None)
+        if pending is None or pending.settled:
+            super()._set(key, value, expires)
+            return
+        if expires is None:
+            expires = self.expires
+        call = pending.call()
+        with self.client.pipeline() as pipe:
+            if expires:
+                pipe.execute_command("SETEX", key, expires, value)  # as Celery sends it
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)
+            call.script.queue(pipe, call.keys, call.args)
+            replies = pipe.execute(raise_on_error=False)
+        if isinstance(replies[-1], Exception):  # e.g. NOSCRIPT: the keeper's own call loads the script
+            log.info("the result store could not carry the lease release (%s); releasing separately", replies[-1])
+            pending.fallback()
+        else:
+            pending.carried()
+        for reply in replies[:-1]:
+            if isinstance(reply, Exception):
+                raise reply

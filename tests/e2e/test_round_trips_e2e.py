@@ -1,0 +1,203 @@
+"""A task's lease rides in its state writes' Redis transactions (reserved with STARTED, released with the result).
+
+Real ``redis-server``, real workers; Redis' own MONITOR shows which commands travelled together.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+import redis
+from celery import Celery
+from celery.app.task import Context
+
+from hypha_celery import lua
+from hypha_celery.resources.ledger import Capacity, Lease, Ledger
+from hypha_celery.resources.requirements import Requirements
+from hypha_celery.tools.launch import wait_for
+from hypha_celery.worker.backend import ResultBackend, backend_aliases
+
+
+def task_leases(ledger: Ledger) -> dict[str, dict]:
+    """The node's task leases by task id."""
+    return {lease["t"]: lease for lease in ledger.usage().leases if lease.get("k") == "task"}
+
+
+@contextmanager
+def monitored(url: str) -> Iterator[list[tuple[str, str]]]:
+    """Every command clients send while inside, as (client address, command line), from Redis' MONITOR."""
+    client = redis.Redis.from_url(url)
+    seen: list[tuple[str, str]] = []
+    stop, ready = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        with client.monitor() as monitor:
+            ready.set()
+            while not stop.is_set():
+                command = monitor.next_command()
+                if command["client_type"] != "lua":
+                    seen.append((f"{command['client_address']}:{command['client_port']}", command["command"]))
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield seen
+    finally:
+        stop.set()
+        client.ping()  # wakes the monitor so it sees ``stop``
+        thread.join(10)
+        client.close()
+
+
+def transactions(seen: list[tuple[str, str]]) -> tuple[list[list[str]], list[str]]:
+    """The MULTI ... EXEC blocks (each a list of command lines) and the commands sent outside any."""
+    open_blocks: dict[str, list[str]] = {}
+    blocks: list[list[str]] = []
+    alone: list[str] = []
+    for source, line in seen:
+        name = line.split(" ", 1)[0].strip('"').lower()
+        if name == "multi":
+            open_blocks[source] = []
+        elif name in ("exec", "discard") and source in open_blocks:
+            blocks.append(open_blocks.pop(source))
+        elif source in open_blocks:
+            open_blocks[source].append(line)
+        else:
+            alone.append(line)
+    return blocks, alone
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_the_lease_travels_with_the_task_states(start_worker, celery_client, redis_client, redis_url, pool) -> None:
+    # Given a worker whose ledger shares the result backend's Redis (the default: the registry URL is the backend's)
+    start_worker({"resources": {"node_id": "ride"}}, args=("--pool", pool, "--concurrency", "2"))
+    ledger = Ledger(redis_client, "ride")
+    app = celery_client()
+    warm = app.send_task("hypha.noop", kwargs={})
+    warm.get(timeout=30)  # the server may not have the release script yet: then the keeper releases (and loads it)
+    wait_for(lambda: warm.id not in task_leases(ledger), 5, "the first lease to be released")
+    reserve, release = lua.script("reserve", prelude=True).sha, lua.script("release", prelude=True).sha
+    # When no-op tasks run while MONITOR records every command
+    with monitored(redis_url) as seen:
+        results = [app.send_task("hypha.noop", kwargs={"requirements": {"cpu_cores": 0.1}}) for _ in range(5)]
+        for result in results:
+            result.get(timeout=30)
+            # Then the moment a result is visible its lease is gone: both happened in one atomic step
+            assert result.id not in task_leases(ledger)
+    blocks, alone = transactions(seen)
+    for result in results:
+        [started] = [block for block in blocks if any(result.id in line and "STARTED" in line for line in block)]
+        [stored] = [block for block in blocks if any(result.id in line and "SUCCESS" in line for line in block)]
+        # ... the reservation ran inside the transaction that stored STARTED, the release inside the result's
+        assert any(reserve in line and result.id in line for line in started), started
+        assert any(release in line and result.id in line for line in stored), stored
+    # ... and no reservation or release of theirs travelled on its own
+    assert not [line for line in alone if (reserve in line or release in line) and any(r.id in line for r in results)]
+
+
+def _as_user(url: str, user: str, password: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+
+
+def test_a_failed_result_store_still_releases_the_lease(start_worker, celery_client, redis_client, redis_url) -> None:
+    # Given a worker whose results and ledger both go through the Redis user "results" (so the release rides along)
+    redis_client.acl_setuser("results", enabled=True, passwords=["+secret"], keys=["*"], channels=["*"],
+                             commands=["+@all"])
+    try:
+        url = _as_user(redis_url, "results", "secret")
+        # (lease_heartbeat 10 s: a lease nobody released would live 20 s, so a release is not mistaken for expiry)
+        worker = start_worker({"resources": {"node_id": "nostore", "lease_heartbeat": 10}}, backend=url,
+                              env={"HYPHA_REGISTRY_URL": url})
+        ledger = Ledger(redis_client, "nostore")
+        app = celery_client()
+        result = app.send_task("hypha.noop", kwargs={"hold_s": 3})
+        wait_for(lambda: result.id in task_leases(ledger) and result.state == "STARTED", 30, "the task to hold its lease")
+        # When that user loses the right to store results (Celery stores them with SETEX) while the task runs
+        redis_client.acl_setuser("results", commands=["-setex"])
+        # Then the task's result store fails when it ends (the whole transaction is refused) ...
+        wait_for(lambda: "storing its SUCCESS result failed" in worker.output(), 30, "the failed store")
+        assert "no permissions to run the 'setex' command" in worker.output()
+        # ... and its lease is given back all the same, not left to expire
+        wait_for(lambda: result.id not in task_leases(ledger), 5, "the lease to be released")
+        assert result.state == "STARTED"
+    finally:
+        redis_client.acl_deluser("results")
+
+
+def test_a_worker_killed_9_loses_its_lease_by_expiry(start_worker, celery_client, redis_client) -> None:
+    # Given a worker holding a task's lease (lease_heartbeat 1 s: the lease lives 2 s past its last renewal)
+    worker = start_worker({"resources": {"node_id": "killed"}})
+    ledger = Ledger(redis_client, "killed")
+    app = celery_client()
+    result = app.send_task("hypha.noop", kwargs={"hold_s": 30})
+    wait_for(lambda: result.id in task_leases(ledger), 30, "the task to hold its lease")
+    # When the worker is killed -9: no result is stored, so no release rides anywhere
+    worker.kill9()
+    seconds, micros = redis_client.time()
+    killed_ms = seconds * 1000 + micros // 1000
+    lease = task_leases(ledger)[result.id]
+    # Then the lease, renewed no more, expires within 2 x heartbeat of the kill and is reaped
+    assert lease["e"] - killed_ms <= 2 * 1000
+    wait_for(lambda: result.id not in task_leases(ledger), 10, "the lease to expire")
+
+
+@pytest.fixture
+def backend(redis_url: str) -> Iterator[ResultBackend]:
+    """The worker's result backend class, in this process, on the test Redis."""
+    app = Celery("round-trips", set_as_current=False, broker="memory://", backend=redis_url)
+    app.loader.override_backends = backend_aliases(app.loader.override_backends)
+    assert isinstance(app.backend, ResultBackend)
+    yield app.backend
+    app.backend.client.connection_pool.disconnect()
+    app.close()
+
+
+def _node(redis_url: str, node: str) -> Ledger:
+    ledger = Ledger(redis.Redis.from_url(redis_url), node)
+    ledger.set_capacity(Capacity(cores=[0, 1], memory=2**30))
+    return ledger
+
+
+def test_a_server_without_the_script_still_reserves_once(backend, redis_client, redis_url) -> None:
+    # Given a Redis that has not loaded the ledger's scripts (new or restarted)
+    ledger = _node(redis_url, "fresh")
+    redis_client.script_flush()
+    request = Context(id="t-fresh", hostname="w@host")
+    # When a reservation rides with the STARTED write there
+    lease = ledger.try_reserve(Requirements(cpu_milli=1000, memory=2**20), holder="w", task_id="t-fresh",
+                               via=functools.partial(backend.store_started, "t-fresh", request))
+    # Then STARTED is stored, and the script is loaded and run: one lease
+    assert isinstance(lease, Lease) and backend.get_task_meta("t-fresh")["status"] == "STARTED"
+    assert [held["id"] for held in ledger.usage().leases] == [lease.id]
+
+
+def test_a_failed_started_transaction_reserves_on_its_own(backend, redis_client, redis_url, monkeypatch) -> None:
+    # Given a STARTED transaction whose reply is lost: Redis ran it, then the connection dropped
+    ledger = _node(redis_url, "dropped")
+    execute = redis.client.Pipeline.execute
+    lost: list[Any] = []
+
+    def reply_lost(self: Any, *args: Any, **kwargs: Any) -> Any:
+        replies = execute(self, *args, **kwargs)
+        if lost:
+            return replies
+        lost.append(replies)
+        raise redis.ConnectionError("connection dropped (test)")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", reply_lost)
+    request = Context(id="t-dropped", hostname="w@host")
+    # When a task reserves with it
+    lease = ledger.try_reserve(Requirements(cpu_milli=1000, memory=2**20), holder="w", task_id="t-dropped",
+                               via=functools.partial(backend.store_started, "t-dropped", request))
+    # Then the state and the reservation are sent again, each on its own: STARTED stored, and the second
+    # reservation answers with the lease the first took (one lease, the memory counted once)
+    assert lost and isinstance(lease, Lease) and backend.get_task_meta("t-dropped")["status"] == "STARTED"
+    assert [held["id"] for held in ledger.usage().leases] == [lease.id] and ledger.usage().memory_used == 2**20
