@@ -44,7 +44,7 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
     if not (models / TINY_LLAMA).is_dir():
         init_examples(models)
     store = ModelStore(models)
-    say(f"\n[ckpt] checkpoint overhead: LoRA on {TINY_LLAMA}, {STEPS} steps, in process on one thread, "
+    say(f"\n[13] checkpoint overhead: LoRA on {TINY_LLAMA}, {STEPS} steps, in process on one thread, "
         f"checkpoint_every={EVERY} vs none")
     torch.set_num_threads(1)
     writes: list[float] = []  # seconds inside Checkpoints.save, this run

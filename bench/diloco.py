@@ -104,7 +104,7 @@ def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 2, 
         store = ModelStore(workdir / "models")
         _, folder = store.verified_folder(TINY_LLAMA)
         parameter_bytes = _float32_bytes(folder / "model.safetensors")
-        say(f"DiLoCo: {workers} workers, {rounds} rounds of {inner_steps} inner steps; "
+        say(f"\n[16] DiLoCo: {workers} workers, {rounds} rounds of {inner_steps} inner steps; "
             f"float32 parameters {parameter_bytes / 1e6:.2f} MB")
         ratios = []
         for entry in done["rounds"]:

@@ -64,9 +64,9 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     from hypha_celery.models.store import ModelStore
 
     if not (models / TINY_LLAMA).is_dir():
-        say("\n[11] training: skipped (no tiny-llama example; install the [hf] extra)")
+        say("\n[14] training: skipped (no tiny-llama example; install the [hf] extra)")
         return
-    say(f"\n[11] training: LoRA on {TINY_LLAMA}, {STEPS} steps of {BATCH} texts, one core: the loop's tokens/s "
+    say(f"\n[14] training: LoRA on {TINY_LLAMA}, {STEPS} steps of {BATCH} texts, one core: the loop's tokens/s "
         "through a worker vs in process")
     app = client_app(url, name="bench-train")
     worker = start_worker("hypha_celery", url, workdir, concurrency=1,
@@ -144,7 +144,7 @@ def bench_adapter_switch(workdir: Path) -> None:
 
     models = workdir / "models"
     if not (models / TINY_LLAMA).is_dir():
-        say("\n[12] adapter switch: skipped (no tiny-llama example; install the [hf] extra)")
+        say("\n[15] adapter switch: skipped (no tiny-llama example; install the [hf] extra)")
         return
     store = ModelStore(models)
     adapters = []
@@ -158,7 +158,7 @@ def bench_adapter_switch(workdir: Path) -> None:
         save(done, store, out, merge=False)
         store.save_adapter(out, name, TINY_LLAMA)
         adapters.append(name)
-    say(f"\n[12] adapter switch on a cached base ({TINY_LLAMA}, {store.manifest(TINY_LLAMA).size / 2**20:.1f} MiB; "
+    say(f"\n[15] adapter switch on a cached base ({TINY_LLAMA}, {store.manifest(TINY_LLAMA).size / 2**20:.1f} MiB; "
         f"LoRA r=8 on q_proj and v_proj, {store.manifest(adapters[0]).size / 2**10:.0f} KiB)")
     torch.set_num_threads(1)
     tmp = workdir / "executor-tmp"

@@ -5,21 +5,9 @@ The server is this module's alone (not ``redis_url``, which CI may share): its I
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 
 from bench.counts import RedisCounter, parse_rabbitmq_counters
-from hypha_celery.tools.embedded_redis import EmbeddedRedis
-
-
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[redis.Redis]:
-    with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        yield client
-        client.close()
 
 
 def test_reading_the_counter_counts_nothing(own_redis: redis.Redis) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -36,15 +35,6 @@ def client(redis_client: redis.Redis) -> redis.Redis:
     """The unit tests' client: the session's real Redis, a clean database per test."""
     return redis_client
 
-
-@pytest.fixture(scope="module")
-def own_redis() -> Iterator[redis.Redis]:
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
-
-    with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        yield client
-        client.close()
 
 
 def add_nodes(client: redis.Redis, capacities: list[Capacity]) -> list[Ledger]:
