@@ -107,8 +107,7 @@ def test_a_local_checkpoint_as_new_is_kept_and_none_is_no_error(storage: SharedS
     # And a local step 10 (an older run of the task here) is superseded by the shared 25
     _write(tmp_path / "c", 10)
     assert checkpoint_sync.fetch(storage, tmp_path / "c", TASK) == 25
-    assert checkpoint.latest(tmp_path / "c", TASK) is not None
-    assert checkpoint.latest(tmp_path / "c", TASK)[0] == 25  # type: ignore[index]
+    assert checkpoint.latest(tmp_path / "c", TASK) == (25, checkpoint.folder(tmp_path / "c", TASK) / "step-000000025")
 
 
 def test_a_tampered_shared_checkpoint_is_refused_and_leaves_nothing(storage: SharedStorage, tmp_path: Path) -> None:
