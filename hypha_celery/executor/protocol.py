@@ -260,6 +260,8 @@ class Progress(_Message):
     """A training step report, at most every ``Train.progress_interval`` seconds.
 
     ``tokens_per_s`` and ``eta_s`` (seconds left at the rate so far): transformers training only.
+    ``checkpoint_step``: a checkpoint was written at that step since the last report (the worker
+    copies it to shared storage, :mod:`hypha_celery.models.checkpoint_sync`).
     """
 
     kind: ClassVar[str] = "progress"
@@ -271,6 +273,7 @@ class Progress(_Message):
     percent: float
     tokens_per_s: float | None = None
     eta_s: float | None = None
+    checkpoint_step: int | None = None
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ Layout, in the model store (a folder a training executor may write; see
 ``<task>`` is the task id when it is one safe path component, else ``sha256-<hex of it>``.
 A checkpoint is written into ``<task>/.tmp-XXXXXXXX`` and renamed to ``step-<N>``; older
 ones are removed after the rename, so a reader sees whole checkpoints only and the newest
-wins. Nothing is pickled: safetensors and JSON. Every function takes the store's root, so
-the folder could later live on shared storage. Importing this module imports no torch.
+wins. Nothing is pickled: safetensors and JSON. Importing this module imports no torch.
+With shared storage configured, the worker copies the newest checkpoint there and back
+(:mod:`.checkpoint_sync`): a copy of the task resumes on any worker that shares the storage.
 
 A checkpoint is used only when its :class:`Identity` (the base model's manifest sha256, a
 fingerprint of the training data, the settings that shape the run) and the names and shapes
@@ -39,7 +40,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CHECKPOINTS", "Checkpoints", "Identity", "Position", "data_fingerprint", "discard", "folder"]
+__all__ = ["CHECKPOINTS", "META", "STATE", "Checkpoints", "Identity", "Position", "data_fingerprint", "discard",
+           "folder", "latest"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,15 @@ def discard(root: str | os.PathLike[str], task_id: str) -> bool:
         return False
     shutil.rmtree(path, ignore_errors=True)
     return True
+
+
+def latest(root: str | os.PathLike[str], task_id: str) -> tuple[int, Path] | None:
+    """Task ``task_id``'s newest whole checkpoint under the store ``root``: its step and folder; None when none."""
+    path = folder(root, task_id)
+    if not path.is_dir():
+        return None
+    steps = [(int(match.group(1)), entry) for entry in path.iterdir() if (match := _STEP.match(entry.name))]
+    return max(steps) if steps else None
 
 
 def data_fingerprint(texts: list[str], labels: list[int] | None) -> str:
@@ -200,10 +211,8 @@ class Checkpoints:
         return discard(self.path.parent.parent, self.task_id)
 
     def _latest(self) -> Path | None:
-        if not self.path.is_dir():
-            return None
-        steps = [(int(match.group(1)), entry) for entry in self.path.iterdir() if (match := _STEP.match(entry.name))]
-        return max(steps)[1] if steps else None
+        found = latest(self.path.parent.parent, self.task_id)
+        return None if found is None else found[1]
 
     def _load(self, path: Path, named: list[tuple[str, torch.nn.Parameter]], optimizer: torch.optim.Optimizer,
               schedule: torch.optim.lr_scheduler.LRScheduler) -> Position:

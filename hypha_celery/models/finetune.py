@@ -190,6 +190,7 @@ def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[i
         generator.setstate(_rng_state(resumed.order_state))
         curve, step, tokens = list(resumed.curve), resumed.step, resumed.tokens
     steps_before, tokens_before = step, tokens  # a resumed run's rate and ETA count its own steps only
+    saved: int | None = None  # the step of a checkpoint written since the last report
     started = last_report = time.monotonic()
     module.train(True)
     for epoch in range(1 if resumed is None else resumed.epoch, epochs + 1):
@@ -218,14 +219,16 @@ def _loop(model: TransformerModel, module: Any, texts: list[str], labels: list[i
             if checkpoints is not None and checkpoints.due(step):
                 checkpoints.save(Position(step=step, epoch=epoch, position=first + len(group), order_state=order_state,
                                           curve=curve, tokens=tokens), named, optimizer, schedule)
+                saved = step  # told in the next report: the worker may copy it to shared storage
             now = time.monotonic()
             if now - last_report >= request.progress_interval:
                 last_report = now
                 progress(_progress(epoch, epochs, step, total, step_loss, tokens - tokens_before, now - started,
-                                   steps_before))
+                                   steps_before, saved))
+                saved = None
     module.train(False)
     elapsed = time.monotonic() - started
-    progress(_progress(epochs, epochs, step, total, curve[-1], tokens - tokens_before, elapsed, steps_before))
+    progress(_progress(epochs, epochs, step, total, curve[-1], tokens - tokens_before, elapsed, steps_before, saved))
     tail = curve[-min(len(curve), steps_per_epoch):]  # the last epoch's steps (or all of them)
     rate = (tokens - tokens_before) / elapsed if elapsed else None  # this run's own tokens (not a checkpoint's)
     metrics: dict[str, Any] = {"train_s": round(elapsed, 3), "tokens_per_s": None if rate is None else round(rate, 1),
@@ -243,13 +246,13 @@ def _rng_state(saved: Any) -> tuple[Any, ...]:
 
 
 def _progress(epoch: int, epochs: int, step: int, total: int, loss: float, tokens: int, elapsed: float,
-              first_step: int = 0) -> Progress:
+              first_step: int = 0, checkpoint_step: int | None = None) -> Progress:
     """``tokens`` and ``elapsed``: since ``first_step`` (0, or the step a run resumed at)."""
     rate = tokens / elapsed if elapsed > 0 else 0.0
     eta = elapsed / (step - first_step) * (total - step) if step > first_step else None
     return Progress(epoch=epoch, epochs=epochs, step=step, steps=total, loss=loss,
                     percent=round(100.0 * step / total, 2), tokens_per_s=round(rate, 1),
-                    eta_s=None if eta is None else round(eta, 2))
+                    eta_s=None if eta is None else round(eta, 2), checkpoint_step=checkpoint_step)
 
 
 def _accuracy(model: TransformerModel, module: Any, texts: list[str], labels: list[int], batch_size: int,

@@ -1,4 +1,4 @@
-"""DiLoCo's shared storage: where rounds keep pseudo-gradients, outer momentum and global model versions.
+"""Shared storage: DiLoCo rounds keep pseudo-gradients, momentum and global versions here, tasks checkpoints.
 
 The model sources (:mod:`.sources`) only read; DiLoCo's workers also write, so
 this is their writable counterpart over the same two places a fleet shares: a
@@ -11,6 +11,7 @@ type ``local`` or ``s3``). Layout (keys are ``/``-separated model-id components)
     jobs/<job>/round-<r>/<task>.safetensors  one inner task's pseudo-gradient
     jobs/<job>/momentum-<r>.safetensors      the outer momentum after round r
     jobs/<job>/round-<r>/aggregate.json      round r's outcome (written last: the round is done)
+    checkpoints/<task>/...                   a training task's newest checkpoint (:mod:`.checkpoint_sync`)
 
 Objects are streamed in 1 MiB chunks both ways; :meth:`SharedStorage.get_file`
 hashes what it reads and refuses a file whose sha256 is not the one expected
@@ -24,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +71,10 @@ class SharedStorage:
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
+    def delete(self, key: str) -> None:
+        """Remove the object ``key`` and every object under ``key/`` (a folder of them); nothing there is no error."""
+        raise NotImplementedError
+
     def models_source(self) -> ModelSource:
         """The ``models/`` folder as a read-only model source: workers fetch global versions through the store."""
         raise NotImplementedError
@@ -77,8 +83,12 @@ class SharedStorage:
         """Upload the file at ``path``; returns its sha256 and size."""
         check_key(key)
         with open(path, "rb") as handle:
-            hashing = _Hashing(handle)
-            self.write(key, hashing)  # type: ignore[arg-type]  # a readable with read(); boto3 and shutil need no more
+            return self.put_stream(key, handle)
+
+    def put_stream(self, key: str, source: Any) -> Stored:
+        """Upload what the readable ``source`` (anything with ``read(size)``) yields; its sha256 and size."""
+        hashing = _Hashing(source)
+        self.write(check_key(key), hashing)  # type: ignore[arg-type]  # a readable with read(); boto3 needs no more
         return Stored(hashing.digest.hexdigest(), hashing.size)
 
     def put_bytes(self, key: str, data: bytes) -> Stored:
@@ -160,6 +170,16 @@ class LocalStorage(SharedStorage):
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SharedStorageError(f"cannot delete {path}: {exc.strerror}") from None
+
     def models_source(self) -> ModelSource:
         return ModelSource(type="local", path=str(self.root / MODELS))
 
@@ -212,6 +232,20 @@ class S3Storage(SharedStorage):
         except botocore.exceptions.BotoCoreError as exc:
             raise SharedStorageError(f"{self.describe(key)}: {exc}") from None
         return True
+
+    def delete(self, key: str) -> None:
+        import botocore.exceptions
+
+        name = self.prefix + check_key(key)
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=name)
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=name + "/")
+            for page in pages:
+                batch = [{"Key": entry["Key"]} for entry in page.get("Contents", [])]
+                if batch:  # at most 1,000 a page, as many as one delete_objects takes
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as exc:
+            raise SharedStorageError(f"cannot delete {self.describe(key)}: {exc}") from None
 
     def models_source(self) -> ModelSource:
         return ModelSource(type="s3", bucket=self.bucket, region=self.region, endpoint_url=self.endpoint_url,

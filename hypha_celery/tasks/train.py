@@ -5,9 +5,12 @@ classifier) trains full or LoRA on ``texts`` (:mod:`hypha_celery.models.finetune
 ``"auto"`` memory sized for training (:mod:`hypha_celery.stages.sizing`). While it runs the
 task's ``PROGRESS`` state carries step, epoch, loss, percent (and for transformers tokens/s and
 ETA) at most four times a second. With ``checkpoint_every`` the executor checkpoints the run under
-the task id and a redelivered copy resumes from it (:mod:`hypha_celery.models.checkpoint`); the
-checkpoint goes once the task has its answer: its model saved (by the executor, or earlier, for a
-copy answered from the store) or the run failed.
+the task id and a redelivered copy resumes from it (:mod:`hypha_celery.models.checkpoint`); with
+``[worker.training] shared_storage`` the worker also copies each checkpoint there in the background
+and fetches one before a run, so a copy resumes on any worker sharing the storage
+(:mod:`hypha_celery.models.checkpoint_sync`). The checkpoint goes, here and there, once the task has
+its answer: its model saved (by the executor, or earlier, for a copy answered from the store) or
+the run failed.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.errors import InvalidTask
-from hypha_celery.executor.protocol import Train, Trained
-from hypha_celery.models import checkpoint
+from hypha_celery.errors import InvalidTask, SharedStorageError
+from hypha_celery.executor.protocol import Progress, Train, Trained
+from hypha_celery.models import checkpoint, checkpoint_sync
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
 from hypha_celery.models.manifest import CONFIG, Manifest
+from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.stages.results import package
@@ -95,21 +99,32 @@ def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
                          model=spec.model)
     run.progress({"stage": "load", "epoch": 0, "epochs": spec.epochs, "step": 0, "loss": None, "percent": 0.0})
     tuned = spec.finetune.to_json() if spec.finetune is not None else {}
+    task_id = run.task.request.id
     job = Train(model=spec.model, new_model=spec.new_model, epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size,
-                data=data, data_path=data_path, task_id=run.task.request.id, progress_interval=PROGRESS_INTERVAL_S,
-                **tuned)
+                data=data, data_path=data_path, task_id=task_id, progress_interval=PROGRESS_INTERVAL_S, **tuned)
+    shared = _shared_checkpoints(ctx, spec)
+    refused = None if shared is None else _fetch_checkpoint(shared, ctx, task_id)
+    uploader = None if shared is None else checkpoint_sync.Uploader(shared, ctx.store.root, task_id)
+
+    def on_progress(update: Progress) -> None:
+        if uploader is not None and update.checkpoint_step is not None:
+            uploader.written()
+        run.progress({"stage": "run", **update.to_json()})
+
     try:
-        result = ctx.executors.run_job(
-            job,
-            lease=run.lease,
-            timeout=run.remaining_s,
-            on_progress=lambda update: run.progress({"stage": "run", **update.to_json()}),
-        )
+        result = ctx.executors.run_job(job, lease=run.lease, timeout=run.remaining_s, on_progress=on_progress)
     except Exception:
-        _discard_checkpoints(ctx, run.task.request.id, "the run failed")  # a failure is this task's answer
+        _discard_checkpoints(ctx, task_id, "the run failed", shared, uploader)  # a failure is this task's answer
         raise
+    finally:
+        if uploader is not None:
+            uploader.close()
+    if shared is not None:  # the executor deleted its local checkpoints once the model was saved
+        _discard_checkpoints(ctx, task_id, "its model was saved", shared)
     run.timing.finished_at = time.time()
     output = {**result.trained.to_json(), "model_id": result.model_id}
+    if refused is not None and output.get("checkpoint_refused") is None:
+        output["checkpoint_refused"] = refused
     return package(
         output=output,
         model=spec.model,
@@ -139,7 +154,7 @@ def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     """A copy of this task already saved ``new_model``: its result, from what that run recorded; nothing runs."""
     log.info("task %s: model %r was saved by this task id; answering the copy from it", run.task.request.id,
              spec.new_model)
-    _discard_checkpoints(run.ctx, run.task.request.id, "its model was saved earlier")
+    _discard_checkpoints(run.ctx, run.task.request.id, "its model was saved earlier", run.ctx.shared_storage)
     run.timing.finished_at = time.time()
     return package(
         output={**trained.to_json(), "model_id": spec.new_model},
@@ -152,10 +167,38 @@ def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     )
 
 
-def _discard_checkpoints(ctx: NodeContext, task_id: str, why: str) -> None:
-    """Delete what checkpoints the task left (a killed run's executor could not)."""
+def _shared_checkpoints(ctx: NodeContext, spec: TrainSpec) -> SharedStorage | None:
+    """The shared storage the task's checkpoints are copied to: with ``checkpoint_every`` and storage configured."""
+    if spec.finetune is None or not spec.finetune.checkpoint_every:
+        return None
+    return ctx.shared_storage
+
+
+def _fetch_checkpoint(shared: SharedStorage, ctx: NodeContext, task_id: str) -> str | None:
+    """Bring a checkpoint another worker left in shared storage into the local store; why one was refused, or None."""
+    try:
+        checkpoint_sync.fetch(shared, ctx.store.root, task_id)
+    except (SharedStorageError, OSError) as exc:
+        # kept: the run's own uploads replace it, and a storage that was only unreachable may serve the next copy
+        log.warning("task %s: shared checkpoint refused, starting without it: %s", task_id, exc)
+        return f"the shared checkpoint was refused: {exc}"
+    return None
+
+
+def _discard_checkpoints(ctx: NodeContext, task_id: str, why: str, shared: SharedStorage | None = None,
+                         uploader: checkpoint_sync.Uploader | None = None) -> None:
+    """Delete what checkpoints the task left (a killed run's executor could not), here and in shared storage."""
+    if uploader is not None:
+        uploader.close()  # no upload may land after the delete
     if checkpoint.discard(ctx.store.root, task_id):
         log.info("task %s: checkpoints deleted (%s)", task_id, why)
+    if shared is None:
+        return
+    try:
+        if checkpoint_sync.discard(shared, task_id):
+            log.info("task %s: shared checkpoint deleted (%s)", task_id, why)
+    except SharedStorageError as exc:  # the task's answer stands; the copy is orphaned, and says so here
+        log.warning("task %s: cannot delete its shared checkpoint: %s", task_id, exc)
 
 
 @shared_task(name="hypha.train", base=HyphaTask, bind=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from pathlib import Path
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from hypha_celery.models import checkpoint
+from hypha_celery.models import checkpoint, checkpoint_sync
 from hypha_celery.models.examples import TINY_LLAMA
+from hypha_celery.models.shared_storage import LocalStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.tools.launch import wait_for
 
@@ -31,6 +33,11 @@ MARGIN = 0.01
 @pytest.fixture
 def store_dir(tmp_path: Path, model_dir: Path) -> Path:
     target = tmp_path / "store"
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
+    return target
+
+
+def _copy(model_dir: Path, target: Path) -> Path:
     shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
     return target
 
@@ -74,3 +81,67 @@ def test_a_worker_killed_mid_training_resumes_from_its_checkpoint_on_another(sta
                                                                                           want["final_loss"])
     assert output["final_loss"] < output["loss_curve"][0] * 0.5  # and it learned
     assert not any((store_dir / checkpoint.CHECKPOINTS).iterdir())
+
+
+def _shared_step(shared: Path, task_id: str) -> int | None:
+    """The step of the task's checkpoint in the shared folder, once its record is there."""
+    raw = LocalStorage(shared).get_bytes(f"{checkpoint_sync.prefix(task_id)}/{checkpoint_sync.LATEST}")
+    return None if raw is None else int(json.loads(raw)["step"])
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_worker_resumes_on_a_worker_with_another_model_dir_through_shared_storage(
+        start_worker, celery_client, model_dir: Path, tmp_path: Path) -> None:
+    # Given workers A and B with their own model_dirs (copies: the same base model) and one shared storage folder
+    shared = tmp_path / "shared"
+    stores = [_copy(model_dir, tmp_path / name) for name in ("store-a", "store-b")]
+    configs = [{"models": {"model_dir": str(store)}, "task_timeout": 300,
+                "training": {"shared_storage": {"type": "local", "path": str(shared)}}} for store in stores]
+    a = start_worker(configs[0])
+    app = celery_client()
+    task_id = str(uuid.uuid4())
+    job = app.send_task("hypha.train", kwargs={**KWARGS, "new_model": "tiny-llama-shared"}, task_id=task_id)
+    # When A is killed -9 (its whole process group) once a checkpoint of the task reached the shared storage
+    wait_for(lambda: _shared_step(shared, task_id), 240, "a checkpoint in shared storage")
+    a.kill9()
+    last = _shared_step(shared, task_id)
+    assert last is not None and 0 < last < KWARGS["max_steps"] and job.state != "SUCCESS"
+    assert not checkpoint.folder(stores[1], task_id).exists()  # B has never seen the task
+    b = start_worker(configs[1])
+    # Then the redelivered task finishes on B, resumed from the shared checkpoint
+    output = job.get(timeout=300)
+    assert output["worker"].startswith(b.name)
+    result = output["output"]
+    assert result["resumed_from_step"] == last and result["checkpoint_refused"] is None
+    assert result["steps"] == KWARGS["max_steps"] and result["model_id"] == "tiny-llama-shared"
+    # And the shared copy and B's local one are gone (A's model_dir keeps what it had when it died)
+    assert not (shared / checkpoint_sync.prefix(task_id)).exists()
+    assert not checkpoint.folder(stores[1], task_id).exists()
+    assert ModelStore(stores[1]).manifest("tiny-llama-shared").adapter_of is not None
+
+
+@pytest.mark.timeout(600)
+def test_a_tampered_shared_checkpoint_is_refused_and_the_run_starts_fresh(
+        start_worker, celery_client, model_dir: Path, tmp_path: Path) -> None:
+    # Given a checkpoint of a task in shared storage whose state file was altered after upload
+    shared, task_id = tmp_path / "shared", str(uuid.uuid4())
+    source = checkpoint.folder(tmp_path / "elsewhere", task_id) / "step-000000025"
+    source.mkdir(parents=True)
+    (source / checkpoint.STATE).write_bytes(b"weights " * 1000)
+    (source / checkpoint.META).write_text("{}")
+    storage = LocalStorage(shared)
+    assert checkpoint_sync.upload(storage, tmp_path / "elsewhere", task_id) == 25
+    storage.put_bytes(f"{checkpoint_sync.prefix(task_id)}/step-000000025/{checkpoint.STATE}", b"WEIGHTS " * 1000)
+    # When a worker with that shared storage runs the task
+    store = _copy(model_dir, tmp_path / "store")
+    start_worker({"models": {"model_dir": str(store)}, "task_timeout": 300,
+                  "training": {"shared_storage": {"type": "local", "path": str(shared)}}})
+    app = celery_client()
+    kwargs = {**KWARGS, "max_steps": 30, "new_model": "tiny-llama-fresh"}
+    result = app.send_task("hypha.train", kwargs=kwargs, task_id=task_id).get(timeout=300)["output"]
+    # Then the download refused it: the run started at step 0 and says why; nothing of it is left anywhere
+    assert result["resumed_from_step"] == 0 and result["steps"] == 30
+    assert "shared checkpoint was refused" in result["checkpoint_refused"]
+    assert "tampered or corrupt" in result["checkpoint_refused"]
+    assert not (shared / checkpoint_sync.prefix(task_id)).exists()
+    assert not checkpoint.folder(store, task_id).exists()

@@ -251,14 +251,15 @@ def _left_checkpoint(root: Path) -> Path:
     return path.parent
 
 
-def _run_of(root: Path, executors: Any = None) -> Any:
+def _run_of(root: Path, executors: Any = None, shared: Any = None) -> Any:
     from types import SimpleNamespace
 
     from hypha_celery.resources.ledger import Lease
     from hypha_celery.stages.results import Timing
     from hypha_celery.tasks.pipeline import Run
 
-    ctx = SimpleNamespace(store=ModelStore(root), executors=executors, config=SimpleNamespace(task_timeout=60))
+    ctx = SimpleNamespace(store=ModelStore(root), executors=executors, config=SimpleNamespace(task_timeout=60),
+                          shared_storage=shared)
     task = SimpleNamespace(request=SimpleNamespace(id=TASK), send_event=lambda *a, **k: None,
                            update_state=lambda **k: None)
     lease = Lease(id="", node="node-a", memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=TASK)
@@ -301,3 +302,52 @@ def test_a_failed_run_deletes_its_checkpoints(tmp_path: Path) -> None:
     with pytest.raises(ExecutionError, match="boom"):
         _run(_run_of(tmp_path, SimpleNamespace(run_job=fail)), spec)
     assert not left.exists()
+
+
+def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copies(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from hypha_celery.errors import ExecutionError
+    from hypha_celery.models import checkpoint_sync
+    from hypha_celery.models.shared_storage import LocalStorage
+    from hypha_celery.stages.validation import FinetuneParams, TrainSpec
+    from hypha_celery.tasks.train import _run
+
+    # Given a checkpoint of the task that another worker (another model_dir) uploaded to shared storage
+    shared = LocalStorage(tmp_path / "shared")
+    (_left_checkpoint(tmp_path / "other") / "step-000000004" / checkpoint.STATE).write_bytes(b"state")
+    assert checkpoint_sync.upload(shared, tmp_path / "other", TASK) == 4
+    seen: list[Any] = []
+
+    def fail(job: Train, **kwargs: Any) -> None:  # the executor: sees what is local when it starts, then fails
+        seen.append(checkpoint.latest(tmp_path / "store", TASK))
+        raise ExecutionError("RuntimeError: boom")
+
+    spec = TrainSpec(model=TINY_LLAMA, data={"texts": TEXTS}, epochs=1, lr=0.1, batch_size=2, new_model="never",
+                     requirements=None, manifest=object(), finetune=FinetuneParams(checkpoint_every=4))  # type: ignore[arg-type]
+    # When the task runs here and its executor job fails
+    with pytest.raises(ExecutionError, match="boom"):
+        _run(_run_of(tmp_path / "store", SimpleNamespace(run_job=fail), shared), spec)
+    # Then the executor found the shared checkpoint in the local store, and both copies are gone
+    assert seen[0] is not None and seen[0][0] == 4
+    assert not checkpoint.folder(tmp_path / "store", TASK).exists()
+    assert not (tmp_path / "shared" / checkpoint_sync.prefix(TASK)).exists()
+
+
+def test_a_copy_answered_from_its_saved_model_deletes_the_shared_checkpoint(tmp_path: Path) -> None:
+    from hypha_celery.executor.protocol import Trained
+    from hypha_celery.models import checkpoint_sync
+    from hypha_celery.models.shared_storage import LocalStorage
+    from hypha_celery.stages.validation import TrainSpec
+    from hypha_celery.tasks.train import _run
+
+    # Given a shared checkpoint left by a run killed between saving its model and deleting it
+    shared = LocalStorage(tmp_path / "shared")
+    (_left_checkpoint(tmp_path / "other") / "step-000000004" / checkpoint.STATE).write_bytes(b"state")
+    checkpoint_sync.upload(shared, tmp_path / "other", TASK)
+    trained = Trained(final_loss=0.5, loss_curve=[1.0, 0.5], epochs=1, steps=2, samples=4)
+    spec = TrainSpec(model=TINY_LLAMA, data={}, epochs=1, lr=0.1, batch_size=2, new_model="done",
+                     requirements=None, manifest=None, finished=trained)  # type: ignore[arg-type]
+    # When the copy is answered from the saved model, Then the shared checkpoint is gone
+    _run(_run_of(tmp_path / "store", shared=shared), spec)
+    assert not (tmp_path / "shared" / checkpoint_sync.prefix(TASK)).exists()

@@ -57,6 +57,18 @@ def test_an_object_that_is_not_the_reported_sha256_is_refused(storage: SharedSto
     assert not (tmp_path / "got").exists()
 
 
+def test_delete_removes_an_object_or_a_folder_of_them(storage: SharedStorage) -> None:
+    # Given objects in a folder, one beside it, and one whose name starts like the folder's
+    for key in ("jobs/j1/a", "jobs/j1/sub/b", "jobs/j1x", "jobs/j2"):
+        storage.put_bytes(key, b"x")
+    # When the folder and an object are deleted (and something that is not there)
+    storage.delete("jobs/j1")
+    storage.delete("jobs/j2")
+    storage.delete("jobs/none")
+    # Then only the unrelated object is left
+    assert [key for key in ("jobs/j1/a", "jobs/j1/sub/b", "jobs/j1x", "jobs/j2") if storage.exists(key)] == ["jobs/j1x"]
+
+
 def test_missing_objects_caps_and_bad_keys_are_named_errors(storage: SharedStorage, tmp_path: Path) -> None:
     # Given an empty storage, Then a missing object reads as None (small) or an error (files)
     assert storage.get_bytes("jobs/none/aggregate.json") is None
