@@ -3,10 +3,11 @@
 In process, on one thread (as an executor pinned to one core), the tiny causal LM,
 300 optimizer steps; each run's training time is the loop's own ``train_s`` (loading
 excluded), which includes every checkpoint write (safetensors + JSON, fsync, rename,
-deleting the previous one). Runs alternate, ``REPEATS`` of each, and the medians
-are compared: target at most 5% slower with checkpoints. On a busy machine that
-ratio is noisy, so the time spent inside the checkpoint writes is timed too and
-reported as a share of a run without them (the overhead, free of the noise).
+deleting the previous one). Runs alternate, at least 5 of each, and the fastest of
+each are compared (a run this short is only ever slowed by the rest of the machine):
+target at most 5% slower with checkpoints. The medians are printed beside it, and the
+time spent inside the checkpoint writes is timed too and reported as a share of a run
+without them (the overhead, free of the noise).
 
 ``python -m bench.checkpoint [WORKDIR]`` runs it alone.
 """
@@ -74,7 +75,7 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
         checked: list[float] = []
         written: list[float] = []
         losses: dict[str, float] = {}
-        for _ in range(max(3, REPEATS)):
+        for _ in range(max(5, REPEATS)):
             seconds, trained = run(None)
             plain.append(seconds)
             losses["plain"] = trained.final_loss
@@ -85,15 +86,18 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
             losses["checkpointed"] = trained.final_loss
     finally:
         checkpoint.Checkpoints.save = save  # type: ignore[method-assign]
-    ratio = statistics.median(checked) / statistics.median(plain)
+    # The fastest run of each: a 1 s run on a shared machine is easily slowed by others, never sped up
+    # (the medians are printed beside it, and the writes' own time is measured directly).
+    ratio = min(checked) / min(plain)
     share = statistics.median(written) / statistics.median(plain)
     say(f"    without       {fmt(plain, 'ms', 1000)}")
     say(f"    every {EVERY:<7} {fmt(checked, 'ms', 1000)}  ({STEPS // EVERY} checkpoints a run)")
     say(f"    writes        {fmt(written, 'ms', 1000)}  (all checkpoints of a run)")
-    say(f"    with / without = {ratio:.3f}; writes / run without = {100 * share:.2f}% (target <= 5%)"
+    say(f"    with / without (fastest runs) = {ratio:.3f}, medians "
+        f"{statistics.median(checked) / statistics.median(plain):.3f}; writes / run without = {100 * share:.2f}% (target <= 5%)"
         f"; final loss {losses['checkpointed']:.6f} vs {losses['plain']:.6f}")
     record("checkpoint_overhead", ratio=ratio, target="<= 1.05", met=ratio <= 1.05,
-           unit=f"training time with checkpoint_every={EVERY} / without", steps=STEPS, write_share=share,
+           unit=f"training time with checkpoint_every={EVERY} / without (fastest of each)", steps=STEPS, write_share=share,
            plain_s=spread(plain), checkpointed_s=spread(checked), writes_s=spread(written))
 
 
