@@ -14,8 +14,9 @@ Models (what each worker holds, for placement by model; written with the worker'
     hypha:model:<model>:stored        zset   worker_id -> when it joined, workers whose store holds the model
                                              (membership only: liveness is hypha:workers; no TTL)
     hypha:model:<model>:loaded        zset   worker_id -> when it joined, workers whose serving cache holds it
-    hypha:worker_indexes:<worker_id>  set    the model index keys above that name the worker (no TTL; lets a
-                                             returning worker, deregister and prune take it out of them)
+    hypha:worker_indexes:<worker_id>  string JSON {"stored": [ids], "loaded": [ids]}: the model indexes above that
+                                             name the worker (no TTL; lets a returning worker, deregister and
+                                             prune take it out of them)
     hypha:adapter_bases               hash   adapter id -> the id of its base model (ids are immutable)
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
@@ -118,7 +119,7 @@ class KeySchema:
         return f"{self.prefix}:model:{model}:{tier}"
 
     def worker_indexes(self, worker_id: str) -> str:
-        """The model indexes (:meth:`model_workers` keys) that name ``worker_id``."""
+        """Which model indexes (:meth:`model_workers`) name ``worker_id``, as JSON by tier."""
         return f"{self.prefix}:worker_indexes:{worker_id}"
 
     def adapter_bases(self) -> str:

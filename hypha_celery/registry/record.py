@@ -197,8 +197,8 @@ def register(
     now = time.time()
     fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl, extra, adapters=adapters, loaded=loaded)
     listed = {name: fields[name] for name in _LISTED}
-    indexes = frozenset([schema.model_workers(model, "stored") for model in caps.models]
-                        + [schema.model_workers(model, "loaded") for model in loaded])
+    held = json.dumps({"stored": sorted(set(caps.models)), "loaded": sorted(set(loaded))})
+    indexes = _indexes_of(schema, held)
     bases = dict(adapters or {})
     known = state.version is not None
     changed = not known or indexes != state.indexes or listed != state.listed
@@ -221,10 +221,10 @@ def register(
             pipe.expire(node_workers, max(1, int(ttl + 0.999)))
             if known:
                 _index(pipe, schema, record.worker_id, now, indexes - state.indexes, state.indexes - indexes,
-                       {adapter: base for adapter, base in bases.items() if state.bases.get(adapter) != base})
+                       {adapter: base for adapter, base in bases.items() if state.bases.get(adapter) != base}, held)
             prior = pipe.execute()[0]
         if not known or _text_or_none(prior) != state.version:
-            _republish(client, schema, record.worker_id, now, indexes, bases, {**listed, _VERSION: version})
+            _republish(client, schema, record.worker_id, now, held, bases, {**listed, _VERSION: version})
     except BaseException:
         state.forget()
         raise
@@ -236,34 +236,37 @@ def _text_or_none(value: Any) -> str | None:
     return None if value is None else _text(value)
 
 
-def _index(pipe: Any, schema: KeySchema, worker_id: str, now: float, added: frozenset[str] | set[str],
-           removed: frozenset[str] | set[str], bases: Mapping[str, str]) -> None:
-    """Queue the model index changes: the worker joins ``added`` and leaves ``removed``."""
+def _indexes_of(schema: KeySchema, held: Any) -> frozenset[str]:
+    """The model index keys a ``hypha:worker_indexes:<id>`` value (JSON ``{"stored": [ids], "loaded": [ids]}``) names."""
+    models = json.loads(held) if held else {}
+    return frozenset(schema.model_workers(model, tier) for tier, ids in models.items() for model in ids)
+
+
+def _index(pipe: Any, schema: KeySchema, worker_id: str, now: float, added: frozenset[str],
+           removed: frozenset[str], bases: Mapping[str, str], held: str) -> None:
+    """Queue the model index changes: the worker joins ``added`` and leaves ``removed``; ``held`` lists them all."""
     for index in sorted(added):
         pipe.zadd(index, {worker_id: now})
     for index in sorted(removed):
         pipe.zrem(index, worker_id)
-    own = schema.worker_indexes(worker_id)
-    if added:
-        pipe.sadd(own, *sorted(added))
-    if removed:
-        pipe.srem(own, *sorted(removed))
+    if added or removed:
+        pipe.set(schema.worker_indexes(worker_id), held)
     if bases:
         pipe.hset(schema.adapter_bases(), mapping=dict(bases))
 
 
-def _republish(client: redis.Redis, schema: KeySchema, worker_id: str, now: float, indexes: frozenset[str],
+def _republish(client: redis.Redis, schema: KeySchema, worker_id: str, now: float, held: str,
                bases: Mapping[str, str], fields: Mapping[str, str]) -> None:
     """Make Redis hold exactly this worker's model set again: join every index it holds, leave the rest."""
-    own = schema.worker_indexes(worker_id)
+    indexes = _indexes_of(schema, held)
     with redis_errors(_UNREACHABLE):
-        before = {_text(index) for index in client.smembers(own)}
+        before = _indexes_of(schema, client.get(schema.worker_indexes(worker_id)))
         with client.pipeline(transaction=True) as pipe:
             record: dict[Any, Any] = dict(fields)
             pipe.hset(schema.worker(worker_id), mapping=record)
             for index in sorted(indexes):
                 pipe.persist(index)  # a key written by an older version may carry a TTL
-            _index(pipe, schema, worker_id, now, indexes, before - indexes, bases)
+            _index(pipe, schema, worker_id, now, indexes, before - indexes, bases, held)
             pipe.execute()
 
 
@@ -274,7 +277,7 @@ def deregister(client: redis.Redis, worker_id: str, node_id: str, *, schema: Key
     node_workers = schema.node_workers(node_id)
     with redis_errors(_UNREACHABLE):
         own = schema.worker_indexes(worker_id)
-        indexes = client.smembers(own)
+        indexes = _indexes_of(schema, client.get(own))
         with client.pipeline(transaction=True) as pipe:
             for index in indexes:
                 pipe.zrem(index, worker_id)
@@ -323,11 +326,11 @@ def _drop_models(client: redis.Redis, gone: list[str], schema: KeySchema) -> Non
     """Take workers whose record expired out of the model indexes (once per worker: its list goes too)."""
     with client.pipeline(transaction=False) as pipe:
         for worker_id in gone:
-            pipe.smembers(schema.worker_indexes(worker_id))
+            pipe.get(schema.worker_indexes(worker_id))
         held = pipe.execute()
     with client.pipeline(transaction=False) as pipe:
         for worker_id, indexes in zip(gone, held, strict=True):
-            for index in indexes:
+            for index in _indexes_of(schema, indexes):
                 pipe.zrem(index, worker_id)
             pipe.delete(schema.worker_indexes(worker_id))
             pipe.hdel(schema.worker(worker_id), _VERSION)  # came back meanwhile? it republishes next refresh
