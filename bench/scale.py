@@ -8,8 +8,11 @@ refresh is :class:`~hypha_celery.worker.bootsteps.RegistryStep`'s own.
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -128,12 +131,15 @@ def _worker_keys(schema: keys.KeySchema, worker: str, node: str) -> dict[str, st
     """The keys one worker (alone on its node) owns, by what they hold."""
     return {"record": schema.worker(worker), "node_workers": schema.node_workers(node),
             "capacity": schema.node_capacity(node), "used": schema.node_used(node),
-            "leases": schema.leases(node), "lease_data": schema.lease_data(node)}
+            "leases": schema.leases(node), "lease_data": schema.lease_data(node),
+            "model_indexes": schema.worker_indexes(worker)}
 
 
 def _shared_keys(schema: keys.KeySchema) -> list[str]:
-    """The keys every worker adds an entry to (live index, placement indexes)."""
-    return [schema.workers(), *schema.placement().values()]
+    """The keys every worker adds an entry to (live index, placement indexes, the bench's models' indexes)."""
+    held = [schema.model_workers(model, tier) for model in ("mlp", "tiny-llama", "tiny-bert-embedder")
+            for tier in ("stored", "loaded")]
+    return [schema.workers(), *schema.placement().values(), *held]
 
 
 def _memory_per_worker(client: redis.Redis, caps: Any, workers: int) -> dict[str, Any]:
@@ -167,6 +173,27 @@ def _memory_per_worker(client: redis.Redis, caps: Any, workers: int) -> dict[str
     _forget(client, schema)
     return {"used_memory_delta_per_worker": used / workers, "keys_of_one": one, "index_entries_per_worker": shared,
             "memory_usage_per_worker": sum(one.values()) + shared, "workers": workers}
+
+
+STORE_ENTRIES = 300  # entries in the refreshing worker's store, so what a refresh costs per model shows
+
+
+def _store_of(models: Path, into: Path, entries: int) -> Path:
+    """A store with ``models``' entries (linked) and more, up to ``entries``: copies of one manifest, no weights
+    (listing the store and reading a manifest is all a refresh does with an entry)."""
+    from hypha_celery.models.manifest import MODEL_MANIFEST
+
+    into.mkdir(parents=True, exist_ok=True)
+    real = sorted(entry for entry in models.iterdir() if (entry / MODEL_MANIFEST).is_file()) if models.is_dir() else []
+    for entry in real:
+        (into / entry.name).symlink_to(entry.resolve())
+    if real:
+        manifest = json.loads((real[0] / MODEL_MANIFEST).read_text())
+        for index in range(max(0, entries - len(real))):
+            model_id = f"bench-entry-{index:04d}"
+            (into / model_id).mkdir()
+            (into / model_id / MODEL_MANIFEST).write_text(json.dumps({**manifest, "id": model_id}))
+    return into
 
 
 def _refresh_cost(url: str, client: redis.Redis, models: Path, refreshes: int) -> dict[str, Any]:
@@ -207,7 +234,8 @@ def _refresh_cost(url: str, client: redis.Redis, models: Path, refreshes: int) -
 def bench_registry(url: str, models: Path) -> None:
     """Redis memory per registered worker, and one registry refresh in commands, bytes and PING times.
 
-    The refreshing worker's store is ``models`` (the bench's example models), as a worker's would be.
+    The refreshing worker's store is ``models`` (the bench's example models) plus manifest-only entries up to
+    ``STORE_ENTRIES``, so a cost per model would show; its model set does not change between refreshes.
     """
     from hypha_celery.config import parse_config
     from hypha_celery.resources.capabilities import detect_capabilities
@@ -227,11 +255,18 @@ def bench_registry(url: str, models: Path) -> None:
            unit="KiB of Redis memory per registered worker (INFO used_memory delta)", **memory)
 
     refreshes = 200
-    cost = _refresh_cost(url, client, models, refreshes)
+    store = Path(tempfile.mkdtemp(prefix="hypha-bench-store-"))
+    try:
+        held = _store_of(models, store / "models", STORE_ENTRIES)
+        entries = len(list(held.iterdir()))
+        cost = _refresh_cost(url, client, held, refreshes)
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
     ping = _ping_ms(client)
     ratio = cost["ms"] / ping
     names = ", ".join(f"{name} {calls:.2f}" for name, calls in cost["commands"].items())
-    say(f"    one refresh: {cost['round_trips']:.2f} round trips, {cost['total_commands']:.2f} commands ({names}), "
+    say(f"    one refresh of a worker whose store holds {entries} entries, none changing: "
+        f"{cost['round_trips']:.2f} round trips, {cost['total_commands']:.2f} commands ({names}), "
         f"{cost['bytes_in']:.0f} bytes to Redis and {cost['bytes_out']:.0f} back")
     on_redis = max(0.0, cost["ms"] - cost["local_ms"])
     say(f"    one refresh takes {cost['ms']:.3f} ms = {ratio:.1f} PINGs ({ping:.3f} ms), of which reading this machine "
@@ -240,6 +275,6 @@ def bench_registry(url: str, models: Path) -> None:
         f"{10_000 / 60 * (cost['bytes_in'] + cost['bytes_out']) / 1024:.0f} KiB/s")
     record("registry_refresh", ratio=ratio, target="reported", met=True,
            unit="one RegistryStep.refresh / one PING (time)", refresh_ms=cost["ms"], ping_ms=ping,
-           redis_part_pings=on_redis / ping, refreshes=refreshes,
+           redis_part_pings=on_redis / ping, refreshes=refreshes, store_entries=entries,
            **{k: v for k, v in cost.items() if k != "ms"})
     client.close()

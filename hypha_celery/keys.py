@@ -9,10 +9,14 @@ Registry (one record per worker, written by the registry bootstep)::
                                              lease_heartbeat after its sweeper's last mark; kept an hour)
     hypha:sweeper                     string the queue sweeper's lock: the one worker sweeping now
 
-Models (what each worker holds, for placement by model; written with the worker's record)::
+Models (what each worker holds, for placement by model; written with the worker's record when it changes)::
 
-    hypha:model:<model>:stored        zset   worker_id -> expiry, workers whose store holds the model
-    hypha:model:<model>:loaded        zset   worker_id -> expiry, workers whose serving cache holds it now
+    hypha:model:<model>:stored        zset   worker_id -> when it joined, workers whose store holds the model
+                                             (membership only: liveness is hypha:workers; no TTL)
+    hypha:model:<model>:loaded        zset   worker_id -> when it joined, workers whose serving cache holds it
+    hypha:worker_indexes:<worker_id>  string JSON {"stored": [ids], "loaded": [ids]}: the model indexes above that
+                                             name the worker (no TTL; lets a returning worker, deregister and
+                                             prune take it out of them)
     hypha:adapter_bases               hash   adapter id -> the id of its base model (ids are immutable)
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
@@ -113,6 +117,10 @@ class KeySchema:
     def model_workers(self, model: str, tier: str) -> str:
         """Workers holding ``model``: ``tier`` ``stored`` (in the store) or ``loaded`` (in a serving cache)."""
         return f"{self.prefix}:model:{model}:{tier}"
+
+    def worker_indexes(self, worker_id: str) -> str:
+        """Which model indexes (:meth:`model_workers`) name ``worker_id``, as JSON by tier."""
+        return f"{self.prefix}:worker_indexes:{worker_id}"
 
     def adapter_bases(self) -> str:
         return f"{self.prefix}:adapter_bases"

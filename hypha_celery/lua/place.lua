@@ -2,7 +2,8 @@
 -- KEYS (keys.KeySchema.placement, in this order):
 --   1 free_memory, 2 free_core_milli, 3 free_whole_cores, 4 free_gpus, 5 free_gpu_memory,
 --   6 cap_memory, 7 cap_cores, 8 cap_gpus, 9 cap_gpu_memory,
---   10... preferred holders, best first (keys.KeySchema.model_workers: worker -> expiry), may be none
+--   10 workers (keys.KeySchema.workers: the live index, worker -> expiry),
+--   11... preferred holders, best first (keys.KeySchema.model_workers: membership only), may be none
 -- ARGV: 1 mode ('free' = fits now, 'capacity' = could ever fit), 2 memory, 3 cpu_milli,
 --       4 gpus, 5 gpu_memory, 6 exclude worker id, 7 scan limit,
 --       8, 9 what comes before and after the node in a node's workers key (keys.KeySchema.node_workers_affixes)
@@ -29,7 +30,8 @@ local NODE_WORKERS_HEAD = ARGV[8]
 local NODE_WORKERS_TAIL = ARGV[9]
 local WORKER_HEAD = ARGV[10]
 local WORKER_TAIL = ARGV[11]
-local HOLDERS = {unpack(KEYS, 10)}
+local WORKERS = KEYS[10]
+local HOLDERS = {unpack(KEYS, 11)}
 
 local INDEXES = {FREE_MEMORY, FREE_CORE_MILLI, FREE_WHOLE_CORES, FREE_GPUS, FREE_GPU_MEMORY,
                  CAP_MEMORY, CAP_CORES, CAP_GPUS, CAP_GPU_MEMORY}
@@ -100,13 +102,17 @@ elseif MEMORY == 0 then
   else primary, floor = FREE_CORE_MILLI, CPU_MILLI end
 end
 -- Workers that hold the model (or an adapter's base): the tightest fit among the first set's live
--- holders, then the next set's. Ties go to the first met.
+-- holders, then the next set's. Ties go to the first met. A holder is live while the live index says
+-- so; one whose record is gone leaves the set here (a worker that comes back publishes it again).
 if MODE == 'free' then
   for _, holders in ipairs(HOLDERS) do
     local best, best_score = nil, nil
-    for _, w in ipairs(redis.call('ZRANGEBYSCORE', holders, now, '+inf', 'LIMIT', 0, SCAN_LIMIT)) do
-      if w ~= EXCLUDE then
-        local node = redis.call('HGET', WORKER_HEAD .. w .. WORKER_TAIL, 'node_id')
+    for _, w in ipairs(redis.call('ZRANGE', holders, 0, SCAN_LIMIT - 1)) do
+      local record = WORKER_HEAD .. w .. WORKER_TAIL
+      if tonumber(redis.call('ZSCORE', WORKERS, w) or '-1') < now then
+        if redis.call('EXISTS', record) == 0 then redis.call('ZREM', holders, w) end
+      elseif w ~= EXCLUDE then
+        local node = redis.call('HGET', record, 'node_id')
         if node and fits(node) then
           local s = score(primary, node)
           if best == nil or s < best_score then best, best_score = {node, w}, s end

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hypha_celery.registry.inference_times import EMA_ALPHA, InferenceTimes
 from hypha_celery.registry.record import (
+    Published,
     WorkerRecord,
     decode_record,
     deregister,
@@ -16,6 +17,7 @@ from hypha_celery.registry.record import (
 __all__ = [
     "EMA_ALPHA",
     "InferenceTimes",
+    "Published",
     "WorkerRecord",
     "decode_record",
     "deregister",

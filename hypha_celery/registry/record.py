@@ -18,9 +18,17 @@ is there from the first write (``{}`` until a task was timed); only
 ``models`` lists every entry of the worker's store, LoRA adapters included;
 ``adapters`` maps each adapter among them to its base's id and ``loaded`` lists
 what its serving executors hold in memory now. The same transaction indexes
-them for placement (``hypha:model:<id>:stored`` / ``:loaded``, worker -> expiry,
+them for placement (``hypha:model:<id>:stored`` / ``:loaded``, membership only,
 and ``hypha:adapter_bases``), so a scheduler finds the workers holding a model
-or an adapter's base without reading records.
+or an adapter's base without reading records. A refresh costs what changed, not
+what is held: the worker remembers what it last wrote (:class:`Published`) and
+sends only the difference, stamping the record's ``index_version``; these three
+fields are rewritten only when they change. Liveness is the live index's, so a
+dead worker's entries are ignored by placement and pruned lazily (placement,
+:func:`deregister`, :func:`prune`). When the record's ``index_version`` is not
+the one the worker last wrote (its record expired, Redis was flushed or restored
+from a snapshot, or a refresh failed half-way), the worker republishes all of it
+and takes itself out of the indexes ``hypha:worker_indexes:<id>`` still names.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -42,7 +51,7 @@ from hypha_celery.resources.ledger import Ledger, Usage
 if TYPE_CHECKING:  # a scheduler reads records without the worker's psutil
     from hypha_celery.resources.capabilities import WorkerCapabilities
 
-__all__ = ["WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
+__all__ = ["Published", "WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
 
 _JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory", "adapters", "loaded")
 _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
@@ -51,6 +60,8 @@ _INT_FIELDS = (
     "max_memory_per_task", "max_cpu_cores_per_task", "free_memory", "cache_hits", "cache_misses",
 )
 _AVERAGES = "avg_inference_time"
+_LISTED = ("models", "adapters", "loaded")  # rewritten only when they change, with the model indexes
+_VERSION = "index_version"
 _UNREACHABLE = "registry Redis unreachable"
 
 
@@ -67,6 +78,24 @@ class WorkerRecord:
     verify_task_signatures: bool
     started_at: float
     hostname: str = socket.gethostname()
+
+
+@dataclass
+class Published:
+    """What one worker last wrote to the model indexes (its own, in memory), so a refresh sends only changes.
+
+    ``version`` is ``None`` until a write is known to have landed: then the next
+    :func:`register` republishes everything.
+    """
+
+    version: str | None = None
+    indexes: frozenset[str] = frozenset()
+    listed: dict[str, str] = field(default_factory=dict)
+    bases: dict[str, str] = field(default_factory=dict)
+
+    def forget(self) -> None:
+        """Whatever Redis holds is unknown now (a write failed): republish at the next refresh."""
+        self.version, self.indexes, self.listed, self.bases = None, frozenset(), {}, {}
 
 
 def encode_record(
@@ -136,6 +165,9 @@ def decode_record(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
         else:
             record[name] = text
     record.setdefault(_AVERAGES, {})
+    record.setdefault("models", [])  # a record recreated after it expired gets these back at once
+    record.setdefault("adapters", {})
+    record.setdefault("loaded", [])
     return record
 
 
@@ -149,6 +181,7 @@ def register(
     extra: Mapping[str, int] | None = None,
     adapters: Mapping[str, str] | None = None,
     loaded: Sequence[str] = (),
+    published: Published | None = None,
     schema: KeySchema | None = None,
 ) -> float:
     """Write (or refresh) a worker's record and index entries in one transaction; returns the time written.
@@ -156,30 +189,85 @@ def register(
     A new record gets ``avg_inference_time`` from ``caps`` (``{}`` when nothing was timed) in
     the same transaction; a refresh leaves the field to ``InferenceTimes``. ``adapters``
     (adapter id -> base id) and ``loaded`` (models held in memory) feed placement by model.
+    ``published`` is what this worker last wrote (kept by the caller across refreshes): with
+    it, an unchanged model set costs no per-model command; without it, everything is written.
     """
     schema = schema or KeySchema.from_env()
+    state = published if published is not None else Published()
     now = time.time()
     fields: dict[Any, Any] = encode_record(record, caps, usage, now, ttl, extra, adapters=adapters, loaded=loaded)
-    held = [(schema.model_workers(model, "stored"), model) for model in caps.models]
-    held += [(schema.model_workers(model, "loaded"), model) for model in loaded]
+    listed = {name: fields[name] for name in _LISTED}
+    held = json.dumps({"stored": sorted(set(caps.models)), "loaded": sorted(set(loaded))})
+    indexes = _indexes_of(schema, held)
+    bases = dict(adapters or {})
+    known = state.version is not None
+    changed = not known or indexes != state.indexes or listed != state.listed
+    version = state.version if state.version is not None and not changed else uuid.uuid4().hex[:16]
+    if changed:
+        fields[_VERSION] = version
+    else:
+        for name in _LISTED:
+            del fields[name]
     key = schema.worker(record.worker_id)
     node_workers = schema.node_workers(record.node_id)
-    with redis_errors(_UNREACHABLE), client.pipeline(transaction=True) as pipe:
-        pipe.hset(key, mapping=fields)
-        pipe.hsetnx(key, _AVERAGES, json.dumps(caps.avg_inference_time))
-        pipe.expire(key, max(1, int(ttl + 0.999)))
-        pipe.zadd(schema.workers(), {record.worker_id: now + ttl})
-        pipe.zadd(node_workers, {record.worker_id: now + ttl})
-        pipe.expire(node_workers, max(1, int(ttl + 0.999)))
-        for index, _ in held:  # an entry lives as long as the record; a dropped model's entry expires
-            pipe.zremrangebyscore(index, "-inf", now)
-            pipe.zadd(index, {record.worker_id: now + ttl})
-            pipe.expire(index, max(1, int(ttl + 0.999)))
-        if adapters:
-            bases: dict[Any, Any] = dict(adapters)
-            pipe.hset(schema.adapter_bases(), mapping=bases)
-        pipe.execute()
+    try:
+        with redis_errors(_UNREACHABLE), client.pipeline(transaction=True) as pipe:
+            pipe.hget(key, _VERSION)
+            pipe.hset(key, mapping=fields)
+            pipe.hsetnx(key, _AVERAGES, json.dumps(caps.avg_inference_time))
+            pipe.expire(key, max(1, int(ttl + 0.999)))
+            pipe.zadd(schema.workers(), {record.worker_id: now + ttl})
+            pipe.zadd(node_workers, {record.worker_id: now + ttl})
+            pipe.expire(node_workers, max(1, int(ttl + 0.999)))
+            if known:
+                _index(pipe, schema, record.worker_id, now, indexes - state.indexes, state.indexes - indexes,
+                       {adapter: base for adapter, base in bases.items() if state.bases.get(adapter) != base}, held)
+            prior = pipe.execute()[0]
+        if not known or _text_or_none(prior) != state.version:
+            _republish(client, schema, record.worker_id, now, held, bases, {**listed, _VERSION: version})
+    except BaseException:
+        state.forget()
+        raise
+    state.version, state.indexes, state.listed, state.bases = version, indexes, listed, bases
     return now
+
+
+def _text_or_none(value: Any) -> str | None:
+    return None if value is None else _text(value)
+
+
+def _indexes_of(schema: KeySchema, held: Any) -> frozenset[str]:
+    """The model index keys a ``hypha:worker_indexes:<id>`` value (JSON ``{"stored": [ids], "loaded": [ids]}``) names."""
+    models = json.loads(held) if held else {}
+    return frozenset(schema.model_workers(model, tier) for tier, ids in models.items() for model in ids)
+
+
+def _index(pipe: Any, schema: KeySchema, worker_id: str, now: float, added: frozenset[str],
+           removed: frozenset[str], bases: Mapping[str, str], held: str) -> None:
+    """Queue the model index changes: the worker joins ``added`` and leaves ``removed``; ``held`` lists them all."""
+    for index in sorted(added):
+        pipe.zadd(index, {worker_id: now})
+    for index in sorted(removed):
+        pipe.zrem(index, worker_id)
+    if added or removed:
+        pipe.set(schema.worker_indexes(worker_id), held)
+    if bases:
+        pipe.hset(schema.adapter_bases(), mapping=dict(bases))
+
+
+def _republish(client: redis.Redis, schema: KeySchema, worker_id: str, now: float, held: str,
+               bases: Mapping[str, str], fields: Mapping[str, str]) -> None:
+    """Make Redis hold exactly this worker's model set again: join every index it holds, leave the rest."""
+    indexes = _indexes_of(schema, held)
+    with redis_errors(_UNREACHABLE):
+        before = _indexes_of(schema, client.get(schema.worker_indexes(worker_id)))
+        with client.pipeline(transaction=True) as pipe:
+            record: dict[Any, Any] = dict(fields)
+            pipe.hset(schema.worker(worker_id), mapping=record)
+            for index in sorted(indexes):
+                pipe.persist(index)  # a key written by an older version may carry a TTL
+            _index(pipe, schema, worker_id, now, indexes, before - indexes, bases, held)
+            pipe.execute()
 
 
 def deregister(client: redis.Redis, worker_id: str, node_id: str, *, schema: KeySchema | None = None) -> None:
@@ -188,12 +276,12 @@ def deregister(client: redis.Redis, worker_id: str, node_id: str, *, schema: Key
     now = time.time()
     node_workers = schema.node_workers(node_id)
     with redis_errors(_UNREACHABLE):
-        models, loaded = client.hmget(schema.worker(worker_id), ["models", "loaded"])
+        own = schema.worker_indexes(worker_id)
+        indexes = _indexes_of(schema, client.get(own))
         with client.pipeline(transaction=True) as pipe:
-            for tier, raw in (("stored", models), ("loaded", loaded)):
-                for model in json.loads(raw) if raw else []:
-                    pipe.zrem(schema.model_workers(model, tier), worker_id)
-            pipe.delete(schema.worker(worker_id))
+            for index in indexes:
+                pipe.zrem(index, worker_id)
+            pipe.delete(schema.worker(worker_id), own)
             pipe.zrem(schema.workers(), worker_id)
             pipe.zrem(node_workers, worker_id)
             pipe.zcount(node_workers, now, "+inf")
@@ -210,7 +298,7 @@ def _drop_node(client: redis.Redis, node_id: str, schema: KeySchema) -> None:
 
 
 def prune(client: redis.Redis, now: float | None = None, *, schema: KeySchema | None = None) -> list[str]:
-    """Drop index entries of workers whose record expired; returns their ids.
+    """Drop index entries of workers whose record expired, model indexes included; returns their ids.
 
     Their nodes leave the placement indexes when placement next meets them
     (``lua/place.lua``), and ``hypha:node:<node>:workers`` entries expire with
@@ -229,8 +317,24 @@ def prune(client: redis.Redis, now: float | None = None, *, schema: KeySchema | 
         # A record that still exists was refreshed after this index entry was read.
         gone = [worker_id for worker_id, exists in zip(stale, alive, strict=True) if not exists]
         if gone:
+            _drop_models(client, gone, schema)
             client.zrem(schema.workers(), *gone)
     return gone
+
+
+def _drop_models(client: redis.Redis, gone: list[str], schema: KeySchema) -> None:
+    """Take workers whose record expired out of the model indexes (once per worker: its list goes too)."""
+    with client.pipeline(transaction=False) as pipe:
+        for worker_id in gone:
+            pipe.get(schema.worker_indexes(worker_id))
+        held = pipe.execute()
+    with client.pipeline(transaction=False) as pipe:
+        for worker_id, indexes in zip(gone, held, strict=True):
+            for index in _indexes_of(schema, indexes):
+                pipe.zrem(index, worker_id)
+            pipe.delete(schema.worker_indexes(worker_id))
+            pipe.hdel(schema.worker(worker_id), _VERSION)  # came back meanwhile? it republishes next refresh
+        pipe.execute()
 
 
 def list_workers(client: redis.Redis, *, live_usage: bool = True, schema: KeySchema | None = None) -> list[dict[str, Any]]:

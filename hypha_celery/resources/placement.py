@@ -14,7 +14,10 @@ A request for a model prefers the workers that hold it, from the registry's
 model indexes (:mod:`hypha_celery.registry.record`), best first: the model in
 a serving cache, an adapter's base in a serving cache, the model in the store,
 the adapter's base in the store; within a tier the tightest fit wins. Only
-when no holder fits now does best fit over every node decide. One more round
+when no holder fits now does best fit over every node decide. The model
+indexes hold membership only; a holder counts while the live index
+(``hypha:workers``) says its record is live, and one whose record is gone is
+dropped from the index when placement meets it. One more round
 trip reads an adapter's base (``hypha:adapter_bases``).
 """
 
@@ -66,7 +69,8 @@ class Placement:
         args = [mode, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, exclude or "", SCAN_LIMIT, *self._node_workers,
                 *self._worker]
         with redis_errors(_UNREACHABLE):
-            found = lua.script("place")(self.redis, [*self._keys, *self.holders(model)], args)
+            found = lua.script("place")(self.redis, [*self._keys, self.schema.workers(), *self.holders(model)],
+                                        args)
         if not found:
             return None
         node, worker = (item.decode() if isinstance(item, bytes) else item for item in found)

@@ -175,6 +175,7 @@ class RegistryStep(bootsteps.StartStopStep):
         self.context: NodeContext  # the worker's, from NodeStep, at start
         self.healthy = True
         self._bases: dict[str, str | None] = {}  # model id -> its base's id (an adapter) or None
+        self.published = registry.Published()  # what the model indexes hold for us: a refresh sends changes only
         c.hypha_registry = None
 
     def start(self, c: Any) -> None:
@@ -222,7 +223,8 @@ class RegistryStep(bootsteps.StartStopStep):
             usage = ctx.ledger.usage()
             loaded = sorted({model for lane in ctx.executors.cache().values() for model in lane})
             registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
-                              extra=ctx.metrics.cache_totals(), adapters=self._adapters(caps.models), loaded=loaded)
+                              extra=ctx.metrics.cache_totals(), adapters=self._adapters(caps.models), loaded=loaded,
+                              published=self.published)
             ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
         except HyphaError as exc:
             if self.healthy:
@@ -244,6 +246,7 @@ class RegistryStep(bootsteps.StartStopStep):
         if self.record is not None:
             try:
                 registry.deregister(self.context.redis, self.record.worker_id, self.record.node_id)
+                self.published.forget()
                 log.info("%s removed from the registry", self.record.worker_id)
             except HyphaError as exc:
                 log.warning("could not remove %s from the registry: %s", self.record.worker_id, exc)

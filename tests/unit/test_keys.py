@@ -55,6 +55,7 @@ def _roles(schema: KeySchema) -> dict[str, str]:
         **{name.upper(): key for name, key in schema.placement().items()},
         "GUARD": schema.task_guard(TASK),
         "WORKER": schema.worker(WORKER),
+        "WORKERS": schema.workers(),
     }
 
 

@@ -102,6 +102,26 @@ def test_a_registry_outage_is_registry_unavailable() -> None:
         times.flush(client, "celery@a")
 
 
+def test_a_failed_refresh_republishes_everything_at_the_next() -> None:
+    # Given a worker that has published its models once
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server)
+    caps = detect_capabilities(parse_config({}), ["mlp"])
+    published = registry.Published()
+    registry.register(client, _record(), caps, None, ttl=30, published=published)
+    assert published.version is not None
+    # When a refresh fails (Redis down: whether it landed is unknown)
+    server.connected = False
+    with pytest.raises(RegistryUnavailable):
+        registry.register(client, _record(), caps, None, ttl=30, published=published)
+    # Then the worker forgets what it published, and the next refresh writes it all again
+    assert published.version is None and published.indexes == frozenset()
+    server.connected = True
+    client.delete(keys.KeySchema().model_workers("mlp", "stored"))
+    registry.register(client, _record(), caps, None, ttl=30, published=published)
+    assert client.zscore(keys.KeySchema().model_workers("mlp", "stored"), "celery@a") is not None
+
+
 def test_moving_average_is_kept_across_refreshes() -> None:
     client = fakeredis.FakeRedis()
     caps = detect_capabilities(parse_config({}), [])
