@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
+
+from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage
 
 _PROCESS_FIXTURES = frozenset({
     "redis_url", "redis_client", "redis_cluster_url", "cluster_client", "amqp_url", "start_worker", "celery_client",
@@ -16,3 +21,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         wanted = _PROCESS_FIXTURES & set(getattr(item, "fixturenames", ()))
         if wanted:
             raise pytest.UsageError(f"{item.nodeid} is a unit test but uses {sorted(wanted)}: move it to tests/e2e")
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Storage]:
+    """An S3 bucket in moto's in-process mock, behind hypha's S3 shared storage (no credentials read from the host)."""
+    import boto3
+    from moto import mock_aws
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", str(tmp_path / "none")),
+                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))):
+        monkeypatch.setenv(name, value)
+    with mock_aws():
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="shared")
+        yield S3Storage("shared", region="us-east-1", prefix="runs")
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
+    """Shared storage on a local folder, then on S3 (moto)."""
+    if request.param == "local":
+        return LocalStorage(tmp_path / "shared")
+    return request.getfixturevalue("s3")  # type: ignore[no-any-return]

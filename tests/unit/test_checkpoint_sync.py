@@ -23,26 +23,6 @@ TASK = "5e0c1a7b-3d2f-4b8e-9a61-0c4d2e8f7a13"
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]
 
 
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Storage]:
-    import boto3
-    from moto import mock_aws
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", str(tmp_path / "none")),
-                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))):
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="shared")
-        yield S3Storage("shared", region="us-east-1", prefix="fleet")
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
-    if request.param == "local":
-        return LocalStorage(tmp_path / "shared")
-    return request.getfixturevalue("s3")  # type: ignore[no-any-return]
-
 
 def _write(root: Path, step: int, payload: bytes = b"") -> Path:
     """A checkpoint folder as Checkpoints.save publishes it (the contents do not matter to the copying)."""

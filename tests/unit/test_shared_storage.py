@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,28 +9,7 @@ import pytest
 from hypha_celery.config.parse import parse_config
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import ConfigError, SharedStorageError
-from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage, models_source, open_storage
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[S3Storage]:
-    import boto3
-    from moto import mock_aws
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_CONFIG_FILE", str(tmp_path / "none")),
-                        ("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))):
-        monkeypatch.setenv(name, value)
-    with mock_aws():
-        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="shared")
-        yield S3Storage("shared", region="us-east-1", prefix="runs")
-
-
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
-    if request.param == "local":
-        return LocalStorage(tmp_path / "shared")
-    return request.getfixturevalue("s3")  # type: ignore[no-any-return]
+from hypha_celery.models.shared_storage import LocalStorage, SharedStorage, models_source, open_storage
 
 
 def test_a_file_goes_in_and_comes_back_with_its_sha256(storage: SharedStorage, tmp_path: Path) -> None:
