@@ -16,8 +16,9 @@ it as SGD with Nesterov momentum does (``torch.optim.SGD(nesterov=True)``)::
 
 With ``outer_lr = 1`` and ``momentum = 0`` the next version is the
 samples-weighted average of the workers' trained weights (FedAvg). Float
-checkpoints only (float16/32/64); a bfloat16 checkpoint is refused, since numpy
-has no bfloat16. Every file carries its job, round and base sha256 in its
+checkpoints only: float16/32/64 and bfloat16 (numpy's through ``ml_dtypes``, the
+dtype most published checkpoints use); the arithmetic is done in float32/64 and
+the next version keeps the base's dtypes. Every file carries its job, round and base sha256 in its
 safetensors metadata, and a delta is checked against them and the base's
 tensor names and shapes before it is used.
 """
@@ -35,20 +36,22 @@ if TYPE_CHECKING:
 
 __all__ = ["WeightedMean", "check_delta", "load_weights", "nesterov", "outer_step", "pseudo_gradient", "save_tensors"]
 
-_FLOATS = ("float16", "float32", "float64")
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 def load_weights(path: Path, what: str) -> dict[str, np.ndarray]:
     """A float checkpoint's tensors by name (``what`` names it in errors)."""
+    import ml_dtypes  # noqa: F401 - registers bfloat16 with numpy, which safetensors.numpy then reads and writes
     from safetensors.numpy import load_file
 
     try:
         tensors = load_file(str(path))
-    except (OSError, ValueError, TypeError) as exc:  # bfloat16 (no numpy dtype), a garbled header
-        raise UnsupportedModel(f"{what}: DiLoCo reads float16/32/64 safetensors only ({exc})") from None
+    except (OSError, ValueError, TypeError) as exc:  # a dtype numpy lacks (float8), a garbled header
+        raise UnsupportedModel(f"{what}: DiLoCo reads float16/bfloat16/32/64 safetensors only ({exc})") from None
     for name, tensor in tensors.items():
         if str(tensor.dtype) not in _FLOATS:
-            raise UnsupportedModel(f"{what}: tensor {name} is {tensor.dtype}; DiLoCo reads float16/32/64 tensors only")
+            raise UnsupportedModel(f"{what}: tensor {name} is {tensor.dtype}; DiLoCo reads float16/bfloat16/32/64 "
+                                   "tensors only")
     return tensors
 
 

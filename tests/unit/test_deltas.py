@@ -49,12 +49,34 @@ def test_a_delta_for_another_round_or_of_other_shapes_is_refused(tmp_path: Path)
         check_delta(tmp_path / "junk.safetensors", base, META, "junk")
 
 
-def test_a_bfloat16_checkpoint_is_refused_with_the_reason(tmp_path: Path) -> None:
-    from safetensors.torch import save_file
+def test_a_bfloat16_base_gives_a_float32_delta_and_a_bfloat16_next_version(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
 
-    save_file({"w": torch.zeros(2, dtype=torch.bfloat16)}, str(tmp_path / "bf16.safetensors"))
-    with pytest.raises(UnsupportedModel, match="float16/32/64"):
-        load_weights(tmp_path / "bf16.safetensors", "bf16")
+    # Given a bfloat16 base (as published checkpoints are) and its float32 fine-tune (the trainer works in float32)
+    base = {k: torch.tensor(v).to(torch.bfloat16) for k, v in _weights(0).items()}
+    trained = {k: v.float() - 0.25 for k, v in base.items()}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(trained, str(tmp_path / "trained.safetensors"))
+    # When the pseudo-gradient is written and one outer step applied
+    pseudo_gradient(tmp_path / "base.safetensors", tmp_path / "trained.safetensors", tmp_path / "d.safetensors", META)
+    start = load_weights(tmp_path / "base.safetensors", "base")
+    delta = check_delta(tmp_path / "d.safetensors", start, META, "d")
+    weights, _ = outer_step(start, [(delta, 1)], None, lr=1.0, momentum=0.0)
+    save_tensors(weights, tmp_path / "next.safetensors", {})
+    # Then the delta is float32 base - trained, and the next version is bfloat16 equal to the trained weights
+    for name in base:
+        assert str(delta[name].dtype) == "float32"
+        np.testing.assert_allclose(delta[name], np.full(base[name].shape, 0.25, np.float32))
+    nxt = load_file(str(tmp_path / "next.safetensors"))
+    for name in base:
+        assert nxt[name].dtype == torch.bfloat16
+        assert torch.equal(nxt[name], trained[name].to(torch.bfloat16))
+
+
+def test_a_checkpoint_of_integers_is_refused_with_the_reason(tmp_path: Path) -> None:
+    save_tensors({"w": np.zeros(2, np.int64)}, tmp_path / "ints.safetensors", {})
+    with pytest.raises(UnsupportedModel, match="float16/bfloat16/32/64"):
+        load_weights(tmp_path / "ints.safetensors", "ints")
 
 
 def test_with_lr_one_and_no_momentum_the_step_is_the_sample_weighted_average() -> None:
