@@ -64,11 +64,12 @@ def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, r
     """``workers(storage, count)``: workers with their own stores, one core each, verifying signatures."""
     monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # the scheduler places and records nonces there
 
-    def start(storage: dict[str, Any], count: int = 2, metrics_ports: tuple[int, ...] = ()) -> list[Any]:
+    def start(storage: dict[str, Any], count: int = 2, metrics_ports: tuple[int, ...] = (),
+              sources: tuple[Path, ...] = ()) -> list[Any]:
         return [start_worker({
             **({"monitoring": {"collect_metrics": True, "metrics_port": metrics_ports[index]}} if metrics_ports else {}),
             "models": {"model_dir": str(tmp_path / f"store-{index}"),
-                       "sources": [{"type": "local", "path": str(model_dir)}]},
+                       "sources": [{"type": "local", "path": str(path)} for path in (model_dir, *sources)]},
             "training": {"shared_storage": storage},
             "resources": {"node_id": f"node-{index}-{tmp_path.name}", "cpu_cores": 1},
             "task_timeout": 240,
@@ -117,6 +118,42 @@ def test_diloco_rounds_on_a_shared_folder_lower_the_loss_and_two_jobs_do_not_mix
             assert record["job"] == job and record["round"] == round_ and record["deltas"] == 2
             deltas = sorted((shared / "jobs" / job / f"round-{round_}").glob("*.safetensors"))
             assert len(deltas) == 2
+
+
+def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        model_dir: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hypha_celery.models.safetensors_header import read_header
+    from hypha_celery.models.store import ModelStore
+
+    # Given the tiny causal LM with its weights in bfloat16, as published checkpoints are, in a source of its own
+    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    copy = tmp_path / "bf16-copy"
+    copy.mkdir()
+    for entry in folder.iterdir():
+        if entry.is_file() and entry.name != "manifest.json":
+            (copy / entry.name).write_bytes(entry.read_bytes())
+    weights = load_file(str(folder / "model.safetensors"))
+    save_file({name: tensor.to(torch.bfloat16) for name, tensor in weights.items()}, str(copy / "model.safetensors"),
+              metadata={"format": "pt"})
+    config = json.loads((copy / "config.json").read_text())
+    config["dtype"] = "bfloat16"
+    (copy / "config.json").write_text(json.dumps(config))
+    source = tmp_path / "bf16-source"
+    ModelStore(source).import_hf(copy, "tiny-llama-bf16")
+    shared = tmp_path / "shared"
+    workers({"type": "local", "path": str(shared)}, sources=(source,))
+    # When DiLoCo trains it for two rounds on two workers
+    done = diloco("tiny-llama-bf16", shards(2, 8), rounds=2, inner_steps=3, outer_lr=1.0, outer_momentum=0.5,
+                  requirements=CORES, signing_key=key, app=celery_client(), round_timeout=300, **TRAIN).wait(timeout=600)
+    # Then both rounds took both deltas, and each version is bfloat16 like its base
+    assert [(r["round"], r["refused"], len(r["workers"]) >= 1) for r in done["rounds"]] == [(1, [], True), (2, [], True)]
+    for version in ("v1", "v2"):
+        header = read_header(shared / "models" / done["model_id"].replace("v2", version) / "model.safetensors")
+        assert header.dtype == "bfloat16", (version, header.dtype)
 
 
 @pytest.fixture
