@@ -113,7 +113,7 @@ def train_round(task: HyphaTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             raise InvalidTask("DiLoCo averages full weights: method must be 'full'")
         plain = {key: value for key, value in kwargs.items() if key != "diloco"}
         plain.update(max_steps=block.inner_steps, new_model=block.trained_id(task.request.id))
-        spec = train._validate(ctx, args, plain, task.request.id)
+        spec = train.validate_training(ctx, args, plain, task.request.id)
         if spec.finetune is None:
             raise InvalidTask(f"model {spec.model!r} is a built-in model: DiLoCo trains transformers models")
         return InnerSpec(train=spec, block=block)
@@ -124,7 +124,7 @@ def train_round(task: HyphaTask, args: tuple[Any, ...], kwargs: dict[str, Any]) 
 def _inner(run: Run, spec: InnerSpec) -> dict[str, Any]:
     from hypha_celery.tasks import train
 
-    result = train._run(run, spec.train)
+    result = train.run_training(run, spec.train)
     ctx, block, base = run.ctx, spec.block, spec.train.model
     output = result["output"]
     trained = output["model_id"]

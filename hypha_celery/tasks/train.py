@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
 
 
-def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any], task_id: str) -> TrainSpec:
+def validate_training(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any], task_id: str) -> TrainSpec:
     """Validate, then size a transformers model's ``"auto"`` requirements for training it."""
     spec = validate_train(ctx.config, ctx.store, args, kwargs, task_id)
     if spec.finetune is None:
@@ -75,7 +75,7 @@ def _training_size(store: ModelStore, manifest: Manifest, params: FinetuneParams
                     activation_bytes_per_token=activation_bytes_per_token(config))
 
 
-def _run(run: Run, spec: TrainSpec) -> dict[str, Any]:
+def run_training(run: Run, spec: TrainSpec) -> dict[str, Any]:
     if spec.finished is not None:
         return _answer_copy(run, spec, spec.finished)
     ctx = run.ctx
@@ -213,6 +213,6 @@ def train(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self,
         kwargs,
         args=args,
-        validate=lambda ctx: _validate(ctx, args, kwargs, self.request.id),
-        body=_run,
+        validate=lambda ctx: validate_training(ctx, args, kwargs, self.request.id),
+        body=run_training,
     )

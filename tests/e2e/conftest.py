@@ -5,6 +5,7 @@ Every test here carries the ``slow`` marker; ``pytest -m 'not slow'`` (or ``pyte
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def own_redis() -> Iterator[redis.Redis]:
         client = redis.Redis.from_url(server.url)
         yield client
         client.close()
+
+
+def copy_store(model_dir: Path, target: Path) -> Path:
+    """A writable copy of the session's example store (its lock files left behind) at ``target``."""
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
+    return target
+
+
+@pytest.fixture
+def store_dir(tmp_path: Path, model_dir: Path) -> Path:
+    """The test's own copy of the example store, for workers that write to it."""
+    return copy_store(model_dir, tmp_path / "store")

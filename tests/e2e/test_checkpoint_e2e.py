@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.tools.launch import wait_for
+from tests.e2e.conftest import copy_store
 
 TEXTS = ["the cat sat on the mat", "the dog ran across the park", "the train leaves at nine",
          "a bird sang in the tree"] * 3
@@ -28,18 +28,6 @@ KWARGS: dict[str, Any] = {
 # The resumed run's final loss may differ from the uninterrupted run's by at most this fraction of it. Both run
 # the same float32 arithmetic on one thread, so in practice they are equal; the margin allows another CPU's kernels.
 MARGIN = 0.01
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path, model_dir: Path) -> Path:
-    target = tmp_path / "store"
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
-    return target
-
-
-def _copy(model_dir: Path, target: Path) -> Path:
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
-    return target
 
 
 def _steps(folder: Path) -> list[int]:
@@ -94,7 +82,7 @@ def test_a_killed_worker_resumes_on_a_worker_with_another_model_dir_through_shar
         start_worker, celery_client, model_dir: Path, tmp_path: Path) -> None:
     # Given workers A and B with their own model_dirs (copies: the same base model) and one shared storage folder
     shared = tmp_path / "shared"
-    stores = [_copy(model_dir, tmp_path / name) for name in ("store-a", "store-b")]
+    stores = [copy_store(model_dir, tmp_path / name) for name in ("store-a", "store-b")]
     configs = [{"models": {"model_dir": str(store)}, "task_timeout": 300,
                 "training": {"shared_storage": {"type": "local", "path": str(shared)}}} for store in stores]
     a = start_worker(configs[0])
@@ -133,7 +121,7 @@ def test_a_tampered_shared_checkpoint_is_refused_and_the_run_starts_fresh(
     assert checkpoint_sync.upload(storage, tmp_path / "elsewhere", task_id) == 25
     storage.put_bytes(f"{checkpoint_sync.prefix(task_id)}/step-000000025/{checkpoint.STATE}", b"WEIGHTS " * 1000)
     # When a worker with that shared storage runs the task
-    store = _copy(model_dir, tmp_path / "store")
+    store = copy_store(model_dir, tmp_path / "store")
     start_worker({"models": {"model_dir": str(store)}, "task_timeout": 300,
                   "training": {"shared_storage": {"type": "local", "path": str(shared)}}})
     app = celery_client()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -23,13 +22,6 @@ CORES = {"cpu_cores": 1}  # memory: "auto", sized for training from the manifest
 POSITIVE = ("loved", "wonderful", "sunny", "warm", "fresh", "faster", "better")
 NEGATIVE = ("terrible", "boring", "rain", "fell", "sharply", "heavy", "expected")
 FILLER = ("the", "was", "and", "a", "today")
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path, model_dir: Path) -> Path:
-    target = tmp_path / "store"
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
-    return target
 
 
 def _toy(n: int, seed: int) -> tuple[list[str], list[str]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import subprocess
 import sys
 import time
@@ -22,13 +21,6 @@ from tests.conftest import free_port, scrape, wait_for
 from tests.e2e.test_worker_e2e import direct
 
 IMAGE = [[[((x * 7 + y) % 13) / 13 for y in range(28)] for x in range(28)]]
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path, model_dir: Path) -> Path:
-    target = tmp_path / "store"
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
-    return target
 
 
 def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, store_dir: Path, redis_url: str) -> None:

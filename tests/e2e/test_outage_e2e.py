@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import time
 import uuid
@@ -35,13 +34,6 @@ from tests.conftest import wait_for
 
 OUTAGES = 4
 OUTAGE_S = 7  # the 6-10 s
-
-
-@pytest.fixture
-def store_dir(tmp_path: Path, model_dir: Path) -> Path:
-    target = tmp_path / "store"
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns(".locks"))
-    return target
 
 
 def state(app: Any, task_id: str) -> str:
