@@ -269,7 +269,7 @@ def _run_of(root: Path, executors: Any = None, shared: Any = None) -> Any:
 def test_a_copy_answered_from_its_saved_model_deletes_the_checkpoints_left(tmp_path: Path) -> None:
     from hypha_celery.executor.protocol import Trained
     from hypha_celery.stages.validation import TrainSpec
-    from hypha_celery.tasks.train import _run
+    from hypha_celery.tasks.train import run_training
 
     # Given a checkpoint left by a run killed between saving its model and deleting it
     left = _left_checkpoint(tmp_path)
@@ -277,7 +277,7 @@ def test_a_copy_answered_from_its_saved_model_deletes_the_checkpoints_left(tmp_p
     spec = TrainSpec(model=TINY_LLAMA, data={}, epochs=1, lr=0.1, batch_size=2, new_model="done",
                      requirements=None, manifest=None, finished=trained)  # type: ignore[arg-type]
     # When the copy is answered from the saved model
-    result = _run(_run_of(tmp_path), spec)
+    result = run_training(_run_of(tmp_path), spec)
     # Then it reports what that run did, and the checkpoints are gone
     assert result["output"]["resumed_from_step"] == 1 and result["metrics"]["saved_earlier"] is True
     assert not left.exists()
@@ -288,7 +288,7 @@ def test_a_failed_run_deletes_its_checkpoints(tmp_path: Path) -> None:
 
     from hypha_celery.errors import ExecutionError
     from hypha_celery.stages.validation import FinetuneParams, TrainSpec
-    from hypha_celery.tasks.train import _run
+    from hypha_celery.tasks.train import run_training
 
     # Given a run whose executor job fails, with a checkpoint of the task on disk
     left = _left_checkpoint(tmp_path)
@@ -300,7 +300,7 @@ def test_a_failed_run_deletes_its_checkpoints(tmp_path: Path) -> None:
                      requirements=None, manifest=object(), finetune=FinetuneParams(checkpoint_every=4))  # type: ignore[arg-type]
     # When it runs, Then the failure is the task's answer, and its checkpoints are gone
     with pytest.raises(ExecutionError, match="boom"):
-        _run(_run_of(tmp_path, SimpleNamespace(run_job=fail)), spec)
+        run_training(_run_of(tmp_path, SimpleNamespace(run_job=fail)), spec)
     assert not left.exists()
 
 
@@ -311,7 +311,7 @@ def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copi
     from hypha_celery.models import checkpoint_sync
     from hypha_celery.models.shared_storage import LocalStorage
     from hypha_celery.stages.validation import FinetuneParams, TrainSpec
-    from hypha_celery.tasks.train import _run
+    from hypha_celery.tasks.train import run_training
 
     # Given a checkpoint of the task that another worker (another model_dir) uploaded to shared storage
     shared = LocalStorage(tmp_path / "shared")
@@ -327,7 +327,7 @@ def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copi
                      requirements=None, manifest=object(), finetune=FinetuneParams(checkpoint_every=4))  # type: ignore[arg-type]
     # When the task runs here and its executor job fails
     with pytest.raises(ExecutionError, match="boom"):
-        _run(_run_of(tmp_path / "store", SimpleNamespace(run_job=fail), shared), spec)
+        run_training(_run_of(tmp_path / "store", SimpleNamespace(run_job=fail), shared), spec)
     # Then the executor found the shared checkpoint in the local store, and both copies are gone
     assert seen[0] is not None and seen[0][0] == 4
     assert not checkpoint.folder(tmp_path / "store", TASK).exists()
@@ -339,7 +339,7 @@ def test_a_copy_answered_from_its_saved_model_deletes_the_shared_checkpoint(tmp_
     from hypha_celery.models import checkpoint_sync
     from hypha_celery.models.shared_storage import LocalStorage
     from hypha_celery.stages.validation import TrainSpec
-    from hypha_celery.tasks.train import _run
+    from hypha_celery.tasks.train import run_training
 
     # Given a shared checkpoint left by a run killed between saving its model and deleting it
     shared = LocalStorage(tmp_path / "shared")
@@ -349,5 +349,5 @@ def test_a_copy_answered_from_its_saved_model_deletes_the_shared_checkpoint(tmp_
     spec = TrainSpec(model=TINY_LLAMA, data={}, epochs=1, lr=0.1, batch_size=2, new_model="done",
                      requirements=None, manifest=None, finished=trained)  # type: ignore[arg-type]
     # When the copy is answered from the saved model, Then the shared checkpoint is gone
-    _run(_run_of(tmp_path / "store", shared=shared), spec)
+    run_training(_run_of(tmp_path / "store", shared=shared), spec)
     assert not (tmp_path / "shared" / checkpoint_sync.prefix(TASK)).exists()
