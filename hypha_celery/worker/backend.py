@@ -1,9 +1,15 @@
-"""Celery's Redis result backend, carrying a task's lease in its state writes' own round trips.
+"""Celery's Redis result backend, storing a task's states in fewer round trips and carrying its lease in them.
 
-Celery stores a task state as one ``MULTI`` / ``SETEX`` / ``PUBLISH`` / ``EXEC`` transaction. When
-the node's ledger lives on the same Redis server (host, port, database and user: the default, where
-the registry URL is the result backend's), :class:`ResultBackend` queues the ledger's scripts in
-those transactions, so the ledger costs no round trip of its own:
+Celery stores a task state in two round trips: a ``GET`` of the stored meta (a stored ``SUCCESS`` is
+never overwritten), then a ``MULTI`` / ``SETEX`` / ``PUBLISH`` / ``EXEC`` transaction. Where results
+are JSON (hypha's settings), :class:`ResultBackend` does both in one: ``store_state.lua`` reads the
+stored status and writes the new state in one atomic step (so the rule also holds against a write
+that lands between Celery's read and its write). The keys, values, expiry and published message are
+Celery's own; a stored meta that is not JSON is left to Celery's own read and write.
+
+When the node's ledger lives on the same Redis server (host, port, database and user: the default,
+where the registry URL is the result backend's), the ledger's scripts ride in those same transactions,
+so the ledger costs no round trip of its own:
 
 * the **reservation** travels with ``STARTED``, which hypha tasks store themselves once they are
   verified and validated (:func:`started_with`, :meth:`ResultBackend.store_started`). It is the same
@@ -15,11 +21,11 @@ those transactions, so the ledger costs no round trip of its own:
 Exactness is kept:
 
 * the lease stays renewed until the result store begins, so it is never reaped while the task runs;
-* where the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, the result is
-  ignored, the server has not loaded the script yet, Celery skipped the write because a success was
-  already stored) or the store fails, the release is handed to the process's
-  :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which gives it back moments later in its own
-  call, as it did every release before; ``task_postrun`` settles any release no store carried;
+* where the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, results that
+  are not JSON, the result is ignored, the server has not loaded the script yet) or the store fails,
+  the release is handed to the process's :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which
+  gives it back moments later in its own call, as it did every release before; ``task_postrun``
+  settles any release no store carried;
 * a ``STARTED`` transaction that fails is sent again as two calls; the reservation, sent twice with
   one lease id, takes once (``reserve.lua``);
 * a worker killed -9 leaves leases nobody renews: they expire by themselves.
@@ -34,7 +40,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,8 +48,11 @@ import redis
 from celery import states
 from celery.app.task import Context, Task, get_actual_ignore_result
 from celery.backends.redis import RedisBackend
-from redis.exceptions import NoScriptError
+from celery.exceptions import BackendStoreError
+from kombu.utils.encoding import bytes_to_str
+from redis.exceptions import NoScriptError, ResponseError
 
+from hypha_celery import lua
 from hypha_celery.resources.ledger import Call, Lease, LeaseKeeper, Ledger
 
 __all__ = ["BACKEND", "RELEASE", "Release", "ResultBackend", "backend_aliases", "mark_started", "release_with_result",
@@ -158,15 +166,20 @@ def backend_aliases(aliases: dict[str, str] | None) -> dict[str, str]:
 
 
 class ResultBackend(RedisBackend):
-    """Celery's Redis result backend that also runs the task's pending lease release in the result's transaction."""
+    """Celery's Redis result backend: one round trip per state stored, with the task's lease scripts riding along."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._riding = threading.local()  # the Release the current thread's store carries
+        self._store = lua.script("store_state")
+
+    @property
+    def scripted(self) -> bool:
+        """Whether states are stored by ``store_state.lua``: it reads the stored status, so results must be JSON."""
+        return self.serializer == "json"
 
     def carries(self, ledger: Ledger) -> bool:
-        """Whether ``ledger``'s scripts can run on this backend's connections: same server, database and user."""
-        if not isinstance(ledger.redis, redis.Redis):  # a Redis Cluster client: its keys may live on any node
+        """Whether ``ledger``'s scripts can ride in this backend's state writes: same server, database and user."""
+        if not self.scripted or not isinstance(ledger.redis, redis.Redis):  # a Cluster client: keys on any node
             return False
         pool = ledger.redis.connection_pool
         mine = self.client.connection_pool
@@ -178,79 +191,95 @@ class ResultBackend(RedisBackend):
     def store_started(self, task_id: str, request: Context, call: Call) -> Any:
         """Store ``STARTED`` as Celery does, with ``call`` (the ledger's reservation) in the same transaction.
 
-        Returns the call's reply. As in Celery, a stored ``SUCCESS`` is never overwritten (the call then
-        runs alone); a transaction that fails stores the state and runs the call each on its own, and a
-        server that has not loaded the script yet gets it loaded and run.
+        Returns the call's reply. As in Celery, a stored ``SUCCESS`` is never overwritten (the call still
+        runs); a transaction that fails stores the state and runs the call each on its own, and a server
+        that has not loaded a script yet gets it loaded and run.
         """
-        meta = self._get_result_meta(result=_started_meta(request), state=states.STARTED, traceback=None,
-                                     request=request)
-        meta["task_id"] = task_id
-        if self._get_task_meta_for(task_id)["status"] == states.SUCCESS:
-            return call.script(self.client, call.keys, call.args)
-        key, value = self.get_key_for_task(task_id), self.encode(meta)
+        key, value = self.get_key_for_task(task_id), self.encode(self._meta(task_id, _started_meta(request),
+                                                                            states.STARTED, None, request))
         try:
             with self.client.pipeline() as pipe:
-                if self.expires:
-                    pipe.execute_command("SETEX", key, self.expires, value)  # as Celery sends it
-                else:
-                    pipe.set(key, value)
-                pipe.publish(key, value)
+                self._store.queue(pipe, [key], [value, self.expires or 0])
                 call.script.queue(pipe, call.keys, call.args)
-                replies = pipe.execute(raise_on_error=False)
+                stored, reply = pipe.execute(raise_on_error=False)
         except redis.RedisError as exc:
             log.warning("task %s: storing STARTED with its reservation failed (%s: %s); doing each on its own",
                         task_id, type(exc).__name__, exc)
             self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
             return call.script(self.client, call.keys, call.args)  # the same lease id: never taken twice
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                log.warning("task %s: could not store STARTED (%s)", task_id, reply)
-        if isinstance(replies[-1], NoScriptError):
+        if isinstance(stored, NoScriptError) or _not_json(stored):
+            self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
+        elif isinstance(stored, Exception):
+            log.warning("task %s: could not store STARTED (%s)", task_id, stored)
+        if isinstance(reply, NoScriptError):
             return call.script(self.client, call.keys, call.args)
-        if isinstance(replies[-1], Exception):
-            raise replies[-1]
-        return replies[-1]
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
 
     def _store_result(self, task_id: str, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
+        """Celery's store of a state, in one round trip; a release waiting on the request rides in it."""
+        if not self.scripted:
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        value = self.encode(self._meta(task_id, result, state, traceback, request))
+        if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
+            raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
+        expires = (self.failure_expires if state == states.FAILURE else self.expires) or 0
         pending = getattr(request, RELEASE, None) if request is not None else None
         if not isinstance(pending, Release) or pending.settled:
-            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
-        pending.begin()
-        self._riding.release = pending
+            pending = None
+        if pending is not None:
+            pending.begin()
         try:
-            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+            stored = self.ensure(self._write, (self.get_key_for_task(task_id), value, expires, pending))
         except Exception as exc:
-            if not pending.settled:
+            if pending is not None and not pending.settled:
                 log.warning("task %s: storing its %s result failed (%s: %s); its lease is given back separately",
+                            task_id, state, type(exc).__name__, exc)
+            elif pending is not None:
+                log.warning("task %s: storing its %s result failed (%s: %s); its lease was given back",
                             task_id, state, type(exc).__name__, exc)
             raise
         finally:
-            self._riding.release = None
-            pending.fallback()  # nothing if the store carried it
+            if pending is not None:
+                pending.fallback()  # nothing if the store carried it
+        if _not_json(stored):  # a meta stored by something else: Celery's own read and write decide
+            return super()._store_result(task_id, result, state, traceback, request, **kwargs)
+        return result
 
-    def _set(self, key: str, value: Any, expires: int | None = None) -> None:
-        """Celery's ``SET`` + ``PUBLISH`` transaction, with the ledger's release queued after them."""
-        pending: Release | None = getattr(self._riding, "release", None)
-        if pending is None or pending.settled:
-            super()._set(key, value, expires)
-            return
-        if expires is None:
-            expires = self.expires
-        call = pending.call()
+    def _meta(self, task_id: str, result: Any, state: str, traceback: Any, request: Any) -> dict[str, Any]:
+        """The meta Celery stores for this state (its own builder: extended results included)."""
+        meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+        meta["task_id"] = bytes_to_str(task_id)
+        return meta
+
+    def _write(self, key: str, value: Any, expires: int, pending: Release | None) -> Any:
+        """``store_state.lua``'s reply (or its error, when the stored meta is not JSON); ``pending`` rides along."""
+        if pending is None:
+            try:
+                return self._store(self.client, [key], [value, expires])
+            except ResponseError as exc:
+                if _not_json(exc):
+                    return exc
+                raise
+        release = pending.call()
         with self.client.pipeline() as pipe:
-            if expires:
-                pipe.execute_command("SETEX", key, expires, value)  # as Celery sends it
-            else:
-                pipe.set(key, value)
-            pipe.publish(key, value)
-            call.script.queue(pipe, call.keys, call.args)
-            replies = pipe.execute(raise_on_error=False)
-        if isinstance(replies[-1], Exception):  # e.g. NOSCRIPT: the keeper's own call loads the script
-            log.info("the result store could not carry the lease release (%s); releasing separately", replies[-1])
+            self._store.queue(pipe, [key], [value, expires])
+            release.script.queue(pipe, release.keys, release.args)
+            stored, released = pipe.execute(raise_on_error=False)
+        if isinstance(released, Exception):  # e.g. NOSCRIPT: the keeper's own call loads the script
+            log.info("the result store could not carry the lease release (%s); releasing separately", released)
             pending.fallback()
         else:
             pending.carried()
-        for reply in replies[:-1]:
-            if isinstance(reply, Exception):
-                raise reply
+        if isinstance(stored, NoScriptError):  # a new or restarted server: load the script and store
+            return self._store(self.client, [key], [value, expires])
+        if isinstance(stored, Exception) and not _not_json(stored):
+            raise stored
+        return stored
+
+
+def _not_json(reply: Any) -> bool:
+    """``store_state.lua`` refused: the meta stored under the key is not JSON (so not Celery's JSON result)."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("HYPHA_NOT_JSON")

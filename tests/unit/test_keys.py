@@ -32,6 +32,7 @@ SCRIPTS = sorted(path.name for path in resources.files("hypha_celery").joinpath(
                  if path.name.endswith(".lua"))
 BINDING = re.compile(r"^local ([A-Z][A-Z0-9_]*) = (?:.*?\b(KEYS|ARGV)\[(\d+)\]|\{?(?:tail|unpack)\((KEYS|ARGV), (\d+)\)\}?)")
 NODE, TASK, WORKER = "node-1", "task-1", "celery@host"
+META = f"celery-task-meta-{TASK}"  # Celery's result key, which the result backend's state script writes
 
 
 def _lines(name: str) -> list[str]:
@@ -56,6 +57,7 @@ def _roles(schema: KeySchema) -> dict[str, str]:
         "GUARD": schema.task_guard(TASK),
         "WORKER": schema.worker(WORKER),
         "WORKERS": schema.workers(),
+        "META": META,
     }
 
 
@@ -84,6 +86,7 @@ def _touch_everything(client: redis.Redis, schema: KeySchema) -> None:
     times.observe("mlp", 0.5)
     times.flush(client, WORKER)
     ledger.release(lease)
+    lua.script("store_state")(client, [META], ['{"status": "STARTED"}', 0])
     signer = nacl.signing.SigningKey.generate()
     envelope = sign_envelope(signer, task_name="hypha.noop", task_id=TASK)
     Verifier([peer_id(signer.verify_key)], client, schema=schema).verify(
@@ -145,7 +148,7 @@ def test_only_keys_py_names_are_ever_written() -> None:
     # Then every key in it is one keys.py names (the Lua built none of its own)
     named = {
         *schema.ledger(NODE).values(), *schema.placement().values(), schema.task_guard(TASK),
-        schema.worker(WORKER), schema.workers(), schema.node_workers(NODE),
+        schema.worker(WORKER), schema.workers(), schema.node_workers(NODE), META,
     }
     written = {key.decode() for key in client.keys("*")}
     nonces = {key for key in written if key.startswith(schema.nonce("", "")[: -1])}

@@ -158,3 +158,13 @@ def test_started_is_stored_with_the_reservation_or_before_it(
         assert via is not None and stored == []
     else:  # ... or STARTED is stored now, on its own, and the ledger reserves alone
         assert via is None and stored == ["STARTED"]
+
+
+def test_results_that_are_not_json_are_stored_by_celery_and_carry_nothing(app: Celery) -> None:
+    # Given a worker whose results are serialized as pickle (the state script reads JSON only)
+    app.conf.result_serializer = "pickle"
+    app.conf.result_accept_content = ["pickle", "json"]
+    backend = app.backend
+    # Then its states go through Celery's own read and write, and no lease rides with them
+    assert isinstance(backend, ResultBackend) and not backend.scripted
+    assert backend.carries(Keeper().ledger) is False
