@@ -174,8 +174,9 @@ class ResultBackend(RedisBackend):
 
     @property
     def scripted(self) -> bool:
-        """Whether states are stored by ``store_state.lua``: it reads the stored status, so results must be JSON."""
-        return self.serializer == "json"
+        """Whether states are stored by ``store_state.lua``: it reads the stored status, so results must be plain
+        JSON (not compressed, ``result_compression``, where Celery has it)."""
+        return self.serializer == "json" and not getattr(self, "compression", None)
 
     def carries(self, ledger: Ledger) -> bool:
         """Whether ``ledger``'s scripts can ride in this backend's state writes: same server, database and user."""
@@ -207,9 +208,12 @@ class ResultBackend(RedisBackend):
                         task_id, type(exc).__name__, exc)
             self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
             return call.script(self.client, call.keys, call.args)  # the same lease id: never taken twice
-        if isinstance(stored, NoScriptError) or _not_json(stored):
-            self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
-        elif isinstance(stored, Exception):
+        if isinstance(stored, NoScriptError):  # a new or restarted server: load the script and store
+            try:
+                self._store(self.client, [key], [value, self.expires or 0])
+            except redis.RedisError as exc:
+                log.warning("task %s: could not store STARTED (%s)", task_id, exc)
+        elif isinstance(stored, Exception):  # the reservation took: the task runs, its later states tell
             log.warning("task %s: could not store STARTED (%s)", task_id, stored)
         if isinstance(reply, NoScriptError):
             return call.script(self.client, call.keys, call.args)
@@ -225,7 +229,8 @@ class ResultBackend(RedisBackend):
         value = self.encode(self._meta(task_id, result, state, traceback, request))
         if isinstance(value, str) and len(value) > self._MAX_STR_VALUE_SIZE:
             raise BackendStoreError("value too large for Redis backend", state=state, task_id=task_id)
-        expires = (self.failure_expires if state == states.FAILURE else self.expires) or 0
+        # Celery 5.7 keeps failures result_failure_expires; older releases keep every state result_expires
+        expires = (getattr(self, "failure_expires", self.expires) if state == states.FAILURE else self.expires) or 0
         pending = getattr(request, RELEASE, None) if request is not None else None
         if not isinstance(pending, Release) or pending.settled:
             pending = None
@@ -255,8 +260,13 @@ class ResultBackend(RedisBackend):
         return meta
 
     def _write(self, key: str, value: Any, expires: int, pending: Release | None) -> Any:
-        """``store_state.lua``'s reply (or its error, when the stored meta is not JSON); ``pending`` rides along."""
-        if pending is None:
+        """``store_state.lua``'s reply (or its error, when the stored meta is not JSON); ``pending`` rides along.
+
+        After a server restart the first store finds the state script missing while the release beside it
+        runs: the state lands moments after the release (a copy arriving then meets the "done" guard and
+        checks again later). A retry after a lost reply does not send the release again.
+        """
+        if pending is None or pending.settled:
             try:
                 return self._store(self.client, [key], [value, expires])
             except ResponseError as exc:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.app.task import Context
 from celery.backends.redis import RedisBackend
 
 from hypha_celery.redis_client import registry_client
@@ -168,3 +169,32 @@ def test_results_that_are_not_json_are_stored_by_celery_and_carry_nothing(app: C
     # Then its states go through Celery's own read and write, and no lease rides with them
     assert isinstance(backend, ResultBackend) and not backend.scripted
     assert backend.carries(Keeper().ledger) is False
+
+
+def test_compressed_results_are_stored_by_celery(app: Celery) -> None:
+    # Given results compressed (result_compression): the stored meta is no longer JSON the state script can read
+    app.conf.result_compression = "zlib"
+    # Then Celery's own read and write store them, and no lease rides along
+    assert not app.backend.scripted and app.backend.carries(Keeper().ledger) is False
+
+
+def test_a_result_store_that_fails_hands_its_release_to_the_keeper(
+    app: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Given a task's release waiting on its result store, and a Redis whose transactions fail (no retries left)
+    app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 0}}
+    backend = app.backend
+
+    def dropped(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("connection dropped (test)")
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", dropped)
+    keeper = Keeper()
+    request = Context(id="t1", hostname="w@host")
+    setattr(request, RELEASE, Release(keeper, [lease()]))  # type: ignore[arg-type]
+    # When the result is stored
+    with pytest.raises(redis.ConnectionError):
+        backend.store_result("t1", {"output": 1}, "SUCCESS", request=request)
+    # Then the failure is logged and the keeper releases the lease at once (it stopped renewing it first)
+    assert keeper.discarded == ["l1"] and keeper.released == ["l1"]
+    assert "storing its SUCCESS result failed" in caplog.text
