@@ -264,7 +264,8 @@ class ResultBackend(RedisBackend):
 
         After a server restart the first store finds the state script missing while the release beside it
         runs: the state lands moments after the release (a copy arriving then meets the "done" guard and
-        checks again later). A retry after a lost reply does not send the release again.
+        checks again later). A retry after a lost reply sends the release again, which frees nothing twice
+        (``release.lua`` frees only what is still held).
         """
         if pending is None or pending.settled:
             try:
