@@ -239,12 +239,10 @@ class ResultBackend(RedisBackend):
         try:
             stored = self.ensure(self._write, (self.get_key_for_task(task_id), value, expires, pending))
         except Exception as exc:
-            if pending is not None and not pending.settled:
-                log.warning("task %s: storing its %s result failed (%s: %s); its lease is given back separately",
-                            task_id, state, type(exc).__name__, exc)
-            elif pending is not None:
-                log.warning("task %s: storing its %s result failed (%s: %s); its lease was given back",
-                            task_id, state, type(exc).__name__, exc)
+            if pending is not None:
+                lease = "was given back with it" if pending.settled else "is given back separately"
+                log.warning("task %s: storing its %s result failed (%s: %s); its lease %s",
+                            task_id, state, type(exc).__name__, exc, lease)
             raise
         finally:
             if pending is not None:
