@@ -228,8 +228,8 @@ class Ledger:
     ) -> Lease | Refusal:
         """Reserve or say why not: a :class:`Lease`, or a :class:`Refusal` for :meth:`refusal` to explain.
 
-        ``via`` runs the script and returns its reply instead of this ledger's client: a transaction
-        to the same server that carries other commands too (:mod:`hypha_celery.worker.backend`).
+        ``via`` runs the script and returns its reply instead of this ledger's client: a call to the
+        same server that does other work too (:mod:`hypha_celery.worker.backend`).
         The script is the same either way, so the reservation is the same atomic all-or-nothing step;
         sent twice with the same lease id (a lost reply), it answers with the lease it took.
         """

@@ -32,7 +32,7 @@ class HyphaTask(Task):
     Strategy = "hypha_celery.tasks.strategy:guarded"
     throws = (HyphaError,)
     # STARTED is stored by the pipeline once the task is verified and validated, with its reservation in the
-    # same Redis transaction where it can (hypha_celery.worker.backend.started_with), not by Celery before it runs.
+    # same Redis script call where it can (hypha_celery.worker.backend.started_with), not by Celery before it runs.
     track_started = False
     _node: NodeContext | None = None
 

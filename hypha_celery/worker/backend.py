@@ -8,8 +8,9 @@ that lands between Celery's read and its write). The keys, values, expiry and pu
 Celery's own; a stored meta that is not JSON is left to Celery's own read and write.
 
 When the node's ledger lives on the same Redis server (host, port, database and user: the default,
-where the registry URL is the result backend's), the ledger's scripts ride in those same transactions,
-so the ledger costs no round trip of its own:
+where the registry URL is the result backend's), the ledger's scripts ride in those same calls: the
+state script and the ledger's run as one script (:func:`hypha_celery.lua.composed`, each part on its own
+keys, what a ``MULTI`` of the two would do), so the ledger costs no round trip of its own:
 
 * the **reservation** travels with ``STARTED``, which hypha tasks store themselves once they are
   verified and validated (:func:`started_with`, :meth:`ResultBackend.store_started`). It is the same
@@ -21,12 +22,13 @@ so the ledger costs no round trip of its own:
 Exactness is kept:
 
 * the lease stays renewed until the result store begins, so it is never reaped while the task runs;
+* the release runs even where the state cannot be stored (a Redis error in the state's part);
 * where the store cannot carry the release (the ledger is elsewhere, a Redis Cluster, results that
-  are not JSON, the result is ignored, the server has not loaded the script yet) or the store fails,
+  are not JSON, the result is ignored) or the call fails,
   the release is handed to the process's :class:`~hypha_celery.resources.ledger.LeaseKeeper`, which
   gives it back moments later in its own call, as it did every release before; ``task_postrun``
   settles any release no store carried;
-* a ``STARTED`` transaction that fails is sent again as two calls; the reservation, sent twice with
+* a ``STARTED`` call that fails is sent again as two calls; the reservation, sent twice with
   one lease id, takes once (``reserve.lua``);
 * a worker killed -9 leaves leases nobody renews: they expire by themselves.
 
@@ -50,7 +52,7 @@ from celery.app.task import Context, Task, get_actual_ignore_result
 from celery.backends.redis import RedisBackend
 from celery.exceptions import BackendStoreError
 from kombu.utils.encoding import bytes_to_str
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 
 from hypha_celery import lua
 from hypha_celery.resources.ledger import Call, Lease, LeaseKeeper, Ledger
@@ -67,7 +69,7 @@ _SAME_SERVER = ("host", "port", "path", "db", "username")  # connection kwargs t
 
 @dataclass
 class Release:
-    """Leases a task gives back with its result: in the store's transaction, else by the keeper."""
+    """Leases a task gives back with its result: in the store's own script call, else by the keeper."""
 
     keeper: LeaseKeeper
     leases: list[Lease]
@@ -117,7 +119,7 @@ def started_with(task: Task, ledger: Ledger) -> Callable[[Call], Any] | None:
 
     Hypha tasks do not let Celery store ``STARTED`` before they run (``HyphaTask.track_started``): it is
     stored here, after the task was verified and validated. Where the backend carries ``ledger``, the
-    reservation rides in that write's transaction (returned, to be handed to the ledger); else the
+    reservation rides in that write's script call (returned, to be handed to the ledger); else the
     state is stored now, on its own, and None is returned. Nothing is stored where Celery would not
     track it (``task_track_started`` off, an ignored result, a task called eagerly).
     """
@@ -190,33 +192,25 @@ class ResultBackend(RedisBackend):
         return all(theirs.get(name) == ours.get(name) for name in _SAME_SERVER)
 
     def store_started(self, task_id: str, request: Context, call: Call) -> Any:
-        """Store ``STARTED`` as Celery does, with ``call`` (the ledger's reservation) in the same transaction.
+        """Store ``STARTED`` as Celery does, with ``call`` (the ledger's reservation) in the same step.
 
         Returns the call's reply. As in Celery, a stored ``SUCCESS`` is never overwritten (the call still
-        runs); a transaction that fails stores the state and runs the call each on its own, and a server
-        that has not loaded a script yet gets it loaded and run.
+        runs); a step that fails stores the state and runs the call each on its own (a server that has not
+        loaded the scripts yet gets them loaded and run).
         """
         key, value = self.get_key_for_task(task_id), self.encode(self._meta(task_id, _started_meta(request),
                                                                             states.STARTED, None, request))
+        both = lua.composed(self._store, call.script)
         try:
-            with self.client.pipeline() as pipe:
-                self._store.queue(pipe, [key], [value, self.expires or 0])
-                call.script.queue(pipe, call.keys, call.args)
-                stored, reply = pipe.execute(raise_on_error=False)
+            stored, reply = lua.replies(both(self.client, *lua.composed_args([key], [value, self.expires or 0],
+                                                                             call.keys, call.args)))
         except redis.RedisError as exc:
             log.warning("task %s: storing STARTED with its reservation failed (%s: %s); doing each on its own",
                         task_id, type(exc).__name__, exc)
             self.store_result(task_id, _started_meta(request), states.STARTED, request=request)
             return call.script(self.client, call.keys, call.args)  # the same lease id: never taken twice
-        if isinstance(stored, NoScriptError):  # a new or restarted server: load the script and store
-            try:
-                self._store(self.client, [key], [value, self.expires or 0])
-            except redis.RedisError as exc:
-                log.warning("task %s: could not store STARTED (%s)", task_id, exc)
-        elif isinstance(stored, Exception):  # the reservation took: the task runs, its later states tell
+        if isinstance(stored, Exception):  # the reservation took: the task runs, its later states tell
             log.warning("task %s: could not store STARTED (%s)", task_id, stored)
-        if isinstance(reply, NoScriptError):
-            return call.script(self.client, call.keys, call.args)
         if isinstance(reply, Exception):
             raise reply
         return reply
@@ -260,10 +254,9 @@ class ResultBackend(RedisBackend):
     def _write(self, key: str, value: Any, expires: int, pending: Release | None) -> Any:
         """``store_state.lua``'s reply (or its error, when the stored meta is not JSON); ``pending`` rides along.
 
-        After a server restart the first store finds the state script missing while the release beside it
-        runs: the state lands moments after the release (a copy arriving then meets the "done" guard and
-        checks again later). A retry after a lost reply sends the release again, which frees nothing twice
-        (``release.lua`` frees only what is still held).
+        The release runs in the same script call even when the state cannot be stored, so a failed store
+        still gives the lease back. A retry after a lost reply sends the release again, which frees nothing
+        twice (``release.lua`` frees only what is still held).
         """
         if pending is None or pending.settled:
             try:
@@ -273,17 +266,14 @@ class ResultBackend(RedisBackend):
                     return exc
                 raise
         release = pending.call()
-        with self.client.pipeline() as pipe:
-            self._store.queue(pipe, [key], [value, expires])
-            release.script.queue(pipe, release.keys, release.args)
-            stored, released = pipe.execute(raise_on_error=False)
-        if isinstance(released, Exception):  # e.g. NOSCRIPT: the keeper's own call loads the script
+        both = lua.composed(self._store, release.script)
+        stored, released = lua.replies(both(self.client, *lua.composed_args([key], [value, expires],
+                                                                            release.keys, release.args)))
+        if isinstance(released, Exception):
             log.info("the result store could not carry the lease release (%s); releasing separately", released)
             pending.fallback()
         else:
             pending.carried()
-        if isinstance(stored, NoScriptError):  # a new or restarted server: load the script and store
-            return self._store(self.client, [key], [value, expires])
         if isinstance(stored, Exception) and not _not_json(stored):
             raise stored
         return stored

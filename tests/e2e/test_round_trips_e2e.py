@@ -1,4 +1,4 @@
-"""A task's lease rides in its state writes' Redis transactions (reserved with STARTED, released with the result).
+"""A task's lease rides in its state writes' Redis calls (reserved with STARTED, released with the result).
 
 Real ``redis-server``, real workers; Redis' own MONITOR shows which commands travelled together.
 """
@@ -83,7 +83,9 @@ def test_the_lease_travels_with_the_task_states(start_worker, celery_client, red
     warm = app.send_task("hypha.noop", kwargs={})
     warm.get(timeout=30)  # the server may not have the release script yet: then the keeper releases (and loads it)
     wait_for(lambda: warm.id not in task_leases(ledger), 5, "the first lease to be released")
-    reserve, release = lua.script("reserve", prelude=True).sha, lua.script("release", prelude=True).sha
+    state, reserve, release = lua.script("store_state"), lua.script("reserve", prelude=True), lua.script(
+        "release", prelude=True)
+    with_reserve, with_release = lua.composed(state, reserve).sha, lua.composed(state, release).sha
     # When no-op tasks run while MONITOR records every command
     with monitored(redis_url) as seen:
         results = [app.send_task("hypha.noop", kwargs={"requirements": {"cpu_cores": 0.1}}) for _ in range(5)]
@@ -93,13 +95,14 @@ def test_the_lease_travels_with_the_task_states(start_worker, celery_client, red
             assert result.id not in task_leases(ledger)
     blocks, alone = transactions(seen)
     for result in results:
-        [started] = [block for block in blocks if any(result.id in line and "STARTED" in line for line in block)]
-        [stored] = [block for block in blocks if any(result.id in line and "SUCCESS" in line for line in block)]
-        # ... the reservation ran inside the transaction that stored STARTED, the release inside the result's
-        assert any(reserve in line and result.id in line for line in started), started
-        assert any(release in line and result.id in line for line in stored), stored
-    # ... and no reservation or release of theirs travelled on its own
-    assert not [line for line in alone if (reserve in line or release in line) and any(r.id in line for r in results)]
+        mine = [line for line in alone if result.id in line]
+        # ... the reservation ran in the one call that stored STARTED, the release in the result's
+        [started] = [line for line in mine if "STARTED" in line]
+        [stored] = [line for line in mine if "SUCCESS" in line]
+        assert with_reserve in started and with_release in stored, (started, stored)
+        # ... and no state of theirs went in a transaction, no reservation or release of theirs on its own
+        assert not [block for block in blocks if any(f"celery-task-meta-{result.id}" in line for line in block)]
+        assert not [line for line in mine if reserve.sha in line or release.sha in line]
 
 
 def _as_user(url: str, user: str, password: str) -> str:
@@ -125,7 +128,7 @@ def test_a_failed_result_store_still_releases_the_lease(start_worker, celery_cli
         # Then the task's result store fails when it ends (the state script may not run SETEX) ...
         wait_for(lambda: "storing its SUCCESS result failed" in worker.output(), 30, "the failed store")
         assert "can't run this command" in worker.output() or "no permissions" in worker.output()  # Redis 6 / 7
-        # ... and its lease is given back all the same (the release beside it in the transaction ran), not left to expire
+        # ... and its lease is given back all the same (the release in the same script call ran), not left to expire
         wait_for(lambda: result.id not in task_leases(ledger), 5, "the lease to be released")
         assert result.state == "STARTED"
     finally:
@@ -179,20 +182,21 @@ def test_a_server_without_the_script_still_reserves_once(backend, redis_client, 
     assert [held["id"] for held in ledger.usage().leases] == [lease.id]
 
 
-def test_a_failed_started_transaction_reserves_on_its_own(backend, redis_client, redis_url, monkeypatch) -> None:
-    # Given a STARTED transaction whose reply is lost: Redis ran it, then the connection dropped
+def test_a_failed_started_call_reserves_on_its_own(backend, redis_client, redis_url, monkeypatch) -> None:
+    # Given a STARTED call whose reply is lost: Redis ran it, then the connection dropped
     ledger = _node(redis_url, "dropped")
-    execute = redis.client.Pipeline.execute
+    both = lua.composed(lua.script("store_state"), lua.script("reserve", prelude=True))
+    evalsha = redis.Redis.evalsha
     lost: list[Any] = []
 
-    def reply_lost(self: Any, *args: Any, **kwargs: Any) -> Any:
-        replies = execute(self, *args, **kwargs)
-        if lost:
-            return replies
-        lost.append(replies)
+    def reply_lost(self: Any, sha: str, *args: Any) -> Any:
+        reply = evalsha(self, sha, *args)
+        if sha != both.sha or lost:
+            return reply
+        lost.append(reply)
         raise redis.ConnectionError("connection dropped (test)")
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", reply_lost)
+    monkeypatch.setattr(redis.Redis, "evalsha", reply_lost)
     request = Context(id="t-dropped", hostname="w@host")
     # When a task reserves with it
     lease = ledger.try_reserve(Requirements(cpu_milli=1000, memory=2**20), holder="w", task_id="t-dropped",
@@ -265,3 +269,34 @@ def test_failures_are_kept_for_result_expires_where_celery_has_no_failure_expiry
     backend.mark_as_failure("t-failed", RuntimeError("boom"), request=Context(id="t-failed"))
     assert backend.get_task_meta("t-failed")["status"] == "FAILURE"
     assert 0 < redis_client.ttl(backend.get_key_for_task("t-failed")) <= backend.expires
+
+
+def test_a_composed_script_runs_each_part_on_its_own_keys_and_the_second_after_a_failed_first(redis_client) -> None:
+    # Given two scripts: one that writes its key or fails on request, one that echoes its keys and arguments
+    first = lua.Script.of("first", """
+local KEY = KEYS[1]
+local MODE = ARGV[1]
+if MODE == 'raise' then redis.call('INCR', 'not-a-number') end
+if MODE == 'error' then return redis.error_reply('REFUSED by the first part') end
+if MODE == 'nil' then return nil end
+redis.call('SET', KEY, MODE)
+return 1
+""")
+    second = lua.Script.of("second", "return {KEYS[1], KEYS[2], ARGV[1]}")
+    redis_client.set("not-a-number", "x")
+    both = lua.composed(first, second)
+
+    def run(mode: str) -> tuple[Any, Any]:
+        return lua.replies(both(redis_client, *lua.composed_args(["k1"], [mode], ["k2", "k3"], ["a2"])))
+
+    # When the first part succeeds, Then each part saw only its own keys and arguments
+    assert run("written") == (1, [b"k2", b"k3", b"a2"]) and redis_client.get("k1") == b"written"
+    # When the first part returns an error or raises one, Then that is its reply, and the second still ran
+    refused, echoed = run("error")
+    assert isinstance(refused, redis.ResponseError) and "REFUSED by the first part" in str(refused)
+    assert echoed == [b"k2", b"k3", b"a2"]
+    raised, echoed = run("raise")
+    assert isinstance(raised, redis.ResponseError) and "not an integer" in str(raised)
+    assert echoed == [b"k2", b"k3", b"a2"]
+    # When the first part returns nothing, Then the reply keeps its shape
+    assert run("nil") == (None, [b"k2", b"k3", b"a2"])

@@ -181,14 +181,14 @@ def test_compressed_results_are_stored_by_celery(app: Celery) -> None:
 def test_a_result_store_that_fails_hands_its_release_to_the_keeper(
     app: Celery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given a task's release waiting on its result store, and a Redis whose transactions fail (no retries left)
+    # Given a task's release waiting on its result store, and a Redis whose script calls fail (no retries left)
     app.conf.result_backend_transport_options = {"retry_policy": {"max_retries": 0}}
     backend = app.backend
 
     def dropped(self: Any, *args: Any, **kwargs: Any) -> Any:
         raise redis.ConnectionError("connection dropped (test)")
 
-    monkeypatch.setattr(redis.client.Pipeline, "execute", dropped)
+    monkeypatch.setattr(redis.Redis, "evalsha", dropped)
     keeper = Keeper()
     request = Context(id="t1", hostname="w@host")
     setattr(request, RELEASE, Release(keeper, [lease()]))  # type: ignore[arg-type]
