@@ -58,7 +58,6 @@ class Script:
             return client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-
 @functools.cache  # one immutable Script per file for the whole process, shared by every client
 def script(name: str, *, prelude: bool = False) -> Script:
     """``lua/<name>.lua`` (after the ledger prelude when ``prelude``), ready to run."""

@@ -72,10 +72,11 @@ def _spread(milli: int, cores: list[int]) -> dict[int, int]:
 
 @dataclass(frozen=True)
 class Call:
-    """One ledger script call, ready to run alone or to ride on another pipeline to the same server.
+    """One ledger script call, ready to run alone or to ride in another script call to the same server.
 
-    A result store that shares the ledger's Redis server queues it with its own writes
-    (:mod:`hypha_celery.worker.backend`), so the call costs no round trip of its own.
+    A result store that shares the ledger's Redis server runs it in the same script as its own write
+    (:func:`hypha_celery.lua.composed`, :mod:`hypha_celery.worker.backend`), so the call costs no round
+    trip of its own.
     """
 
     script: lua.Script
@@ -300,7 +301,7 @@ class Ledger:
         return int(self._run("release", [lease.id for lease in leases], self._guards(leases)))
 
     def release_call(self, *leases: Lease) -> Call:
-        """:meth:`release` as a :class:`Call`, to run on a pipeline to this ledger's server (its reply: the count)."""
+        """:meth:`release` as a :class:`Call`, to run with another call to this ledger's server (its reply: the count)."""
         return self._call("release", [lease.id for lease in leases], self._guards(leases))
 
     def renew(self, leases: Iterable[Lease], ttl: float | None = None) -> set[str]:

@@ -5,7 +5,9 @@ never overwritten), then a ``MULTI`` / ``SETEX`` / ``PUBLISH`` / ``EXEC`` transa
 are JSON (hypha's settings), :class:`ResultBackend` does both in one: ``store_state.lua`` reads the
 stored status and writes the new state in one atomic step (so the rule also holds against a write
 that lands between Celery's read and its write). The keys, values, expiry and published message are
-Celery's own; a stored meta that is not JSON is left to Celery's own read and write.
+Celery's own; a stored meta that is not JSON is left to Celery's own read and write (a ``STARTED``
+stored with a reservation is then only logged as not stored: the reservation took, and the task's
+later states tell).
 
 When the node's ledger lives on the same Redis server (host, port, database and user: the default,
 where the registry URL is the result backend's), the ledger's scripts ride in those same calls: the

@@ -81,7 +81,7 @@ def test_the_lease_travels_with_the_task_states(start_worker, celery_client, red
     ledger = Ledger(redis_client, "ride")
     app = celery_client()
     warm = app.send_task("hypha.noop", kwargs={})
-    warm.get(timeout=30)  # the server may not have the release script yet: then the keeper releases (and loads it)
+    warm.get(timeout=30)  # the first calls load the scripts into the server (not counted below)
     wait_for(lambda: warm.id not in task_leases(ledger), 5, "the first lease to be released")
     state, reserve, release = lua.script("store_state"), lua.script("reserve", prelude=True), lua.script(
         "release", prelude=True)

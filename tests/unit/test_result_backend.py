@@ -58,7 +58,7 @@ def app() -> Iterator[Celery]:
     ("ledger_url", "carries"),
     [
         (URL, True),
-        ("redis://127.0.0.1:6390/1", False),  # another database: the transaction runs in the backend's
+        ("redis://127.0.0.1:6390/1", False),  # another database: the script call runs in the backend's
         ("redis://127.0.0.1:6391/0", False),  # another server
         ("redis://localhost:6390/0", False),  # maybe the same server: not assumed
         ("redis://other:secret@127.0.0.1:6390/0", False),  # another user may have other rights
@@ -73,7 +73,7 @@ def test_the_store_carries_a_release_only_to_its_own_server_database_and_user(
     backend = app.backend
     assert isinstance(backend, ResultBackend)
     ledger = Ledger(registry_client(ledger_url), "n")
-    # Then the backend carries the ledger's release only where the one transaction reaches the ledger's keys
+    # Then the backend carries the ledger's release only where the one script call reaches the ledger's keys
     assert backend.carries(ledger) is carries
 
 
