@@ -12,6 +12,7 @@ broker: much steadier than step 1 of ``make bench``, and it shows which part a c
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import sys
@@ -30,6 +31,14 @@ def _request(task_id: str, name: str, args: list[Any], kwargs: dict[str, Any]) -
     return {"id": task_id, "task": name, "hostname": "profile@host", "args": args, "kwargs": kwargs,
             "delivery_info": {"exchange": "", "routing_key": "hypha", "priority": 0, "redelivered": False},
             "headers": {}, "reply_to": None, "correlation_id": task_id}
+
+
+def _run_once(trace: Any, label: str, name: str, args: list[Any], kwargs: dict[str, Any]) -> None:
+    """One task through ``trace``, as a worker's pool runs it; a failure stops the profile."""
+    task_id = str(uuid.uuid4())
+    outcome = trace(task_id, args, kwargs, _request(task_id, name, args, kwargs))
+    if outcome.info is not None:  # a failure: its exception is the return value
+        raise SystemExit(f"{label} failed: {outcome.retval!r}")
 
 
 def main() -> int:
@@ -76,17 +85,8 @@ def main() -> int:
             ("celery.accumulate, hypha's backend", app, "celery.accumulate", [1], {}),
             ("a bare task, Celery's backend", plain, "plain.noop", [], {}),
         ):
-            task = owner.tasks[name]
-            trace = build_tracer(name, task, app=owner, eager=False)
-
-            def one(trace: Any = trace, name: str = name, args: list[Any] = args, kwargs: dict[str, Any] = kwargs,
-                    label: str = label) -> None:
-                task_id = str(uuid.uuid4())
-                outcome = trace(task_id, args, kwargs, _request(task_id, name, args, kwargs))
-                if outcome.info is not None:  # a failure: its exception is the return value
-                    raise SystemExit(f"{label} failed: {outcome.retval!r}")
-
-            runs[label] = one
+            trace = build_tracer(name, owner.tasks[name], app=owner, eager=False)
+            runs[label] = functools.partial(_run_once, trace, label, name, args, kwargs)
         redis_server = psutil.Process(server.process.pid)
 
         def measure(one: Callable[[], None]) -> tuple[float, float]:
