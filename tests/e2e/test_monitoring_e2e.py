@@ -9,6 +9,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tools.launch import free_port, scrape, wait_for
 from tests.conftest import ROOT
 
@@ -86,13 +87,17 @@ def test_flower_lists_the_worker_and_a_finished_task(start_worker, celery_client
 
         wait_for(up, 60, "Flower to see the worker")
         result = app.send_task("hypha.infer", kwargs={"model": "mlp", "inputs": [[1.0, 2.0, 3.0, 4.0]]})
-        result.get(timeout=60)
+        stored = result.get(timeout=60)
         task_id = result.id
         workers = get("/api/workers")
         assert any(name.startswith(worker.name) for name in workers)  # type: ignore[union-attr]
         task = wait_for(lambda: (t := get(f"/api/task/info/{task_id}")) and t.get("state") == "SUCCESS" and t, 30,  # type: ignore[union-attr]
                         "Flower to see the task succeed")
         assert task["name"] == "hypha.infer" and task["worker"].startswith(worker.name)
+        # Flower shows the result's first resultrepr_maxsize characters (then Celery's ", ...}}"); the backend keeps it all
+        shown, whole = task["result"], repr(stored)
+        assert shown.startswith("{'output': ") and len(shown) <= HyphaTask.resultrepr_maxsize + 20, shown
+        assert len(whole) > HyphaTask.resultrepr_maxsize + 20 and stored["metrics"]["reserved"], stored
     finally:
         flower.terminate()
         flower.wait(30)
