@@ -1,4 +1,4 @@
-"""kombu's Redis transport, minus the way a broker outage stops the worker.
+"""kombu's Redis transport, minus the way a broker outage stops the worker and a client built per command.
 
 When the consumer loses the broker, Celery calls ``Connection.collect()`` and then
 ``Connection.close()``. If the outage interrupted the default channel's ``BRPOP`` read,
@@ -18,8 +18,16 @@ design. Nothing is lost when a restore fails: the messages stay in kombu's unack
 Redis, and a live worker restores them after ``visibility_timeout`` (a copy of a finished
 task is then dropped by its stored result).
 
+kombu's channel also builds a new ``redis.Redis`` for each command it sends outside a
+pipeline it was handed (``conn_or_acquire``): every event the worker publishes, every task
+message it takes (the unacked hash) and every ack. With redis-py 8 building one costs about
+160 us (it fills some 170 response callbacks), paid on the worker's one event-loop thread three
+to five times per task. :class:`Channel` builds one per connection pool and hands it out again
+(a client on a pool is safe to share between threads: each command takes its own connection
+from the pool), and a new one with a new pool (after a fork or a lost connection).
+
 A transport class, named by Celery's ``broker_transport`` setting, is kombu's extension
-point for this: a bootstep or signal runs around the consumer, not inside
+point for both: a bootstep or signal runs around the consumer, not inside
 ``Connection.close()``, and patching kombu's module would change every other user of it in
 the process. :func:`broker_transport` says when the worker uses it: every broker URL is
 ``redis://`` (kombu keeps its own transport, and its TLS defaults, for ``rediss://`` and
@@ -28,7 +36,8 @@ anything else).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
@@ -40,7 +49,7 @@ TRANSPORT = "hypha_celery.worker.broker:Transport"
 
 
 class Channel(kombu_redis.Channel):
-    """A Redis channel that still reaches its broker after its connection was released.
+    """A Redis channel that still reaches its broker after its connection was released, with one client per pool.
 
     It keeps the parameters of its first (synchronous) pool, so that a late restore or ack
     connects as any other does: to the broker if it is back, else it fails with a connection
@@ -48,6 +57,19 @@ class Channel(kombu_redis.Channel):
     """
 
     _released_params: dict[str, Any] | None = None
+    _shared: tuple[Any, Any] | None = None  # (pool, the client built on it)
+
+    @contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu's: ``client`` if given, else a client on this channel's pool (here one per pool, not per call)."""
+        yield client if client else self._pooled_client()
+
+    def _pooled_client(self) -> Any:
+        pool = self.pool  # kombu builds it on first use, and again after it was dropped
+        shared = self._shared
+        if shared is None or shared[0] is not pool:
+            shared = self._shared = (pool, self._create_client())
+        return shared[1]
 
     def _connparams(self, asynchronous: bool = False) -> Any:
         transport = self.connection

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,13 +35,16 @@ def monitored(url: str) -> Iterator[list[tuple[str, str]]]:
     """Every command clients send while inside, as (client address, command line), from Redis' MONITOR."""
     client = redis.Redis.from_url(url)
     seen: list[tuple[str, str]] = []
-    stop, ready = threading.Event(), threading.Event()
+    ready = threading.Event()
+    end = f"hypha-monitor-end-{uuid.uuid4().hex}"  # sent last: the watcher reads up to it, so it misses nothing
 
     def watch() -> None:
         with client.monitor() as monitor:
             ready.set()
-            while not stop.is_set():
+            while True:
                 command = monitor.next_command()
+                if end in command["command"]:
+                    return
                 if command["client_type"] != "lua":
                     seen.append((f"{command['client_address']}:{command['client_port']}", command["command"]))
 
@@ -50,8 +54,7 @@ def monitored(url: str) -> Iterator[list[tuple[str, str]]]:
     try:
         yield seen
     finally:
-        stop.set()
-        client.ping()  # wakes the monitor so it sees ``stop``
+        client.echo(end)
         thread.join(10)
         client.close()
 
