@@ -15,7 +15,8 @@ itself, before it imports torch, to:
   ``/proc/<pid>`` (the worker's ``environ`` holds its secrets);
 * read and write: its temp dir, ``/dev/null``, ``/dev/zero``, ``/dev/full``,
   ``/dev/random``, ``/dev/urandom``, ``/dev/nvidia*`` (with device ``ioctl``),
-  and ``/proc/self/clear_refs`` (per-job peak memory);
+  ``/proc/self/clear_refs`` (per-job peak memory) and its own threads' files under
+  ``/proc/self/task`` (CUDA names its threads through ``comm`` at init);
 * a training (job) executor besides: create files only under the store's
   staging folder ``<model_dir>/.incoming/``, its lock files in
   ``<model_dir>/.locks/`` and training checkpoints in ``<model_dir>/.checkpoints/``
@@ -208,6 +209,9 @@ def executor_rules(*, store: str, tmpdir: str, trains: bool, abi: int,
     for pattern in _DEVICES:
         rules += [Rule(path, DEVICE) for path in sorted(glob.glob(pattern))]
     rules.append(Rule("/proc/self/clear_refs", WRITE_FILE | TRUNCATE))  # limits.reset_peak_rss opens it "w"
+    # CUDA names its threads by opening /proc/self/task/<tid>/comm "w" (write, truncate); its init fails
+    # (cudaErrorOperatingSystem, 304) when it cannot (seen on an H200 host, Landlock ABI 7).
+    rules.append(Rule("/proc/self/task", READ | WRITE_FILE | TRUNCATE))
     rules.append(Rule(tmpdir, FULL))
     if not trains:
         rules.append(Rule(store, READ))

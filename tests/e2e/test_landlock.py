@@ -62,6 +62,10 @@ attempt("write checkpoints", checkpoint)
 attempt("read proc", lambda: open("/proc/self/status").read())
 attempt("read worker environ", lambda: open(f"/proc/{os.getppid()}/environ").read())  # the worker's secrets
 attempt("reset peak rss", lambda: write("/proc/self/clear_refs", "5"))  # as limits.reset_peak_rss
+import threading
+# As CUDA names its threads at init (pthread_setname_np opens the comm file "w"); not the worker's threads.
+attempt("name a thread", lambda: write(f"/proc/self/task/{threading.get_native_id()}/comm", "cuda-EvtHandlr"))
+attempt("name a worker thread", lambda: write(f"/proc/{os.getppid()}/task/{os.getppid()}/comm", "planted"))
 attempt("write dev null", lambda: write("/dev/null"))
 import torch  # what the executor imports once confined
 attempt("torch", lambda: torch.ones(2).sum().item())
@@ -115,6 +119,7 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir(
     assert results == {
         "staging": None,
         "read store": "ok", "list store": "ok", "read proc": "ok", "reset peak rss": "ok", "write dev null": "ok",
+        "name a thread": "ok", "name a worker thread": "EACCES",
         "torch": "ok",
         "write tmpdir": "ok", "stat secret": "ok",
         "read secret": "EACCES", "list outside": "EACCES", "write outside": "EACCES", "read worker environ": "EACCES",
