@@ -53,6 +53,9 @@ def verify(model: TransformerModel, item: dict[str, Any]) -> dict[str, Any]:
         proof = proofs.Proof.from_json(item.get("proof"))
     except proofs.ProofFormatError as exc:
         raise InvalidInput(str(exc)) from None
+    if (proof.k, proof.chunk) != (proofs.TOP_K, proofs.CHUNK):  # a prover does not choose how much it commits
+        return proofs.Check(False, f"the proof commits k={proof.k} per chunk of {proof.chunk} tokens; this verifier "
+                                   f"checks k={proofs.TOP_K} per {proofs.CHUNK}", {"chunks": 0}).to_json()
     tokens = proof.tokens
     ids = _prompt_ids(model, Prompt(prompt=item.get("prompt"), messages=item.get("messages")), len(tokens))
     vocab = model.module.get_output_embeddings().weight.shape[0]

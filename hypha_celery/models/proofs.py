@@ -113,8 +113,8 @@ class Proof:
             raise ProofFormatError(f"proof.tokens must be 1 to {MAX_TOKENS} token ids (non-negative integers)")
         if not (type(k) is int and 1 <= k <= 4096):
             raise ProofFormatError("proof.k must be an integer from 1 to 4096")
-        if not (type(chunk) is int and 1 <= chunk <= 4096):
-            raise ProofFormatError("proof.chunk must be an integer from 1 to 4096")
+        if not (type(chunk) is int and 1 <= chunk <= k):
+            raise ProofFormatError("proof.chunk must be an integer from 1 to k (each position commits k // chunk)")
         for name in ("model", "manifest_sha256", "dtype"):
             if data.get(name) is not None and not isinstance(data.get(name), str):
                 raise ProofFormatError(f"proof.{name} must be a string")
@@ -223,6 +223,7 @@ def _top(states: torch.Tensor, per: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _per_position(k: int, chunk: int, hidden: int) -> int:
+    """Values each position commits: ``k // chunk`` (``k >= chunk``: a proof names at least one per position)."""
     return max(1, min(k // chunk, hidden))
 
 

@@ -109,6 +109,7 @@ def test_the_same_states_check_and_other_states_do_not() -> None:
     ({"tokens": [1, True]}, "tokens"),
     ({"k": 0}, "k"),
     ({"chunk": "32"}, "chunk"),
+    ({"k": 16}, "chunk"),
     ({"commitments": "not base64!"}, "base64"),
     ({"commitments": base64.b64encode(b"\0" * 3).decode()}, "commitments"),
     ({"commitments": base64.b64encode(b"\0" * 10_000).decode()}, "commitments"),
@@ -198,6 +199,21 @@ def test_altered_commitment_bytes_are_rejected(llama: transformers_runtime.Trans
     # When it is replayed, Then it is rejected and the reason names the second chunk
     check = _verify(llama, CORPUS[0], {**proof, "commitments": base64.b64encode(bytes(raw)).decode()})
     assert not check["accepted"] and check["stats"]["worst_chunk"] == 1, check
+
+
+def test_a_proof_that_commits_less_than_the_verifier_checks_is_rejected(
+        llama: transformers_runtime.TransformerModel) -> None:
+    # Given a generation's true hidden states, committed honestly but with one value per position
+    # (a cheaper, weaker commitment than the verifier's four)
+    with proof_runtime.capture(llama) as states:
+        out = _generate(llama, CORPUS[0])[0]
+    assert out.proof is not None
+    hidden = torch.cat([step[:, -1:, :] for step in states], dim=1)[0, :NEW_TOKENS]
+    weak = {**out.proof, "k": 32, "chunk": 32, "commitments": base64.b64encode(
+        proofs.commit(hidden, k=32, chunk=32)).decode()}
+    # When it is replayed, Then it is rejected, naming what this verifier checks
+    check = _verify(llama, CORPUS[0], weak)
+    assert not check["accepted"] and "k=128" in check["reason"]
 
 
 def test_a_token_outside_the_vocabulary_is_rejected_without_a_pass(llama: transformers_runtime.TransformerModel,
