@@ -3,14 +3,15 @@
 The idea is TOPLOC's (Prime Intellect, arXiv 2501.16007); its ``toploc`` 0.1.6 wheel is a C++
 extension built against an older torch and does not import beside torch 2.13, so the few
 lines are here. Per chunk of ``chunk`` generated tokens, the last hidden states at the
-positions that predicted them (the lm head's input) are flattened; the ``k`` entries of
-largest magnitude are points ``(index mod m, bf16 bits of the value)`` with ``m`` the largest
-modulus below ``PRIME`` that keeps the indices apart; the commitment is ``m`` and the ``k``
-coefficients of the polynomial over GF(``PRIME``) through those points: ``2 + 2k`` bytes
-(258 for ``k = 128``), whatever the hidden size.
+positions that predicted them (the lm head's input) are read; each position's ``k // chunk``
+entries of largest magnitude (TOPLOC takes the chunk's top ``k`` wherever they fall; per position,
+one altered token cannot hide among 31 honest ones) are points ``(flat index mod m, bf16 bits of
+the value)`` with ``m`` the largest modulus below ``PRIME`` that keeps the indices apart; the
+commitment is ``m`` and the ``k`` coefficients of the polynomial over GF(``PRIME``) through those
+points: ``2 + 2k`` bytes (258 for ``k = 128``), whatever the hidden size.
 
 A verifier recomputes the hidden states with one prefill over prompt and generated tokens,
-takes its own top ``k`` per chunk, evaluates the polynomial at those indices and compares
+takes its own top values per position, evaluates the polynomial at those indices and compares
 what the prover claimed with what it computed. An index the prover did not commit yields a
 pseudo-random 16-bit pattern there, so a swapped model, an altered prompt or other tokens
 agree at almost no index; the same model with other numerics (batch size, device, bf16 vs
