@@ -263,7 +263,7 @@ def test_verify_arguments_are_checked(store: ModelStore, alone: list[Generated])
         validate_verify(small, store, (), {"model": TINY_LLAMA, "prompt": "hi", "proof": proof})
 
 
-def test_the_proof_module_imports_nothing_of_the_worker(tmp_path: Path) -> None:
+def test_the_proof_module_imports_nothing_of_the_worker() -> None:
     # Given the proof math's source, Then it names no executor, stage, task or worker module
     source = Path(proofs.__file__).read_text()
     assert not any(f"hypha_celery.{part}" in source for part in ("executor", "stages", "tasks", "worker"))
