@@ -12,7 +12,10 @@ on ``cuda:0`` (bf16), the same executor process a worker uses:
 * generation, 8 and 32 concurrent greedy requests of 64 new tokens: batched vs
   the same requests one after another (completion tokens/s); target >= 3x at 8.
 
-``python -m bench.gpu`` runs it alone and prints JSON; ``make bench`` includes it.
+* checkable generations: proofs made on ``cuda`` in bf16 (tiny Llama), verified on the CPU in float32.
+
+``python -m bench.gpu`` runs it alone and prints JSON (``--only proofs``: the proofs check alone, seconds);
+``make bench`` includes it.
 """
 
 from __future__ import annotations
@@ -132,8 +135,17 @@ def _generate_rate(store: Path, concurrent: int, batched: bool, new_tokens: int)
         pool.close()
 
 
-def run(say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Measure the GPU figures; ``{}`` (and a line saying why) without a GPU."""
+def proofs(say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """A proof made on ``cuda`` in bf16, verified on the CPU in float32 (:func:`bench.proofs.cross_device`)."""
+    from bench.proofs import cross_device
+
+    return cross_device(say)
+
+
+def run(say: Callable[[str], None] = print, only: str | None = None) -> dict[str, dict[str, Any]]:
+    """Measure the GPU figures; ``{}`` (and a line saying why) without a GPU. ``only="proofs"``: that check alone."""
+    if only == "proofs":
+        return proofs(say)
     from hypha_celery.resources.gpu import list_gpus
 
     gpus = list_gpus()
@@ -172,9 +184,10 @@ def run(say: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
                 "ratio": ratio, "target": ">= 3" if concurrent == 8 else "reported",
                 "met": ratio >= 3 if concurrent == 8 else True, "unit": "batched/sequential completion tokens per s",
                 "sequential": seq, "batched": together, "largest_batch": largest}
+    figures.update(proofs(say))
     return figures
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(), indent=2, sort_keys=True))
+    print(json.dumps(run(only="proofs" if sys.argv[1:] == ["--only", "proofs"] else None), indent=2, sort_keys=True))
     sys.exit(0)

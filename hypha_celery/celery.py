@@ -22,7 +22,7 @@ __all__ = ["OVERRIDES_MODULE", "app", "create_app", "operator_overrides"]
 OVERRIDES_MODULE = "celeryconfig"
 TASK_MODULES = (
     "hypha_celery.tasks.infer", "hypha_celery.tasks.generate", "hypha_celery.tasks.train", "hypha_celery.tasks.noop",
-    "hypha_celery.tasks.aggregate",
+    "hypha_celery.tasks.aggregate", "hypha_celery.tasks.verify",
 )
 
 

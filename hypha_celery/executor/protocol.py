@@ -353,6 +353,7 @@ class Generated(_Record):
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length" (max_new_tokens)
     prompt_tokens: int
     completion_tokens: int
+    proof: dict[str, Any] | None = None  # with ``params["proof"]``: :class:`~hypha_celery.models.proofs.Proof` JSON
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -491,6 +491,11 @@ def infer_batch(model: TransformerModel, items: Sequence[Any], per_item: Sequenc
     ``per_item``: each item's model when the batch mixes adapters of ``model``'s base.
     """
     if model.task == TEXT_GENERATION:
+        if items and all(isinstance(item, dict) and set(item) == {"verify"} for item in items):
+            from hypha_celery.models import proof_runtime  # hypha.verify: a prefill replays a generation
+
+            return [proof_runtime.verify(per_item[i] if per_item else model, item["verify"])
+                    for i, item in enumerate(items)]
         raise InvalidTask(f"model {model.manifest.id!r} generates text: send it hypha.generate, not hypha.infer")
     with _selected(model, per_item) as mixed:
         return _infer(model, items, per_item, mixed)
@@ -700,6 +705,8 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
               per_prompt: Sequence[TransformerModel] | None, mixed: _RowAdapters | None) -> Generation:
     from transformers import GenerationConfig, StoppingCriteriaList
 
+    from hypha_celery.models import proof_runtime
+
     if model.task != TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
     params = request.params
@@ -729,23 +736,25 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     if mixed is not None and per_prompt is not None:
         mixed.rows = [_row_name(per_prompt[index]) for index, _ in rows]
     started = time.perf_counter()
-    with torch.inference_mode():
-        output = model.module.generate(
-            input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-            generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
-        )
+    with ExitStack() as stack:
+        states = stack.enter_context(proof_runtime.capture(model)) if params.get("proof") else None
+        with torch.inference_mode():
+            output = model.module.generate(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
+            )
     compute_s = time.perf_counter() - started
+    kept = [output[row, width:][:watch.ended_at[row]] if watch.ended_at[row] is not None else output[row, width:]
+            for row in range(len(rows))]
+    proved = proof_runtime.prove_rows(model, states, [new.tolist() for new in kept]) if states is not None else None
     for row, (index, ids) in enumerate(rows):
-        new = output[row, width:]
-        ended = watch.ended_at[row]
-        if ended is not None:
-            new = new[:ended]
+        new, ended = kept[row], watch.ended_at[row]
         text = tokenizer.decode(new, skip_special_tokens=True)
         cuts = [text.find(stop) for stop in params["stop"] if stop in text]
         if cuts:
             text = text[:min(cuts)]
         finish = "stop" if ended is not None or new.numel() < params["max_new_tokens"] else "length"
         outputs[index] = Generated(text=text, finish_reason=finish, prompt_tokens=len(ids),
-                                   completion_tokens=int(new.numel()))
+                                   completion_tokens=int(new.numel()), proof=proved[row] if proved else None)
     first = watch.first_token_s if watch.first_token_s is not None else compute_s
     return Generation([o for o in outputs if o is not None], first, compute_s)

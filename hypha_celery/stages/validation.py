@@ -44,6 +44,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, ModelPinMismatch, UnsupportedModel
 from hypha_celery.executor.protocol import Trained
 from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
+from hypha_celery.models.proofs import Proof, ProofFormatError
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.resources.requirements import Requirements, check_caps
@@ -61,6 +62,7 @@ __all__ = [
     "InferSpec",
     "NoopSpec",
     "TrainSpec",
+    "VerifySpec",
     "check_generate_model",
     "check_infer_payload",
     "check_model_pin",
@@ -72,6 +74,7 @@ __all__ = [
     "validate_infer",
     "validate_noop",
     "validate_train",
+    "validate_verify",
 ]
 
 # Per request. Texts past the model's max_length are truncated anyway: the character cap bounds tokenising.
@@ -121,6 +124,7 @@ class GenerateParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    proof: bool = False  # the result carries a proof of its hidden states (hypha_celery.models.proofs)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "stop": list(self.stop)}
@@ -132,6 +136,16 @@ class GenerateSpec:
     params: GenerateParams
     requirements: Requirements
     manifest: Manifest | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+
+@dataclass(frozen=True)
+class VerifySpec:
+    model: str
+    requirements: Requirements
+    manifest: Manifest | None
+    proof: Proof
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
 
@@ -565,28 +579,52 @@ def validate_noop(cfg: WorkerConfig, args: Sequence[Any], kwargs: Mapping[str, A
 
 def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any]) -> GenerateSpec:
     allowed = {"model", "prompt", "messages", "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed",
-               "stop", "repetition_penalty", "requirements"}
+               "stop", "repetition_penalty", "requirements", "proof"}
     _check_shape(args, kwargs, allowed, {"model"}, "hypha.generate")
-    if ("prompt" in kwargs) == ("messages" in kwargs):
-        raise InvalidTask("hypha.generate takes exactly one of prompt (a string) or messages (chat turns)")
     model = validate_model_id(kwargs["model"])
     requirements = requirements_for(cfg, kwargs.get("requirements"), sizable=True)
-    max_bytes = cfg.security.max_input_bytes
-    prompt = messages = None
-    if "prompt" in kwargs:
-        prompt = kwargs["prompt"]
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidTask("prompt must be a non-empty string")
-        if len(prompt.encode("utf-8", "surrogatepass")) > max_bytes:
-            raise InvalidInput(f"prompt is above max_input_bytes ({max_bytes})")
-    else:
-        messages = _check_messages(kwargs["messages"], max_bytes)
+    prompt, messages = _prompt_or_messages(kwargs, cfg.security.max_input_bytes, "hypha.generate")
     params = generate_params(kwargs, cfg.generation.max_new_tokens)
     manifest = _local_manifest(store, model)
     if manifest is not None:
         check_generate_model(store, manifest, messages is not None)
     return GenerateSpec(model=model, params=params, requirements=requirements, manifest=manifest, prompt=prompt,
                         messages=messages)
+
+
+def _prompt_or_messages(kwargs: Mapping[str, Any], max_bytes: int, task: str
+                        ) -> tuple[str | None, list[dict[str, str]] | None]:
+    if ("prompt" in kwargs) == ("messages" in kwargs):
+        raise InvalidTask(f"{task} takes exactly one of prompt (a string) or messages (chat turns)")
+    if "messages" in kwargs:
+        return None, _check_messages(kwargs["messages"], max_bytes)
+    prompt = kwargs["prompt"]
+    if not isinstance(prompt, str) or not prompt:
+        raise InvalidTask("prompt must be a non-empty string")
+    if len(prompt.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise InvalidInput(f"prompt is above max_input_bytes ({max_bytes})")
+    return prompt, None
+
+
+def validate_verify(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kwargs: Mapping[str, Any]) -> VerifySpec:
+    """``hypha.verify``: the model, the prompt (or messages) the client sent, and the generation's ``proof``."""
+    _check_shape(args, kwargs, {"model", "prompt", "messages", "proof", "requirements"}, {"model", "proof"},
+                 "hypha.verify")
+    model = validate_model_id(kwargs["model"])
+    requirements = requirements_for(cfg, kwargs.get("requirements"), sizable=True)
+    prompt, messages = _prompt_or_messages(kwargs, cfg.security.max_input_bytes, "hypha.verify")
+    try:
+        proof = Proof.from_json(kwargs["proof"])
+    except ProofFormatError as exc:
+        raise InvalidInput(str(exc)) from None
+    if len(proof.tokens) > cfg.generation.max_new_tokens:
+        raise InvalidInput(f"the proof covers {len(proof.tokens)} tokens, above this worker's max_new_tokens "
+                           f"({cfg.generation.max_new_tokens})")
+    manifest = _local_manifest(store, model)
+    if manifest is not None:
+        check_generate_model(store, manifest, messages is not None)
+    return VerifySpec(model=model, requirements=requirements, manifest=manifest, proof=proof, prompt=prompt,
+                      messages=messages)
 
 
 def generate_params(kwargs: Mapping[str, Any], max_new_tokens: int) -> GenerateParams:
@@ -607,7 +645,15 @@ def generate_params(kwargs: Mapping[str, Any], max_new_tokens: int) -> GenerateP
         repetition_penalty=_float_arg(kwargs, "repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
         seed=seed,
         stop=_check_stop(kwargs.get("stop", [])),
+        proof=_bool_arg(kwargs, "proof"),
     )
+
+
+def _bool_arg(kwargs: Mapping[str, Any], name: str) -> bool:
+    value = kwargs.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidTask(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _float_arg(kwargs: Mapping[str, Any], name: str, default: float, low: float, high: float, *,

@@ -6,6 +6,8 @@ same sampling settings that arrive together run as one batch, adapters of one ba
 While it runs, the task's ``PROGRESS`` state carries
 ``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
 times a second: a client streams by polling ``AsyncResult.state``/``.info``.
+With ``proof=True`` the output carries ``proof`` (its token ids and a commitment to its
+hidden states, :mod:`hypha_celery.models.proofs`) that ``hypha.verify`` checks on another worker.
 """
 
 from __future__ import annotations
@@ -60,11 +62,14 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     tokens_per_s = (out.completion_tokens - 1) / after_first if out.completion_tokens > 1 and after_first > 0 \
         else 0.0
     usage = result.usage
+    proof = {**out.proof, "model": spec.model, "manifest_sha256": ctx.store.manifest_sha256(spec.model)} \
+        if out.proof is not None else None
     return package(
         output={
             "text": out.text,
             "finish_reason": out.finish_reason,
             "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
+            **({"proof": proof} if proof is not None else {}),
         },
         model=spec.model,
         worker=run.worker,
