@@ -2,7 +2,8 @@
 
 Hostile deltas are planted in a shared folder and in an S3 bucket (moto) with their true sha256, as a
 worker that lies would write them; :func:`hypha_celery.tasks.aggregate.gather` is what ``hypha.aggregate``
-runs on them before it combines (the full task on real workers is in tests/e2e/test_diloco_e2e.py).
+runs on them before it combines (the full task on real workers is in tests/e2e/test_diloco_e2e.py). And
+an inner task's copy leaves the delta its first run wrote, so the sha256 that run reported stays true.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from hypha_celery.errors import InvalidTask
 from hypha_celery.models.deltas import combine, save_tensors
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.tasks.aggregate import AggregateSpec, gather, validate_aggregate
+from hypha_celery.tasks.diloco import publish_delta
 
 JOB, BASE_SHA = "j", "b" * 64
 META = {"job": JOB, "round": "1", "base_sha256": BASE_SHA}
@@ -154,3 +156,18 @@ def test_bad_outer_step_arguments_are_refused_by_name(storage: SharedStorage, kw
     report = {"job": JOB, "round": 1, "ref": f"jobs/{JOB}/round-1/t1.safetensors", "sha256": "a" * 64, "samples": 1}
     with pytest.raises(InvalidTask, match=words):
         _spec(storage, [report], **kwargs)
+
+
+def test_a_copy_of_an_inner_task_keeps_the_delta_its_first_run_wrote(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given the delta a first run of task t1 wrote and reported
+    first = tmp_path / "first.safetensors"
+    save_tensors(_tensors(1, 0.1), first, META)
+    key = f"jobs/{JOB}/round-1/t1.safetensors"
+    reported = publish_delta(storage, key, first)
+    # When a copy of the task (redelivered while the first finished) publishes other bytes under the same key
+    copy = tmp_path / "copy.safetensors"
+    save_tensors(_tensors(2, 0.1), copy, META)
+    again = publish_delta(storage, key, copy)
+    # Then the stored delta is still the first run's, and the copy reports its sha256 and size
+    assert again == reported
+    assert storage.get_file(key, tmp_path / "check.safetensors", sha256=reported.sha256).sha256 == reported.sha256
