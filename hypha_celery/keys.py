@@ -43,6 +43,11 @@ Security::
     hypha:nonce:<key_id>:<nonce>      string  JSON {"task", "seen", "delivered", "done"} of a seen envelope nonce;
                                               kept until issued_at + the replay window (security/verifier.py)
 
+DiLoCo::
+
+    hypha:diloco:<job>:<round>:aggregate  string  the lock one outer step of that round holds while it runs
+                                              (redis-py ``Lock``; expires after the task's hard time limit)
+
 This module is the only source of these names. The Lua scripts build none:
 each receives the keys it touches in ``KEYS``, in the order its header lists
 (:meth:`KeySchema.ledger`, :meth:`KeySchema.placement`; see
@@ -154,6 +159,10 @@ class KeySchema:
 
     def nonce(self, key_id: str, value: str) -> str:
         return f"{self.prefix}:nonce:{key_id}:{value}"
+
+    def aggregate_lock(self, job: str, round_: int) -> str:
+        """The lock of DiLoCo job ``job``'s outer step of round ``round_``."""
+        return f"{self.prefix}:diloco:{job}:{round_}:aggregate"
 
     def index_free(self) -> dict[str, str]:
         """Short name (``memory``, ``core_milli``, ...) -> the index of what is free now."""

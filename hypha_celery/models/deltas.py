@@ -9,23 +9,33 @@ Sign convention (the DiLoCo paper's, arXiv 2311.08105): a pseudo-gradient is
 ``base - trained``, so it points like a gradient, and the outer step descends
 it as SGD with Nesterov momentum does (``torch.optim.SGD(nesterov=True)``)::
 
-    g      = sum(samples_i * delta_i) / sum(samples_i)
+    g      = sum(w_i * delta_i) / sum(w_i)      (w_i: the scheduler's shard sizes; or a robust combination)
     m      = momentum * m_prev + g              (m_prev = 0 in the first round)
     update = g + momentum * m
     next   = base - outer_lr * update
 
 With ``outer_lr = 1`` and ``momentum = 0`` the next version is the
-samples-weighted average of the workers' trained weights (FedAvg). Float
+weighted average of the workers' trained weights (FedAvg). Float
 checkpoints only: float16/32/64 and bfloat16 (numpy's through ``ml_dtypes``, the
 dtype most published checkpoints use); the arithmetic is done in float32/64 and
 the next version keeps the base's dtypes. Every file carries its job, round and base sha256 in its
 safetensors metadata, and a delta is checked against them and the base's
 tensor names and shapes before it is used.
+
+A delta from a stranger is checked for its values too, tensor by tensor so that
+memory holds one tensor at a time (:func:`scan_delta`): every value finite, and
+its L2 norm returned for the outer step to bound against the round's median and
+the base's norm. The deltas are then combined tensor by tensor
+(:func:`combine`) by one of :data:`AGGREGATORS`: ``mean`` weighted by what the
+scheduler decided (each shard's size), or the coordinate-wise ``trimmed_mean``
+or ``median`` (unweighted), which a poisoned minority cannot drag far.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,7 +44,10 @@ from hypha_celery.errors import DeltaRejected, UnsupportedModel
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["WeightedMean", "check_delta", "load_weights", "nesterov", "outer_step", "pseudo_gradient", "save_tensors"]
+__all__ = ["AGGREGATORS", "WeightedMean", "check_delta", "combine", "combine_stack", "l2_norm", "load_weights",
+           "nesterov", "outer_step", "pseudo_gradient", "save_tensors", "scan_delta"]
+
+AGGREGATORS = ("mean", "trimmed_mean", "median")
 
 _FLOATS = ("float16", "bfloat16", "float32", "float64")
 
@@ -107,8 +120,94 @@ def check_delta(path: Path, base: Mapping[str, np.ndarray], expected: Mapping[st
     return tensors
 
 
+def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, str], what: str) -> float:
+    """The delta's L2 norm, once its metadata says ``expected``, its tensors are float, named and shaped as ``shapes``
+    says and every value is finite; read one tensor at a time (``DeltaRejected`` naming the first fault)."""
+    import ml_dtypes  # noqa: F401 - bfloat16 for safetensors.numpy
+    import numpy as np
+    from safetensors import safe_open
+
+    try:
+        metadata = read_metadata(path)
+    except Exception as exc:  # safetensors raises its own error types for a garbled file
+        raise DeltaRejected(f"{what}: not a safetensors file ({exc})") from None
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise DeltaRejected(f"{what}: it is for {key} {metadata.get(key)!r}, not {value!r}; refused")
+    squares = 0.0
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            names = set(handle.keys())
+            if names != set(shapes):
+                differ = sorted(names ^ set(shapes))
+                raise DeltaRejected(f"{what}: its tensors are not the base's (e.g. {differ[0]}); refused")
+            for name in sorted(names):
+                tensor = handle.get_tensor(name)
+                if str(tensor.dtype) not in _FLOATS:
+                    raise DeltaRejected(f"{what}: tensor {name} is {tensor.dtype}, not a float; refused")
+                if tuple(tensor.shape) != tuple(shapes[name]):
+                    raise DeltaRejected(f"{what}: tensor {name} has shape {tensor.shape}, the base "
+                                        f"{tuple(shapes[name])}; refused")
+                wide = tensor.astype(np.float64)
+                if not np.isfinite(wide).all():
+                    raise DeltaRejected(f"{what}: tensor {name} holds NaN or infinite values; refused")
+                squares += float(np.dot(wide.ravel(), wide.ravel()))
+    except DeltaRejected:
+        raise
+    except Exception as exc:  # a dtype numpy lacks, a truncated file: safetensors' own error types
+        raise DeltaRejected(f"{what}: unreadable tensors ({exc}); refused") from None
+    return math.sqrt(squares)  # inf when the squares overflow float64: above any bound
+
+
+def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of all ``tensors`` together, in float64."""
+    import numpy as np
+
+    return math.sqrt(sum(float(np.dot(w.ravel(), w.ravel())) for w in (t.astype(np.float64) for t in tensors.values())))
+
+
+def combine_stack(stack: np.ndarray, weights: Sequence[float], aggregator: str, trim: float) -> np.ndarray:
+    """One tensor's combination over its deltas (``stack``'s first axis), by ``aggregator``.
+
+    ``mean`` weighs delta ``i`` by ``weights[i]``; ``median`` is numpy's coordinate-wise median;
+    ``trimmed_mean`` drops, at each coordinate, the ``ceil(trim * n)`` lowest and highest values (at most
+    ``(n - 1) // 2`` each side, so one remains) and averages the rest. The robust two ignore ``weights``.
+    """
+    import numpy as np
+
+    if aggregator == "mean":
+        w = np.asarray(weights, dtype=np.float64)
+        return np.tensordot(w / w.sum(), stack, axes=1)
+    if aggregator == "median":
+        return np.median(stack, axis=0)
+    if aggregator == "trimmed_mean":
+        n = stack.shape[0]
+        cut = min(math.ceil(trim * n), (n - 1) // 2)
+        return np.sort(stack, axis=0)[cut:n - cut].mean(axis=0)
+    raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {aggregator!r}")
+
+
+def combine(paths: Sequence[Path], weights: Sequence[float], names: Iterable[str], *, aggregator: str = "mean",
+            trim: float = 0.0) -> dict[str, np.ndarray]:
+    """The deltas in ``paths`` combined tensor by tensor (:func:`combine_stack`), float64: one tensor of each delta
+    in memory at a time. The paths must have passed :func:`scan_delta`."""
+    import ml_dtypes  # noqa: F401 - bfloat16 for safetensors.numpy
+    import numpy as np
+    from safetensors import safe_open
+
+    if not paths or len(paths) != len(weights):
+        raise DeltaRejected("the outer step needs at least one delta, each with its weight")
+    out = {}
+    with ExitStack() as stack:
+        handles = [stack.enter_context(safe_open(str(path), framework="numpy")) for path in paths]
+        for name in names:
+            rows = np.stack([handle.get_tensor(name).astype(np.float64) for handle in handles])
+            out[name] = combine_stack(rows, weights, aggregator, trim)
+    return out
+
+
 class WeightedMean:
-    """The samples-weighted mean of deltas added one at a time: one delta and the running sum in memory."""
+    """The weighted mean of deltas added one at a time: one delta and the running sum in memory."""
 
     def __init__(self) -> None:
         self.sums: dict[str, np.ndarray] = {}
@@ -146,7 +245,7 @@ def nesterov(base: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
 def outer_step(base: Mapping[str, np.ndarray], deltas: Sequence[tuple[Mapping[str, np.ndarray], int]],
                previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """:func:`nesterov` on the samples-weighted mean of ``(delta, samples)`` pairs, added in the order given."""
+    """:func:`nesterov` on the weighted mean of ``(delta, weight)`` pairs, added in the order given."""
     mean = WeightedMean()
     for delta, samples in deltas:
         mean.add(delta, samples)

@@ -2,21 +2,39 @@
 
 Kwargs: ``job``, ``round``, ``base`` (the round's global version), ``base_sha256`` (optional: the
 manifest sha256 the scheduler expects it to be), ``deltas`` (the inner tasks' ``diloco`` reports,
-as the scheduler received them), ``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``.
+as the scheduler received them), ``weights`` (optional: inner task id -> the size of the shard the
+scheduler sent it), ``aggregator`` (``mean``, ``trimmed_mean`` or ``median``; default ``mean``),
+``trim`` (default 0.2), ``max_delta_norm_ratio`` (default 10), ``max_base_norm_ratio`` (default 1),
+``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``.
 
 Each delta is refused (and listed in the result's ``refused``, with the reason) unless its report
-is for this job and round and this base, its key lies in this round's folder, the bytes in the
-shared storage hash to the sha256 the inner task reported, and its metadata and tensor shapes are
-the base's. Fewer than ``min_workers`` accepted deltas fail the task (``DeltaRejected``). The rest
-are averaged by sample count and applied with Nesterov momentum (:mod:`hypha_celery.models.deltas`);
-the momentum is kept as ``jobs/<job>/momentum-<round>.safetensors`` for the next round.
+is for this job and round and this base, its key lies in this round's folder and names an inner
+task of ``weights`` (when given), the bytes in the shared storage hash to the sha256 the inner task
+reported, its metadata and tensor shapes are the base's, and every value is finite. The worker
+wrote that file and that sha256, so none of this says its values are honest: a delta is also
+refused when its L2 norm is above ``max_delta_norm_ratio`` x the median norm of the round's finite
+deltas, or above ``max_base_norm_ratio`` x the base's norm (``null`` turns a bound off; a median
+or base norm of 0 sets none). Fewer than ``min_workers`` accepted deltas fail the task
+(``DeltaRejected``).
+
+The rest are combined tensor by tensor (:func:`hypha_celery.models.deltas.combine`): ``mean``
+weighs each delta by its ``weights`` entry, what the scheduler decided and signed, never by the
+``samples`` a worker reports (kept in the result as information only; without ``weights`` every
+delta weighs 1); ``trimmed_mean`` (``ceil(trim x n)`` values dropped at each end of every
+coordinate) and ``median`` are coordinate-wise and unweighted, for rounds where a minority may lie
+within the norm bounds. The combination is applied with Nesterov momentum
+(:mod:`hypha_celery.models.deltas`); the momentum is kept as ``jobs/<job>/momentum-<round>.safetensors``
+for the next round. The deltas wait in a scratch folder for the combination: the worker's disk
+holds one copy of each, its memory one tensor of each.
 
 The next version, ``<job>-v<round>``, is imported into the store (the same import as ``hypha-celery
 models import``: manifest, memory estimate, ``parent`` = the base) and uploaded to
 ``models/<id>/`` of the shared storage, its manifest last, so workers fetch it like any model.
 Idempotent by (job, round): the outcome is recorded in ``jobs/<job>/round-<round>/aggregate.json``
 last, a re-run returns that record, and a re-run after a crash part-way recomputes the same
-inputs (fixed order) and keeps a version already uploaded.
+inputs (fixed order) and keeps a version already uploaded. Outer steps of one (job, round) take
+one Redis lock (:meth:`hypha_celery.keys.KeySchema.aggregate_lock`, expiring after the task's hard
+time limit), so a second one sent while the first runs waits for it and answers its record.
 """
 
 from __future__ import annotations
@@ -27,15 +45,20 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from celery import shared_task
 
-from hypha_celery.errors import DeltaRejected, InvalidTask, SharedStorageError
+from hypha_celery.errors import DeltaRejected, InvalidTask, RegistryUnavailable, SharedStorageError, TaskTimeout
+from hypha_celery.keys import KeySchema
+from hypha_celery.models.deltas import AGGREGATORS
 from hypha_celery.models.manifest import MODEL_MANIFEST, SAFETENSORS_SINGLE, validate_model_id
+from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import requirements_for
@@ -44,14 +67,19 @@ from hypha_celery.tasks.diloco import delta_prefix, parse_block, version_id
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["aggregate", "record_key"]
+__all__ = ["AggregateSpec", "Gathered", "aggregate", "gather", "record_key"]
 
 log = logging.getLogger(__name__)
 
-_ARGS = frozenset({"job", "round", "base", "base_sha256", "deltas", "outer_lr", "outer_momentum", "min_workers",
+_ARGS = frozenset({"job", "round", "base", "base_sha256", "deltas", "weights", "aggregator", "trim",
+                   "max_delta_norm_ratio", "max_base_norm_ratio", "outer_lr", "outer_momentum", "min_workers",
                    "requirements"})
 _REPORT = ("job", "round", "ref", "sha256", "samples")
 MAX_DELTAS = 10_000
+MAX_WEIGHT = 2**53  # a shard size: integers up to here are exact in float64
+DEFAULT_TRIM = 0.2
+DEFAULT_DELTA_NORM_RATIO = 10.0
+DEFAULT_BASE_NORM_RATIO = 1.0
 
 
 def record_key(job: str, round_: int) -> str:
@@ -73,6 +101,11 @@ class AggregateSpec:
     outer_momentum: float
     min_workers: int
     requirements: Requirements
+    weights: dict[str, int] | None = None
+    aggregator: str = "mean"
+    trim: float = DEFAULT_TRIM
+    max_delta_norm_ratio: float | None = DEFAULT_DELTA_NORM_RATIO
+    max_base_norm_ratio: float | None = DEFAULT_BASE_NORM_RATIO
 
 
 def _number(kwargs: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -81,6 +114,27 @@ def _number(kwargs: Mapping[str, Any], name: str, default: float, low: float, hi
             or not low <= value <= high:
         raise InvalidTask(f"{name} must be a number from {low:g} to {high:g}, got {value!r}")
     return float(value)
+
+
+def _bound(kwargs: Mapping[str, Any], name: str, default: float, low: float) -> float | None:
+    """A norm bound: ``None`` (JSON null) turns it off."""
+    if name in kwargs and kwargs[name] is None:
+        return None
+    return _number(kwargs, name, default, low, 1e6)
+
+
+def _weights(raw: Any) -> dict[str, int] | None:
+    """``weights``: inner task id -> the positive integer size of the shard the scheduler sent it."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping) or not 1 <= len(raw) <= MAX_DELTAS:
+        raise InvalidTask(f"weights must be an object of 1 to {MAX_DELTAS} inner task ids -> shard sizes")
+    for task_id, weight in raw.items():
+        if not isinstance(task_id, str) or not 1 <= len(task_id) <= 200 or "/" in task_id:
+            raise InvalidTask(f"weights: {task_id!r} is not an inner task id")
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+            raise InvalidTask(f"weights[{task_id!r}] must be an integer from 1 to 2**53 (a shard size), got {weight!r}")
+    return dict(raw)
 
 
 def validate_aggregate(ctx: NodeContext, args: Sequence[Any], kwargs: Mapping[str, Any]) -> AggregateSpec:
@@ -105,24 +159,34 @@ def validate_aggregate(ctx: NodeContext, args: Sequence[Any], kwargs: Mapping[st
     min_workers = kwargs.get("min_workers", 1)
     if isinstance(min_workers, bool) or not isinstance(min_workers, int) or not 1 <= min_workers <= MAX_DELTAS:
         raise InvalidTask(f"min_workers must be an integer from 1 to {MAX_DELTAS}, got {min_workers!r}")
+    aggregator = kwargs.get("aggregator", "mean")
+    if aggregator not in AGGREGATORS:
+        raise InvalidTask(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {aggregator!r}")
+    trim = _number(kwargs, "trim", DEFAULT_TRIM, 0.0, 0.5)
+    if trim >= 0.5:
+        raise InvalidTask(f"trim must be a number from 0 to below 0.5, got {trim!r}")
     return AggregateSpec(job=block.job, round=block.round, base=base, base_sha256=pin, deltas=list(deltas),
                          outer_lr=_number(kwargs, "outer_lr", 0.7, 0.0, 100.0),
                          outer_momentum=_number(kwargs, "outer_momentum", 0.9, 0.0, 0.999),
-                         min_workers=min_workers, requirements=requirements_for(ctx.config, kwargs.get("requirements")))
+                         min_workers=min_workers, requirements=requirements_for(ctx.config, kwargs.get("requirements")),
+                         weights=_weights(kwargs.get("weights")), aggregator=aggregator, trim=trim,
+                         max_delta_norm_ratio=_bound(kwargs, "max_delta_norm_ratio", DEFAULT_DELTA_NORM_RATIO, 1.0),
+                         max_base_norm_ratio=_bound(kwargs, "max_base_norm_ratio", DEFAULT_BASE_NORM_RATIO, 1e-6))
 
 
 def _run(run: Run, spec: AggregateSpec) -> dict[str, Any]:
     ctx = run.ctx
     storage = ctx.storage()
-    recorded = storage.get_bytes(record_key(spec.job, spec.round))
-    if recorded is not None:
-        output = {**json.loads(recorded), "replayed": True}
-        log.info("job %s round %d was aggregated before; answering from its record", spec.job, spec.round)
-    else:
-        output = _aggregate(ctx, spec)
-        storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
-        ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
-                                 refused=len(output["refused"]))
+    with _round_lock(ctx, spec):
+        recorded = storage.get_bytes(record_key(spec.job, spec.round))
+        if recorded is not None:
+            output = {**json.loads(recorded), "replayed": True}
+            log.info("job %s round %d was aggregated before; answering from its record", spec.job, spec.round)
+        else:
+            output = _aggregate(ctx, spec)
+            storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
+            ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
+                                     refused=len(output["refused"]))
     run.timing.finished_at = time.time()
     run.task.send_event("task-progress", stage="aggregated", job=spec.job, round=spec.round,
                         model_id=output["model_id"], workers=output["workers"], bytes_moved=output["bytes_moved"],
@@ -131,8 +195,85 @@ def _run(run: Run, spec: AggregateSpec) -> dict[str, Any]:
                    extra={"model_id": output["model_id"]})
 
 
+@contextmanager
+def _round_lock(ctx: NodeContext, spec: AggregateSpec) -> Iterator[None]:
+    """Hold the (job, round) lock on the registry's Redis: a second outer step waits, then finds the record."""
+    limit = ctx.config.hard_time_limit  # a holder killed mid-step frees it then; the next one recomputes
+    lock = ctx.redis.lock(KeySchema.from_env().aggregate_lock(spec.job, spec.round), timeout=limit,
+                          blocking_timeout=limit, thread_local=False)
+    try:
+        acquired = lock.acquire()
+    except redis.RedisError as exc:
+        raise RegistryUnavailable(f"cannot take job {spec.job} round {spec.round}'s outer-step lock: {exc}") from None
+    if not acquired:
+        raise TaskTimeout(f"job {spec.job} round {spec.round}: another outer step held the round's lock for "
+                          f"{limit:g} s")
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except redis.RedisError as exc:  # it expired under a step longer than the hard limit: nothing to free
+            log.warning("job %s round %d: the outer-step lock was gone at release (%s)", spec.job, spec.round, exc)
+
+
+@dataclass
+class Gathered:
+    """A round's deltas after the checks: the accepted (report, file, weight, norm) and the refused with reasons."""
+
+    accepted: list[tuple[dict[str, Any], Path, int, float]] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)
+    median_norm: float | None = None
+    base_norm: float = 0.0
+
+    def refuse(self, spec: AggregateSpec, report: Mapping[str, Any], reason: str) -> None:
+        log.warning("job %s round %d: %s", spec.job, spec.round, reason)
+        self.refused.append({"ref": report.get("ref"), "worker": report.get("worker"), "reason": reason})
+
+
+def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any], base_sha256: str, scratch: Path,
+           max_size: int) -> Gathered:
+    """Fetch and check every delta of ``spec`` into ``scratch``, then refuse those whose norm is out of bounds."""
+    from hypha_celery.models.deltas import l2_norm, scan_delta
+
+    expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
+    shapes = {name: tuple(tensor.shape) for name, tensor in base.items()}
+    out = Gathered(base_norm=l2_norm(base))
+    finite: list[tuple[dict[str, Any], Path, int, float]] = []
+    for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):  # fixed order: same bits
+        what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
+        try:
+            weight = _check_report(report, spec, base_sha256, what)
+            path = scratch / f"{index}.safetensors"
+            try:
+                storage.get_file(report["ref"], path, sha256=report["sha256"], max_size=max_size)
+            except SharedStorageError as exc:
+                raise DeltaRejected(f"{what}: {exc}") from None
+            finite.append((report, path, weight, scan_delta(path, shapes, expected, what)))
+        except DeltaRejected as exc:
+            out.refuse(spec, report, str(exc))
+    if finite:
+        norms = sorted(norm for *_, norm in finite)
+        middle = len(norms) // 2
+        out.median_norm = norms[middle] if len(norms) % 2 else (norms[middle - 1] + norms[middle]) / 2
+    for report, path, weight, norm in finite:
+        what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
+        if spec.max_delta_norm_ratio is not None and out.median_norm and \
+                norm > spec.max_delta_norm_ratio * out.median_norm:
+            out.refuse(spec, report, f"{what}: its L2 norm {norm:.4g} is above max_delta_norm_ratio "
+                                     f"({spec.max_delta_norm_ratio:g}) x the round's median norm "
+                                     f"({out.median_norm:.4g}); refused")
+        elif spec.max_base_norm_ratio is not None and out.base_norm and \
+                norm > spec.max_base_norm_ratio * out.base_norm:
+            out.refuse(spec, report, f"{what}: its L2 norm {norm:.4g} is above max_base_norm_ratio "
+                                     f"({spec.max_base_norm_ratio:g}) x the base's norm ({out.base_norm:.4g}); refused")
+        else:
+            out.accepted.append((report, path, weight, norm))
+    return out
+
+
 def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
-    from hypha_celery.models.deltas import WeightedMean, check_delta, load_weights, nesterov, save_tensors
+    from hypha_celery.models.deltas import combine, load_weights, nesterov, save_tensors
 
     storage = ctx.storage()
     manifest, base_folder = ctx.store.verified_folder(spec.base)
@@ -142,29 +283,15 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
                             f"{spec.base_sha256[:12]}...; refusing to aggregate onto another model")
     base = load_weights(base_folder / SAFETENSORS_SINGLE, f"model {spec.base!r}")
     expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
-    mean = WeightedMean()  # added in the order of the refs: the same inputs give the same bits
-    accepted: list[dict[str, Any]] = []
-    refused: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="hypha-aggregate-") as scratch:
-        for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):
-            what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
-            try:
-                samples = _check_report(report, spec, base_sha256, what)
-                path = Path(scratch) / f"{index}.safetensors"
-                try:
-                    storage.get_file(report["ref"], path, sha256=report["sha256"], max_size=ctx.store.max_model_size)
-                except SharedStorageError as exc:
-                    raise DeltaRejected(f"{what}: {exc}") from None
-                mean.add(check_delta(path, base, expected, what), samples)
-                accepted.append(report)
-                path.unlink()
-            except DeltaRejected as exc:
-                log.warning("job %s round %d: %s", spec.job, spec.round, exc)
-                refused.append({"ref": report.get("ref"), "worker": report.get("worker"), "reason": str(exc)})
-        if len(accepted) < spec.min_workers:
+        gathered = gather(storage, spec, base, base_sha256, Path(scratch), ctx.store.max_model_size)
+        refused = gathered.refused
+        if len(gathered.accepted) < spec.min_workers:
             reasons = "; ".join(entry["reason"] for entry in refused) or "none refused"
-            raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(accepted)} delta(s) passed the checks, "
-                                f"fewer than min_workers ({spec.min_workers}): {reasons}")
+            raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(gathered.accepted)} delta(s) passed the "
+                                f"checks, fewer than min_workers ({spec.min_workers}): {reasons}")
+        average = combine([path for _, path, _, _ in gathered.accepted], [w for _, _, w, _ in gathered.accepted],
+                          base.keys(), aggregator=spec.aggregator, trim=spec.trim)
         previous = None
         if spec.round > 1:
             path = Path(scratch) / "momentum.safetensors"
@@ -172,35 +299,39 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             previous = load_weights(path, f"job {spec.job}'s momentum after round {spec.round - 1}")
             if previous.keys() != base.keys():
                 raise DeltaRejected(f"job {spec.job}'s momentum does not match the base's tensors")
-        weights, momentum = nesterov(base, mean.mean(), previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
+        weights, momentum = nesterov(base, average, previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
         moment = Path(scratch) / "momentum-next.safetensors"
         save_tensors(momentum, moment, expected)
         storage.put_file(momentum_key(spec.job, spec.round), moment)
         next_id = version_id(spec.job, spec.round)
         _publish(ctx, manifest.task, spec.base, base_folder, next_id, weights, Path(scratch) / "next", expected)
-    reports = accepted
-    samples = sum(int(report["samples"]) for report in reports)
+    reports = [(report, weight) for report, _, weight, _ in gathered.accepted]
     return {
         "job": spec.job, "round": spec.round, "base": spec.base, "base_sha256": base_sha256,
         "model_id": next_id, "sha256": ctx.store.manifest_sha256(next_id),
-        "workers": sorted({str(report.get("worker")) for report in reports}), "deltas": len(reports),
-        "samples": samples, "refused": refused,
-        "loss": _weighted(reports, "start_loss", samples), "inner_loss": _weighted(reports, "loss", samples),
+        "workers": sorted({str(report.get("worker")) for report, _ in reports}), "deltas": len(reports),
+        # What the workers say they trained on: information only, never a weight.
+        "samples": sum(int(report["samples"]) for report, _ in reports),
+        "weights": {str(report["ref"]): weight for report, weight in reports},
+        "aggregator": spec.aggregator, "median_norm": gathered.median_norm, "base_norm": gathered.base_norm,
+        "refused": refused,
+        "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
-        "bytes_moved": sum(int(report.get("bytes", 0)) + int(report.get("base_bytes", 0)) for report in reports),
+        "bytes_moved": sum(int(report.get("bytes", 0)) + int(report.get("base_bytes", 0)) for report, _ in reports),
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
     }
 
 
 def _check_report(report: Mapping[str, Any], spec: AggregateSpec, base_sha256: str, what: str) -> int:
-    """The report's sample count, once it is for this job, round and base and names a key of this round."""
+    """The delta's weight (the scheduler's shard size; 1 without ``weights``), once the report is for this job,
+    round and base and names a key of this round."""
     if report["job"] != spec.job or report["round"] != spec.round:
         raise DeltaRejected(f"{what}: it belongs to job {report['job']!r} round {report['round']!r}, not job "
                             f"{spec.job!r} round {spec.round}; refused (a straggler or another job's)")
     ref = report["ref"]
-    if not isinstance(ref, str) or not ref.startswith(delta_prefix(spec.job, spec.round)) or "/" in ref[
-            len(delta_prefix(spec.job, spec.round)):]:
-        raise DeltaRejected(f"{what}: its key is not in {delta_prefix(spec.job, spec.round)}; refused")
+    prefix = delta_prefix(spec.job, spec.round)
+    if not isinstance(ref, str) or not ref.startswith(prefix) or "/" in ref[len(prefix):]:
+        raise DeltaRejected(f"{what}: its key is not in {prefix}; refused")
     if report.get("base_sha256", base_sha256) != base_sha256:
         raise DeltaRejected(f"{what}: trained from base manifest {str(report['base_sha256'])[:12]}..., not this "
                             f"round's {base_sha256[:12]}...; refused")
@@ -210,14 +341,22 @@ def _check_report(report: Mapping[str, Any], spec: AggregateSpec, base_sha256: s
         raise DeltaRejected(f"{what}: samples must be a positive integer, got {samples!r}")
     if not isinstance(sha256, str) or len(sha256) != 64:
         raise DeltaRejected(f"{what}: sha256 must be 64 hex characters, got {sha256!r}")
-    return samples
+    if spec.weights is None:
+        return 1
+    task_id = ref[len(prefix):].removesuffix(".safetensors")
+    if task_id not in spec.weights:
+        raise DeltaRejected(f"{what}: task {task_id!r} is not an inner task the scheduler weighed for this round; "
+                            "refused")
+    return spec.weights[task_id]
 
 
-def _weighted(reports: list[dict[str, Any]], key: str, samples: int) -> float | None:
-    values = [(float(r[key]), int(r["samples"])) for r in reports if isinstance(r.get(key), (int, float))]
-    if not values or not samples:
+def _weighted(reports: list[tuple[dict[str, Any], int]], key: str) -> float | None:
+    """A reported loss, averaged with the scheduler's weights (finite values only: a worker wrote them)."""
+    values = [(float(r[key]), w) for r, w in reports
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    if not values:
         return None
-    return sum(value * n for value, n in values) / sum(n for _, n in values)
+    return sum(value * w for value, w in values) / sum(w for _, w in values)
 
 
 def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path, next_id: str,

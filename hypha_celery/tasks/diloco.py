@@ -7,9 +7,10 @@ second round on) into an inner task: it trains ``H`` optimizer steps on its
 shard exactly as ``hypha.train`` does (the executor and its limits unchanged),
 then, in the worker's process, writes the pseudo-gradient ``base - trained``
 (:mod:`hypha_celery.models.deltas`) to ``jobs/J/round-R/<task id>.safetensors``
-in the shared storage and drops the trained entry from the local store. The
-result carries the delta's key, sha256 and size, the sample count and the
-losses: a few hundred bytes through the result backend, never the tensors.
+in the shared storage (once per task id: a copy keeps what the first run wrote)
+and drops the trained entry from the local store. The result carries the
+delta's key, sha256 and size, the sample count and the losses: a few hundred
+bytes through the result backend, never the tensors.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ from typing import Any
 from hypha_celery.errors import InvalidTask, UnsupportedModel
 from hypha_celery.models.deltas import pseudo_gradient
 from hypha_celery.models.manifest import SAFETENSORS_SINGLE
+from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["DilocoBlock", "delta_prefix", "parse_block", "train_round", "version_id"]
+__all__ = ["DilocoBlock", "delta_prefix", "parse_block", "publish_delta", "train_round", "version_id"]
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MAX_ROUNDS = 100_000
@@ -61,6 +63,16 @@ def delta_prefix(job: str, round_: int) -> str:
 def version_id(job: str, round_: int) -> str:
     """The global model version a round writes (round 0 is the job's starting model, not named so)."""
     return f"{job}-v{round_}"
+
+
+def publish_delta(storage: SharedStorage, key: str, path: Path) -> Stored:
+    """Write the delta at ``key``, unless a run of the same task id wrote it already: then that one stays, and its
+    sha256 and size are this run's. A copy of an inner task (redelivered while the first run was still finishing)
+    must not replace bytes whose sha256 the first run may already have reported: the outer step would refuse them
+    as tampered."""
+    if storage.exists(key):
+        return storage.get_file(key, path.with_name(f"{path.name}.stored"))
+    return storage.put_file(key, path)
 
 
 def parse_block(raw: Any) -> DilocoBlock:
@@ -140,7 +152,7 @@ def _inner(run: Run, spec: InnerSpec) -> dict[str, Any]:
             delta = Path(scratch) / "delta.safetensors"
             pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
                             {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
-            stored = ctx.storage().put_file(key, delta)
+            stored = publish_delta(ctx.storage(), key, delta)
     finally:
         ctx.store.remove(trained)
     curve = output.get("loss_curve") or [output["final_loss"]]

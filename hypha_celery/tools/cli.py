@@ -640,13 +640,17 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
 @click.option("--batch-size", type=int, default=None)
 @click.option("--max-length", type=int, default=None)
 @click.option("--cpu-cores", type=float, default=1.0, show_default=True, help="Cores each inner task reserves.")
+@click.option("--aggregator", type=click.Choice(["mean", "trimmed_mean", "median"]), default="mean", show_default=True,
+              help="How the outer step combines the deltas (mean: weighted by shard size; the others coordinate-wise).")
+@click.option("--trim", type=click.FloatRange(0.0, 0.5, max_open=True), default=None,
+              help="trimmed_mean: the fraction dropped at each end of every coordinate (default 0.2).")
 @_KEY
 @_BROKER
 @_TIMEOUT
 def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, ...], rounds: int, inner_steps: int,
                outer_lr: float, outer_momentum: float, min_workers: int | None, round_timeout: float,
-               lr: float | None, batch_size: int | None, max_length: int | None, cpu_cores: float, key: str | None,
-               broker: str | None, timeout: float) -> None:
+               lr: float | None, batch_size: int | None, max_length: int | None, cpu_cores: float, aggregator: str,
+               trim: float | None, key: str | None, broker: str | None, timeout: float) -> None:
     """Train MODEL with DiLoCo across workers, a progress bar per round; prints the final model and each round."""
     from hypha_celery.training import diloco
 
@@ -665,7 +669,7 @@ def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, 
     try:
         job = diloco(model, shards, rounds, inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                      min_workers=min_workers, requirements={"cpu_cores": cpu_cores}, round_timeout=round_timeout,
-                     **options, **extra)
+                     aggregator=aggregator, trim=trim, **options, **extra)
     except (HyphaError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     _follow(job, len(shards), timeout)
@@ -685,6 +689,8 @@ def _follow(job: Any, workers: int, timeout: float) -> None:
                 bar = None
             click.echo(f"round {entry['round']}: loss {entry['loss']:.4f}  workers {len(entry['workers'])}  "
                        f"{entry['bytes_moved'] / 1e6:.2f} MB moved  {entry['duration_s']:.1f} s", err=True)
+            for refusal in entry.get("refused") or ():
+                click.echo(f"  refused {refusal['reason']}", err=True)
             printed += 1
         if progress["stage"] in ("done", "failed"):
             break

@@ -18,9 +18,11 @@ placement would stack a round's tasks on the one tightest node. They run on
 the round's global version pinned by its manifest sha256 from round 2 on. The round then waits for
 them with a deadline (``round_timeout``; and once ``min_workers`` have answered, at most
 ``straggler_s`` more for the rest) and sends the signed ``hypha.aggregate`` with the reports
-that arrived. A task that answers later is a straggler: its delta stays in its round's folder,
-and the outer step refuses any delta whose job or round is not its own. Fewer than
-``min_workers`` reports by the deadline fail the job (``RoundFailed``).
+that arrived and each one's weight: the size of the shard this scheduler sent that task
+(:func:`shard_sizes`), never the sample count a worker reports. A task that answers later is a
+straggler: its delta stays in its round's folder, and the outer step refuses any delta whose job
+or round is not its own. Fewer than ``min_workers`` reports by the deadline fail the job
+(``RoundFailed``).
 
 Why not a ``chord``: a chord's callback receives its header's results as arguments only when
 the header completes, so the scheduler cannot sign them (the envelope signs the arguments'
@@ -49,7 +51,7 @@ from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
 
-__all__ = ["DilocoJob", "diloco"]
+__all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
 TERMINAL = ("SUCCESS", "FAILURE", "REVOKED")
 # Inner tasks go to the queue every worker reads, so each idle worker takes one: best-fit placement would send
@@ -79,6 +81,8 @@ class _Settings:
     straggler_s: float
     queue: str | None
     train_kwargs: dict[str, Any] = field(default_factory=dict)
+    shard_weights: list[int] = field(default_factory=list)  # one per shard: the weight its delta gets
+    aggregate_options: dict[str, Any] = field(default_factory=dict)  # aggregator, trim, the norm bounds
 
 
 class DilocoJob:
@@ -137,9 +141,9 @@ class DilocoJob:
         for round_ in range(1, s.rounds + 1):
             started = time.monotonic()
             self._update(round=round_, stage="inner", finished=0, arrived=0)
-            reports = self._inner(round_, base, pin)
+            reports, weights = self._inner(round_, base, pin)
             self._update(stage="aggregate")
-            outcome = self._aggregate(round_, base, pin, reports)
+            outcome = self._aggregate(round_, base, pin, reports, weights)
             entry = {"round": round_, "loss": outcome["loss"], "inner_loss": outcome["inner_loss"],
                      "workers": outcome["workers"], "bytes_moved": outcome["bytes_moved"],
                      "samples": outcome["samples"], "refused": outcome["refused"], "model_id": outcome["model_id"],
@@ -150,8 +154,9 @@ class DilocoJob:
             base, pin = outcome["model_id"], outcome["sha256"]
         return {"job": self.job, "model_id": base, "sha256": pin, "rounds": history}
 
-    def _inner(self, round_: int, base: str, pin: str | None) -> list[dict[str, Any]]:
-        """Send the round's group and collect the reports that arrive by its deadline."""
+    def _inner(self, round_: int, base: str, pin: str | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Send the round's group and collect the reports that arrive by its deadline, with each reporting task's
+        weight (its shard's, as decided here)."""
         s = self.settings
         signatures = []
         for shard in s.shards:
@@ -192,13 +197,18 @@ class DilocoJob:
         late = [result.id for result in results if result.id not in reports and result.id not in failures]
         if late:  # stragglers: their deltas, if they ever land, stay in this round's folder, never applied
             self.app.control.revoke(late)
-        return [reports[result.id] for result in results if result.id in reports]
+        sizes = s.shard_weights or shard_sizes(s.shards)
+        weights = {result.id: weight for result, weight in zip(results, sizes, strict=True) if result.id in reports}
+        return [reports[result.id] for result in results if result.id in reports], weights
 
-    def _aggregate(self, round_: int, base: str, pin: str | None, reports: list[dict[str, Any]]) -> dict[str, Any]:
+    def _aggregate(self, round_: int, base: str, pin: str | None, reports: list[dict[str, Any]],
+                   weights: dict[str, int]) -> dict[str, Any]:
+        """Send the signed outer step: the reports as they came, and the weights decided here (never theirs)."""
         s = self.settings
         kwargs: dict[str, Any] = {"job": self.job, "round": round_, "base": base, "deltas": reports,
-                                  "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum,
-                                  "min_workers": s.min_workers, "requirements": s.aggregate_requirements}
+                                  "weights": weights, "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum,
+                                  "min_workers": s.min_workers, "requirements": s.aggregate_requirements,
+                                  **s.aggregate_options}
         if pin is not None:
             kwargs["base_sha256"] = pin
         for attempt in range(1, AGGREGATE_ATTEMPTS + 1):
@@ -231,6 +241,19 @@ def _collect(result: AsyncResult, round_: int, job: str, reports: dict[str, dict
     reports[result.id] = report
 
 
+def shard_sizes(shards: Sequence[dict[str, Any]], given: Sequence[int] | None = None) -> list[int]:
+    """The weight of each shard's delta in the outer mean: ``given``, else each shard's number of texts when every
+    shard is inline, else 1 each (a stored data set's size is not known here)."""
+    if given is not None:
+        sizes = list(given)
+        if len(sizes) != len(shards) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
+            raise ValueError(f"shard_weights must be {len(shards)} positive integers, one per shard, got {given!r}")
+        return sizes
+    if all(isinstance(shard.get("texts"), list) and shard["texts"] for shard in shards):
+        return [len(shard["texts"]) for shard in shards]
+    return [1] * len(shards)
+
+
 def diloco(
     model: str,
     shards: Sequence[dict[str, Any]],
@@ -248,12 +271,19 @@ def diloco(
     queue: str | None = None,
     job: str | None = None,
     app: Celery | None = None,
+    shard_weights: Sequence[int] | None = None,
+    aggregator: str = "mean",
+    trim: float | None = None,
+    max_delta_norm_ratio: float | None = 10.0,
+    max_base_norm_ratio: float | None = 1.0,
     **train_kwargs: Any,
 ) -> DilocoJob:
     """Start a DiLoCo job training ``model`` on ``shards`` (one inner task per shard per round); see the module doc.
 
     ``min_workers`` (default: every shard) is how many deltas a round needs; ``train_kwargs`` go to every
-    inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...).
+    inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...). ``shard_weights`` weigh each
+    shard's delta in the mean (:func:`shard_sizes`); ``aggregator``, ``trim`` and the two norm bounds go to
+    ``hypha.aggregate`` as they are (see :mod:`hypha_celery.tasks.aggregate`; ``None`` turns a bound off).
     """
     if not shards:
         raise ValueError("diloco needs at least one shard")
@@ -273,5 +303,8 @@ def diloco(
         signing_key=signing_key if signing_key is None or isinstance(signing_key, nacl.signing.SigningKey)
         else load_signing_key(signing_key), round_timeout=round_timeout,
         straggler_s=round_timeout if straggler_s is None else straggler_s, queue=queue, train_kwargs=train_kwargs,
+        shard_weights=shard_sizes(shards, shard_weights),
+        aggregate_options={"aggregator": aggregator, "max_delta_norm_ratio": max_delta_norm_ratio,
+                           "max_base_norm_ratio": max_base_norm_ratio, **({} if trim is None else {"trim": trim})},
     )
     return DilocoJob(app, job or f"dl-{uuid.uuid4().hex[:12]}", settings).start()

@@ -228,6 +228,60 @@ def test_on_s3_a_tampered_delta_and_another_rounds_delta_are_refused(
     assert again["replayed"] is True and again["sha256"] == out["sha256"]
 
 
+def test_poisoned_deltas_are_refused_weights_are_the_schedulers_and_two_outer_steps_answer_one_record(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        model_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from hypha_celery.models.store import ModelStore
+
+    # Given two workers on a shared folder and one round's two honest inner tasks (shards of 4 texts each)
+    shared = tmp_path / "shared"
+    workers({"type": "local", "path": str(shared)})
+    app, job = celery_client(), "poison-test"
+    pending = [submit("hypha.train", model=TINY_LLAMA, data=shard, requirements=CORES, signing_key=key, app=app,
+                      diloco={"job": job, "round": 1, "inner_steps": 2}, **TRAIN) for shard in shards(2, 4)]
+    one, two = (dict(result.get(timeout=300)["output"]["diloco"]) for result in pending)
+    # And two lying workers' deltas, written with their true sha256 like any delta: one NaN, one 10^4 x an honest
+    # one (finite, the right shapes and metadata); and an honest report that claims 10^15 samples
+    storage = LocalStorage(shared)
+    with safe_open(str(shared / one["ref"]), framework="numpy") as handle:
+        metadata = handle.metadata()
+    honest = [load_file(str(shared / report["ref"])) for report in (one, two)]
+    planted = []
+    for name, tensors in (("evil-nan", {k: np.full_like(v, np.nan) for k, v in honest[0].items()}),
+                          ("evil-big", {k: v * 1e4 for k, v in honest[0].items()})):
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"), metadata=metadata)
+        ref = f"jobs/{job}/round-1/{name}.safetensors"
+        planted.append({**one, "ref": ref, "sha256": storage.put_file(ref, tmp_path / f"{name}.safetensors").sha256,
+                        "worker": name})
+    reports = [one, {**two, "samples": 10**15}, *planted]
+    weights = {Path(report["ref"]).stem: 4 for report in reports}  # the scheduler's shard sizes, signed
+    # When two outer steps for the round are sent at once
+    sent = [submit("hypha.aggregate", job=job, round=1, base=TINY_LLAMA, deltas=reports, weights=weights,
+                   min_workers=2, outer_lr=1.0, outer_momentum=0.0, requirements={"cpu_cores": 0.5, "memory": "512MiB"},
+                   signing_key=key, app=app) for _ in range(2)]
+    first, second = (result.get(timeout=240)["output"] for result in sent)
+    # Then one computed the round and the other answered its record, the same version
+    assert sorted([bool(first.get("replayed")), bool(second.get("replayed"))]) == [False, True]
+    assert first["sha256"] == second["sha256"] and first["model_id"] == f"{job}-v1"
+    # And the two poisoned deltas were refused, each with its reason, the honest two applied
+    reasons = {entry["ref"]: entry["reason"] for entry in first["refused"]}
+    assert set(reasons) == {report["ref"] for report in planted}, reasons
+    assert "NaN or infinite" in reasons[planted[0]["ref"]] and "L2 norm" in reasons[planted[1]["ref"]]
+    assert first["deltas"] == 2 and first["weights"] == {one["ref"]: 4, two["ref"]: 4}
+    # And the published version is the base minus the plain mean of the honest deltas: 10^15 samples weighed nothing
+    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    base = load_file(str(folder / "model.safetensors"))
+    published = load_file(str(shared / "models" / f"{job}-v1" / "model.safetensors"))
+    for name, tensor in base.items():
+        expected = tensor.astype(np.float64) - (honest[0][name].astype(np.float64) + honest[1][name]) / 2
+        np.testing.assert_allclose(published[name], expected.astype(tensor.dtype), rtol=1e-6, atol=1e-7)
+    print(f"norms: median {first['median_norm']:.4g}, base {first['base_norm']:.4g}")
+
+
 def test_a_worker_killed_mid_round_leaves_the_round_to_the_others(
         workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
         tmp_path: Path) -> None:

@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from hypha_celery.errors import DeltaRejected, InvalidTask, UnsupportedModel
-from hypha_celery.models.deltas import check_delta, load_weights, outer_step, pseudo_gradient, save_tensors
+from hypha_celery.models.deltas import (
+    check_delta,
+    combine,
+    combine_stack,
+    l2_norm,
+    load_weights,
+    outer_step,
+    pseudo_gradient,
+    save_tensors,
+    scan_delta,
+)
 from hypha_celery.tasks.diloco import parse_block
 
 META = {"job": "j", "round": "1", "base_sha256": "a" * 64}
@@ -109,6 +119,67 @@ def test_the_outer_step_matches_torch_sgd_with_nesterov_momentum_over_rounds() -
         # Then the weights agree round after round (the momentum carried between rounds)
         for name, parameter in params.items():
             np.testing.assert_allclose(current[name], parameter.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_trimmed_mean_and_the_median_are_taken_coordinate_by_coordinate() -> None:
+    # Given five deltas of one tensor, one of them far off at every coordinate
+    stack = np.array([[1.0, -2.0], [2.0, 0.0], [3.0, 1.0], [4.0, 5.0], [1e6, -1e6]])
+    # When they are combined by each aggregator
+    trimmed = combine_stack(stack, [1] * 5, "trimmed_mean", 0.2)
+    median = combine_stack(stack, [1] * 5, "median", 0.0)
+    mean = combine_stack(stack, [1, 1, 1, 1, 6], "mean", 0.0)
+    # Then the trimmed mean drops the lowest and highest value of each column (ceil(0.2 x 5) = 1 each end) and
+    # averages the three left; the median is the middle value; the mean is weighted
+    np.testing.assert_allclose(trimmed, [(2 + 3 + 4) / 3, (-2 + 0 + 1) / 3])
+    np.testing.assert_allclose(median, [3.0, 0.0])
+    np.testing.assert_allclose(mean, (stack[:4].sum(axis=0) + 6 * stack[4]) / 10)
+
+
+def test_a_trimmed_mean_of_two_or_three_keeps_at_least_one_value() -> None:
+    # Given three deltas, and a trim that asks to drop one at each end
+    stack = np.array([[0.0], [1.0], [100.0]])
+    # Then three keep the middle one; two keep both (nothing can be dropped from each end of two)
+    np.testing.assert_allclose(combine_stack(stack, [1] * 3, "trimmed_mean", 0.1), [1.0])
+    np.testing.assert_allclose(combine_stack(stack[:2], [1] * 2, "trimmed_mean", 0.4), [0.5])
+
+
+def test_combining_files_tensor_by_tensor_is_the_weighted_mean_of_their_tensors(tmp_path: Path) -> None:
+    # Given two deltas on disk
+    one, two = _weights(1), _weights(2)
+    save_tensors(one, tmp_path / "1.safetensors", META)
+    save_tensors(two, tmp_path / "2.safetensors", META)
+    # When they are combined with the weights 3 and 1
+    out = combine([tmp_path / "1.safetensors", tmp_path / "2.safetensors"], [3, 1], one.keys())
+    # Then each tensor is their weighted mean
+    for name in one:
+        np.testing.assert_allclose(out[name], 0.75 * one[name] + 0.25 * two[name], rtol=1e-6)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+def test_a_delta_holding_nan_or_inf_is_refused_naming_the_tensor(tmp_path: Path, poison: float) -> None:
+    # Given a delta with the right metadata and shapes, and one value NaN or infinite
+    delta = _weights(1)
+    delta["b"][2] = poison
+    save_tensors(delta, tmp_path / "d.safetensors", META)
+    shapes = {name: tensor.shape for name, tensor in delta.items()}
+    # When it is scanned, Then it is refused, naming the tensor
+    with pytest.raises(DeltaRejected, match="tensor b holds NaN or infinite values"):
+        scan_delta(tmp_path / "d.safetensors", shapes, META, "d")
+
+
+def test_scanning_a_delta_gives_its_l2_norm_and_checks_its_shapes(tmp_path: Path) -> None:
+    delta = _weights(1)
+    save_tensors(delta, tmp_path / "d.safetensors", META)
+    shapes = {name: tensor.shape for name, tensor in delta.items()}
+    # Then its norm is the L2 norm of all its values together
+    expected = float(np.sqrt(sum((t.astype(np.float64) ** 2).sum() for t in delta.values())))
+    assert scan_delta(tmp_path / "d.safetensors", shapes, META, "d") == pytest.approx(expected)
+    assert l2_norm(delta) == pytest.approx(expected)
+    # And a delta of other shapes or other tensors is refused
+    with pytest.raises(DeltaRejected, match="shape"):
+        scan_delta(tmp_path / "d.safetensors", {**shapes, "w": (4, 3)}, META, "d")
+    with pytest.raises(DeltaRejected, match="not the base's"):
+        scan_delta(tmp_path / "d.safetensors", {**shapes, "extra": (1,)}, META, "d")
 
 
 @pytest.mark.parametrize(("block", "words"), [

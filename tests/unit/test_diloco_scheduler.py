@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import DeltaRejected, ExecutorCrashed
-from hypha_celery.training.scheduler import DilocoJob, _Settings
+from hypha_celery.training.scheduler import DilocoJob, _Settings, shard_sizes
 
 REPORT = {"job": "j", "round": 1, "ref": "jobs/j/round-1/t.safetensors", "sha256": "a" * 64, "samples": 4}
 
@@ -46,7 +46,7 @@ def test_an_outer_step_whose_worker_died_is_sent_again_with_the_same_inputs() ->
     # Given an outer step that fails once because its executor crashed, then answers
     app = _App(ExecutorCrashed("gone"), {"output": {"model_id": "j-v1"}})
     # When the round aggregates
-    out = _job(app)._aggregate(1, "m", None, [REPORT])
+    out = _job(app)._aggregate(1, "m", None, [REPORT], {"t": 1})
     # Then it was sent twice, with identical arguments, and the second answer is the round's
     assert out == {"model_id": "j-v1"}
     assert [name for name, _ in app.sent] == ["hypha.aggregate"] * 2 and app.sent[0][1] == app.sent[1][1]
@@ -55,12 +55,55 @@ def test_an_outer_step_whose_worker_died_is_sent_again_with_the_same_inputs() ->
 def test_an_outer_step_refused_for_its_inputs_fails_the_job_at_once() -> None:
     app = _App(DeltaRejected("tampered"), {"output": {}})
     with pytest.raises(DeltaRejected):
-        _job(app)._aggregate(1, "m", None, [REPORT])
+        _job(app)._aggregate(1, "m", None, [REPORT], {"t": 1})
     assert len(app.sent) == 1
 
 
 def test_the_outer_step_gives_up_after_three_failures() -> None:
     app = _App(*(ExecutorCrashed("gone") for _ in range(3)))
     with pytest.raises(ExecutorCrashed):
-        _job(app)._aggregate(1, "m", None, [REPORT])
+        _job(app)._aggregate(1, "m", None, [REPORT], {"t": 1})
     assert len(app.sent) == 3
+
+
+def test_the_outer_step_is_signed_with_the_schedulers_weights_not_the_reported_samples() -> None:
+    # Given a report that claims 10^15 samples for a shard the scheduler sent 4 texts
+    app = _App({"output": {"model_id": "j-v1"}})
+    # When the round aggregates
+    _job(app)._aggregate(1, "m", None, [{**REPORT, "samples": 10**15}], {"t": 4})
+    # Then the outer step's kwargs weigh the task by its shard (4), the report travels as it came, only as information
+    kwargs = app.sent[0][1]
+    assert kwargs["weights"] == {"t": 4} and kwargs["deltas"][0]["samples"] == 10**15
+
+
+def test_shard_sizes_are_the_texts_sent_or_what_the_caller_gives() -> None:
+    # Given inline shards, Then each weighs its number of texts
+    assert shard_sizes([{"texts": ["a"] * 3}, {"texts": ["b"] * 5}]) == [3, 5]
+    # And a stored data set's size is unknown here: every shard weighs 1 unless the caller says
+    assert shard_sizes([{"texts": ["a"] * 3}, {"ref": "corpus"}]) == [1, 1]
+    assert shard_sizes([{"texts": ["a"] * 3}, {"ref": "corpus"}], [3, 100]) == [3, 100]
+    with pytest.raises(ValueError, match="shard_weights must be 2 positive integers"):
+        shard_sizes([{"texts": ["a"]}, {"ref": "corpus"}], [1, 0])
+
+
+class _DoneJob:
+    """A finished job whose one round refused a delta."""
+
+    entry = {"round": 1, "loss": 2.0, "workers": ["w0"], "bytes_moved": 10, "duration_s": 1.0,
+             "refused": [{"ref": "jobs/j/round-1/x.safetensors", "reason": "delta x: tensor b holds NaN; refused"}]}
+
+    def progress(self) -> dict[str, Any]:
+        return {"stage": "done", "round": 1, "rounds": 1, "finished": 1, "history": [self.entry]}
+
+    def wait(self, timeout: float) -> dict[str, Any]:
+        return {"model_id": "j-v1", "rounds": [self.entry]}
+
+
+def test_the_cli_prints_each_refused_delta_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
+    from hypha_celery.tools.cli import _follow
+
+    # When `run diloco` follows a job whose round refused a delta
+    _follow(_DoneJob(), workers=1, timeout=5)
+    # Then the round's line is followed by the refusal and its reason
+    err = capsys.readouterr().err
+    assert "round 1: loss 2.0000" in err and "refused delta x: tensor b holds NaN; refused" in err
