@@ -79,6 +79,7 @@ from hypha_celery.models.manifest import (
     validate_model_id,
 )
 from hypha_celery.models.sources import fetch_manifest, fetch_model
+from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from torch import nn
@@ -357,7 +358,7 @@ class ModelStore:
                         shutil.copyfile(source / name, target)
                     files[name] = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
                     if sum(entry.size for entry in files.values()) > self.max_model_size:
-                        raise UnsupportedModel(f"{source}: larger than max_model_size ({self.max_model_size} bytes)")
+                        raise UnsupportedModel(f"{source}: larger than max_model_size ({format_size(self.max_model_size)})")
                 if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
                     raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
                 manifest = Manifest(
@@ -389,7 +390,7 @@ class ModelStore:
         elif path.suffix != ".onnx" or not path.is_file():
             raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
         if path.stat().st_size > self.max_model_size:
-            raise UnsupportedModel(f"{path}: larger than max_model_size ({self.max_model_size} bytes)")
+            raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(self.max_model_size)})")
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")

@@ -684,7 +684,7 @@ def _follow(job: Any, workers: int, timeout: float) -> None:
                 bar.render_finish()
                 bar = None
             click.echo(f"round {entry['round']}: loss {entry['loss']:.4f}  workers {len(entry['workers'])}  "
-                       f"{entry['bytes_moved'] / 1e6:.2f} MB moved  {entry['duration_s']:.1f} s", err=True)
+                       f"{format_size(entry['bytes_moved'])} moved  {entry['duration_s']:.1f} s", err=True)
             printed += 1
         if progress["stage"] in ("done", "failed"):
             break
