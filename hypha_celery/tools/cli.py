@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import click
 
 from hypha_celery.config import EX_CONFIG, load_config, registry_url
-from hypha_celery.errors import ConfigError, HyphaError
+from hypha_celery.errors import ConfigError, HyphaError, RegistryUnavailable
 from hypha_celery.units import format_size
 
 __all__ = ["main"]
@@ -228,13 +228,17 @@ def workers(as_json: bool, registry: str | None) -> None:
     click.echo(_table(rows))
 
 
-def _workers(url: str | None) -> list[dict[str, Any]]:
+def _workers(given: str | None) -> list[dict[str, Any]]:
     from hypha_celery.redis_client import registry_client
     from hypha_celery.registry import list_workers
+    from hypha_celery.tools.reach import CONNECT_TIMEOUT_S, unreachable
 
+    url = given or registry_url(load_config())
     try:
-        client = registry_client(url or registry_url(load_config()), timeout=5)
-        return list_workers(client)
+        return list_workers(registry_client(url, timeout=CONNECT_TIMEOUT_S))
+    except RegistryUnavailable as exc:
+        raise click.ClickException(unreachable("registry", url, str(exc).partition(": ")[2] or exc,
+                                               "--registry" if given else None)) from None
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -339,15 +343,14 @@ def _submission(broker: str | None, key: str | None, model_sha256: str | None) -
     """``submit`` keyword arguments: the app (for ``--broker``), the signing key (``--key``) and the pin."""
     if model_sha256 is not None and key is None:
         raise click.UsageError("--model-sha256 travels in the signed envelope: pass --key too")
-    options: dict[str, Any] = {"signing_key": key, "model_sha256": model_sha256}
-    if broker is not None:
-        from hypha_celery.celery import create_app
+    from hypha_celery.tools.reach import Unreachable, check_reachable, cli_app
 
-        app = create_app()
-        app.conf.broker_url = broker
-        app.conf.result_backend = broker
-        options["app"] = app
-    return options
+    app = cli_app(broker)
+    try:
+        check_reachable(app, "--broker" if broker is not None else None)
+    except Unreachable as exc:
+        raise click.ClickException(str(exc)) from None
+    return {"signing_key": key, "model_sha256": model_sha256, "app": app}
 
 
 def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | None, **kwargs: Any) -> Any:

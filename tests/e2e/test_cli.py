@@ -1,21 +1,25 @@
-"""The hypha-celery command line: keys, configs, the embedded Redis."""
+"""The hypha-celery command line: keys, configs, the embedded Redis, a Redis that does not answer."""
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import redis
 
 from hypha_celery.security import load_signing_key, peer_id
+from hypha_celery.tools.launch import free_port
 from tests.conftest import ROOT
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", *args], capture_output=True, text=True,
-                          timeout=60, cwd=ROOT)
+                          timeout=60, cwd=ROOT, env=env)
 
 
 def test_keys_generate_writes_a_private_key_and_prints_its_peer_id(tmp_path: Path) -> None:
@@ -55,3 +59,23 @@ def test_embedded_redis_prints_a_url_that_answers() -> None:
         assert process.wait(30) == 0
         if process.stdout is not None:
             process.stdout.close()
+
+
+@pytest.mark.parametrize(("command", "variable"), [
+    (["workers"], "HYPHA_REGISTRY_URL"),
+    (["top", "--once"], "HYPHA_REGISTRY_URL"),
+    (["run", "embed", "--model", "m", "hello"], "HYPHA_BROKER_URL"),
+    (["run", "train", "--model", "m", "--dataset", "d"], "HYPHA_BROKER_URL"),
+])
+def test_a_command_with_no_redis_to_reach_says_so_in_one_line(command: list[str], variable: str) -> None:
+    # Given a broker, result backend and registry URL where nothing listens (a free loopback port)
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    env = {**os.environ, "HYPHA_BROKER_URL": url, "HYPHA_RESULT_BACKEND": url, "HYPHA_REGISTRY_URL": url}
+    # When a command that talks to Redis runs
+    done = cli(*command, env=env)
+    # Then it fails with one line naming the address, the variable to set and how to start a Redis
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert url in lines[0] and variable in lines[0] and "`hypha-celery redis`" in lines[0]
