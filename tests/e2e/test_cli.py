@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import redis
 
 from hypha_celery.security import load_signing_key, peer_id
