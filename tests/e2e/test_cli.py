@@ -6,14 +6,16 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import redis
 
+from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_EMBEDDER
 from hypha_celery.security import load_signing_key, peer_id
 from hypha_celery.tools.launch import free_port
-from tests.conftest import ROOT
+from tests.conftest import ROOT, WorkerProcess, worker_env
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -78,3 +80,34 @@ def test_a_command_with_no_redis_to_reach_says_so_in_one_line(command: list[str]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
     assert url in lines[0] and variable in lines[0] and "`hypha-celery redis`" in lines[0]
+
+
+def test_a_run_command_that_does_not_fit_the_model_names_the_one_that_does(
+    start_worker: Callable[..., WorkerProcess], redis_url: str
+) -> None:
+    # Given a worker serving the tiny classifier and the tiny embedder
+    start_worker()
+    env = worker_env(redis_url, redis_url, redis_url)
+    # When a person embeds with the classifier, and classifies with the embedder
+    embed = cli("run", "embed", "--model", TINY_CLASSIFIER, "--timeout", "60", "a fine film", env=env)
+    classify = cli("run", "classify", "--model", TINY_EMBEDDER, "--timeout", "60", "a fine film", env=env)
+    # Then each stops with one line naming the command that fits, not a TypeError
+    for done, fits in ((embed, f"run classify --model {TINY_CLASSIFIER}"), (classify, f"run embed --model {TINY_EMBEDDER}")):
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert fits in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_an_unsigned_run_on_a_verifying_worker_is_told_to_sign_with_a_key(
+    start_worker: Callable[..., WorkerProcess], redis_url: str, tmp_path: Path
+) -> None:
+    # Given a worker that runs only tasks a known scheduler signed
+    key = tmp_path / "scheduler.key"
+    assert cli("keys", "generate", str(key)).returncode == 0
+    start_worker({"security": {"verify_task_signatures": True,
+                               "allowed_schedulers": [peer_id(load_signing_key(key).verify_key)]}})
+    # When a person runs a task without --key
+    done = cli("run", "embed", "--model", TINY_EMBEDDER, "--timeout", "60", "hello",
+               env=worker_env(redis_url, redis_url, redis_url))
+    # Then the refusal says how to sign it
+    assert done.returncode == 1 and "InvalidSignature" in done.stderr, done.stderr
+    assert "sign with --key" in done.stderr
