@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -18,6 +19,8 @@ from hypha_celery.errors import ConfigError, HyphaError, RegistryUnavailable
 from hypha_celery.units import format_size
 
 __all__ = ["main"]
+
+log = logging.getLogger(__name__)
 
 # Which extra brings a package that only some commands need (a base install has none of them).
 _EXTRAS = {
@@ -370,13 +373,26 @@ def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | 
 
 
 def _result(async_result: Any, timeout: float) -> dict[str, Any]:
+    from celery.exceptions import TimeoutError as NoAnswer
+
     try:
         answer: dict[str, Any] = async_result.get(timeout=timeout)
-    except HyphaError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # a worker's error class this client does not know, a timeout
+    except NoAnswer:
+        _let_go(async_result)
+        raise click.ClickException(f"TimeoutError: no answer within {timeout:g} s; is a worker running? "
+                                   "(`hypha-celery workers` lists the live ones)") from None
+    except Exception as exc:  # a HyphaError, or a worker's error class this client does not know
+        _let_go(async_result)
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     return answer
+
+
+def _let_go(async_result: Any) -> None:
+    """Unsubscribe from a result we stop waiting for now, not in its ``__del__`` as Python shuts down (a traceback)."""
+    try:
+        async_result.backend.remove_pending_result(async_result)
+    except Exception as exc:  # the backend went away meanwhile: nothing left to unsubscribe from
+        log.debug("could not let go of result %s: %s", async_result.id, exc)
 
 
 _BROKER = click.option("--broker", default=None, help="Broker and result backend URL (default: the app's settings).")

@@ -111,3 +111,13 @@ def test_an_unsigned_run_on_a_verifying_worker_is_told_to_sign_with_a_key(
     # Then the refusal says how to sign it
     assert done.returncode == 1 and "InvalidSignature" in done.stderr, done.stderr
     assert "sign with --key" in done.stderr
+
+
+def test_a_run_no_worker_answers_in_time_ends_on_one_line(redis_url: str) -> None:
+    # Given a Redis that answers and no worker to take the task
+    env = worker_env(redis_url, redis_url, redis_url)
+    # When a run waits for its answer past --timeout
+    done = cli("run", "embed", "--model", TINY_EMBEDDER, "--timeout", "1", "hello", env=env)
+    # Then it says it timed out, in one line: no traceback from the pending result on the way out
+    assert done.returncode == 1 and "TimeoutError" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
