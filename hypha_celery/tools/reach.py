@@ -45,8 +45,9 @@ def unreachable(what: str, url: str, reason: object, option: str | None = None) 
     else:
         source = f"the default: $HYPHA_CONFIG and ${env} are unset"
     also = " (and HYPHA_REGISTRY_URL alike)" if what == "broker" else ""
-    return (f"{what} Redis unreachable at {maybe_sanitize_url(url)} ({source}): {_short(reason)}; "
-            f"point {env}{also} at your Redis, {HINT}")
+    kind = "RabbitMQ" if url.startswith("amqp") else "Redis"
+    return (f"{what} {kind} unreachable at {maybe_sanitize_url(url)} ({source}): {_short(reason)}; "
+            f"point {env}{also} at your {kind}, {HINT}")
 
 
 def _short(reason: object) -> str:

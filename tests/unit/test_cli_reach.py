@@ -38,3 +38,10 @@ def test_the_line_names_where_the_address_came_from(monkeypatch: pytest.MonkeyPa
     # Then one line says where the address came from, what to set and how to start a Redis; the password is masked
     assert "\n" not in line and f"({source})" in line
     assert "secret" not in line and "HYPHA_BROKER_URL" in line and "`hypha-celery redis`" in line
+
+
+def test_an_amqp_broker_is_named_as_rabbitmq() -> None:
+    # When a RabbitMQ broker does not answer
+    line = unreachable("broker", "amqp://guest:guest@h:5672//", ConnectionRefusedError("refused"))
+    # Then the line calls it what it is
+    assert line.startswith("broker RabbitMQ unreachable at amqp://guest:**@h:5672//")
