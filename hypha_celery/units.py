@@ -59,17 +59,25 @@ def parse_size(value: object) -> int:
     return size
 
 
+_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+_DISPLAY = (*_BINARY, ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3))
+
+
 def format_size(size: int) -> str:
-    """Render bytes for people: the shortest exact form in decimal or binary units, else binary."""
-    exact = [f"{size // factor}{unit}" for unit, factor in (
-        ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10),
-        ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3),
-    ) if size >= factor and size % factor == 0]
+    """Render bytes for people, the one formatter for every size printed: ``23.5 GiB``, ``512 MiB``, ``8 GB``.
+
+    A size that is a whole number (below 1024) of some unit keeps that unit, so a configured
+    ``"8GB"`` reads back as ``8 GB``; any other size is shown in the largest binary unit, to one
+    decimal. Never a five-digit count of KiB.
+    """
+    sign, size = ("-" if size < 0 else ""), abs(int(size))
+    if size < 1024:
+        return f"{sign}{size} B"
+    exact = [f"{size // factor} {unit}" for unit, factor in _DISPLAY
+             if size % factor == 0 and size // factor < 1024]
     if exact:
-        return min(exact, key=len)
-    amount = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(amount) < 1024:
-            return f"{amount:.0f}{unit}" if unit == "B" else f"{amount:.1f}{unit}"
-        amount /= 1024
-    return f"{amount:.1f}TiB"
+        return sign + min(exact, key=len)
+    for unit, factor in _BINARY:
+        if size >= factor:
+            return f"{sign}{size / factor:.1f} {unit}"
+    return f"{sign}{size} B"  # unreachable: size >= 1024 here

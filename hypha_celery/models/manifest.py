@@ -86,6 +86,7 @@ from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.architectures import ARCHITECTURES
 from hypha_celery.models.hf_allowlist import TASKS as TRANSFORMERS_TASKS
 from hypha_celery.models.hf_allowlist import TEXT_GENERATION, task_of
+from hypha_celery.units import format_size
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -492,6 +493,6 @@ def _files(
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise bad(f"has no valid size for {name}")
         if max_size is not None and size > max_size:
-            raise bad(f"lists {name} at {size} bytes, above max_model_size ({max_size})")
+            raise bad(f"lists {name} at {format_size(size)}, above max_model_size ({format_size(max_size)})")
         files[name] = FileEntry(sha256=entry["sha256"], size=size)
     return files

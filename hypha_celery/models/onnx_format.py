@@ -45,6 +45,7 @@ from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import ONNX_FILE, Manifest, ModelMemory
+from hypha_celery.units import format_size
 
 __all__ = ["ALLOWED_DOMAINS", "Described", "check_fetched", "describe", "describe_bytes"]
 
@@ -83,7 +84,7 @@ def describe(path: Path, max_size: int | None = None) -> Described:
     try:
         size = path.stat().st_size
         if max_size is not None and size > max_size:
-            raise UnsupportedModel(f"{path}: {size} bytes, above max_model_size ({max_size})")
+            raise UnsupportedModel(f"{path}: {format_size(size)}, above max_model_size ({format_size(max_size)})")
         data = path.read_bytes()
     except OSError as exc:
         raise UnsupportedModel(f"{path}: unreadable ({exc})") from None

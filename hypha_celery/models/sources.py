@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import MODEL_MANIFEST, DatasetManifest, Manifest
+from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from hypha_celery.config import ModelSource
@@ -81,7 +82,8 @@ def _manifest(
         raise UnsupportedModel(f"{model_id!r}: manifest is not JSON ({exc})") from None
     manifest = parse(data, model_id, max_size)
     if manifest.size > max_size:
-        raise UnsupportedModel(f"model {model_id!r} is {manifest.size} bytes, above max_model_size ({max_size})")
+        raise UnsupportedModel(f"model {model_id!r} is {format_size(manifest.size)}, "
+                               f"above max_model_size ({format_size(max_size)})")
     return manifest, raw
 
 

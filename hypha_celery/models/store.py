@@ -79,6 +79,7 @@ from hypha_celery.models.manifest import (
     validate_model_id,
 )
 from hypha_celery.models.sources import fetch_manifest, fetch_model
+from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from torch import nn
@@ -159,7 +160,8 @@ class ModelStore:
                 return fetch_manifest(source, model_id, self.max_model_size)
             except UnsupportedModel as exc:
                 errors.append(f"{source.type}: {exc}")
-        raise UnsupportedModel(f"model {model_id!r}: no source has its manifest: " + "; ".join(errors))
+        raise UnsupportedModel(f"model {model_id!r} is not in the store ({self.root}) and no source has it (check "
+                               "the id: `hypha-celery models list`): " + "; ".join(errors))
 
     def _read_manifest(self, model_id: str) -> Manifest:
         path = self.path(model_id) / MODEL_MANIFEST
@@ -204,7 +206,9 @@ class ModelStore:
                     return
                 except UnsupportedModel as exc:
                     errors.append(f"{source.type}: {exc}")
-            raise UnsupportedModel(f"{what} {model_id!r} could not be fetched: " + "; ".join(errors))
+            check = "check the id" + ("" if dataset else ": `hypha-celery models list`")
+            raise UnsupportedModel(f"{what} {model_id!r} is not in the store ({self.root}) and could not be fetched "
+                                   f"({check}): " + "; ".join(errors))
 
     def dataset(self, dataset_id: str) -> tuple[DatasetManifest, Path]:
         """A data set's manifest and the path of its verified ``data.json`` (fetched if missing)."""
@@ -357,7 +361,7 @@ class ModelStore:
                         shutil.copyfile(source / name, target)
                     files[name] = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
                     if sum(entry.size for entry in files.values()) > self.max_model_size:
-                        raise UnsupportedModel(f"{source}: larger than max_model_size ({self.max_model_size} bytes)")
+                        raise UnsupportedModel(f"{source}: larger than max_model_size ({format_size(self.max_model_size)})")
                 if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
                     raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
                 manifest = Manifest(
@@ -389,7 +393,7 @@ class ModelStore:
         elif path.suffix != ".onnx" or not path.is_file():
             raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
         if path.stat().st_size > self.max_model_size:
-            raise UnsupportedModel(f"{path}: larger than max_model_size ({self.max_model_size} bytes)")
+            raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(self.max_model_size)})")
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")

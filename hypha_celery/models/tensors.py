@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypha_celery.errors import InvalidInput
+from hypha_celery.units import format_size
 
 __all__ = ["DTYPES", "Batch", "check_inputs"]
 
@@ -112,7 +113,7 @@ def _check_encoded(inputs: dict[str, Any], sample_shape: list[int], max_bytes: i
     expected = math.prod(shape) * DTYPES[dtype]
     if expected > max_bytes or len(data) > (max_bytes * 4) // 3 + 8:
         size = max(expected, len(data) * 3 // 4)
-        raise InvalidInput(f"inputs are {size} bytes, above the cap of {max_bytes} (max_input_bytes)")
+        raise InvalidInput(f"inputs are {format_size(size)}, above the cap of {format_size(max_bytes)} (max_input_bytes)")
     try:
         raw = base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

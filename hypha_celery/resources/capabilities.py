@@ -17,6 +17,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import ConfigError
 from hypha_celery.resources.gpu import GpuInfo, list_gpus
 from hypha_celery.resources.ledger import Capacity
+from hypha_celery.units import format_size
 
 __all__ = ["WorkerCapabilities", "detect_capabilities", "memory_limit", "node_capacity"]
 
@@ -92,7 +93,8 @@ def node_capacity(cfg: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Capac
     memory = cfg.resources.memory if cfg.resources.memory is not None else total
     if memory > total:
         raise ConfigError(
-            "worker.resources.memory", f"{memory} bytes is more than this machine (or its cgroup) allows: {total}"
+            "worker.resources.memory",
+            f"{format_size(memory)} is more than this machine (or its cgroup) allows: {format_size(total)}",
         )
     found = {gpu.index: gpu.memory for gpu in (list_gpus() if gpus is None else gpus)}
     if cfg.resources.gpus is not None:

@@ -167,7 +167,9 @@ class Verifier:
         """Raise ``InvalidSignature`` with the reason, or return who signed it."""
         now = time.time() if now is None else now
         if envelope is None:
-            raise InvalidSignature(f"task {task_name}[{task_id}] carries no signed envelope (header {ENVELOPE_HEADER!r})")
+            raise InvalidSignature(f"task {task_name}[{task_id}] carries no signed envelope (header {ENVELOPE_HEADER!r}); "
+                                   "this worker verifies signatures: sign with --key scheduler.key (`hypha-celery run`) "
+                                   "or submit(..., signing_key=...), a key its allowed_schedulers lists")
         if not isinstance(envelope, dict) or not _REQUIRED <= set(envelope) <= _ALLOWED:
             raise InvalidSignature("the envelope is malformed: it must have exactly " + ", ".join((*SIGNED_FIELDS, "signature"))
                                    + " (and optionally " + ", ".join(OPTIONAL_SIGNED_FIELDS) + ")")

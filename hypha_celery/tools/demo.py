@@ -38,7 +38,7 @@ def _config(path: Path, models: Path, peer: str, port: int) -> Path:
 
 
 def main() -> int:
-    from hypha_celery.models.examples import init_examples
+    from hypha_celery.models.examples import init_examples, skipped_examples
     from hypha_celery.security import generate_key, peer_id
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
@@ -53,6 +53,8 @@ def main() -> int:
     for manifest in init_examples(models):
         what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
         say(f"2. example model {manifest.id}: {manifest.architecture}, {what}, {format_size(manifest.size)}")
+    for name, why in skipped_examples():
+        say(f"2. example model {name} skipped: {why}")
     key = generate_key(HERE / "scheduler.key")
     peer = peer_id(key.verify_key)
     say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
@@ -67,6 +69,7 @@ def main() -> int:
         worker.stop()
         redis_server.close()
         say(f"   done (worker log: {worker.log})")
+        say("   next, a worker of your own: README, *Running a worker* (a Redis, worker.toml, export HYPHA_CONFIG)")
 
 
 def _wait_registered(worker: WorkerProcess, timeout: float = 90.0) -> list[dict[str, Any]]:

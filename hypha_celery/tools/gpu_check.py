@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hypha_celery
+from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -64,14 +65,6 @@ _NEEDED = (
 
 def say(text: str = "") -> None:
     print(text, flush=True)
-
-
-def _size(n: int) -> str:
-    """Bytes for a person: ``612.3 MiB``, ``1.20 GiB``."""
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
-    return f"{n} B"
 
 
 # --- step 1: NVML -----------------------------------------------------------------------------------------
@@ -396,7 +389,7 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
         write_tiny_llama(Path(folder))
         manifest = ModelStore(models).import_hf(folder, MODEL).manifest
     say(f"   {MODEL} imported into {models} ({time.monotonic() - started:.1f} s, offline): "
-        f"{manifest.architecture}, {_size(manifest.size)} of files")
+        f"{manifest.architecture}, {format_size(manifest.size)} of files")
     setup.key = generate_key(setup.workdir / "scheduler.key")
     peer = peer_id(setup.key.verify_key)
     setup.app = client_app(setup.url, name="hypha-gpu-check")
@@ -438,14 +431,14 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
     record = records[0]
     advertised = record.get("gpus") or []
     say(f"   worker {record['worker_id']} registered in {time.monotonic() - started:.1f} s: "
-        f"{record.get('cpu_cores')} cores, {_size(int(record.get('total_memory', 0)))}, "
+        f"{record.get('cpu_cores')} cores, {format_size(int(record.get('total_memory', 0)))}, "
         f"models {record.get('models')}, gpu_sharing={record.get('gpu_sharing')}")
     if advertised:
         for gpu in advertised:
             free = (record.get("free_gpu_memory") or {}).get(str(gpu.get("index")))
-            say(f"   advertises GPU {gpu.get('index')}: {gpu.get('model')}, {_size(int(gpu.get('memory', 0)))}, "
+            say(f"   advertises GPU {gpu.get('index')}: {gpu.get('model')}, {format_size(int(gpu.get('memory', 0)))}, "
                 f"compute capability {gpu.get('compute_capability')}"
-                + (f", {_size(int(free))} free in the ledger" if free is not None else ""))
+                + (f", {format_size(int(free))} free in the ledger" if free is not None else ""))
     else:
         say("   advertises no GPU")
     if not setup.cpu and not advertised:
@@ -493,8 +486,8 @@ def _describe(result: dict[str, Any]) -> None:
         f"{m.get('time_to_first_token_s', 0) * 1000:.0f} ms")
     peak = m.get("gpu_memory_peak")
     say(f"   GPU utilisation (NVML) {m.get('gpu_utilization')}; torch peak allocation "
-        f"{_size(peak) if peak is not None else '(not reported)'}; host memory peak "
-        f"{_size(int(m.get('memory_peak', 0)))} of {_size(int(m.get('reserved', {}).get('memory', 0)))} reserved "
+        f"{format_size(peak) if peak is not None else '(not reported)'}; host memory peak "
+        f"{format_size(int(m.get('memory_peak', 0)))} of {format_size(int(m.get('reserved', {}).get('memory', 0)))} reserved "
         f"(auto); GPU memory reserved (auto) {m.get('reserved', {}).get('gpu_memory')}")
 
 
@@ -506,10 +499,10 @@ def _report_memory(comparison: Comparison, nvml: NvmlMemory) -> None:
     reserved = c.task_reserved + c.cache_reserved
     how = "; ".join(f"{method} ({nvml.why_not_per_process})" if method == NvmlMemory.DEVICE and
                     nvml.why_not_per_process else method for method in sorted(c.methods))
-    say(f"   NVML in use by the worker on GPU {c.gpu}: peak {c.peak_in_use} bytes ({_size(c.peak_in_use)}) over "
+    say(f"   NVML in use by the worker on GPU {c.gpu}: peak {c.peak_in_use} bytes ({format_size(c.peak_in_use)}) over "
         f"{c.samples} samples; {how}" + (f"; pids {sorted(c.pids)}" if c.pids else ""))
-    say(f"   reservation at that moment: {reserved} bytes ({_size(reserved)}): {_size(c.task_reserved)} leased by "
-        f"the task(s)" + (f" + {_size(c.cache_reserved)} model cache" if c.cache_reserved else ""))
+    say(f"   reservation at that moment: {reserved} bytes ({format_size(reserved)}): {format_size(c.task_reserved)} leased by "
+        f"the task(s)" + (f" + {format_size(c.cache_reserved)} model cache" if c.cache_reserved else ""))
     say(f"   in use / reserved = {c.peak_in_use / reserved if reserved else float('inf'):.3f} at the peak, "
         f"{c.worst_ratio:.3f} at the worst sample")
     if c.exceeded:
@@ -605,8 +598,8 @@ def _batched(setup: Setup, args: argparse.Namespace, requirements: dict[str, Any
         say(f"   (no idle sample: {type(exc).__name__}: {exc})")
         return status
     for gpu in gpus:
-        say(f"   idle afterwards, GPU {gpu}: NVML {_size(idle.in_use.get(gpu, 0))} in use by the worker, the "
-            f"ledger {_size(idle.reserved(gpu))} ({_size(idle.cache_reserved.get(gpu, 0))} model cache)")
+        say(f"   idle afterwards, GPU {gpu}: NVML {format_size(idle.in_use.get(gpu, 0))} in use by the worker, the "
+            f"ledger {format_size(idle.reserved(gpu))} ({format_size(idle.cache_reserved.get(gpu, 0))} model cache)")
     return status
 
 
@@ -631,7 +624,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if gpus:
         say(f"1. NVML finds {len(gpus)} GPU(s):")
         for gpu in gpus:
-            say(f"   GPU {gpu.index}: {gpu.model}, {_size(gpu.memory)}, compute capability "
+            say(f"   GPU {gpu.index}: {gpu.model}, {format_size(gpu.memory)}, compute capability "
                 f"{gpu.compute_capability}")
     else:
         say(f"1. no NVIDIA GPU found by NVML ({reason}); --cpu: rehearsing on the CPU")

