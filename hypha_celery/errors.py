@@ -68,6 +68,7 @@ __all__ = [
     "SharedStorageError",
     "TaskTimeout",
     "UnsupportedModel",
+    "contained",
 ]
 
 
@@ -168,6 +169,16 @@ class SharedStorageError(HyphaError):
 
 class RoundFailed(HyphaError):
     """A DiLoCo round could not complete: fewer than ``min_workers`` deltas arrived before its deadline."""
+
+
+def contained(exc: BaseException) -> bool:
+    """Whether one request's failure may end that request alone, its process (and model cache) serving on.
+
+    Every ``Exception``, and a panic in a Rust extension (tokenizers, safetensors): pyo3 unwinds it into a
+    ``PanicException`` that derives from ``BaseException`` (so ``except Exception`` misses it) and leaves the
+    library's objects as they were. ``SystemExit``, ``KeyboardInterrupt`` and ``GeneratorExit`` are not contained.
+    """
+    return isinstance(exc, Exception) or type(exc).__name__ == "PanicException"
 
 
 class ControlFlow(HyphaError):

@@ -105,6 +105,10 @@ class SecurityConfig:
     enforce_memory_limits: bool = _key("bool", True)
     enforce_cpu_limits: bool = _key("bool", True)
     max_input_bytes: int = _key("size", 64 * 2**20)
+    # The most UTF-8 bytes one text (a prompt, a text to embed or classify, a training text) may have before a
+    # tokenizer sees it. "auto" (None): per model, 16 bytes a token of its maximum length plus 4 KiB
+    # (models.text_inputs); a size: that bound for every model.
+    max_text_bytes: int | None = _key("size|auto", None)
     max_envelope_age: float = _key("seconds", 3600.0)
 
 

@@ -23,7 +23,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from hypha_celery.errors import HyphaError, InvalidInput
+from hypha_celery.errors import HyphaError, InvalidInput, contained
 from hypha_celery.executor import limits
 from hypha_celery.executor.protocol import (
     FD_ENV,
@@ -87,6 +87,7 @@ class Executor:
         self.store = ModelStore(settings.store, max_model_size=settings.max_model_size, staging=staging)
         self.cache = ModelCache(settings.cache_size, self._load, on_evict=self._unload)
         self.memory_mode = settings.memory_mode
+        self.max_text_bytes = settings.max_text_bytes
         self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
         torch.set_num_threads(1)
@@ -97,7 +98,10 @@ class Executor:
         adapter_of = self.store.manifest(model_id).adapter_of
         if adapter_of is not None:
             return self._attach(model_id, adapter_of.id)
-        return load(self.store, model_id, self.device)
+        loaded, size = load(self.store, model_id, self.device)
+        if hasattr(loaded, "max_text_bytes"):  # a transformers model: the worker's text bound, if it set one
+            loaded.max_text_bytes = self.max_text_bytes
+        return loaded, size
 
     def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
         """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
@@ -179,8 +183,8 @@ class Executor:
                 try:
                     outputs: list[Any] = infer_batch(use.value, items, per_item)
                     errors: list[Error | None] = [None] * len(items)
-                except Exception:
-                    if len(items) == 1:
+                except BaseException as exc:
+                    if len(items) == 1 or not contained(exc):
                         raise
                     outputs, errors = self._one_by_one(use.value, items, per_item)
                 compute_s = time.perf_counter() - compute_started
@@ -221,7 +225,9 @@ class Executor:
             try:
                 outputs.append(infer_batch(per_item[index] if per_item else loaded, [item])[0])
                 errors.append(None)
-            except Exception as exc:
+            except BaseException as exc:
+                if not contained(exc):
+                    raise
                 outputs.append(None)
                 errors.append(_error(exc))
         return outputs, errors
@@ -289,7 +295,8 @@ class Executor:
         from hypha_celery.models.finetune import finetune, save
 
         with self._limits(request.limits):
-            done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write)
+            done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write,
+                            max_text_bytes=self.max_text_bytes)
             produced = None if request.task_id is None else {"task_id": request.task_id, "trained": done.trained.to_json()}
             out = self.tmpdir / "trained"
             out.mkdir()
@@ -345,7 +352,9 @@ class Executor:
         while line := self.channel.read_line():
             try:
                 reply = self.handle(decode_request(line))
-            except Exception as exc:  # every failure goes back to the worker as a named error
+            except BaseException as exc:  # every failure goes back to the worker as a named error; the cache stays
+                if not contained(exc):
+                    raise
                 reply = _error(exc)
             self.channel.write(reply)
 

@@ -123,6 +123,7 @@ class ExecutorSettings:
     max_batch_size: int = 32
     max_queue_delay_s: float = 0.002
     memory_mode: str | None = None  # "rlimit" on CPU, "watchdog" with CUDA; override for tests
+    max_text_bytes: int | None = None  # a text's byte bound for every model; None: from each model's length
     tmp_root: str = field(default_factory=tempfile.gettempdir)
 
 
@@ -144,6 +145,7 @@ class ExecutorProcess:
             memory_mode=memory_mode if settings.enforce_memory else "off",
             tmpdir=tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
             trains=trains,
+            max_text_bytes=settings.max_text_bytes,
         )
         self.tmpdir = child.tmpdir
         env = _child_env()

@@ -112,6 +112,7 @@ class ChildSettings(_Record):
     memory_mode: str  # "rlimit", "watchdog" or "off"
     tmpdir: str
     trains: bool = False  # a job executor: with the sandbox, it may also stage new models in the store
+    max_text_bytes: int | None = None  # [worker.security] max_text_bytes; None: "auto", from each model's length
 
 
 # --- requests --------------------------------------------------------------------------------------

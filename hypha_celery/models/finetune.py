@@ -46,6 +46,7 @@ from hypha_celery.models.checkpoint import Checkpoints, Identity, Position, data
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES, TEXT_CLASSIFICATION, TEXT_GENERATION
 from hypha_celery.models.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE, Manifest
 from hypha_celery.models.store import ModelStore
+from hypha_celery.models.text_inputs import check_texts
 from hypha_celery.models.transformers_runtime import TransformerModel, load
 from hypha_celery.stages.validation import MAX_TRAIN_LENGTH, resolve_labels
 
@@ -69,8 +70,11 @@ class Finetuned:
 
 
 def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: str,
-             progress: Callable[[Progress], None]) -> Finetuned:
-    """Load ``request.model`` in float32 and train it on ``data`` as ``request`` says."""
+             progress: Callable[[Progress], None], *, max_text_bytes: int | None = None) -> Finetuned:
+    """Load ``request.model`` in float32 and train it on ``data`` as ``request`` says.
+
+    ``max_text_bytes``: the worker's bound on a training text's bytes (None: from the model's maximum length).
+    """
     manifest = store.manifest(request.model)
     if manifest.adapter_of is not None:
         raise UnsupportedModel(f"model {request.model!r} is a LoRA adapter: train its base "
@@ -82,6 +86,7 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
     random.seed(request.seed)
     started = time.perf_counter()
     loaded, _ = load(store, request.model, device, dtype="float32")
+    loaded.max_text_bytes = max_text_bytes
     load_s = time.perf_counter() - started
     if loaded.multi_label or (loaded.task == TEXT_CLASSIFICATION and len(loaded.labels or []) < 2):
         raise UnsupportedModel(f"model {request.model!r}: hypha.train fine-tunes single-label classifiers (one label "
@@ -119,6 +124,7 @@ def _examples(model: TransformerModel, data: dict[str, Any]) -> tuple[list[str],
     texts = data.get("texts")
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts):
         raise InvalidInput("data.texts must be a non-empty list of non-empty strings")
+    check_texts(texts, "data.texts", model.text_bound())  # a stored data set's too, before the tokenizer
     if model.task == TEXT_GENERATION:
         if "labels" in data:
             raise InvalidInput(f"model {model.manifest.id!r} is a causal LM: data takes texts only, no labels")

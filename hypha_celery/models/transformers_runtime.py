@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel, contained
 from hypha_celery.executor.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.models.hf_allowlist import (
     FEATURE_EXTRACTION,
@@ -58,6 +58,7 @@ from hypha_celery.models.hf_allowlist import (
 )
 from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
+from hypha_celery.models.text_inputs import TextBound, check_text, check_texts
 from hypha_celery.stages.validation import MAX_IMAGE_PIXELS
 
 __all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generation", "Pooling", "TransformerModel", "activate",
@@ -138,6 +139,11 @@ class TransformerModel:
     # A LoRA adapter attached to the (shared) base module: its peft name; None serves the base itself
     adapter: str | None = None
     adapter_id: str | None = None
+    max_text_bytes: int | None = None  # the worker's bound on a text's bytes; None: from the manifest's max_length
+
+    def text_bound(self) -> TextBound:
+        """The most bytes one text may have before this model's tokenizer reads it (:mod:`.text_inputs`)."""
+        return TextBound.of(self.manifest.id, self.manifest.max_length, self.max_text_bytes)
 
 
 def load(store: ModelStore, model_id: str, device: str, *, dtype: str | None = None) -> tuple[TransformerModel, int]:
@@ -524,6 +530,7 @@ def _infer(model: TransformerModel, items: Sequence[Any], per_item: Sequence[Tra
 
 def _texts(model: TransformerModel, texts: list[str], mixed: _RowAdapters | None = None,
            names: list[str] | None = None) -> list[Any]:
+    check_texts(texts, "texts", model.text_bound())  # before the tokenizer: validation's check, once more
     encoded = model.tokenizer(texts, truncation=True, max_length=model.max_length, padding=False)
     ids: list[list[int]] = encoded["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(ids[i]))
@@ -673,12 +680,17 @@ def visible(text: str, stop: Sequence[str]) -> str:
 def _prompt_ids(model: TransformerModel, prompt: Prompt, max_new_tokens: int) -> list[int]:
     """A prompt's token ids (chat messages rendered with the model's template), checked against its length."""
     tokenizer = model.tokenizer
+    bound = model.text_bound()  # before the tokenizer: validation's checks, once more
     if prompt.messages is not None:
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidTask(f"model {model.manifest.id!r} has no chat template: send a prompt, not messages")
+        contents = [message.get("content", "") for message in prompt.messages]
+        check_texts(contents, "messages' content")
+        check_text("".join(contents), "messages' contents together", bound)
         text = tokenizer.apply_chat_template(prompt.messages, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
+        check_text(prompt.prompt or "", "prompt", bound)
         ids = tokenizer(prompt.prompt)["input_ids"]
     limit = model.max_length or len(ids) + max_new_tokens
     if len(ids) + max_new_tokens > limit:
@@ -716,8 +728,10 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     for index, prompt in enumerate(request.prompts):
         try:
             rows.append((index, _prompt_ids(model, prompt, params["max_new_tokens"])))
-        except (InvalidTask, InvalidInput) as exc:
-            outputs[index] = exc
+        except BaseException as exc:  # refused, or what the tokenizer raised (a panic too): this prompt fails alone
+            if not contained(exc):
+                raise
+            outputs[index] = exc if isinstance(exc, Exception) else RuntimeError(f"{type(exc).__name__}: {exc}")
     if not rows:
         return Generation([o for o in outputs if o is not None], 0.0, 0.0)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -14,6 +14,12 @@ worker, without torch, transformers or an image decoder: at most
 :data:`MAX_IMAGE_PIXELS` pixels each (read from the PNG/JPEG header); the
 whole request within ``max_input_bytes``.
 
+Every text (a prompt, a chat message, a text to embed or classify, a training
+text, a stop string) must be Unicode scalar values (a lone surrogate is
+``InvalidInput`` naming the argument and the character), and every text a
+tokenizer will read must be within the model's byte bound
+(:mod:`hypha_celery.models.text_inputs`), all before anything is reserved.
+
 ``hypha.generate`` takes ``prompt`` (a string) or ``messages`` (chat turns,
 rendered with the model's chat template, so only for a model that has one)
 and sampling settings, each checked for type and range here
@@ -47,6 +53,7 @@ from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_mo
 from hypha_celery.models.proofs import Proof, ProofFormatError
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
+from hypha_celery.models.text_inputs import TextBound, check_text, check_texts, unicode_error
 from hypha_celery.resources.requirements import Requirements, check_caps
 
 __all__ = [
@@ -68,6 +75,8 @@ __all__ = [
     "check_generate_model",
     "check_infer_payload",
     "check_model_pin",
+    "check_prompt_bytes",
+    "check_training_texts",
     "finetune_params",
     "finished_training",
     "image_size",
@@ -261,6 +270,8 @@ def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kw
     max_bytes = cfg.security.max_input_bytes
     if kind == "texts":
         payload: Any = {"texts": _check_texts(kwargs["texts"], max_bytes)}
+        if manifest is None:  # fetched after admission: the worker-wide bound now, the model's under the lease
+            check_texts(payload["texts"], "texts", TextBound.of(None, None, cfg.security.max_text_bytes))
     elif kind == "images":
         payload = {"images": _check_images(kwargs["images"], max_bytes)}
     else:
@@ -268,12 +279,17 @@ def validate_infer(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], kw
         if manifest is None and not isinstance(payload, (list, dict)):
             raise InvalidInput("inputs must be a nested list of numbers or an encoded tensor object")
     if manifest is not None:
-        check_infer_payload(manifest, kind, payload, max_bytes)
+        check_infer_payload(manifest, kind, payload, max_bytes, cfg.security.max_text_bytes)
     return InferSpec(model=model, inputs=payload, requirements=requirements, manifest=manifest, kind=kind)
 
 
-def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: int) -> None:
-    """Whether the model takes this kind of input: numbers for built-in models, texts or images by task."""
+def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: int,
+                        max_text_bytes: int | None = None) -> None:
+    """Whether the model takes this kind of input: numbers for built-in models, texts or images by task.
+
+    Texts are held to the model's byte bound (:mod:`hypha_celery.models.text_inputs`; ``max_text_bytes``: the
+    worker's override).
+    """
     model = manifest.id
     if manifest.runtime == "onnx":
         if kind != "inputs":
@@ -295,6 +311,8 @@ def check_infer_payload(manifest: Manifest, kind: str, payload: Any, max_bytes: 
     wanted = "texts" if manifest.task in _TEXT_TASKS else "images"
     if kind != wanted:
         raise InvalidInput(f"model {model!r} ({manifest.task}) takes {wanted}, not {kind}")
+    if kind == "texts":
+        check_texts(payload["texts"], "texts", TextBound.of(model, manifest.max_length, max_text_bytes))
 
 
 def _check_texts(texts: Any, max_bytes: int) -> list[str]:
@@ -302,11 +320,12 @@ def _check_texts(texts: Any, max_bytes: int) -> list[str]:
         raise InvalidInput("texts must be a non-empty list of strings")
     if len(texts) > MAX_TEXTS:
         raise InvalidInput(f"texts holds {len(texts)} texts; at most {MAX_TEXTS} per request")
+    check_texts(texts, "texts")  # Unicode scalar values only
     longest = max(len(text) for text in texts)
     if longest > MAX_TEXT_CHARS:
         raise InvalidInput(f"a text has {longest} characters; at most {MAX_TEXT_CHARS} (longer inputs are truncated "
                            "to the model's max_length anyway: send less)")
-    size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
+    size = sum(len(text.encode("utf-8")) for text in texts)
     if size > max_bytes:
         raise InvalidInput(f"texts are {size} bytes, above max_input_bytes ({max_bytes})")
     return list(texts)
@@ -438,7 +457,7 @@ def validate_train(
         if not (store.path(ref) / DATASET_MANIFEST).is_file() and not store.sources:
             raise UnsupportedModel(f"data set {ref!r} is not in this worker's store and no sources are configured")
     elif kind == "texts":
-        _check_training_texts(data, known, max_bytes)
+        _check_training_texts(data, known, max_bytes, cfg.security.max_text_bytes)
     elif manifest is not None:
         batch = check_inputs(data["inputs"], manifest.input_shape, max_bytes=max_bytes, model=model)
         targets = data["targets"]
@@ -533,7 +552,8 @@ def _lora_settings(raw: Any) -> dict[str, Any]:
     return settings
 
 
-def _check_training_texts(data: Mapping[str, Any], manifest: Manifest | None, max_bytes: int) -> None:
+def _check_training_texts(data: Mapping[str, Any], manifest: Manifest | None, max_bytes: int,
+                          max_text_bytes: int | None) -> None:
     texts = data["texts"]
     if not isinstance(texts, list) or not texts or not all(isinstance(text, str) and text for text in texts):
         raise InvalidInput("data.texts must be a non-empty list of non-empty strings")
@@ -546,6 +566,7 @@ def _check_training_texts(data: Mapping[str, Any], manifest: Manifest | None, ma
     size = sum(len(text.encode("utf-8", "surrogatepass")) for text in texts)
     if size > max_bytes:
         raise InvalidInput(f"data.texts are {size} bytes, above max_input_bytes ({max_bytes})")
+    check_training_texts(texts, manifest, max_text_bytes)
     labels = data.get("labels")
     if manifest is None:
         return
@@ -555,6 +576,13 @@ def _check_training_texts(data: Mapping[str, Any], manifest: Manifest | None, ma
         if not isinstance(labels, list) or len(labels) != len(texts):
             raise InvalidInput(f"data.labels must be a list with one label per text ({len(texts)}) for a classifier")
         resolve_labels(labels, manifest.labels or [])
+
+
+def check_training_texts(texts: list[str], manifest: Manifest | None, max_text_bytes: int | None) -> None:
+    """Each inline training text valid Unicode within the model's byte bound (the worker-wide one while the model
+    is not read yet: checked again under the lease, once fetched)."""
+    bound = TextBound.of(manifest.id if manifest else None, manifest.max_length if manifest else None, max_text_bytes)
+    check_texts(texts, "data.texts", bound)
 
 
 def resolve_labels(raw: list[Any], names: list[str]) -> list[int]:
@@ -605,6 +633,7 @@ def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any],
     manifest = _local_manifest(store, model)
     if manifest is not None:
         check_generate_model(store, manifest, messages is not None)
+    check_prompt_bytes(prompt, messages, manifest, cfg.security.max_text_bytes)
     return GenerateSpec(model=model, params=params, requirements=requirements, manifest=manifest, prompt=prompt,
                         messages=messages)
 
@@ -620,6 +649,7 @@ def _prompt_or_messages(kwargs: Mapping[str, Any], max_bytes: int, task: str
         raise InvalidTask("prompt must be a non-empty string")
     if len(prompt.encode("utf-8", "surrogatepass")) > max_bytes:
         raise InvalidInput(f"prompt is above max_input_bytes ({max_bytes})")
+    check_text(prompt, "prompt")  # Unicode scalar values only
     return prompt, None
 
 
@@ -640,8 +670,20 @@ def validate_verify(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any], k
     manifest = _local_manifest(store, model)
     if manifest is not None:
         check_generate_model(store, manifest, messages is not None)
+    check_prompt_bytes(prompt, messages, manifest, cfg.security.max_text_bytes)
     return VerifySpec(model=model, requirements=requirements, manifest=manifest, proof=proof, prompt=prompt,
                       messages=messages)
+
+
+def check_prompt_bytes(prompt: str | None, messages: list[dict[str, str]] | None, manifest: Manifest | None,
+                       max_text_bytes: int | None) -> None:
+    """The prompt (or the messages' contents together) within the model's byte bound, or the worker-wide one when
+    the model is not read yet (``manifest`` None: checked again under the lease, once fetched)."""
+    bound = TextBound.of(manifest.id if manifest else None, manifest.max_length if manifest else None, max_text_bytes)
+    if prompt is not None:
+        check_text(prompt, "prompt", bound)
+    else:
+        check_text("".join(m["content"] for m in messages or []), "messages' contents together", bound)
 
 
 def generate_params(kwargs: Mapping[str, Any], max_new_tokens: int) -> GenerateParams:
@@ -690,6 +732,7 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
             or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
         raise InvalidTask(f"stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings of at most "
                           f"{MAX_STOP_CHARS} characters")
+    check_texts(stop, "stop")
     return tuple(stop)
 
 
@@ -701,7 +744,10 @@ def _check_messages(messages: Any, max_bytes: int) -> list[dict[str, str]]:
         if (not isinstance(message, Mapping) or set(message) != {"role", "content"}
                 or message["role"] not in _ROLES or not isinstance(message["content"], str)):
             raise InvalidTask(f"messages[{index}] must be {{'role': one of {', '.join(_ROLES)}, 'content': a string}}")
-        size += len(message["content"].encode("utf-8", "surrogatepass"))
+        error = unicode_error(message["content"], f"messages[{index}].content")
+        if error is not None:
+            raise error
+        size += len(message["content"].encode("utf-8"))
     if size > max_bytes:
         raise InvalidInput(f"messages are {size} bytes, above max_input_bytes ({max_bytes})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

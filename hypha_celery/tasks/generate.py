@@ -18,11 +18,11 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.executor.protocol import Generate, Prompt, Streamed
-from hypha_celery.models.manifest import compute_dtype
+from hypha_celery.models.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
-from hypha_celery.stages.validation import GenerateSpec, check_generate_model, validate_generate
+from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 from hypha_celery.worker.context import NodeContext
@@ -41,8 +41,12 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
 
 def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
     ctx = run.ctx
-    manifest = model_under_lease(run, spec, lambda manifest: check_generate_model(
-        ctx.store, manifest, spec.messages is not None))
+
+    def check(manifest: Manifest) -> None:  # a model fetched under the lease: what validation could not read
+        check_generate_model(ctx.store, manifest, spec.messages is not None)
+        check_prompt_bytes(spec.prompt, spec.messages, manifest, ctx.config.security.max_text_bytes)
+
+    manifest = model_under_lease(run, spec, check)
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),

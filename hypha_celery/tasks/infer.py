@@ -19,7 +19,7 @@ __all__ = ["infer"]
 def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     ctx = run.ctx
     manifest = model_under_lease(run, spec, lambda manifest: check_infer_payload(
-        manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes))
+        manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes, ctx.config.security.max_text_bytes))
     item = ctx.executors.infer(
         model=spec.model,
         inputs=spec.inputs,

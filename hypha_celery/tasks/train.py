@@ -34,7 +34,14 @@ from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import Training, activation_bytes_per_token, lora_trainable_bound, requirements_for_model
-from hypha_celery.stages.validation import FinetuneParams, TrainSpec, check_model_pin, finetune_params, validate_train
+from hypha_celery.stages.validation import (
+    FinetuneParams,
+    TrainSpec,
+    check_model_pin,
+    check_training_texts,
+    finetune_params,
+    validate_train,
+)
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
 from hypha_celery.worker.context import NodeContext
@@ -94,6 +101,8 @@ def run_training(run: Run, spec: TrainSpec) -> dict[str, Any]:
         if spec.finetune is not None:  # checked again on the fetched manifest: its task, labels, max_length
             spec = dataclasses.replace(spec, finetune=finetune_params(_finetune_kwargs(spec.model, spec.finetune),
                                                                       manifest))
+        if "texts" in spec.data:
+            check_training_texts(spec.data["texts"], manifest, ctx.config.security.max_text_bytes)
         if "inputs" in spec.data:
             check_inputs(spec.data["inputs"], manifest.input_shape, max_bytes=ctx.config.security.max_input_bytes,
                          model=spec.model)

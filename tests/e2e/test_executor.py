@@ -16,13 +16,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from hypha_celery.errors import ExecutionError, MemoryLimitExceeded, ModelTooLarge, TaskTimeout, UnsupportedModel
+from hypha_celery.errors import (
+    ExecutionError,
+    ExecutorCrashed,
+    InvalidInput,
+    MemoryLimitExceeded,
+    ModelTooLarge,
+    TaskTimeout,
+    UnsupportedModel,
+)
 from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
-from hypha_celery.executor.protocol import Progress, Train
+from hypha_celery.executor.protocol import Generate, Progress, Prompt, Train
 from hypha_celery.models.architectures import build
-from hypha_celery.models.examples import clusters
+from hypha_celery.models.examples import TINY_LLAMA, clusters
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.ledger import Lease
+from hypha_celery.stages.validation import GenerateParams
 
 ROW = [5.0, 3.4, 1.5, 0.2]
 
@@ -314,3 +323,40 @@ def test_a_preload_that_cannot_load_is_skipped(pool: ExecutorPool) -> None:
     loaded = pool.prewarm("cpu", [("no-such-model", None), ("mlp", None)])
     # Then the missing one is skipped (logged) and the others are loaded
     assert set(loaded) == {"mlp"}
+
+
+def _generate_job(prompt: str) -> Generate:
+    return Generate(model=TINY_LLAMA, prompts=[Prompt(prompt=prompt)],
+                    params=GenerateParams(max_new_tokens=2).to_json(), progress_interval=60.0)
+
+
+def test_a_prompt_that_reaches_the_executor_unchecked_is_refused_before_tokenizing_and_the_model_stays(
+        pool: ExecutorPool) -> None:
+    # Given a serving executor that holds the tiny Llama (a first generation loaded it)
+    small = lease(memory=300 * 2**20)
+    pool.generate(_generate_job("The cat"), lease=small, timeout=120)
+    pid = pool._lane("cpu").executor.pid  # type: ignore[union-attr]
+    # When a 4 MiB prompt and a lone surrogate reach it without the worker's validation
+    with pytest.raises(InvalidInput, match="prompt is 4194304 bytes, above the 8192 bytes"):
+        pool.generate(_generate_job("x" * 4 * 2**20), lease=small, timeout=120)
+    with pytest.raises(InvalidInput, match="not valid Unicode: character 3"):
+        pool.generate(_generate_job("The\ud800"), lease=small, timeout=120)
+    # Then each failed alone: the same executor answers the next request from its cache
+    after = pool.generate(_generate_job("The cat"), lease=small, timeout=120)
+    assert after.cache_hit and pool._lane("cpu").executor.pid == pid  # type: ignore[union-attr]
+
+
+def test_with_the_bound_lifted_what_the_tokenizer_does_fails_one_request_and_the_next_succeeds(store_dir: Path) -> None:
+    # Given a pool whose operator lifted the text bound to 64 MiB
+    pool = make_pool(store_dir, max_text_bytes=64 * 2**20)
+    small = lease(memory=300 * 2**20)
+    try:
+        pool.generate(_generate_job("The cat"), lease=small, timeout=120)
+        # When a 4 MiB prompt is tokenized under a 300 MiB reservation: the fast tokenizer panics (contained:
+        # ExecutionError, the executor serves on) or its allocation fails and Rust aborts the process
+        with pytest.raises((ExecutionError, ExecutorCrashed, MemoryLimitExceeded)):
+            pool.generate(_generate_job("x" * 4 * 2**20), lease=small, timeout=120)
+        # Then the next request on the pool still succeeds (on a restarted executor if it had to be)
+        assert pool.generate(_generate_job("The cat"), lease=small, timeout=120).output.completion_tokens >= 1
+    finally:
+        pool.close()

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from hypha_celery import keys
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.tools.launch import worker_env
 from tests.conftest import ROOT
@@ -207,3 +208,42 @@ def test_a_worker_that_preloads_answers_its_first_request_from_the_cache(start_w
     # When its first request arrives, Then the model is already in the cache
     result = _generate(celery_client(), prompt=PROMPT, max_new_tokens=4)
     assert result["metrics"]["cache_hit"] is True and result["metrics"]["load_s"] == 0.0
+
+
+def test_a_multi_megabyte_prompt_is_refused_before_admission_and_the_model_stays_cached(
+        start_worker, celery_client, redis_client) -> None:
+    from hypha_celery.errors import InvalidInput
+
+    # Given a worker whose serving executor holds the tiny Llama (256 tokens: a text may have 8192 bytes)
+    start_worker()
+    app = celery_client()
+    _generate(app, prompt=PROMPT, max_new_tokens=2)
+    # When a 4 MiB prompt arrives with a small reservation (the fast tokenizer would take ~100 bytes a character)
+    hostile = app.send_task("hypha.generate", kwargs={"model": TINY_LLAMA, "prompt": "x" * 4 * 2**20, "max_new_tokens": 2,
+                                                      "requirements": {"cpu_cores": 1, "memory": "300MiB"}})
+    # Then it fails with InvalidInput naming the bound, and no lease was ever taken for it
+    with pytest.raises(InvalidInput, match="prompt is 4194304 bytes, above the 8192 bytes"):
+        hostile.get(timeout=120)
+    assert not redis_client.exists(keys.task_guard(hostile.id))
+    # ... and the next request is answered from the model cache
+    assert _generate(app, prompt=PROMPT, max_new_tokens=2)["metrics"]["cache_hit"] is True
+
+
+def test_a_lone_surrogate_in_a_prompt_or_a_training_text_is_refused_before_anything_is_reserved(
+        start_worker, celery_client, redis_client, store_dir: Path) -> None:
+    from hypha_celery.errors import InvalidInput
+
+    # Given a worker (on its own store copy: a training task must not write the session's)
+    start_worker({"models": {"model_dir": str(store_dir)}})
+    app = celery_client()
+    # When a prompt and an inline training text carry a lone surrogate (JSON's "\ud800")
+    prompt = app.send_task("hypha.generate", kwargs={"model": TINY_LLAMA, "prompt": "The cat\ud800",
+                                                     "requirements": SMALL})
+    train = app.send_task("hypha.train", kwargs={"model": TINY_LLAMA, "data": {"texts": ["fine", "bad \udfff"]},
+                                                 "max_steps": 1, "requirements": SMALL})
+    # Then each fails with InvalidInput naming the argument and the character, and neither took a lease
+    with pytest.raises(InvalidInput, match=r"prompt is not valid Unicode: character 7 is a lone surrogate"):
+        prompt.get(timeout=120)
+    with pytest.raises(InvalidInput, match=r"data\.texts\[1\] is not valid Unicode: character 4"):
+        train.get(timeout=120)
+    assert not redis_client.exists(keys.task_guard(prompt.id)) and not redis_client.exists(keys.task_guard(train.id))
