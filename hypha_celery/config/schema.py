@@ -106,6 +106,10 @@ class SecurityConfig:
     enforce_cpu_limits: bool = _key("bool", True)
     max_input_bytes: int = _key("size", 64 * 2**20)
     max_envelope_age: float = _key("seconds", 3600.0)
+    # The worker's Ed25519 identity (a `hypha-celery keys generate` file); None: worker.key beside model_dir,
+    # made at first start. With sign_results, every hypha task's result carries its signed attestation.
+    identity_key: str | None = _key("str?", None)
+    sign_results: bool = _key("bool", True)
 
 
 @dataclass(frozen=True)
