@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,17 @@ import redis
 from hypha_celery.client import HyphaResult, submit
 from hypha_celery.errors import InvalidSignature, MalformedMessage
 from hypha_celery.registry import list_workers
-from hypha_celery.security import ATTESTATION, ENVELOPE_HEADER, load_identity, peer_id, signed_options, verify_result
+from hypha_celery.security import (
+    ATTESTATION,
+    ENVELOPE_HEADER,
+    generate_key,
+    load_identity,
+    peer_id,
+    signed_options,
+    verify_result,
+)
+from hypha_celery.tools.launch import worker_env
+from tests.conftest import ROOT
 
 SMALL = {"cpu_cores": 0.1, "memory": "64MiB"}
 IRIS = [[5.1, 3.5, 1.4, 0.2]]
@@ -61,6 +73,29 @@ def test_a_result_verifies_as_the_workers_whose_peer_id_the_registry_shows(
                      allowed_workers=[stranger])
     with pytest.raises(InvalidSignature, match="not among the allowed workers"):
         refused.get(timeout=60)
+
+
+def test_the_cli_prints_the_worker_that_signed_and_refuses_one_not_allowed(
+    start_worker: Callable[..., Any], redis_url: str, redis_client: redis.Redis, tmp_path: Path,
+) -> None:
+    # Given a verifying worker and the scheduler's key file
+    key_file = tmp_path / "scheduler.key"
+    start_worker(verifying(generate_key(key_file)))
+    [record] = list_workers(redis_client)
+    cli = [sys.executable, "-m", "hypha_celery.tools.cli", "run", "embed", "--model", "tiny-bert-embedder",
+           "--key", str(key_file)]
+    env = worker_env(redis_url, redis_url, redis_url)
+    # When `run embed --verify` runs, Then it prints the answer and, on stderr, the worker that signed it
+    out = subprocess.run([*cli, "--verify", "one text"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"] == "one text"
+    assert f"verified: signed by worker {record['worker_id']} ({record['peer_id']})" in out.stderr
+    # When only another worker is allowed, Then the answer is refused with the reason
+    stranger = peer_id(nacl.signing.SigningKey.generate().verify_key)
+    out = subprocess.run([*cli, "--allow-worker", stranger, "one text"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 1 and "InvalidSignature" in out.stderr and "not among the allowed workers" in out.stderr
+    assert out.stdout == ""
 
 
 def test_a_result_changed_or_planted_in_the_backend_fails_verification(
