@@ -257,7 +257,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 @main.group()
 def keys() -> None:
-    """Scheduler signing keys (Ed25519)."""
+    """Ed25519 keys: a scheduler's signing key, or a worker's identity (identity_key)."""
 
 
 @keys.command("generate")
@@ -275,7 +275,8 @@ def keys_generate(path: str) -> None:
     import base64
 
     click.echo(f"public key:  {base64.b64encode(bytes(key.verify_key)).decode()}")
-    click.echo("add the peer id to [worker.security] allowed_schedulers on each worker")
+    click.echo("a scheduler key: add the peer id to [worker.security] allowed_schedulers on each worker; "
+               "a worker identity: set [worker.security] identity_key to this file")
 
 
 @keys.command("show")
