@@ -8,7 +8,7 @@ hypha task's result carries an ``attestation`` member::
 
     {"output": ..., "model": ..., "worker": ..., "metrics": {...},
      "attestation": {"v": 1, "task_id": "<id>", "task": "hypha.infer",
-                     "request_sha256": "<hex of JCS(envelope as received)> | null",
+                     "request_sha256": "<hex of the bytes the scheduler signed> | null",
                      "result_sha256": "<hex of JCS(the result without its attestation)>",
                      "worker": "<worker name>", "peer": "12D3KooW...", "signature": "<base64>"}}
 
@@ -62,38 +62,44 @@ def digest(value: Any) -> str:
 
 
 def request_digest(envelope: Any) -> str | None:
-    """The digest of a signed request envelope (``signature`` included), or None for no usable envelope."""
+    """The digest of a signed request envelope: SHA-256 of the bytes its scheduler signed (it less ``signature``).
+
+    None for no usable envelope (absent, not an object, no canonical form).
+    """
     if not isinstance(envelope, Mapping):
         return None
     try:
-        return digest(dict(envelope))
+        return digest({name: value for name, value in envelope.items() if name != "signature"})
     except (TypeError, ValueError):
         return None
 
 
-def _as_decoded(result: Mapping[str, Any]) -> dict[str, Any]:
-    """``result`` as a scheduler decodes it from the backend (tuples as lists, keys as strings)."""
-    value = dict(result)
+def _canonical_result(result: Mapping[str, Any]) -> tuple[dict[str, Any], bytes]:
+    """``result`` as a scheduler decodes it from the backend (tuples as lists, keys as strings), and its JCS bytes."""
+    value = {name: item for name, item in result.items() if name != ATTESTATION}
     try:
-        canonical(value)
-        return value
+        return value, canonical(value)
     except (TypeError, ValueError):  # non-string keys, tuples of odd things: what JSON makes of them
         decoded: dict[str, Any] = kombu_json.loads(kombu_json.dumps(value))
-        return decoded
+        return decoded, canonical(decoded)
 
 
 def attest(
     key: nacl.signing.SigningKey, result: Mapping[str, Any], *, task_id: str, task_name: str, worker: str,
-    envelope: Any = None,
+    envelope: Any = None, request_sha256: str | None = None,
 ) -> dict[str, Any]:
-    """``result`` with its ``attestation``; ``ValueError`` when the result has no RFC 8785 form (NaN, big ints)."""
-    body = _as_decoded({name: value for name, value in result.items() if name != ATTESTATION})
+    """``result`` with its ``attestation``; ``ValueError`` when the result has no RFC 8785 form (NaN, big ints).
+
+    ``request_sha256``: the request's digest where the caller has it (the verifier computes it while it
+    checks the envelope), else taken from ``envelope``.
+    """
+    body, body_bytes = _canonical_result(result)
     statement: dict[str, Any] = {
         "v": ATTESTATION_VERSION,
         "task_id": task_id,
         "task": task_name,
-        "request_sha256": request_digest(envelope),
-        "result_sha256": digest(body),
+        "request_sha256": request_sha256 if request_sha256 is not None else request_digest(envelope),
+        "result_sha256": hashlib.sha256(body_bytes).hexdigest(),
         "worker": worker,
         "peer": _peer(bytes(key.verify_key)),
     }
@@ -163,10 +169,10 @@ def verify_result(
                 trusted.add(peer_id(nacl.signing.VerifyKey(public_key_from_id(entry))))
             except ValueError as exc:
                 raise ValueError(f"allowed workers: {exc}") from None
-        if peer_id(verify_key) not in trusted:
+        if _peer(bytes(verify_key)) not in trusted:
             raise InvalidSignature(f"task {task_id}: the result was signed by worker {peer}, "
                                    "which is not among the allowed workers")
-    return peer_id(verify_key)
+    return _peer(bytes(verify_key))
 
 
 def load_identity(path: str | os.PathLike[str] | None, model_dir: str | os.PathLike[str]) -> nacl.signing.SigningKey:

@@ -172,6 +172,7 @@ def run_task(
     seen_before = False
     verify = ctx.config.security.verify_task_signatures
     pin: str | None = None
+    answers: str | None = None  # the verified request's digest, which a signed result names
     if verify:
         try:
             verified = ctx.verifier.verify(
@@ -182,6 +183,7 @@ def run_task(
             raise
         seen_before = not verified.first_delivery
         pin = verified.model_sha256
+        answers = verified.request_sha256
         if verified.finished:
             _refuse_finished(ctx, task)
         request.hypha_nonce = (verified.key_id, verified.nonce)  # marked finished in HyphaTask.after_return
@@ -201,7 +203,7 @@ def run_task(
         mark_started(task)
         timing.started_at = time.time()
         nothing = Lease(id="", node=ctx.node_id, memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=request.id)
-        return _signed(ctx, task, body(Run(ctx, task, nothing, timing, worker, pin), spec), worker)
+        return _signed(ctx, task, body(Run(ctx, task, nothing, timing, worker, pin), spec), worker, answers)
     try:
         lease = admission.admit(ctx.ledger, ctx.placement, req, task_id=request.id, holder=f"{worker}/{request.id}",
                                 worker_id=worker, via=started_with(task, ctx.ledger))  # STARTED and the lease: one trip
@@ -215,20 +217,26 @@ def run_task(
         if announce:
             task.send_event("task-running", device=lease.device, gpus=lease.gpu_ids, cores=lease.core_ids)
         with ctx.metrics.active():
-            return _signed(ctx, task, body(Run(ctx, task, lease, timing, worker, pin), spec), worker)
+            return _signed(ctx, task, body(Run(ctx, task, lease, timing, worker, pin), spec), worker, answers)
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
         release_with_result(task, ctx.keeper, lease)  # in the result's own round trip where it can
 
 
-def _signed(ctx: NodeContext, task: HyphaTask, result: dict[str, Any], worker: str) -> dict[str, Any]:
-    """``result`` with this worker's signed attestation (``sign_results``), binding it to the request received."""
+def _signed(
+    ctx: NodeContext, task: HyphaTask, result: dict[str, Any], worker: str, request_sha256: str | None
+) -> dict[str, Any]:
+    """``result`` with this worker's signed attestation (``sign_results``), binding it to the request received.
+
+    ``request_sha256``: the verified envelope's digest; without verification, the header's (if any).
+    """
     if ctx.identity is None:
         return result
     try:
         return attest(ctx.identity, result, task_id=task.request.id, task_name=task.name, worker=worker,
-                      envelope=_header(task, ENVELOPE_HEADER))
+                      request_sha256=request_sha256,
+                      envelope=None if request_sha256 is not None else _header(task, ENVELOPE_HEADER))
     except (TypeError, ValueError) as exc:  # NaN, an integer beyond 2**53: JSON no scheduler can verify
         log.warning("task %s: its result has no RFC 8785 form, so it is stored unsigned: %s", task.request.id, exc)
         return result

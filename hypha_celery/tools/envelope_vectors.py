@@ -188,7 +188,8 @@ def result_vector(name: str) -> dict[str, Any]:
         "task_id": task_id,
         "worker": worker,
         "request": request,
-        "request_canonical": None if request is None else canonical(request).decode(),
+        "request_canonical": None if request is None else canonical(  # the bytes the scheduler signed
+            {field: value for field, value in request.items() if field != "signature"}).decode(),
         "request_sha256": request_digest(request),
         "result": result,
         "result_canonical": canonical(result).decode(),

@@ -116,9 +116,11 @@ export function digest(value) {
   return createHash("sha256").update(canonicalBytes(value)).digest("hex");
 }
 
-/** The digest a result's request_sha256 names: of the signed envelope as sent, signature included. */
+/** The digest a result's request_sha256 names: of the bytes the scheduler signed (the envelope less its signature). */
 export function requestDigest(envelope) {
-  return envelope == null ? null : digest(envelope);
+  if (envelope == null) return null;
+  const { signature, ...signed } = envelope;
+  return digest(signed);
 }
 
 /**
