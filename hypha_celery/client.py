@@ -13,6 +13,13 @@ exact model in the signed envelope: a worker whose store holds another
 manifest under that id refuses with ``ModelPinMismatch``. A pin needs
 ``signing_key``: it travels in the envelope.
 
+Results are signed by the worker that produced them (its ``attestation``, see
+:mod:`hypha_celery.security.attestation`): ``submit(..., verify=True)`` (or
+``result.get(verify=True)``) checks it and ``result.signer`` is then the worker's
+peer id; ``allowed_workers`` limits which workers may answer. A signed task's
+result must also answer the envelope that was sent. A result that fails raises
+``InvalidSignature`` naming why.
+
 A signed task's nonce is recorded in the registry Redis just before it is sent
 (:func:`hypha_celery.security.record_sent`): its envelope's lifetime
 (``envelope_ttl``) then bounds the time until it was sent, and a task that
@@ -29,8 +36,10 @@ before anything is sent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import nacl.signing
@@ -41,9 +50,17 @@ from hypha_celery.config import load_config
 from hypha_celery.errors import RegistryUnavailable
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.routing import placement_for
-from hypha_celery.security import ENVELOPE_HEADER, load_signing_key, record_sent, replay_window, signed_options
+from hypha_celery.security import (
+    ENVELOPE_HEADER,
+    load_signing_key,
+    record_sent,
+    replay_window,
+    request_digest,
+    signed_options,
+    verify_result,
+)
 
-__all__ = ["send_options", "submit"]
+__all__ = ["HyphaResult", "send_options", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +76,12 @@ def submit(
     queue: str | None = None,
     envelope_ttl: float = 300.0,
     model_sha256: str | None = None,
+    verify: bool = False,
+    allowed_workers: Iterable[str] | None = None,
     **task_kwargs: Any,
-) -> AsyncResult:
-    """Place, sign and send one hypha task; returns its ``AsyncResult``."""
+) -> HyphaResult:
+    """Place, sign and send one hypha task; returns its :class:`HyphaResult` (``verify``: its ``get`` checks the
+    worker's signature; ``allowed_workers``: peer ids of the workers trusted to answer, implies ``verify``)."""
     if model_sha256 is not None and signing_key is None:
         raise ValueError("model_sha256 travels in the signed envelope: pass signing_key too")
     if app is None:
@@ -77,7 +97,37 @@ def submit(
         kwargs["requirements"] = requirements
     options = send_options(task_name, kwargs, signing_key=signing_key, queue=queue, envelope_ttl=envelope_ttl,
                            model_sha256=model_sha256)
-    return app.send_task(task_name, kwargs=kwargs, **options)
+    result: HyphaResult = app.send_task(task_name, kwargs=kwargs, result_cls=functools.partial(HyphaResult, app=app),
+                                        **options)
+    result.verify = verify or allowed_workers is not None
+    result.allowed_workers = None if allowed_workers is None else list(allowed_workers)
+    result.task_name = task_name
+    result.request_sha256 = request_digest(options.get("headers", {}).get(ENVELOPE_HEADER))
+    return result
+
+
+class HyphaResult(AsyncResult):
+    """A hypha task's ``AsyncResult`` whose ``get`` can check the answering worker's signed attestation.
+
+    ``signer`` is the peer id of the worker whose signature was checked (None until then).
+    """
+
+    verify = False
+    allowed_workers: list[str] | None = None
+    task_name: str | None = None
+    request_sha256: str | None = None
+    signer: str | None = None
+
+    def get(self, *args: Any, verify: bool | None = None, allowed_workers: Iterable[str] | None = None,
+            **kwargs: Any) -> Any:
+        """Celery's ``get``; with ``verify`` (or the handle's option) ``InvalidSignature`` unless the result is signed
+        by a worker (among ``allowed_workers``, when given) for this task id, task and request."""
+        value = super().get(*args, **kwargs)
+        allowed = self.allowed_workers if allowed_workers is None else list(allowed_workers)
+        if verify or (verify is None and (self.verify or allowed is not None)):
+            self.signer = verify_result(value, self.id, allowed=allowed, request_digest=self.request_sha256,
+                                        task_name=self.task_name)
+        return value
 
 
 def send_options(

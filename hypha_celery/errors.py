@@ -2,7 +2,7 @@
 
     HyphaError
      ├── ConfigError                    a worker config key is wrong; names the key
-     ├── InvalidSignature               the task envelope failed verification
+     ├── InvalidSignature               a task envelope or a result's attestation failed verification
      ├── InvalidTask                    kwargs do not match the task's schema
      │    ├── InvalidInput              inputs malformed, wrong shape or too large
  │    │    └── DeltaRejected        a DiLoCo pseudo-gradient failed its checks (sha256, shape, job, round)
@@ -88,7 +88,7 @@ class ConfigError(HyphaError):
 
 
 class InvalidSignature(HyphaError):
-    """The task's signed envelope is missing, forged, expired, replayed or mismatched."""
+    """A task's signed envelope, or a result's attestation, is missing, forged, expired, replayed or mismatched."""
 
 
 class InvalidTask(HyphaError):

@@ -5,19 +5,24 @@
 //
 //   node scheduler.js --key scheduler.key [--broker redis://127.0.0.1:6379/0] [--backend URL]
 //                     [--queue hypha] [--model mlp] [--inputs '[[5.1,3.5,1.4,0.2]]'] [--timeout 60]
-//                     [--tamper] [--print-key-id]
+//                     [--tamper] [--print-key-id] [--verify] [--allow-worker PEER_ID ...]
 //
 // The key file is the one `hypha-celery keys generate` writes (a base64 Ed25519 seed); the worker must list
 // its peer id (`--print-key-id` prints it) in [worker.security] allowed_schedulers. Prints one JSON
 // line {"task_id", "status", "result"} and exits 0 on SUCCESS, 1 otherwise. `--tamper` changes the
-// inputs after signing, which a verifying worker must refuse with InvalidSignature.
+// inputs after signing, which a verifying worker must refuse with InvalidSignature. `--verify` checks
+// the answering worker's signature over the result (and that it answers this envelope), adding its
+// peer id as "signer"; a result that fails is reported as status "INVALID_SIGNATURE" with the reason.
+// `--allow-worker` (repeatable, implies --verify) accepts answers only from those workers.
 
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
 
 import celery from "celery-node";
 
-import { ENVELOPE_HEADER, loadKeyFile, peerId, signEnvelope } from "./lib/envelope.js";
+import {
+  ENVELOPE_HEADER, loadKeyFile, peerId, requestDigest, signEnvelope, verifyResult,
+} from "./lib/envelope.js";
 
 const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
 
@@ -32,6 +37,8 @@ const { values: opts } = parseArgs({
     timeout: { type: "string", default: "60" },
     tamper: { type: "boolean", default: false },
     "print-key-id": { type: "boolean", default: false },
+    verify: { type: "boolean", default: false },
+    "allow-worker": { type: "string", multiple: true },
   },
 });
 
@@ -65,6 +72,16 @@ while (Date.now() < deadline) {
   await new Promise((resolve) => setTimeout(resolve, 200));
 }
 await client.disconnect();
-const status = meta && FINAL.has(meta.status) ? meta.status : "TIMEOUT";
-console.log(JSON.stringify({ task_id: taskId, status, result: meta ? meta.result : null }));
+let status = meta && FINAL.has(meta.status) ? meta.status : "TIMEOUT";
+const answer = { task_id: taskId, status, result: meta ? meta.result : null };
+const allowed = opts["allow-worker"];
+if (status === "SUCCESS" && (opts.verify || allowed !== undefined)) {
+  try {
+    answer.signer = verifyResult(meta.result, taskId, { allowed, requestDigest: requestDigest(envelope), taskName: task });
+  } catch (error) {
+    status = answer.status = "INVALID_SIGNATURE";
+    answer.error = error.message;
+  }
+}
+console.log(JSON.stringify(answer));
 process.exit(status === "SUCCESS" ? 0 : 1);

@@ -1,14 +1,16 @@
 #!/usr/bin/env node
-// Check docs/envelope-vectors/ with this independent implementation (canonicalize + tweetnacl + bs58):
-// every canonical byte string, digest, key id and signature must be reproduced exactly, and every
-// refused vector refused. Usage: node verify-vectors.js [DIR]; exit 0 when all agree.
+// Check docs/envelope-vectors/ with this independent implementation (canonicalize + tweetnacl + bs58 + momoa):
+// every canonical byte string, digest, key id and signature must be reproduced exactly, every signed
+// result verified (and refused once changed), and every refused vector refused. Usage: node
+// verify-vectors.js [DIR]; exit 0 when all agree.
 
 import { readdirSync, readFileSync } from "node:fs";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
 import {
-  bodyDigest, canonicalBytes, keyFromSeed, peerId, signEnvelope, verifySignature,
+  bodyDigest, canonicalBytes, digest, duplicateKey, keyFromSeed, peerId, requestDigest, signEnvelope, verifyResult,
+  verifySignature,
 } from "./lib/envelope.js";
 
 const here = dirname(fileURLToPath(import.meta.url));
@@ -26,9 +28,48 @@ function expect(name, what, actual, expected) {
   if (actual !== expected) fail(name, `${what}\n    got      ${actual}\n    expected ${expected}`);
 }
 
+function checkResult(vec) {
+  const name = vec.name;
+  const key = keyFromSeed(Buffer.from(vec.seed_hex, "hex"));
+  expect(name, "peer", peerId(key.publicKey), vec.peer);
+  expect(name, "result canonical text", canonicalBytes(vec.result).toString("utf8"), vec.result_canonical);
+  expect(name, "result_sha256", digest(vec.result), vec.result_sha256);
+  expect(name, "request_sha256", requestDigest(vec.request), vec.request_sha256);
+  const { signature, ...statement } = vec.signed_result.attestation;
+  expect(name, "statement canonical bytes", canonicalBytes(statement).toString("hex"), vec.statement_canonical_hex);
+  expect(name, "signature (hex)", Buffer.from(signature, "base64").toString("hex"), vec.signature_hex);
+  try {
+    const signer = verifyResult(vec.signed_result, vec.task_id, {
+      allowed: [vec.peer], requestDigest: vec.request_sha256, taskName: vec.task,
+    });
+    expect(name, "signer", signer, vec.peer);
+  } catch (error) {
+    fail(name, `the committed signed result does not verify: ${error.message}`);
+  }
+  const changed = { ...vec.signed_result, output: [[1.0]] };
+  try {
+    verifyResult(changed, vec.task_id);
+    fail(name, "a result with its output changed still verifies");
+  } catch (error) {
+    if (!error.message.includes("changed after worker")) fail(name, `unexpected refusal: ${error.message}`);
+  }
+}
+
+function checkDuplicates(vec) {
+  const name = vec.name;
+  expect(name, "body duplicate", duplicateKey(vec.body_json), vec.body_duplicate);
+  expect(name, "envelope duplicate", duplicateKey(vec.envelope_json), vec.envelope_duplicate);
+}
+
 for (const file of files) {
   const vec = JSON.parse(readFileSync(join(dir, file), "utf8"));
   const name = vec.name;
+  if (vec.kind === "result" || vec.kind === "duplicate-key") {
+    const before = failed.size;
+    (vec.kind === "result" ? checkResult : checkDuplicates)(vec);
+    if (failed.size === before) console.log(`ok   ${name}`);
+    continue;
+  }
   if (vec.refused) {
     let refused = null;
     try {

@@ -110,6 +110,10 @@ class SecurityConfig:
     # (models.text_inputs); a size: that bound for every model.
     max_text_bytes: int | None = _key("size|auto", None)
     max_envelope_age: float = _key("seconds", 3600.0)
+    # The worker's Ed25519 identity (a `hypha-celery keys generate` file); None: worker.key beside model_dir,
+    # made at first start. With sign_results, every hypha task's result carries its signed attestation.
+    identity_key: str | None = _key("str?", None)
+    sign_results: bool = _key("bool", True)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ entries whose hash is gone.
 
 Fields: every :class:`~hypha_celery.resources.capabilities.WorkerCapabilities` field
 (scalars as numbers, lists and maps as JSON), plus ``worker_id``, ``node_id``,
-``queue``, ``hostname``, ``pid``, ``started_at``, ``last_updated`` (unix
+``queue``, ``hostname``, ``pid``, ``peer_id`` (the identity that signs its results, empty when
+it signs none), ``started_at``, ``last_updated`` (unix
 seconds), the per-task limits, and ``free_*`` (what the node's ledger had free
 at the last refresh; :func:`list_workers` reads it live). ``avg_inference_time``
 is there from the first write (``{}`` until a task was timed); only
@@ -78,6 +79,7 @@ class WorkerRecord:
     verify_task_signatures: bool
     started_at: float
     hostname: str = socket.gethostname()
+    peer_id: str | None = None  # the worker's identity, whose key signs its results (None: results unsigned)
 
 
 @dataclass
@@ -127,6 +129,7 @@ def encode_record(
         "max_cpu_cores_per_task": record.max_cpu_cores_per_task,
         "gpu_sharing": int(record.gpu_sharing),
         "verify_task_signatures": int(record.verify_task_signatures),
+        "peer_id": record.peer_id or "",
     })
     data.update(extra or {})
     if usage is not None and usage.capacity is not None:
@@ -162,6 +165,8 @@ def decode_record(raw: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
             record[name] = float(text)
         elif name in ("gpu_sharing", "verify_task_signatures"):
             record[name] = text == "1"
+        elif name == "peer_id":
+            record[name] = text or None
         else:
             record[name] = text
     record.setdefault(_AVERAGES, {})

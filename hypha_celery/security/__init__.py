@@ -38,6 +38,10 @@ Key ids are libp2p peer ids (``12D3KooW...``): the identity multihash of the
 Ed25519 public key, so a peer id *is* the public key and ``allowed_schedulers``
 can list peer ids (or raw public keys in base64 or hex).
 
+The answer is signed too: each worker's identity key signs an ``attestation`` in every hypha
+task's result (:mod:`hypha_celery.security.attestation`), which a scheduler checks with
+:func:`verify_result`.
+
 Using it with plain Celery::
 
     key = load_signing_key("scheduler.key")
@@ -46,6 +50,15 @@ Using it with plain Celery::
 
 from __future__ import annotations
 
+from hypha_celery.security.attestation import (
+    ATTESTATION,
+    ATTESTATION_FIELDS,
+    ATTESTATION_VERSION,
+    attest,
+    load_identity,
+    request_digest,
+    verify_result,
+)
 from hypha_celery.security.envelope import (
     CLOCK_SKEW_S,
     DEFAULT_TTL_S,
@@ -68,6 +81,9 @@ from hypha_celery.security.envelope import (
 from hypha_celery.security.verifier import NonceRecord, Verified, Verifier, record_sent, replay_window
 
 __all__ = [
+    "ATTESTATION",
+    "ATTESTATION_FIELDS",
+    "ATTESTATION_VERSION",
     "CLOCK_SKEW_S",
     "DEFAULT_TTL_S",
     "ENVELOPE_HEADER",
@@ -78,16 +94,20 @@ __all__ = [
     "NonceRecord",
     "Verified",
     "Verifier",
+    "attest",
     "body_digest",
     "canonical",
     "check_model_sha256",
     "check_version",
     "generate_key",
+    "load_identity",
     "load_signing_key",
     "peer_id",
     "public_key_from_id",
     "record_sent",
     "replay_window",
+    "request_digest",
     "sign_envelope",
     "signed_options",
+    "verify_result",
 ]

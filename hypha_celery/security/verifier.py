@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,6 +127,7 @@ class Verified:
     first_delivery: bool
     model_sha256: str | None = None
     finished: bool = False
+    request_sha256: str | None = None  # SHA-256 of the bytes the scheduler signed: what a signed result answers
 
 
 class Verifier:
@@ -186,7 +188,8 @@ class Verifier:
         unsigned = {name: envelope[name] for name in (*SIGNED_FIELDS, *OPTIONAL_SIGNED_FIELDS) if name in envelope}
         try:
             signature = base64.b64decode(envelope["signature"], validate=True)
-            verify_key.verify(canonical(unsigned), signature)
+            signed = canonical(unsigned)
+            verify_key.verify(signed, signature)
         except (binascii.Error, ValueError, TypeError, nacl.exceptions.BadSignatureError):
             raise InvalidSignature(f"bad signature for key {key_id} (forged, or the envelope was altered)") from None
         self._check_matches(unsigned, task_name=task_name, task_id=task_id, args=args, kwargs=kwargs)
@@ -210,7 +213,7 @@ class Verifier:
         record, first = self._claim_nonce(key_id, nonce, task_id, now=now, expires=expires,
                                           keep_until=issued + window + CLOCK_SKEW_S)
         return Verified(key_id=key_id, nonce=nonce, first_delivery=first, model_sha256=unsigned.get(MODEL_SHA256),
-                        finished=record.done)
+                        finished=record.done, request_sha256=hashlib.sha256(signed).hexdigest())
 
     def _check_matches(
         self, unsigned: Mapping[str, Any], *, task_name: str, task_id: str, args: Sequence[Any], kwargs: Mapping[str, Any]

@@ -1,4 +1,4 @@
-"""The one path every hypha task takes: receive -> verify -> validate -> admit -> run -> package -> release.
+"""The one path every hypha task takes: receive -> verify -> validate -> admit -> run -> package -> sign -> release.
 
 Each stage is a function elsewhere (:mod:`~hypha_celery.security`,
 :mod:`~hypha_celery.stages.validation`, :mod:`~hypha_celery.stages.admission`,
@@ -36,7 +36,7 @@ from hypha_celery.errors import (
 from hypha_celery.models.manifest import Manifest
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.security import ENVELOPE_HEADER, MODEL_SHA256, check_model_sha256
+from hypha_celery.security import ENVELOPE_HEADER, MODEL_SHA256, attest, check_model_sha256
 from hypha_celery.stages import admission
 from hypha_celery.stages.results import Timing
 from hypha_celery.stages.sizing import requirements_for_model
@@ -172,6 +172,7 @@ def run_task(
     seen_before = False
     verify = ctx.config.security.verify_task_signatures
     pin: str | None = None
+    answers: str | None = None  # the verified request's digest, which a signed result names
     if verify:
         try:
             verified = ctx.verifier.verify(
@@ -182,6 +183,7 @@ def run_task(
             raise
         seen_before = not verified.first_delivery
         pin = verified.model_sha256
+        answers = verified.request_sha256
         if verified.finished:
             _refuse_finished(ctx, task)
         request.hypha_nonce = (verified.key_id, verified.nonce)  # marked finished in HyphaTask.after_return
@@ -201,7 +203,7 @@ def run_task(
         mark_started(task)
         timing.started_at = time.time()
         nothing = Lease(id="", node=ctx.node_id, memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=request.id)
-        return body(Run(ctx, task, nothing, timing, worker, pin), spec)
+        return _signed(ctx, task, body(Run(ctx, task, nothing, timing, worker, pin), spec), worker, answers)
     try:
         lease = admission.admit(ctx.ledger, ctx.placement, req, task_id=request.id, holder=f"{worker}/{request.id}",
                                 worker_id=worker, via=started_with(task, ctx.ledger))  # STARTED and the lease: one trip
@@ -215,11 +217,29 @@ def run_task(
         if announce:
             task.send_event("task-running", device=lease.device, gpus=lease.gpu_ids, cores=lease.core_ids)
         with ctx.metrics.active():
-            return body(Run(ctx, task, lease, timing, worker, pin), spec)
+            return _signed(ctx, task, body(Run(ctx, task, lease, timing, worker, pin), spec), worker, answers)
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
         release_with_result(task, ctx.keeper, lease)  # in the result's own round trip where it can
+
+
+def _signed(
+    ctx: NodeContext, task: HyphaTask, result: dict[str, Any], worker: str, request_sha256: str | None
+) -> dict[str, Any]:
+    """``result`` with this worker's signed attestation (``sign_results``), binding it to the request received.
+
+    ``request_sha256``: the verified envelope's digest; without verification, the header's (if any).
+    """
+    if ctx.identity is None:
+        return result
+    try:
+        return attest(ctx.identity, result, task_id=task.request.id, task_name=task.name, worker=worker,
+                      request_sha256=request_sha256,
+                      envelope=None if request_sha256 is not None else _header(task, ENVELOPE_HEADER))
+    except (TypeError, ValueError) as exc:  # NaN, an integer beyond 2**53: JSON no scheduler can verify
+        log.warning("task %s: its result has no RFC 8785 form, so it is stored unsigned: %s", task.request.id, exc)
+        return result
 
 
 def _unverified_pin(task: HyphaTask) -> str | None:

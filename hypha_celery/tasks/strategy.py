@@ -2,7 +2,9 @@
 
 A message the worker cannot turn into a task - a body that does not decode
 (not JSON, not UTF-8, a pickle or another content type this worker refuses),
-a body that is not ``[args, kwargs, options]``, an unregistered task name -
+a body that is not ``[args, kwargs, options]``, JSON that names one object
+key twice (:mod:`hypha_celery.security.strict_json`; in the signed envelope it
+is an ``InvalidSignature``), an unregistered task name -
 is dropped and the worker keeps serving. Celery's own handlers would log a
 traceback and a dump of the body for each (anyone who can publish could fill
 the log), and leave a client waiting on the message's task id ``PENDING``
@@ -29,7 +31,9 @@ from celery.exceptions import NotRegistered
 from celery.utils.collections import AttributeDict
 from celery.worker.strategy import default
 
-from hypha_celery.errors import MalformedMessage
+from hypha_celery.errors import InvalidSignature, MalformedMessage
+from hypha_celery.security.envelope import ENVELOPE_HEADER
+from hypha_celery.security.strict_json import DUPLICATE_HEADER, duplicate_key
 
 __all__ = ["MessageGuardStep", "guarded", "refuse"]
 
@@ -48,6 +52,16 @@ def guarded(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., 
             payload = body if body is not None else message.payload
         except Exception as exc:  # kombu raises DecodeError, ContentDisallowed, UnicodeError, ...
             return refuse(consumer, message, f"the body cannot be decoded: {_describe(exc)}")
+        marked = _headers(message).get(DUPLICATE_HEADER)
+        if marked is not None:  # the transport found a key twice in the message around the body
+            where = str(marked)
+            reason = f"the message names an object key twice ({where}): JSON readers disagree on which value counts"
+            envelope = where.startswith(ENVELOPE_HEADER + ":")
+            return refuse(consumer, message, reason, error=InvalidSignature(reason) if envelope else None)
+        repeated = duplicate_key(message.body) if getattr(message, "content_type", None) == "application/json" else None
+        if repeated is not None:
+            return refuse(consumer, message, f"the body names the object key {repeated!r} twice: JSON readers "
+                          "disagree on which value counts")
         if _headers(message).get("task") and not _is_task_body(payload):  # protocol 2 (v1 carries it in the body)
             return refuse(consumer, message, "the body is not [args, kwargs, options]")
         try:

@@ -272,7 +272,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
 
 @main.group()
 def keys() -> None:
-    """Scheduler signing keys (Ed25519)."""
+    """Ed25519 keys: a scheduler's signing key, or a worker's identity (identity_key)."""
 
 
 @keys.command("generate")
@@ -290,7 +290,8 @@ def keys_generate(path: str) -> None:
     import base64
 
     click.echo(f"public key:  {base64.b64encode(bytes(key.verify_key)).decode()}")
-    click.echo("add the peer id to [worker.security] allowed_schedulers on each worker")
+    click.echo("a scheduler key: add the peer id to [worker.security] allowed_schedulers on each worker; "
+               "a worker identity: set [worker.security] identity_key to this file")
 
 
 @keys.command("show")
@@ -374,17 +375,23 @@ def _submit(task: str, broker: str | None, key: str | None, model_sha256: str | 
 
 
 def _result(async_result: Any, timeout: float) -> dict[str, Any]:
+    """The answer; with ``--verify`` its worker's signature checked, and who signed it printed on stderr."""
     from celery.exceptions import TimeoutError as NoAnswer
 
+    meta = click.get_current_context().meta
+    verify, allowed = meta.get("hypha_verify", False), meta.get("hypha_allowed_workers") or None
     try:
-        answer: dict[str, Any] = async_result.get(timeout=timeout)
+        answer: dict[str, Any] = async_result.get(timeout=timeout, verify=verify or allowed is not None,
+                                                  allowed_workers=allowed)
     except NoAnswer:
         _let_go(async_result)
         raise click.ClickException(f"TimeoutError: no answer within {timeout:g} s; is a worker running? "
                                    "(`hypha-celery workers` lists the live ones)") from None
-    except Exception as exc:  # a HyphaError, or a worker's error class this client does not know
+    except Exception as exc:  # a HyphaError (InvalidSignature too), or a worker's error class this client does not know
         _let_go(async_result)
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if getattr(async_result, "signer", None) is not None:
+        click.echo(f"[verified: signed by worker {answer.get('worker')} ({async_result.signer})]", err=True)
     return answer
 
 
@@ -394,6 +401,18 @@ def _let_go(async_result: Any) -> None:
         async_result.backend.remove_pending_result(async_result)
     except Exception as exc:  # the backend went away meanwhile: nothing left to unsubscribe from
         log.debug("could not let go of result %s: %s", async_result.id, exc)
+
+
+def _verify_options(function: Any) -> Any:
+    """``--verify`` and ``--allow-worker``: check the answer's worker signature (kept in the context for ``_result``)."""
+    def keep(name: str) -> Any:
+        return lambda ctx, param, value: ctx.meta.__setitem__(name, value)
+
+    function = click.option("--allow-worker", "allow_worker", multiple=True, expose_value=False,
+                            callback=keep("hypha_allowed_workers"),
+                            help="Accept the answer only from this worker peer id (repeatable; implies --verify).")(function)
+    return click.option("--verify", is_flag=True, expose_value=False, callback=keep("hypha_verify"),
+                        help="Check the answering worker's signature over the result (InvalidSignature if it fails).")(function)
 
 
 _BROKER = click.option("--broker", default=None, help="Broker and result backend URL (default: the app's settings).")
@@ -416,6 +435,7 @@ _TIMEOUT = click.option("--timeout", type=float, default=300.0, show_default=Tru
 
 
 @run.command("generate")
+@_verify_options
 @click.option("--model", required=True, help="A text-generation model id.")
 @click.option("--prompt", required=True, help="The text to continue.")
 @click.option("--max-new-tokens", type=int, default=None, help="Most tokens to generate (default: the worker's 64).")
@@ -460,6 +480,7 @@ def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tupl
 
 
 @run.command("embed")
+@_verify_options
 @click.option("--model", required=True, help="An embedding model id.")
 @click.argument("texts", nargs=-1, required=True)
 @_KEY
@@ -479,6 +500,7 @@ def run_embed(model: str, texts: tuple[str, ...], key: str | None, model_sha256:
 
 
 @run.command("classify")
+@_verify_options
 @click.option("--model", required=True, help="A text-classification model id.")
 @click.argument("texts", nargs=-1, required=True)
 @_KEY
@@ -590,6 +612,7 @@ class TrainProgress:
 
 
 @run.command("train")
+@_verify_options
 @click.option("--model", required=True, help="The stored model to fine-tune.")
 @click.option("--data", "data_file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Training data: a .json file {\"texts\": [...], \"labels\": [...]} or a text file, one text a line.")

@@ -1,4 +1,4 @@
-"""Test vectors for the signed envelope (``docs/envelope-vectors/``): write them, or check the committed ones.
+"""Test vectors for the signed envelope and the signed result (``docs/envelope-vectors/``): write or check them.
 
 ``python -m hypha_celery.tools.envelope_vectors`` rewrites the files from the cases below with this
 implementation (:func:`hypha_celery.security.sign_envelope`); ``--check`` exits 1 if any committed
@@ -19,9 +19,11 @@ from typing import Any
 
 import nacl.signing
 
+from hypha_celery.security.attestation import ATTESTATION, attest, request_digest
 from hypha_celery.security.envelope import body_digest, canonical, peer_id, sign_envelope
 
-__all__ = ["CASES", "REFUSED", "VECTOR_DIR", "main", "refused_vector", "vector", "vectors"]
+__all__ = ["CASES", "DUPLICATES", "REFUSED", "RESULTS", "VECTOR_DIR", "duplicate_vector", "main", "refused_vector",
+           "result_vector", "vector", "vectors"]
 
 VECTOR_DIR = Path(__file__).resolve().parents[2] / "docs" / "envelope-vectors"
 SEED_HEX = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60"  # RFC 8032 7.1 test 1
@@ -30,6 +32,7 @@ ISSUED_AT = 1767225600.25  # 2026-01-01T00:00:00.25Z
 TTL = 300.0
 IRIS = [[5.1, 3.5, 1.4, 0.2]]
 PIN = "e59625a822490d2d4f6b0b15a2ec1bd2c1cd2dd1b9bc0b3b7d2e8a9d0c6f1a2b"
+WORKER_SEED_HEX = "c5aa8df43f9f837bedb7442f31dcb7b166d38535076f094b85ce3a2e0b4458f7"  # RFC 8032 7.1 test 3
 
 # name -> (description, seed hex, task, task id, args, kwargs, model_sha256)
 CASES: dict[str, tuple[str, str, str, str, list[Any], dict[str, Any], str | None]] = {
@@ -99,6 +102,34 @@ REFUSED: dict[str, tuple[str, list[Any], dict[str, Any]]] = {
 }
 
 
+# name -> (description, task, task id, the request's envelope vector (None: sent without one), worker, result)
+RESULTS: dict[str, tuple[str, str, str, str | None, str, dict[str, Any]]] = {
+    "50-result-signed-request": (
+        "a worker's answer to 01-infer-iris, signed by the worker's identity: it names that signed request by digest",
+        "hypha.infer", "7d0b4a3e-0c1f-4a61-9a55-6c3e1f0e0001", "01-infer-iris", "w1@node-a",
+        {"output": [[0.0215, 0.9132, 0.0653]], "model": "mlp", "worker": "w1@node-a",
+         "metrics": {"duration_s": 0.0125, "queue_wait_s": 1e-7, "load_s": 0.0, "memory_peak": 73400320,
+                     "device": "cpu", "cache_hit": True, "started_at": 1767225600.5, "finished_at": 1767225600.5125,
+                     "pid": 4242, "gpu_utilization": None,
+                     "reserved": {"cpu_cores": [0], "cpu_milli": 1000, "memory": 536870912, "gpus": [],
+                                  "gpu_memory": {}, "cuda_visible_devices": ""}}},
+    ),
+    "51-result-unsigned-request": (
+        "the answer to a task sent without an envelope (a worker with verify_task_signatures = false): request null",
+        "hypha.noop", "7d0b4a3e-0c1f-4a61-9a55-6c3e1f0e0051", None, "w2@node-b",
+        {"output": None, "model": None, "worker": "w2@node-b", "metrics": {"duration_s": 0.0, "device": "cpu"}},
+    ),
+}
+
+# name -> description: JSON that names a key twice (a body, an envelope); a reader must refuse both.
+DUPLICATES: dict[str, str] = {
+    "92-refused-duplicate-key": (
+        "a body and an envelope that name one key twice, the signed value last: Python's json keeps the last, other "
+        "readers the first; both are refused (the body: MalformedMessage, the envelope: InvalidSignature)"
+    ),
+}
+
+
 def vector(name: str) -> dict[str, Any]:
     """One signed case, with every intermediate value a reimplementation can compare against."""
     description, seed_hex, task, task_id, args, kwargs, pin = CASES[name]
@@ -138,11 +169,59 @@ def refused_vector(name: str) -> dict[str, Any]:
     return {"name": name, "description": description, "args": args, "kwargs": kwargs, "refused": True}
 
 
+def result_vector(name: str) -> dict[str, Any]:
+    """One signed result: the statement's inputs and every intermediate value, as a scheduler recomputes them."""
+    description, task, task_id, request_case, worker, result = RESULTS[name]
+    key = nacl.signing.SigningKey(bytes.fromhex(WORKER_SEED_HEX))
+    request = vector(request_case)["envelope"] if request_case is not None else None
+    signed = attest(key, result, task_id=task_id, task_name=task, worker=worker, envelope=request)
+    statement = signed[ATTESTATION]
+    unsigned = canonical({field: value for field, value in statement.items() if field != "signature"})
+    return {
+        "name": name,
+        "kind": "result",
+        "description": description,
+        "seed_hex": WORKER_SEED_HEX,
+        "public_key_hex": bytes(key.verify_key).hex(),
+        "peer": peer_id(key.verify_key),
+        "task": task,
+        "task_id": task_id,
+        "worker": worker,
+        "request": request,
+        "request_canonical": None if request is None else canonical(  # the bytes the scheduler signed
+            {field: value for field, value in request.items() if field != "signature"}).decode(),
+        "request_sha256": request_digest(request),
+        "result": result,
+        "result_canonical": canonical(result).decode(),
+        "result_sha256": statement["result_sha256"],
+        "statement_canonical": unsigned.decode(),
+        "statement_canonical_hex": unsigned.hex(),
+        "signature": statement["signature"],
+        "signature_hex": base64.b64decode(statement["signature"]).hex(),
+        "signed_result": signed,
+    }
+
+
+def duplicate_vector(name: str) -> dict[str, Any]:
+    """A body and a signed envelope that each repeat a key, the value that was signed last."""
+    signed = vector("01-infer-iris")
+    envelope_text = json.dumps(signed["envelope"], separators=(",", ":"))
+    envelope_text = envelope_text.replace('"nonce":', '"nonce":"' + "f" * 32 + '","nonce":', 1)
+    body_text = '[[],{"model":"mlp","inputs":[[9.0,9.0,9.0,9.0]],"inputs":[[5.1,3.5,1.4,0.2]]},{}]'
+    return {"name": name, "kind": "duplicate-key", "refused": True, "description": DUPLICATES[name],
+            "key_id": signed["key_id"], "body_json": body_text, "body_duplicate": "inputs",
+            "envelope_json": envelope_text, "envelope_duplicate": "nonce"}
+
+
 def vectors() -> Iterator[tuple[str, dict[str, Any]]]:
     for name in CASES:
         yield name, vector(name)
+    for name in RESULTS:
+        yield name, result_vector(name)
     for name in REFUSED:
         yield name, refused_vector(name)
+    for name in DUPLICATES:
+        yield name, duplicate_vector(name)
 
 
 def render(data: dict[str, Any]) -> str:

@@ -31,6 +31,7 @@ from hypha_celery.models.manifest import expected_size
 from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
+from hypha_celery.security import load_identity, peer_id
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.context import NodeContext
 
@@ -60,7 +61,12 @@ class NodeStep(bootsteps.StartStopStep):
         metrics = Metrics()
         if self.config.monitoring.collect_metrics:  # before any pool process is forked
             metrics = PrometheusMetrics(*prepare_multiprocess_dir())
-        self.context = NodeContext.build(self.config, metrics)
+        security = self.config.security
+        # The worker's identity, read (or made, once) here so every pool process signs with the same key.
+        identity = load_identity(security.identity_key, self.config.models.model_dir) if security.sign_results else None
+        self.context = NodeContext.build(self.config, metrics, identity)
+        if identity is not None:
+            log.info("results signed by this worker's identity %s", peer_id(identity.verify_key))
         self.app = w.app
         w.hypha = self.context
         self.timer_ref: Any = None
@@ -190,6 +196,7 @@ class RegistryStep(bootsteps.StartStopStep):
             gpu_sharing=cfg.execution.gpu_sharing,
             verify_task_signatures=cfg.security.verify_task_signatures,
             started_at=time.time(),
+            peer_id=None if ctx.identity is None else peer_id(ctx.identity.verify_key),
         )
         c.hypha_registry = self
         self.refresh()

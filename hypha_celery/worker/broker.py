@@ -26,6 +26,11 @@ to five times per task. :class:`Channel` builds one per connection pool and hand
 (a client on a pool is safe to share between threads: each command takes its own connection
 from the pool), and a new one with a new pool (after a fork or a lost connection).
 
+Duplicate JSON keys: kombu's reader keeps the last of two equal keys in a message's headers (the
+signed envelope among them), and nothing after it could tell. :class:`Channel`'s clients read a
+taken message (``BRPOP``, ``RPOP``) once more with every key pair in view and mark one that repeats a
+key (:func:`hypha_celery.security.strict_json.mark_duplicates`); the task strategy refuses it.
+
 A transport class, named by Celery's ``broker_transport`` setting, is kombu's extension
 point for both: a bootstep or signal runs around the consumer, not inside
 ``Connection.close()``, and patching kombu's module would change every other user of it in
@@ -42,6 +47,8 @@ from typing import Any
 
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+
+from hypha_celery.security.strict_json import response_checker
 
 __all__ = ["TRANSPORT", "Channel", "Transport", "broker_transport"]
 
@@ -81,6 +88,15 @@ class Channel(kombu_redis.Channel):
         if not asynchronous and self._released_params is not None:
             return dict(self._released_params)
         raise RedisConnectionError("the broker connection of this channel was released (connection lost)")
+
+
+    def _create_client(self, asynchronous: bool = False) -> Any:
+        """kombu's client, whose ``BRPOP`` / ``RPOP`` replies mark a message that names a JSON key twice."""
+        client = super()._create_client(asynchronous=asynchronous)
+        callbacks = client.response_callbacks
+        client.set_response_callback("BRPOP", response_checker(callbacks.get("BRPOP"), pair=True))
+        client.set_response_callback("RPOP", response_checker(callbacks.get("RPOP"), pair=False))
+        return client
 
 
 class Transport(kombu_redis.Transport):

@@ -1,4 +1,4 @@
-"""What one worker process holds: config, Redis, ledger, lease keeper, placement, store, executors, metrics.
+"""What one worker process holds: config, Redis, ledger, lease keeper, placement, store, executors, metrics, identity.
 
 :class:`~hypha_celery.worker.bootsteps.NodeStep` builds a :class:`NodeContext`
 when the worker starts and hands it to every hypha task (their base class,
@@ -18,6 +18,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+import nacl.signing
 import redis
 
 from hypha_celery.config import WorkerConfig, registry_url
@@ -66,6 +67,7 @@ class NodeContext:
     verifier: Verifier
     inference_times: InferenceTimes
     shared_storage: SharedStorage | None = None
+    identity: nacl.signing.SigningKey | None = None  # signs results (sign_results); loaded once by NodeStep
     executors: ExecutorPool = field(init=False)
     closed: bool = field(default=False, init=False)
 
@@ -73,8 +75,13 @@ class NodeContext:
         self.executors = ExecutorPool(executor_settings(self.config), on_cache_change=self._account_cache)
 
     @classmethod
-    def build(cls, config: WorkerConfig, metrics: Metrics | None = None) -> NodeContext:
-        """Every collaborator of a worker process; opens no connection and starts no process yet."""
+    def build(
+        cls, config: WorkerConfig, metrics: Metrics | None = None, identity: nacl.signing.SigningKey | None = None
+    ) -> NodeContext:
+        """Every collaborator of a worker process; opens no connection and starts no process yet.
+
+        ``identity``: the worker's key that signs results (:func:`hypha_celery.security.load_identity`).
+        """
         client = registry_client(registry_url(config), timeout=5, health_check_interval=30)
         node = node_id(config)
         ledger = Ledger(client, node, ttl=2 * config.resources.lease_heartbeat)
@@ -93,6 +100,7 @@ class NodeContext:
                               remember_s=remember),
             inference_times=InferenceTimes(),
             shared_storage=None if config.training.shared_storage is None else open_storage(config.training.shared_storage),
+            identity=identity,
         )
 
     def storage(self) -> SharedStorage:
@@ -110,7 +118,7 @@ class NodeContext:
 
     def for_child(self) -> NodeContext:
         """A fresh context for a forked pool process: same config and metrics, its own everything else."""
-        return NodeContext.build(self.config, self.metrics)
+        return NodeContext.build(self.config, self.metrics, self.identity)
 
     def close(self) -> None:
         """Stop executors, hand back leases released moments ago (not at their expiry), drop connections."""

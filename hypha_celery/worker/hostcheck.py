@@ -16,6 +16,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import ConfigError
 from hypha_celery.executor import landlock
 from hypha_celery.executor.limits import NICE, enter_network_namespace
+from hypha_celery.security.attestation import load_identity
 
 __all__ = ["check_host"]
 
@@ -48,6 +49,8 @@ def check_host(cfg: WorkerConfig, *, metrics_port: int | None = None) -> None:
             "run with CAP_SYS_NICE or use 'normal'",
         )
     _check_model_dir(cfg.models.model_dir)
+    if cfg.security.sign_results:  # read, or made at first start, before the worker serves (NodeStep reads it again)
+        load_identity(cfg.security.identity_key, cfg.models.model_dir)
     if cfg.monitoring.collect_metrics:
         _check_port(metrics_port or cfg.monitoring.metrics_port)
     from hypha_celery.resources.capabilities import node_capacity

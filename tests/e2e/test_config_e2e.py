@@ -33,6 +33,7 @@ def _worker_with(tmp_path: Path, text: str, *extra: str) -> subprocess.Completed
     ("[worker.execution]\nisolation_mode = \"vm\"\n", "worker.execution.isolation_mode"),
     ("[worker.resources]\ngpus = [0]\n", "worker.resources.gpus"),
     ("[worker.resources]\nmemory = \"64TB\"\nnode_id = \"x\"\n", "worker.resources.memory"),
+    ("[worker.security]\nidentity_key = \"/nonexistent/worker.key\"\n", "worker.security.identity_key"),
     ("[worker\n", "config"),
 ])
 def test_worker_refuses_bad_config_with_one_line(tmp_path: Path, text: str, key: str) -> None:

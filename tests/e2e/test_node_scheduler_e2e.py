@@ -3,6 +3,7 @@
 ``examples/node-scheduler`` canonicalizes with ``canonicalize`` (RFC 8785), signs with ``tweetnacl``
 and sends with ``celery-node``; none of it shares code with this package, so a task it signs that
 runs here (and one it tampers with that is refused) shows the spec in ``docs/envelope.md`` is enough.
+The same holds the other way: Node checks the worker's signature over the result (``--verify``).
 
 Needs ``node`` and the example's ``node_modules`` (``make install`` runs ``npm ci`` when npm is
 present): without them these tests skip with the reason locally, and fail in CI (``CI=true``).
@@ -17,10 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
+import redis
 
 from hypha_celery.client import submit
-from hypha_celery.security import generate_key, peer_id
+from hypha_celery.registry import list_workers
+from hypha_celery.security import generate_key, peer_id, verify_result
 from tests.conftest import IN_CI, ROOT
 
 EXAMPLE = ROOT / "examples" / "node-scheduler"
@@ -65,7 +69,8 @@ def test_node_reproduces_every_vector(node: str, tmp_path: Path) -> None:
 
 
 def test_a_node_signed_infer_runs_and_a_tampered_one_is_refused(
-    node: str, start_worker: Callable[..., Any], celery_client: Callable[..., Any], redis_url: str, tmp_path: Path
+    node: str, start_worker: Callable[..., Any], celery_client: Callable[..., Any], redis_url: str,
+    redis_client: redis.Redis, tmp_path: Path,
 ) -> None:
     # Given a scheduler key (the Python key file format) and a worker that only accepts that key
     key_file = tmp_path / "scheduler.key"
@@ -74,12 +79,14 @@ def test_a_node_signed_infer_runs_and_a_tampered_one_is_refused(
     assert shown.returncode == 0 and shown.stdout.strip() == peer_id(key.verify_key), shown.stderr
     start_worker({"security": {"verify_task_signatures": True, "allowed_schedulers": [peer_id(key.verify_key)]}})
 
-    # When the Node scheduler sends a signed hypha.infer on the built-in mlp
-    sent = run_node(node, "scheduler.js", "--key", str(key_file), "--broker", redis_url, "--timeout", "90")
-    # Then the worker verified and ran it, and Node read the result from the result backend
+    # When the Node scheduler sends a signed hypha.infer on the built-in mlp, and checks the worker's signature
+    sent = run_node(node, "scheduler.js", "--key", str(key_file), "--broker", redis_url, "--timeout", "90", "--verify")
+    # Then the worker verified and ran it, and Node read the result from the result backend, signed by that worker
     assert sent.returncode == 0, sent.stdout + sent.stderr
     done = json.loads(sent.stdout.strip().splitlines()[-1])
     assert done["status"] == "SUCCESS" and done["result"]["model"] == "mlp"
+    [record] = list_workers(redis_client)
+    assert done["signer"] == record["peer_id"] == verify_result(done["result"], done["task_id"])
     assert len(done["result"]["output"]) == 1
     # ... with the output a Python scheduler gets for the same inputs
     python = submit("hypha.infer", model="mlp", inputs=IRIS, signing_key=key, app=celery_client(), queue="hypha")
@@ -91,3 +98,11 @@ def test_a_node_signed_infer_runs_and_a_tampered_one_is_refused(
     refused = json.loads(tampered.stdout.strip().splitlines()[-1])
     assert refused["status"] == "FAILURE" and refused["result"]["exc_type"] == "InvalidSignature"
     assert "arguments differ from the signed ones" in str(refused["result"]["exc_message"])
+
+    # When Node accepts answers only from another worker, Then it refuses this worker's answer, naming why
+    stranger = peer_id(nacl.signing.SigningKey.generate().verify_key)
+    elsewhere = run_node(node, "scheduler.js", "--key", str(key_file), "--broker", redis_url, "--timeout", "90",
+                         "--allow-worker", stranger)
+    assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
+    other = json.loads(elsewhere.stdout.strip().splitlines()[-1])
+    assert other["status"] == "INVALID_SIGNATURE" and "not among the allowed workers" in other["error"]

@@ -20,20 +20,28 @@ import pytest
 
 from hypha_celery.errors import InvalidSignature
 from hypha_celery.security import (
+    ATTESTATION,
     ENVELOPE_VERSION,
+    attest,
     body_digest,
     canonical,
     peer_id,
     public_key_from_id,
+    request_digest,
     sign_envelope,
+    verify_result,
 )
+from hypha_celery.security.strict_json import duplicate_key
 from hypha_celery.security.verifier import Verifier
 from hypha_celery.tools import envelope_vectors
 from tests.conftest import ROOT
 
 VECTORS = ROOT / "docs" / "envelope-vectors"
-SIGNED = sorted(p for p in VECTORS.glob("*.json") if not json.loads(p.read_text()).get("refused"))
-REFUSED = sorted(p for p in VECTORS.glob("*.json") if json.loads(p.read_text()).get("refused"))
+KINDS = {p: json.loads(p.read_text()).get("kind", "envelope") for p in VECTORS.glob("*.json")}
+SIGNED = sorted(p for p, kind in KINDS.items() if kind == "envelope" and not json.loads(p.read_text()).get("refused"))
+REFUSED = sorted(p for p, kind in KINDS.items() if kind == "envelope" and json.loads(p.read_text()).get("refused"))
+RESULTS = sorted(p for p, kind in KINDS.items() if kind == "result")
+DUPLICATES = sorted(p for p, kind in KINDS.items() if kind == "duplicate-key")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -42,7 +50,7 @@ def load(path: Path) -> dict[str, Any]:
 
 def test_the_vectors_cover_what_the_spec_promises() -> None:
     # Given the committed files, Then there are signed and refused ones, and the signed bodies hold the hard cases
-    assert len(SIGNED) >= 8 and len(REFUSED) >= 2
+    assert len(SIGNED) >= 8 and len(REFUSED) >= 2 and len(RESULTS) >= 2 and len(DUPLICATES) >= 1
     bodies = "".join(load(p)["body_canonical"] for p in SIGNED)
     for printed in ("1e-7", "1e+21", ",0,", "0.1", "9007199254740991", "\u65e5", "\\u0000", "{}", "[]"):
         assert printed in bodies, printed
@@ -146,3 +154,45 @@ def test_a_version_1_envelope_is_refused_naming_version_2() -> None:
     for version in (True, 2.0, "2"):
         with pytest.raises(InvalidSignature, match="unknown envelope version"):
             verifier.verify({**env, "v": version}, task_name="hypha.infer", task_id="t1", args=[], kwargs={})
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
+def test_a_result_vector_is_reproduced_and_verifies(path: Path) -> None:
+    # Given a result vector's inputs, When this implementation signs the result as a worker does
+    vec = load(path)
+    key = nacl.signing.SigningKey(bytes.fromhex(vec["seed_hex"]))
+    signed = attest(key, vec["result"], task_id=vec["task_id"], task_name=vec["task"], worker=vec["worker"],
+                    envelope=vec["request"])
+    # Then every intermediate value is the committed one
+    assert canonical(vec["result"]).decode() == vec["result_canonical"]
+    assert hashlib.sha256(vec["result_canonical"].encode()).hexdigest() == vec["result_sha256"]
+    assert request_digest(vec["request"]) == vec["request_sha256"]
+    if vec["request"] is not None:
+        assert hashlib.sha256(vec["request_canonical"].encode()).hexdigest() == vec["request_sha256"]
+    statement = {k: v for k, v in signed[ATTESTATION].items() if k != "signature"}
+    assert canonical(statement) == bytes.fromhex(vec["statement_canonical_hex"]) == vec["statement_canonical"].encode()
+    assert signed == vec["signed_result"] and signed[ATTESTATION]["signature"] == vec["signature"]
+    # ... and a scheduler verifies the committed signed result from its peer id alone, against its own request
+    assert verify_result(vec["signed_result"], vec["task_id"], allowed=[vec["peer"]], request_digest=vec["request_sha256"],
+                         task_name=vec["task"]) == vec["peer"] == peer_id(key.verify_key)
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=lambda p: p.stem)
+def test_a_result_vector_with_its_output_changed_fails(path: Path) -> None:
+    vec = load(path)
+    changed = {**vec["signed_result"], "output": [[1.0]]}
+    with pytest.raises(InvalidSignature, match="changed after worker"):
+        verify_result(changed, vec["task_id"])
+
+
+@pytest.mark.parametrize("path", DUPLICATES, ids=lambda p: p.stem)
+def test_a_duplicate_key_vector_is_found_where_pythons_reader_would_keep_the_signed_value(path: Path) -> None:
+    vec = load(path)
+    # Given JSON that names a key twice, the signed value last: Python's reader alone would accept it
+    envelope = json.loads(vec["envelope_json"])
+    verifier = Verifier([vec["key_id"]], fakeredis.FakeRedis(), max_age=3600)
+    verifier.verify(envelope, task_name=envelope["task"], task_id=envelope["id"], args=[],
+                    kwargs={"model": "mlp", "inputs": [[5.1, 3.5, 1.4, 0.2]]}, now=envelope["issued_at"])
+    # Then the strict reader names the repeated key in both, so the worker refuses them
+    assert duplicate_key(vec["body_json"]) == vec["body_duplicate"]
+    assert duplicate_key(vec["envelope_json"]) == vec["envelope_duplicate"]

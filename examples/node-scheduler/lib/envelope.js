@@ -1,4 +1,4 @@
-// The hypha signed envelope (v2), for schedulers written in JavaScript: see docs/envelope.md.
+// The hypha signed envelope (v2) and signed results, for schedulers written in JavaScript: see docs/envelope.md.
 //
 // Canonical form: RFC 8785 (JCS) through the `canonicalize` package; signature: Ed25519
 // through `tweetnacl`; key id: the libp2p peer id of the public key (base58btc, `bs58`).
@@ -6,6 +6,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 
+import * as momoa from "@humanwhocodes/momoa";
 import bs58 from "bs58";
 import canonicalize from "canonicalize";
 import nacl from "tweetnacl";
@@ -101,4 +102,78 @@ export function signEnvelope(keyPair, { task, id, args = [], kwargs = {}, ttl = 
 export function verifySignature(envelope) {
   const { signature, ...signed } = envelope;
   return nacl.sign.detached.verify(canonicalBytes(signed), Buffer.from(signature, "base64"), publicKeyFromPeerId(envelope.key_id));
+}
+
+// --- Signed results (docs/envelope.md, "Signed results"): the worker's attestation in a task's result.
+
+export const ATTESTATION = "attestation";
+export const ATTESTATION_VERSION = 1;
+const ATTESTATION_FIELDS = ["v", "task_id", "task", "request_sha256", "result_sha256", "worker", "peer"];
+
+/** sha256 (hex) of a JSON value's RFC 8785 form. */
+export function digest(value) {
+  checkTransportable(value, "value");
+  return createHash("sha256").update(canonicalBytes(value)).digest("hex");
+}
+
+/** The digest a result's request_sha256 names: of the bytes the scheduler signed (the envelope less its signature). */
+export function requestDigest(envelope) {
+  if (envelope == null) return null;
+  const { signature, ...signed } = envelope;
+  return digest(signed);
+}
+
+/**
+ * Check a stored result's attestation; return the signing worker's peer id, or throw naming why.
+ * `allowed`: peer ids of the workers trusted to answer (undefined: any that signs correctly);
+ * `requestDigest`: requestDigest(the envelope sent); `taskName`: the task asked for.
+ */
+export function verifyResult(result, taskId, { allowed, requestDigest: sent, taskName } = {}) {
+  const fail = (why) => { throw new Error(`InvalidSignature: task ${taskId}: ${why}`); };
+  if (result === null || typeof result !== "object" || Array.isArray(result)) fail("the result is not an object");
+  const statement = result[ATTESTATION];
+  if (statement === null || typeof statement !== "object") fail("the result carries no attestation");
+  const fields = Object.keys(statement).sort().join(",");
+  if (fields !== [...ATTESTATION_FIELDS, "signature"].sort().join(",")) fail("the attestation is malformed");
+  if (statement.v !== ATTESTATION_VERSION) fail(`unknown attestation version ${statement.v}`);
+  const { signature, ...signed } = statement;
+  let publicKey;
+  try {
+    publicKey = publicKeyFromPeerId(statement.peer);
+  } catch {
+    fail(`the attestation's peer ${statement.peer} is not a worker peer id`);
+  }
+  if (!nacl.sign.detached.verify(canonicalBytes(signed), Buffer.from(signature, "base64"), publicKey)) {
+    fail(`bad result signature for worker ${statement.peer}`);
+  }
+  if (statement.task_id !== taskId) fail(`the result was signed for task id ${statement.task_id}`);
+  if (taskName !== undefined && statement.task !== taskName) fail(`the result was signed for task ${statement.task}`);
+  if (sent !== undefined && statement.request_sha256 !== sent) fail("the result answers another request than the one sent");
+  const { [ATTESTATION]: _, ...body } = result;
+  if (digest(body) !== statement.result_sha256) fail(`the result was changed after worker ${statement.peer} signed it`);
+  if (allowed !== undefined && !allowed.includes(statement.peer)) {
+    fail(`the result was signed by worker ${statement.peer}, which is not among the allowed workers`);
+  }
+  return statement.peer;
+}
+
+// --- One JSON meaning: JSON.parse keeps the last of two equal keys, other readers the first.
+
+/** The first object key the JSON text repeats, else null (through momoa's JSON syntax tree). */
+export function duplicateKey(text) {
+  const stack = [momoa.parse(text).body];
+  while (stack.length > 0) {
+    const node = stack.pop();
+    if (node.type === "Object") {
+      const seen = new Set();
+      for (const member of node.members) {
+        if (seen.has(member.name.value)) return member.name.value;
+        seen.add(member.name.value);
+        stack.push(member.value);
+      }
+    } else if (node.type === "Array") {
+      for (const element of node.elements) stack.push(element.value);
+    }
+  }
+  return null;
 }
