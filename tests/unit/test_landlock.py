@@ -49,7 +49,9 @@ def test_a_serving_executor_reads_the_store_and_writes_only_its_temp_dir_and_dev
     assert rules["/dev/null"] == DEVICE and rules["/proc/self"] == READ and rules["/sys"] == READ
     assert "/proc" not in rules  # another process's /proc/<pid>/environ would be readable
     assert {path for path in _writable(executor_rules(store=STORE, tmpdir=TMP, trains=False, abi=5))
-            if not path.startswith("/dev/")} == {TMP, "/proc/self/clear_refs"}
+            if not path.startswith("/dev/")} == {TMP, "/proc/self/clear_refs", "/proc/self/task"}
+    # its own threads' files (CUDA names its threads through comm at init), without creating or removing any
+    assert rules["/proc/self/task"] == READ | WRITE_FILE | TRUNCATE
 
 
 def test_a_training_executor_may_write_the_staging_folder_and_create_model_folders_only() -> None:
