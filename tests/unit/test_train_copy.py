@@ -98,7 +98,7 @@ def test_the_pipeline_answers_a_finished_copy_without_reserving_anything() -> No
     security = SimpleNamespace(verify_task_signatures=False)
     # (no ledger, placement or lease keeper: admission would fail on them)
     probe.node = SimpleNamespace(config=SimpleNamespace(security=security), metrics=None,  # type: ignore[assignment]
-                                 node_id="node-a", store=None)
+                                 node_id="node-a", store=None, identity=None)
     spec = TrainSpec(model="mlp", data={}, epochs=3, lr=0.1, batch_size=2, new_model=DEFAULT_ID,
                      requirements=None, manifest=None, finished=TRAINED)  # type: ignore[arg-type]
     probe.AsyncResult = lambda _id: SimpleNamespace(state="STARTED")  # type: ignore[method-assign]
