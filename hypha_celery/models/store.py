@@ -78,12 +78,13 @@ from hypha_celery.models.manifest import (
     is_model_id,
     validate_model_id,
 )
+from hypha_celery.models.safe_files import copy_capped, open_regular, walk
 from hypha_celery.models.sources import fetch_manifest, fetch_model
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from hypha_celery.config import ModelSource
+    from hypha_celery.config import ModelsConfig, ModelSource
 
 __all__ = ["PRODUCED", "STAMP", "Imported", "ModelStore", "sha256_file"]
 
@@ -91,6 +92,8 @@ _CHUNK = 1 << 20
 STAMP = ".verified.json"
 PRODUCED = ".produced.json"
 DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
+INCOMING = ".incoming"  # a sandboxed training executor's staging folder (executor.landlock.STAGING)
+_LEFTOVER = re.compile(r"^\.incoming-(?P<id>.+)-[a-z0-9_]{8}\Z")  # tempfile.mkdtemp's 8 characters
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,15 @@ class ModelStore:
         # Where new models are assembled before their rename into root; a sandboxed training
         # executor may write only below root/.incoming (hypha_celery.executor.landlock).
         self.staging = Path(staging) if staging is not None else self.root
+
+    @classmethod
+    def from_config(cls, models: ModelsConfig, root: str | os.PathLike[str] | None = None,
+                    sources: Sequence[ModelSource] = (), staging: str | os.PathLike[str] | None = None) -> ModelStore:
+        """The store ``[worker.models]`` describes, or the one at ``root`` (``--store DIR``): either way capped at
+        the configured ``max_model_size``; what dead imports left in its staging folders is removed."""
+        store = cls(models.model_dir if root is None else root, sources, models.max_model_size, staging)
+        store.sweep_staging()
+        return store
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -337,26 +349,35 @@ class ModelStore:
         (``hypha.train`` stores a fine-tuned transformers model through here).
         """
         from hypha_celery.models import hf_format
+        from hypha_celery.models.safetensors_header import read_checkpoint
 
         validate_model_id(model_id)
         source = Path(directory)
-        found = hf_format.scan(source)
+        found = hf_format.scan(source)  # links and other non-regular files refuse the import
+        if found.size > self.max_model_size:
+            raise UnsupportedModel(f"{source}: its files hold {found.size} bytes, above max_model_size "
+                                   f"({self.max_model_size} bytes); nothing was copied")
         config, dropped = hf_format.clean_config(hf_format.read_config(source))
         hf_format.identify(config, task)  # refuse an unsupported model before copying gigabytes
+        read_checkpoint(source, found.copy)  # every tensor's size, checked against its file's, before a byte is copied
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 files: dict[str, FileEntry] = {}
+                left = self.max_model_size  # again while copying: a file may grow after it was measured
                 for name in found.copy:
                     target = staging / name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if name == CONFIG and dropped:
                         target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                        entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
                     else:
-                        shutil.copyfile(source / name, target)
-                    files[name] = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
-                    if sum(entry.size for entry in files.values()) > self.max_model_size:
+                        copied = copy_capped(open_regular(source, name), target, left, f"{source}/{name}")
+                        entry = FileEntry(sha256=copied.sha256, size=copied.size)
+                    files[name] = entry
+                    left -= entry.size
+                    if left < 0:
                         raise UnsupportedModel(f"{source}: larger than max_model_size ({self.max_model_size} bytes)")
                 if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
                     raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
@@ -382,22 +403,26 @@ class ModelStore:
         path = Path(source)
         skipped: builtins.list[str] = []
         if path.is_dir():
-            skipped = sorted(entry.name for entry in path.iterdir() if entry.name != ONNX_FILE)
-            path = path / ONNX_FILE
-            if not path.is_file():
+            inside = walk(path).files  # links and other non-regular files refuse the import
+            skipped = sorted(name for name in inside if name != ONNX_FILE)
+            if ONNX_FILE not in inside:
                 raise UnsupportedModel(f"{source}: holds no {ONNX_FILE}")
+            folder, name, size = path, ONNX_FILE, inside[ONNX_FILE]
         elif path.suffix != ".onnx" or not path.is_file():
             raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
-        if path.stat().st_size > self.max_model_size:
+        else:  # the file the operator named, wherever a link they made leads
+            path = path.resolve()
+            folder, name, size = path.parent, path.name, path.stat().st_size
+        if size > self.max_model_size:
             raise UnsupportedModel(f"{path}: larger than max_model_size ({self.max_model_size} bytes)")
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 target = staging / ONNX_FILE
-                shutil.copyfile(path, target)
+                copied = copy_capped(open_regular(folder, name), target, self.max_model_size, str(path))
                 described = onnx_format.describe(target, self.max_model_size)
-                entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
+                entry = FileEntry(sha256=copied.sha256, size=copied.size)
                 manifest = Manifest(
                     id=model_id, architecture=ONNX_ARCHITECTURE, task=ONNX_TASK, files={ONNX_FILE: entry},
                     format=FORMAT_V2, runtime="onnx", **described.fields(),
@@ -429,9 +454,14 @@ class ModelStore:
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 files: dict[str, FileEntry] = {}
+                left = self.max_model_size
                 for name in sorted(ADAPTER_FILES):
-                    shutil.copyfile(source / name, staging / name)
-                    files[name] = FileEntry(sha256=sha256_file(staging / name), size=(staging / name).stat().st_size)
+                    try:
+                        copied = copy_capped(open_regular(source, name), staging / name, left, f"{source}/{name}")
+                    except FileNotFoundError:
+                        raise UnsupportedModel(f"{source}: holds no {name}") from None
+                    files[name] = FileEntry(sha256=copied.sha256, size=copied.size)
+                    left -= copied.size
                 checkpoint = hf_format.check_adapter(staging)
                 manifest = dataclasses.replace(
                     base_manifest, id=model_id, files=files, dtype=checkpoint.dtype or base_manifest.dtype,
@@ -518,13 +548,53 @@ class ModelStore:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     @contextmanager
+    def _try_lock(self, model_id: str) -> Iterator[bool]:
+        """The model's lock if nobody holds it (True), else False at once; False too where locks cannot be written."""
+        try:
+            (self.root / ".locks").mkdir(parents=True, exist_ok=True)
+            handle = open(self.root / ".locks" / f"{model_id}.lock", "w")
+        except OSError:
+            yield False
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def sweep_staging(self, holding: str | None = None) -> None:
+        """Remove the staging folders of imports, fetches and saves that died (killed: no ``finally`` ran).
+
+        A staging folder is made and filled only under its model's lock, so one whose lock is free is
+        a dead process's; one whose lock another process holds is a live import's and stays.
+        ``holding``: the model whose lock the caller holds already.
+        """
+        for folder in dict.fromkeys((self.staging, self.root / INCOMING)):
+            try:
+                entries = sorted(folder.iterdir())
+            except OSError:
+                continue
+            for entry in entries:
+                match = _LEFTOVER.match(entry.name)
+                if match is None or not is_model_id(match["id"]):
+                    continue
+                if match["id"] == holding:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    continue
+                with self._try_lock(match["id"]) as free:
+                    if free:
+                        shutil.rmtree(entry, ignore_errors=True)
+
+    @contextmanager
     def _staging(self, model_id: str) -> Iterator[Path]:
-        """A fresh staging folder (the model's lock is held: any older one is a dead process's)."""
+        """A fresh staging folder (the model's lock is held), removed on any failure; dead ones are swept first."""
         self.staging.mkdir(parents=True, exist_ok=True)
-        leftover = re.compile(rf"^\.incoming-{re.escape(model_id)}-[a-z0-9_]{{8}}\Z")
-        for entry in self.staging.iterdir():
-            if leftover.match(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
+        self.sweep_staging(holding=model_id)
         staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.staging))
         try:
             yield staging
