@@ -23,7 +23,9 @@ Layout::
     <model_dir>/.checkpoints/<task id>/         a training task's latest checkpoint (:mod:`.checkpoint`)
 
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
-                                                for a sandboxed training executor, which may write only there)
+                                                for a sandboxed training executor, which may write only there);
+                                                removed on any failure, and a killed process's is swept when a store
+                                                opens (``from_config``) or stages, once its model's lock is free
 
 Data sets live beside models and travel by the same sources and checks, so
 ``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
@@ -33,6 +35,10 @@ component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
 whole model or none; the manifest is what marks it complete. The manifest
 types, the file names and the id rule are :mod:`hypha_celery.models.manifest`.
+
+What an import reads from a folder stays inside it: links and other non-regular files are refused and
+files are opened without following links (:mod:`.safe_files`); ``max_model_size`` is checked against the
+files' sizes before a staging folder is made, and again while they are copied.
 
 Every file's sha256 is checked once, when it is installed, and again only when
 its stamp no longer matches (it was replaced, rewritten or touched): a cold
@@ -44,21 +50,20 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.models import staging as staging_dirs
 from hypha_celery.models.manifest import (
     ADAPTER_FILES,
     CONFIG,
@@ -92,8 +97,6 @@ _CHUNK = 1 << 20
 STAMP = ".verified.json"
 PRODUCED = ".produced.json"
 DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
-INCOMING = ".incoming"  # a sandboxed training executor's staging folder (executor.landlock.STAGING)
-_LEFTOVER = re.compile(r"^\.incoming-(?P<id>.+)-[a-z0-9_]{8}\Z")  # tempfile.mkdtemp's 8 characters
 
 
 @dataclass(frozen=True)
@@ -536,70 +539,16 @@ class ModelStore:
         except OSError:
             Path(temporary).unlink(missing_ok=True)
 
-    @contextmanager
-    def _lock(self, model_id: str) -> Iterator[None]:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{model_id}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
-    @contextmanager
-    def _try_lock(self, model_id: str) -> Iterator[bool]:
-        """The model's lock if nobody holds it (True), else False at once; False too where locks cannot be written."""
-        try:
-            (self.root / ".locks").mkdir(parents=True, exist_ok=True)
-            handle = open(self.root / ".locks" / f"{model_id}.lock", "w")
-        except OSError:
-            yield False
-            return
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-
     def sweep_staging(self, holding: str | None = None) -> None:
-        """Remove the staging folders of imports, fetches and saves that died (killed: no ``finally`` ran).
+        """Remove what killed imports, fetches and saves left in the staging folders (:func:`.staging.sweep`: a folder whose model's lock is free is a dead process's)."""
+        staging_dirs.sweep(self.root, self.staging, holding)
 
-        A staging folder is made and filled only under its model's lock, so one whose lock is free is
-        a dead process's; one whose lock another process holds is a live import's and stays.
-        ``holding``: the model whose lock the caller holds already.
-        """
-        for folder in dict.fromkeys((self.staging, self.root / INCOMING)):
-            try:
-                entries = sorted(folder.iterdir())
-            except OSError:
-                continue
-            for entry in entries:
-                match = _LEFTOVER.match(entry.name)
-                if match is None or not is_model_id(match["id"]):
-                    continue
-                if match["id"] == holding:
-                    shutil.rmtree(entry, ignore_errors=True)
-                    continue
-                with self._try_lock(match["id"]) as free:
-                    if free:
-                        shutil.rmtree(entry, ignore_errors=True)
+    def _lock(self, model_id: str) -> AbstractContextManager[None]:
+        return staging_dirs.lock(self.root, model_id)
 
-    @contextmanager
-    def _staging(self, model_id: str) -> Iterator[Path]:
+    def _staging(self, model_id: str) -> AbstractContextManager[Path]:
         """A fresh staging folder (the model's lock is held), removed on any failure; dead ones are swept first."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        self.sweep_staging(holding=model_id)
-        staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.staging))
-        try:
-            yield staging
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return staging_dirs.folder(self.root, self.staging, model_id)
 
     def _install(self, model_id: str, staging: Path) -> None:
         target = self.path(model_id)

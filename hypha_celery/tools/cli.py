@@ -113,8 +113,6 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
     if onnx and task is not None:
         raise click.BadParameter("an ONNX model has no --task: it maps inputs to outputs", param_hint="--task")
     model_id = model_id or os.path.basename(os.path.abspath(directory)).removesuffix(".onnx")
-    # A killed import's staging folder is swept by the next; a stopped one cleans up after itself (finally).
-    signal.signal(signal.SIGTERM, _exit_on_term)
     try:
         store = _store(store_dir)
         imported = store.import_onnx(directory, model_id) if onnx else store.import_hf(directory, model_id, task)
@@ -150,10 +148,6 @@ def _store(store_dir: str | None) -> ModelStore:
     from hypha_celery.models.store import ModelStore
 
     return ModelStore.from_config(load_config().models, store_dir)
-
-
-def _exit_on_term(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def _report_onnx(store: Any, manifest: Any, skipped: list[str]) -> None:
