@@ -540,7 +540,7 @@ class ModelStore:
             Path(temporary).unlink(missing_ok=True)
 
     def sweep_staging(self, holding: str | None = None) -> None:
-        """Remove what killed imports, fetches and saves left in the staging folders (:func:`.staging.sweep`: a folder whose model's lock is free is a dead process's)."""
+        """Remove what killed imports, fetches and saves left in the staging folders (:func:`.staging.sweep`)."""
         staging_dirs.sweep(self.root, self.staging, holding)
 
     def _lock(self, model_id: str) -> AbstractContextManager[None]:

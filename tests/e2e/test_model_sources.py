@@ -773,6 +773,7 @@ HOSTILE = {
     "file /etc/passwd": (_add_file("/etc/passwd"), "invalid file name"),
     "file sub/dir": (_add_file("sub/dir"), "invalid file name"),
     "file ..": (_add_file(".."), "invalid file name"),
+    "file a\\b": (_add_file("a\\b"), "invalid file name"),
     "file with newline": (_add_file("extra\n"), "invalid file name"),
     "unknown architecture": (_set("architecture", "evil"), "unknown architecture"),
     "unhashable architecture": (_set("architecture", ["mlp"]), "unknown architecture"),

@@ -16,6 +16,7 @@ import pytest
 from hypha_celery.config import parse_config
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models import hf_format
+from hypha_celery.models.safe_files import open_regular
 from hypha_celery.models.store import ModelStore
 
 SECRET = b"signing_key = 'do-not-leak'\n"
@@ -206,3 +207,14 @@ def test_an_onnx_folder_whose_model_is_a_link_is_refused(tmp_path: Path, secret:
         store.import_onnx(folder, "m")
     assert SECRET not in store_bytes(tmp_path / "store")
 
+
+
+@pytest.mark.parametrize("relative", ["../host/worker.toml", "/etc/passwd", "src\\config.json", "src/../host/worker.toml",
+                                      "src//config.json", "./src/config.json"])
+def test_a_path_that_could_leave_the_folder_is_refused_before_any_open(tmp_path: Path, secret: Path,
+                                                                       relative: str) -> None:
+    # Given a folder beside the host file, When a name that climbs out, is absolute or uses a backslash is opened,
+    # Then it is refused as not a path inside the folder
+    model_folder(tmp_path / "src")
+    with pytest.raises(UnsupportedModel, match="not a path inside the folder"):
+        open_regular(tmp_path, relative)
