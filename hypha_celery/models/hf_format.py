@@ -21,6 +21,7 @@ from typing import Any
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.hf_allowlist import ALLOWED, TEXT_GENERATION, task_of
 from hypha_celery.models.manifest import CONFIG, DTYPE_BYTES, Manifest, ModelMemory, is_hf_file
+from hypha_celery.models.safe_files import open_regular, walk
 from hypha_celery.models.safetensors_header import Checkpoint, read_checkpoint, read_header
 
 __all__ = ["Scan", "check_adapter", "check_fetched", "check_fetched_adapter", "clean_config", "describe", "identify",
@@ -52,32 +53,37 @@ _JSON_CAP = 16 * 2**20
 
 @dataclass
 class Scan:
-    """A directory, sorted: the files to copy, the files skipped (relative paths)."""
+    """A directory, sorted: the files to copy (with their sizes), the files skipped (relative paths)."""
 
     copy: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """The bytes the files to copy held when they were scanned: what the size cap is checked against first."""
+        return sum(self.sizes.values())
 
 
 def scan(directory: Path) -> Scan:
-    """Sort every file under ``directory``; raise ``UnsupportedModel`` naming each refused file and why."""
+    """Sort every file under ``directory``; raise ``UnsupportedModel`` naming each refused file and why.
+
+    Links and other non-regular entries refuse the whole import (:func:`.safe_files.walk`), skipped ones too:
+    nothing in the folder may point outside it.
+    """
     if not directory.is_dir():
         raise UnsupportedModel(f"{directory} is not a directory")
-    result, refused = Scan(), []
-    for folder, subfolders, names in os.walk(directory):
-        here = Path(folder)
-        if ".git" in subfolders:  # a clone's history: not part of the model
-            subfolders.remove(".git")
-            result.skipped.append(str((here / ".git").relative_to(directory)) + "/")
-        subfolders.sort()
-        for name in sorted(names):
-            relative = (here / name).relative_to(directory).as_posix()
-            why = _refusal(name)
-            if why is not None:
-                refused.append(f"{relative} {why}")
-            elif is_hf_file(relative) and (here / name).is_file():
-                result.copy.append(relative)
-            else:
-                result.skipped.append(relative)
+    walked = walk(directory, skip=frozenset({".git"}))  # a clone's history: not part of the model
+    result, refused = Scan(skipped=list(walked.skipped)), []
+    for relative, size in walked.files.items():
+        why = _refusal(relative.rpartition("/")[2])
+        if why is not None:
+            refused.append(f"{relative} {why}")
+        elif is_hf_file(relative):
+            result.copy.append(relative)
+            result.sizes[relative] = size
+        else:
+            result.skipped.append(relative)
     if refused:
         raise UnsupportedModel(f"{directory}: refused: " + "; ".join(_beside_safetensors(refused, result.copy)))
     if CONFIG not in result.copy:
@@ -242,10 +248,12 @@ def _first_int(table: dict[str, Any], *keys: str) -> int | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of the folder, opened without following a link (a planted one is refused)."""
     try:
-        if path.stat().st_size > _JSON_CAP:
-            raise UnsupportedModel(f"{path.name} is larger than {_JSON_CAP} bytes")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with os.fdopen(open_regular(path.parent, path.name), "rb") as handle:
+            if os.fstat(handle.fileno()).st_size > _JSON_CAP:
+                raise UnsupportedModel(f"{path.name} is larger than {_JSON_CAP} bytes")
+            data = json.loads(handle.read(_JSON_CAP + 1).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise UnsupportedModel(f"{path.name}: unreadable ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):

@@ -23,6 +23,7 @@ from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import is_weights_shard
+from hypha_celery.models.safe_files import open_regular
 
 __all__ = ["FLOAT_DTYPES", "ITEMSIZE", "MAX_HEADER", "Checkpoint", "read_checkpoint", "read_header"]
 
@@ -64,7 +65,7 @@ def read_header(path: Path) -> Checkpoint:
         return UnsupportedModel(f"{path.name}: not a valid safetensors file: {reason}")
 
     try:
-        with open(path, "rb") as handle:
+        with os.fdopen(open_regular(path.parent, path.name), "rb") as handle:  # a planted link is refused
             size = os.fstat(handle.fileno()).st_size
             prefix = handle.read(8)
             if len(prefix) < 8:
@@ -140,7 +141,8 @@ def read_checkpoint(folder: Path, files: list[str]) -> Checkpoint:
     try:
         if index_path.stat().st_size > MAX_INDEX:
             raise UnsupportedModel(f"{index_path.name}: larger than {MAX_INDEX} bytes")
-        index = json.loads(index_path.read_text())
+        with os.fdopen(open_regular(folder, index_path.name), "rb") as handle:
+            index = json.loads(handle.read(MAX_INDEX + 1))
     except (OSError, ValueError, RecursionError) as exc:
         raise UnsupportedModel(f"{index_path.name}: unreadable ({type(exc).__name__})") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None

@@ -18,6 +18,10 @@ hashes what it reads and refuses a file whose sha256 is not the one expected
 (``SharedStorageError``), so a delta altered after its inner task reported it
 never reaches the outer step. A local ``put`` writes a temporary file and
 renames it, so a reader sees a whole object or none; S3 puts are atomic.
+A local read follows no link below the folder and opens only regular files
+(a link or FIFO planted in a shared mount is refused, not read), and a get
+with a size cap refuses an object whose stated size is over it before
+reading it.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import IO, Any
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import SharedStorageError
 from hypha_celery.models.manifest import is_model_id
+from hypha_celery.models.safe_files import open_regular
 
 __all__ = ["LocalStorage", "S3Storage", "SharedStorage", "Stored", "check_key", "models_source", "open_storage"]
 
@@ -63,6 +68,10 @@ class SharedStorage:
 
     def open_read(self, key: str) -> IO[bytes]:
         raise NotImplementedError
+
+    def open_sized(self, key: str) -> tuple[IO[bytes], int | None]:
+        """``open_read``, and the object's size when the storage states it before the first byte is read."""
+        return self.open_read(key), None
 
     def write(self, key: str, source: IO[bytes]) -> None:
         """Store the whole readable ``source`` under ``key`` atomically."""
@@ -100,8 +109,13 @@ class SharedStorage:
         """Download ``key`` to ``dest``, refusing it (and removing ``dest``) when it is not ``sha256`` or too large."""
         check_key(key)
         digest, size = hashlib.sha256(), 0
+        stream, announced = self.open_sized(key)
+        if max_size is not None and announced is not None and announced > max_size:
+            stream.close()
+            raise SharedStorageError(f"{self.describe(key)} is larger than {max_size} bytes ({announced} announced); "
+                                     "refused before downloading it")
         try:
-            with self.open_read(key) as stream, open(dest, "wb") as out:
+            with stream, open(dest, "wb") as out:
                 for chunk in _chunks(stream):
                     size += len(chunk)
                     if max_size is not None and size > max_size:
@@ -121,7 +135,10 @@ class SharedStorage:
         check_key(key)
         if not self.exists(key):
             return None
-        with self.open_read(key) as stream:
+        stream, announced = self.open_sized(key)
+        with stream:
+            if announced is not None and announced > max_size:
+                raise SharedStorageError(f"{self.describe(key)} is larger than {max_size} bytes ({announced} announced)")
             data = stream.read(max_size + 1)
         if len(data) > max_size:
             raise SharedStorageError(f"{self.describe(key)} is larger than {max_size} bytes")
@@ -144,12 +161,17 @@ class LocalStorage(SharedStorage):
         return str(self._path(key))
 
     def open_read(self, key: str) -> IO[bytes]:
+        return self.open_sized(key)[0]
+
+    def open_sized(self, key: str) -> tuple[IO[bytes], int | None]:
+        """The file at ``key``, opened without following a link below ``root`` (a planted one is refused), and its size."""
         try:
-            return open(self._path(key), "rb")
+            handle = os.fdopen(open_regular(self.root, check_key(key), refuse=SharedStorageError), "rb")
         except FileNotFoundError:
             raise SharedStorageError(f"{self.describe(key)} does not exist") from None
         except OSError as exc:
             raise SharedStorageError(f"cannot read {self.describe(key)}: {exc.strerror}") from None
+        return handle, os.fstat(handle.fileno()).st_size
 
     def write(self, key: str, source: IO[bytes]) -> None:
         target = self._path(key)
@@ -201,16 +223,21 @@ class S3Storage(SharedStorage):
         return f"s3://{self.bucket}/{self.prefix}{key}"
 
     def open_read(self, key: str) -> IO[bytes]:
+        return self.open_sized(key)[0]
+
+    def open_sized(self, key: str) -> tuple[IO[bytes], int | None]:
+        """The object's body and the ``ContentLength`` S3 states with it."""
         import botocore.exceptions
 
         try:
-            body: Any = self.client.get_object(Bucket=self.bucket, Key=self.prefix + check_key(key))["Body"]
+            reply: Any = self.client.get_object(Bucket=self.bucket, Key=self.prefix + check_key(key))
         except botocore.exceptions.ClientError as exc:
             code = exc.response.get("Error", {}).get("Code", "error")
             raise SharedStorageError(f"{self.describe(key)}: {code}") from None
         except botocore.exceptions.BotoCoreError as exc:
             raise SharedStorageError(f"{self.describe(key)}: {exc}") from None
-        return body
+        length = reply.get("ContentLength")
+        return reply["Body"], length if isinstance(length, int) else None
 
     def write(self, key: str, source: IO[bytes]) -> None:
         import botocore.exceptions

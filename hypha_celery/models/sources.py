@@ -2,7 +2,13 @@
 
 Every source serves the same layout as the store (``<id>/manifest.json``,
 ``<id>/<file>``). Files are streamed with a size cap and hashed on the way;
-the store verifies and installs the staging folder afterwards.
+the store verifies and installs the staging folder afterwards. A size the
+source announces (HTTP ``Content-Length``, an S3 object's ``ContentLength``, a
+local file's size) that is not the manifest's refuses the file before its
+first byte; bytes past the manifest's size refuse it while it streams. A
+local source is read as an import reads a model folder: below its configured
+path, no link is followed and only regular files are opened
+(:func:`.safe_files.open_regular`).
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import os
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.models.manifest import MODEL_MANIFEST, DatasetManifest, Manifest
+from hypha_celery.models.safe_files import open_regular
 from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
@@ -44,7 +52,11 @@ def fetch_model(
     manifest, raw = _manifest(source, model_id, max_size, parse, manifest_name)
     for name, entry in manifest.files.items():
         (staging / name).parent.mkdir(parents=True, exist_ok=True)  # 1_Pooling/config.json: the manifest allows it
-        with opener(source, f"{model_id}/{name}") as stream, open(staging / name, "wb") as out:
+        with opener(source, f"{model_id}/{name}") as stream, open(staging / name, "xb") as out:
+            if stream.length is not None and stream.length != entry.size:
+                why = "longer than the manifest's" if stream.length > entry.size else "truncated: the manifest says"
+                raise UnsupportedModel(f"model {model_id!r}: {stream.what} announces {stream.length} bytes, {why} "
+                                       f"{entry.size}; refused before downloading it")
             digest, written = hashlib.sha256(), 0
             for chunk in _chunks(stream):
                 written += len(chunk)
@@ -93,6 +105,8 @@ def _chunks(stream: _Closing) -> Iterator[bytes]:
 
 
 def _read_capped(stream: _Closing, cap: int, what: str) -> bytes:
+    if stream.length is not None and stream.length > cap:
+        raise UnsupportedModel(f"{what} is larger than {cap} bytes ({stream.length} announced)")
     data = stream.read(cap + 1)
     if len(data) > cap:
         raise UnsupportedModel(f"{what} is larger than {cap} bytes")
@@ -106,10 +120,12 @@ class _Closing:
     chunked body cut short): that is a failed source, so the store tries the next.
     """
 
-    def __init__(self, stream: Any, what: str, errors: tuple[type[BaseException], ...] = (OSError,)) -> None:
+    def __init__(self, stream: Any, what: str, errors: tuple[type[BaseException], ...] = (OSError,),
+                 length: int | None = None) -> None:
         self.stream = stream
         self.what = what
         self.errors = errors
+        self.length = length  # the size the source announced before the body, when it did
 
     def __enter__(self) -> _Closing:
         return self
@@ -127,7 +143,8 @@ class _Closing:
 def _open_local(source: ModelSource, relative: str) -> _Closing:
     path = Path(source.path or "") / relative
     try:
-        return _Closing(open(path, "rb"), str(path))
+        handle = os.fdopen(open_regular(Path(source.path or ""), relative), "rb")
+        return _Closing(handle, str(path), length=os.fstat(handle.fileno()).st_size)
     except FileNotFoundError:
         raise UnsupportedModel(f"not found at {path}") from None
     except OSError as exc:
@@ -143,7 +160,9 @@ def _open_http(source: ModelSource, relative: str) -> _Closing:
         raise UnsupportedModel(f"GET {url}: HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise UnsupportedModel(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
-    return _Closing(response, f"GET {url}", (OSError, http.client.HTTPException))
+    length = response.headers.get("Content-Length")
+    announced = int(length) if length is not None and length.isdigit() else None
+    return _Closing(response, f"GET {url}", (OSError, http.client.HTTPException), announced)
 
 
 def _open_s3(source: ModelSource, relative: str) -> _Closing:
@@ -153,13 +172,15 @@ def _open_s3(source: ModelSource, relative: str) -> _Closing:
     client = boto3.client("s3", region_name=source.region, endpoint_url=source.endpoint_url)
     key = f"{source.prefix}{relative}"
     try:
-        body = client.get_object(Bucket=source.bucket, Key=key)["Body"]
+        reply = client.get_object(Bucket=source.bucket, Key=key)
     except botocore.exceptions.ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "error")
         raise UnsupportedModel(f"s3://{source.bucket}/{key}: {code}") from None
     except botocore.exceptions.BotoCoreError as exc:
         raise UnsupportedModel(f"s3://{source.bucket}/{key}: {exc}") from None
-    return _Closing(body, f"s3://{source.bucket}/{key}", (OSError, botocore.exceptions.BotoCoreError))
+    length = reply.get("ContentLength")
+    return _Closing(reply["Body"], f"s3://{source.bucket}/{key}", (OSError, botocore.exceptions.BotoCoreError),
+                    length if isinstance(length, int) else None)
 
 
 _OPENERS: dict[str, Callable[[ModelSource, str], _Closing]] = {

@@ -23,7 +23,9 @@ Layout::
     <model_dir>/.checkpoints/<task id>/         a training task's latest checkpoint (:mod:`.checkpoint`)
 
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
-                                                for a sandboxed training executor, which may write only there)
+                                                for a sandboxed training executor, which may write only there);
+                                                removed on any failure, and a killed process's is swept when a store
+                                                opens (``from_config``) or stages, once its model's lock is free
 
 Data sets live beside models and travel by the same sources and checks, so
 ``hypha.train`` can take ``data={"ref": "<dataset id>"}`` instead of inline rows.
@@ -33,6 +35,10 @@ component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
 whole model or none; the manifest is what marks it complete. The manifest
 types, the file names and the id rule are :mod:`hypha_celery.models.manifest`.
+
+What an import reads from a folder stays inside it: links and other non-regular files are refused and
+files are opened without following links (:mod:`.safe_files`); ``max_model_size`` is checked against the
+files' sizes before a staging folder is made, and again while they are copied.
 
 Every file's sha256 is checked once, when it is installed, and again only when
 its stamp no longer matches (it was replaced, rewritten or touched): a cold
@@ -44,21 +50,20 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.models import staging as staging_dirs
 from hypha_celery.models.manifest import (
     ADAPTER_FILES,
     CONFIG,
@@ -78,13 +83,14 @@ from hypha_celery.models.manifest import (
     is_model_id,
     validate_model_id,
 )
+from hypha_celery.models.safe_files import copy_capped, open_regular, walk
 from hypha_celery.models.sources import fetch_manifest, fetch_model
 from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from hypha_celery.config import ModelSource
+    from hypha_celery.config import ModelsConfig, ModelSource
 
 __all__ = ["PRODUCED", "STAMP", "Imported", "ModelStore", "sha256_file"]
 
@@ -123,6 +129,15 @@ class ModelStore:
         # Where new models are assembled before their rename into root; a sandboxed training
         # executor may write only below root/.incoming (hypha_celery.executor.landlock).
         self.staging = Path(staging) if staging is not None else self.root
+
+    @classmethod
+    def from_config(cls, models: ModelsConfig, root: str | os.PathLike[str] | None = None,
+                    sources: Sequence[ModelSource] = (), staging: str | os.PathLike[str] | None = None) -> ModelStore:
+        """The store ``[worker.models]`` describes, or the one at ``root`` (``--store DIR``): either way capped at
+        the configured ``max_model_size``; what dead imports left in its staging folders is removed."""
+        store = cls(models.model_dir if root is None else root, sources, models.max_model_size, staging)
+        store.sweep_staging()
+        return store
 
     def path(self, model_id: str) -> Path:
         return self.root / validate_model_id(model_id)
@@ -341,26 +356,35 @@ class ModelStore:
         (``hypha.train`` stores a fine-tuned transformers model through here).
         """
         from hypha_celery.models import hf_format
+        from hypha_celery.models.safetensors_header import read_checkpoint
 
         validate_model_id(model_id)
         source = Path(directory)
-        found = hf_format.scan(source)
+        found = hf_format.scan(source)  # links and other non-regular files refuse the import
+        if found.size > self.max_model_size:
+            raise UnsupportedModel(f"{source}: its files hold {found.size} bytes, above max_model_size "
+                                   f"({self.max_model_size} bytes); nothing was copied")
         config, dropped = hf_format.clean_config(hf_format.read_config(source))
         hf_format.identify(config, task)  # refuse an unsupported model before copying gigabytes
+        read_checkpoint(source, found.copy)  # every tensor's size, checked against its file's, before a byte is copied
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 files: dict[str, FileEntry] = {}
+                left = self.max_model_size  # again while copying: a file may grow after it was measured
                 for name in found.copy:
                     target = staging / name
                     target.parent.mkdir(parents=True, exist_ok=True)
                     if name == CONFIG and dropped:
                         target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+                        entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
                     else:
-                        shutil.copyfile(source / name, target)
-                    files[name] = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
-                    if sum(entry.size for entry in files.values()) > self.max_model_size:
+                        copied = copy_capped(open_regular(source, name), target, left, f"{source}/{name}")
+                        entry = FileEntry(sha256=copied.sha256, size=copied.size)
+                    files[name] = entry
+                    left -= entry.size
+                    if left < 0:
                         raise UnsupportedModel(f"{source}: larger than max_model_size ({format_size(self.max_model_size)})")
                 if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
                     raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
@@ -386,22 +410,26 @@ class ModelStore:
         path = Path(source)
         skipped: builtins.list[str] = []
         if path.is_dir():
-            skipped = sorted(entry.name for entry in path.iterdir() if entry.name != ONNX_FILE)
-            path = path / ONNX_FILE
-            if not path.is_file():
+            inside = walk(path).files  # links and other non-regular files refuse the import
+            skipped = sorted(name for name in inside if name != ONNX_FILE)
+            if ONNX_FILE not in inside:
                 raise UnsupportedModel(f"{source}: holds no {ONNX_FILE}")
+            folder, name, size = path, ONNX_FILE, inside[ONNX_FILE]
         elif path.suffix != ".onnx" or not path.is_file():
             raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
-        if path.stat().st_size > self.max_model_size:
+        else:  # the file the operator named, wherever a link they made leads
+            path = path.resolve()
+            folder, name, size = path.parent, path.name, path.stat().st_size
+        if size > self.max_model_size:
             raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(self.max_model_size)})")
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 target = staging / ONNX_FILE
-                shutil.copyfile(path, target)
+                copied = copy_capped(open_regular(folder, name), target, self.max_model_size, str(path))
                 described = onnx_format.describe(target, self.max_model_size)
-                entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
+                entry = FileEntry(sha256=copied.sha256, size=copied.size)
                 manifest = Manifest(
                     id=model_id, architecture=ONNX_ARCHITECTURE, task=ONNX_TASK, files={ONNX_FILE: entry},
                     format=FORMAT_V2, runtime="onnx", **described.fields(),
@@ -433,9 +461,14 @@ class ModelStore:
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
                 files: dict[str, FileEntry] = {}
+                left = self.max_model_size
                 for name in sorted(ADAPTER_FILES):
-                    shutil.copyfile(source / name, staging / name)
-                    files[name] = FileEntry(sha256=sha256_file(staging / name), size=(staging / name).stat().st_size)
+                    try:
+                        copied = copy_capped(open_regular(source, name), staging / name, left, f"{source}/{name}")
+                    except FileNotFoundError:
+                        raise UnsupportedModel(f"{source}: holds no {name}") from None
+                    files[name] = FileEntry(sha256=copied.sha256, size=copied.size)
+                    left -= copied.size
                 checkpoint = hf_format.check_adapter(staging)
                 manifest = dataclasses.replace(
                     base_manifest, id=model_id, files=files, dtype=checkpoint.dtype or base_manifest.dtype,
@@ -510,30 +543,16 @@ class ModelStore:
         except OSError:
             Path(temporary).unlink(missing_ok=True)
 
-    @contextmanager
-    def _lock(self, model_id: str) -> Iterator[None]:
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{model_id}.lock", "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def sweep_staging(self, holding: str | None = None) -> None:
+        """Remove what killed imports, fetches and saves left in the staging folders (:func:`.staging.sweep`)."""
+        staging_dirs.sweep(self.root, self.staging, holding)
 
-    @contextmanager
-    def _staging(self, model_id: str) -> Iterator[Path]:
-        """A fresh staging folder (the model's lock is held: any older one is a dead process's)."""
-        self.staging.mkdir(parents=True, exist_ok=True)
-        leftover = re.compile(rf"^\.incoming-{re.escape(model_id)}-[a-z0-9_]{{8}}\Z")
-        for entry in self.staging.iterdir():
-            if leftover.match(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".incoming-{model_id}-", dir=self.staging))
-        try:
-            yield staging
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    def _lock(self, model_id: str) -> AbstractContextManager[None]:
+        return staging_dirs.lock(self.root, model_id)
+
+    def _staging(self, model_id: str) -> AbstractContextManager[Path]:
+        """A fresh staging folder (the model's lock is held), removed on any failure; dead ones are swept first."""
+        return staging_dirs.folder(self.root, self.staging, model_id)
 
     def _install(self, model_id: str, staging: Path) -> None:
         target = self.path(model_id)

@@ -10,13 +10,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from hypha_celery.config import EX_CONFIG, load_config, registry_url
 from hypha_celery.errors import ConfigError, HyphaError, RegistryUnavailable
 from hypha_celery.units import format_size
+
+if TYPE_CHECKING:
+    from hypha_celery.models.store import ModelStore
 
 __all__ = ["main"]
 
@@ -110,9 +113,9 @@ def init_examples_command(directory: str, overwrite: bool) -> None:
 @click.option("--store", "--dir", "store_dir", default=None, help="Model directory (default: the config's model_dir).")
 def import_command(directory: str, model_id: str | None, task: str | None, store_dir: str | None) -> None:
     """Import a local model into the store: a Hugging Face DIRECTORY (config.json + safetensors), or an ONNX
-    model (a .onnx file, or a DIRECTORY holding model.onnx and no config.json; the [onnx] extra)."""
+    model (a .onnx file, or a DIRECTORY holding model.onnx and no config.json; the [onnx] extra). A symbolic
+    link or other non-regular file in DIRECTORY, or files above max_model_size, refuse the import."""
     from hypha_celery.models.manifest import CONFIG, ONNX_FILE, compute_dtype
-    from hypha_celery.models.store import ModelStore
 
     onnx = (directory.endswith(".onnx") and os.path.isfile(directory)) or (
         os.path.isfile(os.path.join(directory, ONNX_FILE)) and not os.path.exists(os.path.join(directory, CONFIG)))
@@ -122,11 +125,7 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
         raise click.BadParameter("an ONNX model has no --task: it maps inputs to outputs", param_hint="--task")
     model_id = model_id or os.path.basename(os.path.abspath(directory)).removesuffix(".onnx")
     try:
-        if store_dir is None:
-            models_config = load_config().models
-            store = ModelStore(models_config.model_dir, max_model_size=models_config.max_model_size)
-        else:
-            store = ModelStore(store_dir)
+        store = _store(store_dir)
         imported = store.import_onnx(directory, model_id) if onnx else store.import_hf(directory, model_id, task)
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
@@ -155,6 +154,13 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
         click.echo(f"max input length: {manifest.max_length} tokens")
 
 
+def _store(store_dir: str | None) -> ModelStore:
+    """The store at ``store_dir`` (default: the config's ``model_dir``), capped by the config's ``max_model_size``."""
+    from hypha_celery.models.store import ModelStore
+
+    return ModelStore.from_config(load_config().models, store_dir)
+
+
 def _report_onnx(store: Any, manifest: Any, skipped: list[str]) -> None:
     memory = manifest.memory
     graph_input, outputs = manifest.config["inputs"][0], manifest.config["outputs"]
@@ -175,9 +181,7 @@ def _report_onnx(store: Any, manifest: Any, skipped: list[str]) -> None:
 @click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
 def list_models(directory: str | None) -> None:
     """List the models in the store."""
-    from hypha_celery.models.store import ModelStore
-
-    store = ModelStore(directory or load_config().models.model_dir)
+    store = _store(directory)
     for model_id in store.list():
         manifest = store.manifest(model_id)
         click.echo(f"{model_id:24} {manifest.architecture:5} input {manifest.input_shape}  {format_size(manifest.size)}")
@@ -188,10 +192,8 @@ def list_models(directory: str | None) -> None:
 @click.option("--store", "--dir", "store_dir", default=None, help="Model directory (default: the config's model_dir).")
 def sha256_command(model_id: str, store_dir: str | None) -> None:
     """Print the sha256 of MODEL_ID's manifest: what `run ... --model-sha256` pins the model by."""
-    from hypha_celery.models.store import ModelStore
-
     try:
-        store = ModelStore(store_dir or load_config().models.model_dir)
+        store = _store(store_dir)
         if not store.has(model_id):
             raise click.ClickException(f"model {model_id!r} is not in {store.root}")
         click.echo(store.manifest_sha256(model_id))
@@ -210,14 +212,12 @@ def datasets() -> None:
 @click.option("--dir", "directory", default=None, help="Model directory (default: the config's model_dir).")
 def datasets_add(dataset_id: str, file: str, directory: str | None) -> None:
     """Store FILE ({"inputs": [...], "targets": [...]}, or {"texts": [...]} with "labels" for a classifier) as DATASET_ID."""
-    from hypha_celery.models.store import ModelStore
-
     try:
         with open(file) as handle:
             data = json.load(handle)
         if not isinstance(data, dict):
             raise click.ClickException(f"{file} must hold a JSON object with 'inputs' and 'targets', or 'texts'")
-        store = ModelStore(directory or load_config().models.model_dir)
+        store = _store(directory)
         if "texts" in data:
             manifest = store.save_texts(dataset_id, data["texts"], data.get("labels"))
         else:

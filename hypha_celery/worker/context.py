@@ -95,7 +95,7 @@ class NodeContext:
             ledger=ledger,
             keeper=LeaseKeeper(ledger, interval=config.resources.lease_heartbeat),
             placement=Placement(client),
-            store=ModelStore(config.models.model_dir, _sources(config), config.models.max_model_size),
+            store=ModelStore.from_config(config.models, sources=_sources(config)),
             verifier=Verifier(security.allowed_schedulers, client, max_age=security.max_envelope_age,
                               remember_s=remember),
             inference_times=InferenceTimes(),

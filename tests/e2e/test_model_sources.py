@@ -104,6 +104,48 @@ class ChunkedCutHandler(CountingHandler):
         self.close_connection = True  # no "0\r\n\r\n": the body never ends properly
 
 
+class ChunkedLongHandler(CountingHandler):
+    """Sends the weights with chunked transfer encoding (no length announced) and 1 MiB more than the file."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        if not self.path.endswith(WEIGHTS):
+            return super().do_GET()
+        with self.server.paths_lock:
+            self.server.paths.append(self.path)
+        data = (Path(self.directory) / self.path.lstrip("/")).read_bytes() + bytes(1 << 20)
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for start in range(0, len(data), 1 << 16):
+            piece = data[start : start + (1 << 16)]
+            try:
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            except OSError:  # the client hung up: it refused the body
+                break
+        self.close_connection = True
+
+
+class HugeLengthHandler(CountingHandler):
+    """Announces a terabyte of weights, sends none of it, and holds the connection until ``release`` is set."""
+
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()
+
+    def do_GET(self) -> None:
+        if not self.path.endswith(WEIGHTS):
+            return super().do_GET()
+        with self.server.paths_lock:
+            self.server.paths.append(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", str(10**12))
+        self.end_headers()
+        self.wfile.flush()
+        self.release.wait(60)
+        self.close_connection = True
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Server]]:
     """``serve(directory, handler=CountingHandler)``: a running server, shut down after the test."""
@@ -275,10 +317,37 @@ def test_a_weights_file_longer_than_its_manifest_is_refused(serve: Callable[...,
         handle.write(b"\0" * 4096)
     server = serve(served)
     store = ModelStore(store_dir, [http(server)])
-    # When the store fetches mlp
-    with pytest.raises(UnsupportedModel, match="longer than the manifest"):
+    # When the store fetches mlp, Then the announced length gives it away before the body is read
+    with pytest.raises(UnsupportedModel, match=r"announces .* bytes, longer than the manifest's"):
         store.manifest("mlp")
     # Then nothing was installed
+    assert_nothing_installed(store_dir)
+
+
+def test_a_body_longer_than_its_manifest_is_cut_off_while_it_streams(serve: Callable[..., Server], served: Path,
+                                                                     store_dir: Path) -> None:
+    # Given a server that sends the weights chunked (no length announced) with 1 MiB more than the manifest lists
+    server = serve(served, ChunkedLongHandler)
+    store = ModelStore(store_dir, [http(server)])
+    # When the store fetches mlp, Then the download stops at the manifest's size, refused
+    with pytest.raises(UnsupportedModel, match="longer than the manifest's"):
+        store.manifest("mlp")
+    assert_nothing_installed(store_dir)
+
+
+def test_an_announced_length_above_the_manifest_is_refused_before_the_body(serve: Callable[..., Server],
+                                                                          served: Path, store_dir: Path) -> None:
+    # Given a server that announces a terabyte of weights and then sends nothing (it would stall a reader)
+    HugeLengthHandler.release.clear()
+    server = serve(served, HugeLengthHandler)
+    store = ModelStore(store_dir, [http(server)])
+    try:
+        # When the store fetches mlp, Then the Content-Length refuses it at once, without waiting for a byte
+        with pytest.raises(UnsupportedModel, match=r"announces 1000000000000 bytes, longer than the manifest's"):
+            store.manifest("mlp")
+    finally:
+        HugeLengthHandler.release.set()
+    assert server.count(f"/mlp/{WEIGHTS}") == 1
     assert_nothing_installed(store_dir)
 
 
@@ -446,6 +515,63 @@ def test_a_missing_s3_key_falls_through_to_the_next_source(s3_bucket: tuple[Any,
     manifest = store.manifest("mlp")
     # Then the http source served it
     assert manifest.id == "mlp" and server.count(f"/mlp/{WEIGHTS}") == 1
+
+
+def test_an_s3_object_longer_than_its_manifest_is_refused_from_its_stated_size(
+    s3_bucket: tuple[Any, str], moto_endpoint: str, served: Path, store_dir: Path
+) -> None:
+    # Given the mlp files in S3, the weights object 1 MiB longer than the manifest lists
+    client, bucket = s3_bucket
+    upload(client, bucket, served / "mlp", "models/")
+    client.put_object(Bucket=bucket, Key=f"models/mlp/{WEIGHTS}",
+                      Body=(served / "mlp" / WEIGHTS).read_bytes() + bytes(1 << 20))
+    source = ModelSource(type="s3", bucket=bucket, region="us-east-1", endpoint_url=moto_endpoint, prefix="models/")
+    # When the store fetches mlp, Then the object's ContentLength refuses it before its body is read
+    with pytest.raises(UnsupportedModel, match=r"announces .* bytes, longer than the manifest's"):
+        ModelStore(store_dir, [source]).manifest("mlp")
+    assert_nothing_installed(store_dir)
+
+
+# ---------------------------------------------------------------- 6b. a local source opens no link
+
+
+def _link_weights(served: Path, outside: Path) -> None:
+    """mlp's weights replaced by a link to a byte-identical file outside the source: the hash still matches."""
+    (outside / WEIGHTS).write_bytes((served / "mlp" / WEIGHTS).read_bytes())
+    (served / "mlp" / WEIGHTS).unlink()
+    (served / "mlp" / WEIGHTS).symlink_to(outside / WEIGHTS)
+
+
+def _link_model_folder(served: Path, outside: Path) -> None:
+    """mlp's folder replaced by a link to a copy outside the source."""
+    shutil.copytree(served / "mlp", outside / "mlp")
+    shutil.rmtree(served / "mlp")
+    (served / "mlp").symlink_to(outside / "mlp", target_is_directory=True)
+
+
+@pytest.mark.parametrize("plant", [_link_weights, _link_model_folder])
+def test_a_local_source_refuses_a_link_even_to_the_right_bytes(served: Path, store_dir: Path, tmp_path: Path,
+                                                               plant: Callable[[Path, Path], None]) -> None:
+    # Given a local source (a shared mount) where a link was planted below its path, to a file outside it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    plant(served, outside)
+    store = ModelStore(store_dir, [ModelSource(type="local", path=str(served))])
+    # When the store fetches mlp, Then the link is refused (not followed), and nothing is installed
+    with pytest.raises(UnsupportedModel, match="symbolic link"):
+        store.manifest("mlp")
+    assert_nothing_installed(store_dir)
+
+
+def test_a_fifo_in_a_local_source_is_refused_without_waiting(served: Path, store_dir: Path) -> None:
+    # Given a local source whose weights are a FIFO (opening it for reading would wait for a writer forever)
+    (served / "mlp" / WEIGHTS).unlink()
+    os.mkfifo(served / "mlp" / WEIGHTS)
+    store = ModelStore(store_dir, [ModelSource(type="local", path=str(served))])
+    # When the store fetches mlp, Then it is refused at once as not a regular file
+    with pytest.raises(UnsupportedModel, match="is a FIFO"):
+        store.manifest("mlp")
+    assert_nothing_installed(store_dir)
 
 
 # ---------------------------------------------------------------- 7. ids cannot leave model_dir
@@ -647,6 +773,7 @@ HOSTILE = {
     "file /etc/passwd": (_add_file("/etc/passwd"), "invalid file name"),
     "file sub/dir": (_add_file("sub/dir"), "invalid file name"),
     "file ..": (_add_file(".."), "invalid file name"),
+    "file a\\b": (_add_file("a\\b"), "invalid file name"),
     "file with newline": (_add_file("extra\n"), "invalid file name"),
     "unknown architecture": (_set("architecture", "evil"), "unknown architecture"),
     "unhashable architecture": (_set("architecture", ["mlp"]), "unknown architecture"),

@@ -245,3 +245,30 @@ def test_a_fetched_model_is_pinned_by_its_manifest_bytes(tmp_path: Path, tiny_ll
     store = ModelStore(tmp_path / "b", [ModelSource(type="local", path=str(tmp_path / "a"))])
     # When both are asked for the manifest's sha256, Then they agree (the fetch stores the served bytes)
     assert store.manifest_sha256("m") == ModelStore(tmp_path / "a").manifest_sha256("m")
+
+
+def test_a_named_store_honours_the_configured_max_model_size(tmp_path: Path, tiny_llama: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a config capping models at 1 KB, and a store named on the command line instead of its model_dir
+    config = tmp_path / "worker.toml"
+    config.write_text(f'[worker.models]\nmodel_dir = "{tmp_path / "configured"}"\nmax_model_size = "1KB"\n')
+    monkeypatch.setenv("HYPHA_CONFIG", str(config))
+    # When the tiny Llama (far above 1 KB) is imported into the named store
+    out = cli(str(tiny_llama), "--id", "m", "--store", str(tmp_path / "store"))
+    # Then the configured cap refuses it, before anything is copied
+    assert out.returncode == 1 and "above max_model_size (1000 bytes)" in out.stderr, out.stderr
+    assert not (tmp_path / "store" / "m").exists() and "Traceback" not in out.stderr
+
+
+def test_a_tokenizer_linked_to_a_host_file_refuses_the_import(tmp_path: Path, tiny_llama: Path) -> None:
+    # Given a model folder whose tokenizer.json is a symbolic link to a file of the host
+    folder = copy_of(tiny_llama, tmp_path / "src")
+    secret = tmp_path / "worker.toml"
+    secret.write_text('signing_key = "do-not-leak"\n')
+    (folder / "tokenizer.json").symlink_to(secret)
+    # When it is imported
+    out = cli(str(folder), "--id", "m", "--store", str(tmp_path / "store"))
+    # Then it is refused naming the link, and the host file's bytes are nowhere in the store
+    assert out.returncode == 1 and "tokenizer.json is a symbolic link" in out.stderr, out.stderr
+    stored_files = [path for path in (tmp_path / "store").rglob("*") if path.is_file()]
+    assert not any(b"do-not-leak" in path.read_bytes() for path in stored_files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,45 @@ def test_a_good_shared_storage_parses() -> None:
     cfg = parse_config({"worker": {"training": {"shared_storage": {"type": "s3", "bucket": "b", "prefix": "runs"}}}})
     assert cfg.training.shared_storage == ModelSource(type="s3", bucket="b", prefix="runs/")
     assert parse_config({}).training.shared_storage is None
+
+
+@pytest.mark.parametrize("plant", ["file", "folder"])
+def test_a_link_planted_in_a_shared_folder_is_refused_not_read(tmp_path: Path, plant: str) -> None:
+    # Given a shared folder where someone with write access planted a link to a host file (or a linked folder)
+    secret = tmp_path / "host" / "worker.toml"
+    secret.parent.mkdir()
+    secret.write_bytes(b"signing_key = 'do-not-leak'\n")
+    storage = LocalStorage(tmp_path / "shared")
+    (tmp_path / "shared" / "jobs").mkdir(parents=True)
+    if plant == "file":
+        (tmp_path / "shared" / "jobs" / "momentum-1.safetensors").symlink_to(secret)
+    else:
+        (tmp_path / "host" / "momentum-1.safetensors").write_bytes(secret.read_bytes())
+        (tmp_path / "shared" / "jobs").rmdir()
+        (tmp_path / "shared" / "jobs").symlink_to(tmp_path / "host", target_is_directory=True)
+    # When a worker reads it (a get without a sha256, as the outer momentum is read), or reads it as a small record
+    with pytest.raises(SharedStorageError, match="symbolic link"):
+        storage.get_file("jobs/momentum-1.safetensors", tmp_path / "got")
+    with pytest.raises(SharedStorageError, match="symbolic link"):
+        storage.get_bytes("jobs/momentum-1.safetensors")
+    # Then the host file was never copied
+    assert not (tmp_path / "got").exists()
+
+
+def test_a_fifo_planted_in_a_shared_folder_is_refused_without_waiting(tmp_path: Path) -> None:
+    # Given a FIFO where a delta should be (a reader that opened it would wait for a writer forever)
+    storage = LocalStorage(tmp_path / "shared")
+    (tmp_path / "shared" / "jobs").mkdir(parents=True)
+    os.mkfifo(tmp_path / "shared" / "jobs" / "t1.safetensors")
+    # When it is read, Then it is refused at once as not a regular file
+    with pytest.raises(SharedStorageError, match="is a FIFO"):
+        storage.get_file("jobs/t1.safetensors", tmp_path / "got", max_size=10)
+
+
+def test_an_object_above_the_cap_is_refused_from_its_stated_size(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given an object of 100 bytes (S3 states its ContentLength, a folder its file's size)
+    storage.put_bytes("big", b"x" * 100)
+    # When it is got with a 10-byte cap, Then it is refused from the stated size, before its body is read
+    with pytest.raises(SharedStorageError, match=r"100 announced\); refused before downloading it"):
+        storage.get_file("big", tmp_path / "big", max_size=10)
+    assert not (tmp_path / "big").exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 from pathlib import Path
@@ -19,11 +20,14 @@ def test_a_dead_fetchs_staging_folder_is_cleaned_up(tmp_path: Path, model_dir: P
         {"worker": {"models": {"sources": [{"type": "local", "path": str(model_dir)}]}}}).models.sources)
     leftover = tmp_path / "store" / ".incoming-mlp-abcd1234"
     leftover.mkdir(parents=True)
-    other = tmp_path / "store" / ".incoming-mlp-big-abcd1234"  # another model's: not ours to touch
+    other = tmp_path / "store" / ".incoming-mlp-big-abcd1234"  # another model's, whose import is alive: it holds the lock
     other.mkdir()
-    # When the model is fetched
-    store.ensure("mlp")
-    # Then the leftover is gone and only the model (and the other model's folder) remain
+    (tmp_path / "store" / ".locks").mkdir()
+    with open(tmp_path / "store" / ".locks" / "mlp-big.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        # When the model is fetched
+        store.ensure("mlp")
+    # Then the leftover is gone and only the model (and the live import's folder) remain
     assert not leftover.exists() and other.exists() and store.list() == ["mlp"]
 
 
