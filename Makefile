@@ -14,7 +14,8 @@ ONNX_SPEC ?= onnxruntime==1.32.0 onnx==1.23.2
 STAMP := $(VENV)/.installed
 # The tests run in PYTEST_WORKERS processes (pytest-xdist), each with a Redis database or server of its own; the
 # tests that share RabbitMQ, or the packaging venv, run in one process each (tests/conftest.py: GROUPS).
-# Most e2e time is spent waiting on worker subprocesses, so more processes than cores pay. 0: one process, serially.
+# Most e2e time is spent waiting on worker subprocesses, so more processes than cores pay. 0: one process, serially
+# (as does PYTEST_ARGS=-n0).
 PYTEST_WORKERS ?= 4
 XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 # The Node.js scheduler example (tests/e2e/test_node_scheduler_e2e.py); skipped, with a line, where npm is missing.
@@ -54,9 +55,10 @@ pytest: $(STAMP) node-deps
 
 test: lint typecheck pytest
 
-# The fast subset: no worker processes, no venv builds (tests/e2e is all marked slow).
+# The fast subset: no worker processes, no venv builds (tests/e2e is all marked slow). One process: these tests are
+# CPU-bound, and on two cores xdist's extra processes (each collects, each runs torch) cost more than they save.
 test-unit: $(STAMP)
-	$(BIN)/pytest -m 'not slow' $(XDIST) $(PYTEST_ARGS)
+	$(BIN)/pytest -m 'not slow' $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m hypha_celery.tools.demo

@@ -62,11 +62,27 @@ GROUPS = {
     "packaging": ("tests/e2e/test_packaging.py",),
 }
 GROUP_FIXTURES = {"amqp_url": "rabbitmq", "wheel": "packaging"}
+# Modules run whole in one process, so that their module-scoped fixtures (tiny models, a moto server) are built once:
+# every unit module, and these e2e ones. Other e2e tests (most wait on worker processes) are spread one by one.
+WHOLE_MODULES = (
+    "tests/unit/",
+    "tests/e2e/test_deploy_metrics_e2e.py",
+    "tests/e2e/test_landlock.py",
+    "tests/e2e/test_model_sources.py",
+    "tests/e2e/test_models_import.py",
+    "tests/e2e/test_node_scheduler_e2e.py",
+)
 
 
 def group_of(nodeid: str) -> str | None:
-    """The group a test runs in, or None (it runs wherever the scheduler sends it)."""
+    """The group a test runs in (GROUPS), or None."""
     return next((group for group, prefixes in GROUPS.items() if nodeid.startswith(prefixes)), None)
+
+
+def work_unit(nodeid: str) -> str:
+    """What one xdist process runs as a whole: the test's group, its module if that runs whole, else the test."""
+    module = nodeid.split("::", 1)[0]
+    return group_of(nodeid) or (module if module.startswith(WHOLE_MODULES) else nodeid)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -78,23 +94,22 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """``--dist loadgroup`` with ``GROUPS``: each group is one unit of work (one process runs all of it), every other
-    test a unit of its own."""
+    """``--dist loadgroup`` with ``GROUPS`` and ``WHOLE_MODULES``: one process runs each :func:`work_unit`."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class GroupScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return group_of(nodeid) or nodeid
+            return work_unit(nodeid)
 
     return GroupScheduling(config, log)
 
 
 def database_url(url: str, worker: str) -> str:
-    """``url`` with the database of xdist ``worker`` (``gw<n>``, or ``master`` when not distributed): the URL's
-    database less n, so that parallel processes never share one (Redis has databases 0-15 unless configured)."""
-    index = int(worker.removeprefix("gw")) if worker.startswith("gw") else 0
+    """``url`` with the database of xdist ``worker`` ``gw<n>``: the URL's database less n, so that parallel processes
+    never share one (Redis has databases 0-15 unless configured)."""
+    index = int(worker.removeprefix("gw"))
     parts = urlsplit(url)
     first = int(parts.path.strip("/") or 0)
     if index > first:
@@ -102,6 +117,20 @@ def database_url(url: str, worker: str) -> str:
             f"HYPHA_TEST_REDIS_URL={url}: xdist worker {worker} needs database {first - index}, and there is none "
             f"below 0; use fewer workers (PYTEST_WORKERS={first + 1} or less) or a URL with a higher database")
     return urlunsplit(parts._replace(path=f"/{first - index}"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist process, ``$HYPHA_TEST_REDIS_URL`` names the process's own database: for the fixtures, and for any
+    program a test starts that reads it (``hypha_celery.tools.gpu_check``)."""
+    url, worker = os.environ.get("HYPHA_TEST_REDIS_URL"), os.environ.get("PYTEST_XDIST_WORKER")
+    workers = getattr(config.option, "numprocesses", None)  # the controller: refuse too many before any starts
+    try:
+        if url and worker:
+            os.environ["HYPHA_TEST_REDIS_URL"] = database_url(url, worker)
+        elif url and isinstance(workers, int) and workers > 1:
+            database_url(url, f"gw{workers - 1}")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -120,12 +149,8 @@ def fake_redis() -> Iterator[fakeredis.FakeRedis]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("HYPHA_TEST_REDIS_URL")
+    url = os.environ.get("HYPHA_TEST_REDIS_URL")  # this process's database (pytest_configure)
     if url:
-        try:
-            url = database_url(url, os.environ.get("PYTEST_XDIST_WORKER", "master"))
-        except ValueError as exc:
-            pytest.fail(str(exc), pytrace=False)
         yield url
         return
     with EmbeddedRedis() as server:
