@@ -14,8 +14,9 @@
   TOML config, torn down with SIGTERM (SIGKILL if it does not stop); the
   launcher is :mod:`hypha_celery.tools.launch`, shared with ``bench`` and the demo.
 
-Tests that share something beyond their process's database (RabbitMQ's vhost and its queues, the packaging
-tests' wheel and venv, built once per process) run in one process, a group each: see ``GROUPS``.
+Tests that share something beyond their process's database (RabbitMQ's vhost and its queues; the packaging
+tests' wheel and venv, session fixtures that each process would build again) run in one process, a group each:
+see ``GROUPS``.
 
 ``wait_for``, ``free_port`` and ``scrape`` are re-exported for tests that import them from here.
 """
