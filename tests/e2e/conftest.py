@@ -23,15 +23,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="module")
-def own_redis() -> Iterator[redis.Redis]:
-    """A redis-server of the module's own, for tests that read its server-wide counters (INFO): not ``redis_url``,
-    which CI may share."""
+def own_redis_url() -> Iterator[str]:
+    """A redis-server of the module's own, for tests that read its server-wide counters (INFO) or change what is
+    server-wide (SCRIPT FLUSH): not ``redis_url``, which CI shares between xdist processes (a database each)."""
     from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis() as server:
-        client = redis.Redis.from_url(server.url)
-        yield client
-        client.close()
+        yield server.url
+
+
+@pytest.fixture(scope="module")
+def own_redis(own_redis_url: str) -> Iterator[redis.Redis]:
+    """A client of ``own_redis_url``."""
+    client = redis.Redis.from_url(own_redis_url)
+    yield client
+    client.close()
 
 
 def copy_store(model_dir: Path, target: Path) -> Path:

@@ -18,13 +18,15 @@ from typing import Any
 
 import nacl.signing
 import pytest
+import redis
 
+from hypha_celery import registry
 from hypha_celery.client import submit
 from hypha_celery.errors import DeltaRejected
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage
 from hypha_celery.security import generate_key, peer_id
-from hypha_celery.tools.launch import free_port, scrape, worker_env
+from hypha_celery.tools.launch import free_port, scrape, wait_for, worker_env
 from hypha_celery.training import diloco
 from tests.conftest import ROOT
 
@@ -81,7 +83,7 @@ def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, r
 
 def test_diloco_rounds_on_a_shared_folder_lower_the_loss_and_two_jobs_do_not_mix(
         workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
-        tmp_path: Path) -> None:
+        tmp_path: Path, redis_client: redis.Redis) -> None:
     # Given two workers sharing a folder, and a corpus cut into two shards
     shared = tmp_path / "shared"
     workers({"type": "local", "path": str(shared)})
@@ -108,6 +110,10 @@ def test_diloco_rounds_on_a_shared_folder_lower_the_loss_and_two_jobs_do_not_mix
     texts = [text for shard in shards(2, 12) for text in shard["texts"]]
     alone = submit("hypha.train", model=TINY_LLAMA, data={"texts": texts}, max_steps=2 * 3 * 4, requirements=CORES,
                    signing_key=key, app=app, **TRAIN).get(timeout=300)["output"]["model_id"]
+    # (that model is in its trainer's store alone: placement sends it tasks once the trainer's record lists it, at
+    # its next refresh; on a busy machine that can come after the next task is placed, on the other worker)
+    wait_for(lambda: any(alone in worker["models"] for worker in registry.list_workers(redis_client)), 30,
+             f"a worker's record to list {alone}")
     diloco_loss, alone_loss = corpus_loss(app, key, done["model_id"], texts), corpus_loss(app, key, alone, texts)
     assert diloco_loss < 1.5 * alone_loss, (diloco_loss, alone_loss)
     # And the two jobs' rounds stayed apart: each record lists deltas of its own job only

@@ -170,7 +170,7 @@ def test_entries_come_back_after_the_redis_data_is_flushed(redis_client: redis.R
     published = registry.Published()
     worker = _worker(redis_client, "n1", stored=(BASE,), loaded=(BASE,), published=published)
     # When Redis loses everything (a restart without persistence), and the worker refreshes with the same models
-    redis_client.flushall()
+    redis_client.flushdb()  # the test's database alone: CI's Redis holds other processes' too
     _worker(redis_client, "n1", stored=(BASE,), loaded=(BASE,), published=published)
     # Then its record lists them and the indexes name it again: placement prefers it
     assert _holders(redis_client, BASE) == {worker} and _holders(redis_client, BASE, "loaded") == {worker}
@@ -187,7 +187,7 @@ def test_a_restored_snapshot_is_repaired_at_the_next_refresh(redis_client: redis
     snapshot = {key: redis_client.dump(key) for key in redis_client.keys("*")}
     _worker(redis_client, "n1", stored=(BASE,), published=published)
     # When Redis comes back from that snapshot, and the worker refreshes with its model set unchanged since
-    redis_client.flushall()
+    redis_client.flushdb()  # the test's database alone: CI's Redis holds other processes' too
     for key, value in snapshot.items():
         redis_client.restore(key, 0, value)
     assert _holders(redis_client, ADAPTER) == {worker}

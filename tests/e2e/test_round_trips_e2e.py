@@ -155,15 +155,22 @@ def test_a_worker_killed_9_loses_its_lease_by_expiry(start_worker, celery_client
     wait_for(lambda: result.id not in task_leases(ledger), 10, "the lease to expire")
 
 
-@pytest.fixture
-def backend(redis_url: str) -> Iterator[ResultBackend]:
-    """The worker's result backend class, in this process, on the test Redis."""
-    app = Celery("round-trips", set_as_current=False, broker="memory://", backend=redis_url)
+@contextmanager
+def backend_on(url: str) -> Iterator[ResultBackend]:
+    """The worker's result backend class, in this process, on the Redis of ``url``."""
+    app = Celery("round-trips", set_as_current=False, broker="memory://", backend=url)
     app.loader.override_backends = backend_aliases(app.loader.override_backends)
     assert isinstance(app.backend, ResultBackend)
     yield app.backend
     app.backend.client.connection_pool.disconnect()
     app.close()
+
+
+@pytest.fixture
+def backend(redis_url: str) -> Iterator[ResultBackend]:
+    """The worker's result backend, on the test Redis."""
+    with backend_on(redis_url) as on_test_redis:
+        yield on_test_redis
 
 
 def _node(redis_url: str, node: str) -> Ledger:
@@ -172,17 +179,19 @@ def _node(redis_url: str, node: str) -> Ledger:
     return ledger
 
 
-def test_a_server_without_the_script_still_reserves_once(backend, redis_client, redis_url) -> None:
-    # Given a Redis that has not loaded the ledger's scripts (new or restarted)
-    ledger = _node(redis_url, "fresh")
-    redis_client.script_flush()
+def test_a_server_without_the_script_still_reserves_once(own_redis, own_redis_url) -> None:
+    # Given a Redis that has not loaded the ledger's scripts (new or restarted); a server of the module's own, as
+    # SCRIPT FLUSH empties every database's scripts and parallel tests on the shared one would lose theirs
+    ledger = _node(own_redis_url, "fresh")
+    own_redis.script_flush()
     request = Context(id="t-fresh", hostname="w@host")
     # When a reservation rides with the STARTED write there
-    lease = ledger.try_reserve(Requirements(cpu_milli=1000, memory=2**20), holder="w", task_id="t-fresh",
-                               via=functools.partial(backend.store_started, "t-fresh", request))
-    # Then STARTED is stored, and the script is loaded and run: one lease
-    assert isinstance(lease, Lease) and backend.get_task_meta("t-fresh")["status"] == "STARTED"
-    assert [held["id"] for held in ledger.usage().leases] == [lease.id]
+    with backend_on(own_redis_url) as backend:
+        lease = ledger.try_reserve(Requirements(cpu_milli=1000, memory=2**20), holder="w", task_id="t-fresh",
+                                   via=functools.partial(backend.store_started, "t-fresh", request))
+        # Then STARTED is stored, and the script is loaded and run: one lease
+        assert isinstance(lease, Lease) and backend.get_task_meta("t-fresh")["status"] == "STARTED"
+        assert [held["id"] for held in ledger.usage().leases] == [lease.id]
 
 
 def test_a_failed_started_call_reserves_on_its_own(backend, redis_client, redis_url, monkeypatch) -> None:
