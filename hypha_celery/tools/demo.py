@@ -103,8 +103,9 @@ def _run(worker: WorkerProcess, key: Any, port: int) -> int:
 
     rows, labels = clusters(6, seed=7)
     names = ["setosa-like", "versicolor-like", "virginica-like"]
-    result = submit("hypha.infer", model="mlp", inputs=rows, requirements={"cpu_cores": 0.5, "memory": "256MiB"},
-                    signing_key=key).get(timeout=120)
+    handle = submit("hypha.infer", model="mlp", inputs=rows, requirements={"cpu_cores": 0.5, "memory": "256MiB"},
+                    signing_key=key, verify=True)
+    result = handle.get(timeout=120)  # verify=True: the worker's signature over the result is checked here
     predicted = [row.index(max(row)) for row in result["output"]]
     say("5. signed inference on mlp:")
     for row, guess, truth in zip(rows, predicted, labels, strict=True):
@@ -112,6 +113,7 @@ def _run(worker: WorkerProcess, key: Any, port: int) -> int:
     m = result["metrics"]
     say(f"   {m['duration_s'] * 1000:.1f} ms, cache_hit={m['cache_hit']}, device={m['device']}, "
         f"reserved cores {m['reserved']['cpu_cores']}")
+    say(f"   the answer is signed by worker {result['worker']} (peer id {handle.signer}): verified")
 
     import base64
     import struct
@@ -185,7 +187,8 @@ def _transformers(models: Path, key: Any) -> None:
     say(f"   cos({texts[0]!r}, {texts[1]!r}) = {cosine(vectors[0], vectors[1]):.3f}")
     say(f"   cos({texts[0]!r}, {texts[2]!r}) = {cosine(vectors[0], vectors[2]):.3f}")
     if (models / "tiny-llama").is_dir():
-        job = submit("hypha.generate", model="tiny-llama", prompt="The cat sat on", max_new_tokens=48, signing_key=key)
+        job = submit("hypha.generate", model="tiny-llama", prompt="The cat sat on", max_new_tokens=48, proof=True,
+                     signing_key=key)
         say("6d. tiny-llama (random weights: nonsense, but streamed) generating from 'The cat sat on':")
         shown = ""
         sys.stdout.write("   ")
@@ -201,6 +204,15 @@ def _transformers(models: Path, key: Any) -> None:
         usage, metrics = done["output"]["usage"], done["metrics"]
         say(f"   finish_reason={done['output']['finish_reason']} tokens {usage['completion_tokens']}, "
             f"{metrics['tokens_per_s']:.0f} tokens/s, first token after {metrics['time_to_first_token_s'] * 1000:.0f} ms")
+        proof = done["output"]["proof"]
+        checked = submit("hypha.verify", model="tiny-llama", prompt="The cat sat on", proof=proof,
+                         signing_key=key).get(timeout=180)["output"]
+        tampered = {**proof, "tokens": [(proof["tokens"][0] + 1) % 100, *proof["tokens"][1:]]}
+        caught = submit("hypha.verify", model="tiny-llama", prompt="The cat sat on", proof=tampered,
+                        signing_key=key).get(timeout=180)["output"]
+        say(f"   its proof (hypha.verify replays one prefill; on a network, another worker): "
+            f"accepted={checked['accepted']}; with its first token changed: accepted={caught['accepted']} "
+            f"({caught['reason']})")
     if (models / "tiny-bert-classifier").is_dir():
         labelled = submit("hypha.infer", model="tiny-bert-classifier", texts=["I loved this film"],
                           signing_key=key).get(timeout=180)
