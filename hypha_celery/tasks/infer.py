@@ -7,11 +7,9 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.models.manifest import expected_size
-from hypha_celery.resources.gpu import gpu_utilization
-from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
+from hypha_celery.tasks.pipeline import Run, model_under_lease, package_inferred, run_task, sized
 
 __all__ = ["infer"]
 
@@ -29,21 +27,7 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
         expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
         family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
     )
-    run.finished(spec.model, cache_hit=item.cache_hit, batch_size=item.batch_size)
-    return package(
-        output=item.output,
-        model=spec.model,
-        worker=run.worker,
-        lease=run.lease,
-        timing=run.timing,
-        load_s=item.load_s,
-        cache_hit=item.cache_hit,
-        memory_peak=item.memory_peak,
-        device=item.device,
-        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"batch_size": item.batch_size, "compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity,
-               **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
-    )
+    return package_inferred(run, spec.model, item, batch_size=item.batch_size)
 
 
 @shared_task(name="hypha.infer", base=HyphaTask, bind=True)

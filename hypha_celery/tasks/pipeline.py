@@ -34,11 +34,12 @@ from hypha_celery.errors import (
     UnsupportedModel,
 )
 from hypha_celery.models.manifest import Manifest
+from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.security import ENVELOPE_HEADER, MODEL_SHA256, attest, check_model_sha256
 from hypha_celery.stages import admission
-from hypha_celery.stages.results import Timing
+from hypha_celery.stages.results import Timing, package
 from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import check_model_pin
 from hypha_celery.tasks import headers
@@ -46,7 +47,7 @@ from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.backend import mark_started, release_with_result, started_with
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["WAITING", "ModelSpec", "Run", "model_under_lease", "run_task", "sized"]
+__all__ = ["WAITING", "ModelSpec", "Run", "model_under_lease", "package_inferred", "run_task", "sized"]
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +137,25 @@ class Run:
     def progress(self, meta: dict[str, Any]) -> None:
         self.task.update_state(state="PROGRESS", meta=meta)
         self.task.send_event("task-progress", **meta)
+
+
+def package_inferred(run: Run, model: str, item: Any, **extra: Any) -> dict[str, Any]:
+    """The result of one executor ``infer`` answer (``hypha.infer``, ``hypha.verify``), with ``extra`` metrics."""
+    run.finished(model, cache_hit=item.cache_hit, batch_size=item.batch_size)
+    return package(
+        output=item.output,
+        model=model,
+        worker=run.worker,
+        lease=run.lease,
+        timing=run.timing,
+        load_s=item.load_s,
+        cache_hit=item.cache_hit,
+        memory_peak=item.memory_peak,
+        device=item.device,
+        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
+        extra={"compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity, **extra,
+               **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
+    )
 
 
 def _header(task: HyphaTask, name: str, default: Any = None) -> Any:

@@ -15,12 +15,11 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.models.manifest import compute_dtype
-from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import VerifySpec, check_generate_model, validate_verify
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
+from hypha_celery.tasks.pipeline import Run, model_under_lease, package_inferred, run_task, sized
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["verify"]
@@ -56,21 +55,7 @@ def _run(run: Run, spec: VerifySpec) -> dict[str, Any]:
         expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
         family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
     )
-    run.finished(spec.model, cache_hit=item.cache_hit, batch_size=item.batch_size)
-    return package(
-        output=item.output,
-        model=spec.model,
-        worker=run.worker,
-        lease=run.lease,
-        timing=run.timing,
-        load_s=item.load_s,
-        cache_hit=item.cache_hit,
-        memory_peak=item.memory_peak,
-        device=item.device,
-        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity, "manifest_sha256": sha256,
-               **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
-    )
+    return package_inferred(run, spec.model, item, manifest_sha256=sha256)
 
 
 @shared_task(name="hypha.verify", base=HyphaTask, bind=True)
