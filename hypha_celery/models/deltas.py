@@ -44,7 +44,7 @@ from hypha_celery.errors import DeltaRejected, UnsupportedModel
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["AGGREGATORS", "WeightedMean", "check_delta", "combine", "combine_stack", "l2_norm", "load_weights",
+__all__ = ["AGGREGATORS", "WeightedMean", "combine", "combine_stack", "l2_norm", "load_weights",
            "nesterov", "outer_step", "pseudo_gradient", "save_tensors", "scan_delta"]
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
@@ -95,29 +95,6 @@ def pseudo_gradient(base: Path, trained: Path, out: Path, metadata: Mapping[str,
             raise UnsupportedModel(f"tensor {name}: trained shape {end[name].shape} is not the base's {tensor.shape}")
         delta[name] = (tensor.astype(np.float32) - end[name].astype(np.float32)).astype(np.float32)
     save_tensors(delta, out, metadata)
-
-
-def check_delta(path: Path, base: Mapping[str, np.ndarray], expected: Mapping[str, str], what: str
-                ) -> dict[str, np.ndarray]:
-    """The delta's tensors, refused unless its metadata says ``expected`` and its tensors are the base's shapes."""
-    try:
-        metadata = read_metadata(path)
-    except Exception as exc:  # safetensors raises its own error types for a garbled file
-        raise DeltaRejected(f"{what}: not a safetensors file ({exc})") from None
-    for key, value in expected.items():
-        if metadata.get(key) != value:
-            raise DeltaRejected(f"{what}: it is for {key} {metadata.get(key)!r}, not {value!r}; refused")
-    try:
-        tensors = load_weights(path, what)
-    except UnsupportedModel as exc:
-        raise DeltaRejected(str(exc)) from None
-    if tensors.keys() != base.keys():
-        differ = sorted(tensors.keys() ^ base.keys())
-        raise DeltaRejected(f"{what}: its tensors are not the base's (e.g. {differ[0]}); refused")
-    for name, tensor in tensors.items():
-        if tensor.shape != base[name].shape:
-            raise DeltaRejected(f"{what}: tensor {name} has shape {tensor.shape}, the base {base[name].shape}; refused")
-    return tensors
 
 
 def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, str], what: str) -> float:
