@@ -45,9 +45,11 @@ from typing import Any
 import nacl.signing
 from celery import Celery
 from celery.result import AsyncResult
+from redis.exceptions import RedisError
 
+from hypha_celery import keys
 from hypha_celery.config import load_config
-from hypha_celery.errors import RegistryUnavailable
+from hypha_celery.errors import InvalidSignature, RegistryUnavailable
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.routing import placement_for
 from hypha_celery.security import (
@@ -125,9 +127,29 @@ class HyphaResult(AsyncResult):
         value = super().get(*args, **kwargs)
         allowed = self.allowed_workers if allowed_workers is None else list(allowed_workers)
         if verify or (verify is None and (self.verify or allowed is not None)):
+            if allowed is None:  # any key signs: trust the identity the answering worker registered
+                allowed = [registered_peer(value)]
             self.signer = verify_result(value, self.id, allowed=allowed, request_digest=self.request_sha256,
                                         task_name=self.task_name)
         return value
+
+    wait = get  # Celery's AsyncResult.wait is its get: ours must check too (``.result``/``.info`` are unchecked)
+
+
+def registered_peer(result: Any) -> str:
+    """The peer id the registry lists for the worker a result names: without an allowed set, the only key whose
+    signature means something (anyone who can write the result backend can sign with a key of their own)."""
+    worker = result.get("worker") if isinstance(result, dict) else None
+    if not isinstance(worker, str) or not worker:
+        raise InvalidSignature("the result names no worker, so no registered identity can vouch for it")
+    try:
+        peer = placement_for().redis.hget(keys.worker(worker), "peer_id")
+    except RedisError as exc:
+        raise RegistryUnavailable(f"cannot read worker {worker!r}'s identity from the registry: {exc}") from None
+    if not peer:
+        raise InvalidSignature(f"worker {worker!r} has no identity in the registry (gone, or it does not sign); "
+                               "pass allowed_workers=[<its peer id>] to verify its result")
+    return peer.decode() if isinstance(peer, bytes) else str(peer)
 
 
 def send_options(

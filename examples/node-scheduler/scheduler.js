@@ -13,7 +13,8 @@
 // inputs after signing, which a verifying worker must refuse with InvalidSignature. `--verify` checks
 // the answering worker's signature over the result (and that it answers this envelope), adding its
 // peer id as "signer"; a result that fails is reported as status "INVALID_SIGNATURE" with the reason.
-// `--allow-worker` (repeatable, implies --verify) accepts answers only from those workers.
+// `--allow-worker` (repeatable, implies --verify) accepts answers only from those workers; without it,
+// `--verify` accepts only the peer id the answering worker registered (any key can sign).
 
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
@@ -71,11 +72,19 @@ while (Date.now() < deadline) {
   if (meta && FINAL.has(meta.status)) break;
   await new Promise((resolve) => setTimeout(resolve, 200));
 }
+let allowed = opts["allow-worker"];
+if (allowed === undefined && opts.verify && meta && meta.status === "SUCCESS") {
+  // Any key can sign: without --allow-worker, trust the identity the answering worker registered
+  // (its registry record's peer_id; the registry is the result backend's Redis here).
+  const worker = meta.result && meta.result.worker;
+  const prefix = process.env.HYPHA_KEY_PREFIX || "hypha";
+  const registered = typeof worker === "string" ? await client.backend.redis.hget(`${prefix}:worker:${worker}`, "peer_id") : null;
+  allowed = registered ? [registered] : [];
+}
 await client.disconnect();
 let status = meta && FINAL.has(meta.status) ? meta.status : "TIMEOUT";
 const answer = { task_id: taskId, status, result: meta ? meta.result : null };
-const allowed = opts["allow-worker"];
-if (status === "SUCCESS" && (opts.verify || allowed !== undefined)) {
+if (status === "SUCCESS" && allowed !== undefined) {
   try {
     answer.signer = verifyResult(meta.result, taskId, { allowed, requestDigest: requestDigest(envelope), taskName: task });
   } catch (error) {

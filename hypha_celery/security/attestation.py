@@ -141,7 +141,7 @@ def verify_result(
     try:
         verify_key = nacl.signing.VerifyKey(public_key_from_id(peer if isinstance(peer, str) else ""))
     except ValueError:
-        raise InvalidSignature(f"task {task_id}: the attestation's peer {peer!r} is not a worker peer id") from None
+        raise InvalidSignature(f"task {task_id}: the attestation's peer {str(peer)[:80]!r} is not a worker peer id") from None
     unsigned = {name: statement[name] for name in ATTESTATION_FIELDS}
     try:
         verify_key.verify(canonical(unsigned), base64.b64decode(statement["signature"], validate=True))

@@ -110,6 +110,8 @@ def peer_id(verify_key: nacl.signing.VerifyKey) -> str:
 def public_key_from_id(text: str) -> bytes:
     """Public key bytes from a peer id, or from a base64 / hex encoded 32-byte key."""
     text = text.strip()
+    if len(text) > 128:  # a peer id is 52 characters; base58 decoding takes time quadratic in the length
+        raise ValueError(f"{text[:60]!r}... ({len(text)} characters) is not a key or a peer id")
     if text.startswith("12D3KooW"):
         try:
             raw = base58.b58decode(text)

@@ -29,6 +29,7 @@ from hypha_celery.registry import list_workers
 from hypha_celery.security import (
     ATTESTATION,
     ENVELOPE_HEADER,
+    attest,
     generate_key,
     load_identity,
     peer_id,
@@ -53,8 +54,9 @@ def scheduler_key() -> nacl.signing.SigningKey:
 
 def test_a_result_verifies_as_the_workers_whose_peer_id_the_registry_shows(
     start_worker: Callable[..., Any], celery_client: Callable[..., Any], redis_client: redis.Redis,
-    scheduler_key: nacl.signing.SigningKey, model_dir: Path,
+    scheduler_key: nacl.signing.SigningKey, model_dir: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # where the client reads the worker's registered identity
     # Given a worker with no identity_key (it makes one beside its store at first start)
     start_worker(verifying(scheduler_key))
     app = celery_client()
@@ -100,8 +102,9 @@ def test_the_cli_prints_the_worker_that_signed_and_refuses_one_not_allowed(
 
 def test_a_result_changed_or_planted_in_the_backend_fails_verification(
     start_worker: Callable[..., Any], celery_client: Callable[..., Any], redis_client: redis.Redis,
-    scheduler_key: nacl.signing.SigningKey,
+    scheduler_key: nacl.signing.SigningKey, redis_url: str, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # where the client reads the worker's registered identity
     # Given a worker's genuine, signed answer
     start_worker(verifying(scheduler_key))
     app = celery_client()
@@ -127,6 +130,19 @@ def test_a_result_changed_or_planted_in_the_backend_fails_verification(
     app.backend.store_result(copied_id, answer, "SUCCESS")
     with pytest.raises(InvalidSignature, match="signed for task id"):
         HyphaResult(copied_id, app=app).get(timeout=10, verify=True)
+    # ... or re-sign a changed answer with a key of their own, copying everything the genuine attestation binds
+    stated = answer[ATTESTATION]
+    forged = attest(nacl.signing.SigningKey.generate(), {**answer, "output": [[0.0, 0.0, 1.0]]},
+                    task_id=genuine.id, task_name=stated["task"], worker=stated["worker"],
+                    request_sha256=stated["request_sha256"])
+    meta["result"] = forged
+    redis_client.set(key, json.dumps(meta))
+    # Then it verifies only as the stranger's key, which is not the identity the worker registered
+    with pytest.raises(InvalidSignature, match="not among the allowed workers"):
+        HyphaResult(genuine.id, app=app).get(timeout=10, verify=True)
+    # ... and wait(), Celery's other name for get(), checks it too
+    with pytest.raises(InvalidSignature, match="not among the allowed workers"):
+        HyphaResult(genuine.id, app=app).wait(timeout=10, verify=True)
 
 
 def push_raw(client: redis.Redis, app: Any, *, headers: str, body: bytes, task_id: str) -> None:

@@ -140,3 +140,22 @@ def test_a_named_identity_key_is_used_and_must_exist(tmp_path: Path) -> None:
     os.chmod(tmp_path / "id.key", 0o644)
     with pytest.raises(ConfigError, match=r"identity_key.*chmod 600"):
         load_identity(str(tmp_path / "id.key"), tmp_path / "models")
+
+
+def test_an_overlong_peer_is_refused_before_it_is_decoded(worker_key: nacl.signing.SigningKey) -> None:
+    # Given a result whose attestation names a peer of 200,000 characters (base58 decoding is quadratic in it)
+    result = signed(worker_key)
+    result[ATTESTATION] = {**result[ATTESTATION], "peer": "12D3KooW" + "z" * 200_000}
+    # When it is verified, Then it is refused as no peer id, with the peer cut short in the message
+    with pytest.raises(InvalidSignature, match="is not a worker peer id") as caught:
+        verify_result(result, TASK_ID)
+    assert len(str(caught.value)) < 400
+
+
+def test_wait_checks_the_signature_as_get_does() -> None:
+    # Celery's AsyncResult.wait is its get: a HyphaResult's wait must be its own, checking get
+    from celery.result import AsyncResult
+
+    from hypha_celery.client import HyphaResult
+
+    assert HyphaResult.wait is HyphaResult.get and HyphaResult.wait is not AsyncResult.wait
