@@ -303,6 +303,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             previous = load_weights(path, f"job {spec.job}'s momentum after round {spec.round - 1}")
             if previous.keys() != base.keys():
                 raise DeltaRejected(f"job {spec.job}'s momentum does not match the base's tensors")
+        # Refuses non-finite weights or momentum (DeltaRejected) before either is stored or published.
         weights, momentum = nesterov(base, average, previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
         moment = Path(scratch) / "momentum-next.safetensors"
         save_tensors(momentum, moment, expected)
