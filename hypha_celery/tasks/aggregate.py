@@ -322,7 +322,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "refused": refused,
         "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
-        "bytes_moved": sum(int(report.get("bytes", 0)) + int(report.get("base_bytes", 0)) for report, _ in reports),
+        "bytes_moved": _bytes_moved(reports),
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
     }
 
@@ -356,13 +356,29 @@ def _check_report(report: Mapping[str, Any], spec: AggregateSpec, base_sha256: s
     return spec.weights[task_id]
 
 
+def _reported(value: Any) -> float | None:
+    """A figure a worker wrote, or ``None`` unless it is a (non-bool) int below 2**53 in size or a finite float:
+    information only, so a hostile one is skipped and can never raise (``10**400`` overflows ``float``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return float(value) if abs(value) < MAX_WEIGHT else None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
 def _weighted(reports: list[tuple[dict[str, Any], int]], key: str) -> float | None:
     """A reported loss, averaged with the scheduler's weights (finite values only: a worker wrote them)."""
-    values = [(float(r[key]), w) for r, w in reports
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    values = [(value, w) for value, w in ((_reported(r.get(key)), w) for r, w in reports) if value is not None]
     if not values:
         return None
     return sum(value * w for value, w in values) / sum(w for _, w in values)
+
+
+def _bytes_moved(reports: list[tuple[dict[str, Any], int]]) -> int:
+    """What the workers say crossed the network (the base pulled, the delta pushed); unusable figures count 0."""
+    return sum(int(_reported(report.get(key)) or 0) for report, _ in reports for key in ("bytes", "base_bytes"))
 
 
 def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path, next_id: str,

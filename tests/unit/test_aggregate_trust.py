@@ -19,7 +19,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
 from hypha_celery.models.deltas import combine, save_tensors
 from hypha_celery.models.shared_storage import SharedStorage
-from hypha_celery.tasks.aggregate import AggregateSpec, gather, validate_aggregate
+from hypha_celery.tasks.aggregate import AggregateSpec, _bytes_moved, _weighted, gather, validate_aggregate
 from hypha_celery.tasks.diloco import publish_delta
 
 JOB, BASE_SHA = "j", "b" * 64
@@ -176,6 +176,25 @@ def test_the_median_keeps_a_poisoned_minority_within_the_bounds_from_moving_the_
         inside = all(np.all((average[name] >= np.min([h[name] for h in honest], axis=0) - 1e-9)
                             & (average[name] <= np.max([h[name] for h in honest], axis=0) + 1e-9)) for name in base)
         assert inside is (aggregator != "mean"), aggregator
+
+
+HOSTILE_FIGURES = [10**400, -(2**53), "x", True, None, float("nan"), float("inf"), [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_FIGURES, ids=repr)
+def test_a_hostile_reported_loss_is_skipped_never_raised(hostile: Any) -> None:
+    # Given two accepted reports, one whose worker wrote a loss that is no usable number
+    reports = [({"loss": 2.0}, 4), ({"loss": hostile}, 12)]
+    # When the round's loss is averaged, Then only the honest figure counts
+    assert _weighted(reports, "loss") == 2.0
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_FIGURES, ids=repr)
+def test_hostile_reported_bytes_count_zero_never_raise(hostile: Any) -> None:
+    # Given two accepted reports, one whose worker wrote bytes that are no usable number
+    reports = [({"bytes": 100, "base_bytes": 50}, 1), ({"bytes": hostile, "base_bytes": hostile}, 1)]
+    # When the bytes moved are summed, Then only the honest figures count
+    assert _bytes_moved(reports) == 150
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
