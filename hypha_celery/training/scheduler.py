@@ -238,8 +238,8 @@ def _collect(result: AsyncResult, round_: int, job: str, reports: dict[str, dict
         failures[result.id] = f"{result.state} {result.result!r}"
         return
     answer = result.result if isinstance(result.result, dict) else {}
-    output = answer.get("output") if isinstance(answer.get("output"), dict) else {}
-    report = output.get("diloco")
+    output = answer.get("output")
+    report = output.get("diloco") if isinstance(output, dict) else None
     if not isinstance(report, dict) or report.get("job") != job or report.get("round") != round_:
         failures[result.id] = "answered without this round's diloco report"
         return
