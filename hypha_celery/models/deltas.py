@@ -207,15 +207,23 @@ class WeightedMean:
 def nesterov(base: Mapping[str, np.ndarray], average: Mapping[str, np.ndarray],
              previous: Mapping[str, np.ndarray] | None, *, lr: float, momentum: float
              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The next weights and momentum from the base, the averaged pseudo-gradient and the last round's momentum."""
+    """The next weights and momentum from the base, the averaged pseudo-gradient and the last round's momentum.
+
+    ``DeltaRejected`` naming the tensor when a new weight or the momentum is not finite once cast back (a float16
+    base overflows at 65504): nothing is returned to publish."""
     import numpy as np
 
     weights, velocity = {}, {}
     for name, tensor in base.items():
         g = average[name].astype(np.float64)
         m = g if previous is None else momentum * previous[name].astype(np.float64) + g
-        weights[name] = (tensor.astype(np.float64) - lr * (g + momentum * m)).astype(tensor.dtype)
-        velocity[name] = m.astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow in the cast is refused just below, by name
+            weights[name] = (tensor.astype(np.float64) - lr * (g + momentum * m)).astype(tensor.dtype)
+            velocity[name] = m.astype(np.float32)
+        for what, value in (("weights", weights[name]), ("momentum", velocity[name])):
+            if not np.isfinite(value.astype(np.float64)).all():
+                raise DeltaRejected(f"the outer step would publish non-finite weights: tensor {name}'s {what} "
+                                    f"overflow {value.dtype}; refused, nothing published")
     return weights, velocity
 
 

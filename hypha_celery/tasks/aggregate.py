@@ -8,14 +8,15 @@ scheduler sent it), ``aggregator`` (``mean``, ``trimmed_mean`` or ``median``; de
 ``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``.
 
 Each delta is refused (and listed in the result's ``refused``, with the reason) unless its report
-is for this job and round and this base, its key lies in this round's folder and names an inner
-task of ``weights`` (when given), the bytes in the shared storage hash to the sha256 the inner task
-reported, its metadata and tensor shapes are the base's, and every value is finite. The worker
-wrote that file and that sha256, so none of this says its values are honest: a delta is also
-refused when its L2 norm is above ``max_delta_norm_ratio`` x the median norm of the round's finite
-deltas, or above ``max_base_norm_ratio`` x the base's norm (``null`` turns a bound off; a median
-or base norm of 0 sets none). Fewer than ``min_workers`` accepted deltas fail the task
-(``DeltaRejected``).
+is for this job and round and this base, its key is ``<task id>.safetensors`` in this round's folder,
+names an inner task of ``weights`` (when given) and was not reported before in this step, the bytes
+in the shared storage hash to the sha256 the inner task reported, its metadata and tensor shapes are
+the base's, and every value is finite. The worker wrote that file and that sha256, so none of this
+says its values are honest: a delta is also refused when its L2 norm is above
+``max_delta_norm_ratio`` x the lower median norm of the round's finite deltas (``norms[(n-1)//2]``:
+with two deltas the smaller, so that one large delta cannot raise its own bound), or above
+``max_base_norm_ratio`` x the base's norm (``null`` turns a bound off; a median or base norm of 0
+sets none). Fewer than ``min_workers`` accepted deltas fail the task (``DeltaRejected``).
 
 The rest are combined tensor by tensor (:func:`hypha_celery.models.deltas.combine`): ``mean``
 weighs each delta by its ``weights`` entry, what the scheduler decided and signed, never by the
@@ -240,9 +241,13 @@ def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any],
     shapes = {name: tuple(tensor.shape) for name, tensor in base.items()}
     out = Gathered(base_norm=l2_norm(base))
     finite: list[tuple[dict[str, Any], Path, int, float]] = []
+    seen: set[str] = set()
     for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):  # fixed order: same bits
         what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
         try:
+            if str(report["ref"]) in seen:
+                raise DeltaRejected(f"{what}: reported again; one delta counts once, refused")
+            seen.add(str(report["ref"]))
             weight = _check_report(report, spec, base_sha256, what)
             path = scratch / f"{index}.safetensors"
             try:
@@ -254,14 +259,13 @@ def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any],
             out.refuse(spec, report, str(exc))
     if finite:
         norms = sorted(norm for *_, norm in finite)
-        middle = len(norms) // 2
-        out.median_norm = norms[middle] if len(norms) % 2 else (norms[middle - 1] + norms[middle]) / 2
+        out.median_norm = norms[(len(norms) - 1) // 2]  # the lower median: of two, the smaller bounds the larger
     for report, path, weight, norm in finite:
         what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
         if spec.max_delta_norm_ratio is not None and out.median_norm and \
                 norm > spec.max_delta_norm_ratio * out.median_norm:
             out.refuse(spec, report, f"{what}: its L2 norm {norm:.4g} is above max_delta_norm_ratio "
-                                     f"({spec.max_delta_norm_ratio:g}) x the round's median norm "
+                                     f"({spec.max_delta_norm_ratio:g}) x the round's lower median norm "
                                      f"({out.median_norm:.4g}); refused")
         elif spec.max_base_norm_ratio is not None and out.base_norm and \
                 norm > spec.max_base_norm_ratio * out.base_norm:
@@ -299,6 +303,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             previous = load_weights(path, f"job {spec.job}'s momentum after round {spec.round - 1}")
             if previous.keys() != base.keys():
                 raise DeltaRejected(f"job {spec.job}'s momentum does not match the base's tensors")
+        # Refuses non-finite weights or momentum (DeltaRejected) before either is stored or published.
         weights, momentum = nesterov(base, average, previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
         moment = Path(scratch) / "momentum-next.safetensors"
         save_tensors(momentum, moment, expected)
@@ -317,7 +322,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "refused": refused,
         "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
-        "bytes_moved": sum(int(report.get("bytes", 0)) + int(report.get("base_bytes", 0)) for report, _ in reports),
+        "bytes_moved": _bytes_moved(reports),
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
     }
 
@@ -330,8 +335,9 @@ def _check_report(report: Mapping[str, Any], spec: AggregateSpec, base_sha256: s
                             f"{spec.job!r} round {spec.round}; refused (a straggler or another job's)")
     ref = report["ref"]
     prefix = delta_prefix(spec.job, spec.round)
-    if not isinstance(ref, str) or not ref.startswith(prefix) or "/" in ref[len(prefix):]:
-        raise DeltaRejected(f"{what}: its key is not in {prefix}; refused")
+    if not isinstance(ref, str) or not ref.startswith(prefix) or "/" in ref[len(prefix):] \
+            or not ref.endswith(".safetensors"):
+        raise DeltaRejected(f"{what}: its key is not <task id>.safetensors in {prefix}; refused")
     if report.get("base_sha256", base_sha256) != base_sha256:
         raise DeltaRejected(f"{what}: trained from base manifest {str(report['base_sha256'])[:12]}..., not this "
                             f"round's {base_sha256[:12]}...; refused")
@@ -343,20 +349,36 @@ def _check_report(report: Mapping[str, Any], spec: AggregateSpec, base_sha256: s
         raise DeltaRejected(f"{what}: sha256 must be 64 hex characters, got {sha256!r}")
     if spec.weights is None:
         return 1
-    task_id = ref[len(prefix):].removesuffix(".safetensors")
+    task_id = ref[len(prefix):-len(".safetensors")]
     if task_id not in spec.weights:
         raise DeltaRejected(f"{what}: task {task_id!r} is not an inner task the scheduler weighed for this round; "
                             "refused")
     return spec.weights[task_id]
 
 
+def _reported(value: Any) -> float | None:
+    """A figure a worker wrote, or ``None`` unless it is a (non-bool) int below 2**53 in size or a finite float:
+    information only, so a hostile one is skipped and can never raise (``10**400`` overflows ``float``)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return float(value) if abs(value) < MAX_WEIGHT else None
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return None
+
+
 def _weighted(reports: list[tuple[dict[str, Any], int]], key: str) -> float | None:
     """A reported loss, averaged with the scheduler's weights (finite values only: a worker wrote them)."""
-    values = [(float(r[key]), w) for r, w in reports
-              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    values = [(value, w) for value, w in ((_reported(r.get(key)), w) for r, w in reports) if value is not None]
     if not values:
         return None
     return sum(value * w for value, w in values) / sum(w for _, w in values)
+
+
+def _bytes_moved(reports: list[tuple[dict[str, Any], int]]) -> int:
+    """What the workers say crossed the network (the base pulled, the delta pushed); unusable figures count 0."""
+    return sum(int(_reported(report.get(key)) or 0) for report, _ in reports for key in ("bytes", "base_bytes"))
 
 
 def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path, next_id: str,

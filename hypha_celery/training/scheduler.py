@@ -22,7 +22,9 @@ that arrived and each one's weight: the size of the shard this scheduler sent th
 (:func:`shard_sizes`), never the sample count a worker reports. A task that answers later is a
 straggler: its delta stays in its round's folder, and the outer step refuses any delta whose job
 or round is not its own. Fewer than ``min_workers`` reports by the deadline fail the job
-(``RoundFailed``).
+(``RoundFailed``). A report counts only when its ``ref`` is the reporting task's own delta key
+(``jobs/<job>/round-<round>/<task id>.safetensors``) and its ``sha256`` a string: a worker cannot hand in
+another task's delta, which would take that task's weight and be counted twice.
 
 Why not a ``chord``: a chord's callback receives its header's results as arguments only when
 the header completes, so the scheduler cannot sign them (the envelope signs the arguments'
@@ -50,6 +52,7 @@ from celery.result import AsyncResult
 from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
+from hypha_celery.tasks.diloco import delta_prefix
 
 __all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
@@ -234,9 +237,16 @@ def _collect(result: AsyncResult, round_: int, job: str, reports: dict[str, dict
     if result.state != "SUCCESS":
         failures[result.id] = f"{result.state} {result.result!r}"
         return
-    report = ((result.result or {}).get("output") or {}).get("diloco")
+    answer = result.result if isinstance(result.result, dict) else {}
+    output = answer.get("output")
+    report = output.get("diloco") if isinstance(output, dict) else None
     if not isinstance(report, dict) or report.get("job") != job or report.get("round") != round_:
         failures[result.id] = "answered without this round's diloco report"
+        return
+    own = f"{delta_prefix(job, round_)}{result.id}.safetensors"
+    if report.get("ref") != own or not isinstance(report.get("sha256"), str):
+        # Another task's delta key would take that task's weight (and count one delta twice): refused here.
+        failures[result.id] = f"reported delta {report.get('ref')!r}, not its own {own!r} with a sha256"
         return
     reports[result.id] = report
 

@@ -19,7 +19,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
 from hypha_celery.models.deltas import combine, save_tensors
 from hypha_celery.models.shared_storage import SharedStorage
-from hypha_celery.tasks.aggregate import AggregateSpec, gather, validate_aggregate
+from hypha_celery.tasks.aggregate import AggregateSpec, _bytes_moved, _weighted, gather, validate_aggregate
 from hypha_celery.tasks.diloco import publish_delta
 
 JOB, BASE_SHA = "j", "b" * 64
@@ -86,9 +86,9 @@ def test_a_poisoned_minority_is_refused_and_the_rest_is_the_honest_mean(
 
 def test_a_delta_larger_than_the_base_is_refused_even_when_half_the_round_is_such(
         storage: SharedStorage, tmp_path: Path) -> None:
-    # Given two deltas, one honest and one twice the base's scale (the median of two cannot tell them apart)
+    # Given two deltas, one honest and one twice the base's scale, within 10x the honest one's norm
     base = _tensors(0)
-    reports = [_plant(storage, tmp_path, "h", _tensors(1, 0.1)), _plant(storage, tmp_path, "x", _tensors(2, 2.0))]
+    reports = [_plant(storage, tmp_path, "h", _tensors(1, 0.5)), _plant(storage, tmp_path, "x", _tensors(2, 2.0))]
     # When gathered with the default bounds
     out = _gather(storage, _spec(storage, reports), base, tmp_path)
     # Then the large one is refused against the base's norm (max_base_norm_ratio 1)
@@ -116,6 +116,43 @@ def test_weights_come_from_the_scheduler_never_from_the_reported_samples(
     assert [w for *_, w, _ in unweighted.accepted] == [1, 1]
 
 
+def test_of_two_deltas_one_above_ten_times_the_other_is_refused_by_the_median_bound(
+        storage: SharedStorage, tmp_path: Path) -> None:
+    # Given two deltas, one 100x the other (the base bound off: only the median bound can refuse it)
+    base = _tensors(0)
+    reports = [_plant(storage, tmp_path, "h", _tensors(1, 0.01)), _plant(storage, tmp_path, "x", _tensors(1, 1.0))]
+    # When gathered
+    out = _gather(storage, _spec(storage, reports, max_base_norm_ratio=None), base, tmp_path)
+    # Then the large one is refused against the lower median, the smaller norm (the mean of two never triggers)
+    assert [entry["ref"] for entry in out.refused] == [reports[1]["ref"]]
+    assert "max_delta_norm_ratio" in out.refused[0]["reason"] and len(out.accepted) == 1
+
+
+def test_a_delta_reported_twice_counts_once(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given one delta whose report appears twice in the outer step's deltas
+    base = _tensors(0)
+    report = _plant(storage, tmp_path, "t1", _tensors(1, 0.1))
+    other = _plant(storage, tmp_path, "t2", _tensors(2, 0.1))
+    # When gathered
+    out = _gather(storage, _spec(storage, [report, dict(report), other]), base, tmp_path)
+    # Then the second copy is refused, and each delta is accepted once
+    assert sorted(r["ref"] for r, *_ in out.accepted) == [report["ref"], other["ref"]]
+    assert [entry["ref"] for entry in out.refused] == [report["ref"]] and "again" in out.refused[0]["reason"]
+
+
+def test_a_delta_key_without_the_safetensors_suffix_is_refused(storage: SharedStorage, tmp_path: Path) -> None:
+    # Given a worker that stored its delta at the bare task id t1 (a key the inner task never writes)
+    base = _tensors(0)
+    path = tmp_path / "bare.safetensors"
+    save_tensors(_tensors(1, 0.1), path, META)
+    ref = f"jobs/{JOB}/round-1/t1"
+    report = {"job": JOB, "round": 1, "ref": ref, "sha256": storage.put_file(ref, path).sha256, "samples": 4}
+    # When gathered with t1 weighed by the scheduler
+    out = _gather(storage, _spec(storage, [report], weights={"t1": 4}), base, tmp_path)
+    # Then it is refused for its key
+    assert out.accepted == [] and ".safetensors" in out.refused[0]["reason"]
+
+
 def test_a_delta_from_a_task_the_scheduler_did_not_weigh_is_refused(storage: SharedStorage, tmp_path: Path) -> None:
     base = _tensors(0)
     reports = [_plant(storage, tmp_path, "t1", _tensors(1, 0.1)), _plant(storage, tmp_path, "extra", _tensors(2, 0.1))]
@@ -139,6 +176,25 @@ def test_the_median_keeps_a_poisoned_minority_within_the_bounds_from_moving_the_
         inside = all(np.all((average[name] >= np.min([h[name] for h in honest], axis=0) - 1e-9)
                             & (average[name] <= np.max([h[name] for h in honest], axis=0) + 1e-9)) for name in base)
         assert inside is (aggregator != "mean"), aggregator
+
+
+HOSTILE_FIGURES = [10**400, -(2**53), "x", True, None, float("nan"), float("inf"), [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_FIGURES, ids=repr)
+def test_a_hostile_reported_loss_is_skipped_never_raised(hostile: Any) -> None:
+    # Given two accepted reports, one whose worker wrote a loss that is no usable number
+    reports = [({"loss": 2.0}, 4), ({"loss": hostile}, 12)]
+    # When the round's loss is averaged, Then only the honest figure counts
+    assert _weighted(reports, "loss") == 2.0
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_FIGURES, ids=repr)
+def test_hostile_reported_bytes_count_zero_never_raise(hostile: Any) -> None:
+    # Given two accepted reports, one whose worker wrote bytes that are no usable number
+    reports = [({"bytes": 100, "base_bytes": 50}, 1), ({"bytes": hostile, "base_bytes": hostile}, 1)]
+    # When the bytes moved are summed, Then only the honest figures count
+    assert _bytes_moved(reports) == 150
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [

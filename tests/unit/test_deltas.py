@@ -14,6 +14,7 @@ from hypha_celery.models.deltas import (
     combine_stack,
     l2_norm,
     load_weights,
+    nesterov,
     outer_step,
     pseudo_gradient,
     save_tensors,
@@ -124,6 +125,21 @@ def test_the_outer_step_matches_torch_sgd_with_nesterov_momentum_over_rounds() -
         # Then the weights agree round after round (the momentum carried between rounds)
         for name, parameter in params.items():
             np.testing.assert_allclose(current[name], parameter.detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("dtype", "step", "what"), [
+    ("float16", 1e5, "weights"),  # finite in float64, beyond float16's 65504
+    ("float64", 1e39, "momentum"),  # finite weights in float64, a momentum beyond float32
+])
+def test_an_outer_step_that_would_publish_non_finite_values_is_refused_naming_the_tensor(
+        dtype: str, step: float, what: str) -> None:
+    # Given a base and an averaged pseudo-gradient, each finite, whose step overflows the stored dtype
+    base = {"a": np.ones(3, dtype=dtype), "b": np.ones(2, dtype=dtype)}
+    average = {"a": np.zeros(3), "b": np.full(2, step)}
+    # When the outer step is taken
+    # Then it is refused, naming the tensor, before anything could be published
+    with pytest.raises(DeltaRejected, match=f"non-finite weights: tensor b's {what}"):
+        nesterov(base, average, None, lr=0.7, momentum=0.9)
 
 
 def test_the_trimmed_mean_and_the_median_are_taken_coordinate_by_coordinate() -> None:

@@ -107,3 +107,38 @@ def test_the_cli_prints_each_refused_delta_with_its_reason(capsys: pytest.Captur
     # Then the round's line is followed by the refusal and its reason
     err = capsys.readouterr().err
     assert "round 1: loss 2.0000" in err and "refused delta x: tensor b holds NaN; refused" in err
+
+
+class _Inner:
+    """A finished inner task as the scheduler's group sees it."""
+
+    def __init__(self, task_id: str, report: Any, state: str = "SUCCESS") -> None:
+        self.id, self.state, self.result = task_id, state, {"output": {"diloco": report}}
+
+
+@pytest.mark.parametrize("change", [
+    {"ref": "jobs/j/round-1/t1.safetensors"},  # another task's delta: it would take t1's weight, counted twice
+    {"ref": "jobs/j/round-1/t2"},
+    {"ref": ["jobs/j/round-1/t2.safetensors"]},
+    {"sha256": 7},
+])
+def test_a_report_that_is_not_its_own_tasks_delta_is_a_failure_not_a_report(change: dict[str, Any]) -> None:
+    from hypha_celery.training.scheduler import _collect
+
+    # Given task t2 answering a report whose ref is not its own delta key, or whose sha256 is not a string
+    reports: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    # When the scheduler collects it
+    _collect(_Inner("t2", {**REPORT, **change}), 1, "j", reports, failures)  # type: ignore[arg-type]
+    # Then it is recorded as t2's failure, and no report is kept
+    assert reports == {} and "not its own" in failures["t2"]
+
+
+def test_a_report_of_its_own_delta_is_kept() -> None:
+    from hypha_celery.training.scheduler import _collect
+
+    reports: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    own = {**REPORT, "ref": "jobs/j/round-1/t2.safetensors"}
+    _collect(_Inner("t2", own), 1, "j", reports, failures)  # type: ignore[arg-type]
+    assert reports == {"t2": own} and failures == {}
