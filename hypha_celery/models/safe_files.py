@@ -7,7 +7,11 @@ symbolic link in it names any file of the host (``tokenizer.json ->
 folder nor a regular file; :func:`open_regular` opens each path component
 with ``O_NOFOLLOW`` from its parent's descriptor (a link swapped in after the
 check fails to open) and ``O_NONBLOCK`` (a FIFO opens without waiting for a
-writer), then ``fstat``-s the descriptor: it must be a regular file.
+writer), then ``fstat``-s the descriptor: it must be a regular file. A
+hard link is a second name of a file that may live anywhere on the same
+filesystem (a mode-0600 key linked in as ``tokenizer.json``), and nothing in
+the folder says where the other name is: so a regular file with more than one
+link is refused too, by both.
 :func:`copy_capped` counts the bytes it copies and stops at its budget, so a
 file that grew after it was measured never fills the disk. The folder itself
 may be reached through a link: the operator named it.
@@ -44,7 +48,8 @@ def walk(directory: Path, *, skip: frozenset[str] = frozenset(), refuse: Refuse 
     """Every regular file under ``directory``, by its ``/``-separated relative path.
 
     Folders named in ``skip`` (``.git``) are neither entered nor checked. A symbolic link (to a file or a
-    folder), a FIFO, a socket or a device anywhere raises ``refuse`` naming every such entry.
+    folder), a FIFO, a socket, a device or a file with more than one hard link anywhere raises ``refuse``
+    naming every such entry.
     """
     files: dict[str, int] = {}
     skipped: list[str] = []
@@ -67,13 +72,16 @@ def walk(directory: Path, *, skip: frozenset[str] = frozenset(), refuse: Refuse 
                     skipped.append(f"{path}/")
                 else:
                     pending.append(path)
+            elif stat.S_ISREG(found.st_mode) and found.st_nlink > 1:
+                refused.append(f"{path} {_hard_links(found.st_nlink)}")
             elif stat.S_ISREG(found.st_mode):
                 files[path] = found.st_size
             else:
                 refused.append(f"{path} {_what(found.st_mode)}")
     if refused:
         raise refuse(f"{directory}: refused: " + "; ".join(sorted(refused)) + " (only regular files and folders "
-                     "are read from a model folder: copy the files the links point to, e.g. cp -rL)")
+                     "are read from a model folder: copy the files the links point to, e.g. cp -rL, and copy a "
+                     "hard-linked file so that the copy is its own)")
     return Walked(dict(sorted(files.items())), sorted(skipped))
 
 
@@ -81,7 +89,7 @@ def open_regular(root: Path, relative: str, *, refuse: Refuse = UnsupportedModel
     """A read-only descriptor of the regular file ``root/relative``, opened without following any link below ``root``.
 
     ``relative`` is ``/``-separated names (no ``..``, no absolute path, no backslash). A missing file
-    raises ``FileNotFoundError``; a link, a non-regular file or a bad name raises ``refuse``.
+    raises ``FileNotFoundError``; a link, a non-regular or hard-linked file or a bad name raises ``refuse``.
     """
     parts = relative.split("/")
     if relative.startswith("/") or "\\" in relative or any(part in ("", ".", "..") for part in parts):
@@ -99,10 +107,11 @@ def open_regular(root: Path, relative: str, *, refuse: Refuse = UnsupportedModel
         raise
     finally:
         os.close(folder)
-    mode = os.fstat(descriptor).st_mode
-    if not stat.S_ISREG(mode):
+    found = os.fstat(descriptor)
+    if not stat.S_ISREG(found.st_mode) or found.st_nlink > 1:
         os.close(descriptor)
-        raise refuse(f"{root / relative} {_what(mode)}: refused")
+        what = _what(found.st_mode) if not stat.S_ISREG(found.st_mode) else _hard_links(found.st_nlink)
+        raise refuse(f"{root / relative} {what}: refused")
     os.set_blocking(descriptor, True)
     return descriptor
 
@@ -131,6 +140,10 @@ def copy_capped(descriptor: int, target: Path, budget: int, what: str, *, refuse
             digest.update(chunk)
             out.write(chunk)
     return Copied(digest.hexdigest(), written)
+
+
+def _hard_links(count: int) -> str:
+    return f"has {count} hard links (another name of a file that may lie outside the folder: copy it)"
 
 
 def _what(mode: int) -> str:

@@ -19,7 +19,9 @@ hashes what it reads and refuses a file whose sha256 is not the one expected
 never reaches the outer step. A local ``put`` writes a temporary file and
 renames it, so a reader sees a whole object or none; S3 puts are atomic.
 A local read follows no link below the folder and opens only regular files
-(a link or FIFO planted in a shared mount is refused, not read), and a get
+(a link or FIFO planted in a shared mount is refused, not read); a local
+write or delete refuses a key with a link among its folders (or, for a
+delete, a key that is itself a link), so it never reaches outside; and a get
 with a size cap refuses an object whose stated size is over it before
 reading it.
 """
@@ -30,6 +32,7 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,13 +176,32 @@ class LocalStorage(SharedStorage):
             raise SharedStorageError(f"cannot read {self.describe(key)}: {exc.strerror}") from None
         return handle, os.fstat(handle.fileno()).st_size
 
+    def _checked(self, key: str, *, make: bool) -> Path:
+        """``key``'s path, each folder on the way below ``root`` ``lstat``-ed a real folder, not a link.
+
+        A planted ``run1 -> /outside`` would otherwise take a write or a delete out of the storage. Missing
+        folders are made when ``make``, else ``FileNotFoundError``; ``root`` itself may be a link (the operator's).
+        """
+        folder = self.root
+        if make:
+            folder.mkdir(parents=True, exist_ok=True)
+        parts = check_key(key).split("/")
+        for part in parts[:-1]:
+            folder = folder / part
+            if make and not os.path.lexists(folder):
+                folder.mkdir(exist_ok=True)
+            found = os.lstat(folder)
+            if not stat.S_ISDIR(found.st_mode):
+                what = "a symbolic link" if stat.S_ISLNK(found.st_mode) else "not a folder"
+                raise SharedStorageError(f"{self.describe(key)}: {folder} is {what}: refused")
+        return folder / parts[-1]
+
     def write(self, key: str, source: IO[bytes]) -> None:
-        target = self._path(key)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
+            target = self._checked(key, make=True)
             descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
         except OSError as exc:
-            raise SharedStorageError(f"cannot write {target}: {exc.strerror}") from None
+            raise SharedStorageError(f"cannot write {self.describe(key)}: {exc.strerror}") from None
         try:
             with os.fdopen(descriptor, "wb") as out:
                 for chunk in _chunks(source):
@@ -193,14 +215,20 @@ class LocalStorage(SharedStorage):
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
+        """As :meth:`SharedStorage.delete`; a link on the way, or as the object itself, is refused, not followed."""
         try:
-            if path.is_dir():
+            path = self._checked(key, make=False)
+            found = os.lstat(path)
+            if stat.S_ISLNK(found.st_mode):
+                raise SharedStorageError(f"{self.describe(key)} is a symbolic link: refused")
+            if stat.S_ISDIR(found.st_mode):
                 shutil.rmtree(path)
             else:
-                path.unlink(missing_ok=True)
+                path.unlink()
+        except FileNotFoundError:
+            return
         except OSError as exc:
-            raise SharedStorageError(f"cannot delete {path}: {exc.strerror}") from None
+            raise SharedStorageError(f"cannot delete {self.describe(key)}: {exc.strerror}") from None
 
     def models_source(self) -> ModelSource:
         return ModelSource(type="local", path=str(self.root / MODELS))

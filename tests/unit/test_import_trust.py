@@ -80,7 +80,15 @@ def _plant_fifo(folder: Path, secret: Path) -> str:
     return "tokenizer.json is a FIFO"
 
 
-@pytest.mark.parametrize("plant", [_plant_link, _plant_linked_folder, _plant_skipped_link, _plant_fifo])
+def _plant_hardlink(folder: Path, secret: Path) -> str:
+    secret.chmod(0o600)  # another user's key could not be read; this worker's own is the one at risk
+    (folder / "tokenizer.json").unlink()
+    os.link(secret, folder / "tokenizer.json")
+    return "tokenizer.json has 2 hard links"
+
+
+@pytest.mark.parametrize("plant", [_plant_link, _plant_linked_folder, _plant_skipped_link, _plant_fifo,
+                                   _plant_hardlink])
 def test_a_link_or_fifo_in_a_model_folder_refuses_the_import(tmp_path: Path, secret: Path, plant: Any) -> None:
     # Given a model folder with a symbolic link to a host file (a file, a folder, a skipped file) or a FIFO in it
     folder = model_folder(tmp_path / "src")
@@ -111,6 +119,25 @@ def test_a_link_swapped_in_after_the_scan_is_refused_when_opened(tmp_path: Path,
     with pytest.raises(UnsupportedModel, match=r"tokenizer\.json is a symbolic link"):
         store.import_hf(folder, "m")
     # Then the open refused the link: the host file's bytes never reached the store
+    assert not store.has("m") and SECRET not in store_bytes(tmp_path / "store")
+
+
+def test_a_hardlink_made_after_the_scan_is_refused_when_opened(tmp_path: Path, secret: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a clean model folder whose tokenizer.json becomes a hard link to a host file once the folder was scanned
+    folder = model_folder(tmp_path / "src")
+    identify = hf_format.identify
+
+    def swap(*args: Any) -> Any:
+        _plant_hardlink(folder, secret)
+        return identify(*args)
+
+    monkeypatch.setattr(hf_format, "identify", swap)
+    store = capped_store(tmp_path / "store", "1GB")
+    # When it is imported
+    with pytest.raises(UnsupportedModel, match=r"tokenizer\.json has 2 hard links"):
+        store.import_hf(folder, "m")
+    # Then the open refused it: the host file's bytes never reached the store
     assert not store.has("m") and SECRET not in store_bytes(tmp_path / "store")
 
 

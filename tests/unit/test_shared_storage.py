@@ -129,3 +129,46 @@ def test_an_object_above_the_cap_is_refused_from_its_stated_size(storage: Shared
     with pytest.raises(SharedStorageError, match=r"100 announced\); refused before downloading it"):
         storage.get_file("big", tmp_path / "big", max_size=10)
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("put", ["write", "put_file", "put_bytes"])
+def test_a_write_through_a_linked_folder_is_refused(tmp_path: Path, put: str) -> None:
+    # Given a shared folder where someone planted run1 -> a folder outside it
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    storage = LocalStorage(tmp_path / "shared")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "run1").symlink_to(outside, target_is_directory=True)
+    source = tmp_path / "delta.bin"
+    source.write_bytes(b"a delta")
+    # When a worker writes an object under run1/ (or a folder below it)
+    for key in ("run1/delta.bin", "run1/sub/delta.bin"):
+        with pytest.raises(SharedStorageError, match=r"run1 is a symbolic link: refused"):
+            if put == "write":
+                with open(source, "rb") as handle:
+                    storage.write(key, handle)
+            elif put == "put_file":
+                storage.put_file(key, source)
+            else:
+                storage.put_bytes(key, b"a delta")
+    # Then nothing was created outside the storage
+    assert list(outside.iterdir()) == []
+
+
+@pytest.mark.parametrize("victim", ["run1/victim", "run1/victim.bin", "linked"])
+def test_a_delete_through_or_of_a_link_is_refused(tmp_path: Path, victim: str) -> None:
+    # Given a shared folder with run1 -> a folder outside it, and linked -> a folder outside, full of host files
+    outside = tmp_path / "outside"
+    (outside / "victim").mkdir(parents=True)
+    (outside / "victim" / "keep.txt").write_bytes(b"host data")
+    (outside / "victim.bin").write_bytes(b"host data")
+    storage = LocalStorage(tmp_path / "shared")
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "run1").symlink_to(outside, target_is_directory=True)
+    (tmp_path / "shared" / "linked").symlink_to(outside / "victim", target_is_directory=True)
+    # When a worker deletes a key that lies under the link, or is the link
+    with pytest.raises(SharedStorageError, match="is a symbolic link"):
+        storage.delete(victim)
+    # Then nothing outside the storage was removed, and the planted link is left for an operator to see
+    assert (outside / "victim" / "keep.txt").read_bytes() == b"host data" and (outside / "victim.bin").exists()
+    assert (tmp_path / "shared" / "linked").is_symlink()
