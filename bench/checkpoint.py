@@ -35,11 +35,11 @@ TEXTS = ["the cat sat on the mat", "the dog ran across the park", "the train lea
 def bench_checkpoint_overhead(workdir: Path) -> None:
     import torch
 
-    from hypha_celery.executor.protocol import Train
     from hypha_celery.models import checkpoint
     from hypha_celery.models.examples import TINY_LLAMA, init_examples
     from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.protocol import Train
 
     models = workdir / "checkpoint-models"
     if not (models / TINY_LLAMA).is_dir():

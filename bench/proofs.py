@@ -35,8 +35,8 @@ def _store(root: Path) -> Any:
 
 
 def _generate(model: Any, prompt: str) -> tuple[Any, float]:
-    from hypha_celery.executor.protocol import Generate, Prompt
     from hypha_celery.models import transformers_runtime
+    from hypha_celery.protocol import Generate, Prompt
     from hypha_celery.stages.validation import GenerateParams
 
     request = Generate(model=model.manifest.id, prompts=[Prompt(prompt=prompt)], progress_interval=60.0,

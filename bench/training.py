@@ -58,10 +58,10 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     """Training tokens/s of the fine-tuning loop through a worker vs the same loop in this process (>= 0.9)."""
     import torch
 
-    from hypha_celery.executor.protocol import Train
     from hypha_celery.models.examples import TINY_LLAMA
     from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.protocol import Train
 
     if not (models / TINY_LLAMA).is_dir():
         say("\n[14] training: skipped (no tiny-llama example; install the [hf] extra)")
@@ -136,10 +136,10 @@ def bench_adapter_switch(workdir: Path) -> None:
     import torch
 
     from hypha_celery.executor.child import Executor
-    from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt, Train
     from hypha_celery.models.examples import TINY_LLAMA
     from hypha_celery.models.finetune import finetune, save
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
     from hypha_celery.stages.validation import GenerateParams
 
     models = workdir / "models"

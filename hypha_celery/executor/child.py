@@ -3,7 +3,7 @@
 Started by :mod:`hypha_celery.executor.pool` as ``python -m
 hypha_celery.executor.child`` (a fresh interpreter, never a fork of the
 worker: no inherited CUDA context, no inherited locks). It speaks the typed
-JSON-lines messages of :mod:`hypha_celery.executor.protocol` on the socket
+JSON-lines messages of :mod:`hypha_celery.protocol` on the socket
 passed as a file descriptor; its settings come in the environment. It imports
 no Celery, Redis or signing code: only torch, the model store and the protocol.
 """
@@ -25,7 +25,10 @@ from typing import Any
 
 from hypha_celery.errors import HyphaError, InvalidInput, contained
 from hypha_celery.executor import limits
-from hypha_celery.executor.protocol import (
+from hypha_celery.models.cache import ModelCache, Use
+from hypha_celery.models.manifest import expected_size
+from hypha_celery.models.store import ModelStore
+from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
     ChildSettings,
@@ -48,9 +51,6 @@ from hypha_celery.executor.protocol import (
     Usage,
     decode_request,
 )
-from hypha_celery.models.cache import ModelCache, Use
-from hypha_celery.models.manifest import expected_size
-from hypha_celery.models.store import ModelStore
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
 

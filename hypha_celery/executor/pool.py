@@ -14,7 +14,7 @@ itself) share a batch: each row runs with its own adapter (peft's mixed-batch fo
 between jobs but holding no cache, since training changes the weights.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
-never a fork of the worker, and speaks :mod:`hypha_celery.executor.protocol` with
+never a fork of the worker, and speaks :mod:`hypha_celery.protocol` with
 it. A job that overruns its deadline gets SIGTERM, then SIGKILL after a grace; its
 executor is replaced on the next job.
 """
@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from hypha_celery import errors
 from hypha_celery.config import KILL_GRACE_S
-from hypha_celery.executor.protocol import (
+from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
     ChildSettings,

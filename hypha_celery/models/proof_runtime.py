@@ -16,9 +16,9 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput
-from hypha_celery.executor.protocol import Prompt
 from hypha_celery.models import proofs
 from hypha_celery.models.transformers_runtime import TransformerModel, _prompt_ids, activate
+from hypha_celery.protocol import Prompt
 
 __all__ = ["capture", "prove_rows", "verify"]
 

@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
-from hypha_celery.executor.protocol import Progress, Trained
 from hypha_celery.models.architectures import build
 from hypha_celery.models.manifest import Manifest
 from hypha_celery.models.store import ModelStore
+from hypha_celery.protocol import Progress, Trained
 
 __all__ = ["Loaded", "infer_batch", "load", "model_bytes", "train"]
 

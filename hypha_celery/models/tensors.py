@@ -24,7 +24,11 @@ from typing import Any
 from hypha_celery.errors import InvalidInput
 from hypha_celery.units import format_size
 
-__all__ = ["DTYPES", "Batch", "check_inputs"]
+# Shared by validation (before any executor) and the runtimes that apply them in the executor.
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded RGB: 48 MiB an image before the processor resizes it
+MAX_TRAIN_LENGTH = 2048  # tokens of one training text, unless the model's own maximum is lower
+
+__all__ = ["DTYPES", "MAX_IMAGE_PIXELS", "MAX_TRAIN_LENGTH", "Batch", "check_inputs", "resolve_labels"]
 
 DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "uint8": 1}
 # Float dtype -> (bytes, the exponent bits): an element whose exponent bits are all set is NaN or infinite.
@@ -133,3 +137,17 @@ def _all_finite(raw: bytes, dtype: str) -> bool:
     words = np.frombuffer(raw, dtype=f"<u{width}")
     exponent = np.asarray(mask, dtype=words.dtype)
     return not bool(np.any((words & exponent) == exponent))
+
+
+def resolve_labels(raw: list[Any], names: list[str]) -> list[int]:
+    """Class ids for labels given as names (``id2label``'s) or ids; ``InvalidInput`` naming the first bad one."""
+    ids = []
+    for index, label in enumerate(raw):
+        if isinstance(label, str) and label in names:
+            ids.append(names.index(label))
+        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+            ids.append(label)
+        else:
+            raise InvalidInput(f"data.labels[{index}] is {label!r}: use a label name ({', '.join(names)}) or an id "
+                               f"from 0 to {len(names) - 1}")
+    return ids

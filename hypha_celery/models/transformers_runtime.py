@@ -48,7 +48,6 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel, contained
-from hypha_celery.executor.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.models.hf_allowlist import (
     FEATURE_EXTRACTION,
     IMAGE_CLASSIFICATION,
@@ -58,8 +57,9 @@ from hypha_celery.models.hf_allowlist import (
 )
 from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
+from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
 from hypha_celery.models.text_inputs import TextBound, check_text, check_texts
-from hypha_celery.stages.validation import MAX_IMAGE_PIXELS
+from hypha_celery.protocol import Generate, Generated, Prompt, Streamed
 
 __all__ = ["MAX_BATCH_ROWS", "MAX_BATCH_TOKENS", "Generation", "Pooling", "TransformerModel", "activate",
            "attach_adapter", "detach_adapter", "generate", "infer_batch", "load", "load_folder"]

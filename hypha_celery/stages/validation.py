@@ -48,12 +48,12 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, ModelPinMismatch, UnsupportedModel
-from hypha_celery.executor.protocol import Trained
 from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
 from hypha_celery.models.proofs import Proof, ProofFormatError
 from hypha_celery.models.store import ModelStore
-from hypha_celery.models.tensors import check_inputs
+from hypha_celery.models.tensors import MAX_IMAGE_PIXELS, MAX_TRAIN_LENGTH, check_inputs, resolve_labels
 from hypha_celery.models.text_inputs import TextBound, check_text, check_texts, unicode_error
+from hypha_celery.protocol import Trained
 from hypha_celery.resources.requirements import Requirements, check_caps
 
 __all__ = [
@@ -93,7 +93,6 @@ __all__ = [
 MAX_TEXTS = 256
 MAX_TEXT_CHARS = 32_768
 MAX_IMAGES = 32
-MAX_IMAGE_PIXELS = 4096 * 4096  # decoded RGB: 48 MiB an image before the processor resizes it
 _INFER_KINDS = ("inputs", "texts", "images")
 DEFAULT_MAX_NEW_TOKENS = 64
 MAX_STOP_STRINGS = 16
@@ -110,7 +109,6 @@ _TRAINABLE_TASKS = ("text-generation", "text-classification")
 _MODULE_NAME = re.compile(r"^[A-Za-z0-9_.]{1,128}\Z")
 # hypha.train on a transformers model: texts inline per task, and tokens per text (further capped by the model's).
 MAX_TRAIN_TEXTS = 100_000
-MAX_TRAIN_LENGTH = 2048
 
 
 @dataclass(frozen=True)
@@ -583,20 +581,6 @@ def check_training_texts(texts: list[str], manifest: Manifest | None, max_text_b
     is not read yet: checked again under the lease, once fetched)."""
     bound = TextBound.of(manifest.id if manifest else None, manifest.max_length if manifest else None, max_text_bytes)
     check_texts(texts, "data.texts", bound)
-
-
-def resolve_labels(raw: list[Any], names: list[str]) -> list[int]:
-    """Class ids for labels given as names (``id2label``'s) or ids; ``InvalidInput`` naming the first bad one."""
-    ids = []
-    for index, label in enumerate(raw):
-        if isinstance(label, str) and label in names:
-            ids.append(names.index(label))
-        elif isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
-            ids.append(label)
-        else:
-            raise InvalidInput(f"data.labels[{index}] is {label!r}: use a label name ({', '.join(names)}) or an id "
-                               f"from 0 to {len(names) - 1}")
-    return ids
 
 
 def finished_training(store: ModelStore, new_model: str, task_id: str) -> Trained | None:

@@ -25,13 +25,13 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.errors import InvalidTask, SharedStorageError
-from hypha_celery.executor.protocol import Progress, Train, Trained
 from hypha_celery.models import checkpoint, checkpoint_sync
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
 from hypha_celery.models.manifest import CONFIG, Manifest
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
+from hypha_celery.protocol import Progress, Train, Trained
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import Training, activation_bytes_per_token, lora_trainable_bound, requirements_for_model
 from hypha_celery.stages.validation import (

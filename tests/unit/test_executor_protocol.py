@@ -11,7 +11,7 @@ import pytest
 
 from hypha_celery import errors
 from hypha_celery.executor.pool import error_from_reply
-from hypha_celery.executor.protocol import (
+from hypha_celery.protocol import (
     ChildSettings,
     Describe,
     Description,

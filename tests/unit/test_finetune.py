@@ -11,10 +11,10 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.executor.protocol import Progress, Train
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples, write_tiny_llama
 from hypha_celery.models.manifest import ADAPTER_FILES, Manifest
 from hypha_celery.models.store import ModelStore
+from hypha_celery.protocol import Progress, Train
 from hypha_celery.stages.sizing import Training, estimate, lora_trainable_bound
 from hypha_celery.stages.validation import TrainSpec, validate_train
 
@@ -299,7 +299,7 @@ def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
 
 def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelStore, tmp_path: Path) -> None:
     from hypha_celery.executor.child import Executor
-    from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.protocol import ChildSettings, Generate, Prompt
     from hypha_celery.stages.validation import GenerateParams
 
     # Given two adapters of the tiny Llama, and an executor with an empty cache
@@ -425,8 +425,8 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     import torch
 
     from hypha_celery.executor.child import Executor
-    from hypha_celery.executor.protocol import ChildSettings, Generate, Prompt
     from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.protocol import ChildSettings, Generate, Prompt
     from hypha_celery.stages.validation import GenerateParams
 
     torch.set_num_threads(1)

@@ -9,11 +9,11 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, InvalidTask
-from hypha_celery.executor.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.transformers_runtime import visible
+from hypha_celery.protocol import Generate, Generated, Prompt, Streamed
 from hypha_celery.stages.validation import GenerateParams, GenerateSpec, validate_generate
 
 NO_TEMPLATE = "tiny-llama-plain"

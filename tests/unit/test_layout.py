@@ -49,3 +49,13 @@ def test_every_module_the_table_names_exists() -> None:
             if not (folder / name).exists() and not (PACKAGE / name).exists():
                 named.append(f"{key} {name}")
     assert named == []
+
+
+def test_the_model_layer_imports_nothing_above_it() -> None:
+    # Given every import statement in models/, function-level ones too
+    upward = re.compile(r"^\s*(from|import) hypha_celery\.(executor|stages|tasks|worker|training)\b")
+    found = [f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+             for path in sorted((PACKAGE / "models").rglob("*.py"))
+             for number, line in enumerate(path.read_text().splitlines(), 1) if upward.match(line)]
+    # Then none reaches the executor, the stages, the tasks, the worker or training (shared types live below them)
+    assert found == []

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from hypha_celery.executor.protocol import ChildSettings, Generate, Infer, Prompt, Train
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples
 from hypha_celery.models.store import ModelStore
+from hypha_celery.protocol import ChildSettings, Generate, Infer, Prompt, Train
 from hypha_celery.stages.validation import GenerateParams
 from tests.unit.test_finetune import _adapter, _Replies
 

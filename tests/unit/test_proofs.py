@@ -16,10 +16,10 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask
-from hypha_celery.executor.protocol import Generate, Generated, Prompt
 from hypha_celery.models import proof_runtime, proofs, transformers_runtime
 from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
 from hypha_celery.models.store import ModelStore
+from hypha_celery.protocol import Generate, Generated, Prompt
 from hypha_celery.stages.validation import GenerateParams, validate_generate, validate_verify
 
 torch = pytest.importorskip("torch", reason="the proofs' tests run the tiny Llama with torch")

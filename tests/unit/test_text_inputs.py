@@ -8,11 +8,11 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, InvalidInput, contained
-from hypha_celery.executor.protocol import Generate, Generated, Prompt
 from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.text_inputs import BYTES_PER_TOKEN, SLACK_BYTES, UNKNOWN_LENGTH_BYTES, text_byte_limit
+from hypha_celery.protocol import Generate, Generated, Prompt
 from hypha_celery.stages.validation import GenerateParams, validate_generate, validate_infer, validate_train
 
 LONE = "\ud800"  # what JSON's "\ud800" decodes to: a lone surrogate, no Unicode scalar value

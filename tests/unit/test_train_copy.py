@@ -12,9 +12,9 @@ from celery import Celery
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
-from hypha_celery.executor.protocol import Trained
 from hypha_celery.models.architectures import build
 from hypha_celery.models.store import PRODUCED, ModelStore
+from hypha_celery.protocol import Trained
 from hypha_celery.stages.validation import TrainSpec, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
