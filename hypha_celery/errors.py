@@ -36,11 +36,6 @@ they never reach a result backend.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from hypha_celery.resources.placement import Choice
-
 __all__ = [
     "AdmissionTimeout",
     "ConfigError",
@@ -194,8 +189,8 @@ class DuplicateTask(ControlFlow):
 
 
 class NotHere(ControlFlow):
-    """This node can never fit the task, but ``choice`` (a live worker elsewhere) can."""
+    """This node can never fit the task, but a live worker elsewhere can: ``queue`` is its own queue."""
 
-    def __init__(self, message: str, choice: Choice) -> None:
+    def __init__(self, message: str, queue: str) -> None:
         super().__init__(message)
-        self.choice = choice
+        self.queue = queue

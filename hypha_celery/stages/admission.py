@@ -65,7 +65,7 @@ def admit(
         elsewhere = placement.feasible(req, exclude=worker_id)
         if elsewhere is None:
             raise placement.infeasible(req)
-        raise NotHere(f"{ledger.node} can never fit {req.describe()}; {elsewhere.worker} can", elsewhere)
+        raise NotHere(f"{ledger.node} can never fit {req.describe()}; {elsewhere.worker} can", elsewhere.queue)
     raise ledger.refusal(req, answer, task_id)
 
 
@@ -100,7 +100,7 @@ def plan_deferral(
         # at once the first time; after that it backs off too, so nodes that each think the
         # other fits (placement's view is coarser than the ledger's) cannot bounce it quickly
         delay = backoff(attempt - 1, cfg, rand) if attempt else 0.0
-        return Deferral(delay, reason.choice.queue, attempt + 1, waited, str(reason))
+        return Deferral(delay, reason.queue, attempt + 1, waited, str(reason))
     choice = placement.choose(req, exclude=worker_id)
     delay = backoff(attempt, cfg, rand)
     if choice is not None and choice.node != node_id:

@@ -29,7 +29,7 @@ class NotInWorker(RuntimeError):
 
 
 class HyphaTask(Task):
-    Strategy = "hypha_celery.tasks.strategy:guarded"
+    Strategy = "hypha_celery.worker.strategy:guarded"
     throws = (HyphaError,)
     # STARTED is stored by the pipeline once the task is verified and validated, with its reservation in the
     # same Redis script call where it can (hypha_celery.worker.backend.started_with), not by Celery before it runs.
@@ -39,6 +39,8 @@ class HyphaTask(Task):
     # made its saferepr of hypha's nested result the largest cost a short task paid in the worker (about 200 us
     # against 50 us at 128 on the bench machine).
     resultrepr_maxsize = 128
+    # What the worker's bootstep looks for to hand the node context over (the worker imports no task module).
+    takes_node_context = True
     _node: NodeContext | None = None
 
     @property

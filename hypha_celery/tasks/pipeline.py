@@ -22,6 +22,7 @@ from typing import Any, NoReturn, Protocol, TypeVar
 from celery import states
 from celery.exceptions import Ignore
 
+from hypha_celery import headers
 from hypha_celery.errors import (
     DuplicateTask,
     HyphaError,
@@ -42,7 +43,6 @@ from hypha_celery.stages import admission
 from hypha_celery.stages.results import Timing, package
 from hypha_celery.stages.sizing import requirements_for_model
 from hypha_celery.stages.validation import check_model_pin
-from hypha_celery.tasks import headers
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.backend import mark_started, release_with_result, started_with
 from hypha_celery.worker.context import NodeContext

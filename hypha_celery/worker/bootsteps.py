@@ -32,7 +32,6 @@ from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.security import load_identity, peer_id
-from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["NodeStep", "RegistryStep"]
@@ -161,9 +160,13 @@ class NodeStep(bootsteps.StartStopStep):
 
 
 def bind_tasks(app: Any, ctx: NodeContext) -> None:
-    """Hand the node context to every hypha task of ``app`` (Celery's custom-base-class pattern)."""
+    """Hand the node context to every hypha task of ``app`` (Celery's custom-base-class pattern).
+
+    The tasks import the worker's parts, not the other way round: a task class says it takes the context with
+    ``takes_node_context`` (``HyphaTask`` does).
+    """
     for task in app.tasks.values():
-        if isinstance(task, HyphaTask):
+        if getattr(type(task), "takes_node_context", False):
             task.node = ctx
 
 

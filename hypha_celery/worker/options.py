@@ -33,8 +33,8 @@ from celery import Celery, signals
 from hypha_celery import keys
 from hypha_celery.config import EX_CONFIG, WorkerConfig, celery_settings, load_config, registry_url
 from hypha_celery.errors import ConfigError
+from hypha_celery.headers import SENT_AT
 from hypha_celery.redis_client import check_registry
-from hypha_celery.tasks.headers import SENT_AT
 
 __all__ = ["install"]
 
@@ -106,7 +106,7 @@ def install(app: Celery) -> None:
     ))
     app.steps["worker"].add("hypha_celery.worker.bootsteps:NodeStep")
     app.steps["consumer"].add("hypha_celery.worker.bootsteps:RegistryStep")
-    app.steps["consumer"].add("hypha_celery.tasks.strategy:MessageGuardStep")
+    app.steps["consumer"].add("hypha_celery.worker.strategy:MessageGuardStep")
     app.steps["consumer"].add("hypha_celery.worker.sweeper:SweeperStep")
     import hypha_celery.worker.control  # noqa: F401 - registers the inspect command (light: celery only)
     signals.celeryd_init.connect(_redis_transport, weak=False)

@@ -66,7 +66,7 @@ def test_a_request_too_big_here_names_the_live_node_that_fits(client: fakeredis.
     with pytest.raises(NotHere) as caught:
         admit(here, Placement(client), Requirements(memory=16 * GiB), task_id="t1", holder="w/t1", worker_id="w-here")
     # Then it is forwarded to the big node's worker queue
-    assert caught.value.choice == Choice(node="big", worker="w-big")
+    assert caught.value.queue == Choice(node="big", worker="w-big").queue
     assert caught.value.choice.queue == keys.worker_queue("w-big")
 
 
@@ -131,7 +131,7 @@ def test_a_busy_task_with_nowhere_to_go_backs_off_in_its_own_queue(client: faker
 
 def test_a_task_not_here_is_forwarded_at_once_then_with_backoff(client: fakeredis.FakeRedis) -> None:
     # Given a task that only another node can fit
-    reason = NotHere("too big here", Choice(node="big", worker="w-big"))
+    reason = NotHere("too big here", Choice(node="big", worker="w-big").queue)
     placement = Placement(client)
     # When it is deferred the first time, Then it goes to that node at once
     first = plan_deferral(CONFIG, placement, Requirements(memory=GiB), reason, node_id="here", worker_id="w-here",

@@ -1,4 +1,4 @@
-"""Unit tests for refusing malformed messages (hypha_celery.tasks.strategy), on kombu's memory transport."""
+"""Unit tests for refusing malformed messages (hypha_celery.worker.strategy), on kombu's memory transport."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from celery import Celery
 from kombu import Connection
 
 from hypha_celery.errors import MalformedMessage
-from hypha_celery.tasks.strategy import MessageGuardStep, refuse
+from hypha_celery.worker.strategy import MessageGuardStep, refuse
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_a_refused_message_with_a_task_id_fails_by_name(app: Celery, connection:
     task_id = str(uuid.uuid4())
     message = received(connection, b"{not json", {"id": task_id, "task": "hypha.infer"})
     # When it is refused
-    with caplog.at_level(logging.WARNING, logger="hypha_celery.tasks.strategy"):
+    with caplog.at_level(logging.WARNING, logger="hypha_celery.worker.strategy"):
         refuse(consumer(app), message, "the body cannot be decoded: DecodeError: nope\nsecond line")
     # Then its id has a final FAILURE with MalformedMessage, and the log has one line for it
     result = app.AsyncResult(task_id)
