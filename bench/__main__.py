@@ -317,7 +317,8 @@ def bench_cache(workdir: Path) -> None:
 # --- 5. batching ---------------------------------------------------------------------------------------
 
 def bench_batching(url: str, workdir: Path, models: Path) -> None:
-    from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+    from hypha_celery.executor.pool import ExecutorPool
+    from hypha_celery.executor.process import ExecutorSettings
     from hypha_celery.resources.ledger import Lease
 
     say("\n[5] dynamic batching: same-model small-model inference, batched vs one at a time")
@@ -384,7 +385,8 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
     """What process isolation costs one request: through the serving executor vs a call in process."""
     import torch
 
-    from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+    from hypha_celery.executor.pool import ExecutorPool
+    from hypha_celery.executor.process import ExecutorSettings
     from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
 

@@ -58,7 +58,8 @@ def _models(root: Path) -> Path:
 
 
 def _pool(store: Path, batch: int) -> Any:
-    from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+    from hypha_celery.executor.pool import ExecutorPool
+    from hypha_celery.executor.process import ExecutorSettings
 
     return ExecutorPool(ExecutorSettings(store=str(store), cache_size=16 * 10**9, max_model_size=16 * 10**9,
                                          sandbox=True, nice=0, enforce_memory=False, enforce_cpu=False,

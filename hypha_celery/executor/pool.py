@@ -1,53 +1,50 @@
-"""The worker's side of the executors: spawn them, batch work onto them, enforce timeouts.
+"""The worker's side of the executors: which executor runs a task, kept warm, its cache accounted.
 
 Inference runs in one long-lived *serving* executor per device ("cpu",
-"cuda:0", ...). It keeps the model cache warm across tasks, and because every
-task of the worker that wants that device goes through it, a cold model is
-loaded once (single-flight) and small requests for the same model arriving
-together are run as one forward pass (dynamic batching, as Triton's
-``max_queue_delay_microseconds``). Text generation runs there too, on the same
-cache, streaming each text back as it grows; generations with identical sampling
-settings that arrive together run as one batch (a seeded sampled one runs alone, so
-its seed repeats). Requests for different LoRA adapters of one base (and for the base
-itself) share a batch: each row runs with its own adapter (peft's mixed-batch forward,
-:mod:`hypha_celery.models.transformers_runtime`). Training runs in *job* executors, reused
-between jobs but holding no cache, since training changes the weights.
+"cuda:0", ...), fed by one *lane*: a thread that takes batches off the device's
+queue (what runs together and when is :mod:`hypha_celery.executor.batching`'s
+decision) and runs them one at a time. The executor keeps the model cache warm
+across tasks, and because every task of the worker that wants that device goes
+through it, a cold model is loaded once (single-flight). Text generation runs
+there too, on the same cache, streaming each text back as it grows. Requests for
+different LoRA adapters of one base (and for the base itself) share a batch:
+each row runs with its own adapter (peft's mixed-batch forward,
+:mod:`hypha_celery.models.transformers_runtime`). Training runs in *job*
+executors, reused between jobs but holding no cache, since training changes the
+weights.
 
-Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``),
-never a fork of the worker, and speaks :mod:`hypha_celery.protocol` with
-it. A job that overruns its deadline gets SIGTERM, then SIGKILL after a grace; its
-executor is replaced on the next job.
+Each executor is an :class:`~hypha_celery.executor.process.ExecutorProcess`
+(a fresh interpreter, its deadline enforced there); one that was killed is
+replaced on the next job. The lanes report each cache's bytes to the ledger,
+and :meth:`ExecutorPool.holds` answers sizing's "is this model already held".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 from hypha_celery import errors
-from hypha_celery.config import KILL_GRACE_S
+from hypha_celery.executor.batching import (
+    Batcher,
+    BatchKey,
+    BatchPolicy,
+    BatchQueue,
+    generation_key,
+    infer_key,
+    mixed_models,
+    retry_groups,
+)
+from hypha_celery.executor.process import START_TIMEOUT_S, ExecutorProcess, ExecutorSettings, error_from_reply
 from hypha_celery.protocol import (
-    FD_ENV,
-    SETTINGS_ENV,
-    ChildSettings,
     Describe,
     Description,
     Error,
-    Fatal,
     Generate,
     Generated,
     GenerateResult,
@@ -57,241 +54,19 @@ from hypha_celery.protocol import (
     Load,
     Loaded,
     Progress,
-    ProtocolError,
-    Ready,
-    Reply,
-    Request,
     Streamed,
     Train,
     TrainResult,
     Usage,
-    decode_reply,
 )
 from hypha_celery.resources.ledger import Lease
 
-__all__ = ["ChildTraceback", "ExecutorPool", "ExecutorSettings", "ItemResult"]
+__all__ = ["ExecutorPool", "GeneratedItem", "ItemResult"]
 
 log = logging.getLogger(__name__)
 
-_START_TIMEOUT_S = 120.0
-# The classes an executor may name in an Error: those rebuilt from one message string.
-_ERRORS: dict[str, type[errors.HyphaError]] = {
-    name: cls
-    for name in errors.__all__
-    if isinstance(cls := getattr(errors, name), type)
-    and issubclass(cls, errors.HyphaError)
-    and not issubclass(cls, (errors.ConfigError, errors.ControlFlow))
-}
-_R = TypeVar("_R", bound=Reply)
-
-
-class ChildTraceback(Exception):
-    """The executor's traceback, chained as the ``__cause__`` of the error it reported.
-
-    As ``concurrent.futures`` does for a worker process: the worker's log and the
-    traceback Celery stores with a failed task then show where in the executor it failed.
-    """
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.text}"""'
-
-
-def error_from_reply(reply: Error, executor: str) -> errors.HyphaError:
-    """The hypha error an executor's ``Error`` names; its traceback is logged and chained."""
-    error = _ERRORS.get(reply.type, errors.ExecutionError)(reply.message)
-    if reply.traceback:
-        log.warning("executor %s: %s: %s\n%s", executor, reply.type, reply.message, reply.traceback)
-        error.__cause__ = ChildTraceback(reply.traceback)
-    return error
-
-
-@dataclass(frozen=True)
-class ExecutorSettings:
-    """What every executor of this worker is started with."""
-
-    store: str
-    cache_size: int
-    max_model_size: int
-    sandbox: bool
-    nice: int
-    enforce_memory: bool
-    enforce_cpu: bool
-    max_batch_size: int = 32
-    max_queue_delay_s: float = 0.002
-    memory_mode: str | None = None  # "rlimit" on CPU, "watchdog" with CUDA; override for tests
-    max_text_bytes: int | None = None  # a text's byte bound for every model; None: from each model's length
-    tmp_root: str = field(default_factory=tempfile.gettempdir)
-
-
-class ExecutorProcess:
-    """One executor interpreter and its socket. Used by one thread at a time."""
-
-    def __init__(self, name: str, settings: ExecutorSettings, device_key: str, *, trains: bool = False) -> None:
-        self.name = name
-        self.device_key = device_key
-        ours, theirs = socket.socketpair()
-        memory_mode = settings.memory_mode or ("watchdog" if device_key.startswith("cuda") else "rlimit")
-        child = ChildSettings(
-            store=settings.store,
-            cache_size=settings.cache_size,
-            max_model_size=settings.max_model_size,
-            device="cuda:0" if device_key.startswith("cuda") else "cpu",
-            sandbox=settings.sandbox,
-            nice=settings.nice,
-            memory_mode=memory_mode if settings.enforce_memory else "off",
-            tmpdir=tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
-            trains=trains,
-            max_text_bytes=settings.max_text_bytes,
-        )
-        self.tmpdir = child.tmpdir
-        env = _child_env()
-        env.update({
-            SETTINGS_ENV: json.dumps(child.to_json()),
-            FD_ENV: str(theirs.fileno()),
-            "TMPDIR": child.tmpdir,
-            "HOME": child.tmpdir,
-            # transformers models load offline, with a private (empty) Hugging Face home: nothing is fetched
-            "HF_HOME": os.path.join(child.tmpdir, "hf-home"),
-            "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            "CUDA_VISIBLE_DEVICES": device_key.partition(":")[2] if device_key.startswith("cuda") else "",
-        })
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "hypha_celery.executor.child"],
-            env=env,
-            pass_fds=[theirs.fileno()],
-            stdin=subprocess.DEVNULL,
-            close_fds=True,
-        )
-        theirs.close()
-        self._sock = ours
-        self._reader = ours.makefile("rb")
-        self._writer = ours.makefile("wb")
-        try:
-            hello = self._read(_START_TIMEOUT_S)
-        except TimeoutError:
-            self.kill()
-            raise errors.ExecutorCrashed(f"executor {name} did not start within {_START_TIMEOUT_S:.0f}s") from None
-        except errors.HyphaError:
-            self.kill()
-            raise
-        if not isinstance(hello, Ready):
-            self.kill()
-            if isinstance(hello, Error):
-                raise error_from_reply(hello, name)
-            raise errors.ExecutorCrashed(f"executor {name} did not start: it sent {hello.kind!r}")
-        self.pid = self.process.pid
-
-    @property
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def _read(self, timeout: float | None) -> Reply:
-        self._sock.settimeout(timeout)
-        try:
-            line = self._reader.readline()
-        except TimeoutError:
-            raise
-        except (OSError, ValueError) as exc:
-            raise errors.ExecutorCrashed(f"executor {self.name} connection failed: {exc}") from None
-        if not line:
-            code = self.process.wait()
-            raise errors.ExecutorCrashed(f"executor {self.name} exited (code {code}) without an answer")
-        try:
-            return decode_reply(line)
-        except ProtocolError as exc:
-            raise errors.ExecutorCrashed(f"executor {self.name} broke the protocol: {exc}") from None
-
-    def call(
-        self,
-        request: Request,
-        expect: type[_R],
-        timeout: float,
-        on_progress: Callable[[Progress | Streamed], None] | None = None,
-    ) -> _R:
-        """Send one request; wait for its ``expect`` answer until ``timeout`` seconds, then kill and raise."""
-        deadline = time.monotonic() + timeout
-        try:
-            self._writer.write(request.encode())
-            self._writer.flush()
-        except OSError as exc:
-            raise errors.ExecutorCrashed(f"executor {self.name} is gone: {exc}") from None
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._overran(timeout)
-            try:
-                reply = self._read(remaining)
-            except TimeoutError:
-                self._overran(timeout)
-            except errors.ExecutorCrashed:
-                self.kill()
-                raise
-            if isinstance(reply, (Progress, Streamed)):
-                if on_progress is not None:
-                    try:
-                        on_progress(reply)
-                    except Exception as exc:  # progress is advisory: keep reading this job's replies
-                        log.warning("progress report failed: %s", exc)
-                continue
-            if isinstance(reply, Fatal):
-                self.kill()
-                raise error_from_reply(reply, self.name)
-            if isinstance(reply, Error):
-                raise error_from_reply(reply, self.name)
-            if isinstance(reply, expect):
-                return reply
-            self.kill()
-            raise errors.ExecutorCrashed(f"executor {self.name} answered {request.kind!r} with {reply.kind!r}")
-
-    def _overran(self, timeout: float) -> None:
-        self.kill()
-        raise errors.TaskTimeout(
-            f"the task ran past task_timeout ({timeout:.0f}s) and was stopped (SIGTERM, then SIGKILL after {KILL_GRACE_S:.0f}s)"
-        )
-
-    def kill(self) -> None:
-        """SIGTERM, a grace period, then SIGKILL."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(KILL_GRACE_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.close()
-
-    def close(self) -> None:
-        for handle in (self._reader, self._writer, self._sock):
-            try:
-                handle.close()
-            except OSError:
-                pass
-        if self.process.poll() is None:
-            self.process.terminate()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-
-def _child_env() -> dict[str, str]:
-    """The executor's environment: nothing of the worker's secrets, only what Python and torch need.
-
-    ``LD_LIBRARY_PATH`` and ``CUDA_HOME`` stay: GPU images (NVIDIA's container
-    runtime among them) find the driver's ``libcuda`` through them.
-    """
-    keep = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "PYTHONHASHSEED", "OMP_NUM_THREADS",
-            "LD_LIBRARY_PATH", "CUDA_HOME")
-    env = {key: os.environ[key] for key in keep if key in os.environ}
-    env.setdefault("PATH", "/usr/bin:/bin")
-    env["MALLOC_ARENA_MAX"] = "2"  # bounded allocator arenas keep RLIMIT_AS meaningful
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
+# After these the executor was killed (a deadline, a crash, the memory limit): its cache is gone.
+_KILLED = (errors.TaskTimeout, errors.ExecutorCrashed, errors.MemoryLimitExceeded)
 
 
 @dataclass
@@ -329,25 +104,14 @@ class _Request:
     inputs: Any
     lease: Lease
     deadline: float
-    batchable: bool
+    key: BatchKey | None  # the requests it may share a batch with; None: it runs alone
     expected_size: int | None
     generate: Generate | None = None  # a generation, streaming into ``streamed``
-    family: str | None = None  # an adapter's base: requests for adapters of one base (and the base) share batches
-    enqueued: float = field(default_factory=time.monotonic)
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
     generated: GeneratedItem | None = None
     streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
     error: BaseException | None = None
-
-    @property
-    def batch_key(self) -> tuple[str, str]:
-        """Requests that may share a batch: the same model (or adapters of one base, and that base), and for
-        generations the same sampling settings."""
-        family = self.family or self.model
-        if self.generate is None:
-            return ("infer", family)
-        return ("generate", family + json.dumps(self.generate.params, sort_keys=True))
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
@@ -371,24 +135,19 @@ def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
     )
 
 
-def _mixed(models: list[str]) -> list[str] | None:
-    """Each item's model for a batch that mixes adapters of one base; None when every item asks for one model."""
-    return models if len(set(models)) > 1 else None
-
-
 def device_key(lease: Lease) -> str:
     return f"cuda:{lease.cuda_visible_devices}" if lease.gpus else "cpu"
 
 
 class _Lane:
-    """The serving executor for one device and the batcher that feeds it."""
+    """The serving executor for one device and the thread that feeds it batches."""
 
     def __init__(self, pool: ExecutorPool, key: str) -> None:
         self.pool = pool
         self.key = key
         self.executor: ExecutorProcess | None = None
-        self.pending: deque[_Request] = deque()
-        self.cond = threading.Condition()
+        self.pending: Batcher[_Request] = BatchQueue(pool.policy)
+        self.cond = threading.Condition()  # guards ``pending``; a submit wakes the thread
         self.cache: dict[str, int] = {}
         self.warm = False  # started at boot: kept running (restarted in the background if it dies)
         self.calling = threading.Lock()  # one request on the executor's socket at a time
@@ -397,34 +156,22 @@ class _Lane:
 
     def submit(self, request: _Request) -> None:
         with self.cond:
-            self.pending.append(request)
+            self.pending.push(request, request.key)
             self.cond.notify()
 
     def _take_batch(self) -> list[_Request] | None:
-        settings = self.pool.settings
+        """The next batch once it is due (at once when the pool closes); None when closed and drained."""
         with self.cond:
-            while not self.pending:
-                if self.pool.closed:
-                    return None
-                self.cond.wait(0.5)
-            first = self.pending[0]
-            limit = settings.max_batch_size if first.batchable else 1
-            form_until = first.enqueued + settings.max_queue_delay_s
-            while limit > 1 and not self.pool.closed:
-                same = sum(1 for r in self.pending if r.batch_key == first.batch_key and r.batchable)
-                wait = form_until - time.monotonic()
-                if same >= limit or wait <= 0:
-                    break
-                self.cond.wait(wait)
-            batch = [first]
-            self.pending.popleft()
-            for request in list(self.pending):
-                if len(batch) >= limit:
-                    break
-                if request.batch_key == first.batch_key and request.batchable:
-                    batch.append(request)
-                    self.pending.remove(request)
-            return batch
+            while True:
+                due_in = self.pending.due_in()
+                if due_in is None:
+                    if self.pool.closed:
+                        return None
+                    self.cond.wait(0.5)
+                elif due_in <= 0 or self.pool.closed:
+                    return self.pending.pop()
+                else:
+                    self.cond.wait(due_in)
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
@@ -460,26 +207,12 @@ class _Lane:
             items=[r.inputs for r in batch],
             expected_size=batch[0].expected_size,
             limits=_job_limits([r.lease for r in batch], self.pool.settings),
-            models=_mixed([r.model for r in batch]),
+            models=mixed_models([r.model for r in batch]),
         )
         try:
             reply = executor.call(job, InferResult, timeout)
-        except (errors.MemoryLimitExceeded, errors.ExecutorCrashed) as exc:
-            self._cache_changed({})
-            if len(batch) > 1:
-                for request in batch:  # find the one at fault: each runs alone
-                    self._execute([request])
-                return
-            batch[0].finish(error=exc)
-            return
         except errors.HyphaError as exc:
-            if isinstance(exc, errors.TaskTimeout):
-                self._cache_changed({})
-            elif job.models is not None:  # one model of a mixed batch failed (an adapter that cannot attach)
-                self._per_model(batch, self._execute)
-                return
-            for request in batch:
-                request.finish(error=exc)
+            self._failed(batch, exc, self._execute)
             return
         usage = reply.usage
         self._cache_changed(reply.cache)  # before any answer: a task that follows sees the model as held
@@ -504,7 +237,7 @@ class _Lane:
     def _generate(self, executor: ExecutorProcess, batch: list[_Request], job: Generate, timeout: float) -> None:
         prompts = [prompt for request in batch for prompt in request.generate.prompts]  # type: ignore[union-attr]
         models = [request.model for request in batch for _ in request.generate.prompts]  # type: ignore[union-attr]
-        job = dataclasses.replace(job, model=batch[0].model, prompts=prompts, models=_mixed(models),
+        job = dataclasses.replace(job, model=batch[0].model, prompts=prompts, models=mixed_models(models),
                                   limits=_job_limits([r.lease for r in batch], self.pool.settings))
 
         def route(update: Progress | Streamed) -> None:
@@ -514,17 +247,7 @@ class _Lane:
         try:
             reply = executor.call(job, GenerateResult, timeout, route)
         except errors.HyphaError as exc:
-            if isinstance(exc, (errors.MemoryLimitExceeded, errors.ExecutorCrashed, errors.TaskTimeout)):
-                self._cache_changed({})  # the executor was killed: its cache is gone
-                if len(batch) > 1 and not isinstance(exc, errors.TaskTimeout):
-                    for request in batch:  # find the one at fault: each runs alone
-                        self._generate(self._ensure_executor(), [request], job, timeout)
-                    return
-            elif job.models is not None:  # one model of a mixed batch failed (an adapter that cannot attach)
-                self._per_model(batch, lambda group: self._generate(self._ensure_executor(), group, job, timeout))
-                return
-            for request in batch:
-                request.finish(error=exc)
+            self._failed(batch, exc, lambda group: self._generate(self._ensure_executor(), group, job, timeout))
             return
         self._cache_changed(reply.cache)  # before any answer: a task that follows sees the model as held
         for index, (request, output, error) in enumerate(zip(batch, reply.outputs, reply.errors, strict=True)):
@@ -544,14 +267,16 @@ class _Lane:
             )
             request.finish()
 
-    @staticmethod
-    def _per_model(batch: list[_Request], run: Callable[[list[_Request]], None]) -> None:
-        """Run a failed mixed batch again, one model's requests at a time, so only the model at fault fails."""
-        groups: dict[str, list[_Request]] = {}
-        for request in batch:
-            groups.setdefault(request.model, []).append(request)
-        for group in groups.values():
+    def _failed(self, batch: list[_Request], error: errors.HyphaError, run: Callable[[list[_Request]], None]) -> None:
+        """A batch that failed as one: run its groups again (:func:`retry_groups`), or give each request the error."""
+        if isinstance(error, _KILLED):
+            self._cache_changed({})  # the executor was killed: its cache is gone
+        groups = retry_groups(batch, error, lambda request: request.model)
+        for group in groups:
             run(group)
+        if not groups:
+            for request in batch:
+                request.finish(error=error)
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
@@ -594,6 +319,7 @@ class ExecutorPool:
         on_cache_change: Callable[[str, int, int], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.policy = BatchPolicy.uniform(settings.max_batch_size, settings.max_queue_delay_s)
         self.on_cache_change = on_cache_change
         self.closed = False
         self._lanes: dict[str, _Lane] = {}
@@ -624,7 +350,8 @@ class ExecutorPool:
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        request = _Request(model, inputs, lease, time.monotonic() + timeout, batchable, expected_size, family=family)
+        request = _Request(model, inputs, lease, time.monotonic() + timeout, infer_key(model, family, batchable),
+                           expected_size)
         self._lane(device_key(lease)).submit(request)
         request.done.wait()
         if request.error is not None:
@@ -651,9 +378,8 @@ class ExecutorPool:
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        seeded_sampling = job.params.get("do_sample") and job.params.get("seed") is not None
-        request = _Request(job.model, None, lease, time.monotonic() + timeout, not seeded_sampling, job.expected_size,
-                           generate=job, family=family)
+        request = _Request(job.model, None, lease, time.monotonic() + timeout,
+                           generation_key(job.model, family, job.params), job.expected_size, generate=job)
         self._lane(device_key(lease)).submit(request)
         reported: Streamed | None = None
         while not request.done.wait(poll_s):
@@ -712,7 +438,7 @@ class ExecutorPool:
         """Start (if needed) the serving executor of ``device`` and report what it is allowed."""
         lane = self._lane(device)
         with lane.calling:
-            return lane._ensure_executor().call(Describe(), Description, _START_TIMEOUT_S)
+            return lane._ensure_executor().call(Describe(), Description, START_TIMEOUT_S)
 
     def holds(self, model: str, *, gpu: bool, gpu_count: int = 1) -> bool:
         """Whether every serving executor a one-device request could land on already holds ``model``.
@@ -741,7 +467,7 @@ class ExecutorPool:
             executor = lane._ensure_executor()
             for model, expected in preload:
                 try:
-                    reply = executor.call(Load(model=model, expected_size=expected), Loaded, _START_TIMEOUT_S)
+                    reply = executor.call(Load(model=model, expected_size=expected), Loaded, START_TIMEOUT_S)
                 except errors.HyphaError as exc:
                     log.error("[worker.models] preload: %s could not be loaded on %s: %s", model, device, exc)
                     if not executor.alive:

@@ -25,7 +25,8 @@ from hypha_celery.config import WorkerConfig, registry_url
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import HyphaError, InvalidTask
 from hypha_celery.executor.limits import NICE
-from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+from hypha_celery.executor.pool import ExecutorPool
+from hypha_celery.executor.process import ExecutorSettings
 from hypha_celery.models.shared_storage import SharedStorage, models_source, open_storage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics

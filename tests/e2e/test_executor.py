@@ -25,7 +25,8 @@ from hypha_celery.errors import (
     TaskTimeout,
     UnsupportedModel,
 )
-from hypha_celery.executor.pool import ExecutorPool, ExecutorSettings
+from hypha_celery.executor.pool import ExecutorPool
+from hypha_celery.executor.process import ExecutorSettings
 from hypha_celery.models.architectures import build
 from hypha_celery.models.examples import TINY_LLAMA, clusters
 from hypha_celery.models.store import ModelStore

@@ -10,7 +10,7 @@ import traceback
 import pytest
 
 from hypha_celery import errors
-from hypha_celery.executor.pool import error_from_reply
+from hypha_celery.executor.process import error_from_reply
 from hypha_celery.protocol import (
     ChildSettings,
     Describe,
@@ -169,7 +169,7 @@ def test_the_executors_traceback_is_chained_to_the_error_and_logged(caplog: pyte
     # Given an executor's error carrying the traceback of the task's code
     reply = Error(type="ExecutionError", message="RuntimeError: shape", traceback=TRACEBACK)
     # When the worker reads it
-    with caplog.at_level(logging.WARNING, logger="hypha_celery.executor.pool"):
+    with caplog.at_level(logging.WARNING, logger="hypha_celery.executor.process"):
         error = error_from_reply(reply, "serve-cpu")
     # Then the message stays one string (Celery rebuilds the error from it), the formatted traceback
     # (what the worker logs and Celery stores) shows the executor's frames, and the worker's log has it

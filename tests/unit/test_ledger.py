@@ -23,7 +23,8 @@ from hypha_celery.errors import (
     RegistryUnavailable,
     ResourcesBusy,
 )
-from hypha_celery.executor.pool import ExecutorSettings, _job_limits
+from hypha_celery.executor.pool import _job_limits
+from hypha_celery.executor.process import ExecutorSettings
 from hypha_celery.resources.ledger import Call, Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.tools.launch import wait_for
