@@ -24,9 +24,9 @@ from hypha_celery.errors import (
     ResourcesBusy,
 )
 from hypha_celery.executor.pool import ExecutorSettings, _job_limits
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Call, Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.tools.launch import wait_for
 
 MiB = 2**20
 
