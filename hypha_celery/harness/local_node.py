@@ -23,7 +23,7 @@ from hypha_celery.harness.launch import WorkerProcess, client_app, start_worker,
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["LocalNode", "Wait", "local_node", "wait_answering"]
+__all__ = ["LocalNode", "Wait", "hostname", "local_node", "wait_answering"]
 
 # How a start waits for its worker: Celery's "ready." line (logged at level info), the worker's record in the
 # registry, an answered ping (any log level), or not at all.
@@ -94,18 +94,20 @@ class LocalNode:
 
     def wait_registered(self, worker: WorkerProcess, *, node_id: str | None = None,
                         timeout: float = 90) -> list[dict[str, Any]]:
-        """The registry's live records (those of ``node_id`` only, if given) once there is one; ``RuntimeError`` if
-        ``worker`` exits first, ``TimeoutError`` after ``timeout`` seconds."""
+        """``worker``'s live record in the registry (in a list; ``node_id``: only if it is on that node) once there;
+        ``RuntimeError`` if ``worker`` exits first, ``TimeoutError`` after ``timeout`` seconds."""
         from hypha_celery.redis_client import registry_client
         from hypha_celery.registry import list_workers
 
         registry = worker.env.get("HYPHA_REGISTRY_URL", self.url)
+        worker_id = hostname(worker)
         client = registry_client(registry)
 
         def registered() -> list[dict[str, Any]]:
             if not worker.alive():
                 raise RuntimeError(f"worker {worker.name} exited with {worker.process.returncode}; see {worker.log}")
-            return [record for record in list_workers(client) if node_id is None or record.get("node_id") == node_id]
+            return [record for record in list_workers(client) if record.get("worker_id") == worker_id
+                    and (node_id is None or record.get("node_id") == node_id)]
 
         try:
             return wait_for(registered, timeout, f"worker {worker.name} to register", interval=0.3)
@@ -125,10 +127,15 @@ class LocalNode:
             self._client = None
 
 
+def hostname(worker: WorkerProcess) -> str:
+    """The worker's Celery node name (``-n NAME@%h``): its ping destination and its registry ``worker_id``."""
+    return f"{worker.name}@{socket.gethostname()}"
+
+
 def wait_answering(worker: WorkerProcess, app: Celery, timeout: float = 60) -> None:
     """Until ``worker`` answers a ping sent with ``app`` (at level warning it logs no ``ready.`` line);
     ``RuntimeError`` if it exits first, ``TimeoutError`` after ``timeout`` seconds."""
-    destination = [f"{worker.name}@{socket.gethostname()}"]
+    destination = [hostname(worker)]
     worker.wait_ready(timeout, ready=lambda: bool(app.control.ping(destination=destination, timeout=0.5)))
 
 
