@@ -51,7 +51,7 @@ from bench.models import (
 from bench.proofs import bench_proofs
 from bench.scale import bench_placement, bench_registry
 from bench.training import bench_adapter_switch, bench_training_throughput
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 
 def machine() -> dict[str, Any]:
@@ -67,7 +67,7 @@ def machine() -> dict[str, Any]:
     import kombu
     import torch
 
-    from hypha_celery.tools.embedded_redis import redis_server_binary
+    from hypha_celery.harness.embedded_redis import redis_server_binary
 
     server = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout.split()
     return {
@@ -447,8 +447,8 @@ def main() -> int:
     if {"-h", "--help"} & set(sys.argv[1:]):
         say(__doc__ or "")
         return 0
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
     from hypha_celery.models.examples import init_examples
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     only = selection(sys.argv[1:])
     url, workdir = "", Path()  # set below: the steps read them when they run

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPEATS, fmt, hypha_config, record, say, spread, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 __all__ = ["bench_cold_load_largest", "bench_embeddings_batched", "bench_first_request", "bench_generation_batched"]
 

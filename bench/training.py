@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPEATS, fmt, hypha_config, record, say, spread, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 __all__ = ["bench_adapter_switch", "bench_training_throughput"]
 
@@ -206,8 +206,8 @@ def main() -> int:
     """Both figures on an embedded Redis and a fresh store of the example models."""
     import shutil
 
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
     from hypha_celery.models.examples import init_examples
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-training-"))
     server = EmbeddedRedis()

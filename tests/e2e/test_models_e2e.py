@@ -47,7 +47,7 @@ def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, s
     assert samples["hypha_worker_model_cache_evictions_total"] >= 3
     # ... and `hypha-celery top` shows the hit rate from the registry (refreshed every 2 s here)
     def top() -> str:
-        return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "top", "--once", "--registry", redis_url],
+        return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "top", "--once", "--registry", redis_url],
                               capture_output=True, text=True, check=True, timeout=60).stdout
     frame = wait_for(lambda: "cache hit rate 20%" in (out := top()) and out, 10, "top to show the hit rate")
     assert "1 hits, 4 misses" in frame and "cpu    [" in frame

@@ -22,7 +22,7 @@ MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.versio
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "models", "import", *args],
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "models", "import", *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 

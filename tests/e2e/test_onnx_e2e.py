@@ -29,7 +29,7 @@ SMALL = {"cpu_cores": 0.1, "memory": "1GB"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "models", "import", *args],
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "models", "import", *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ))
 
 

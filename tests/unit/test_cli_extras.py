@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from hypha_celery.cli.main import main
 from hypha_celery.models.store import ModelStore
-from hypha_celery.tools.cli import main
 
 
 @pytest.mark.parametrize(("module", "extra"), [("transformers", "hf"), ("onnxruntime", "onnx"), ("torch", "worker")])

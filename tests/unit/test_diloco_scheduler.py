@@ -100,7 +100,7 @@ class _DoneJob:
 
 
 def test_the_cli_prints_each_refused_delta_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    from hypha_celery.tools.cli import _follow
+    from hypha_celery.cli.train import _follow
 
     # When `run diloco` follows a job whose round refused a delta
     _follow(_DoneJob(), workers=1, timeout=5)

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hypha_celery.tools.launch import WorkerProcess, free_port, scrape, start_worker, wait_for, write_worker_config
+from hypha_celery.harness.launch import WorkerProcess, free_port, scrape
+from hypha_celery.harness.local_node import LocalNode, local_node
 from hypha_celery.units import format_size
 
 HERE = Path.cwd() / ".demo"
@@ -23,8 +24,8 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _config(path: Path, models: Path, peer: str, port: int) -> Path:
-    return write_worker_config(path, {
+def _config(models: Path, peer: str, port: int) -> dict[str, Any]:
+    return {
         "max_concurrent_tasks": 4,
         "max_memory_per_task": "2GB",
         "task_timeout": 120,
@@ -34,69 +35,57 @@ def _config(path: Path, models: Path, peer: str, port: int) -> Path:
         "security": {"verify_task_signatures": True, "allowed_schedulers": [peer]},
         "monitoring": {"metrics_port": port, "monitor_interval": 2},
         "resources": {"node_id": "demo-node", "memory": "4GB"},
-    })
+    }
 
 
 def main() -> int:
     from hypha_celery.models.examples import init_examples, skipped_examples
     from hypha_celery.security import generate_key, peer_id
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     shutil.rmtree(HERE, ignore_errors=True)
     HERE.mkdir(parents=True)
-    redis_server = EmbeddedRedis()
-    url = redis_server.start()
-    os.environ.update({"HYPHA_BROKER_URL": url, "HYPHA_RESULT_BACKEND": url, "HYPHA_REGISTRY_URL": url})
-    say(f"1. embedded Redis at {url}")
+    with local_node(HERE, workers=0, name="demo") as node:
+        url = node.url
+        os.environ.update({"HYPHA_BROKER_URL": url, "HYPHA_RESULT_BACKEND": url, "HYPHA_REGISTRY_URL": url})
+        say(f"1. embedded Redis at {url}")
 
-    models = HERE / "models"
-    for manifest in init_examples(models):
-        what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
-        say(f"2. example model {manifest.id}: {manifest.architecture}, {what}, {format_size(manifest.size)}")
-    for name, why in skipped_examples():
-        say(f"2. example model {name} skipped: {why}")
-    key = generate_key(HERE / "scheduler.key")
-    peer = peer_id(key.verify_key)
-    say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
-    port = free_port()
-    config = _config(HERE / "worker.toml", models, peer, port)
+        models = HERE / "models"
+        for manifest in init_examples(models):
+            what = manifest.task if manifest.runtime == "transformers" else f"input {manifest.input_shape}"
+            say(f"2. example model {manifest.id}: {manifest.architecture}, {what}, {format_size(manifest.size)}")
+        for name, why in skipped_examples():
+            say(f"2. example model {name} skipped: {why}")
+        key = generate_key(HERE / "scheduler.key")
+        peer = peer_id(key.verify_key)
+        say(f"3. scheduler key {HERE / 'scheduler.key'} (peer id {peer})")
+        port = free_port()
 
-    worker = start_worker("demo", HERE / "worker.log", dict(os.environ), config=config)
+        worker = node.start_worker(_config(models, peer, port), name="demo", wait=None)
+        try:
+            return _run(node, worker, key, port)
+        finally:
+            say("\n9. shutting down")
+            node.close()
+            say(f"   done (worker log: {worker.log})")
+            say("   next, a worker of your own: README, *Running a worker* (a Redis, worker.toml, export HYPHA_CONFIG)")
+    return 0  # pragma: no cover - the block always returns
+
+
+def _wait_registered(node: LocalNode, worker: WorkerProcess, timeout: float = 90.0) -> list[dict[str, Any]]:
     try:
-        return _run(worker, key, port)
-    finally:
-        say("\n9. shutting down")
-        worker.stop()
-        redis_server.close()
-        say(f"   done (worker log: {worker.log})")
-        say("   next, a worker of your own: README, *Running a worker* (a Redis, worker.toml, export HYPHA_CONFIG)")
-
-
-def _wait_registered(worker: WorkerProcess, timeout: float = 90.0) -> list[dict[str, Any]]:
-    from hypha_celery.redis_client import registry_client
-    from hypha_celery.registry import list_workers
-
-    client = registry_client(os.environ["HYPHA_REGISTRY_URL"])
-
-    def registered() -> list[dict[str, Any]]:
-        if not worker.alive():
-            raise SystemExit(f"the worker exited; see {worker.log}")
-        return list_workers(client)
-
-    try:
-        return wait_for(registered, timeout, "the worker to register", interval=0.3)
+        return node.wait_registered(worker, timeout=timeout)
+    except RuntimeError:
+        raise SystemExit(f"the worker exited; see {worker.log}") from None
     except TimeoutError:
         raise SystemExit(f"the worker did not register; see {worker.log}") from None
-    finally:
-        client.close()
 
 
-def _run(worker: WorkerProcess, key: Any, port: int) -> int:
+def _run(node: LocalNode, worker: WorkerProcess, key: Any, port: int) -> int:
     from hypha_celery.client import submit
     from hypha_celery.errors import HyphaError
     from hypha_celery.models.examples import clusters
 
-    workers = _wait_registered(worker)
+    workers = _wait_registered(node, worker)
     w = workers[0]
     say(f"4. worker {w['worker_id']} registered: {w['cpu_cores']} cores, {w['total_memory'] >> 20} MiB, "
         f"models {w['models']}, queue {w['queue']}")

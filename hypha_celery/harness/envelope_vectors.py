@@ -1,6 +1,6 @@
 """Test vectors for the signed envelope and the signed result (``docs/envelope-vectors/``): write or check them.
 
-``python -m hypha_celery.tools.envelope_vectors`` rewrites the files from the cases below with this
+``python -m hypha_celery.harness.envelope_vectors`` rewrites the files from the cases below with this
 implementation (:func:`hypha_celery.security.sign_envelope`); ``--check`` exits 1 if any committed
 file differs from what it would write. ``tests/unit/test_envelope_vectors.py`` proves the same, and
 ``examples/node-scheduler/verify-vectors.mjs`` checks the files with an independent implementation.
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             options.dir.mkdir(parents=True, exist_ok=True)
             path.write_text(render(data))
     if stale:
-        print("out of date: " + ", ".join(stale) + " (python -m hypha_celery.tools.envelope_vectors)", file=sys.stderr)
+        print("out of date: " + ", ".join(stale) + " (python -m hypha_celery.harness.envelope_vectors)", file=sys.stderr)
         return 1
     return 0
 

@@ -1,6 +1,6 @@
 """``make gpu-check``: the GPU path end to end, on a machine with an NVIDIA GPU.
 
-``python -m hypha_celery.tools.gpu_check`` prints each step as a line a person reads:
+``python -m hypha_celery.harness.gpu_check`` prints each step as a line a person reads:
 
 1. NVML lists the GPUs; with no NVML or no device it says so and exits 0.
 2. A Redis (embedded, or ``--redis-url`` / ``$HYPHA_TEST_REDIS_URL``), the tiny Llama
@@ -31,23 +31,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import hypha_celery
+from hypha_celery.harness.gpu_memory import Comparison, NvmlMemory, Sampler, compare
 from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
     from celery import Celery
     from celery.result import AsyncResult
 
+    from hypha_celery.harness.launch import WorkerProcess
     from hypha_celery.resources.gpu import GpuInfo
-    from hypha_celery.resources.ledger import Ledger
-    from hypha_celery.tools.launch import WorkerProcess
 
 __all__ = ["main", "nvml_probe"]
 
@@ -90,189 +90,6 @@ def nvml_probe() -> tuple[list[GpuInfo], str]:
     except pynvml.NVMLError as exc:
         return [], f"NVML could not count devices: {exc}"
     return [], "the driver reports no devices" if count == 0 else f"NVML counts {count} device(s) but listing them failed"
-
-
-# --- NVML while the worker runs ------------------------------------------------------------------------------
-
-
-class NvmlMemory:
-    """GPU memory in use by one process group (the worker's), per GPU, as NVML reports it.
-
-    Per-process figures (``nvmlDeviceGetComputeRunningProcesses``) for the processes in
-    the worker's process group; where NVML gives none for them (containers that hide host
-    pids, drivers that do not report it), the device's used memory less what was used
-    before the worker started.
-    """
-
-    PER_PROCESS = "per process"
-    DEVICE = "device used minus the baseline before the worker started"
-
-    def __init__(self, indices: Sequence[int]) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()  # reference-counted by NVML: list_gpus' own init stays valid
-        self.nvml = pynvml
-        self.handles = {index: pynvml.nvmlDeviceGetHandleByIndex(index) for index in indices}
-        self.baseline = {index: self.device_used(index) for index in indices}
-        self.group: int | None = None
-        self.why_not_per_process = ""
-
-    def device_used(self, index: int) -> int:
-        return int(self.nvml.nvmlDeviceGetMemoryInfo(self.handles[index]).used)
-
-    def _ours(self, pid: int) -> bool:
-        try:
-            return self.group is not None and os.getpgid(pid) == self.group
-        except OSError:
-            return False
-
-    def _processes(self, index: int) -> list[tuple[int, int | None]] | None:
-        try:
-            found = self.nvml.nvmlDeviceGetComputeRunningProcesses(self.handles[index])
-        except Exception as exc:  # NVMLError, or an nvidia-ml-py without the call
-            self.why_not_per_process = f"nvmlDeviceGetComputeRunningProcesses failed: {exc}"
-            return None
-        result: list[tuple[int, int | None]] = []
-        for process in found:
-            used = getattr(process, "usedGpuMemory", None)
-            result.append((int(process.pid), None if used is None or used >= 2**63 else int(used)))
-        return result
-
-    def read(self) -> dict[int, tuple[int, str, list[int]]]:
-        """Per GPU: bytes in use by the worker's processes, how it was measured, and their pids."""
-        out: dict[int, tuple[int, str, list[int]]] = {}
-        for index in self.handles:
-            processes = self._processes(index)
-            if processes is not None:
-                ours = [(pid, used) for pid, used in processes if self._ours(pid)]
-                if ours and all(used is not None for _, used in ours):
-                    out[index] = (sum(used or 0 for _, used in ours), self.PER_PROCESS, [pid for pid, _ in ours])
-                    continue
-                if ours:
-                    self.why_not_per_process = "NVML lists the worker's processes without their memory"
-                elif processes:
-                    self.why_not_per_process = (f"NVML lists pids {[pid for pid, _ in processes]}, none in the "
-                                                "worker's process group (another pid namespace?)")
-            out[index] = (max(0, self.device_used(index) - self.baseline[index]), self.DEVICE, [])
-        return out
-
-
-# --- the ledger and NVML, sampled together ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One look at the node: live task ids, GPU bytes the ledger holds, and what NVML sees in use."""
-
-    at: float
-    tasks: frozenset[str]
-    task_reserved: dict[int, int]  # per GPU: bytes of the live task leases
-    cache_reserved: dict[int, int]  # per GPU: bytes the model cache accounts
-    in_use: dict[int, int]
-    method: dict[int, str]
-    pids: dict[int, list[int]]
-
-    def reserved(self, gpu: int) -> int:
-        return self.task_reserved.get(gpu, 0) + self.cache_reserved.get(gpu, 0)
-
-
-def _pairs(flat: Any) -> dict[int, int]:
-    """A lease's ``[gpu, bytes, gpu, bytes]`` (Lua's cjson writes an empty one as ``{}``)."""
-    if not isinstance(flat, list):
-        return {}
-    return {int(flat[i]): int(flat[i + 1]) for i in range(0, len(flat) - 1, 2)}
-
-
-class Sampler:
-    """A thread that reads the ledger's leases, then NVML, every ``interval`` seconds."""
-
-    def __init__(self, ledger: Ledger, nvml: NvmlMemory | None, interval: float = 0.02) -> None:
-        self.ledger = ledger
-        self.nvml = nvml
-        self.interval = interval
-        self.samples: list[Sample] = []
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="gpu-check-sampler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.samples.append(self.sample())
-            except Exception as exc:  # a missed sample is reported, not fatal
-                if len(self.errors) < 5:
-                    self.errors.append(f"{type(exc).__name__}: {exc}")
-
-    def sample(self) -> Sample:
-        usage = self.ledger.usage()
-        tasks: set[str] = set()
-        task_reserved: dict[int, int] = {}
-        cache_reserved: dict[int, int] = {}
-        for lease in usage.leases:
-            into = cache_reserved if lease.get("k") == "cache" else task_reserved
-            if lease.get("k") != "cache" and lease.get("t"):
-                tasks.add(str(lease["t"]))
-            for gpu, amount in _pairs(lease.get("g")).items():
-                into[gpu] = into.get(gpu, 0) + amount
-        seen = self.nvml.read() if self.nvml is not None else {}
-        return Sample(
-            at=time.monotonic(),
-            tasks=frozenset(tasks),
-            task_reserved=task_reserved,
-            cache_reserved=cache_reserved,
-            in_use={gpu: used for gpu, (used, _, _) in seen.items()},
-            method={gpu: how for gpu, (_, how, _) in seen.items()},
-            pids={gpu: pids for gpu, (_, _, pids) in seen.items()},
-        )
-
-    def during(self, task_ids: set[str]) -> list[Sample]:
-        """The samples taken while one of ``task_ids`` held a lease."""
-        return [s for s in list(self.samples) if s.tasks & task_ids]
-
-
-@dataclass
-class Comparison:
-    """NVML's memory in use against the ledger's reservation, over the samples of some tasks."""
-
-    gpu: int
-    samples: int = 0
-    peak_in_use: int = 0
-    task_reserved: int = 0  # what the tasks' leases held at the peak
-    cache_reserved: int = 0  # what the model cache accounted at the peak
-    worst_ratio: float = 0.0  # max of in use / reserved at the same moment
-    over: list[tuple[int, int]] = field(default_factory=list)  # (in use, reserved) where in use > reserved
-    methods: set[str] = field(default_factory=set)
-    pids: set[int] = field(default_factory=set)
-
-    @property
-    def exceeded(self) -> bool:
-        return bool(self.over)
-
-
-def compare(samples: list[Sample], gpu: int) -> Comparison:
-    result = Comparison(gpu=gpu)
-    for sample in samples:
-        if gpu not in sample.task_reserved or gpu not in sample.in_use:
-            continue
-        reserved, used = sample.reserved(gpu), sample.in_use[gpu]
-        result.samples += 1
-        if result.samples == 1 or used > result.peak_in_use:
-            result.peak_in_use = used
-            result.task_reserved, result.cache_reserved = sample.task_reserved[gpu], sample.cache_reserved.get(gpu, 0)
-        result.methods.add(sample.method[gpu])
-        result.pids.update(sample.pids.get(gpu, ()))
-        if reserved:
-            result.worst_ratio = max(result.worst_ratio, used / reserved)
-        if used > reserved:
-            result.over.append((used, reserved))
-    return result
 
 
 # --- the run ------------------------------------------------------------------------------------------------------
@@ -332,19 +149,10 @@ def _torch_cuda() -> tuple[bool, str]:
     return True, f"torch {version}, CUDA {cuda}, {name.strip()}"
 
 
-def _worker_env(url: str) -> dict[str, str]:
-    """The launcher's environment, with this checkout first on ``PYTHONPATH`` (the worker imports this code)."""
-    from hypha_celery.tools.launch import worker_env
+def _config(setup: Setup, models: Path, peer: str, sandbox: bool) -> dict[str, Any]:
+    from hypha_celery.harness.launch import free_port
 
-    root = str(Path(hypha_celery.__file__).resolve().parent.parent)
-    path = os.environ.get("PYTHONPATH", "")
-    return worker_env(url, url, url, PYTHONPATH=os.pathsep.join(p for p in (root, path) if p))
-
-
-def _write_config(setup: Setup, models: Path, peer: str, sandbox: bool) -> Path:
-    from hypha_celery.tools.launch import free_port, write_worker_config
-
-    return write_worker_config(setup.workdir / f"worker-{'sandbox' if sandbox else 'plain'}.toml", {
+    return {
         "max_concurrent_tasks": 10,  # step 4's 8 requests are admitted together
         "task_timeout": 120,
         "model_cache_size": "1GB",
@@ -356,29 +164,27 @@ def _write_config(setup: Setup, models: Path, peer: str, sandbox: bool) -> Path:
         "monitoring": {"metrics_port": free_port(), "monitor_interval": 2},
         "admission": {"backoff_initial": 0.1, "backoff_max": 1.0},
         "resources": {"node_id": setup.node},  # no `gpus`: the worker finds them by NVML
-    })
+    }
 
 
 def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | None:
     """Step 2. ``None`` when the worker is up and registered, else the exit status."""
+    from hypha_celery.harness.local_node import local_node
     from hypha_celery.models.examples import write_tiny_llama
     from hypha_celery.models.store import ModelStore
     from hypha_celery.redis_client import registry_client
-    from hypha_celery.registry import list_workers
     from hypha_celery.resources.ledger import Ledger
     from hypha_celery.security import generate_key, peer_id
-    from hypha_celery.tools.launch import client_app, start_worker, wait_for
 
-    if redis_url:
-        setup.url = redis_url
-        say(f"2. Redis at {redis_url} (given)")
-    else:
-        from hypha_celery.tools.embedded_redis import EmbeddedRedis
-
-        server = EmbeddedRedis()
-        setup.url = server.start()
-        setup._closers.append(server.close)
-        say(f"2. embedded Redis at {setup.url}")
+    # The worker imports this checkout's code: its root goes first on the worker's PYTHONPATH.
+    root = str(Path(hypha_celery.__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    stack = ExitStack()
+    setup._closers.append(stack.close)
+    node = stack.enter_context(local_node(setup.workdir, redis_url=redis_url or None, workers=0, name="gpu-check",
+                                          env={"PYTHONPATH": path}))
+    setup.url = node.url
+    say(f"2. Redis at {redis_url} (given)" if redis_url else f"2. embedded Redis at {setup.url}")
     os.environ.update({"HYPHA_BROKER_URL": setup.url, "HYPHA_RESULT_BACKEND": setup.url,
                        "HYPHA_REGISTRY_URL": setup.url})
     os.environ.pop("HYPHA_CONFIG", None)
@@ -392,7 +198,7 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
         f"{manifest.architecture}, {format_size(manifest.size)} of files")
     setup.key = generate_key(setup.workdir / "scheduler.key")
     peer = peer_id(setup.key.verify_key)
-    setup.app = client_app(setup.url, name="hypha-gpu-check")
+    setup.app = node.client
 
     client = registry_client(setup.url)
     setup._closers.append(client.close)
@@ -400,19 +206,11 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
         setup.nvml.baseline = {index: setup.nvml.device_used(index) for index in setup.nvml.handles}
 
     for sandbox in (True, False):
-        config = _write_config(setup, models, peer, sandbox)
-        log = setup.workdir / f"worker-{'sandbox' if sandbox else 'plain'}.log"
-        worker = start_worker("gpu-check", log, _worker_env(setup.url), config=config)
-        setup._closers.append(worker.stop)
-        say(f"   worker starting (pid {worker.pid}, log {log}, gpus left to NVML detection)")
-
-        def registered(w: WorkerProcess = worker) -> list[dict[str, Any]]:
-            if not w.alive():
-                raise RuntimeError("exited")
-            return [r for r in list_workers(client) if r.get("node_id") == setup.node]
-
+        worker = node.start_worker(_config(setup, models, peer, sandbox),
+                                   name=f"gpu-check-{'sandbox' if sandbox else 'plain'}", wait=None)
+        say(f"   worker starting (pid {worker.pid}, log {worker.log}, gpus left to NVML detection)")
         try:
-            records = wait_for(registered, 90, "the worker to register", interval=0.3)
+            records = node.wait_registered(worker, node_id=setup.node, timeout=90)
         except (RuntimeError, TimeoutError) as exc:
             output = worker.output()
             if sandbox and "sandbox_enabled" in output:
@@ -604,7 +402,7 @@ def _batched(setup: Setup, args: argparse.Namespace, requirements: dict[str, Any
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hypha_celery.tools.gpu_check", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m hypha_celery.harness.gpu_check", description=__doc__.split("\n")[0])
     parser.add_argument("--redis-url", default=os.environ.get("HYPHA_TEST_REDIS_URL"),
                         help="a Redis database it may use (default: $HYPHA_TEST_REDIS_URL, else an embedded one)")
     parser.add_argument("--max-new-tokens", type=int, default=64)

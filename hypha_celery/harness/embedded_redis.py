@@ -19,7 +19,7 @@ from typing import Any
 
 import redis
 
-from hypha_celery.tools.launch import free_port, wait_for
+from hypha_celery.harness.launch import free_port, wait_for
 
 __all__ = ["EmbeddedCluster", "EmbeddedRedis", "redis_server_binary"]
 
