@@ -23,7 +23,7 @@ So prefill is *chunked and interleaved*: a long prompt costs the running rows at
 most one budget of tokens per step, never its whole length at once.
 
 Seams for what follows: ``on_join`` is called when a row is taken for prefill (a
-ledger reserves :func:`~.request.kv_tokens` × bytes per token there and may answer
+ledger reserves :func:`~.request.kv_tokens` times the bytes per token there and may answer
 "not yet"), ``on_leave`` once when a joined row leaves (the ledger releases). Shared
 prompt prefixes (prefix reuse) would enter in :meth:`Engine._start_prefill`: a row
 whose prompt starts with cached KV would begin its prefill after that prefix.

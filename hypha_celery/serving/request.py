@@ -91,7 +91,7 @@ def kv_tokens(request: Request) -> int:
 
 def kv_bytes_per_token(config: Any, dtype_bytes: int) -> int:
     """Bytes one token's keys and values take across the layers of a transformers ``config``."""
-    heads = getattr(config, "num_attention_heads")
+    heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * int(config.num_hidden_layers) * int(kv_heads) * int(head_dim) * dtype_bytes
