@@ -49,6 +49,7 @@ __all__ = ["Engine", "JoinHook", "LeaveHook"]
 # Called when a row is taken for prefill: True lets it join, False keeps it waiting (retried next step);
 # raising refuses that row alone (its error is kept on its handle).
 JoinHook = Callable[[Handle], bool]
+# Called once when a row that joined leaves, for any reason; it must not raise (the step is half done).
 LeaveHook = Callable[[Handle], None]
 
 
@@ -146,7 +147,11 @@ class Engine:
         return left
 
     def run(self) -> None:
-        """Step until nothing is waiting or running (what a batch caller and the tests use)."""
+        """Step until nothing is waiting or running (what a batch caller and the tests use).
+
+        A join hook that keeps answering False while nothing runs keeps this stepping: a serving
+        loop that admits through a ledger waits on the ledger instead of calling this.
+        """
         while self.busy:
             self.step()
 

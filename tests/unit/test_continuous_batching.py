@@ -362,3 +362,38 @@ def test_a_bad_request_is_refused_before_it_enters(model: transformers_runtime.T
     with pytest.raises(InvalidInput, match=named):
         eng.add(Request(**request_kwargs))
     assert not eng.busy
+
+
+def test_a_failed_forward_pass_fails_the_rows_in_it_and_the_engine_serves_on(
+        model: transformers_runtime.TransformerModel) -> None:
+    from hypha_celery.errors import ExecutionError
+
+    # Given a forward that fails once, on the third pass
+    real = model.module
+    calls = [0]
+
+    class Flaky:
+        config = real.config
+        generation_config = real.generation_config
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def __call__(self, **inputs: Any) -> Any:
+            calls[0] += 1
+            if calls[0] == 3:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return real(**inputs)
+
+    eng = Engine(Flaky(), model.tokenizer)
+    first = [eng.add(Request(ids(model, p), 10)) for p in PROMPTS[:2]]
+    eng.step()
+    eng.step()
+    # When the failing pass runs
+    with pytest.raises(ExecutionError, match="out of memory"):
+        eng.step()
+    # Then the rows in it ended in error, and a request added afterwards runs as if alone
+    assert all(h.finish is Finish.ERROR and isinstance(h.error, ExecutionError) for h in first)
+    later = eng.add(Request(ids(model, PROMPTS[3]), 10))
+    eng.run()
+    assert later.tokens == alone(model, ids(model, PROMPTS[3]), 10, do_sample=False)
