@@ -90,10 +90,10 @@ def test_a_lora_run_given_no_length_takes_at_least_20_steps(store: ModelStore) -
     ({"seed": "1"}, InvalidTask, "seed must be"),
     ({"max_length": 100_000}, InvalidTask, "max_length must be"),
     ({"batch_size": 0}, InvalidTask, "batch_size must be"),
-    ({"checkpoint_every": 0}, InvalidInput, "checkpoint_every must be an integer from 1"),
-    ({"checkpoint_every": "50"}, InvalidInput, "checkpoint_every must be"),
-    ({"checkpoint_every": 2.5}, InvalidInput, "checkpoint_every must be"),
-    ({"checkpoint_every": True}, InvalidInput, "checkpoint_every must be"),
+    ({"checkpoint_every": 0}, InvalidTask, "checkpoint_every must be an integer from 1"),
+    ({"checkpoint_every": "50"}, InvalidTask, "checkpoint_every must be"),
+    ({"checkpoint_every": 2.5}, InvalidTask, "checkpoint_every must be"),
+    ({"checkpoint_every": True}, InvalidTask, "checkpoint_every must be"),
     ({"lr": 0}, InvalidTask, "lr must be"),
     ({"data": {"texts": []}}, InvalidInput, "data.texts"),
     ({"data": {"texts": ["a"], "labels": [0]}}, InvalidTask, "causal LM"),
@@ -104,8 +104,10 @@ def test_each_bad_argument_is_refused_by_name(store: ModelStore, kwargs: dict[st
     # Given one bad argument on an otherwise valid causal-LM task
     task = {"model": TINY_LLAMA, "data": {"texts": TEXTS}, **kwargs}
     # Then validation refuses it, naming the argument
-    with pytest.raises(error, match=names.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(error, match=names.replace("(", r"\(").replace("[", r"\[")) as caught:
         _validate(store, **task)
+    # with that very error type (an argument's is InvalidTask, an input's InvalidInput), not a subclass of it
+    assert type(caught.value) is error
 
 
 def test_classifier_labels_are_names_or_ids(store: ModelStore) -> None:

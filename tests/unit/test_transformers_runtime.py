@@ -20,8 +20,9 @@ from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VI
 from hypha_celery.models.manifest import MODEL_MANIFEST
 from hypha_celery.models.runtime import infer_batch, load
 from hypha_celery.models.store import ModelStore
+from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
 from hypha_celery.models.transformers_runtime import Pooling
-from hypha_celery.stages.validation import MAX_IMAGE_PIXELS, MAX_TEXTS, InferSpec, image_size, validate_infer
+from hypha_celery.stages.validation import MAX_TEXTS, InferSpec, image_size, validate_infer
 
 TEXTS = ["I loved this film", "a terrible and boring movie", "the cat sat on the mat in the morning sun", "rain"]
 
