@@ -48,26 +48,20 @@ from hypha_celery.protocol import (
     Description,
     Error,
     Fatal,
-    Generate,
-    Generated,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
-    Progress,
     ProtocolError,
     Ready,
     Reply,
     Request,
-    Streamed,
-    Train,
     TrainResult,
     Usage,
     decode_reply,
 )
 from hypha_celery.resources.ledger import Lease
+from hypha_celery.work import Generate, Generated, Infer, JobLimits, Progress, Streamed, Train
 
 __all__ = ["ChildTraceback", "ExecutorPool", "ExecutorSettings", "ItemResult"]
 

@@ -49,12 +49,12 @@ from typing import Any
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, ModelPinMismatch, UnsupportedModel
 from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
-from hypha_celery.models.proofs import Proof, ProofFormatError
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_IMAGE_PIXELS, MAX_TRAIN_LENGTH, check_inputs, resolve_labels
 from hypha_celery.models.text_inputs import TextBound, check_text, check_texts, unicode_error
-from hypha_celery.protocol import Trained
 from hypha_celery.resources.requirements import Requirements, check_caps
+from hypha_celery.runtimes.proofs import Proof, ProofFormatError
+from hypha_celery.work import Trained
 
 __all__ = [
     "LORA_LR",
