@@ -262,7 +262,7 @@ def test_the_executors_traceback_reaches_the_worker(pool: ExecutorPool) -> None:
     # Then the error's formatted traceback (what the worker logs and Celery stores) holds the
     # executor's frames, down to the runtime function that raised
     formatted = "".join(traceback.format_exception(raised.value))
-    assert "hypha_celery/models/runtime.py" in formatted and "in infer_batch" in formatted
+    assert "hypha_celery/runtimes/builtin.py" in formatted and "in infer_batch" in formatted
 
 
 _SERVE_ALL = """
