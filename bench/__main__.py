@@ -262,8 +262,8 @@ def bench_cache(workdir: Path) -> None:
     from hypha_celery.models.architectures import build
     from hypha_celery.models.cache import ModelCache
     from hypha_celery.models.manifest import WEIGHTS
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     say("\n[4] model cache: warm-hit overhead over calling the model; cold load vs reading the bytes")
     torch.set_num_threads(1)
@@ -387,8 +387,8 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
 
     from hypha_celery.executor.pool import ExecutorPool
     from hypha_celery.executor.process import ExecutorSettings
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     pool = ExecutorPool(ExecutorSettings(store=str(models), cache_size=10**9, max_model_size=10**9, sandbox=True,
                                          nice=0, enforce_memory=True, enforce_cpu=True, max_batch_size=1,

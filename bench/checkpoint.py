@@ -39,7 +39,7 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
     from hypha_celery.models.examples import TINY_LLAMA, init_examples
     from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import Train
+    from hypha_celery.work import Train
 
     models = workdir / "checkpoint-models"
     if not (models / TINY_LLAMA).is_dir():

@@ -193,8 +193,8 @@ def _tokens(results: list[dict[str, Any]]) -> int:
 def bench_cold_load_largest(models: Path) -> None:
     import torch
 
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     store = ModelStore(models)
     largest = max(store.list(), key=lambda model_id: store.manifest(model_id).size)

@@ -112,7 +112,7 @@ def continuous(model: Any, specs: list[Spec]) -> tuple[int, float]:
 def static(model: Any, groups: list[list[Spec]], params: list[dict[str, Any]] | None = None) -> tuple[int, float]:
     """Today's path: each group one ``transformers_runtime.generate`` call (a padded batch until its longest ends)."""
     from hypha_celery.models import transformers_runtime
-    from hypha_celery.protocol import Generate, Prompt
+    from hypha_celery.work import Generate, Prompt
 
     tokens = 0
     started = time.perf_counter()

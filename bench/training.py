@@ -61,7 +61,7 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     from hypha_celery.models.examples import TINY_LLAMA
     from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import Train
+    from hypha_celery.work import Train
 
     if not (models / TINY_LLAMA).is_dir():
         say("\n[14] training: skipped (no tiny-llama example; install the [hf] extra)")
@@ -139,8 +139,9 @@ def bench_adapter_switch(workdir: Path) -> None:
     from hypha_celery.models.examples import TINY_LLAMA
     from hypha_celery.models.finetune import finetune, save
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt, Train
 
     models = workdir / "models"
     if not (models / TINY_LLAMA).is_dir():

@@ -36,21 +36,18 @@ from hypha_celery.protocol import (
     Description,
     Error,
     Fatal,
-    Generate,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
     Ready,
     Reply,
     Request,
-    Train,
     TrainResult,
     Usage,
     decode_request,
 )
+from hypha_celery.work import Generate, Infer, JobLimits, Train
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
 
@@ -93,7 +90,7 @@ class Executor:
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
-        from hypha_celery.models.runtime import load
+        from hypha_celery.runtimes.registry import load
 
         adapter_of = self.store.manifest(model_id).adapter_of
         if adapter_of is not None:
@@ -105,7 +102,7 @@ class Executor:
 
     def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
         """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
-        from hypha_celery.models.transformers_runtime import attach_adapter
+        from hypha_celery.runtimes.transformers_adapters import attach_adapter
 
         pin = ExitStack()
         base = pin.enter_context(self.cache.use(base_id, expected_size(self.store.manifest(base_id), self.device)))
@@ -120,7 +117,7 @@ class Executor:
     def _unload(self, model_id: str, loaded: Any) -> None:
         pin = self._base_pins.pop(model_id, None)
         if pin is not None:  # an adapter: detach it from the shared base, then let the base go
-            from hypha_celery.models.transformers_runtime import detach_adapter
+            from hypha_celery.runtimes.transformers_adapters import detach_adapter
 
             detach_adapter(loaded)
             pin.close()
@@ -173,7 +170,7 @@ class Executor:
         )
 
     def infer(self, request: Infer) -> InferResult:
-        from hypha_celery.models.runtime import infer_batch
+        from hypha_celery.runtimes.registry import infer_batch
 
         items = request.items
         started_rss = limits.current_rss()
@@ -217,7 +214,7 @@ class Executor:
 
     def _one_by_one(self, loaded: Any, items: list[Any], per_item: Any = None) -> tuple[list[Any], list[Error | None]]:
         """A batch failed: run each item alone so only the item at fault fails."""
-        from hypha_celery.models.runtime import infer_batch
+        from hypha_celery.runtimes.registry import infer_batch
 
         outputs: list[Any] = []
         errors: list[Error | None] = []
@@ -234,13 +231,11 @@ class Executor:
 
     def generate(self, request: Generate) -> GenerateResult:
         """One generation job (a batch of prompts) on the cached model, streaming each text to the worker."""
-        from hypha_celery.models.transformers_runtime import TransformerModel, generate
+        from hypha_celery.runtimes.registry import generate
 
         started_rss = limits.current_rss()
         with self._limits(request.limits):
             with self._models(request.model, request.expected_size, request.models) as (use, per_prompt):
-                if not isinstance(use.value, TransformerModel):
-                    raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
                 done = generate(use.value, request, self.channel.write, per_prompt)
                 dtype = str(use.value.module.dtype).removeprefix("torch.")
         return GenerateResult(
@@ -256,7 +251,8 @@ class Executor:
         )
 
     def train(self, request: Train) -> TrainResult:
-        from hypha_celery.models.runtime import load, train
+        from hypha_celery.runtimes.builtin import train
+        from hypha_celery.runtimes.registry import load
 
         started_rss = limits.current_rss()
         if self.store.manifest(request.model).runtime == "transformers":

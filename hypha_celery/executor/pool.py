@@ -45,21 +45,15 @@ from hypha_celery.protocol import (
     Describe,
     Description,
     Error,
-    Generate,
-    Generated,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
-    Progress,
-    Streamed,
-    Train,
     TrainResult,
     Usage,
 )
 from hypha_celery.resources.ledger import Lease
+from hypha_celery.work import Generate, Generated, Infer, JobLimits, Progress, Streamed, Train
 
 __all__ = ["ExecutorPool", "GeneratedItem", "ItemResult"]
 

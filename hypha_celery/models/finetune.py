@@ -47,8 +47,8 @@ from hypha_celery.models.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH, resolve_labels
 from hypha_celery.models.text_inputs import check_texts
-from hypha_celery.models.transformers_runtime import TransformerModel, load
-from hypha_celery.protocol import Progress, Train, Trained
+from hypha_celery.runtimes.transformers_loading import TransformerModel, load
+from hypha_celery.work import Progress, Train, Trained
 
 __all__ = ["MAX_CURVE_POINTS", "Finetuned", "finetune", "save"]
 

@@ -7,7 +7,7 @@ While it runs, the task's ``PROGRESS`` state carries
 ``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
 times a second: a client streams by polling ``AsyncResult.state``/``.info``.
 With ``proof=True`` the output carries ``proof`` (its token ids and a commitment to its
-hidden states, :mod:`hypha_celery.models.proofs`) that ``hypha.verify`` checks on another worker.
+hidden states, :mod:`hypha_celery.runtimes.proofs`) that ``hypha.verify`` checks on another worker.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.models.manifest import Manifest, compute_dtype
-from hypha_celery.protocol import Generate, Prompt, Streamed
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
+from hypha_celery.work import Generate, Prompt, Streamed
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "generate"]

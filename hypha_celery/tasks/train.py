@@ -31,7 +31,6 @@ from hypha_celery.models.manifest import CONFIG, Manifest
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
-from hypha_celery.protocol import Progress, Train, Trained
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import Training, activation_bytes_per_token, lora_trainable_bound, requirements_for_model
 from hypha_celery.stages.validation import (
@@ -44,6 +43,7 @@ from hypha_celery.stages.validation import (
 )
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.work import Progress, Train, Trained
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "train"]

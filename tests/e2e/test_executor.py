@@ -30,9 +30,9 @@ from hypha_celery.executor.process import ExecutorSettings
 from hypha_celery.models.architectures import build
 from hypha_celery.models.examples import TINY_LLAMA, clusters
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Generate, Progress, Prompt, Train
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.stages.validation import GenerateParams
+from hypha_celery.work import Generate, Progress, Prompt, Train
 
 ROW = [5.0, 3.4, 1.5, 0.2]
 
@@ -263,13 +263,14 @@ def test_the_executors_traceback_reaches_the_worker(pool: ExecutorPool) -> None:
     # Then the error's formatted traceback (what the worker logs and Celery stores) holds the
     # executor's frames, down to the runtime function that raised
     formatted = "".join(traceback.format_exception(raised.value))
-    assert "hypha_celery/models/runtime.py" in formatted and "in infer_batch" in formatted
+    assert "hypha_celery/runtimes/builtin.py" in formatted and "in infer_batch" in formatted
 
 
 _SERVE_ALL = """
 import socket, sys
 from hypha_celery.executor.child import Executor, _Channel
-from hypha_celery.protocol import ChildSettings, Describe, Infer, Train
+from hypha_celery.protocol import ChildSettings, Describe
+from hypha_celery.work import Infer, Train
 ours, theirs = socket.socketpair()
 settings = ChildSettings(store=sys.argv[1], cache_size=10**8, max_model_size=10**8, device="cpu", sandbox=False,
                          nice=0, memory_mode="off", tmpdir=sys.argv[2])

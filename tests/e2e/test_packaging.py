@@ -292,7 +292,8 @@ import json, sys
 from importlib.metadata import version
 from pathlib import Path
 from hypha_celery.executor.child import Executor
-from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
+from hypha_celery.protocol import ChildSettings
+from hypha_celery.work import Generate, Prompt, Train
 from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
 from hypha_celery.models.finetune import finetune, save
 from hypha_celery.models.store import ModelStore

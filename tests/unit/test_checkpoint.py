@@ -13,7 +13,7 @@ from hypha_celery.models import checkpoint
 from hypha_celery.models.checkpoint import Checkpoints, Identity, Position
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
+from hypha_celery.work import Progress, Train
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill",
          "the train leaves at nine"]
@@ -267,9 +267,9 @@ def _run_of(root: Path, executors: Any = None, shared: Any = None) -> Any:
 
 
 def test_a_copy_answered_from_its_saved_model_deletes_the_checkpoints_left(tmp_path: Path) -> None:
-    from hypha_celery.protocol import Trained
     from hypha_celery.stages.validation import TrainSpec
     from hypha_celery.tasks.train import run_training
+    from hypha_celery.work import Trained
 
     # Given a checkpoint left by a run killed between saving its model and deleting it
     left = _left_checkpoint(tmp_path)
@@ -337,9 +337,9 @@ def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copi
 def test_a_copy_answered_from_its_saved_model_deletes_the_shared_checkpoint(tmp_path: Path) -> None:
     from hypha_celery.models import checkpoint_sync
     from hypha_celery.models.shared_storage import LocalStorage
-    from hypha_celery.protocol import Trained
     from hypha_celery.stages.validation import TrainSpec
     from hypha_celery.tasks.train import run_training
+    from hypha_celery.work import Trained
 
     # Given a shared checkpoint left by a run killed between saving its model and deleting it
     shared = LocalStorage(tmp_path / "shared")

@@ -17,7 +17,7 @@ from hypha_celery.models import checkpoint, checkpoint_sync
 from hypha_celery.models.examples import TINY_LLAMA, init_examples
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
+from hypha_celery.work import Progress, Train
 
 TASK = "5e0c1a7b-3d2f-4b8e-9a61-0c4d2e8f7a13"
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]

@@ -14,9 +14,9 @@ from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples, write_tiny_llama
 from hypha_celery.models.manifest import ADAPTER_FILES, Manifest
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
 from hypha_celery.stages.sizing import Training, estimate, lora_trainable_bound
 from hypha_celery.stages.validation import TrainSpec, validate_train
+from hypha_celery.work import Progress, Train
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]
 
@@ -301,8 +301,9 @@ def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
 
 def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelStore, tmp_path: Path) -> None:
     from hypha_celery.executor.child import Executor
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt
 
     # Given two adapters of the tiny Llama, and an executor with an empty cache
     for name, seed in (("lora-a", 1), ("lora-b", 2)):
@@ -344,8 +345,8 @@ def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelSt
 def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: ModelStore, tmp_path: Path) -> None:
     import torch
 
-    from hypha_celery.models import transformers_runtime
     from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.runtimes import transformers_adapters, transformers_loading
 
     # Given a LoRA run on the tiny classifier (peft also trains its classification head)
     request = Train(model=TINY_CLASSIFIER, new_model="cls-lora", epochs=1, lr=5e-2, batch_size=4, method="lora",
@@ -360,14 +361,14 @@ def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: Mod
     save(done, store, out, merge=False)
     store.save_adapter(out, "cls-lora", TINY_CLASSIFIER)
     # When the stored adapter is attached to a freshly loaded base
-    base, _ = transformers_runtime.load(store, TINY_CLASSIFIER, "cpu")
+    base, _ = transformers_loading.load(store, TINY_CLASSIFIER, "cpu")
     with torch.inference_mode():
         before = base.module(**encoded).logits
-    attached, size = transformers_runtime.attach_adapter(base, store, "cls-lora")
-    transformers_runtime.activate(attached)
+    attached, size = transformers_adapters.attach_adapter(base, store, "cls-lora")
+    transformers_adapters.activate(attached)
     with torch.inference_mode():
         adapted = attached.module(**encoded).logits
-    transformers_runtime.activate(base)
+    transformers_adapters.activate(base)
     with torch.inference_mode():
         after = base.module(**encoded).logits
     # Then it answers as the trained model did, and the base as before
@@ -428,8 +429,9 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
 
     from hypha_celery.executor.child import Executor
     from hypha_celery.models.finetune import finetune, save
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt
 
     torch.set_num_threads(1)
     # Given the README's example run: its texts, method lora, every other setting left at its default

@@ -9,8 +9,9 @@ import pytest
 
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import ChildSettings, Generate, Infer, Prompt, Train
+from hypha_celery.protocol import ChildSettings
 from hypha_celery.stages.validation import GenerateParams
+from hypha_celery.work import Generate, Infer, Prompt, Train
 from tests.unit.test_finetune import _adapter, _Replies
 
 PROMPTS = ["the cat sat", "the cat sat", "the cat sat", "the sun rose over the hill"]

@@ -21,8 +21,8 @@ from hypha_celery.errors import UnsupportedModel  # noqa: E402
 from hypha_celery.models import onnx_format  # noqa: E402
 from hypha_celery.models.examples import export_onnx, fitted_mlp  # noqa: E402
 from hypha_celery.models.manifest import MODEL_MANIFEST, ONNX_FILE, Manifest, expected_size  # noqa: E402
-from hypha_celery.models.runtime import infer_batch, load  # noqa: E402
 from hypha_celery.models.store import ModelStore, sha256_file  # noqa: E402
+from hypha_celery.runtimes.registry import infer_batch, load  # noqa: E402
 from hypha_celery.stages.sizing import HOST_FLOOR, estimate  # noqa: E402
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0], [1.0, -2.0, 0.5, 3.0]]
@@ -151,7 +151,7 @@ def test_a_planted_external_data_path_is_never_read(mlp, tmp_path: Path, where: 
         opened = []
         sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
         from hypha_celery.errors import UnsupportedModel
-        from hypha_celery.models.runtime import load
+        from hypha_celery.runtimes.registry import load
         from hypha_celery.models.store import ModelStore
         try:
             load(ModelStore({str(store.root)!r}), "m", "cpu")

@@ -14,10 +14,10 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
 from hypha_celery.models.architectures import build
 from hypha_celery.models.store import PRODUCED, ModelStore
-from hypha_celery.protocol import Trained
 from hypha_celery.stages.validation import TrainSpec, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.work import Trained
 
 CONFIG = {"in_features": 4, "hidden": 8, "out_features": 3}
 TASK_ID = "0b7d6c2e-1f0a-4c3e-9d2b-5a6f7e8d9c0b"

@@ -15,13 +15,13 @@ from safetensors.torch import load_file, save_file
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VIT, write_tiny_bert, write_tiny_vit
 from hypha_celery.models.manifest import MODEL_MANIFEST
-from hypha_celery.models.runtime import infer_batch, load
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
-from hypha_celery.models.transformers_runtime import Pooling
+from hypha_celery.runtimes import transformers_loading
+from hypha_celery.runtimes.registry import infer_batch, load
+from hypha_celery.runtimes.transformers_loading import Pooling
 from hypha_celery.stages.validation import MAX_TEXTS, InferSpec, image_size, validate_infer
 
 TEXTS = ["I loved this film", "a terrible and boring movie", "the cat sat on the mat in the morning sun", "rain"]
@@ -62,7 +62,7 @@ def test_the_tiny_examples_load_with_every_weight_present(store: ModelStore) -> 
     # Then each is counted by its real parameter and buffer bytes
     assert all(size > 0 for size in sizes.values())
     loaded, size = load(store, TINY_CLASSIFIER, "cpu")
-    assert size == transformers_runtime.module_bytes(loaded.module)
+    assert size == transformers_loading.module_bytes(loaded.module)
 
 
 def test_a_checkpoint_missing_a_weight_is_refused_by_name(store: ModelStore, tmp_path: Path) -> None:

@@ -59,7 +59,7 @@ class GenerateParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    proof: bool = False  # the result carries a proof of its hidden states (hypha_celery.models.proofs)
+    proof: bool = False  # the result carries a proof of its hidden states (hypha_celery.runtimes.proofs)
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "stop": list(self.stop)}

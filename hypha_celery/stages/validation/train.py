@@ -22,10 +22,10 @@ from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_mo
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH, check_inputs, resolve_labels
 from hypha_celery.models.text_inputs import TextBound, check_texts
-from hypha_celery.protocol import Trained
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation.arguments import Arg, TaskArgs, check_arguments, check_value, check_values
 from hypha_celery.stages.validation.common import MAX_TEXT_CHARS, MODEL, REQUIREMENTS, local_manifest, requirements_for
+from hypha_celery.work import Trained
 
 __all__ = [
     "FINETUNE",

@@ -1,7 +1,7 @@
 """``hypha.verify``'s arguments: the model, the prompt (or messages) the client sent, and the generation's ``proof``.
 
 The prompt is held to what ``hypha.generate`` takes (:mod:`hypha_celery.stages.validation.generate`); the proof
-is parsed here (:class:`~hypha_celery.models.proofs.Proof`) and may cover no more tokens than this worker would
+is parsed here (:class:`~hypha_celery.runtimes.proofs.Proof`) and may cover no more tokens than this worker would
 generate.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput
 from hypha_celery.models.manifest import Manifest, validate_model_id
-from hypha_celery.models.proofs import Proof, ProofFormatError
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.requirements import Requirements
+from hypha_celery.runtimes.proofs import Proof, ProofFormatError
 from hypha_celery.stages.validation.arguments import Arg, TaskArgs, check_arguments
 from hypha_celery.stages.validation.common import MODEL, REQUIREMENTS, local_manifest, requirements_for
 from hypha_celery.stages.validation.generate import (

@@ -4,7 +4,8 @@ Both sides read the same tensor: the input of the model's output embeddings (the
 which is the last hidden state after the final norm, at the positions that predicted each
 generated token. During ``generate`` a forward pre-hook collects it step by step; a verifier
 gets it from ONE forward pass over prompt and generated tokens (``logits_to_keep`` keeps the
-lm head to the generated positions). The math is :mod:`hypha_celery.models.proofs`.
+lm head to the generated positions). The math is :mod:`.proofs`; generation
+(:mod:`.transformers_generation`) captures, ``hypha.infer`` with ``verify`` items replays.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput
-from hypha_celery.models import proofs
-from hypha_celery.models.transformers_runtime import TransformerModel, _prompt_ids, activate
-from hypha_celery.protocol import Prompt
+from hypha_celery.runtimes import proofs
+from hypha_celery.runtimes.transformers_adapters import activate
+from hypha_celery.runtimes.transformers_loading import TransformerModel
+from hypha_celery.runtimes.transformers_prompts import prompt_ids
+from hypha_celery.work import Prompt
 
 __all__ = ["capture", "prove_rows", "verify"]
 
@@ -57,7 +60,7 @@ def verify(model: TransformerModel, item: dict[str, Any]) -> dict[str, Any]:
         return proofs.Check(False, f"the proof commits k={proof.k} per chunk of {proof.chunk} tokens; this verifier "
                                    f"checks k={proofs.TOP_K} per {proofs.CHUNK}", {"chunks": 0}).to_json()
     tokens = proof.tokens
-    ids = _prompt_ids(model, Prompt(prompt=item.get("prompt"), messages=item.get("messages")), len(tokens))
+    ids = prompt_ids(model, Prompt(prompt=item.get("prompt"), messages=item.get("messages")), len(tokens))
     vocab = model.module.get_output_embeddings().weight.shape[0]
     if max(tokens) >= vocab:
         return proofs.Check(False, f"a generated token id is outside the model's vocabulary ({vocab})",

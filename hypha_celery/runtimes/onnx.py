@@ -1,9 +1,9 @@
 """Running stored ONNX models with onnxruntime: load, infer (batched along the graph's batch axis).
 
-Used inside executor processes only, through :mod:`hypha_celery.models.runtime`
-(imported when a ``runtime: onnx`` model is loaded). :func:`load` reads
+Used inside executor processes only, through :mod:`.registry` (imported when a
+``runtime: onnx`` model is loaded). :func:`load` reads
 ``model.onnx`` once into memory, checks those bytes' sha256 against the
-manifest and their graph with :func:`.onnx_format.describe_bytes` (no external
+manifest and their graph with :func:`hypha_celery.models.onnx_format.describe_bytes` (no external
 data, no custom-op domains, the same input, outputs and batch axis as the
 manifest), and only then hands the same bytes to onnxruntime: what runs is
 what was checked, and onnxruntime is never given a path it could resolve
@@ -17,7 +17,7 @@ when the model loads, without spinning, and no CPU memory arena (freed
 activations return to the system, so the job's memory cap measures real use).
 
 Inputs and outputs use the built-in models' forms (a nested list, or the
-encoded tensor object: :mod:`.runtime` decodes and encodes them). A batchable
+encoded tensor object: :mod:`.codec` decodes and encodes them). A batchable
 graph runs every item's rows as one batch; a graph without a dynamic batch
 axis runs one sample at a time. A graph with one output answers in that
 output's form; with several, an object keyed by output name.
@@ -37,8 +37,8 @@ import torch
 from hypha_celery.errors import ExecutionError, UnsupportedModel
 from hypha_celery.models.manifest import ONNX_FILE, Manifest
 from hypha_celery.models.onnx_format import describe_bytes
-from hypha_celery.models.runtime import _decode, _encode, _is_single
 from hypha_celery.models.store import ModelStore
+from hypha_celery.runtimes.codec import decode, encode, is_single
 
 __all__ = ["OnnxModel", "infer_batch", "load"]
 
@@ -60,8 +60,13 @@ class OnnxModel:
         return [str(output["name"]) for output in self.manifest.config["outputs"]]
 
 
-def load(store: ModelStore, model_id: str, device: str) -> tuple[OnnxModel, int]:
-    """Verify ``model_id``'s graph and open an onnxruntime session on ``device``; returns it and its weights' bytes."""
+def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[OnnxModel, int]:
+    """Verify ``model_id``'s graph and open an onnxruntime session on ``device``; returns it and its weights' bytes.
+
+    ``trainable`` is refused: an ONNX graph is served, never trained.
+    """
+    if trainable:
+        raise UnsupportedModel(f"model {model_id!r}: an ONNX model serves hypha.infer only; it cannot be trained")
     manifest, folder = store.verified_folder(model_id)
     data = (folder / ONNX_FILE).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest.files[ONNX_FILE].sha256:
@@ -98,11 +103,14 @@ def load(store: ModelStore, model_id: str, device: str) -> tuple[OnnxModel, int]
     return OnnxModel(session, manifest, list(session.get_providers())), manifest.memory.weights_bytes
 
 
-def infer_batch(model: OnnxModel, items: Sequence[Any]) -> list[Any]:
-    """Answer every item: one run over all their rows when the graph batches, else one run per sample."""
+def infer_batch(model: OnnxModel, items: Sequence[Any], per_item: Sequence[Any] | None = None) -> list[Any]:
+    """Answer every item: one run over all their rows when the graph batches, else one run per sample.
+
+    ``per_item`` is for runtimes with adapters; a graph has none.
+    """
     manifest = model.manifest
     shape = manifest.input_shape
-    tensors = [_decode(item, shape, _TORCH_DTYPES[manifest.dtype]) for item in items]
+    tensors = [decode(item, shape, _TORCH_DTYPES[manifest.dtype]) for item in items]
     counts = [int(t.shape[0]) for t in tensors]
     rows = np.ascontiguousarray(torch.cat(tensors).numpy())
     if manifest.batchable:
@@ -118,8 +126,8 @@ def infer_batch(model: OnnxModel, items: Sequence[Any]) -> list[Any]:
     split = [torch.split(torch.from_numpy(np.ascontiguousarray(output)), counts) for output in outputs]
     answers = []
     for index, item in enumerate(items):
-        single = _is_single(item, shape)
-        parts = [_encode(by_output[index], item, single) for by_output in split]
+        single = is_single(item, shape)
+        parts = [encode(by_output[index], item, single) for by_output in split]
         answers.append(parts[0] if len(parts) == 1 else dict(zip(model.output_names, parts, strict=True)))
     return answers
 
