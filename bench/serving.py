@@ -75,9 +75,9 @@ def mixed(count: int) -> list[Spec]:
 
 def build(device: str) -> Any:
     """The tiny Llama imported into a store and loaded as a worker loads it (positions for 240 new tokens)."""
-    from hypha_celery.models import transformers_runtime
     from hypha_celery.models.examples import write_tiny_llama
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes import transformers as transformers_runtime
 
     root = Path(tempfile.mkdtemp(prefix="bench-serving-"))
     folder = root / MODEL
@@ -111,7 +111,7 @@ def continuous(model: Any, specs: list[Spec]) -> tuple[int, float]:
 
 def static(model: Any, groups: list[list[Spec]], params: list[dict[str, Any]] | None = None) -> tuple[int, float]:
     """Today's path: each group one ``transformers_runtime.generate`` call (a padded batch until its longest ends)."""
-    from hypha_celery.models import transformers_runtime
+    from hypha_celery.runtimes import transformers as transformers_runtime
     from hypha_celery.work import Generate, Prompt
 
     tokens = 0

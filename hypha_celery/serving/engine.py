@@ -1,6 +1,6 @@
 """The continuous-batching step loop: every step, one decode pass for the running rows, then a prefill chunk.
 
-Static batching (``executor/pool.py`` grouping, ``models/transformers_runtime.py``
+Static batching (``executor/pool.py`` grouping, ``runtimes/transformers_generation.py``
 ``generate``) runs a batch until its longest row ends: a short request waits for a
 long one, and finished rows keep their slot. Here the batch is re-formed at every
 step (iteration-level scheduling, Orca OSDI '22): a request added now joins at a

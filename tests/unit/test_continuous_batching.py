@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import InvalidInput
-from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
 from hypha_celery.models.store import ModelStore
+from hypha_celery.runtimes import transformers as transformers_runtime
 from hypha_celery.serving.engine import Engine
 from hypha_celery.serving.request import Finish, Handle, Request, Sampling, State, kv_bytes_per_token, kv_tokens
 
