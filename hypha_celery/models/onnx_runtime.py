@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from hypha_celery.errors import ExecutionError, UnsupportedModel
-from hypha_celery.models.manifest import ONNX_FILE, Manifest
-from hypha_celery.models.onnx_format import describe_bytes
+from hypha_celery.formats.onnx import describe_bytes
+from hypha_celery.manifest import ONNX_FILE, Manifest
 from hypha_celery.models.runtime import _decode, _encode, _is_single
 from hypha_celery.models.store import ModelStore
 

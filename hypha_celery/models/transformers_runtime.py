@@ -48,14 +48,14 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel, contained
-from hypha_celery.models.hf_allowlist import (
+from hypha_celery.formats.huggingface import (
     FEATURE_EXTRACTION,
     IMAGE_CLASSIFICATION,
     TEXT_CLASSIFICATION,
     TEXT_GENERATION,
     task_of,
 )
-from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
+from hypha_celery.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
 from hypha_celery.models.text_inputs import TextBound, check_text, check_texts

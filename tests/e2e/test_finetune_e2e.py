@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.manifest import ADAPTER_FILES
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA
-from hypha_celery.models.manifest import ADAPTER_FILES
 from hypha_celery.models.store import ModelStore
 from hypha_celery.tools.launch import worker_env
 from tests.conftest import ROOT
