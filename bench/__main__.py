@@ -259,9 +259,9 @@ def bench_ledger(url: str) -> None:
 def bench_cache(workdir: Path) -> None:
     import torch
 
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
+    from hypha_celery.manifest import WEIGHTS
     from hypha_celery.models.cache import ModelCache
-    from hypha_celery.models.manifest import WEIGHTS
     from hypha_celery.models.store import ModelStore
     from hypha_celery.runtimes.registry import load
 
@@ -270,7 +270,7 @@ def bench_cache(workdir: Path) -> None:
     store = ModelStore(workdir / "cache-models")
     config = {"in_features": 512, "hidden": 2048, "layers": 6, "out_features": 10}
     torch.manual_seed(0)
-    store.save("big", build("mlp", config), architecture="mlp", config=config, input_shape=[512])
+    store.add("builtin", build("mlp", config), "big", architecture="mlp", config=config, input_shape=[512])
     cache = ModelCache(2**31, lambda key: load(store, key, "cpu"))
     with cache.use("big") as use:
         model = use.value.module

@@ -133,7 +133,7 @@ def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 3, 
 
 def _float32_bytes(path: Path) -> int:
     """The parameters' bytes in float32, from the safetensors header (what a gradient exchange carries)."""
-    from hypha_celery.models.safetensors_header import read_header
+    from hypha_celery.formats.safetensors import read_header
 
     return 4 * read_header(path).parameters
 

@@ -53,7 +53,7 @@ def _models(root: Path) -> Path:
         folder = root / name
         folder.mkdir()
         write(folder)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return root / "store"
 
 

@@ -30,7 +30,7 @@ def _store(root: Path) -> Any:
     folder = root / TINY_LLAMA
     folder.mkdir()
     write_tiny_llama(folder)
-    store.import_hf(folder, TINY_LLAMA)
+    store.add("transformers", folder, TINY_LLAMA)
     return store
 
 

@@ -84,7 +84,7 @@ def build(device: str) -> Any:
     folder.mkdir()
     write_tiny_llama(folder, positions=512)
     store = ModelStore(root / "store")
-    store.import_hf(folder, MODEL)
+    store.add("transformers", folder, MODEL)
     return transformers_runtime.load(store, MODEL, device)[0]
 
 

@@ -157,7 +157,7 @@ def bench_adapter_switch(workdir: Path) -> None:
         out = workdir / name
         out.mkdir()
         save(done, store, out, merge=False)
-        store.save_adapter(out, name, TINY_LLAMA)
+        store.add("transformers", out, name, base=TINY_LLAMA)
         adapters.append(name)
     say(f"\n[15] adapter switch on a cached base ({TINY_LLAMA}, {store.manifest(TINY_LLAMA).size / 2**20:.1f} MiB; "
         f"LoRA r=8 on q_proj and v_proj, {store.manifest(adapters[0]).size / 2**10:.0f} KiB)")

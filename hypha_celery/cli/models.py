@@ -50,7 +50,7 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
     """Import a local model into the store: a Hugging Face DIRECTORY (config.json + safetensors), or an ONNX
     model (a .onnx file, or a DIRECTORY holding model.onnx and no config.json; the [onnx] extra). A symbolic
     link or other non-regular file in DIRECTORY, or files above max_model_size, refuse the import."""
-    from hypha_celery.models.manifest import CONFIG, ONNX_FILE, compute_dtype
+    from hypha_celery.manifest import CONFIG, ONNX_FILE, compute_dtype
 
     onnx = (directory.endswith(".onnx") and os.path.isfile(directory)) or (
         os.path.isfile(os.path.join(directory, ONNX_FILE)) and not os.path.exists(os.path.join(directory, CONFIG)))
@@ -61,7 +61,8 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
     model_id = model_id or os.path.basename(os.path.abspath(directory)).removesuffix(".onnx")
     try:
         store = open_store(store_dir)
-        imported = store.import_onnx(directory, model_id) if onnx else store.import_hf(directory, model_id, task)
+        imported = (store.add("onnx", directory, model_id) if onnx
+                    else store.add("transformers", directory, model_id, task=task))
     except HyphaError as exc:
         raise click.ClickException(str(exc)) from None
     if onnx:
@@ -69,7 +70,7 @@ def import_command(directory: str, model_id: str | None, task: str | None, store
         return
     manifest = imported.manifest
     memory = manifest.memory
-    assert memory is not None  # import_hf always sizes the model
+    assert memory is not None  # a Hugging Face import always sizes the model
     click.echo(f"imported {manifest.id}: {manifest.model_type} {manifest.architecture} ({manifest.task}), "
                f"{memory.parameters / 1e6:.1f}M parameters in {manifest.dtype}, into {store.path(manifest.id)}")
     for name, entry in sorted(manifest.files.items()):

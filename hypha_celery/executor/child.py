@@ -25,8 +25,8 @@ from typing import Any
 
 from hypha_celery.errors import HyphaError, InvalidInput, contained
 from hypha_celery.executor import limits
+from hypha_celery.manifest import expected_size
 from hypha_celery.models.cache import ModelCache, Use
-from hypha_celery.models.manifest import expected_size
 from hypha_celery.models.store import ModelStore
 from hypha_celery.protocol import (
     FD_ENV,
@@ -271,9 +271,8 @@ class Executor:
                 progress_interval=request.progress_interval,
             )
             manifest = loaded.manifest
-            self.store.save(
-                request.new_model,
-                loaded.module,
+            self.store.add(
+                "builtin", loaded.module, request.new_model,
                 architecture=manifest.architecture,
                 config=manifest.config,
                 input_shape=manifest.input_shape,
@@ -297,10 +296,10 @@ class Executor:
             out = self.tmpdir / "trained"
             out.mkdir()
             if save(done, self.store, out, merge=request.merge) == "adapter":
-                self.store.save_adapter(out, request.new_model, request.model, produced_by=produced)
+                self.store.add("transformers", out, request.new_model, base=request.model, produced_by=produced)
             else:
-                self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
-                                     produced_by=produced)
+                self.store.add("transformers", out, request.new_model, task=done.model.manifest.task,
+                               parent=request.model, produced_by=produced)
             self._discard_checkpoints(request)
             trained, load_s = done.trained, done.load_s
             del done

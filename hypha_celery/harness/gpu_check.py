@@ -193,7 +193,7 @@ def _start(setup: Setup, redis_url: str | None, gpus: list[GpuInfo]) -> int | No
     models = setup.workdir / "models"
     with tempfile.TemporaryDirectory(dir=setup.workdir) as folder:
         write_tiny_llama(Path(folder))
-        manifest = ModelStore(models).import_hf(folder, MODEL).manifest
+        manifest = ModelStore(models).add("transformers", folder, MODEL).manifest
     say(f"   {MODEL} imported into {models} ({time.monotonic() - started:.1f} s, offline): "
         f"{manifest.architecture}, {format_size(manifest.size)} of files")
     setup.key = generate_key(setup.workdir / "scheduler.key")

@@ -41,9 +41,9 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
+from hypha_celery.formats.huggingface import LORA_TARGET_MODULES, TEXT_CLASSIFICATION, TEXT_GENERATION
+from hypha_celery.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE, Manifest
 from hypha_celery.models.checkpoint import Checkpoints, Identity, Position, data_fingerprint
-from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES, TEXT_CLASSIFICATION, TEXT_GENERATION
-from hypha_celery.models.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE, Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH, resolve_labels
 from hypha_celery.models.text_inputs import check_texts

@@ -41,8 +41,8 @@ from typing import IO, Any
 
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import SharedStorageError
-from hypha_celery.models.manifest import is_model_id
-from hypha_celery.models.safe_files import open_regular
+from hypha_celery.formats.safe_files import open_regular
+from hypha_celery.manifest import is_model_id
 
 __all__ = ["LocalStorage", "S3Storage", "SharedStorage", "Stored", "check_key", "models_source", "open_storage"]
 

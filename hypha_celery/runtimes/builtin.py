@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
-from hypha_celery.models.architectures import build
-from hypha_celery.models.manifest import Manifest
+from hypha_celery.formats.builtin import build
+from hypha_celery.manifest import Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes.codec import DTYPES, decode, encode, is_single
 from hypha_celery.work import Progress, Trained

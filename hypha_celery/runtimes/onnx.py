@@ -3,7 +3,7 @@
 Used inside executor processes only, through :mod:`.registry` (imported when a
 ``runtime: onnx`` model is loaded). :func:`load` reads
 ``model.onnx`` once into memory, checks those bytes' sha256 against the
-manifest and their graph with :func:`hypha_celery.models.onnx_format.describe_bytes` (no external
+manifest and their graph with :func:`hypha_celery.formats.onnx.describe_bytes` (no external
 data, no custom-op domains, the same input, outputs and batch axis as the
 manifest), and only then hands the same bytes to onnxruntime: what runs is
 what was checked, and onnxruntime is never given a path it could resolve
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from hypha_celery.errors import ExecutionError, UnsupportedModel
-from hypha_celery.models.manifest import ONNX_FILE, Manifest
-from hypha_celery.models.onnx_format import describe_bytes
+from hypha_celery.formats.onnx import describe_bytes
+from hypha_celery.manifest import ONNX_FILE, Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes.codec import decode, encode, is_single
 

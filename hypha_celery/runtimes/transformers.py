@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from hypha_celery.errors import InvalidTask, UnsupportedModel
-from hypha_celery.models.hf_allowlist import TEXT_GENERATION
+from hypha_celery.formats.huggingface import TEXT_GENERATION
 from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes import transformers_encoders, transformers_loading, transformers_proofs
 from hypha_celery.runtimes.transformers_generation import generate

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
-from hypha_celery.models.hf_allowlist import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
+from hypha_celery.formats.huggingface import FEATURE_EXTRACTION, IMAGE_CLASSIFICATION
 from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
 from hypha_celery.models.text_inputs import check_texts
 from hypha_celery.runtimes.transformers_adapters import RowAdapters, row_name, selected

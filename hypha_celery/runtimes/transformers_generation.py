@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import InvalidTask, contained
-from hypha_celery.models.hf_allowlist import TEXT_GENERATION
+from hypha_celery.formats.huggingface import TEXT_GENERATION
 from hypha_celery.runtimes import transformers_proofs
 from hypha_celery.runtimes.transformers_adapters import RowAdapters, row_name, selected
 from hypha_celery.runtimes.transformers_loading import TransformerModel

@@ -4,7 +4,7 @@ Used inside executor processes only (importing it imports torch; transformers
 is imported when a model loads). Loading never runs code that came with a
 model: the class is the installed transformers' own, looked up by the
 manifest's architecture only when the allow-list
-(:mod:`hypha_celery.models.hf_allowlist`) names it; ``trust_remote_code=False``,
+(:mod:`hypha_celery.formats.huggingface`) names it; ``trust_remote_code=False``,
 safetensors only, local files only, offline environment, and the directory
 transformers reads is a private view holding only the files the manifest lists
 (each verified by the store) plus a config.json we rewrote (``auto_map``
@@ -32,14 +32,14 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.hf_allowlist import (
+from hypha_celery.formats.huggingface import (
     FEATURE_EXTRACTION,
     IMAGE_CLASSIFICATION,
     TEXT_CLASSIFICATION,
     TEXT_GENERATION,
     task_of,
 )
-from hypha_celery.models.manifest import CONFIG, Manifest, compute_dtype
+from hypha_celery.manifest import CONFIG, Manifest, compute_dtype
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.text_inputs import TextBound
 

@@ -57,8 +57,8 @@ from celery import shared_task
 
 from hypha_celery.errors import DeltaRejected, InvalidTask, RegistryUnavailable, SharedStorageError, TaskTimeout
 from hypha_celery.keys import KeySchema
+from hypha_celery.manifest import MODEL_MANIFEST, SAFETENSORS_SINGLE, validate_model_id
 from hypha_celery.models.deltas import AGGREGATORS
-from hypha_celery.models.manifest import MODEL_MANIFEST, SAFETENSORS_SINGLE, validate_model_id
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.results import package
@@ -397,7 +397,7 @@ def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(base_folder / name, folder / name)
         save_tensors(weights, folder / SAFETENSORS_SINGLE, metadata)
-        ctx.store.import_hf(folder, next_id, task, parent=base_id)
+        ctx.store.add("transformers", folder, next_id, task=task, parent=base_id)
     stored, path = ctx.store.verified_folder(next_id)
     for name in stored.files:
         storage.put_file(f"models/{next_id}/{name}", path / name)

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import InvalidTask, UnsupportedModel
+from hypha_celery.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.deltas import pseudo_gradient
-from hypha_celery.models.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec

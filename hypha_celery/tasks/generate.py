@@ -17,7 +17,7 @@ from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.models.manifest import Manifest, compute_dtype
+from hypha_celery.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound

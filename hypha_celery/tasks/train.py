@@ -25,9 +25,9 @@ from typing import Any
 from celery import shared_task
 
 from hypha_celery.errors import InvalidTask, SharedStorageError
+from hypha_celery.formats.huggingface import LORA_TARGET_MODULES
+from hypha_celery.manifest import CONFIG, Manifest
 from hypha_celery.models import checkpoint, checkpoint_sync
-from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
-from hypha_celery.models.manifest import CONFIG, Manifest
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs

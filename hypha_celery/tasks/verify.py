@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.models.manifest import compute_dtype
+from hypha_celery.manifest import compute_dtype
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import VerifySpec, check_generate_model, validate_verify

@@ -27,7 +27,7 @@ from celery import bootsteps, signals
 from hypha_celery import keys, registry
 from hypha_celery.config import WorkerConfig, load_config
 from hypha_celery.errors import HyphaError
-from hypha_celery.models.manifest import expected_size
+from hypha_celery.manifest import expected_size
 from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization

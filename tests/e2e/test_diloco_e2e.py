@@ -132,7 +132,7 @@ def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hypha_celery.models.safetensors_header import read_header
+    from hypha_celery.formats.safetensors import read_header
     from hypha_celery.models.store import ModelStore
 
     # Given the tiny causal LM with its weights in bfloat16, as published checkpoints are, in a source of its own
@@ -149,7 +149,7 @@ def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
     config["dtype"] = "bfloat16"
     (copy / "config.json").write_text(json.dumps(config))
     source = tmp_path / "bf16-source"
-    ModelStore(source).import_hf(copy, "tiny-llama-bf16")
+    ModelStore(source).add("transformers", copy, "tiny-llama-bf16")
     shared = tmp_path / "shared"
     workers({"type": "local", "path": str(shared)}, sources=(source,))
     # When DiLoCo trains it for two rounds on two workers

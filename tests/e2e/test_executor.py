@@ -27,7 +27,7 @@ from hypha_celery.errors import (
 )
 from hypha_celery.executor.pool import ExecutorPool
 from hypha_celery.executor.process import ExecutorSettings
-from hypha_celery.models.architectures import build
+from hypha_celery.formats.builtin import build
 from hypha_celery.models.examples import TINY_LLAMA, clusters
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.ledger import Lease
@@ -135,7 +135,7 @@ def _wide_model(store_dir: Path) -> str:
     store = ModelStore(store_dir)
     config = {"in_features": 4, "hidden": 500_000, "out_features": 3}
     torch.manual_seed(0)
-    store.save("wide", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    store.add("builtin", build("mlp", config), "wide", architecture="mlp", config=config, input_shape=[4])
     return "wide"
 
 

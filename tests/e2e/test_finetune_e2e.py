@@ -13,8 +13,8 @@ import pytest
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.harness.launch import worker_env
+from hypha_celery.manifest import ADAPTER_FILES
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA
-from hypha_celery.models.manifest import ADAPTER_FILES
 from hypha_celery.models.store import ModelStore
 from tests.conftest import ROOT
 

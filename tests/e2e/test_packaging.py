@@ -303,13 +303,13 @@ work = Path(sys.argv[1])
 store = ModelStore(work / "store")
 (work / "base").mkdir()
 write_tiny_llama(work / "base")
-store.import_hf(work / "base", TINY_LLAMA)
+store.add("transformers", work / "base", TINY_LLAMA)
 request = Train(model=TINY_LLAMA, new_model="lora", epochs=1, lr=2e-2, batch_size=4, method="lora",
                 lora={"r": 4, "alpha": 8}, max_steps=4, progress_interval=60.0)
 done = finetune(store, request, {"texts": ["the cat sat on the mat", "the dog sat on the log"]}, "cpu", print)
 (work / "adapter").mkdir()
 save(done, store, work / "adapter", merge=False)
-store.save_adapter(work / "adapter", "lora", TINY_LLAMA)
+store.add("transformers", work / "adapter", "lora", base=TINY_LLAMA)
 
 class Replies:
     def write(self, message):

@@ -19,7 +19,7 @@ def test_a_missing_package_is_named_with_its_extra(monkeypatch: pytest.MonkeyPat
     def lacking(*args: Any, **kwargs: Any) -> Any:
         raise ModuleNotFoundError(f"No module named '{module}'", name=module)
 
-    monkeypatch.setattr(ModelStore, "import_hf", lacking)
+    monkeypatch.setattr(ModelStore, "add", lacking)
     (tmp_path / "model").mkdir()
     # When the command runs
     done = CliRunner().invoke(main, ["models", "import", str(tmp_path / "model"), "--store", str(tmp_path / "s")])

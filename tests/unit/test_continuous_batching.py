@@ -29,7 +29,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> transformers_runtime.Tran
     folder.mkdir()
     write_tiny_llama(folder)
     store = ModelStore(root / "store")
-    store.import_hf(folder, TINY_LLAMA)
+    store.add("transformers", folder, TINY_LLAMA)
     return transformers_runtime.load(store, TINY_LLAMA, "cpu")[0]
 
 

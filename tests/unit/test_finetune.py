@@ -11,8 +11,9 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.manifest import ADAPTER_FILES
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples, write_tiny_llama
-from hypha_celery.models.manifest import ADAPTER_FILES, Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.sizing import Training, estimate, lora_trainable_bound
 from hypha_celery.stages.validation import TrainSpec, validate_train
@@ -200,7 +201,7 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     out.mkdir()
     assert save(done, store, out, merge=False) == "adapter"
     record = {"task_id": "task-0123456789ab", "trained": done.trained.to_json()}
-    manifest = store.save_adapter(out, "tiny-llama-lora", TINY_LLAMA, produced_by=record)
+    manifest = store.add("transformers", out, "tiny-llama-lora", base=TINY_LLAMA, produced_by=record).manifest
     # Then the entry lists exactly peft's two files, and names the base by id and manifest sha256
     assert set(manifest.files) == ADAPTER_FILES
     assert sorted(p.name for p in store.path("tiny-llama-lora").iterdir() if not p.name.startswith(".")) == \
@@ -225,7 +226,7 @@ def test_an_import_still_refuses_adapter_files(store: ModelStore, tmp_path: Path
     (folder / "adapter_config.json").write_text("{}")
     # Then the import refuses it as an adapter presented as a full model
     with pytest.raises(UnsupportedModel, match="LoRA/PEFT adapter"):
-        store.import_hf(folder, "never")
+        store.add("transformers", folder, "never")
 
 
 def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> None:
@@ -233,10 +234,10 @@ def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> Non
     data["id"] = "x"
     # A model's manifest listing adapter files, and an adapter's listing model files, are refused
     with pytest.raises(UnsupportedModel, match="invalid adapter_of"):
-        Manifest.from_json({**data, "adapter_of": {"id": "../up", "sha256": "0" * 64}}, "x")
+        read_manifest({**data, "adapter_of": {"id": "../up", "sha256": "0" * 64}}, "x")
     with pytest.raises(UnsupportedModel, match="invalid file name"):
-        Manifest.from_json({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
-    assert "adapter_of" not in Manifest.from_json(data, "x").to_json()  # a model's manifest has no such key
+        read_manifest({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
+    assert "adapter_of" not in read_manifest(data, "x").to_json()  # a model's manifest has no such key
 
 
 def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> None:
@@ -296,7 +297,7 @@ def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
     out = tmp_path / name
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, name, TINY_LLAMA)
+    store.add("transformers", out, name, base=TINY_LLAMA)
 
 
 def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelStore, tmp_path: Path) -> None:
@@ -359,7 +360,7 @@ def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: Mod
     out = tmp_path / "cls"
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, "cls-lora", TINY_CLASSIFIER)
+    store.add("transformers", out, "cls-lora", base=TINY_CLASSIFIER)
     # When the stored adapter is attached to a freshly loaded base
     base, _ = transformers_loading.load(store, TINY_CLASSIFIER, "cpu")
     with torch.inference_mode():
@@ -443,7 +444,7 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     done = finetune(store, request, {"texts": README_TEXTS}, "cpu", lambda update: None)
     (tmp_path / "out").mkdir()
     save(done, store, tmp_path / "out", merge=False)
-    store.save_adapter(tmp_path / "out", "readme-lora", TINY_LLAMA)
+    store.add("transformers", tmp_path / "out", "readme-lora", base=TINY_LLAMA)
     (tmp_path / "tmp").mkdir()
     executor = Executor(ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",
                                       sandbox=False, nice=0, memory_mode="off", tmpdir=str(tmp_path / "tmp")),

@@ -32,7 +32,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             write_tiny_llama(folder)
         if name == NO_TEMPLATE:
             (folder / "chat_template.jinja").unlink()
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 
@@ -262,7 +262,7 @@ def test_the_tiny_llama_imports_as_text_generation_with_its_chat_template(tmp_pa
     # Given the tiny Llama written to a folder
     write_tiny_llama(tmp_path)
     # When it is imported into a store
-    manifest = ModelStore(tmp_path / "store").import_hf(tmp_path, TINY_LLAMA).manifest
+    manifest = ModelStore(tmp_path / "store").add("transformers", tmp_path, TINY_LLAMA).manifest
     # Then it is a Llama text-generation model with its chat template and a KV-cache estimate
     assert (manifest.task, manifest.architecture) == ("text-generation", "LlamaForCausalLM")
     assert "chat_template.jinja" in manifest.files and manifest.memory is not None

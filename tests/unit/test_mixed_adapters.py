@@ -51,7 +51,7 @@ def _classifier_adapter(store: ModelStore, name: str, labels: list[int], tmp_pat
     out = tmp_path / name
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, name, TINY_CLASSIFIER)
+    store.add("transformers", out, name, base=TINY_CLASSIFIER)
 
 
 def _generate(executor: Any, models: list[str], prompts: list[str]) -> list[str]:

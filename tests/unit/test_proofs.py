@@ -40,7 +40,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
         folder = root / name
         folder.mkdir()
         write_tiny_llama(folder, seed=seed)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 

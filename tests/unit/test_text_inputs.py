@@ -29,7 +29,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             write_tiny_bert(folder, classifier=True)
         else:
             write_tiny_llama(folder)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 

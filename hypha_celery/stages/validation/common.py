@@ -7,7 +7,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask, ModelPinMismatch, UnsupportedModel
-from hypha_celery.models.manifest import Manifest
+from hypha_celery.manifest import Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.requirements import Requirements, check_caps
 from hypha_celery.stages.validation.arguments import Arg

@@ -16,7 +16,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models.manifest import Manifest, validate_model_id
+from hypha_celery.manifest import Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.text_inputs import TextBound, check_text, check_texts, unicode_error
 from hypha_celery.resources.requirements import Requirements

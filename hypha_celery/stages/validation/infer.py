@@ -19,7 +19,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models.manifest import Manifest, validate_model_id
+from hypha_celery.manifest import Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_IMAGE_PIXELS, check_inputs
 from hypha_celery.models.text_inputs import TextBound, check_texts

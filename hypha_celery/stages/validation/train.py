@@ -18,7 +18,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models.manifest import DATASET_MANIFEST, Manifest, validate_model_id
+from hypha_celery.manifest import DATASET_MANIFEST, Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH, check_inputs, resolve_labels
 from hypha_celery.models.text_inputs import TextBound, check_texts
@@ -259,7 +259,7 @@ def check_training_texts(texts: list[str], manifest: Manifest | None, max_text_b
 def finished_training(store: ModelStore, new_model: str, task_id: str) -> Trained | None:
     """What training reported, when the stored ``new_model`` was saved by task ``task_id`` itself; else None.
 
-    The record is written with the model in one ``rename`` (``ModelStore.save(produced_by=...)``), so a
+    The record is written with the model in one ``rename`` (``ModelStore.add(..., produced_by=...)``), so a
     model without it, or saved by another task id, stays what it was: an id already taken.
     """
     record = store.produced_by(new_model)

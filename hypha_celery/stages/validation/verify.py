@@ -13,7 +13,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput
-from hypha_celery.models.manifest import Manifest, validate_model_id
+from hypha_celery.manifest import Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.runtimes.proofs import Proof, ProofFormatError

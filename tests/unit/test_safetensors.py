@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.safetensors_header import ITEMSIZE, MAX_HEADER, read_checkpoint, read_header
+from hypha_celery.formats.safetensors import ITEMSIZE, MAX_HEADER, read_checkpoint, read_header
 
 
 def safetensors(tensors: list[tuple[str, str, list[int]]], metadata: dict[str, str] | None = None) -> bytes:

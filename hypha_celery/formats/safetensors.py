@@ -8,6 +8,9 @@ checked the way the safetensors loader checks it: ``N`` capped at 100 MB (the
 loader's own cap), dtypes known, ``end - start == numel * itemsize``, offsets
 sorted and contiguous from 0, and ``8 + N + last_end`` equal to the file size.
 Any violation is ``UnsupportedModel`` naming the file and the reason.
+
+Not a format of its own in the registry: the weights container the built-in
+and Hugging Face formats (and a LoRA adapter) share.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.manifest import is_weights_shard
-from hypha_celery.models.safe_files import open_regular
+from hypha_celery.formats.safe_files import open_regular
+from hypha_celery.manifest import is_weights_shard
 
 __all__ = ["FLOAT_DTYPES", "ITEMSIZE", "MAX_HEADER", "Checkpoint", "read_checkpoint", "read_header"]
 

@@ -1,11 +1,11 @@
-"""What a stored model or data set is: the manifest types, their file names, and their checks.
+"""What a stored model or data set is: the manifest types, their file names, the id rule and the common checks.
 
 A model is ``<id>/manifest.json`` (:class:`Manifest`) plus its files; a
 training data set is ``<id>/dataset.json`` (:class:`DatasetManifest`) plus
 ``data.json``. Every manifest lists its files, each with a sha256 and a size.
 
 Format ``hypha-model/1`` (unchanged, still read and still written by
-``ModelStore.save``): a built-in architecture (``mlp``, ``cnn``) with
+``ModelStore.add("builtin", ...)``): a built-in architecture (``mlp``, ``cnn``) with
 ``config``, ``input_shape`` and ``weights.safetensors``.
 
 Format ``hypha-model/2`` adds, on top of every version-1 field:
@@ -16,7 +16,7 @@ Format ``hypha-model/2`` adds, on top of every version-1 field:
 ``task``
     for transformers: ``feature-extraction`` (embeddings), ``text-classification``,
     ``image-classification`` or ``text-generation``; it must be the task the
-    allow-list (:mod:`.hf_allowlist`) gives the architecture.
+    allow-list (:mod:`hypha_celery.formats.huggingface`) gives the architecture.
 ``architecture``
     for transformers: the class name from config.json ``architectures[0]``,
     allowed for ``model_type``.
@@ -56,7 +56,7 @@ Format ``hypha-model/2`` adds, on top of every version-1 field:
     ``parameters``/``weights_bytes`` its own. Only ``hypha.train``
     (``method: lora``) writes one: an import still refuses adapter files.
 
-A ``runtime: onnx`` manifest (:mod:`.onnx_format` reads the graph at import) has
+A ``runtime: onnx`` manifest (:mod:`hypha_celery.formats.onnx` reads the graph at import) has
 ``architecture`` ``"onnx"``, ``task`` ``"inference"``, ``files`` exactly
 ``model.onnx``, ``dtype`` the graph input's dtype, ``input_shape`` its
 per-sample shape, ``batchable`` whether axis 0 of the input is dynamic,
@@ -66,12 +66,14 @@ symbolic dimension) and ``memory`` the graph's tensor bytes
 (``kv_bytes_per_token`` null). It runs in its own dtypes: its weights take
 ``memory.weights_bytes`` on every device.
 
-These types are the contract between the store (:mod:`.store`), the sources
-that fetch into it (:mod:`.sources`), validation in the worker, and the
-executor's runtime; they import neither torch nor transformers nor the store,
-so each of those can import them, and the worker's own process can validate a
-manifest. A manifest may come from a remote source: ``from_json`` checks it
-field by field before anything trusts it.
+These types are the contract between the store (:mod:`hypha_celery.models.store`), the sources that
+fetch into it, the formats that import and check models (:mod:`hypha_celery.formats`), validation in
+the worker, the executor's runtimes, and the config (which names models by id: :func:`is_model_id` is
+the one definition of an id). This module imports nothing of ours but the error tree and sizes, so every
+one of those imports it from below; it imports neither torch nor transformers, so the worker's own
+process can validate a manifest. A manifest may come from a remote source: it is checked field by field
+before anything trusts it, the fields every manifest has here (:func:`read_runtime`, :func:`read_common`,
+:func:`read_files`), each runtime's own by its format (:func:`hypha_celery.formats.registry.read_manifest`).
 """
 
 from __future__ import annotations
@@ -83,9 +85,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeGuard
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.architectures import ARCHITECTURES
-from hypha_celery.models.hf_allowlist import TASKS as TRANSFORMERS_TASKS
-from hypha_celery.models.hf_allowlist import TEXT_GENERATION, task_of
 from hypha_celery.units import format_size
 
 __all__ = [
@@ -104,12 +103,11 @@ __all__ = [
     "ONNX_ARCHITECTURE",
     "ONNX_FILE",
     "ONNX_TASK",
-    "RUNTIMES",
     "SAFETENSORS_INDEX",
     "SAFETENSORS_SINGLE",
-    "TRANSFORMERS_TASKS",
     "WEIGHTS",
     "AdapterOf",
+    "Bad",
     "DatasetManifest",
     "FileEntry",
     "Manifest",
@@ -118,17 +116,21 @@ __all__ = [
     "expected_size",
     "is_hf_file",
     "is_model_id",
+    "is_positive_int",
+    "is_sha256",
     "is_weights_shard",
+    "manifest_error",
+    "read_common",
+    "read_files",
+    "read_runtime",
     "validate_model_id",
 ]
 
 FORMAT = "hypha-model/1"
 FORMAT_V2 = "hypha-model/2"
-RUNTIMES = ("builtin", "transformers", "onnx")
 ONNX_FILE = "model.onnx"
 ONNX_ARCHITECTURE = "onnx"
 ONNX_TASK = "inference"
-BUILTIN_TASKS = ("classification", "regression")
 MODEL_MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 DATASET_FORMAT = "hypha-dataset/1"
@@ -289,153 +291,69 @@ class Manifest(_Listed):
             data.pop("adapter_of")
         return data
 
-    @classmethod
-    def from_json(cls, data: Any, model_id: str, max_size: int | None = None) -> Manifest:
-        """Validate a manifest (it may come from a remote source) field by field."""
-        def bad(reason: str) -> UnsupportedModel:
-            return UnsupportedModel(f"model {model_id!r}: manifest {reason}")
 
-        if not isinstance(data, dict):
-            raise bad("is not a JSON object")
-        if data.get("format") not in (FORMAT, FORMAT_V2):
-            raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r} or {FORMAT_V2!r}")
-        if data.get("id") != model_id:
-            raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
-        runtime = data.get("runtime", "builtin") if data["format"] == FORMAT_V2 else "builtin"
-        if runtime not in RUNTIMES:
-            raise bad(f"has unknown runtime {runtime!r}")
-        shape = data.get("input_shape", [] if runtime == "transformers" else None)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
-            raise bad(f"has an invalid input_shape {shape!r}")
-        if not isinstance(data.get("config") or {}, dict):
-            raise bad(f"has a config that is not a table: {data.get('config')!r}")
-        created_at = data.get("created_at") or 0.0
-        if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
-            raise bad(f"has an invalid created_at {created_at!r}")
-        if not isinstance(data.get("parent"), (str, type(None))):
-            raise bad(f"has an invalid parent {data.get('parent')!r}")
-        if not isinstance(data.get("batchable", True), bool):
-            raise bad(f"has a non-boolean batchable {data.get('batchable')!r}")
-        if data.get("dtype", "float32") not in DTYPE_BYTES:
-            raise bad(f"has unsupported dtype {data.get('dtype')!r}")
-        common: dict[str, Any] = {
-            "id": model_id, "config": dict(data.get("config") or {}), "input_shape": list(shape),
-            "dtype": data.get("dtype", "float32"), "batchable": data.get("batchable", True),
-            "parent": data.get("parent"), "created_at": float(created_at), "format": data["format"],
-        }
-        if runtime == "transformers":
-            return cls(**common, **_transformers_fields(data, bad, max_size))
-        if runtime == "onnx":
-            return cls(**common, **_onnx_fields(data, common, bad, max_size))
-        if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
-            raise bad(f"names unknown architecture {data.get('architecture')!r}")
-        files = _files(data.get("files"), bad, max_size)
-        if WEIGHTS not in files:
-            raise bad(f"does not list {WEIGHTS}")
-        if data.get("task", "classification") not in BUILTIN_TASKS:
-            raise bad(f"has unknown task {data.get('task')!r}")
-        return cls(**common, architecture=data["architecture"], files=files,
-                   task=data.get("task", "classification"), runtime=runtime)
+Bad = Callable[[str], UnsupportedModel]  # makes a manifest's error, naming the model
 
 
-def _transformers_fields(data: dict[str, Any], bad: Callable[[str], UnsupportedModel],
-                         max_size: int | None) -> dict[str, Any]:
-    """The fields only a ``runtime: transformers`` manifest has, checked against the allow-list."""
-    model_type, architecture, task = data.get("model_type"), data.get("architecture"), data.get("task")
-    allowed = task_of(model_type, architecture)
-    if allowed is None:
-        raise bad(f"names model_type {model_type!r} / architecture {architecture!r}, not on the allow-list")
-    if task != allowed:
-        raise bad(f"has task {task!r}; {architecture} serves {allowed!r}")
-    adapter_of = _adapter_of(data.get("adapter_of"), bad)
-    if adapter_of is not None:
-        files = _files(data.get("files"), bad, max_size, ADAPTER_FILES.__contains__)
-        if set(files) != ADAPTER_FILES:
-            raise bad(f"of an adapter must list exactly {', '.join(sorted(ADAPTER_FILES))}")
-    else:
-        files = _files(data.get("files"), bad, max_size, is_hf_file)
-        if CONFIG not in files:
-            raise bad(f"does not list {CONFIG}")
-        shards = [name for name in files if is_weights_shard(name)]
-        if not (SAFETENSORS_SINGLE in files or (SAFETENSORS_INDEX in files and shards)):
-            raise bad(f"lists no weights ({SAFETENSORS_SINGLE}, or {SAFETENSORS_INDEX} with its shards)")
-    memory = data.get("memory")
-    if not isinstance(memory, dict):
-        raise bad("has no memory estimate")
-    parameters, weights_bytes, kv = memory.get("parameters"), memory.get("weights_bytes"), memory.get("kv_bytes_per_token")
-    if not isinstance(parameters, int) or not isinstance(weights_bytes, int) or not (
-            _positive(parameters) and _positive(weights_bytes)):
-        raise bad(f"has an invalid memory estimate {memory!r}")
-    if (task == TEXT_GENERATION) != _positive(kv) or (kv is not None and not _positive(kv)):
-        raise bad(f"has an invalid kv_bytes_per_token {kv!r} for task {task!r}")
-    max_length = data.get("max_length")
-    if max_length is not None and not _positive(max_length):
-        raise bad(f"has an invalid max_length {max_length!r}")
-    labels = data.get("labels")
-    if task.endswith("-classification"):
-        if not isinstance(labels, list) or not labels or not all(isinstance(label, str) for label in labels):
-            raise bad(f"has invalid labels {labels!r} for a classifier")
-    elif labels is not None:
-        raise bad(f"has labels, but task {task!r} does not classify")
-    dropped = data.get("dropped_config_keys", [])
-    if not isinstance(dropped, list) or not all(isinstance(key, str) for key in dropped):
-        raise bad(f"has invalid dropped_config_keys {dropped!r}")
+def manifest_error(model_id: str) -> Bad:
+    """The error-maker for ``model_id``'s manifest: every refusal names the model and says what is wrong."""
+    def bad(reason: str) -> UnsupportedModel:
+        return UnsupportedModel(f"model {model_id!r}: manifest {reason}")
+    return bad
+
+
+def read_runtime(data: Any, model_id: str) -> str:
+    """What every model manifest starts with, checked (a JSON object of a known format, for this id): its runtime.
+
+    Version 1 is always ``builtin``; whether the runtime is known is the format registry's question
+    (:func:`hypha_celery.formats.registry.read_manifest`, which reads a whole manifest).
+    """
+    bad = manifest_error(model_id)
+    if not isinstance(data, dict):
+        raise bad("is not a JSON object")
+    if data.get("format") not in (FORMAT, FORMAT_V2):
+        raise bad(f"has format {data.get('format')!r}, expected {FORMAT!r} or {FORMAT_V2!r}")
+    if data.get("id") != model_id:
+        raise bad(f"is for {data.get('id')!r}, not {model_id!r}")
+    runtime = data.get("runtime", "builtin") if data["format"] == FORMAT_V2 else "builtin"
+    if not isinstance(runtime, str):
+        raise bad(f"has unknown runtime {runtime!r}")
+    return runtime
+
+
+def read_common(data: dict[str, Any], model_id: str, *, shapeless: bool = False) -> dict[str, Any]:
+    """The fields every runtime's manifest has, checked, as :class:`Manifest` keyword arguments.
+
+    ``shapeless``: the format's models take no per-sample shape (a missing ``input_shape`` is ``[]``).
+    """
+    bad = manifest_error(model_id)
+    shape = data.get("input_shape", [] if shapeless else None)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        raise bad(f"has an invalid input_shape {shape!r}")
+    if not isinstance(data.get("config") or {}, dict):
+        raise bad(f"has a config that is not a table: {data.get('config')!r}")
+    created_at = data.get("created_at") or 0.0
+    if isinstance(created_at, bool) or not isinstance(created_at, (int, float)):
+        raise bad(f"has an invalid created_at {created_at!r}")
+    if not isinstance(data.get("parent"), (str, type(None))):
+        raise bad(f"has an invalid parent {data.get('parent')!r}")
+    if not isinstance(data.get("batchable", True), bool):
+        raise bad(f"has a non-boolean batchable {data.get('batchable')!r}")
+    if data.get("dtype", "float32") not in DTYPE_BYTES:
+        raise bad(f"has unsupported dtype {data.get('dtype')!r}")
     return {
-        "architecture": architecture, "files": files, "task": task, "runtime": "transformers",
-        "model_type": model_type, "memory": ModelMemory(parameters, weights_bytes, kv),
-        "max_length": max_length, "labels": None if labels is None else list(labels), "dropped_config_keys": list(dropped),
-        "adapter_of": adapter_of,
+        "id": model_id, "config": dict(data.get("config") or {}), "input_shape": list(shape),
+        "dtype": data.get("dtype", "float32"), "batchable": data.get("batchable", True),
+        "parent": data.get("parent"), "created_at": float(created_at), "format": data["format"],
     }
 
 
-def _onnx_fields(data: dict[str, Any], common: dict[str, Any], bad: Callable[[str], UnsupportedModel],
-                 max_size: int | None) -> dict[str, Any]:
-    """The fields of a ``runtime: onnx`` manifest: one graph file, its input and outputs, its batch axis."""
-    if data.get("architecture") != ONNX_ARCHITECTURE or data.get("task") != ONNX_TASK:
-        raise bad(f"has architecture {data.get('architecture')!r} / task {data.get('task')!r}; an ONNX model has "
-                  f"{ONNX_ARCHITECTURE!r} / {ONNX_TASK!r}")
-    files = _files(data.get("files"), bad, max_size)
-    if set(files) != {ONNX_FILE}:
-        raise bad(f"lists {sorted(files)}; an ONNX model is exactly {ONNX_FILE} (external data is refused)")
-    if common["dtype"] not in ("float32", "float16", "float64"):
-        raise bad(f"has input dtype {common['dtype']!r}; ONNX inputs are float16, float32 or float64")
-    config = common["config"]
-    inputs, outputs, axis = config.get("inputs"), config.get("outputs"), config.get("batch_axis", "missing")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not _named_tensors(inputs):
-        raise bad(f"has invalid config.inputs {inputs!r}: one input with a name")
-    if not isinstance(outputs, list) or not outputs or not _named_tensors(outputs):
-        raise bad(f"has invalid config.outputs {outputs!r}: one or more outputs with names")
-    if axis not in (0, None) or isinstance(axis, bool) or (common["batchable"] and axis != 0):
-        raise bad(f"has an invalid batch_axis {axis!r} (batchable: {common['batchable']})")
-    memory = data.get("memory")
-    if not isinstance(memory, dict):
-        raise bad("has no memory estimate")
-    parameters, weights_bytes = memory.get("parameters"), memory.get("weights_bytes")
-    if not isinstance(parameters, int) or not isinstance(weights_bytes, int) or isinstance(parameters, bool) \
-            or isinstance(weights_bytes, bool) or min(parameters, weights_bytes) < 0 \
-            or memory.get("kv_bytes_per_token") is not None:
-        raise bad(f"has an invalid memory estimate {memory!r}")
-    for key in ("model_type", "max_length", "labels"):
-        if data.get(key) is not None:
-            raise bad(f"has {key} {data.get(key)!r}; an ONNX model has none")
-    return {"architecture": ONNX_ARCHITECTURE, "files": files, "task": ONNX_TASK, "runtime": "onnx",
-            "memory": ModelMemory(parameters, weights_bytes, None)}
+def is_sha256(value: object) -> bool:
+    """Whether ``value`` is a sha256 as manifests write it: 64 lowercase hex digits."""
+    return isinstance(value, str) and bool(_SHA256.match(value))
 
 
-def _named_tensors(entries: list[Any]) -> bool:
-    return all(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] for entry in entries)
-
-
-def _adapter_of(raw: Any, bad: Callable[[str], UnsupportedModel]) -> AdapterOf | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, dict) or not is_model_id(raw.get("id")) or not isinstance(raw.get("sha256"), str) \
-            or not _SHA256.match(raw["sha256"]):
-        raise bad(f"has an invalid adapter_of {raw!r} (expected {{'id': <model id>, 'sha256': <64 hex digits>}})")
-    return AdapterOf(id=raw["id"], sha256=raw["sha256"])
-
-
-def _positive(value: object) -> bool:
+def is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -466,7 +384,7 @@ class DatasetManifest(_Listed):
         created = data.get("created_at") or 0.0
         if isinstance(created, bool) or not isinstance(created, (int, float)):
             raise bad(f"has an invalid created_at {created!r}")
-        files = _files(data.get("files"), bad, max_size)
+        files = read_files(data.get("files"), bad, max_size)
         if DATA not in files:
             raise bad(f"does not list {DATA}")
         return cls(id=dataset_id, rows=rows, files=files, created_at=float(created))
@@ -476,8 +394,8 @@ def _one_component(name: str) -> bool:
     return bool(_FILE_NAME.match(name)) and ".." not in name
 
 
-def _files(
-    raw: Any, bad: Callable[[str], UnsupportedModel], max_size: int | None,
+def read_files(
+    raw: Any, bad: Bad, max_size: int | None,
     allowed: Callable[[str], bool] = _one_component,
 ) -> dict[str, FileEntry]:
     """A manifest's ``files``: allowed names, a sha256 and a positive size each, under the cap."""
@@ -487,7 +405,7 @@ def _files(
     for name, entry in raw.items():
         if not isinstance(name, str) or not allowed(name):
             raise bad(f"lists an invalid file name {name!r}")
-        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+        if not isinstance(entry, dict) or not is_sha256(entry.get("sha256")):
             raise bad(f"has no valid sha256 for {name}")
         size = entry.get("size")
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models import hf_format
-from hypha_celery.models.hf_allowlist import ALLOWED
-from hypha_celery.models.manifest import FORMAT, FORMAT_V2, Manifest, ModelMemory, compute_dtype
+from hypha_celery.formats import huggingface
+from hypha_celery.formats.huggingface import ALLOWED
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.manifest import FORMAT, FORMAT_V2, ModelMemory, compute_dtype
 
 SHA = "ab" * 32
 
@@ -86,7 +87,7 @@ def test_a_directory_holding_a_refused_file_is_refused_naming_it_and_why(tmp_pat
     folder = hf_dir(tmp_path / "m", BERT, **{name: b"x"})
     # When it is scanned, Then the whole import is refused, naming the file and the reason
     with pytest.raises(UnsupportedModel, match="refused") as caught:
-        hf_format.scan(folder)
+        huggingface.scan(folder)
     assert name.replace("__", "/") in str(caught.value) and why in str(caught.value)
 
 
@@ -95,7 +96,7 @@ def test_a_pickle_beside_safetensors_weights_is_to_be_deleted_not_converted(tmp_
     folder = hf_dir(tmp_path / "m", BERT, **{"pytorch_model.bin": b"x"})
     # When it is scanned
     with pytest.raises(UnsupportedModel) as caught:
-        hf_format.scan(folder)
+        huggingface.scan(folder)
     # Then the refusal says to delete the pickle, since the safetensors weights are there already
     message = str(caught.value)
     assert "pytorch_model.bin is a pickle" in message and "already has the weights as model.safetensors" in message
@@ -108,7 +109,7 @@ def test_a_pickle_with_no_safetensors_beside_it_is_to_be_converted(tmp_path: Pat
     (folder / "model.safetensors").unlink()
     # When it is scanned, Then the refusal says to convert the weights
     with pytest.raises(UnsupportedModel, match="convert the weights to safetensors"):
-        hf_format.scan(folder)
+        huggingface.scan(folder)
 
 
 def test_files_off_the_allow_list_are_skipped_and_known_ones_copied(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_files_off_the_allow_list_are_skipped_and_known_ones_copied(tmp_path: Pa
                                              "1_Pooling__config.json": "{}", "modules.json": "[]",
                                              "2_Normalize__config.json": "{}", "onnx__model.onnx": "x"})
     # When it is scanned
-    found = hf_format.scan(folder)
+    found = huggingface.scan(folder)
     # Then only allow-listed paths are copied (the pooling config is the one with a folder), the rest reported
     assert sorted(found.copy) == ["1_Pooling/config.json", "config.json", "model.safetensors", "modules.json"]
     assert sorted(found.skipped) == [".gitattributes", "2_Normalize/config.json", "README.md", "onnx/model.onnx",
@@ -129,7 +130,7 @@ def test_a_directory_without_config_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(tiny_safetensors())
     # When it is scanned, Then it is refused as not a Hugging Face directory
     with pytest.raises(UnsupportedModel, match=r"no config\.json"):
-        hf_format.scan(tmp_path)
+        huggingface.scan(tmp_path)
 
 
 @pytest.mark.parametrize("key", ["quantization_config", "transformers_weights"])
@@ -137,13 +138,13 @@ def test_config_keys_that_load_something_else_are_refused(key: str) -> None:
     # Given a config carrying a key that changes what transformers loads
     # When it is cleaned, Then it is refused naming the key
     with pytest.raises(UnsupportedModel, match=key):
-        hf_format.clean_config({**BERT, key: {"x": 1}})
+        huggingface.clean_config({**BERT, key: {"x": 1}})
 
 
 def test_auto_map_is_dropped_and_reported() -> None:
     # Given a config whose auto_map points at the uploader's code
     # When it is cleaned
-    config, dropped = hf_format.clean_config({**BERT, "auto_map": {"AutoModel": "modeling_evil.Evil"}})
+    config, dropped = huggingface.clean_config({**BERT, "auto_map": {"AutoModel": "modeling_evil.Evil"}})
     # Then the key is gone and named
     assert "auto_map" not in config and dropped == ["auto_map"]
 
@@ -156,13 +157,13 @@ def test_auto_map_is_dropped_and_reported() -> None:
 def test_a_model_type_or_architecture_off_the_allow_list_is_refused(config: dict[str, Any], match: str) -> None:
     # When an unsupported config is identified, Then it is refused with the reason
     with pytest.raises(UnsupportedModel, match=match):
-        hf_format.identify(config)
+        huggingface.identify(config)
 
 
 def test_a_task_the_architecture_does_not_serve_is_refused() -> None:
     # When a BertModel is asked to generate text, Then it is refused naming the task it serves
     with pytest.raises(UnsupportedModel, match="serves task 'feature-extraction'"):
-        hf_format.identify(BERT, "text-generation")
+        huggingface.identify(BERT, "text-generation")
 
 
 def test_describe_gives_labels_in_id_order_for_a_classifier(tmp_path: Path) -> None:
@@ -171,7 +172,7 @@ def test_describe_gives_labels_in_id_order_for_a_classifier(tmp_path: Path) -> N
               "id2label": {"1": "positive", "0": "negative"}, "max_position_embeddings": 512}
     folder = hf_dir(tmp_path, config, **{"tokenizer_config.json": json.dumps({"model_max_length": 128})})
     # When it is described
-    fields = hf_format.describe(folder, ["config.json", "model.safetensors", "tokenizer_config.json"])
+    fields = huggingface.describe(folder, ["config.json", "model.safetensors", "tokenizer_config.json"])
     # Then labels follow the ids, and max_length is the smaller of the two limits
     assert fields["task"] == "text-classification" and fields["labels"] == ["negative", "positive"]
     assert fields["max_length"] == 128
@@ -183,22 +184,22 @@ def test_describe_sizes_the_kv_cache_of_a_generator(tmp_path: Path) -> None:
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048}
     folder = hf_dir(tmp_path, config)
     # When it is described
-    fields = hf_format.describe(folder, ["config.json", "model.safetensors"])
+    fields = huggingface.describe(folder, ["config.json", "model.safetensors"])
     # Then KV bytes per token = 2 x layers x kv_heads x head_dim x 4 (fp32)
     assert fields["memory"] == ModelMemory(parameters=6, weights_bytes=24, kv_bytes_per_token=2 * 2 * 2 * 16 * 4)
 
 
 def test_a_v2_manifest_reads_back_what_it_wrote() -> None:
     # Given a version-2 transformers manifest
-    manifest = Manifest.from_json(v2(), "m")
+    manifest = read_manifest(v2(), "m")
     # When it is written and read again, Then it is equal, with the v2 fields kept
-    assert Manifest.from_json(manifest.to_json(), "m") == manifest
+    assert read_manifest(manifest.to_json(), "m") == manifest
     assert manifest.memory == ModelMemory(50, 100, 256) and manifest.runtime == "transformers"
 
 
 def test_the_compute_dtype_sizes_come_from_the_parameter_count() -> None:
     # Given a bf16 checkpoint of 50 parameters with 256 KV bytes per token
-    manifest = Manifest.from_json(v2(), "m")
+    manifest = read_manifest(v2(), "m")
     # When it is sized for CPU (fp32) and CUDA (bf16)
     # Then the weights and KV cache scale with the element size
     assert (manifest.weights_bytes_at(compute_dtype("cpu")), manifest.weights_bytes_at(compute_dtype("cuda:0"))) == (200, 100)
@@ -226,7 +227,7 @@ def test_the_compute_dtype_sizes_come_from_the_parameter_count() -> None:
 def test_a_v2_manifest_breaking_a_rule_is_refused(overrides: dict[str, Any], match: str) -> None:
     # When a manifest breaking one rule is read, Then it is refused with the reason
     with pytest.raises(UnsupportedModel, match=match):
-        Manifest.from_json(v2(**overrides), "m")
+        read_manifest(v2(**overrides), "m")
 
 
 def test_a_classifier_manifest_needs_its_labels() -> None:
@@ -235,7 +236,7 @@ def test_a_classifier_manifest_needs_its_labels() -> None:
               memory={"parameters": 1, "weights_bytes": 4, "kv_bytes_per_token": None})
     # When it is read, Then it is refused
     with pytest.raises(UnsupportedModel, match="invalid labels"):
-        Manifest.from_json(data, "m")
+        read_manifest(data, "m")
 
 
 def test_a_version_1_manifest_reads_and_writes_as_before() -> None:
@@ -244,7 +245,7 @@ def test_a_version_1_manifest_reads_and_writes_as_before() -> None:
             "files": {"weights.safetensors": {"sha256": SHA, "size": 8}}, "dtype": "float32", "task": "classification",
             "batchable": True, "parent": None, "created_at": 1.0}
     # When it is read and written back
-    manifest = Manifest.from_json(data, "m")
+    manifest = read_manifest(data, "m")
     # Then it is the built-in runtime, and its JSON has exactly the version-1 keys
     assert manifest.runtime == "builtin" and manifest.memory is None
     assert manifest.to_json() == {**data, "format": FORMAT}
@@ -256,4 +257,4 @@ def test_a_builtin_architecture_in_a_v2_manifest_follows_the_v1_rules() -> None:
             "files": {"model.safetensors": {"sha256": SHA, "size": 8}}}
     # When it is read, Then it is refused as a built-in model without its weights file
     with pytest.raises(UnsupportedModel, match=r"does not list weights\.safetensors"):
-        Manifest.from_json(data, "m")
+        read_manifest(data, "m")

@@ -14,7 +14,11 @@ the folder says where the other name is: so a regular file with more than one
 link is refused too, by both.
 :func:`copy_capped` counts the bytes it copies and stops at its budget, so a
 file that grew after it was measured never fills the disk. The folder itself
-may be reached through a link: the operator named it.
+may be reached through a link: the operator named it. :func:`sha256_file`
+hashes a file the store wrote itself (a staged copy, a stored model's file).
+
+Every format's import reads its source through here, and so do the store's
+sources and shared storage: it sits with the formats, below ``models/``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 
 from hypha_celery.errors import HyphaError, UnsupportedModel
 
-__all__ = ["Copied", "Walked", "copy_capped", "open_regular", "walk"]
+__all__ = ["Copied", "Walked", "copy_capped", "open_regular", "sha256_file", "walk"]
 
 _CHUNK = 1 << 20
 _NOFOLLOW = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -156,3 +160,12 @@ def _what(mode: int) -> str:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "is a device"
     return "is not a regular file"
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file the store itself wrote or holds (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,4 +1,4 @@
-"""Check an ONNX graph before it enters the store or a runtime, with the ``onnx`` package alone.
+"""The ONNX format: one graph file, imported and checked before it enters the store or a runtime, with ``onnx`` alone.
 
 An ONNX model is one file, ``model.onnx``: a protobuf holding the graph and its
 weights. It is parsed from its bytes with ``onnx.load_model_from_string`` (what
@@ -31,23 +31,38 @@ the whole input shape is one sample. The memory estimate is the graph's
 tensors' bytes (initializers and constant attributes), counted from their
 dims and dtype.
 
-Imports neither torch nor onnxruntime (the worker's own process can run it);
-importing ``onnx`` costs well under a second.
+:func:`store` imports a ``.onnx`` file (or a folder holding ``model.onnx``):
+the copy is what :func:`describe` checks and measures, so the stored graph is
+the one checked. Imports neither torch nor onnxruntime (the worker's own
+process can run it); importing ``onnx`` costs well under a second.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.manifest import ONNX_FILE, Manifest, ModelMemory
+from hypha_celery.formats.base import Format, Imported, Target
+from hypha_celery.formats.safe_files import copy_capped, open_regular, walk
+from hypha_celery.manifest import (
+    FORMAT_V2,
+    ONNX_ARCHITECTURE,
+    ONNX_FILE,
+    ONNX_TASK,
+    Bad,
+    FileEntry,
+    Manifest,
+    ModelMemory,
+    read_files,
+)
 from hypha_celery.units import format_size
 
-__all__ = ["ALLOWED_DOMAINS", "Described", "check_fetched", "describe", "describe_bytes"]
+__all__ = ["ALLOWED_DOMAINS", "FORMAT", "Described", "check_fetched", "describe", "describe_bytes", "store"]
 
 # Operator domains built into onnxruntime: the ONNX standard, ONNX-ML, and onnxruntime's own contrib ops.
 ALLOWED_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
@@ -155,6 +170,82 @@ def check_fetched(folder: Path, manifest: Manifest) -> None:
         raise UnsupportedModel(f"model {manifest.id!r}: manifest disagrees with its graph on {', '.join(differ)}")
 
 
+def store(target: Target, source: str | os.PathLike[str], model_id: str, *, parent: str | None = None,
+          produced_by: dict[str, Any] | None = None) -> Imported:
+    """Store an ONNX model as ``model_id`` (format 2, runtime ``onnx``).
+
+    ``source`` is a ``.onnx`` file, or a directory holding ``model.onnx`` (its
+    other files are skipped: external data is refused, so nothing else is
+    needed). The file is copied into a staging folder first and the copy is
+    what :func:`describe` checks and measures, so the stored graph is the one
+    checked; one rename installs it.
+    """
+    path = Path(source)
+    skipped: list[str] = []
+    if path.is_dir():
+        inside = walk(path).files  # links and other non-regular files refuse the import
+        skipped = sorted(name for name in inside if name != ONNX_FILE)
+        if ONNX_FILE not in inside:
+            raise UnsupportedModel(f"{source}: holds no {ONNX_FILE}")
+        folder, name, size = path, ONNX_FILE, inside[ONNX_FILE]
+    elif path.suffix != ".onnx" or not path.is_file():
+        raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
+    else:  # the file the operator named, wherever a link they made leads
+        path = path.resolve()
+        folder, name, size = path.parent, path.name, path.stat().st_size
+    cap = target.max_model_size
+    if size > cap:
+        raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(cap)})")
+    with target.new_entry(model_id) as staging:
+        staged = staging / ONNX_FILE
+        copied = copy_capped(open_regular(folder, name), staged, cap, str(path))
+        described = describe(staged, cap)
+        manifest = Manifest(
+            id=model_id, architecture=ONNX_ARCHITECTURE, task=ONNX_TASK,
+            files={ONNX_FILE: FileEntry(sha256=copied.sha256, size=copied.size)},
+            format=FORMAT_V2, runtime="onnx", parent=parent, **described.fields(),
+        )
+        target.install(staging, manifest, produced_by)
+    return Imported(manifest, skipped)
+
+
+def _manifest_fields(data: dict[str, Any], common: dict[str, Any], bad: Bad, max_size: int | None) -> dict[str, Any]:
+    """The fields of a ``runtime: onnx`` manifest: one graph file, its input and outputs, its batch axis."""
+    if data.get("architecture") != ONNX_ARCHITECTURE or data.get("task") != ONNX_TASK:
+        raise bad(f"has architecture {data.get('architecture')!r} / task {data.get('task')!r}; an ONNX model has "
+                  f"{ONNX_ARCHITECTURE!r} / {ONNX_TASK!r}")
+    files = read_files(data.get("files"), bad, max_size)
+    if set(files) != {ONNX_FILE}:
+        raise bad(f"lists {sorted(files)}; an ONNX model is exactly {ONNX_FILE} (external data is refused)")
+    if common["dtype"] not in _INPUT_DTYPES:
+        raise bad(f"has input dtype {common['dtype']!r}; ONNX inputs are float16, float32 or float64")
+    config = common["config"]
+    inputs, outputs, axis = config.get("inputs"), config.get("outputs"), config.get("batch_axis", "missing")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not _named_tensors(inputs):
+        raise bad(f"has invalid config.inputs {inputs!r}: one input with a name")
+    if not isinstance(outputs, list) or not outputs or not _named_tensors(outputs):
+        raise bad(f"has invalid config.outputs {outputs!r}: one or more outputs with names")
+    if axis not in (0, None) or isinstance(axis, bool) or (common["batchable"] and axis != 0):
+        raise bad(f"has an invalid batch_axis {axis!r} (batchable: {common['batchable']})")
+    memory = data.get("memory")
+    if not isinstance(memory, dict):
+        raise bad("has no memory estimate")
+    parameters, weights_bytes = memory.get("parameters"), memory.get("weights_bytes")
+    if not isinstance(parameters, int) or not isinstance(weights_bytes, int) or isinstance(parameters, bool) \
+            or isinstance(weights_bytes, bool) or min(parameters, weights_bytes) < 0 \
+            or memory.get("kv_bytes_per_token") is not None:
+        raise bad(f"has an invalid memory estimate {memory!r}")
+    for key in ("model_type", "max_length", "labels"):
+        if data.get(key) is not None:
+            raise bad(f"has {key} {data.get(key)!r}; an ONNX model has none")
+    return {"architecture": ONNX_ARCHITECTURE, "files": files, "task": ONNX_TASK, "runtime": "onnx",
+            "memory": ModelMemory(parameters, weights_bytes, None)}
+
+
+def _named_tensors(entries: list[Any]) -> bool:
+    return all(isinstance(entry, dict) and isinstance(entry.get("name"), str) and entry["name"] for entry in entries)
+
+
 def _parse(data: bytes, what: str) -> Any:
     try:
         import onnx
@@ -245,3 +336,6 @@ def _tensor(value: Any, what: str, role: str) -> dict[str, Any]:
         shape = [int(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else None
                  for dim in tensor_type.shape.dim]
     return {"name": value.name, "dtype": dtype, "shape": shape}
+
+
+FORMAT = Format(runtime="onnx", manifest_fields=_manifest_fields, check_fetched=check_fetched, store=store)

@@ -1,23 +1,33 @@
-"""Model architectures the store can rebuild from safetensors weights.
+"""The built-in format: small architectures the store rebuilds from one safetensors file.
 
 A stored model is weights plus a manifest naming one of these builders and
 its config, so loading never unpickles code. Adding an architecture is adding
 a function here; the registry of names is :data:`ARCHITECTURES`. torch is
 imported inside the builders, so reading the names (the store validates
 manifests with them) never imports torch into a worker's own process.
+
+A built-in model enters the store from a module in memory (:func:`store`: its
+``state_dict`` written as ``weights.safetensors``), as examples and
+``hypha.train`` make them; its manifest is version 1 (``runtime`` ``builtin``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.formats.base import Format, Imported, Target
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import WEIGHTS, Bad, FileEntry, Manifest, read_files
 
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["ARCHITECTURES", "build", "example_input_shape"]
+__all__ = ["ARCHITECTURES", "FORMAT", "TASKS", "build", "example_input_shape", "store"]
+
+TASKS = ("classification", "regression")
 
 
 def _int(config: Mapping[str, Any], name: str, default: int) -> int:
@@ -86,3 +96,43 @@ def example_input_shape(architecture: str, config: Mapping[str, Any]) -> list[in
         size = _int(config, "size", 28)
         return [_int(config, "channels", 1), size, size]
     raise UnsupportedModel(f"unknown architecture {architecture!r}")
+
+
+def store(target: Target, module: nn.Module, model_id: str, *, architecture: str, config: dict[str, Any],
+          input_shape: list[int], task: str = "classification", batchable: bool = True, parent: str | None = None,
+          produced_by: dict[str, Any] | None = None) -> Imported:
+    """Store ``module``'s weights as ``model_id``, a model of ``architecture`` built from ``config``."""
+    from safetensors.torch import save_file
+
+    state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in module.state_dict().items()}
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "float32"
+    with target.new_entry(model_id) as staging:
+        weights = staging / WEIGHTS
+        save_file(state, str(weights))
+        manifest = Manifest(
+            id=model_id, architecture=architecture, config=dict(config), input_shape=list(input_shape),
+            files={WEIGHTS: FileEntry(sha256=sha256_file(weights), size=weights.stat().st_size)},
+            dtype=dtype, task=task, batchable=batchable, parent=parent,
+        )
+        target.install(staging, manifest, produced_by)
+    return Imported(manifest, [])
+
+
+def _manifest_fields(data: dict[str, Any], common: dict[str, Any], bad: Bad, max_size: int | None) -> dict[str, Any]:
+    """A built-in manifest's own fields: a known architecture, its weights file, a task it can serve."""
+    if not isinstance(data.get("architecture"), str) or data["architecture"] not in ARCHITECTURES:
+        raise bad(f"names unknown architecture {data.get('architecture')!r}")
+    files = read_files(data.get("files"), bad, max_size)
+    if WEIGHTS not in files:
+        raise bad(f"does not list {WEIGHTS}")
+    if data.get("task", "classification") not in TASKS:
+        raise bad(f"has unknown task {data.get('task')!r}")
+    return {"architecture": data["architecture"], "files": files, "task": data.get("task", "classification"),
+            "runtime": "builtin"}
+
+
+def _check_fetched(folder: Path, manifest: Manifest) -> None:
+    """Nothing beyond the hashes: a built-in manifest says nothing its weights file could contradict before loading."""
+
+
+FORMAT = Format(runtime="builtin", manifest_fields=_manifest_fields, check_fetched=_check_fetched, store=store)
