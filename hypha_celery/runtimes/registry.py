@@ -5,7 +5,7 @@ A runtime is a module with ``load(store, model_id, device, *, trainable=False)``
 it came from) and ``infer_batch(loaded, items, per_item=None)``; one that
 generates text adds ``generate(loaded, request, report, per_prompt=None)``
 (:class:`Runtime`). A new runtime (GGUF, vLLM) is one module and one line of
-:data:`RUNTIMES`, and a name in :data:`hypha_celery.manifest.RUNTIMES`.
+:data:`RUNTIMES`, and a line in :data:`hypha_celery.formats.registry.FORMATS`.
 
 Importing this module imports no runtime: torch, transformers and onnxruntime
 are imported inside the executor, when a model of theirs is first loaded.

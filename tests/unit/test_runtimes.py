@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
-from hypha_celery.manifest import RUNTIMES as MANIFEST_RUNTIMES
+from hypha_celery.formats.registry import RUNTIMES as MANIFEST_RUNTIMES
 from hypha_celery.runtimes import registry
 from hypha_celery.work import Generate, Prompt
 
