@@ -4,7 +4,7 @@
 ``tokens_per_s`` a ``hypha.train`` result reports (non-padding tokens over the
 loop's wall time, from the first optimizer step to the last; loading the model
 before and saving it after are outside it) against the same
-:func:`hypha_celery.models.finetune.finetune` run in this process on the same
+:func:`hypha_celery.training.finetune.run.finetune` run in this process on the same
 store, data, seed, thread count and core (the job executor runs one torch thread
 pinned to the one core the task reserved, which its result names in
 ``cpu_affinity``: this process pins itself to that core for its run too). The
@@ -59,9 +59,9 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     import torch
 
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
     from hypha_celery.protocol import Train
+    from hypha_celery.training.finetune.run import finetune
 
     if not (models / TINY_LLAMA).is_dir():
         say("\n[14] training: skipped (no tiny-llama example; install the [hf] extra)")
@@ -137,10 +137,11 @@ def bench_adapter_switch(workdir: Path) -> None:
 
     from hypha_celery.executor.child import Executor
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune, save
     from hypha_celery.models.store import ModelStore
     from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     models = workdir / "models"
     if not (models / TINY_LLAMA).is_dir():
