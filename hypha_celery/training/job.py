@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from hypha_celery.errors import InvalidTask, SharedStorageError
 from hypha_celery.models.hf_allowlist import LORA_TARGET_MODULES
@@ -31,7 +31,8 @@ from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import check_inputs
 from hypha_celery.protocol import Progress, Train, Trained
-from hypha_celery.stages.results import package
+from hypha_celery.resources.ledger import Lease
+from hypha_celery.stages.results import Timing, package
 from hypha_celery.stages.sizing import Training, activation_bytes_per_token, lora_trainable_bound, requirements_for_model
 from hypha_celery.stages.validation import (
     FinetuneParams,
@@ -41,16 +42,34 @@ from hypha_celery.stages.validation import (
     finetune_params,
     validate_train,
 )
-from hypha_celery.tasks.pipeline import Run
 from hypha_celery.training.checkpoints import local as checkpoint
 from hypha_celery.training.checkpoints import sync as checkpoint_sync
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["PROGRESS_INTERVAL_S", "run_training", "validate_training"]
+__all__ = ["PROGRESS_INTERVAL_S", "TaskRun", "run_training", "validate_training"]
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
+
+
+class TaskRun(Protocol):
+    """What a training job uses of its task's run (:class:`hypha_celery.tasks.pipeline.Run` is one).
+
+    Declared here so that training, which the task modules wire, imports nothing from them.
+    """
+
+    ctx: NodeContext
+    task: Any  # the Celery task: its request id, and send_event
+    lease: Lease
+    timing: Timing
+    worker: str
+    model_sha256: str | None
+
+    @property
+    def remaining_s(self) -> float: ...
+
+    def progress(self, meta: dict[str, Any]) -> None: ...
 
 
 def validate_training(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any], task_id: str) -> TrainSpec:
@@ -82,7 +101,7 @@ def _training_size(store: ModelStore, manifest: Manifest, params: FinetuneParams
                     activation_bytes_per_token=activation_bytes_per_token(config))
 
 
-def run_training(run: Run, spec: TrainSpec) -> dict[str, Any]:
+def run_training(run: TaskRun, spec: TrainSpec) -> dict[str, Any]:
     """Train under the task's lease (or answer a copy whose model is saved already) and package the result."""
     if spec.finished is not None:
         return _answer_copy(run, spec, spec.finished)
@@ -160,7 +179,7 @@ def _finetune_kwargs(model: str, finetune: FinetuneParams) -> dict[str, Any]:
     return {"model": model, **kwargs}
 
 
-def _answer_copy(run: Run, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
+def _answer_copy(run: TaskRun, spec: TrainSpec, trained: Trained) -> dict[str, Any]:
     """A copy of this task already saved ``new_model``: its result, from what that run recorded; nothing runs."""
     log.info("task %s: model %r was saved by this task id; answering the copy from it", run.task.request.id,
              spec.new_model)

@@ -28,10 +28,9 @@ from hypha_celery.models.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec
-from hypha_celery.tasks.pipeline import Run
 from hypha_celery.training.distributed import layout
 from hypha_celery.training.distributed.deltas import pseudo_gradient
-from hypha_celery.training.job import run_training, validate_training
+from hypha_celery.training.job import TaskRun, run_training, validate_training
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["DilocoBlock", "InnerSpec", "parse_block", "publish_delta", "run_inner", "validate_inner"]
@@ -119,7 +118,7 @@ def validate_inner(ctx: NodeContext, args: tuple[Any, ...], kwargs: dict[str, An
     return InnerSpec(train=spec, block=block)
 
 
-def run_inner(run: Run, spec: InnerSpec) -> dict[str, Any]:
+def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
     """Train as ``hypha.train`` does, publish ``base - trained`` as the task's delta, answer with its report."""
     result = run_training(run, spec.train)
     ctx, block, base = run.ctx, spec.block, spec.train.model

@@ -63,7 +63,6 @@ from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import requirements_for
-from hypha_celery.tasks.pipeline import Run
 from hypha_celery.training.distributed.deltas import AGGREGATORS
 from hypha_celery.training.distributed.inner import parse_block
 from hypha_celery.training.distributed.layout import (
@@ -75,6 +74,7 @@ from hypha_celery.training.distributed.layout import (
     version_id,
     version_key,
 )
+from hypha_celery.training.job import TaskRun
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["AggregateSpec", "Gathered", "gather", "run_outer", "validate_aggregate"]
@@ -176,7 +176,7 @@ def validate_aggregate(ctx: NodeContext, args: Sequence[Any], kwargs: Mapping[st
                          max_base_norm_ratio=_bound(kwargs, "max_base_norm_ratio", DEFAULT_BASE_NORM_RATIO, 1e-6))
 
 
-def run_outer(run: Run, spec: AggregateSpec) -> dict[str, Any]:
+def run_outer(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
     """The round's outer step under its lock, or its record when it ran before; packaged as the task's result."""
     ctx = run.ctx
     storage = ctx.storage()
