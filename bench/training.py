@@ -4,7 +4,7 @@
 ``tokens_per_s`` a ``hypha.train`` result reports (non-padding tokens over the
 loop's wall time, from the first optimizer step to the last; loading the model
 before and saving it after are outside it) against the same
-:func:`hypha_celery.models.finetune.finetune` run in this process on the same
+:func:`hypha_celery.training.finetune.run.finetune` run in this process on the same
 store, data, seed, thread count and core (the job executor runs one torch thread
 pinned to the one core the task reserved, which its result names in
 ``cpu_affinity``: this process pins itself to that core for its run too). The
@@ -59,8 +59,8 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     import torch
 
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.training.finetune.run import finetune
     from hypha_celery.work import Train
 
     if not (models / TINY_LLAMA).is_dir():
@@ -137,10 +137,11 @@ def bench_adapter_switch(workdir: Path) -> None:
 
     from hypha_celery.executor.child import Executor
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune, save
     from hypha_celery.models.store import ModelStore
     from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
     from hypha_celery.work import Generate, Prompt, Train
 
     models = workdir / "models"

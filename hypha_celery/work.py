@@ -197,7 +197,7 @@ class Progress(Message):
 
     ``tokens_per_s`` and ``eta_s`` (seconds left at the rate so far): transformers training only.
     ``checkpoint_step``: a checkpoint was written at that step since the last report (the worker
-    copies it to shared storage, :mod:`hypha_celery.models.checkpoint_sync`).
+    copies it to shared storage, :mod:`hypha_celery.training.checkpoints.sync`).
     """
 
     kind: ClassVar[str] = "progress"

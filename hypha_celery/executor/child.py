@@ -286,8 +286,9 @@ class Executor:
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))
 
     def _train_transformer(self, request: Train, started_rss: int) -> TrainResult:
-        """Full or LoRA fine-tuning (:mod:`hypha_celery.models.finetune`); the result enters the store as a new entry."""
-        from hypha_celery.models.finetune import finetune, save
+        """Full or LoRA fine-tuning (:mod:`hypha_celery.training.finetune`); the result enters the store as a new entry."""
+        from hypha_celery.training.finetune.run import finetune
+        from hypha_celery.training.finetune.save import save
 
         with self._limits(request.limits):
             done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write,
@@ -307,8 +308,8 @@ class Executor:
                            usage=self._usage(started_rss))
 
     def _discard_checkpoints(self, request: Train) -> None:
-        """The model is saved: the task's checkpoints (:mod:`hypha_celery.models.checkpoint`) have done their work."""
-        from hypha_celery.models.checkpoint import discard
+        """The model is saved: the task's checkpoints (:mod:`hypha_celery.training.checkpoints.local`) have done their work."""
+        from hypha_celery.training.checkpoints.local import discard
 
         if request.task_id is not None:
             discard(self.store.root, request.task_id)

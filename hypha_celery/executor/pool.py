@@ -9,7 +9,7 @@ through it, a cold model is loaded once (single-flight). Text generation runs
 there too, on the same cache, streaming each text back as it grows. Requests for
 different LoRA adapters of one base (and for the base itself) share a batch:
 each row runs with its own adapter (peft's mixed-batch forward,
-:mod:`hypha_celery.models.transformers_runtime`). Training runs in *job*
+:mod:`hypha_celery.runtimes.transformers_generation`). Training runs in *job*
 executors, reused between jobs but holding no cache, since training changes the
 weights.
 

@@ -20,7 +20,7 @@ Layout::
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]} (built-in models), or
                                                 {"texts": [...]} / {"texts": [...], "labels": [...]} (``save_texts``)
 
-    <model_dir>/.checkpoints/<task id>/         a training task's latest checkpoint (:mod:`.checkpoint`)
+    <model_dir>/.checkpoints/<task id>/         a training task's checkpoints (:mod:`hypha_celery.training.checkpoints.local`)
 
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
                                                 for a sandboxed training executor, which may write only there);

@@ -50,7 +50,7 @@ attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
 attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
 attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
 
-def checkpoint():  # as models.checkpoint writes, publishes and deletes one
+def checkpoint():  # as training.checkpoints.local writes, publishes and deletes one
     task = os.path.join(store, ".checkpoints", "task-1")
     os.makedirs(os.path.join(task, ".tmp-1"))
     write(os.path.join(task, ".tmp-1", "checkpoint.json"))

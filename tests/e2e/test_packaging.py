@@ -295,7 +295,8 @@ from hypha_celery.executor.child import Executor
 from hypha_celery.protocol import ChildSettings
 from hypha_celery.work import Generate, Prompt, Train
 from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-from hypha_celery.models.finetune import finetune, save
+from hypha_celery.training.finetune.run import finetune
+from hypha_celery.training.finetune.save import save
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.validation import GenerateParams
 

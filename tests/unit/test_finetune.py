@@ -170,7 +170,7 @@ def test_lora_sizing_counts_only_trainable_state(store: ModelStore) -> None:
 def lora_run(store: ModelStore) -> tuple[Any, list[Progress]]:
     import torch
 
-    from hypha_celery.models.finetune import finetune
+    from hypha_celery.training.finetune.run import finetune
 
     torch.set_num_threads(1)
     updates: list[Progress] = []
@@ -193,7 +193,7 @@ def test_lora_on_the_tiny_causal_lm_lowers_the_loss(lora_run: tuple[Any, list[Pr
 
 def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: ModelStore, lora_run: Any,
                                                                        tmp_path: Path) -> None:
-    from hypha_celery.models.finetune import save
+    from hypha_celery.training.finetune.save import save
 
     done, _ = lora_run
     # When the adapter is saved and stored
@@ -260,7 +260,7 @@ def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> N
 
 def test_a_model_still_at_a_source_is_validated_from_its_manifest(store: ModelStore, tmp_path: Path) -> None:
     from hypha_celery.stages.validation import finetune_params
-    from hypha_celery.tasks.train import _finetune_kwargs
+    from hypha_celery.training.job import _finetune_kwargs
 
     # Given a worker whose store lacks the tiny Llama, with the shared store as its source
     config = parse_config({"worker": {"models": {"sources": [{"type": "local", "path": str(store.root)}]}}})
@@ -289,7 +289,8 @@ class _Replies:
 
 
 def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
-    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     request = Train(model=TINY_LLAMA, new_model=name, epochs=1, lr=2e-2, batch_size=4, method="lora",
                     lora={"r": 4, "alpha": 8}, max_steps=4, seed=seed, progress_interval=60.0)
@@ -346,8 +347,9 @@ def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelSt
 def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: ModelStore, tmp_path: Path) -> None:
     import torch
 
-    from hypha_celery.models.finetune import finetune, save
     from hypha_celery.runtimes import transformers_adapters, transformers_loading
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     # Given a LoRA run on the tiny classifier (peft also trains its classification head)
     request = Train(model=TINY_CLASSIFIER, new_model="cls-lora", epochs=1, lr=5e-2, batch_size=4, method="lora",
@@ -429,9 +431,10 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     import torch
 
     from hypha_celery.executor.child import Executor
-    from hypha_celery.models.finetune import finetune, save
     from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
     from hypha_celery.work import Generate, Prompt
 
     torch.set_num_threads(1)

@@ -42,7 +42,8 @@ def executor(store: ModelStore, tmp_path: Path) -> Any:
 
 def _classifier_adapter(store: ModelStore, name: str, labels: list[int], tmp_path: Path) -> None:
     """A LoRA adapter of the tiny classifier (peft also trains its head, a modules_to_save copy)."""
-    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     request = Train(model=TINY_CLASSIFIER, new_model=name, epochs=1, lr=5e-2, batch_size=4, method="lora",
                     lora={"r": 4}, max_steps=6, progress_interval=60.0)

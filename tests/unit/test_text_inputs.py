@@ -164,14 +164,14 @@ def test_a_panic_in_the_tokenizer_fails_its_prompt_alone(
 
 def test_a_stored_data_sets_text_is_checked_in_the_executor_before_the_tokenizer(
         llama: transformers_loading.TransformerModel) -> None:
-    from hypha_celery.models import finetune
+    from hypha_celery.training.finetune.data import examples
 
     # Given a data set's texts as the executor reads them from data.json (validation never saw them)
     # When one is over the model's bound, or holds a lone surrogate, Then it is refused by name and index
     with pytest.raises(InvalidInput, match=r"data\.texts\[1\] is 8193 bytes, above the 8192 bytes"):
-        finetune._examples(llama, {"texts": ["fine", "x" * 8193]})
+        examples(llama, {"texts": ["fine", "x" * 8193]})
     with pytest.raises(InvalidInput, match=r"data\.texts\[0\] is not valid Unicode"):
-        finetune._examples(llama, {"texts": [LONE]})
+        examples(llama, {"texts": [LONE]})
 
 
 def test_contained_takes_exceptions_and_panics_but_not_exits() -> None:

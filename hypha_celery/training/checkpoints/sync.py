@@ -1,14 +1,14 @@
 """Training checkpoints in shared storage, so a task resumes on any worker that shares the storage.
 
-The executor writes checkpoints into its own store only (:mod:`.checkpoint`; it has no network
+The executor writes checkpoints into its own store only (:mod:`.local`; it has no network
 and no credentials). With ``[worker.training] shared_storage`` configured, the worker process
-copies them out and back (:mod:`.shared_storage`; a folder every worker mounts, or S3)::
+copies them out and back (:mod:`hypha_celery.models.shared_storage`; a folder every worker mounts, or S3)::
 
     checkpoints/<task>/step-<N>/state.safetensors   the newest checkpoint's files, as the executor wrote them
     checkpoints/<task>/step-<N>/checkpoint.json
     checkpoints/<task>/latest.json                  {"format", "task_id", "step", "files": {name: {"sha256", "size"}}}
 
-``<task>`` is the local folder's name (:func:`.checkpoint.folder`). ``latest.json`` is written
+``<task>`` is the local folder's name (:func:`.local.folder`). ``latest.json`` is written
 after the files it names and the previous step's files are deleted after it, so a reader that
 follows it finds whole files; :func:`fetch` downloads them with their recorded sha256 and size
 (a file that is not what was uploaded is refused) into the local store, where the executor's
@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from hypha_celery.errors import SharedStorageError
-from hypha_celery.models import checkpoint
 from hypha_celery.models.shared_storage import SharedStorage, Stored
+from hypha_celery.training.checkpoints import local as checkpoint
 
 __all__ = ["CHECKPOINTS", "LATEST", "Uploader", "discard", "fetch", "prefix", "upload"]
 

@@ -1,5 +1,8 @@
 """Training checkpoints: what a fine-tune leaves every ``checkpoint_every`` steps, so a redelivered copy resumes.
 
+:class:`TaskCheckpoints` is one task's series of them (named so apart from the safetensors header's
+``Checkpoint``, a model's weight files, :mod:`hypha_celery.formats.safetensors`).
+
 Layout, in the model store (a folder a training executor may write; see
 :mod:`hypha_celery.executor.landlock`)::
 
@@ -16,12 +19,12 @@ A checkpoint is written into ``<task>/.tmp-XXXXXXXX`` and renamed to ``step-<N>`
 ones are removed after the rename, so a reader sees whole checkpoints only and the newest
 wins. Nothing is pickled: safetensors and JSON. Importing this module imports no torch.
 With shared storage configured, the worker copies the newest checkpoint there and back
-(:mod:`.checkpoint_sync`): a copy of the task resumes on any worker that shares the storage.
+(:mod:`.sync`): a copy of the task resumes on any worker that shares the storage.
 
 A checkpoint is used only when its :class:`Identity` (the base model's manifest sha256, a
 fingerprint of the training data, the settings that shape the run) and the names and shapes
 of the trainable parameters equal the new run's; otherwise it is refused, deleted, and the
-run starts at step 0 (:attr:`Checkpoints.refused` says why).
+run starts at step 0 (:attr:`TaskCheckpoints.refused` says why).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CHECKPOINTS", "META", "STATE", "Checkpoints", "Identity", "Position", "data_fingerprint", "discard",
+__all__ = ["CHECKPOINTS", "META", "STATE", "Identity", "Position", "TaskCheckpoints", "data_fingerprint", "discard",
            "folder", "latest"]
 
 log = logging.getLogger(__name__)
@@ -124,7 +127,7 @@ class Position:
     tokens: int
 
 
-class Checkpoints:
+class TaskCheckpoints:
     """One task's checkpoints: write every ``every`` steps, read one back at start, delete at the end."""
 
     def __init__(self, root: str | os.PathLike[str], task_id: str, every: int, identity: Identity) -> None:

@@ -23,7 +23,7 @@ that arrived and each one's weight: the size of the shard this scheduler sent th
 straggler: its delta stays in its round's folder, and the outer step refuses any delta whose job
 or round is not its own. Fewer than ``min_workers`` reports by the deadline fail the job
 (``RoundFailed``). A report counts only when its ``ref`` is the reporting task's own delta key
-(``jobs/<job>/round-<round>/<task id>.safetensors``) and its ``sha256`` a string: a worker cannot hand in
+(:func:`~hypha_celery.training.distributed.layout.delta_key`) and its ``sha256`` a string: a worker cannot hand in
 another task's delta, which would take that task's weight and be counted twice.
 
 Why not a ``chord``: a chord's callback receives its header's results as arguments only when
@@ -52,7 +52,7 @@ from celery.result import AsyncResult
 from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
-from hypha_celery.tasks.diloco import delta_prefix
+from hypha_celery.training.distributed.layout import delta_key
 
 __all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
@@ -243,7 +243,7 @@ def _collect(result: AsyncResult, round_: int, job: str, reports: dict[str, dict
     if not isinstance(report, dict) or report.get("job") != job or report.get("round") != round_:
         failures[result.id] = "answered without this round's diloco report"
         return
-    own = f"{delta_prefix(job, round_)}{result.id}.safetensors"
+    own = delta_key(job, round_, result.id)
     if report.get("ref") != own or not isinstance(report.get("sha256"), str):
         # Another task's delta key would take that task's weight (and count one delta twice): refused here.
         failures[result.id] = f"reported delta {report.get('ref')!r}, not its own {own!r} with a sha256"
@@ -293,7 +293,7 @@ def diloco(
     ``min_workers`` (default: every shard) is how many deltas a round needs; ``train_kwargs`` go to every
     inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...). ``shard_weights`` weigh each
     shard's delta in the mean (:func:`shard_sizes`); ``aggregator``, ``trim`` and the two norm bounds go to
-    ``hypha.aggregate`` as they are (see :mod:`hypha_celery.tasks.aggregate`; ``None`` turns a bound off).
+    ``hypha.aggregate`` as they are (see :mod:`hypha_celery.training.distributed.outer`; ``None`` turns a bound off).
     """
     if not shards:
         raise ValueError("diloco needs at least one shard")
