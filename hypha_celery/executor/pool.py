@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
@@ -337,7 +338,8 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
     generated: GeneratedItem | None = None
-    streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
+    updates: queue.SimpleQueue[Streamed | None] = field(default_factory=queue.SimpleQueue)  # to the task's thread;
+    # None: finished
     error: BaseException | None = None
 
     @property
@@ -352,10 +354,11 @@ class _Request:
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        self.updates.put(None)
 
     def stream(self, update: Progress | Streamed) -> None:
         if isinstance(update, Streamed):
-            self.streamed = update  # one reference assignment: atomic for the reading thread
+            self.updates.put(update)
 
 
 def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
@@ -639,15 +642,14 @@ class ExecutorPool:
         lease: Lease,
         timeout: float,
         on_progress: Callable[[Streamed], None] | None = None,
-        poll_s: float = 0.05,
         family: str | None = None,
     ) -> GeneratedItem:
         """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
 
         Blocks until done.
 
-        ``on_progress`` gets the newest text so far, in the calling thread (a Celery task's state
-        belongs to its own thread), at most every ``poll_s`` seconds; intermediate texts may be skipped.
+        ``on_progress`` gets every report, in order, in the calling thread (a Celery task's state
+        belongs to its own thread) as soon as it comes (each carries the tokens since the one before).
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
@@ -655,13 +657,16 @@ class ExecutorPool:
         request = _Request(job.model, None, lease, time.monotonic() + timeout, not seeded_sampling, job.expected_size,
                            generate=job, family=family)
         self._lane(device_key(lease)).submit(request)
-        reported: Streamed | None = None
-        while not request.done.wait(poll_s):
-            latest = request.streamed
-            if on_progress is not None and latest is not None and latest is not reported:
-                reported = latest
+        while True:
+            try:
+                update = request.updates.get(timeout=1.0)  # a bounded wait stays open to the task's signals
+            except queue.Empty:
+                continue
+            if update is None:
+                break
+            if on_progress is not None:
                 try:
-                    on_progress(latest)
+                    on_progress(update)
                 except Exception as exc:  # progress is advisory: keep waiting for the result
                     log.warning("progress report failed: %s", exc)
         if request.error is not None:
