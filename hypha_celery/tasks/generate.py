@@ -34,7 +34,7 @@ from hypha_celery.worker.context import NodeContext
 __all__ = ["PROGRESS_INTERVAL_S", "STREAM_INTERVAL_S", "generate"]
 
 PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each rewrites the whole text in the result backend
-STREAM_INTERVAL_S = 0.05  # the executor reports new tokens at most 20 times a second: one XADD each
+STREAM_INTERVAL_S = 0.1  # the executor reports new tokens at most 10 times a second: one XADD each
 
 
 def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> GenerateSpec:

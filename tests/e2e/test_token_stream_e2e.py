@@ -83,7 +83,7 @@ def test_a_failed_generation_raises_its_error_through_the_stream(start_worker, c
     start_worker()
     pending = celery_client().send_task("hypha.generate", kwargs={"model": "tiny-bert-classifier", "prompt": "hi"})
     # Then the stream raises the task's error by its class, naming the task to use
-    with pytest.raises(InvalidTask, match="hypha.infer"):
+    with pytest.raises(InvalidTask, match=r"hypha\.infer"):
         list(stream(pending, timeout=120))
     # And the stream's one entry is its end, saying FAILURE and the error's class
     (end,) = _entries(redis_client, pending.id)
