@@ -136,6 +136,7 @@ class TokenStreamWriter:
     rows: dict[int, _Row] = field(default_factory=dict)
     flushes: int = 0
     ended: bool = False
+    broken: bool = False  # a write failed: the rest of the run writes only its end (a Redis down costs one timeout)
 
     def add(self, row: int, text: str, ids: Sequence[int], start: int, at: float | None = None) -> bool:
         """Note a report: row ``row``'s visible ``text`` so far and its token ``ids`` from number ``start``.
@@ -165,7 +166,9 @@ class TokenStreamWriter:
 
     def flush(self) -> None:
         """Write the buffered entries in one round trip (and the key's expiry, with the first)."""
-        if self.pending:
+        if self.broken:
+            self.pending = []
+        elif self.pending:
             self._write([])
 
     def end(self, status: str, error: BaseException | None = None) -> None:
@@ -187,7 +190,9 @@ class TokenStreamWriter:
                     pipe.expire(self.key, self.expires)
                 pipe.execute()
         except redis.RedisError as exc:  # advisory: the task's result still carries the whole text
-            log.warning("stream %s: could not write %d entries: %s", self.key, len(entries), exc)
+            self.broken = True
+            log.warning("stream %s: could not write %d entries (%s); it gets only its end now", self.key,
+                        len(entries), exc)
         self.flushes += 1
 
 

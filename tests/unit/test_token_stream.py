@@ -7,6 +7,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+import redis
 from celery.exceptions import TimeoutError as ResultTimeout
 
 from hypha_celery import errors
@@ -155,3 +156,28 @@ def test_a_reader_asks_idle_when_nothing_comes_and_ends_with_its_answer() -> Non
     entries = list(read(client, "hypha:task:x:tokens", timeout=5, block_s=0.05, idle=idle))
     # Then it asked once and ended with that end
     assert asked == [1] and entries == [End(status=SUCCESS, text="all of it")]
+
+
+def test_after_a_failed_write_only_the_end_is_tried() -> None:
+    # Given a writer whose Redis fails its first write
+    streams = _streams()
+    writer = streams.writer(TASK, expires=None)
+    calls: list[int] = []
+    real = streams.client.pipeline
+
+    def broken_then_fine(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise redis.ConnectionError("down")
+        return real(*args, **kwargs)
+
+    streams.client.pipeline = broken_then_fine  # type: ignore[method-assign]
+    # When two reports come and the task ends
+    writer.add(0, "a", [1], 0)
+    writer.flush()
+    writer.add(0, "ab", [1, 2], 0)
+    writer.flush()
+    writer.end(SUCCESS)
+    # Then the second report was not tried (one failed call, then the end's): the stream holds the end alone
+    assert len(calls) == 2
+    assert [type(e) for e in _all(streams)] == [End]
