@@ -155,6 +155,7 @@ def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iter
     Celery's ``TimeoutError`` after ``timeout`` seconds. The stream lives in the result backend's
     Redis: a result backend that is not a Redis is refused with ``ConfigError``. While nothing comes
     it reads the task's state every two seconds, in case the task ended without writing a stream.
+    The pieces are not signed: where it matters, check the final text with ``result.get(verify=True)``.
     """
     client = getattr(result.backend, "client", None)
     if not isinstance(client, redis.Redis):
