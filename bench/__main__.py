@@ -13,7 +13,7 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 11 counts (Redis round trips and RabbitMQ messages per task, :mod:`bench.counts`),
 12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`),
 13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
-16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`).
+16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -50,6 +50,7 @@ from bench.models import (
 )
 from bench.proofs import bench_proofs
 from bench.scale import bench_placement, bench_registry
+from bench.token_stream import bench_token_stream
 from bench.training import bench_adapter_switch, bench_training_throughput
 from hypha_celery.harness.launch import client_app
 
@@ -470,6 +471,7 @@ def main() -> int:
         (15, "adapter_switch", lambda: bench_adapter_switch(workdir)),
         (16, "diloco", lambda: bench_diloco(url, workdir)),
         (17, "proofs", bench_proofs),
+        (18, "token_stream", lambda: bench_token_stream(url, workdir, workdir / "models")),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

@@ -215,12 +215,20 @@ class Progress(Message):
 @dataclass(frozen=True)
 class Streamed(Message):
     """The text generated so far for prompt ``index`` of the batch (cumulative, held back before a
-    possible stop string) and its token count."""
+    possible stop string) and its token count.
+
+    ``ids``: the token ids generated since the row's previous report, the first of them the row's
+    token number ``start`` (so the reports of a row, joined, are its token ids: the record a token
+    stream keeps, :mod:`hypha_celery.token_stream`); ``at``: the executor's wall clock when the newest came.
+    """
 
     kind: ClassVar[str] = "streamed"
     text: str
     tokens: int
     index: int = 0
+    ids: list[int] = field(default_factory=list)
+    start: int = 0
+    at: float = 0.0
 
 
 @dataclass(frozen=True)

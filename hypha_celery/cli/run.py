@@ -132,17 +132,20 @@ def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tupl
         kwargs.update(do_sample=True, temperature=temperature)
     if seed is not None:
         kwargs["seed"] = seed
+    from celery.exceptions import TimeoutError as NoAnswer
+
+    from hypha_celery.client import stream
+
     async_result = _submit("hypha.generate", broker, key, model_sha256, model=model, **kwargs)
     shown = ""
     deadline = time.monotonic() + timeout
-    while not async_result.ready() and time.monotonic() < deadline:
-        info = async_result.info if async_result.state == "PROGRESS" else None
-        text = info.get("text") if isinstance(info, dict) else None
-        if isinstance(text, str) and text.startswith(shown) and len(text) > len(shown):
-            click.echo(text[len(shown):], nl=False)
+    try:
+        for piece in stream(async_result, timeout=timeout):  # the token stream, as each piece lands
+            click.echo(piece, nl=False)
             sys.stdout.flush()
-            shown = text
-        time.sleep(0.05)
+            shown += piece
+    except (HyphaError, NoAnswer):
+        pass  # the task failed or is late: _result reports it as every command does
     answer = _result(async_result, max(1.0, deadline - time.monotonic()))
     output = answer["output"]
     text = output["text"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -104,16 +105,18 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
     generated: GeneratedItem | None = None
-    streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
+    updates: queue.SimpleQueue[Streamed | None] = field(default_factory=queue.SimpleQueue)  # to the task's thread;
+    # None: finished
     error: BaseException | None = None
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        self.updates.put(None)
 
     def stream(self, update: Progress | Streamed) -> None:
         if isinstance(update, Streamed):
-            self.streamed = update  # one reference assignment: atomic for the reading thread
+            self.updates.put(update)
 
 
 def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
@@ -360,28 +363,30 @@ class ExecutorPool:
         lease: Lease,
         timeout: float,
         on_progress: Callable[[Streamed], None] | None = None,
-        poll_s: float = 0.05,
         family: str | None = None,
     ) -> GeneratedItem:
         """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
 
         Blocks until done.
 
-        ``on_progress`` gets the newest text so far, in the calling thread (a Celery task's state
-        belongs to its own thread), at most every ``poll_s`` seconds; intermediate texts may be skipped.
+        ``on_progress`` gets every report, in order, in the calling thread (a Celery task's state
+        belongs to its own thread) as soon as it comes (each carries the tokens since the one before).
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
         request = _Request(job.model, None, lease, time.monotonic() + timeout,
                            generation_key(job.model, family, job.params), job.expected_size, generate=job)
         self._lane(device_key(lease)).submit(request)
-        reported: Streamed | None = None
-        while not request.done.wait(poll_s):
-            latest = request.streamed
-            if on_progress is not None and latest is not None and latest is not reported:
-                reported = latest
+        while True:
+            try:
+                update = request.updates.get(timeout=1.0)  # a bounded wait stays open to the task's signals
+            except queue.Empty:
+                continue
+            if update is None:
+                break
+            if on_progress is not None:
                 try:
-                    on_progress(latest)
+                    on_progress(update)
                 except Exception as exc:  # progress is advisory: keep waiting for the result
                     log.warning("progress report failed: %s", exc)
         if request.error is not None:

@@ -31,7 +31,8 @@ class _Watch:
 
     Per row of the batch it notes where the row ended (its end-of-sequence
     token, or a stop string in its decoded text) and stops that row; it times the
-    first token and reports each live row's text at most every ``interval`` seconds.
+    first token and reports each live row's text at most every ``interval`` seconds, with the token
+    ids since its previous report (``sent``: how many of a row's tokens were reported).
     Rows are decoded only when a stop string must be looked for or a report is due.
     """
 
@@ -47,6 +48,7 @@ class _Watch:
         self.started = time.perf_counter()
         self.first_token_s: float | None = None
         self.ended_at: list[int | None] = [None] * len(self.indices)
+        self.sent = [0] * len(self.indices)
         self._last_report = 0.0
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -69,9 +71,16 @@ class _Watch:
             if any(stop in text for stop in self.stop):
                 self.ended_at[row] = length
             if due:
-                self.report(Streamed(text=visible(text, self.stop), tokens=length, index=self.indices[row]))
+                self.finish(row, visible(text, self.stop), generated[row, :length].tolist())
         return torch.tensor([ended is not None for ended in self.ended_at], dtype=torch.bool, device=input_ids.device)
 
+
+    def finish(self, row: int, text: str, ids: Sequence[int]) -> None:
+        """Report row ``row``'s ``text`` so far and its tokens ``ids`` (all of them; those not yet sent go)."""
+        start = self.sent[row]
+        self.sent[row] = len(ids)
+        self.report(Streamed(text=text, tokens=len(ids), index=self.indices[row], ids=list(ids[start:]), start=start,
+                             at=time.time()))
 
 def visible(text: str, stop: Sequence[str]) -> str:
     """What a client may see of unfinished text: a prefix of the final text.
@@ -155,5 +164,6 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
         finish = "stop" if ended is not None or new.numel() < params["max_new_tokens"] else "length"
         outputs[index] = Generated(text=text, finish_reason=finish, prompt_tokens=len(ids),
                                    completion_tokens=int(new.numel()), proof=proved[row] if proved else None)
+        watch.finish(row, text, new.tolist())  # the final text, and the tokens since the last report
     first = watch.first_token_s if watch.first_token_s is not None else compute_s
     return Generation([o for o in outputs if o is not None], first, compute_s)

@@ -63,7 +63,9 @@ class NodeStep(bootsteps.StartStopStep):
         security = self.config.security
         # The worker's identity, read (or made, once) here so every pool process signs with the same key.
         identity = load_identity(security.identity_key, self.config.models.model_dir) if security.sign_results else None
-        self.context = NodeContext.build(self.config, metrics, identity)
+        backend = w.app.conf.result_backend
+        self.context = NodeContext.build(self.config, metrics, identity,
+                                         results_url=backend if isinstance(backend, str) else None)
         if identity is not None:
             log.info("results signed by this worker's identity %s", peer_id(identity.verify_key))
         self.app = w.app

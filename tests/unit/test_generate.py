@@ -176,10 +176,13 @@ def test_streamed_texts_are_prefixes_of_the_final_text(llama: transformers_loadi
     updates: list[Streamed] = []
     # When the tiny Llama generates 40 tokens
     done = _run(llama, "The cat sat", updates, max_new_tokens=40)
-    # Then every reported text is a prefix of the final one, and token counts grow
-    assert len(updates) == 40
+    # Then every reported text is a prefix of the final one, and token counts grow; a last report brings the final text
+    assert len(updates) == 41 and updates[-1].text == done.text
     assert all(done.text.startswith(update.text) for update in updates)
-    assert [update.tokens for update in updates] == list(range(1, 41))
+    assert [update.tokens for update in updates] == [*range(1, 41), 40]
+    # And each report carries the tokens since the one before, numbered: joined, every token once
+    assert [update.start for update in updates] == [*range(40), 40]
+    assert [len(update.ids) for update in updates] == [1] * 40 + [0]
 
 
 def test_seeded_sampling_repeats(llama: transformers_loading.TransformerModel) -> None:
