@@ -24,9 +24,15 @@ most one budget of tokens per step, never its whole length at once.
 
 Seams for what follows: ``on_join`` is called when a row is taken for prefill (a
 ledger reserves :func:`~.request.kv_tokens` times the bytes per token there and may answer
-"not yet"), ``on_leave`` once when a joined row leaves (the ledger releases). Shared
-prompt prefixes (prefix reuse) would enter in :meth:`Engine._start_prefill`: a row
-whose prompt starts with cached KV would begin its prefill after that prefix.
+"not yet"), ``on_leave`` once when a joined row leaves (the ledger releases).
+
+Prefix reuse (``prefix_cache_bytes`` > 0, :mod:`.prefix`): when a group's prompts are
+all in, their full blocks of ``prefix_block`` tokens are cached; a row taken for
+prefill later whose prompt starts with cached blocks gets that KV copied into its
+row and prefills only the rest (at least its last token, whose logits it needs).
+A waiting row whose next uncached block a row already taken into the group is about
+to compute waits for the next group, so concurrent requests sharing a new system
+prompt compute it once.
 """
 
 from __future__ import annotations
@@ -39,7 +45,8 @@ from typing import Any
 import torch
 
 from hypha_celery.errors import ExecutionError, UnsupportedModel, contained
-from hypha_celery.serving.kv import BatchKV, plain_dynamic, positions
+from hypha_celery.serving.kv import BatchKV, plain_dynamic, positions, prefilled
+from hypha_celery.serving.prefix import PrefixCache
 from hypha_celery.serving.request import Finish, Handle, Request, State
 from hypha_celery.serving.sampling import RowSampler, choose
 from hypha_celery.serving.text import cut_at_stop, visible
@@ -58,11 +65,16 @@ class _Row:
     handle: Handle
     sampler: RowSampler
     last: int = -1  # the token to feed at the next decode step
+    blocks: list[int] | None = None  # its prompt's prefix-cache block keys, computed once
 
 
 @dataclass(eq=False)
 class _Prefill:
-    """A group of joining rows whose prompts enter a cache of their own, ``chunk`` columns per step."""
+    """A group of joining rows whose prompts enter a cache of their own, ``chunk`` columns per step.
+
+    The cache starts with ``cached`` columns (the rows' reused prefixes, left padded); ``ids`` [B, R]
+    are the rest of the prompts, left padded, and ``mask`` [B, cached + R] covers both parts.
+    """
 
     rows: list[_Row]
     ids: torch.Tensor
@@ -70,6 +82,7 @@ class _Prefill:
     positions: torch.Tensor
     cache: Any
     chunk: int
+    cached: int = 0
     done: int = 0
 
 
@@ -79,10 +92,13 @@ class Engine:
     Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`
     (the executor's serving loop). ``prefill_budget``: prompt tokens fed per step.
     ``max_rows``: rows decoding together (activation memory per step grows with it).
+    ``prefix_cache_bytes``: the most bytes of prompt-prefix KV kept for reuse (0: none; the
+    caller counts :attr:`prefix_bytes` against its memory budget), in blocks of ``prefix_block`` tokens.
     """
 
     def __init__(self, module: Any, tokenizer: Any, *, prefill_budget: int = 256, max_rows: int = 64,
-                 on_join: JoinHook | None = None, on_leave: LeaveHook | None = None) -> None:
+                 on_join: JoinHook | None = None, on_leave: LeaveHook | None = None,
+                 prefix_cache_bytes: int = 0, prefix_block: int = 16) -> None:
         config = module.config
         if not plain_dynamic(config):
             raise UnsupportedModel(f"{type(module).__name__}: continuous batching needs full-attention layers "
@@ -107,6 +123,7 @@ class Engine:
         self._running: list[_Row] = []
         self._kv = BatchKV(self.device)
         self._left: list[Handle] = []
+        self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
 
     # -- what callers use ---------------------------------------------------------------------------------------
 
@@ -127,6 +144,11 @@ class Engine:
     def busy(self) -> bool:
         """Whether any request is waiting, prefilling or decoding."""
         return bool(self._waiting or self._prefill or self._running)
+
+    @property
+    def prefix_bytes(self) -> int:
+        """Bytes the prefix cache holds now (on the model's device), at most ``prefix_cache_bytes``."""
+        return self.prefix_cache.bytes if self.prefix_cache is not None else 0
 
     def running(self) -> list[Handle]:
         """The rows decoding now, in batch order."""
@@ -182,31 +204,64 @@ class Engine:
         self._running = [rows[i] for i in keep]
 
     def _start_prefill(self) -> None:
-        """Take waiting rows (in order) into a prefill group, as many as the batch has room for."""
+        """Take waiting rows (in order) into a prefill group, as many as the batch has room for.
+
+        A row whose prompt starts with cached blocks skips them; one whose next uncached block
+        a row taken before it will compute waits for the next group, which then reuses it.
+        """
         from transformers.cache_utils import DynamicCache
 
         room = self.max_rows - len(self._running)
         taken: list[_Row] = []
         deferred: list[_Row] = []
+        computing: set[int] = set()  # prefix blocks the rows taken so far compute in this group
         while self._waiting and len(taken) < room:
             row = self._waiting.popleft()
-            if self._admit(row):
+            fresh = self._uncached_blocks(row)
+            if fresh and fresh[0] in computing:
+                deferred.append(row)
+            elif self._admit(row):
                 taken.append(row)
+                computing.update(fresh)
             elif not row.handle.done:
                 deferred.append(row)
         self._waiting.extendleft(reversed(deferred))
         if not taken:
             return
         prompts = [list(row.handle.request.prompt_ids) for row in taken]
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long,
-                            device=self.device)
-        for row in taken:
+        reused = [self.prefix_cache.lookup(p) if self.prefix_cache is not None else None for p in prompts]
+        skip = [int(r[0][0].shape[1]) if r is not None else 0 for r in reused]
+        cached = max(skip)
+        rests = [p[n:] for p, n in zip(prompts, skip, strict=True)]
+        width = max(len(r) for r in rests)
+        ids = torch.tensor([[self.pad] * (width - len(r)) + r for r in rests], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (cached - n) + [1] * n + [0] * (width - len(r)) + [1] * len(r)
+                             for n, r in zip(skip, rests, strict=True)], dtype=torch.long, device=self.device)
+        for row, n in zip(taken, skip, strict=True):
             row.handle.state = State.PREFILL
-        self._prefill = _Prefill(rows=taken, ids=ids, mask=mask, positions=positions(mask),
-                                 cache=DynamicCache(config=self.module.config),
-                                 chunk=max(1, self.prefill_budget // len(taken)))
+            row.handle.cached_tokens = n
+        cache = prefilled(reused, self.module.config) if cached else DynamicCache(config=self.module.config)
+        self._prefill = _Prefill(rows=taken, ids=ids, mask=mask, positions=positions(mask)[:, cached:], cache=cache,
+                                 chunk=max(1, self.prefill_budget // len(taken)), cached=cached)
+
+    def _uncached_blocks(self, row: _Row) -> list[int]:
+        """The keys of ``row``'s prompt blocks that the prefix cache lacks (none without a cache)."""
+        if self.prefix_cache is None:
+            return []
+        if row.blocks is None:
+            row.blocks = self.prefix_cache.keys(row.handle.request.prompt_ids)
+        return row.blocks[self.prefix_cache.cached_blocks(row.handle.request.prompt_ids):]
+
+    def _remember(self, group: _Prefill) -> None:
+        """Cache the full blocks of the group's prompts, now all in its cache."""
+        if self.prefix_cache is None:
+            return
+        for index, row in enumerate(group.rows):
+            prompt = row.handle.request.prompt_ids
+            if len(prompt) >= self.prefix_cache.block:
+                columns = group.mask[index].nonzero().squeeze(-1)
+                self.prefix_cache.insert(prompt, [(layer.keys[index], layer.values[index])
+                                                  for layer in group.cache.layers], columns)
 
     def _admit(self, row: _Row) -> bool:
         if self.on_join is None:
@@ -219,12 +274,14 @@ class Engine:
 
     def _prefill_chunk(self, group: _Prefill) -> None:
         end = min(int(group.ids.shape[1]), group.done + group.chunk)
-        logits = self._forward(group.rows, input_ids=group.ids[:, group.done:end], attention_mask=group.mask[:, :end],
+        logits = self._forward(group.rows, input_ids=group.ids[:, group.done:end],
+                               attention_mask=group.mask[:, :group.cached + end],
                                position_ids=group.positions[:, group.done:end], past_key_values=group.cache)
         group.done = end
         if end < group.ids.shape[1]:
             return
         self._prefill = None
+        self._remember(group)
         tokens = choose(logits, [row.sampler for row in group.rows])
         keep = [i for i, (row, token) in enumerate(zip(group.rows, tokens, strict=True))
                 if not row.handle.cancelled and self._produced(row, token)]

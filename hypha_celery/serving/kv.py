@@ -15,11 +15,12 @@ or hybrid model keeps a different layout per layer and is refused by the engine.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["BatchKV", "plain_dynamic", "positions"]
+__all__ = ["BatchKV", "plain_dynamic", "positions", "prefilled"]
 
 
 def plain_dynamic(config: Any) -> bool:
@@ -33,6 +34,29 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of left-padded rows, as ``generate`` computes them (padding gets 1, never read)."""
     ids = mask.long().cumsum(-1) - 1
     return ids.masked_fill(mask == 0, 1)
+
+
+def prefilled(prefixes: Sequence[Sequence[tuple[torch.Tensor, torch.Tensor]] | None], config: Any) -> Any:
+    """A ``DynamicCache`` holding each row's cached prefix ([heads, n, head_dim] per layer, or None), left padded.
+
+    Its width is the longest prefix; a row's prefix ends at the last column, so the rest
+    of its prompt, fed after, follows it (the engine's mask covers the padding between).
+    """
+    from transformers.cache_utils import DynamicCache
+
+    present = [p for p in prefixes if p is not None]
+    width = max(int(p[0][0].shape[1]) for p in present)
+    layers = []
+    for index, (k0, v0) in enumerate(present[0]):
+        keys = k0.new_zeros(len(prefixes), k0.shape[0], width, k0.shape[2])
+        values = v0.new_zeros(len(prefixes), v0.shape[0], width, v0.shape[2])
+        for row, prefix in enumerate(prefixes):
+            if prefix is not None:
+                k, v = prefix[index]
+                keys[row, :, width - k.shape[1]:] = k
+                values[row, :, width - v.shape[1]:] = v
+        layers.append((keys, values))
+    return DynamicCache(ddp_cache_data=layers, config=config)
 
 
 def _pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:

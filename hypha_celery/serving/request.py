@@ -120,7 +120,8 @@ class Handle:
     """A request inside the engine: its tokens and text so far, and how it ended.
 
     ``text`` is the decoded completion cut at the first stop string; ``emitted``
-    is what the row's callback has been given, always a prefix of the final text.
+    is what the row's callback has been given, always a prefix of the final text;
+    ``cached_tokens`` how many of its prompt tokens' KV came from the prefix cache.
     """
 
     id: int
@@ -132,6 +133,7 @@ class Handle:
     finish: Finish | None = None
     error: BaseException | None = None
     cancelled: bool = False
+    cached_tokens: int = 0
 
     @property
     def done(self) -> bool:
