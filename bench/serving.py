@@ -12,9 +12,14 @@
 - ``--transformers-cb``: transformers' own continuous batching (paged cache) on the 12,
   greedy (it has no per-row seed, repetition penalty or stop strings), against this engine;
 - ``hol_ratio``: the latency of an 8-token request sent while a 240-token one decodes,
-  over its latency alone (static batching would make it wait for the long one: printed too).
+  over its latency alone (static batching would make it wait for the long one: printed too);
+- ``prefix_ttft_ratio``: the median time to first token of 8 requests sharing a 200-token
+  system prompt (short distinct suffixes, added together) with the prefix cache warm over
+  without a cache; ``prefix_cold_ttft_ratio`` the same with the cache empty at the start
+  (the first computes the shared blocks, the others wait for it and reuse them).
 
-Targets (README, "Continuous batching"): hol_ratio <= 3, mixed_ratio >= 2, continuous_vs_static >= 5 on a GPU.
+Targets (README, "Continuous batching"): hol_ratio <= 3, mixed_ratio >= 2, continuous_vs_static >= 5 on a GPU;
+prefix_ttft_ratio is reported (lower is better).
 Every figure is a ratio of two things measured in the same run, so a busy machine moves both sides.
 """
 
@@ -154,6 +159,58 @@ def latency(model: Any, short: Spec, long: Spec | None, head_start: int) -> floa
     return time.perf_counter() - started
 
 
+SUFFIXES = ("hello there", "why", "the quick brown fox", "one two three", "a", "why not", "it was the best",
+            "five six seven")
+
+
+def system_prompt(model: Any, tokens: int = 200) -> list[int]:
+    """A made-up system prompt of exactly ``tokens`` token ids."""
+    prompt: list[int] = []
+    for text in itertools.cycle(TEXTS):
+        prompt += model.tokenizer(text + ".")["input_ids"]
+        if len(prompt) >= tokens:
+            return prompt[:tokens]
+    raise AssertionError("unreachable")
+
+
+def first_token_seconds(model: Any, prompts: list[list[int]], cache_bytes: int, earlier: list[int] | None) -> float:
+    """Median seconds from adding ``prompts`` together to each one's first token (a fresh engine, on which
+    an ``earlier`` prompt, if any, ran first, untimed: a server that has seen the system prompt before)."""
+    from hypha_celery.serving.engine import Engine
+    from hypha_celery.serving.request import Request
+
+    engine = Engine(model.module, model.tokenizer, prefix_cache_bytes=cache_bytes)
+    if earlier is not None:
+        engine.add(Request(earlier, 1))
+        engine.run()
+    started = time.perf_counter()
+    handles = [engine.add(Request(p, 8)) for p in prompts]
+    first: dict[int, float] = {}
+    while len(first) < len(handles):
+        engine.step()
+        _sync(model)
+        now = time.perf_counter() - started
+        first.update({h.id: now for h in handles if h.tokens and h.id not in first})
+    engine.run()
+    return sorted(first.values())[len(first) // 2]
+
+
+def prefix_ttft(model: Any, repeats: int = 3) -> dict[str, float]:
+    """Time to first token of 8 requests sharing a 200-token system prompt, with and without the prefix cache."""
+    from hypha_celery.serving.request import kv_bytes_per_token
+
+    system = system_prompt(model)
+    prompts = [system + list(model.tokenizer(s)["input_ids"]) for s in SUFFIXES]
+    cache_bytes = 64 * kv_bytes_per_token(model.module.config, model.module.dtype.itemsize) * 512
+
+    def median(cache: int, earlier: list[int] | None) -> float:
+        return sorted(first_token_seconds(model, prompts, cache, earlier) for _ in range(repeats))[repeats // 2]
+
+    without, warmed, cold = median(0, None), median(cache_bytes, system), median(cache_bytes, None)
+    return {"ttft_no_cache_s": without, "ttft_prefix_warm_s": warmed, "ttft_prefix_cold_s": cold,
+            "prefix_ttft_ratio": warmed / without, "prefix_cold_ttft_ratio": cold / without}
+
+
 def transformers_cb(model: Any, specs: list[Spec], attention: str) -> tuple[int, float, int]:
     """transformers' own continuous batching (``init_continuous_batching``, paged cache, its background thread)
     on ``specs`` run greedy: (completion tokens, seconds, rows token-identical to our engine's greedy rows)."""
@@ -230,9 +287,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steady on a shared machine)")
     parser.add_argument("--transformers-cb", action="store_true",
                         help="also time transformers' own continuous batching on the 12 requests, greedy")
+    parser.add_argument("--prefix-only", action="store_true", help="only the prefix reuse figures")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = build(args.device)
+    if args.prefix_only:
+        prefix_ttft(model, repeats=1)  # warm-up: the first forwards of a process are slower
+        figures = prefix_ttft(model)
+        for name, value in figures.items():
+            print(f"  {name:24s} {value:10.3f}")
+        return figures
     warm = mixed(4)
     continuous(model, warm)
     static(model, grouped(warm))
@@ -258,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "hol_ratio": shared / alone,
         "static_hol_ratio": (long_static * (1 - 20 / 240) + short_static) / short_static,
         "greedy_identical_of_12": identical_to_generate(model, twelve),
+        **prefix_ttft(model),
     }
     if args.transformers_cb:
         for attention in ("sdpa", "eager"):

@@ -245,12 +245,15 @@ class Engine:
                                  chunk=max(1, self.prefill_budget // len(taken)), cached=cached)
 
     def _uncached_blocks(self, row: _Row) -> list[int]:
-        """The keys of ``row``'s prompt blocks that the prefix cache lacks (none without a cache)."""
-        if self.prefix_cache is None:
+        """The keys of ``row``'s prompt blocks that the prefix cache lacks and could take (none without a cache,
+        or with one too small for a block: then waiting for a neighbour's blocks would gain nothing)."""
+        cache = self.prefix_cache
+        if cache is None or not cache.can_hold_a_block:
             return []
+        prompt = row.handle.request.prompt_ids
         if row.blocks is None:
-            row.blocks = self.prefix_cache.keys(row.handle.request.prompt_ids)
-        return row.blocks[self.prefix_cache.cached_blocks(row.handle.request.prompt_ids):]
+            row.blocks = cache.keys(prompt)
+        return row.blocks[cache.cached_blocks(prompt, row.blocks):]
 
     def _remember(self, group: _Prefill) -> None:
         """Cache the full blocks of the group's prompts, now all in its cache."""

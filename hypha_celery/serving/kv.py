@@ -9,6 +9,11 @@ are padding for every row, so the width follows the longest live row, not the
 longest row ever seen. Copies happen only at join and leave; a decode step
 appends one column, as ``generate`` does.
 
+A joining group whose rows reuse cached prefixes starts from :func:`prefilled`: those
+prefixes side by side, left padded, the rest of each prompt fed after them. Such a
+row has padding between its prefix and the rest too; the mask names it, and the
+position ids count real columns only, so the row's keys are what they would be alone.
+
 Only caches of plain ``DynamicLayer`` s are handled (full attention). A sliding-window
 or hybrid model keeps a different layout per layer and is refused by the engine.
 """

@@ -45,6 +45,7 @@ class PrefixCache:
         self.block = block
         self.bytes = 0
         self.hits = 0  # prompt tokens served from the cache, over the cache's life
+        self.block_bytes: int | None = None  # one block's size, known from the first insert
         self._blocks: OrderedDict[int, _Block] = OrderedDict()
 
     def __len__(self) -> int:
@@ -59,9 +60,17 @@ class PrefixCache:
             keys.append(parent)
         return keys
 
-    def cached_blocks(self, prompt: Sequence[int]) -> int:
-        """How many of ``prompt``'s leading blocks are cached (no LRU touch: a look, not a use)."""
-        return len(self._chain(prompt))
+    @property
+    def can_hold_a_block(self) -> bool:
+        """Whether a block fits under the cap at all (assumed until the first insert says)."""
+        return self.block_bytes is None or self.block_bytes <= self.capacity
+
+    def cached_blocks(self, prompt: Sequence[int], keys: Sequence[int] | None = None) -> int:
+        """How many of ``prompt``'s leading blocks are cached (no LRU touch: a look, not a use).
+
+        ``keys``: the prompt's :meth:`keys`, when the caller kept them.
+        """
+        return len(self._chain(prompt, keys))
 
     def lookup(self, prompt: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """KV per layer ([heads, n, head_dim]) for the longest cached prefix of ``prompt``, at most ``len - 1`` tokens.
@@ -96,6 +105,7 @@ class PrefixCache:
         for index in range(len(have), len(keys)):
             start, end = index * self.block, (index + 1) * self.block
             size = sum((k[:, :1].nbytes + v[:, :1].nbytes) * self.block for k, v in layers)
+            self.block_bytes = size
             parent = keys[index - 1] if index else None
             if keys[index] in self._blocks or not self._make_room(size, keep=parent):
                 return  # a hash collision with another prefix's block (kept), or no room
@@ -110,9 +120,9 @@ class PrefixCache:
         self._blocks.clear()
         self.bytes = 0
 
-    def _chain(self, prompt: Sequence[int]) -> list[int]:
+    def _chain(self, prompt: Sequence[int], keys: Sequence[int] | None = None) -> list[int]:
         chain: list[int] = []
-        for index, key in enumerate(self.keys(prompt)):
+        for index, key in enumerate(self.keys(prompt) if keys is None else keys):
             block = self._blocks.get(key)
             start = index * self.block
             if block is None or block.parent != (chain[-1] if chain else None) \

@@ -169,6 +169,22 @@ def test_the_cache_stays_under_its_cap_and_evicts_the_least_recently_used_prefix
     assert eng.prefix_bytes <= 3 * size
 
 
+def test_rows_do_not_wait_for_a_neighbours_prefix_that_a_too_small_cache_cannot_keep(
+        model: transformers_runtime.TransformerModel, system: list[int]) -> None:
+    # Given a cache smaller than one block, which has seen a block already
+    eng = caching(model, prefix_cache_bytes=block_bytes(model) - 1)
+    served(eng, [Request(system, 1)])
+    assert eng.prefix_bytes == 0
+    # When requests sharing a prefix are added together
+    handles = [eng.add(Request(system + ids(model, s), 5)) for s in SUFFIXES]
+    while not eng.running():
+        eng.step()
+    # Then they prefill together (none waits for blocks that will not be kept), and nothing is reused
+    assert eng.running() == handles and all(h.cached_tokens == 0 for h in handles)
+    eng.run()
+    assert eng.prefix_bytes == 0
+
+
 def test_without_a_cache_nothing_is_kept(model: transformers_runtime.TransformerModel, system: list[int]) -> None:
     eng = Engine(model.module, model.tokenizer)
     handles = served(eng, [Request(system, 3), Request(system, 3)])
