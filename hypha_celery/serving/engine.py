@@ -229,7 +229,7 @@ class Engine:
         if not taken:
             return
         prompts = [list(row.handle.request.prompt_ids) for row in taken]
-        reused = [self.prefix_cache.lookup(p) if self.prefix_cache is not None else None for p in prompts]
+        reused = self._cached_prefixes(prompts)
         skip = [int(r[0][0].shape[1]) if r is not None else 0 for r in reused]
         cached = max(skip)
         rests = [p[n:] for p, n in zip(prompts, skip, strict=True)]
@@ -255,16 +255,32 @@ class Engine:
             row.blocks = cache.keys(prompt)
         return row.blocks[cache.cached_blocks(prompt, row.blocks):]
 
+    def _cached_prefixes(self, prompts: list[list[int]]) -> list[list[tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Each prompt's longest cached prefix KV, or None. Reuse is an optimisation: if copying fails (out of
+        memory), the cache is emptied and the rows prefill in full."""
+        cache = self.prefix_cache
+        if cache is not None:
+            try:
+                return [cache.lookup(p) for p in prompts]
+            except Exception:
+                cache.clear()
+        return [None] * len(prompts)
+
     def _remember(self, group: _Prefill) -> None:
-        """Cache the full blocks of the group's prompts, now all in its cache."""
-        if self.prefix_cache is None:
+        """Cache the full blocks of the group's prompts, now all in its cache (a failed copy empties the cache:
+        the rows go on without it)."""
+        cache = self.prefix_cache
+        if cache is None:
             return
-        for index, row in enumerate(group.rows):
-            prompt = row.handle.request.prompt_ids
-            if len(prompt) >= self.prefix_cache.block:
-                columns = group.mask[index].nonzero().squeeze(-1)
-                self.prefix_cache.insert(prompt, [(layer.keys[index], layer.values[index])
-                                                  for layer in group.cache.layers], columns)
+        try:
+            for index, row in enumerate(group.rows):
+                prompt = row.handle.request.prompt_ids
+                if len(prompt) >= cache.block:
+                    columns = group.mask[index].nonzero().squeeze(-1)
+                    cache.insert(prompt, [(layer.keys[index], layer.values[index]) for layer in group.cache.layers],
+                                 columns)
+        except Exception:
+            cache.clear()
 
     def _admit(self, row: _Row) -> bool:
         if self.on_join is None:

@@ -185,6 +185,28 @@ def test_rows_do_not_wait_for_a_neighbours_prefix_that_a_too_small_cache_cannot_
     assert eng.prefix_bytes == 0
 
 
+def test_a_failing_cache_copy_empties_the_cache_and_the_rows_go_on(
+        model: transformers_runtime.TransformerModel, system: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given a warm cache whose copies then fail (the device out of memory)
+    eng = caching(model)
+    served(eng, [Request(system, 1)])
+    assert eng.prefix_bytes > 0
+    assert eng.prefix_cache is not None
+
+    def out_of_memory(*args: Any) -> None:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(eng.prefix_cache, "lookup", out_of_memory)
+    monkeypatch.setattr(eng.prefix_cache, "insert", out_of_memory)
+    # When requests sharing the prefix run
+    prompts = [system + ids(model, s) for s in SUFFIXES[:2]]
+    handles = served(eng, [Request(p, 8) for p in prompts])
+    # Then they prefilled in full and are right, and the cache was emptied
+    assert [h.cached_tokens for h in handles] == [0, 0] and eng.prefix_bytes == 0
+    for prompt, handle in zip(prompts, handles, strict=True):
+        assert handle.tokens == alone(model, prompt, 8, do_sample=False)
+
+
 def test_without_a_cache_nothing_is_kept(model: transformers_runtime.TransformerModel, system: list[int]) -> None:
     eng = Engine(model.module, model.tokenizer)
     handles = served(eng, [Request(system, 3), Request(system, 3)])
