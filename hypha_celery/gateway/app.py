@@ -128,22 +128,10 @@ async def _generate(gateway: Gateway, call: GenerateCall, kind: str) -> Response
     response_id = completion_id("chat" if kind == "chat" else "text")
     if call.stream:
         return _stream(gateway, call, kind, results[0], response_id)
-    outcomes: list[Outcome] = [outcome_of(r) for r in await _gather([gateway.wait(r) for r in results])]
+    # every choice was sent before the first wait: they run together, so waiting in turn costs nothing more
+    outcomes = [outcome_of(await gateway.wait(result)) for result in results]
     body = chat_body if kind == "chat" else text_body
     return JSONResponse(body(response_id, call.model, outcomes))
-
-
-async def _gather(waits: list[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Every choice's result, waited for together; the first failure fails the request."""
-    found: list[dict[str, Any]] = [{} for _ in waits]
-
-    async def one(index: int, wait: Awaitable[dict[str, Any]]) -> None:
-        found[index] = await wait
-
-    async with anyio.create_task_group() as group:
-        for index, wait in enumerate(waits):
-            group.start_soon(one, index, wait)
-    return found
 
 
 def _stream(gateway: Gateway, call: GenerateCall, kind: str, result: HyphaResult, response_id: str) -> Response:
