@@ -48,7 +48,7 @@ from hypha_celery.gateway.translate import (
     embeddings_request,
 )
 
-__all__ = ["Gateway", "create_app"]
+__all__ = ["Gateway", "TaskStream", "create_app"]
 
 log = logging.getLogger(__name__)
 
@@ -134,25 +134,42 @@ async def _generate(gateway: Gateway, call: GenerateCall, kind: str) -> Response
     return JSONResponse(body(response_id, call.model, outcomes))
 
 
+class TaskStream(StreamingResponse):
+    """A task's Server-Sent Events: when the response ends before its last event (the client left, however the
+    server reports it: a cancelled send or a failed one), the task is revoked."""
+
+    def __init__(self, events: AsyncIterator[str], abandon: Callable[[], Awaitable[None]]) -> None:
+        self.complete = False
+        self._events = events
+        self._abandon = abandon
+        super().__init__(self._body(), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def _body(self) -> AsyncIterator[str]:
+        async for event in self._events:
+            yield event
+        self.complete = True
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.complete:  # its task must not run on for nobody
+                with anyio.CancelScope(shield=True):
+                    await self._abandon()
+
+
 def _stream(gateway: Gateway, call: GenerateCall, kind: str, result: HyphaResult, response_id: str) -> Response:
     async def outcome() -> Outcome:
         return outcome_of(await gateway.wait(result))
 
-    async def events() -> AsyncIterator[str]:
-        finished = False
-        try:
-            async for event in sse("chat" if kind == "chat" else "text", call.model,
-                                   iterate_in_threadpool(gateway.network.deltas(result)), outcome,
-                                   include_usage=call.include_usage, response_id=response_id):
-                yield event
-            finished = True
-        finally:
-            if not finished:  # the client left mid-stream: its task must not run on for nobody
-                with anyio.CancelScope(shield=True):
-                    await run_in_threadpool(gateway.network.revoke, result)
+    async def abandon() -> None:
+        log.info("client left the stream of task %s: revoking it", result.id)
+        await run_in_threadpool(gateway.network.revoke, result)
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    events = sse("chat" if kind == "chat" else "text", call.model, iterate_in_threadpool(gateway.network.deltas(result)),
+                 outcome, include_usage=call.include_usage, response_id=response_id)
+    return TaskStream(events, abandon)
 
 
 async def chat_completions(gateway: Gateway, request: Request) -> Response:

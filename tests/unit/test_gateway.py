@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import struct
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -221,6 +222,12 @@ def test_the_bucket_allows_a_burst_then_refuses_with_a_wait() -> None:
 # --- the routes over a fake network
 
 
+class Handle(dict):  # type: ignore[type-arg]
+    """A submitted task's kwargs, as the fake network's result handle."""
+
+    id = "task-1"
+
+
 class FakeNetwork:
     """Holds models "gen" and "emb"; generate answers the prompt reversed, infer unit vectors."""
 
@@ -235,7 +242,7 @@ class FakeNetwork:
         if kwargs.get("max_new_tokens") == 999:
             raise InsufficientCpu("no worker has that many cores")
         self.sent.append((task, kwargs))
-        return kwargs
+        return Handle(kwargs)
 
     def wait(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         if "texts" in kwargs:
@@ -312,3 +319,38 @@ def test_past_the_burst_a_key_gets_429_with_retry_after(http: TestClient) -> Non
     assert statuses == [200] * 5 + [429]
     answer = http.get("/v1/models")
     assert answer.json()["error"]["code"] == "rate_limit_exceeded" and int(answer.headers["Retry-After"]) >= 1
+
+
+def test_a_client_that_leaves_mid_stream_revokes_its_task(fake: FakeNetwork) -> None:
+    # Given a generation that goes on and on
+    def endless(kwargs: dict[str, Any]) -> Iterator[str]:
+        while True:
+            time.sleep(0.01)
+            yield "x"
+
+    fake.deltas = endless  # type: ignore[method-assign]
+    app = create_app(Gateway(network=fake, keys=None, limiter=None))  # type: ignore[arg-type]
+    body = json.dumps({"model": "gen", "prompt": "go", "stream": True}).encode()
+    sent: list[dict[str, Any]] = []
+    streaming = asyncio.Event()
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await streaming.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+        if message["type"] == "http.response.body" and len(sent) > 3:
+            streaming.set()
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
+             "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    # When the client disconnects after a few chunks
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    # Then the response ended without [DONE], and the task was revoked
+    assert sent[0]["status"] == 200 and not any(b"[DONE]" in m.get("body", b"") for m in sent)
+    assert len(fake.revoked) == 1
