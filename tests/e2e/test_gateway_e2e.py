@@ -7,6 +7,8 @@ scheduler key serve the whole module; each test talks to them as any OpenAI prog
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -26,9 +28,10 @@ from hypha_celery.models.examples import MINILM, TINY_LLAMA, minilm_folder
 from hypha_celery.security import generate_key, peer_id
 from hypha_celery.tools import launch
 from hypha_celery.tools.launch import client_app, free_port, worker_env
-from tests.conftest import ROOT, write_config
+from tests.conftest import IN_CI, ROOT, write_config
 
 API_KEY = "sk-test-gateway"
+NODE_EXAMPLE = ROOT / "examples" / "node-scheduler"
 PROMPT = [{"role": "user", "content": "The cat sat on"}]
 
 
@@ -205,3 +208,28 @@ def test_past_its_rate_a_key_gets_429(stack: Stack) -> None:
         assert caught.value.status_code == 429 and int(caught.value.response.headers["Retry-After"]) >= 1
     finally:
         stop(process)
+
+
+def test_the_openai_npm_client_gets_the_same_answers(client: openai.OpenAI, stack: Stack) -> None:
+    # Given node and the example's dependencies (the openai npm package among them)
+    found = shutil.which("node")
+    reason = ("node is not on PATH" if found is None else "examples/node-scheduler/node_modules/openai is missing: run "
+              "`npm ci` there" if not (NODE_EXAMPLE / "node_modules" / "openai").is_dir() else None)
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(reason)
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    assert found is not None
+    # When the Node client lists models, chats greedily, streams the same chat and embeds
+    done = subprocess.run([found, "openai-client.js", "--base-url", stack.url, "--api-key", API_KEY, "--model", TINY_LLAMA,
+                           "--max-tokens", "12", *(["--embedding-model", MINILM] if minilm_folder() else [])],
+                          cwd=NODE_EXAMPLE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    # Then its answers are the Python client's, and its stream concatenates to its chat
+    expected = client.chat.completions.create(model=TINY_LLAMA, messages=PROMPT, temperature=0,  # type: ignore
+                                              max_tokens=12).choices[0].message.content
+    assert TINY_LLAMA in out["models"]
+    assert out["chat"] == expected == out["streamed"]
+    assert out.get("embedding_dims", [384, 384]) == [384, 384]
