@@ -63,14 +63,14 @@ test-unit: $(STAMP)
 	$(BIN)/pytest -m 'not slow' $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(BIN)/python -m hypha_celery.tools.demo
+	$(BIN)/python -m hypha_celery.harness.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
 
 # The GPU path end to end; on a machine without an NVIDIA GPU it says so and exits 0.
 gpu-check: $(STAMP)
-	$(BIN)/python -m hypha_celery.tools.gpu_check $(GPU_CHECK_ARGS)
+	$(BIN)/python -m hypha_celery.harness.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(NODE_EXAMPLE)/node_modules .pytest_cache .mypy_cache .ruff_cache .demo *.egg-info

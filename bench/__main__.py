@@ -13,8 +13,8 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 11 counts (Redis round trips and RabbitMQ messages per task, :mod:`bench.counts`),
 12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`),
 13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
-16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 19 gateway (the OpenAI
-gateway's latency over a direct submit, and its first streamed chunk, :mod:`bench.gateway`).
+16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`), 19 gateway (the
+OpenAI gateway's latency over a direct submit, and its first streamed chunk, :mod:`bench.gateway`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -52,8 +52,9 @@ from bench.models import (
 )
 from bench.proofs import bench_proofs
 from bench.scale import bench_placement, bench_registry
+from bench.token_stream import bench_token_stream
 from bench.training import bench_adapter_switch, bench_training_throughput
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 
 def machine() -> dict[str, Any]:
@@ -69,7 +70,7 @@ def machine() -> dict[str, Any]:
     import kombu
     import torch
 
-    from hypha_celery.tools.embedded_redis import redis_server_binary
+    from hypha_celery.harness.embedded_redis import redis_server_binary
 
     server = subprocess.run([redis_server_binary(), "--version"], capture_output=True, text=True).stdout.split()
     return {
@@ -261,18 +262,18 @@ def bench_ledger(url: str) -> None:
 def bench_cache(workdir: Path) -> None:
     import torch
 
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
+    from hypha_celery.manifest import WEIGHTS
     from hypha_celery.models.cache import ModelCache
-    from hypha_celery.models.manifest import WEIGHTS
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     say("\n[4] model cache: warm-hit overhead over calling the model; cold load vs reading the bytes")
     torch.set_num_threads(1)
     store = ModelStore(workdir / "cache-models")
     config = {"in_features": 512, "hidden": 2048, "layers": 6, "out_features": 10}
     torch.manual_seed(0)
-    store.save("big", build("mlp", config), architecture="mlp", config=config, input_shape=[512])
+    store.add("builtin", build("mlp", config), "big", architecture="mlp", config=config, input_shape=[512])
     cache = ModelCache(2**31, lambda key: load(store, key, "cpu"))
     with cache.use("big") as use:
         model = use.value.module
@@ -389,8 +390,8 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
 
     from hypha_celery.executor.pool import ExecutorPool
     from hypha_celery.executor.process import ExecutorSettings
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     pool = ExecutorPool(ExecutorSettings(store=str(models), cache_size=10**9, max_model_size=10**9, sandbox=True,
                                          nice=0, enforce_memory=True, enforce_cpu=True, max_batch_size=1,
@@ -449,8 +450,8 @@ def main() -> int:
     if {"-h", "--help"} & set(sys.argv[1:]):
         say(__doc__ or "")
         return 0
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
     from hypha_celery.models.examples import init_examples
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     only = selection(sys.argv[1:])
     url, workdir = "", Path()  # set below: the steps read them when they run
@@ -472,6 +473,7 @@ def main() -> int:
         (15, "adapter_switch", lambda: bench_adapter_switch(workdir)),
         (16, "diloco", lambda: bench_diloco(url, workdir)),
         (17, "proofs", bench_proofs),
+        (18, "token_stream", lambda: bench_token_stream(url, workdir, workdir / "models")),
         (19, "gateway", lambda: bench_gateway(url, workdir, workdir / "models")),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}

@@ -35,11 +35,11 @@ TEXTS = ["the cat sat on the mat", "the dog ran across the park", "the train lea
 def bench_checkpoint_overhead(workdir: Path) -> None:
     import torch
 
-    from hypha_celery.models import checkpoint
     from hypha_celery.models.examples import TINY_LLAMA, init_examples
-    from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import Train
+    from hypha_celery.training.checkpoints import local as checkpoint
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.work import Train
 
     models = workdir / "checkpoint-models"
     if not (models / TINY_LLAMA).is_dir():
@@ -48,17 +48,17 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
     say(f"\n[13] checkpoint overhead: LoRA on {TINY_LLAMA}, {STEPS} steps, in process on one thread, "
         f"checkpoint_every={EVERY} vs none")
     torch.set_num_threads(1)
-    writes: list[float] = []  # seconds inside Checkpoints.save, this run
-    save = checkpoint.Checkpoints.save
+    writes: list[float] = []  # seconds inside TaskCheckpoints.save, this run
+    save = checkpoint.TaskCheckpoints.save
 
-    def timed_save(self: checkpoint.Checkpoints, *args: Any, **kwargs: Any) -> Path:
+    def timed_save(self: checkpoint.TaskCheckpoints, *args: Any, **kwargs: Any) -> Path:
         started = time.perf_counter()
         try:
             return save(self, *args, **kwargs)
         finally:
             writes.append(time.perf_counter() - started)
 
-    checkpoint.Checkpoints.save = timed_save  # type: ignore[method-assign]
+    checkpoint.TaskCheckpoints.save = timed_save  # type: ignore[method-assign]
 
     def run(every: int | None) -> tuple[float, Any]:
         task_id = f"bench-{uuid.uuid4().hex[:12]}"
@@ -85,7 +85,7 @@ def bench_checkpoint_overhead(workdir: Path) -> None:
             written.append(sum(writes))
             losses["checkpointed"] = trained.final_loss
     finally:
-        checkpoint.Checkpoints.save = save  # type: ignore[method-assign]
+        checkpoint.TaskCheckpoints.save = save  # type: ignore[method-assign]
     # The fastest run of each: a 1 s run on a shared machine is easily slowed by others, never sped up
     # (the medians are printed beside it, and the writes' own time is measured directly).
     ratio = min(checked) / min(plain)

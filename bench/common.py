@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from hypha_celery.tools import launch
-from hypha_celery.tools.launch import WorkerProcess, worker_env, write_worker_config
+from hypha_celery.harness.launch import WorkerProcess
+from hypha_celery.harness.local_node import LocalNode, wait_answering
 
 __all__ = ["REPEATS", "RESULTS", "ROOT", "fmt", "hypha_config", "record", "say", "spread", "start_worker", "throughput",
            "wait_ready"]
@@ -41,20 +40,22 @@ def fmt(values: list[float], unit: str, scale: float = 1.0) -> str:
 # --- processes ---------------------------------------------------------------------------------------
 
 def start_worker(app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
-                 queues: str | None = None, concurrency: int = 4) -> WorkerProcess:
-    """A worker (hypha's or the plain Celery app's) on ``concurrency`` threads, logging warnings only."""
-    name = f"bench-{uuid.uuid4().hex[:6]}"
-    path = None if config is None else write_worker_config(workdir / f"{name}.toml", config)
-    args = ["-P", "threads", "-c", str(concurrency), *(["-Q", queues] if queues else [])]
-    return launch.start_worker(name, workdir / f"{name}.log", worker_env(url, url, url), app=app, config=path,
-                               loglevel="warning", args=args, cwd=ROOT)
+                 queues: str | None = None, concurrency: int = 4, broker: str | None = None,
+                 args: tuple[str, ...] = ()) -> WorkerProcess:
+    """A worker (hypha's or the plain Celery app's) on ``concurrency`` threads, logging warnings only.
+
+    Started by the harness's :class:`~hypha_celery.harness.local_node.LocalNode` on ``url`` (its result backend
+    and registry; its broker too unless ``broker`` is given); the caller stops it.
+    """
+    node = LocalNode(url, workdir, loglevel="warning", cwd=ROOT, name="bench")
+    return node.start_worker(config, name=f"bench-{uuid.uuid4().hex[:6]}", app=app, broker=broker, wait=None,
+                             args=["-P", "threads", "-c", str(concurrency), *args, *(["-Q", queues] if queues else [])])
 
 
 def wait_ready(worker: WorkerProcess, app: Any) -> None:
     """Until the worker answers a ping (at level warning it logs no ``ready.`` line)."""
-    destination = [f"{worker.name}@{socket.gethostname()}"]
     try:
-        worker.wait_ready(ready=lambda: bool(app.control.ping(destination=destination, timeout=0.5)))
+        wait_answering(worker, app)
     except (RuntimeError, TimeoutError) as exc:
         raise SystemExit(f"bench worker did not start: {exc}") from None
 

@@ -30,7 +30,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,9 +38,8 @@ from urllib.parse import urlparse
 
 import redis
 
-from bench.common import REPEATS, ROOT, hypha_config, record, say, wait_ready
-from hypha_celery.tools import launch
-from hypha_celery.tools.launch import WorkerProcess, client_app, worker_env, write_worker_config
+from bench.common import REPEATS, hypha_config, record, say, start_worker, wait_ready
+from hypha_celery.harness.launch import WorkerProcess, client_app
 
 __all__ = ["Counts", "RedisCounter", "bench_counts", "parse_rabbitmq_counters", "rabbitmq_counters"]
 
@@ -152,11 +150,8 @@ def _median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def _quiet_worker(app: str, broker: str, backend: str, workdir: Path, *, config: dict[str, Any] | None = None,
                   queues: str | None = None) -> WorkerProcess:
     """A worker on 4 threads without Celery's heartbeat events (time-driven, not per task)."""
-    name = f"bench-{uuid.uuid4().hex[:6]}"
-    path = None if config is None else write_worker_config(workdir / f"{name}.toml", config)
-    args = ["-P", "threads", "-c", "4", "--without-heartbeat", *(["-Q", queues] if queues else [])]
-    return launch.start_worker(name, workdir / f"{name}.log", worker_env(broker, backend, backend), app=app,
-                               config=path, loglevel="warning", args=args, cwd=ROOT)
+    return start_worker(app, backend, workdir, broker=broker, config=config, queues=queues,
+                        args=("--without-heartbeat",))
 
 
 def _kinds(models: Path) -> list[tuple[str, str, dict[str, Any], str, int]]:

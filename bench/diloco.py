@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, ROOT, hypha_config, record, say, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 __all__ = ["bench_diloco", "main"]
 
@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--inner-steps", type=int, default=20)
     options = parser.parse_args()
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
 
     server = None
     url = os.environ.get("HYPHA_BENCH_REDIS_URL", "")
@@ -133,7 +133,7 @@ def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 3, 
 
 def _float32_bytes(path: Path) -> int:
     """The parameters' bytes in float32, from the safetensors header (what a gradient exchange carries)."""
-    from hypha_celery.models.safetensors_header import read_header
+    from hypha_celery.formats.safetensors import read_header
 
     return 4 * read_header(path).parameters
 

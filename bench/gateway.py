@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from bench.common import REPEATS, ROOT, fmt, hypha_config, record, say, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app, free_port, worker_env, write_worker_config
+from hypha_celery.harness.launch import client_app, free_port, worker_env, write_worker_config
 
 __all__ = ["bench_gateway"]
 
@@ -33,7 +33,7 @@ def _gateway(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     config = write_worker_config(workdir / "gateway.toml", {"gateway": {"rate_limit": 0}})
     port = free_port()
     log = (workdir / "gateway.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.tools.cli", "gateway", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "gateway", "--port", str(port),
                                 "--config", str(config)], env=worker_env(url, url, url), stdout=log,
                                stderr=subprocess.STDOUT, cwd=ROOT)
     base = f"http://127.0.0.1:{port}/v1"

@@ -53,7 +53,7 @@ def _models(root: Path) -> Path:
         folder = root / name
         folder.mkdir()
         write(folder)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return root / "store"
 
 
@@ -112,8 +112,8 @@ def _infer_rate(store: Path, batch: int, per_client: int) -> tuple[float, float]
 
 
 def _generate_rate(store: Path, concurrent: int, batched: bool, new_tokens: int) -> tuple[float, int]:
-    from hypha_celery.protocol import Generate, Prompt
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt
 
     pool = _pool(store, 64 if batched else 1)
     lease = _lease()

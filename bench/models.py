@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPEATS, fmt, hypha_config, record, say, spread, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 __all__ = ["bench_cold_load_largest", "bench_embeddings_batched", "bench_first_request", "bench_generation_batched"]
 
@@ -193,8 +193,8 @@ def _tokens(results: list[dict[str, Any]]) -> int:
 def bench_cold_load_largest(models: Path) -> None:
     import torch
 
-    from hypha_celery.models.runtime import load
     from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes.registry import load
 
     store = ModelStore(models)
     largest = max(store.list(), key=lambda model_id: store.manifest(model_id).size)

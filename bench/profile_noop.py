@@ -48,8 +48,8 @@ def main() -> int:
     from pyinstrument import Profiler
 
     from hypha_celery.config import parse_config
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
     from hypha_celery.resources.capabilities import node_capacity
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
     from hypha_celery.worker.backend import ResultBackend, backend_aliases
     from hypha_celery.worker.bootsteps import bind_tasks
     from hypha_celery.worker.context import NodeContext

@@ -1,7 +1,7 @@
 """Checkable generations (step 17 ``proofs``): proof bytes per 32 tokens and verify time / generation time.
 
 In process on the tiny Llama (float32, CPU, one thread): 8 prompts of 64 greedy tokens each
-generated alone with ``proof=True``, then each replayed by :func:`~hypha_celery.models.proof_runtime.verify`
+generated alone with ``proof=True``, then each replayed by :func:`~hypha_celery.runtimes.transformers_proofs.verify`
 (one prefill). :func:`cross_device` is the GPU check (``python -m bench.gpu --only proofs``): the
 proofs made on ``cuda`` in bf16, verified on the CPU in float32.
 """
@@ -30,27 +30,27 @@ def _store(root: Path) -> Any:
     folder = root / TINY_LLAMA
     folder.mkdir()
     write_tiny_llama(folder)
-    store.import_hf(folder, TINY_LLAMA)
+    store.add("transformers", folder, TINY_LLAMA)
     return store
 
 
 def _generate(model: Any, prompt: str) -> tuple[Any, float]:
-    from hypha_celery.models import transformers_runtime
-    from hypha_celery.protocol import Generate, Prompt
+    from hypha_celery.runtimes import transformers_generation
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt
 
     request = Generate(model=model.manifest.id, prompts=[Prompt(prompt=prompt)], progress_interval=60.0,
                        params=GenerateParams(max_new_tokens=NEW_TOKENS, proof=True).to_json())
     started = time.perf_counter()
-    [out] = transformers_runtime.generate(model, request, lambda _update: None).outputs
+    [out] = transformers_generation.generate(model, request, lambda _update: None).outputs
     return out, time.perf_counter() - started
 
 
 def _verify(model: Any, prompt: str, proof: dict[str, Any]) -> tuple[dict[str, Any], float]:
-    from hypha_celery.models import proof_runtime
+    from hypha_celery.runtimes import transformers_proofs
 
     started = time.perf_counter()
-    check = proof_runtime.verify(model, {"prompt": prompt, "proof": proof})
+    check = transformers_proofs.verify(model, {"prompt": prompt, "proof": proof})
     return check, time.perf_counter() - started
 
 
@@ -60,13 +60,13 @@ def bench_proofs() -> None:
     import torch
 
     from bench.common import record, say
-    from hypha_celery.models import transformers_runtime
     from hypha_celery.models.examples import TINY_LLAMA
+    from hypha_celery.runtimes import transformers_loading
 
     say("\n17. checkable generations: proof bytes per 32 tokens, verify time / generation time (tiny Llama, CPU)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="hypha-bench-proofs-") as tmp:
-        model = transformers_runtime.load(_store(Path(tmp)), TINY_LLAMA, "cpu")[0]
+        model = transformers_loading.load(_store(Path(tmp)), TINY_LLAMA, "cpu")[0]
         _generate(model, PROMPTS[0])  # warm: first-call costs are not the proof's
         ratios, sizes, accepted = [], [], 0
         for prompt in PROMPTS:
@@ -89,16 +89,16 @@ def cross_device(say: Callable[[str], None] = print) -> dict[str, Any]:
     """Generate with proofs on ``cuda`` in bf16, verify on the CPU in float32; ``{}`` and a line without a GPU."""
     import torch
 
-    from hypha_celery.models import transformers_runtime
     from hypha_celery.models.examples import TINY_LLAMA
+    from hypha_celery.runtimes import transformers_loading
 
     if not torch.cuda.is_available():
         say("    proofs across devices: no GPU (torch.cuda.is_available() is False): nothing measured")
         return {}
     with tempfile.TemporaryDirectory(prefix="hypha-bench-proofs-") as tmp:
         store = _store(Path(tmp))
-        prover = transformers_runtime.load(store, TINY_LLAMA, "cuda:0", dtype="bfloat16")[0]
-        verifier = transformers_runtime.load(store, TINY_LLAMA, "cpu", dtype="float32")[0]
+        prover = transformers_loading.load(store, TINY_LLAMA, "cuda:0", dtype="bfloat16")[0]
+        verifier = transformers_loading.load(store, TINY_LLAMA, "cpu", dtype="float32")[0]
         checks = []
         for prompt in PROMPTS:
             out, _ = _generate(prover, prompt)

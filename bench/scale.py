@@ -181,7 +181,7 @@ STORE_ENTRIES = 300  # entries in the refreshing worker's store, so what a refre
 def _store_of(models: Path, into: Path, entries: int) -> Path:
     """A store with ``models``' entries (linked) and more, up to ``entries``: copies of one manifest, no weights
     (listing the store and reading a manifest is all a refresh does with an entry)."""
-    from hypha_celery.models.manifest import MODEL_MANIFEST
+    from hypha_celery.manifest import MODEL_MANIFEST
 
     into.mkdir(parents=True, exist_ok=True)
     real = sorted(entry for entry in models.iterdir() if (entry / MODEL_MANIFEST).is_file()) if models.is_dir() else []

@@ -4,7 +4,7 @@
 ``tokens_per_s`` a ``hypha.train`` result reports (non-padding tokens over the
 loop's wall time, from the first optimizer step to the last; loading the model
 before and saving it after are outside it) against the same
-:func:`hypha_celery.models.finetune.finetune` run in this process on the same
+:func:`hypha_celery.training.finetune.run.finetune` run in this process on the same
 store, data, seed, thread count and core (the job executor runs one torch thread
 pinned to the one core the task reserved, which its result names in
 ``cpu_affinity``: this process pins itself to that core for its run too). The
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPEATS, fmt, hypha_config, record, say, spread, start_worker, wait_ready
-from hypha_celery.tools.launch import client_app
+from hypha_celery.harness.launch import client_app
 
 __all__ = ["bench_adapter_switch", "bench_training_throughput"]
 
@@ -59,9 +59,9 @@ def bench_training_throughput(url: str, workdir: Path, models: Path) -> None:
     import torch
 
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import Train
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.work import Train
 
     if not (models / TINY_LLAMA).is_dir():
         say("\n[14] training: skipped (no tiny-llama example; install the [hf] extra)")
@@ -137,10 +137,12 @@ def bench_adapter_switch(workdir: Path) -> None:
 
     from hypha_celery.executor.child import Executor
     from hypha_celery.models.examples import TINY_LLAMA
-    from hypha_celery.models.finetune import finetune, save
     from hypha_celery.models.store import ModelStore
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
+    from hypha_celery.work import Generate, Prompt, Train
 
     models = workdir / "models"
     if not (models / TINY_LLAMA).is_dir():
@@ -156,7 +158,7 @@ def bench_adapter_switch(workdir: Path) -> None:
         out = workdir / name
         out.mkdir()
         save(done, store, out, merge=False)
-        store.save_adapter(out, name, TINY_LLAMA)
+        store.add("transformers", out, name, base=TINY_LLAMA)
         adapters.append(name)
     say(f"\n[15] adapter switch on a cached base ({TINY_LLAMA}, {store.manifest(TINY_LLAMA).size / 2**20:.1f} MiB; "
         f"LoRA r=8 on q_proj and v_proj, {store.manifest(adapters[0]).size / 2**10:.0f} KiB)")
@@ -206,8 +208,8 @@ def main() -> int:
     """Both figures on an embedded Redis and a fresh store of the example models."""
     import shutil
 
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
     from hypha_celery.models.examples import init_examples
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
 
     workdir = Path(tempfile.mkdtemp(prefix="hypha-bench-training-"))
     server = EmbeddedRedis()

@@ -25,6 +25,12 @@ A signed task's nonce is recorded in the registry Redis just before it is sent
 (``envelope_ttl``) then bounds the time until it was sent, and a task that
 waits in a busy queue past it still runs (see :mod:`hypha_celery.security.verifier`).
 
+A generation's text arrives token by token with :func:`stream`, which reads the task's token stream
+(:mod:`hypha_celery.token_stream`) with blocking ``XREAD``::
+
+    for piece in stream(submit("hypha.generate", model="tiny-llama", prompt="Once"), timeout=60):
+        print(piece, end="", flush=True)
+
 Placement is best fit over the live free-resource indexes
 (:mod:`hypha_celery.resources.placement`): among workers that fit *now*, the one whose
 scarcest resource is tightest, preferring one that already holds the model (or an
@@ -39,17 +45,20 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import nacl.signing
-from celery import Celery
+import redis
+from celery import Celery, states
+from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 from redis.exceptions import RedisError
 
 from hypha_celery import keys
 from hypha_celery.config import load_config
-from hypha_celery.errors import InvalidSignature, RegistryUnavailable
+from hypha_celery.errors import ConfigError, InvalidSignature, RegistryUnavailable
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.routing import placement_for
 from hypha_celery.security import (
@@ -61,8 +70,9 @@ from hypha_celery.security import (
     signed_options,
     verify_result,
 )
+from hypha_celery.token_stream import SUCCESS, End, Tokens, error_of, read
 
-__all__ = ["HyphaResult", "send_options", "submit"]
+__all__ = ["HyphaResult", "send_options", "stream", "submit"]
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +144,52 @@ class HyphaResult(AsyncResult):
         return value
 
     wait = get  # Celery's AsyncResult.wait is its get: ours must check too (``.result``/``.info`` are unchecked)
+
+
+def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iterator[str]:
+    """The text of generation ``result`` (a ``hypha.generate`` task) as it grows: each new piece, once.
+
+    Joined, the pieces are the final ``output["text"]``. Reads the task's token stream from its
+    start with blocking ``XREAD`` (so it works before, while and after the task runs), ends at its end
+    entry, and raises the task's error (a class of :mod:`hypha_celery.errors`) when it failed;
+    Celery's ``TimeoutError`` after ``timeout`` seconds. The stream lives in the result backend's
+    Redis: a result backend that is not a Redis is refused with ``ConfigError``. While nothing comes
+    it reads the task's state every two seconds, in case the task ended without writing a stream.
+    The pieces are not signed: where it matters, check the final text with ``result.get(verify=True)``.
+    """
+    client = getattr(result.backend, "client", None)
+    if not isinstance(client, redis.Redis):
+        raise ConfigError(f"client.stream reads the result backend's Redis; this app's result backend is "
+                          f"{type(result.backend).__name__}, not a Redis (set result_backend to a redis:// URL)")
+    shown = 0  # characters of the row's text yielded so far
+    deadline = time.monotonic() + timeout
+    try:
+        for entry in read(client, keys.schema().token_stream(result.id), timeout=timeout,
+                          idle=lambda: _ended_without_stream(result)):
+            if isinstance(entry, End):
+                if entry.status != SUCCESS:
+                    raise error_of(entry)
+                if len(entry.text) > shown:  # read from the result: a task that ended with no end entry
+                    yield entry.text[shown:]
+                return
+            if isinstance(entry, Tokens) and entry.row == row and entry.offset + len(entry.text) > shown:
+                piece = entry.text[max(0, shown - entry.offset):]
+                shown = entry.offset + len(entry.text)
+                yield piece
+    except TimeoutError:
+        raise ResultTimeout(f"task {result.id}: its token stream did not end within {timeout:g} s "
+                            f"({max(0.0, deadline - time.monotonic()):.1f} s left)") from None
+
+
+def _ended_without_stream(result: AsyncResult) -> End | None:
+    """The end of a task that finished without a stream (a worker that writes none): its text or its error."""
+    if not result.ready():
+        return None
+    if result.state == states.SUCCESS:
+        output = result.result.get("output", {}) if isinstance(result.result, dict) else {}
+        return End(status=SUCCESS, text=str(output.get("text", "")))
+    result.get(propagate=True, timeout=1)  # raises the task's error as Celery rebuilt it
+    return End(status=result.state, error="", message=f"the task ended {result.state}")
 
 
 def registered_peer(result: Any) -> str:

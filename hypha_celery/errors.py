@@ -3,9 +3,9 @@
     HyphaError
      ├── ConfigError                    a worker config key is wrong; names the key
      ├── InvalidSignature               a task envelope or a result's attestation failed verification
-     ├── InvalidTask                    kwargs do not match the task's schema
+     ├── InvalidTask                    kwargs do not fit the task: an argument unknown, mistyped, out of bounds
      │    ├── InvalidInput              inputs malformed, wrong shape or too large
- │    │    └── DeltaRejected        a DiLoCo pseudo-gradient failed its checks (sha256, shape, job, round)
+     │    │    └── DeltaRejected        a DiLoCo pseudo-gradient failed its checks (sha256, shape, job, round)
      │    └── MalformedMessage          the message is no task message (undecodable, wrong shape)
      ├── UnsupportedModel               model id unknown, malformed or unverifiable
      │    └── ModelPinMismatch          the store holds another manifest than the task pinned
@@ -21,8 +21,8 @@
      ├── ExecutorCrashed                the task's process died without an answer
      ├── ExecutionError                 the task's own ML code raised (e.g. a torch error)
      ├── RegistryUnavailable            Redis (registry/ledger) cannot be reached
- ├── SharedStorageError             DiLoCo's shared storage failed (missing object, unreachable, bad sha256)
- ├── RoundFailed                    a DiLoCo round ended with fewer than min_workers deltas
+     ├── SharedStorageError             DiLoCo's shared storage failed (missing object, unreachable, bad sha256)
+     ├── RoundFailed                    a DiLoCo round ended with fewer than min_workers deltas
      └── ControlFlow                    steers a task at admission; never a task's result
           ├── DuplicateTask             a live lease already runs this task id (a redelivered copy)
           └── NotHere                   this node can never fit the task; another live node can
@@ -87,7 +87,12 @@ class InvalidSignature(HyphaError):
 
 
 class InvalidTask(HyphaError):
-    """The task's keyword arguments do not match its schema."""
+    """The task's keyword arguments do not fit it: one is positional, unknown, missing, of the wrong type or out of
+    bounds (the message names it), or the model takes other arguments.
+
+    The one error of an argument a client got wrong (:mod:`hypha_celery.stages.validation.arguments`); what an
+    argument holds for the model to read is :class:`InvalidInput`.
+    """
 
 
 class InvalidInput(InvalidTask):

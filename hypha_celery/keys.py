@@ -43,6 +43,12 @@ Security::
     hypha:nonce:<key_id>:<nonce>      string  JSON {"task", "seen", "delivered", "done"} of a seen envelope nonce;
                                               kept until issued_at + the replay window (security/verifier.py)
 
+Token streams (on the result backend's Redis, not the registry's; :mod:`hypha_celery.token_stream`)::
+
+    hypha:task:<task_id>:tokens       stream a generation's tokens as they come, then an end entry with the task's
+                                             status; MAXLEN ~ [worker.generation] stream_maxlen, expires with
+                                             the task's result (Celery's result_expires)
+
 DiLoCo::
 
     hypha:diloco:<job>:<round>:aggregate  string  the lock one outer step of that round holds while it runs
@@ -83,6 +89,7 @@ __all__ = [
     "nonce",
     "schema",
     "task_guard",
+    "token_stream",
     "worker",
     "worker_queue",
     "workers",
@@ -156,6 +163,10 @@ class KeySchema:
 
     def task_guard(self, task_id: str) -> str:
         return f"{self.prefix}:task:{task_id}:lease"
+
+    def token_stream(self, task_id: str) -> str:
+        """The Redis Stream of task ``task_id``'s generated tokens (in the result backend's Redis)."""
+        return f"{self.prefix}:task:{task_id}:tokens"
 
     def nonce(self, key_id: str, value: str) -> str:
         return f"{self.prefix}:nonce:{key_id}:{value}"
@@ -232,6 +243,10 @@ def lease_data(node: str) -> str:
 
 def task_guard(task_id: str) -> str:
     return schema().task_guard(task_id)
+
+
+def token_stream(task_id: str) -> str:
+    return schema().token_stream(task_id)
 
 
 def nonce(key_id: str, value: str) -> str:

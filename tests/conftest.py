@@ -5,14 +5,15 @@
   each worker process has a database of its own on ``$HYPHA_TEST_REDIS_URL``
   (``gw0`` the URL's, ``gw1`` the one below it, ...) or a server of its own.
 * ``redis_cluster_url``: a 3-primary Redis Cluster from the same ``redis-server``
-  for the session (:class:`~hypha_celery.tools.embedded_redis.EmbeddedCluster`);
+  for the session (:class:`~hypha_celery.harness.embedded_redis.EmbeddedCluster`);
   skipped with a reason when the binary cannot run cluster mode, except in CI.
   ``cluster_client``: a client of it with ``HYPHA_KEY_PREFIX={hypha}``, emptied per test.
 * ``amqp_url``: ``$HYPHA_TEST_AMQP_URL``; skipped with a reason when unset,
   except in CI (``CI=true``), where a missing broker is a failure.
 * ``start_worker``: a real ``celery -A hypha_celery worker`` subprocess with a
-  TOML config, torn down with SIGTERM (SIGKILL if it does not stop); the
-  launcher is :mod:`hypha_celery.tools.launch`, shared with ``bench`` and the demo.
+  TOML config, torn down with SIGTERM (SIGKILL if it does not stop); the test's
+  node is :func:`hypha_celery.harness.local_node.local_node`, shared with ``bench``,
+  ``make gpu-check`` and the demo.
 
 Tests that share something beyond their process's database (RabbitMQ's vhost and its queues; the packaging
 tests' wheel and venv, session fixtures that each process would build again) run in one process, a group each:
@@ -34,10 +35,8 @@ import fakeredis
 import pytest
 import redis
 
-from hypha_celery.redis_client import registry_client
-from hypha_celery.tools import launch
-from hypha_celery.tools.embedded_redis import EmbeddedCluster, EmbeddedRedis
-from hypha_celery.tools.launch import (
+from hypha_celery.harness.embedded_redis import EmbeddedCluster, EmbeddedRedis
+from hypha_celery.harness.launch import (
     WorkerProcess,
     client_app,
     free_port,
@@ -46,8 +45,10 @@ from hypha_celery.tools.launch import (
     worker_env,
     write_worker_config,
 )
+from hypha_celery.harness.local_node import local_node
+from hypha_celery.redis_client import registry_client
 
-__all__ = ["ROOT", "WorkerProcess", "free_port", "scrape", "wait_for", "worker_env", "write_config"]
+__all__ = ["ROOT", "WorkerProcess", "free_port", "scrape", "wait_for", "worker_config", "worker_env", "write_config"]
 
 ROOT = Path(__file__).resolve().parent.parent
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -123,7 +124,7 @@ def database_url(url: str, worker: str) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     """In an xdist process, ``$HYPHA_TEST_REDIS_URL`` names the process's own database: for the fixtures, and for any
-    program a test starts that reads it (``hypha_celery.tools.gpu_check``)."""
+    program a test starts that reads it (``hypha_celery.harness.gpu_check``)."""
     url, worker = os.environ.get("HYPHA_TEST_REDIS_URL"), os.environ.get("PYTEST_XDIST_WORKER")
     workers = getattr(config.option, "numprocesses", None)  # the controller: refuse too many before any starts
     try:
@@ -218,8 +219,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
-    """A worker TOML: test-friendly defaults, deep-merged with ``overrides`` (a ``[worker]`` table)."""
+def worker_config(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A worker's ``[worker]`` table: test-friendly defaults, deep-merged with ``overrides``."""
     worker: dict[str, Any] = {
         "max_concurrent_tasks": 4,
         "max_memory_per_task": "2GB",
@@ -239,43 +240,40 @@ def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
             worker[key] = {**worker[key], **value}
         else:
             worker[key] = value
-    return write_worker_config(path, worker)
+    return worker
+
+
+def write_config(path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """A worker TOML at ``path``: :func:`worker_config` of ``overrides``."""
+    return write_worker_config(path, worker_config(overrides))
 
 
 @pytest.fixture
 def start_worker(
     tmp_path: Path, redis_url: str, redis_client: redis.Redis, model_dir: Path
 ) -> Iterator[Callable[..., WorkerProcess]]:
-    """``start_worker(overrides=None, broker=None, name=None, args=(), env=None, wait=True)``."""
-    started: list[WorkerProcess] = []
+    """``start_worker(overrides=None, broker=None, name=None, args=(), env=None, wait=True)``: a worker of the test's
+    :func:`~hypha_celery.harness.local_node.local_node` on ``redis_url``, stopped when the test ends."""
+    with local_node(tmp_path, redis_url=redis_url, workers=0, cwd=ROOT) as node:
 
-    def start(
-        overrides: dict[str, Any] | None = None,
-        *,
-        broker: str | None = None,
-        backend: str | None = None,
-        name: str | None = None,
-        args: tuple[str, ...] = (),
-        env: dict[str, str] | None = None,
-        wait: bool = True,
-    ) -> WorkerProcess:
-        name = name or f"w{len(started)}-{uuid.uuid4().hex[:6]}"
-        merged = {"models": {"model_dir": str(model_dir)}}
-        for key, value in (overrides or {}).items():
-            merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
-        worker = launch.start_worker(
-            name, tmp_path / f"{name}.log",
-            worker_env(broker or redis_url, backend or redis_url, redis_url, **(env or {})),
-            config=write_config(tmp_path / f"{name}.toml", merged), args=args, cwd=ROOT,
-        )
-        started.append(worker)
-        if wait:
-            worker.wait_ready()
-        return worker
+        def start(
+            overrides: dict[str, Any] | None = None,
+            *,
+            broker: str | None = None,
+            backend: str | None = None,
+            name: str | None = None,
+            args: tuple[str, ...] = (),
+            env: dict[str, str] | None = None,
+            wait: bool = True,
+        ) -> WorkerProcess:
+            name = name or f"w{len(node.workers)}-{uuid.uuid4().hex[:6]}"
+            merged = {"models": {"model_dir": str(model_dir)}}
+            for key, value in (overrides or {}).items():
+                merged[key] = {**merged.get(key, {}), **value} if isinstance(value, dict) else value
+            return node.start_worker(worker_config(merged), name=name, broker=broker, backend=backend, env=env,
+                                     args=args, wait="ready" if wait else None)
 
-    yield start
-    for worker in started:
-        worker.stop()
+        yield start
 
 
 @pytest.fixture

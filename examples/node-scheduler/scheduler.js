@@ -6,6 +6,7 @@
 //   node scheduler.js --key scheduler.key [--broker redis://127.0.0.1:6379/0] [--backend URL]
 //                     [--queue hypha] [--model mlp] [--inputs '[[5.1,3.5,1.4,0.2]]'] [--timeout 60]
 //                     [--tamper] [--print-key-id] [--verify] [--allow-worker PEER_ID ...]
+//                     [--prompt TEXT [--max-new-tokens N]]
 //
 // The key file is the one `hypha-celery keys generate` writes (a base64 Ed25519 seed); the worker must list
 // its peer id (`--print-key-id` prints it) in [worker.security] allowed_schedulers. Prints one JSON
@@ -15,6 +16,9 @@
 // peer id as "signer"; a result that fails is reported as status "INVALID_SIGNATURE" with the reason.
 // `--allow-worker` (repeatable, implies --verify) accepts answers only from those workers; without it,
 // `--verify` accepts only the peer id the answering worker registered (any key can sign).
+// `--prompt` sends hypha.generate instead (give a text-generation --model) and prints the text to stderr
+// as it grows, read from the task's token stream with XREAD BLOCK (lib/tokens.js); the JSON line then
+// carries the joined pieces as "streamed".
 
 import { randomUUID } from "node:crypto";
 import { parseArgs } from "node:util";
@@ -24,6 +28,7 @@ import celery from "celery-node";
 import {
   ENVELOPE_HEADER, loadKeyFile, peerId, requestDigest, signEnvelope, verifyResult,
 } from "./lib/envelope.js";
+import { streamTokens, tokenStreamKey } from "./lib/tokens.js";
 
 const FINAL = new Set(["SUCCESS", "FAILURE", "REVOKED"]);
 
@@ -40,6 +45,8 @@ const { values: opts } = parseArgs({
     "print-key-id": { type: "boolean", default: false },
     verify: { type: "boolean", default: false },
     "allow-worker": { type: "string", multiple: true },
+    prompt: { type: "string" },
+    "max-new-tokens": { type: "string", default: "16" },
   },
 });
 
@@ -53,9 +60,12 @@ if (opts["print-key-id"]) {
   process.exit(0);
 }
 
-const task = "hypha.infer";
+const generating = opts.prompt !== undefined;
+const task = generating ? "hypha.generate" : "hypha.infer";
 const taskId = randomUUID();
-const kwargs = { model: opts.model, inputs: JSON.parse(opts.inputs) };
+const kwargs = generating
+  ? { model: opts.model, prompt: opts.prompt, max_new_tokens: Number(opts["max-new-tokens"]) }
+  : { model: opts.model, inputs: JSON.parse(opts.inputs) };
 const envelope = signEnvelope(key, { task, id: taskId, args: [], kwargs, ttl: 300 });
 if (opts.tamper) kwargs.inputs = kwargs.inputs.map((row) => row.map((x) => x + 1)); // after signing
 
@@ -66,6 +76,20 @@ message.headers[ENVELOPE_HEADER] = envelope;
 client.sendTaskMessage(task, message);
 
 const deadline = Date.now() + Number(opts.timeout) * 1000;
+let streamed;
+if (generating) {
+  const reader = client.backend.redis.duplicate(); // a blocking XREAD holds its connection
+  streamed = "";
+  try {
+    for await (const piece of streamTokens(reader, tokenStreamKey(taskId), { timeoutMs: deadline - Date.now() })) {
+      process.stderr.write(piece);
+      streamed += piece;
+    }
+  } catch (error) {
+    console.error(`\n${error.name}: ${error.message}`); // the result below reports the task's error too
+  }
+  reader.disconnect();
+}
 let meta = null;
 while (Date.now() < deadline) {
   meta = await client.backend.getTaskMeta(taskId);
@@ -84,6 +108,7 @@ if (allowed === undefined && opts.verify && meta && meta.status === "SUCCESS") {
 await client.disconnect();
 let status = meta && FINAL.has(meta.status) ? meta.status : "TIMEOUT";
 const answer = { task_id: taskId, status, result: meta ? meta.result : null };
+if (streamed !== undefined) answer.streamed = streamed;
 if (status === "SUCCESS" && allowed !== undefined) {
   try {
     answer.signer = verifyResult(meta.result, taskId, { allowed, requestDigest: requestDigest(envelope), taskName: task });

@@ -18,6 +18,7 @@ from typing import Any
 
 from hypha_celery.config.schema import SECTIONS, SOURCE_KEYS, ModelSource, WorkerConfig
 from hypha_celery.errors import ConfigError
+from hypha_celery.manifest import is_model_id  # the one definition of a model id, below config
 from hypha_celery.units import parse_size
 
 __all__ = ["config_path_from_env", "load_config", "parse_config", "settings_config"]
@@ -249,8 +250,6 @@ def _check_consistency(cfg: WorkerConfig) -> None:
             "worker.models.max_model_size",
             "is larger than worker.model_cache_size; such a model could be fetched but never cached",
         )
-    from hypha_celery.models.manifest import is_model_id  # the one definition of a model id; no torch
-
     for index, model in enumerate(cfg.models.preload):
         if not is_model_id(model):
             raise ConfigError(f"worker.models.preload[{index}]", f"{model!r} is not a model id")

@@ -144,6 +144,9 @@ class BatchingConfig:
 class GenerationConfig:
     # Most tokens one hypha.generate request may ask for: bounds its KV cache and its run time.
     max_new_tokens: int = _key("count", 512)
+    # Most entries a generation's token stream keeps (XADD MAXLEN ~, hypha_celery.token_stream): an entry holds
+    # at least one token, so a stream is whole while max_new_tokens stays below it.
+    stream_maxlen: int = _key("count", 4096)
 
 
 @dataclass(frozen=True)

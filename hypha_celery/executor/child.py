@@ -25,8 +25,8 @@ from typing import Any
 
 from hypha_celery.errors import HyphaError, InvalidInput, contained
 from hypha_celery.executor import limits
+from hypha_celery.manifest import expected_size
 from hypha_celery.models.cache import ModelCache, Use
-from hypha_celery.models.manifest import expected_size
 from hypha_celery.models.store import ModelStore
 from hypha_celery.protocol import (
     FD_ENV,
@@ -36,21 +36,18 @@ from hypha_celery.protocol import (
     Description,
     Error,
     Fatal,
-    Generate,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
     Ready,
     Reply,
     Request,
-    Train,
     TrainResult,
     Usage,
     decode_request,
 )
+from hypha_celery.work import Generate, Infer, JobLimits, Train
 
 _ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
 
@@ -93,7 +90,7 @@ class Executor:
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
-        from hypha_celery.models.runtime import load
+        from hypha_celery.runtimes.registry import load
 
         adapter_of = self.store.manifest(model_id).adapter_of
         if adapter_of is not None:
@@ -105,7 +102,7 @@ class Executor:
 
     def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
         """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
-        from hypha_celery.models.transformers_runtime import attach_adapter
+        from hypha_celery.runtimes.transformers_adapters import attach_adapter
 
         pin = ExitStack()
         base = pin.enter_context(self.cache.use(base_id, expected_size(self.store.manifest(base_id), self.device)))
@@ -120,7 +117,7 @@ class Executor:
     def _unload(self, model_id: str, loaded: Any) -> None:
         pin = self._base_pins.pop(model_id, None)
         if pin is not None:  # an adapter: detach it from the shared base, then let the base go
-            from hypha_celery.models.transformers_runtime import detach_adapter
+            from hypha_celery.runtimes.transformers_adapters import detach_adapter
 
             detach_adapter(loaded)
             pin.close()
@@ -173,7 +170,7 @@ class Executor:
         )
 
     def infer(self, request: Infer) -> InferResult:
-        from hypha_celery.models.runtime import infer_batch
+        from hypha_celery.runtimes.registry import infer_batch
 
         items = request.items
         started_rss = limits.current_rss()
@@ -217,7 +214,7 @@ class Executor:
 
     def _one_by_one(self, loaded: Any, items: list[Any], per_item: Any = None) -> tuple[list[Any], list[Error | None]]:
         """A batch failed: run each item alone so only the item at fault fails."""
-        from hypha_celery.models.runtime import infer_batch
+        from hypha_celery.runtimes.registry import infer_batch
 
         outputs: list[Any] = []
         errors: list[Error | None] = []
@@ -234,13 +231,11 @@ class Executor:
 
     def generate(self, request: Generate) -> GenerateResult:
         """One generation job (a batch of prompts) on the cached model, streaming each text to the worker."""
-        from hypha_celery.models.transformers_runtime import TransformerModel, generate
+        from hypha_celery.runtimes.registry import generate
 
         started_rss = limits.current_rss()
         with self._limits(request.limits):
             with self._models(request.model, request.expected_size, request.models) as (use, per_prompt):
-                if not isinstance(use.value, TransformerModel):
-                    raise InvalidInput(f"model {request.model!r} is a built-in model: it does not generate text")
                 done = generate(use.value, request, self.channel.write, per_prompt)
                 dtype = str(use.value.module.dtype).removeprefix("torch.")
         return GenerateResult(
@@ -256,7 +251,8 @@ class Executor:
         )
 
     def train(self, request: Train) -> TrainResult:
-        from hypha_celery.models.runtime import load, train
+        from hypha_celery.runtimes.builtin import train
+        from hypha_celery.runtimes.registry import load
 
         started_rss = limits.current_rss()
         if self.store.manifest(request.model).runtime == "transformers":
@@ -275,9 +271,8 @@ class Executor:
                 progress_interval=request.progress_interval,
             )
             manifest = loaded.manifest
-            self.store.save(
-                request.new_model,
-                loaded.module,
+            self.store.add(
+                "builtin", loaded.module, request.new_model,
                 architecture=manifest.architecture,
                 config=manifest.config,
                 input_shape=manifest.input_shape,
@@ -291,8 +286,9 @@ class Executor:
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))
 
     def _train_transformer(self, request: Train, started_rss: int) -> TrainResult:
-        """Full or LoRA fine-tuning (:mod:`hypha_celery.models.finetune`); the result enters the store as a new entry."""
-        from hypha_celery.models.finetune import finetune, save
+        """Full or LoRA fine-tuning (:mod:`hypha_celery.training.finetune`); the result enters the store as a new entry."""
+        from hypha_celery.training.finetune.run import finetune
+        from hypha_celery.training.finetune.save import save
 
         with self._limits(request.limits):
             done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write,
@@ -301,10 +297,10 @@ class Executor:
             out = self.tmpdir / "trained"
             out.mkdir()
             if save(done, self.store, out, merge=request.merge) == "adapter":
-                self.store.save_adapter(out, request.new_model, request.model, produced_by=produced)
+                self.store.add("transformers", out, request.new_model, base=request.model, produced_by=produced)
             else:
-                self.store.import_hf(out, request.new_model, done.model.manifest.task, parent=request.model,
-                                     produced_by=produced)
+                self.store.add("transformers", out, request.new_model, task=done.model.manifest.task,
+                               parent=request.model, produced_by=produced)
             self._discard_checkpoints(request)
             trained, load_s = done.trained, done.load_s
             del done
@@ -312,8 +308,8 @@ class Executor:
                            usage=self._usage(started_rss))
 
     def _discard_checkpoints(self, request: Train) -> None:
-        """The model is saved: the task's checkpoints (:mod:`hypha_celery.models.checkpoint`) have done their work."""
-        from hypha_celery.models.checkpoint import discard
+        """The model is saved: the task's checkpoints (:mod:`hypha_celery.training.checkpoints.local`) have done their work."""
+        from hypha_celery.training.checkpoints.local import discard
 
         if request.task_id is not None:
             discard(self.store.root, request.task_id)

@@ -20,7 +20,7 @@ itself, before it imports torch, to:
 * a training (job) executor besides: create files only under the store's
   staging folder ``<model_dir>/.incoming/``, its lock files in
   ``<model_dir>/.locks/`` and training checkpoints in ``<model_dir>/.checkpoints/``
-  (:mod:`hypha_celery.models.checkpoint`: written, renamed and removed there),
+  (:mod:`hypha_celery.training.checkpoints.local`: written, renamed and removed there),
   and create (by ``rename``) new model folders in ``model_dir``; it cannot
   change or remove an existing model.
 
@@ -50,7 +50,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypha_celery.models.checkpoint import CHECKPOINTS
+from hypha_celery.training.checkpoints.local import CHECKPOINTS
 
 __all__ = [
     "CHECKPOINTS",

@@ -9,7 +9,7 @@ through it, a cold model is loaded once (single-flight). Text generation runs
 there too, on the same cache, streaming each text back as it grows. Requests for
 different LoRA adapters of one base (and for the base itself) share a batch:
 each row runs with its own adapter (peft's mixed-batch forward,
-:mod:`hypha_celery.models.transformers_runtime`). Training runs in *job*
+:mod:`hypha_celery.runtimes.transformers_generation`). Training runs in *job*
 executors, reused between jobs but holding no cache, since training changes the
 weights.
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -45,21 +46,15 @@ from hypha_celery.protocol import (
     Describe,
     Description,
     Error,
-    Generate,
-    Generated,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
-    Progress,
-    Streamed,
-    Train,
     TrainResult,
     Usage,
 )
 from hypha_celery.resources.ledger import Lease
+from hypha_celery.work import Generate, Generated, Infer, JobLimits, Progress, Streamed, Train
 
 __all__ = ["ExecutorPool", "GeneratedItem", "ItemResult"]
 
@@ -110,16 +105,18 @@ class _Request:
     done: threading.Event = field(default_factory=threading.Event)
     result: ItemResult | None = None
     generated: GeneratedItem | None = None
-    streamed: Streamed | None = None  # the latest text so far; the task's thread reads it
+    updates: queue.SimpleQueue[Streamed | None] = field(default_factory=queue.SimpleQueue)  # to the task's thread;
+    # None: finished
     error: BaseException | None = None
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
         self.done.set()
+        self.updates.put(None)
 
     def stream(self, update: Progress | Streamed) -> None:
         if isinstance(update, Streamed):
-            self.streamed = update  # one reference assignment: atomic for the reading thread
+            self.updates.put(update)
 
 
 def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
@@ -366,28 +363,30 @@ class ExecutorPool:
         lease: Lease,
         timeout: float,
         on_progress: Callable[[Streamed], None] | None = None,
-        poll_s: float = 0.05,
         family: str | None = None,
     ) -> GeneratedItem:
         """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
 
         Blocks until done.
 
-        ``on_progress`` gets the newest text so far, in the calling thread (a Celery task's state
-        belongs to its own thread), at most every ``poll_s`` seconds; intermediate texts may be skipped.
+        ``on_progress`` gets every report, in order, in the calling thread (a Celery task's state
+        belongs to its own thread) as soon as it comes (each carries the tokens since the one before).
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
         request = _Request(job.model, None, lease, time.monotonic() + timeout,
                            generation_key(job.model, family, job.params), job.expected_size, generate=job)
         self._lane(device_key(lease)).submit(request)
-        reported: Streamed | None = None
-        while not request.done.wait(poll_s):
-            latest = request.streamed
-            if on_progress is not None and latest is not None and latest is not reported:
-                reported = latest
+        while True:
+            try:
+                update = request.updates.get(timeout=1.0)  # a bounded wait stays open to the task's signals
+            except queue.Empty:
+                continue
+            if update is None:
+                break
+            if on_progress is not None:
                 try:
-                    on_progress(latest)
+                    on_progress(update)
                 except Exception as exc:  # progress is advisory: keep waiting for the result
                     log.warning("progress report failed: %s", exc)
         if request.error is not None:

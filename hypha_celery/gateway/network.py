@@ -3,10 +3,9 @@
 Every call here blocks (Celery and redis-py are synchronous); the ASGI app runs them
 in its thread pool, so the event loop never waits on Redis. Tasks are sent with
 :func:`hypha_celery.client.submit`, signed with the gateway's key, so workers verify
-them like any scheduler's. Text deltas come from ``hypha_celery.client.stream`` (a
-per-task token stream) where the installed client has it, else from the task's
-``PROGRESS`` state, polled. The model list is the registry's, read at most once a
-second however many requests ask.
+them like any scheduler's. Text deltas come from ``hypha_celery.client.stream`` (the
+task's token stream, read with blocking ``XREAD`` in a pool thread). The model list is
+the registry's, read at most once a second however many requests ask.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from typing import Any
 import nacl.signing
 import redis
 from celery import Celery
-from celery import states as celery_states
 
 from hypha_celery import client as hypha_client
 from hypha_celery.client import HyphaResult
@@ -43,7 +41,6 @@ class Network:
         timeout: float,
         app: Celery | None = None,
         schema: KeySchema | None = None,
-        poll_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.signing_key = signing_key
@@ -51,7 +48,6 @@ class Network:
         self.timeout = timeout
         self.app = app
         self.schema = schema or KeySchema.from_env()
-        self.poll_s = poll_s
         self.clock = clock
         self._models: tuple[float, dict[str, dict[str, Any]]] | None = None
         self._lock = threading.Lock()
@@ -68,26 +64,9 @@ class Network:
         return value
 
     def deltas(self, result: HyphaResult) -> Iterator[str]:
-        """The text the task generates, as it grows: deltas, until it ends (its outcome comes from :meth:`wait`)."""
-        stream = getattr(hypha_client, "stream", None)
-        if stream is not None:
-            return iter(stream(result, timeout=self.timeout))
-        return self._polled(result)
-
-    def _polled(self, result: HyphaResult) -> Iterator[str]:
-        deadline = self.clock() + self.timeout
-        sent = ""
-        while self.clock() < deadline:
-            meta = result.backend.get_task_meta(result.id)
-            state, info = meta.get("status"), meta.get("result")
-            if state == "PROGRESS" and isinstance(info, dict) and isinstance(info.get("text"), str):
-                text = info["text"]
-                if text.startswith(sent) and len(text) > len(sent):
-                    yield text[len(sent):]
-                    sent = text
-            elif state in celery_states.READY_STATES:
-                return
-            time.sleep(self.poll_s)
+        """The text the task generates, as it grows (its token stream: :func:`hypha_celery.client.stream`); the
+        task's error when it failed. Its outcome (finish reason, usage) comes from :meth:`wait`."""
+        return hypha_client.stream(result, timeout=self.timeout)
 
     def revoke(self, result: HyphaResult) -> None:
         """Stop a task whose client left: a queued one never runs (so it never reserves anything). Workers run

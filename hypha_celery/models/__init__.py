@@ -1,1 +1,1 @@
-"""Models and data sets: manifests, the store and its sources, the byte-bounded cache, the torch runtime."""
+"""Models and data sets: manifests, the store and its sources, the byte-bounded cache (runtimes: :mod:`hypha_celery.runtimes`)."""

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hypha_celery.models.manifest import Manifest
+from hypha_celery.manifest import Manifest
 from hypha_celery.models.store import ModelStore
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
     """Write the example models into ``model_dir``; existing ones are kept unless ``overwrite``."""
     import torch
 
-    from hypha_celery.models.architectures import build, example_input_shape
+    from hypha_celery.formats.builtin import build, example_input_shape
 
     store = ModelStore(model_dir)
     written: list[Manifest] = []
@@ -124,8 +124,8 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
         else:
             torch.manual_seed(0)
             module = build(name, config)
-        written.append(store.save(name, module, architecture=name, config=config,
-                                  input_shape=example_input_shape(name, config)))
+        written.append(store.add("builtin", module, name, architecture=name, config=config,
+                                  input_shape=example_input_shape(name, config)).manifest)
     if importlib.util.find_spec("onnx") is not None:
         if store.has(ONNX_MLP) and overwrite:
             shutil.rmtree(store.path(ONNX_MLP))
@@ -134,7 +134,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
         else:
             with tempfile.TemporaryDirectory() as folder:
                 export_onnx(fitted_mlp(), Path(folder) / "model.onnx", [4])
-                written.append(store.import_onnx(folder, ONNX_MLP).manifest)
+                written.append(store.add("onnx", folder, ONNX_MLP).manifest)
     if importlib.util.find_spec("tokenizers") is None:  # a worker without the [hf] extra: built-in models only
         return written
     hf: list[tuple[str, Callable[[Path], None]]] = [
@@ -154,7 +154,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             shutil.rmtree(store.path(name))
         with tempfile.TemporaryDirectory() as folder:
             write(Path(folder))
-            written.append(store.import_hf(folder, name).manifest)
+            written.append(store.add("transformers", folder, name).manifest)
     return written
 
 
@@ -176,7 +176,7 @@ def fitted_mlp() -> torch.nn.Module:
     """The ``mlp`` example's module: seeded, then fitted on :func:`clusters`."""
     import torch
 
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
 
     torch.manual_seed(0)
     module = build("mlp", _MLP_CONFIG)

@@ -4,14 +4,11 @@ The model sources (:mod:`.sources`) only read; DiLoCo's workers also write, so
 this is their writable counterpart over the same two places a fleet shares: a
 local folder every worker mounts, or an S3 bucket (boto3). It is configured per
 worker (``[worker.training] shared_storage``, a ``ModelSource``-shaped table of
-type ``local`` or ``s3``). Layout (keys are ``/``-separated model-id components)::
-
-    models/<version>/manifest.json, ...      a global model version, in the store's layout: the
-                                             storage doubles as a model source (:meth:`SharedStorage.models_source`)
-    jobs/<job>/round-<r>/<task>.safetensors  one inner task's pseudo-gradient
-    jobs/<job>/momentum-<r>.safetensors      the outer momentum after round r
-    jobs/<job>/round-<r>/aggregate.json      round r's outcome (written last: the round is done)
-    checkpoints/<task>/...                   a training task's newest checkpoint (:mod:`.checkpoint_sync`)
+type ``local`` or ``s3``). Keys are ``/``-separated model-id components; under ``models/`` the
+storage holds global model versions in the store's layout and doubles as a model source
+(:meth:`SharedStorage.models_source`). Which key holds what is spelled once per user:
+:mod:`hypha_celery.training.distributed.layout` (a DiLoCo job's deltas, records, momentum and
+versions) and :mod:`hypha_celery.training.checkpoints.sync` (a training task's checkpoints).
 
 Objects are streamed in 1 MiB chunks both ways; :meth:`SharedStorage.get_file`
 hashes what it reads and refuses a file whose sha256 is not the one expected
@@ -41,8 +38,8 @@ from typing import IO, Any
 
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import SharedStorageError
-from hypha_celery.models.manifest import is_model_id
-from hypha_celery.models.safe_files import open_regular
+from hypha_celery.formats.safe_files import open_regular
+from hypha_celery.manifest import is_model_id
 
 __all__ = ["LocalStorage", "S3Storage", "SharedStorage", "Stored", "check_key", "models_source", "open_storage"]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.manifest import MODEL_MANIFEST, DatasetManifest, Manifest
-from hypha_celery.models.safe_files import open_regular
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.formats.safe_files import open_regular
+from hypha_celery.manifest import MODEL_MANIFEST, DatasetManifest, Manifest
 from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def fetch_model(
     model_id: str,
     staging: Path,
     max_size: int,
-    parse: Callable[[Any, str, int | None], Manifest | DatasetManifest] = Manifest.from_json,
+    parse: Callable[[Any, str, int | None], Manifest | DatasetManifest] = read_manifest,
     manifest_name: str = MODEL_MANIFEST,
 ) -> Manifest | DatasetManifest:
     """Download ``model_id`` (a model, or with ``parse``/``manifest_name`` a data set) from ``source``
@@ -74,7 +75,7 @@ def fetch_model(
 
 def fetch_manifest(source: ModelSource, model_id: str, max_size: int) -> Manifest:
     """Only the validated manifest of ``model_id`` at ``source``: what sizing needs before admission."""
-    manifest, _ = _manifest(source, model_id, max_size, Manifest.from_json, MODEL_MANIFEST)
+    manifest, _ = _manifest(source, model_id, max_size, read_manifest, MODEL_MANIFEST)
     assert isinstance(manifest, Manifest)
     return manifest
 

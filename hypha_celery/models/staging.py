@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from hypha_celery.models.manifest import is_model_id
+from hypha_celery.manifest import is_model_id
 
 __all__ = ["INCOMING", "LOCKS", "folder", "lock", "sweep", "try_lock"]
 

@@ -5,22 +5,22 @@ Layout::
     <model_dir>/<model_id>/manifest.json        what the model is, and each file's sha256 + size
     <model_dir>/<model_id>/weights.safetensors  a built-in model's weights (no pickle: loading runs no code)
     <model_dir>/<model_id>/config.json, model.safetensors, tokenizer.json, ...
-                                                a transformers model's allow-listed files (``import_hf``)
-    <model_dir>/<model_id>/model.onnx           an ONNX model's one file, its graph checked (``import_onnx``)
+                                                a transformers model's allow-listed files (``add("transformers", ...)``)
+    <model_dir>/<model_id>/model.onnx           an ONNX model's one file, its graph checked (``add("onnx", ...)``)
     <model_dir>/<model_id>/adapter_config.json, adapter_model.safetensors
-                                                a LoRA adapter trained by ``hypha.train`` (``save_adapter``):
+                                                a LoRA adapter trained by ``hypha.train`` (``add(..., base=)``):
                                                 its manifest names the base model (``adapter_of``)
     <model_dir>/<model_id>/.verified.json       the stamp: each file's size, mtime, ctime, inode and
                                                 sha256 when it was last hashed and matched
     <model_dir>/<model_id>/.produced.json       a trained model's record: the task id that saved it and
-                                                what training reported (``save(produced_by=...)``), so a
+                                                what training reported (``add(produced_by=...)``), so a
                                                 copy of that task answers from it (``produced_by``)
 
     <model_dir>/<dataset_id>/dataset.json       a training data set: rows, and data.json's sha256 + size
     <model_dir>/<dataset_id>/data.json          {"inputs": [...], "targets": [...]} (built-in models), or
                                                 {"texts": [...]} / {"texts": [...], "labels": [...]} (``save_texts``)
 
-    <model_dir>/.checkpoints/<task id>/         a training task's latest checkpoint (:mod:`.checkpoint`)
+    <model_dir>/.checkpoints/<task id>/         a training task's checkpoints (:mod:`hypha_celery.training.checkpoints.local`)
 
     <model_dir>/.incoming-<id>-XXXXXXXX/        a model being assembled (``staging``: in <model_dir>/.incoming/
                                                 for a sandboxed training executor, which may write only there);
@@ -34,10 +34,15 @@ A model id is ``[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`` without ``..``: one path
 component, so no id can name a file outside ``model_dir``. A model directory
 appears by one ``rename`` after every file was verified, so a reader sees a
 whole model or none; the manifest is what marks it complete. The manifest
-types, the file names and the id rule are :mod:`hypha_celery.models.manifest`.
+types, the file names and the id rule are :mod:`hypha_celery.manifest`.
+
+How a model enters the store, and what its manifest's own fields and files must say, is its format's
+(:mod:`hypha_celery.formats`): :meth:`ModelStore.add` and a fetch look the format up by the manifest's
+``runtime`` in one table (:mod:`hypha_celery.formats.registry`) and hand it the store as its
+:class:`~hypha_celery.formats.base.Target` (a staging folder under the model's lock, the install).
 
 What an import reads from a folder stays inside it: links and other non-regular files are refused and
-files are opened without following links (:mod:`.safe_files`); ``max_model_size`` is checked against the
+files are opened without following links (:mod:`hypha_celery.formats.safe_files`); ``max_model_size`` is checked against the
 files' sizes before a staging folder is made, and again while they are copied.
 
 Every file's sha256 is checked once, when it is installed, and again only when
@@ -49,71 +54,41 @@ whose hash no longer matches the manifest is refused.
 from __future__ import annotations
 
 import builtins
-import dataclasses
-import hashlib
 import json
 import os
 import shutil
 import tempfile
-import time
-from collections.abc import Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models import staging as staging_dirs
-from hypha_celery.models.manifest import (
-    ADAPTER_FILES,
-    CONFIG,
+from hypha_celery.formats.base import Imported
+from hypha_celery.formats.registry import format_of, read_manifest
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import (
     DATA,
     DATASET_MANIFEST,
-    FORMAT_V2,
     MODEL_MANIFEST,
-    ONNX_ARCHITECTURE,
-    ONNX_FILE,
-    ONNX_TASK,
     WEIGHTS,
-    AdapterOf,
     DatasetManifest,
     FileEntry,
     Manifest,
-    ModelMemory,
     is_model_id,
     validate_model_id,
 )
-from hypha_celery.models.safe_files import copy_capped, open_regular, walk
+from hypha_celery.models import staging as staging_dirs
 from hypha_celery.models.sources import fetch_manifest, fetch_model
-from hypha_celery.units import format_size
 
 if TYPE_CHECKING:
-    from torch import nn
-
     from hypha_celery.config import ModelsConfig, ModelSource
 
-__all__ = ["PRODUCED", "STAMP", "Imported", "ModelStore", "sha256_file"]
+__all__ = ["PRODUCED", "STAMP", "ModelStore"]
 
-_CHUNK = 1 << 20
 STAMP = ".verified.json"
 PRODUCED = ".produced.json"
 DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
-
-
-@dataclass(frozen=True)
-class Imported:
-    """What ``import_hf`` stored, and the files it left behind (not on the allow-list)."""
-
-    manifest: Manifest
-    skipped: builtins.list[str]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class ModelStore:
@@ -186,7 +161,7 @@ class ModelStore:
             raise UnsupportedModel(f"model {model_id!r} is not in the store") from None
         except (OSError, ValueError) as exc:
             raise UnsupportedModel(f"model {model_id!r}: unreadable manifest ({exc})") from None
-        return Manifest.from_json(data, model_id, self.max_model_size)
+        return read_manifest(data, model_id, self.max_model_size)
 
     def ensure(self, model_id: str, *, dataset: bool = False) -> None:
         """Make ``model_id`` (or a data set) present locally: fetched and verified once, even across processes."""
@@ -199,24 +174,15 @@ class ModelStore:
         with self._lock(model_id):
             if (self.path(model_id) / marker).is_file():
                 return
-            parse = DatasetManifest.from_json if dataset else Manifest.from_json
+            parse = DatasetManifest.from_json if dataset else read_manifest
             errors = []
             for source in self.sources:
                 try:
                     with self._staging(model_id) as staging:
                         manifest = fetch_model(source, model_id, staging, self.max_model_size, parse, marker)
                         self._verify_dir(manifest, staging)
-                        if isinstance(manifest, Manifest) and manifest.runtime == "transformers":
-                            from hypha_celery.models.hf_format import check_fetched, check_fetched_adapter
-
-                            if manifest.adapter_of is not None:
-                                check_fetched_adapter(staging, manifest)
-                            else:
-                                check_fetched(staging, manifest)
-                        if isinstance(manifest, Manifest) and manifest.runtime == "onnx":
-                            from hypha_celery.models import onnx_format
-
-                            onnx_format.check_fetched(staging, manifest)
+                        if isinstance(manifest, Manifest):  # its files read as an import would read them
+                            format_of(manifest.runtime).check_fetched(staging, manifest)
                         self._install(model_id, staging)
                     return
                 except UnsupportedModel as exc:
@@ -272,54 +238,6 @@ class ModelStore:
         self._verify_dir(manifest, self.path(model_id))
         return manifest, self.path(model_id) / WEIGHTS
 
-    def save(
-        self,
-        model_id: str,
-        module: nn.Module,
-        *,
-        architecture: str,
-        config: dict[str, Any],
-        input_shape: builtins.list[int],
-        task: str = "classification",
-        batchable: bool = True,
-        parent: str | None = None,
-        produced_by: dict[str, Any] | None = None,
-    ) -> Manifest:
-        """Store a module's weights as a new model (atomically; an existing id is refused).
-
-        ``produced_by`` (the saving task's id and what it reported) is written with the model, in
-        the same ``rename``: whoever finds the model finds the record (:meth:`produced_by`).
-        """
-        from safetensors.torch import save_file
-
-        validate_model_id(model_id)
-        if self.has(model_id):
-            raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
-        state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in module.state_dict().items()}
-        dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "float32"
-        with self._lock(model_id), self._staging(model_id) as staging:
-            if self.has(model_id):  # again under the lock: _install would replace what a concurrent save just wrote
-                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
-            save_file(state, str(staging / WEIGHTS))
-            weights = staging / WEIGHTS
-            manifest = Manifest(
-                id=model_id,
-                architecture=architecture,
-                config=dict(config),
-                input_shape=list(input_shape),
-                files={WEIGHTS: FileEntry(sha256=sha256_file(weights), size=weights.stat().st_size)},
-                dtype=dtype,
-                task=task,
-                batchable=batchable,
-                parent=parent,
-            )
-            self._write_stamp(staging, {WEIGHTS: self._stamp(weights, manifest.files[WEIGHTS].sha256)})
-            if produced_by is not None:
-                _write_json(staging / PRODUCED, produced_by)
-            _write_json(staging / MODEL_MANIFEST, manifest.to_json())
-            self._install(model_id, staging)
-        return manifest
-
     def remove(self, model_id: str) -> None:
         """Delete a stored entry (DiLoCo's per-round trained models, once their delta is uploaded)."""
         with self._lock(model_id):
@@ -344,144 +262,31 @@ class ModelStore:
         self._verify_dir(manifest, self.path(model_id))
         return manifest, self.path(model_id)
 
-    def import_hf(self, directory: str | os.PathLike[str], model_id: str, task: str | None = None, *,
-                  parent: str | None = None, produced_by: dict[str, Any] | None = None) -> Imported:
-        """Store a local Hugging Face model directory as ``model_id`` (format 2, runtime ``transformers``).
+    def add(self, runtime: str, source: Any, model_id: str, **options: Any) -> Imported:
+        """Store ``source`` as ``model_id`` in the format whose models ``runtime`` loads (an existing id is refused).
 
-        Refused files (pickle, code, adapters) refuse the whole import before
-        anything is copied; allow-listed files are copied into a staging folder,
-        the stored ``config.json`` is rewritten without ``auto_map`` (copied as is when it has none), and the
-        manifest is computed from the copies (so what was measured is what is
-        stored) before one rename installs the model. ``parent`` and ``produced_by``: as for :meth:`save`
-        (``hypha.train`` stores a fine-tuned transformers model through here).
+        ``source`` and ``options`` are the format's (:data:`hypha_celery.formats.registry.FORMATS`):
+        ``"transformers"`` takes a Hugging Face folder (``task``, ``parent``, ``produced_by``; with ``base``, a
+        LoRA adapter of that stored model), ``"onnx"`` a ``.onnx`` file or a folder holding one, ``"builtin"``
+        a module (``architecture``, ``config``, ``input_shape``, ``task``, ``batchable``, ``parent``,
+        ``produced_by``). ``produced_by`` (the saving task's id and what it reported) is written with the model,
+        in the same ``rename``: whoever finds the model finds the record (:meth:`produced_by`).
         """
-        from hypha_celery.models import hf_format
-        from hypha_celery.models.safetensors_header import read_checkpoint
-
         validate_model_id(model_id)
-        source = Path(directory)
-        found = hf_format.scan(source)  # links and other non-regular files refuse the import
-        if found.size > self.max_model_size:
-            raise UnsupportedModel(f"{source}: its files hold {found.size} bytes, above max_model_size "
-                                   f"({self.max_model_size} bytes); nothing was copied")
-        config, dropped = hf_format.clean_config(hf_format.read_config(source))
-        hf_format.identify(config, task)  # refuse an unsupported model before copying gigabytes
-        read_checkpoint(source, found.copy)  # every tensor's size, checked against its file's, before a byte is copied
+        return format_of(runtime).store(self, source, model_id, **options)
+
+    @contextmanager
+    def new_entry(self, model_id: str) -> Iterator[Path]:
+        """A fresh staging folder for ``model_id``, under its lock; an existing id is refused (ids are immutable)."""
         with self._lock(model_id):
             if self.has(model_id):
                 raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
             with self._staging(model_id) as staging:
-                files: dict[str, FileEntry] = {}
-                left = self.max_model_size  # again while copying: a file may grow after it was measured
-                for name in found.copy:
-                    target = staging / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if name == CONFIG and dropped:
-                        target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-                        entry = FileEntry(sha256=sha256_file(target), size=target.stat().st_size)
-                    else:
-                        copied = copy_capped(open_regular(source, name), target, left, f"{source}/{name}")
-                        entry = FileEntry(sha256=copied.sha256, size=copied.size)
-                    files[name] = entry
-                    left -= entry.size
-                    if left < 0:
-                        raise UnsupportedModel(f"{source}: larger than max_model_size ({format_size(self.max_model_size)})")
-                if hf_format.clean_config(hf_format.read_config(staging))[1]:  # the source changed since it was read
-                    raise UnsupportedModel(f"{source}: config.json changed during the import; run it again")
-                manifest = Manifest(
-                    id=model_id, config={}, input_shape=[], files=files, format=FORMAT_V2, runtime="transformers",
-                    dropped_config_keys=dropped, parent=parent, **hf_format.describe(staging, found.copy, task),
-                )
-                self._finish(staging, manifest, produced_by)
-        return Imported(manifest, found.skipped)
+                yield staging
 
-    def import_onnx(self, source: str | os.PathLike[str], model_id: str) -> Imported:
-        """Store an ONNX model as ``model_id`` (format 2, runtime ``onnx``).
-
-        ``source`` is a ``.onnx`` file, or a directory holding ``model.onnx`` (its
-        other files are skipped: external data is refused, so nothing else is
-        needed). The file is copied into a staging folder first and the copy is
-        what :func:`.onnx_format.describe` checks and measures, so the stored
-        graph is the one checked; one rename installs it.
-        """
-        from hypha_celery.models import onnx_format
-
-        validate_model_id(model_id)
-        path = Path(source)
-        skipped: builtins.list[str] = []
-        if path.is_dir():
-            inside = walk(path).files  # links and other non-regular files refuse the import
-            skipped = sorted(name for name in inside if name != ONNX_FILE)
-            if ONNX_FILE not in inside:
-                raise UnsupportedModel(f"{source}: holds no {ONNX_FILE}")
-            folder, name, size = path, ONNX_FILE, inside[ONNX_FILE]
-        elif path.suffix != ".onnx" or not path.is_file():
-            raise UnsupportedModel(f"{source}: not a .onnx file or a directory holding {ONNX_FILE}")
-        else:  # the file the operator named, wherever a link they made leads
-            path = path.resolve()
-            folder, name, size = path.parent, path.name, path.stat().st_size
-        if size > self.max_model_size:
-            raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(self.max_model_size)})")
-        with self._lock(model_id):
-            if self.has(model_id):
-                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
-            with self._staging(model_id) as staging:
-                target = staging / ONNX_FILE
-                copied = copy_capped(open_regular(folder, name), target, self.max_model_size, str(path))
-                described = onnx_format.describe(target, self.max_model_size)
-                entry = FileEntry(sha256=copied.sha256, size=copied.size)
-                manifest = Manifest(
-                    id=model_id, architecture=ONNX_ARCHITECTURE, task=ONNX_TASK, files={ONNX_FILE: entry},
-                    format=FORMAT_V2, runtime="onnx", **described.fields(),
-                )
-                Manifest.from_json(manifest.to_json(), model_id, self.max_model_size)  # what a reader will check
-                self._write_stamp(staging, {ONNX_FILE: self._stamp(target, entry.sha256)})
-                _write_json(staging / MODEL_MANIFEST, manifest.to_json())
-                self._install(model_id, staging)
-        return Imported(manifest, skipped)
-
-    def save_adapter(self, directory: str | os.PathLike[str], model_id: str, base: str, *,
-                     produced_by: dict[str, Any] | None = None) -> Manifest:
-        """Store peft's ``adapter_config.json`` + ``adapter_model.safetensors`` in ``directory`` as an adapter entry.
-
-        Its manifest names the base by id and by the sha256 of the base's manifest; every
-        other model field is the base's (:mod:`.manifest`, ``adapter_of``). Only those two
-        files are copied: anything else peft wrote (a model card) stays behind.
-        """
-        from hypha_celery.models import hf_format
-
-        validate_model_id(model_id)
-        source = Path(directory)
-        base_manifest = self.manifest(base)
-        if base_manifest.runtime != "transformers" or base_manifest.adapter_of is not None or base_manifest.memory is None:
-            raise UnsupportedModel(f"model {base!r} is not a transformers model: it takes no adapter")
-        base_sha256 = self.manifest_sha256(base)
-        with self._lock(model_id):
-            if self.has(model_id):
-                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
-            with self._staging(model_id) as staging:
-                files: dict[str, FileEntry] = {}
-                left = self.max_model_size
-                for name in sorted(ADAPTER_FILES):
-                    try:
-                        copied = copy_capped(open_regular(source, name), staging / name, left, f"{source}/{name}")
-                    except FileNotFoundError:
-                        raise UnsupportedModel(f"{source}: holds no {name}") from None
-                    files[name] = FileEntry(sha256=copied.sha256, size=copied.size)
-                    left -= copied.size
-                checkpoint = hf_format.check_adapter(staging)
-                manifest = dataclasses.replace(
-                    base_manifest, id=model_id, files=files, dtype=checkpoint.dtype or base_manifest.dtype,
-                    memory=ModelMemory(checkpoint.parameters, checkpoint.nbytes, base_manifest.memory.kv_bytes_per_token),
-                    parent=base, created_at=time.time(), dropped_config_keys=[],
-                    adapter_of=AdapterOf(id=base, sha256=base_sha256),
-                )
-                self._finish(staging, manifest, produced_by)
-        return manifest
-
-    def _finish(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None) -> None:
+    def install(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None = None) -> None:
         """Check the manifest as a reader will, stamp the staged files, write the manifest, install."""
-        Manifest.from_json(manifest.to_json(), manifest.id, self.max_model_size)
+        read_manifest(manifest.to_json(), manifest.id, self.max_model_size)
         self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256)
                                     for name, entry in manifest.files.items()})
         if produced_by is not None:

@@ -9,7 +9,7 @@ Either may hold one sample (the model's per-sample shape) or a batch
 (``[N, *shape]``); in either form a NaN or an infinity is refused. :func:`check_inputs` checks structure, shape and size, so a
 malformed or oversized task is refused before it reserves resources or
 reaches an executor. Turning inputs into tensors, and outputs back into the
-input's form, is :mod:`hypha_celery.models.runtime`'s, inside the executor.
+input's form, is :mod:`hypha_celery.runtimes.codec`'s, inside the executor.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hypha_celery.config import WorkerConfig
-from hypha_celery.models.manifest import Manifest, compute_dtype
+from hypha_celery.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import CUDA_CONTEXT, CUDA_HOST_RUNTIME
 from hypha_celery.resources.requirements import Requirements, check_caps
 

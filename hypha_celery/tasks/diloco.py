@@ -1,167 +1,22 @@
-"""``hypha.train`` with a ``diloco`` block: one worker's inner steps of a DiLoCo round.
+"""``hypha.train`` with a ``diloco`` block: one worker's inner steps of a DiLoCo round, wired.
 
-``diloco = {"job": J, "round": R, "inner_steps": H}`` turns a full fine-tune of
-``model`` (the round's global version, fetched from the shared storage like
-from any model source, and pinned by the envelope's ``model_sha256`` from the
-second round on) into an inner task: it trains ``H`` optimizer steps on its
-shard exactly as ``hypha.train`` does (the executor and its limits unchanged),
-then, in the worker's process, writes the pseudo-gradient ``base - trained``
-(:mod:`hypha_celery.models.deltas`) to ``jobs/J/round-R/<task id>.safetensors``
-in the shared storage (once per task id: a copy keeps what the first run wrote)
-and drops the trained entry from the local store. The result carries the
-delta's key, sha256 and size, the sample count and the losses: a few hundred
-bytes through the result backend, never the tensors.
+The work is :mod:`hypha_celery.training.distributed.inner`; ``hypha.train``
+(:mod:`hypha_celery.tasks.train`) hands a task with a ``diloco`` kwarg here, verified, validated and
+admitted like any train task.
 """
 
 from __future__ import annotations
 
-import re
-import tempfile
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from hypha_celery.errors import InvalidTask, UnsupportedModel
-from hypha_celery.models.deltas import pseudo_gradient
-from hypha_celery.models.manifest import SAFETENSORS_SINGLE
-from hypha_celery.models.shared_storage import SharedStorage, Stored
-from hypha_celery.resources.requirements import Requirements
-from hypha_celery.stages.validation import TrainSpec
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tasks.pipeline import Run, run_task
-from hypha_celery.worker.context import NodeContext
+from hypha_celery.tasks.pipeline import run_task
+from hypha_celery.training.distributed.inner import run_inner, validate_inner
 
-__all__ = ["DilocoBlock", "delta_prefix", "parse_block", "publish_delta", "train_round", "version_id"]
-
-JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
-MAX_ROUNDS = 100_000
-# Arguments the block decides: the steps are the inner steps, the trained entry is the task's own.
-_DECIDED = ("max_steps", "epochs", "new_model", "lora", "merge")
-
-
-@dataclass(frozen=True)
-class DilocoBlock:
-    """The checked ``diloco`` kwarg of ``hypha.train``."""
-
-    job: str
-    round: int
-    inner_steps: int
-
-    def delta_key(self, task_id: str) -> str:
-        return f"{delta_prefix(self.job, self.round)}{task_id}.safetensors"
-
-    def trained_id(self, task_id: str) -> str:
-        return f"{self.job}-r{self.round}-{task_id.replace('-', '')[:12]}"
-
-
-def delta_prefix(job: str, round_: int) -> str:
-    """Where round ``round_`` of ``job`` keeps its deltas in the shared storage."""
-    return f"jobs/{job}/round-{round_}/"
-
-
-def version_id(job: str, round_: int) -> str:
-    """The global model version a round writes (round 0 is the job's starting model, not named so)."""
-    return f"{job}-v{round_}"
-
-
-def publish_delta(storage: SharedStorage, key: str, path: Path) -> Stored:
-    """Write the delta at ``key``, unless a run of the same task id wrote it already: then that one stays, and its
-    sha256 and size are this run's. A copy of an inner task (redelivered while the first run was still finishing)
-    must not replace bytes whose sha256 the first run may already have reported: the outer step would refuse them
-    as tampered."""
-    if storage.exists(key):
-        return storage.get_file(key, path.with_name(f"{path.name}.stored"))
-    return storage.put_file(key, path)
-
-
-def parse_block(raw: Any) -> DilocoBlock:
-    """The ``diloco`` kwarg, each field checked by name (``InvalidTask``)."""
-    if not isinstance(raw, Mapping):
-        raise InvalidTask(f"diloco must be an object with job, round and inner_steps, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"job", "round", "inner_steps"})
-    if unknown:
-        raise InvalidTask(f"diloco got an unknown key {unknown[0]!r} (it takes job, round, inner_steps)")
-    job = raw.get("job")
-    if not isinstance(job, str) or not JOB_ID.match(job):
-        raise InvalidTask(f"diloco.job must be 1-64 characters of [A-Za-z0-9_-], got {job!r}")
-    numbers = {}
-    for name, high in (("round", MAX_ROUNDS), ("inner_steps", 10_000_000)):
-        value = raw.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
-            raise InvalidTask(f"diloco.{name} must be an integer from 1 to {high}, got {value!r}")
-        numbers[name] = value
-    return DilocoBlock(job=job, round=numbers["round"], inner_steps=numbers["inner_steps"])
-
-
-@dataclass(frozen=True)
-class InnerSpec:
-    """A validated inner task: the ``hypha.train`` spec it runs and its block."""
-
-    train: TrainSpec
-    block: DilocoBlock
-
-    @property
-    def requirements(self) -> Requirements:
-        return self.train.requirements
-
-    @property
-    def finished(self) -> Any:
-        return self.train.finished
+__all__ = ["train_round"]
 
 
 def train_round(task: HyphaTask, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Run ``hypha.train`` with a ``diloco`` block: verified, validated and admitted like any train task."""
-
-    def validate(ctx: NodeContext) -> InnerSpec:
-        from hypha_celery.tasks import train
-
-        block = parse_block(kwargs["diloco"])
-        ctx.storage()
-        decided = sorted(set(kwargs) & set(_DECIDED))
-        if decided:
-            raise InvalidTask(f"{decided[0]} is decided by the diloco block (inner_steps, a full fine-tune); drop it")
-        if kwargs.get("method", "full") != "full":
-            raise InvalidTask("DiLoCo averages full weights: method must be 'full'")
-        plain = {key: value for key, value in kwargs.items() if key != "diloco"}
-        plain.update(max_steps=block.inner_steps, new_model=block.trained_id(task.request.id))
-        spec = train.validate_training(ctx, args, plain, task.request.id)
-        if spec.finetune is None:
-            raise InvalidTask(f"model {spec.model!r} is a built-in model: DiLoCo trains transformers models")
-        return InnerSpec(train=spec, block=block)
-
-    return run_task(task, kwargs, args=args, validate=validate, body=_inner)
-
-
-def _inner(run: Run, spec: InnerSpec) -> dict[str, Any]:
-    from hypha_celery.tasks import train
-
-    result = train.run_training(run, spec.train)
-    ctx, block, base = run.ctx, spec.block, spec.train.model
-    output = result["output"]
-    trained = output["model_id"]
-    key = block.delta_key(run.task.request.id)
-    try:  # the trained entry only serves to compute the delta: it leaves the store whatever happens
-        _, base_folder = ctx.store.verified_folder(base)
-        _, trained_folder = ctx.store.verified_folder(trained)
-        base_weights = base_folder / SAFETENSORS_SINGLE
-        if not base_weights.is_file():
-            raise UnsupportedModel(f"model {base!r}: DiLoCo needs its weights in one {SAFETENSORS_SINGLE} (not sharded)")
-        base_sha256 = ctx.store.manifest_sha256(base)
-        with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
-            delta = Path(scratch) / "delta.safetensors"
-            pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
-                            {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
-            stored = publish_delta(ctx.storage(), key, delta)
-    finally:
-        ctx.store.remove(trained)
-    curve = output.get("loss_curve") or [output["final_loss"]]
-    report = {
-        "job": block.job, "round": block.round, "ref": key, "sha256": stored.sha256, "bytes": stored.size,
-        "samples": output["samples"], "loss": output["final_loss"], "start_loss": curve[0],
-        "base": base, "base_sha256": base_sha256, "base_bytes": base_weights.stat().st_size,
-        "worker": run.worker, "steps": output["steps"],
-    }
-    result["output"] = {**output, "model_id": None, "diloco": report}
-    result["model_id"] = None
-    return result
+    """Run ``hypha.train`` with a ``diloco`` block through every stage of a task."""
+    return run_task(task, kwargs, args=args, validate=lambda ctx: validate_inner(ctx, args, kwargs, task.request.id),
+                    body=run_inner)

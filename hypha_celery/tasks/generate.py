@@ -3,33 +3,38 @@
 It runs on the serving executor of its device, like ``hypha.infer``, so the
 model stays in that executor's cache between requests; generations with the
 same sampling settings that arrive together run as one batch, adapters of one base (and the base) included.
-While it runs, the task's ``PROGRESS`` state carries
-``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four
-times a second: a client streams by polling ``AsyncResult.state``/``.info``.
+Its tokens go to the task's token stream as they come (:mod:`hypha_celery.token_stream`, read
+with :func:`hypha_celery.client.stream`), at most every ``STREAM_INTERVAL_S``, and the stream ends
+with the task's status. For Flower, the task's ``PROGRESS`` state still carries
+``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four times a second.
 With ``proof=True`` the output carries ``proof`` (its token ids and a commitment to its
-hidden states, :mod:`hypha_celery.models.proofs`) that ``hypha.verify`` checks on another worker.
+hidden states, :mod:`hypha_celery.runtimes.proofs`) that ``hypha.verify`` checks on another worker.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import Ignore, Reject, Retry
 
-from hypha_celery.models.manifest import Manifest, compute_dtype
-from hypha_celery.protocol import Generate, Prompt, Streamed
+from hypha_celery.manifest import Manifest, compute_dtype
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
+from hypha_celery.token_stream import FAILURE, SUCCESS, TokenStreamWriter
+from hypha_celery.work import Generate, Prompt, Streamed
 from hypha_celery.worker.context import NodeContext
 
-__all__ = ["PROGRESS_INTERVAL_S", "generate"]
+__all__ = ["PROGRESS_INTERVAL_S", "STREAM_INTERVAL_S", "generate"]
 
-PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each is a write to the result backend
+PROGRESS_INTERVAL_S = 0.25  # at most 4 PROGRESS updates a second: each rewrites the whole text in the result backend
+STREAM_INTERVAL_S = 0.1  # the executor reports new tokens at most 10 times a second: one XADD each
 
 
 def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> GenerateSpec:
@@ -39,7 +44,7 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens)
 
 
-def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
+def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict[str, Any]:
     ctx = run.ctx
 
     def check(manifest: Manifest) -> None:  # a model fetched under the lease: what validation could not read
@@ -51,12 +56,19 @@ def _run(run: Run, spec: GenerateSpec) -> dict[str, Any]:
         model=spec.model,
         params=spec.params.to_json(),
         prompts=[Prompt(prompt=spec.prompt, messages=spec.messages)],
-        progress_interval=PROGRESS_INTERVAL_S,
+        progress_interval=STREAM_INTERVAL_S,
         expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
     )
 
+    progressed = [0.0]  # when PROGRESS was last stored
+
     def report(update: Streamed) -> None:
-        run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
+        if stream is not None and stream.add(0, update.text, update.ids, update.start, update.at or None):
+            stream.flush()  # the task holds one prompt: its row 0
+        now = time.monotonic()
+        if now - progressed[0] >= PROGRESS_INTERVAL_S:
+            progressed[0] = now
+            run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
 
     result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report,
                                     family=manifest.adapter_of.id if manifest.adapter_of is not None else None)
@@ -98,10 +110,23 @@ def generate(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     ``generate.delay(model="tiny-llama", prompt="Once upon a time", max_new_tokens=32)``;
     ``generate.delay(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], do_sample=True, seed=1)``.
     """
-    return run_task(
-        self,
-        kwargs,
-        args=args,
-        validate=lambda ctx: _validate(ctx, args, kwargs),
-        body=_run,
-    )
+    streams = self.node.token_streams
+    stream = streams.writer(self.request.id, getattr(self.backend, "expires", None)) \
+        if streams is not None and self.request.id else None
+    try:
+        result = run_task(
+            self,
+            kwargs,
+            args=args,
+            validate=lambda ctx: _validate(ctx, args, kwargs),
+            body=lambda run, spec: _run(run, spec, stream),
+        )
+    except (Retry, Ignore, Reject):
+        raise  # it runs later, or it was a copy: the stream stays open for the run that ends it
+    except Exception as exc:
+        if stream is not None:
+            stream.end(FAILURE, exc)
+        raise
+    if stream is not None:
+        stream.end(SUCCESS)
+    return result

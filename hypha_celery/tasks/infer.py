@@ -6,7 +6,7 @@ from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.models.manifest import expected_size
+from hypha_celery.manifest import expected_size
 from hypha_celery.stages.validation import InferSpec, check_infer_payload, validate_infer
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, package_inferred, run_task, sized

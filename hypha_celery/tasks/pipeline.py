@@ -34,7 +34,7 @@ from hypha_celery.errors import (
     ResourcesBusy,
     UnsupportedModel,
 )
-from hypha_celery.models.manifest import Manifest
+from hypha_celery.manifest import Manifest
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements

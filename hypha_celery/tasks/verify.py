@@ -1,7 +1,7 @@
 """``hypha.verify``: replay a generation's prefill on this worker and accept or reject its proof.
 
 A generation asked with ``proof=True`` carries a commitment to its last hidden states
-(:mod:`hypha_celery.models.proofs`); this task, sent to another worker holding the same model,
+(:mod:`hypha_celery.runtimes.proofs`); this task, sent to another worker holding the same model,
 runs one forward pass over the prompt the client sent and the proof's tokens and answers
 ``{"accepted", "reason", "stats"}``. A proof for another model or another manifest is rejected
 before any pass. It runs on the serving executor like ``hypha.infer`` (the model stays cached).
@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import shared_task
 
-from hypha_celery.models.manifest import compute_dtype
+from hypha_celery.manifest import compute_dtype
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import VerifySpec, check_generate_model, validate_verify

@@ -27,7 +27,7 @@ from celery import bootsteps, signals
 from hypha_celery import keys, registry
 from hypha_celery.config import WorkerConfig, load_config
 from hypha_celery.errors import HyphaError
-from hypha_celery.models.manifest import expected_size
+from hypha_celery.manifest import expected_size
 from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
@@ -63,7 +63,9 @@ class NodeStep(bootsteps.StartStopStep):
         security = self.config.security
         # The worker's identity, read (or made, once) here so every pool process signs with the same key.
         identity = load_identity(security.identity_key, self.config.models.model_dir) if security.sign_results else None
-        self.context = NodeContext.build(self.config, metrics, identity)
+        backend = w.app.conf.result_backend
+        self.context = NodeContext.build(self.config, metrics, identity,
+                                         results_url=backend if isinstance(backend, str) else None)
         if identity is not None:
             log.info("results signed by this worker's identity %s", peer_id(identity.verify_key))
         self.app = w.app

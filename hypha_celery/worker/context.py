@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import nacl.signing
 import redis
 
-from hypha_celery.config import WorkerConfig, registry_url
+from hypha_celery.config import WorkerConfig, registry_url, result_backend_url
 from hypha_celery.config.schema import ModelSource
 from hypha_celery.errors import HyphaError, InvalidTask
 from hypha_celery.executor.limits import NICE
@@ -36,6 +36,7 @@ from hypha_celery.resources.gpu import CUDA_CONTEXT
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
 from hypha_celery.resources.placement import Placement
 from hypha_celery.security import Verifier, replay_window
+from hypha_celery.token_stream import TokenStreams
 
 __all__ = ["NodeContext", "node_id"]
 
@@ -69,6 +70,8 @@ class NodeContext:
     inference_times: InferenceTimes
     shared_storage: SharedStorage | None = None
     identity: nacl.signing.SigningKey | None = None  # signs results (sign_results); loaded once by NodeStep
+    results_url: str | None = None  # the result backend the app stores results in (None: the config's)
+    token_streams: TokenStreams | None = None  # generations' token streams, on the result backend's Redis
     executors: ExecutorPool = field(init=False)
     closed: bool = field(default=False, init=False)
 
@@ -77,11 +80,13 @@ class NodeContext:
 
     @classmethod
     def build(
-        cls, config: WorkerConfig, metrics: Metrics | None = None, identity: nacl.signing.SigningKey | None = None
+        cls, config: WorkerConfig, metrics: Metrics | None = None, identity: nacl.signing.SigningKey | None = None,
+        results_url: str | None = None,
     ) -> NodeContext:
         """Every collaborator of a worker process; opens no connection and starts no process yet.
 
-        ``identity``: the worker's key that signs results (:func:`hypha_celery.security.load_identity`).
+        ``identity``: the worker's key that signs results (:func:`hypha_celery.security.load_identity`);
+        ``results_url``: the app's result backend (where token streams go; default: the config's).
         """
         client = registry_client(registry_url(config), timeout=5, health_check_interval=30)
         node = node_id(config)
@@ -102,6 +107,8 @@ class NodeContext:
             inference_times=InferenceTimes(),
             shared_storage=None if config.training.shared_storage is None else open_storage(config.training.shared_storage),
             identity=identity,
+            results_url=results_url,
+            token_streams=token_streams(results_url or result_backend_url(config), config),
         )
 
     def storage(self) -> SharedStorage:
@@ -119,7 +126,7 @@ class NodeContext:
 
     def for_child(self) -> NodeContext:
         """A fresh context for a forked pool process: same config and metrics, its own everything else."""
-        return NodeContext.build(self.config, self.metrics, self.identity)
+        return NodeContext.build(self.config, self.metrics, self.identity, self.results_url)
 
     def close(self) -> None:
         """Stop executors, hand back leases released moments ago (not at their expiry), drop connections."""
@@ -132,6 +139,8 @@ class NodeContext:
         except HyphaError as exc:
             log.warning("could not release leases at shutdown (they expire by themselves): %s", exc)
         self.redis.close()
+        if self.token_streams is not None:
+            self.token_streams.close()
 
     def _account_cache(self, device: str, size: int, evicted: int = 0) -> None:
         """A serving executor's cache changed: its bytes count as taken in the ledger.
@@ -159,6 +168,14 @@ class NodeContext:
             self.keeper.add(account)
         else:
             self.keeper.discard(account)
+
+
+def token_streams(url: str, cfg: WorkerConfig) -> TokenStreams | None:
+    """Token streams on the result backend at ``url`` when it is a Redis (None for any other backend)."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
+    return TokenStreams(client, maxlen=cfg.generation.stream_maxlen)
 
 
 def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:

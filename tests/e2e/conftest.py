@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def own_redis_url() -> Iterator[str]:
     """A redis-server of the module's own, for tests that read its server-wide counters (INFO) or change what is
     server-wide (SCRIPT FLUSH): not ``redis_url``, which CI shares between xdist processes (a database each)."""
-    from hypha_celery.tools.embedded_redis import EmbeddedRedis
+    from hypha_celery.harness.embedded_redis import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url

@@ -12,8 +12,8 @@ import redis
 from hypha_celery import keys
 from hypha_celery.client import submit
 from hypha_celery.errors import ExcessiveMemoryRequest, InsufficientCapabilities
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Ledger
-from hypha_celery.tools.launch import wait_for
 
 GB = 10**9
 

@@ -23,9 +23,9 @@ import nacl.signing
 import pytest
 
 from hypha_celery import keys
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Ledger
 from hypha_celery.security import ENVELOPE_HEADER, canonical, generate_key, peer_id, sign_envelope, signed_options
-from hypha_celery.tools.launch import wait_for
 
 NODE = "corpus-node"
 MAX_INPUT_BYTES = 64 * 1024

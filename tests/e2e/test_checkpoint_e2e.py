@@ -9,11 +9,12 @@ from typing import Any
 
 import pytest
 
-from hypha_celery.models import checkpoint, checkpoint_sync
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage
 from hypha_celery.models.store import ModelStore
-from hypha_celery.tools.launch import wait_for
+from hypha_celery.training.checkpoints import local as checkpoint
+from hypha_celery.training.checkpoints import sync as checkpoint_sync
 from tests.e2e.conftest import copy_store
 
 TEXTS = ["the cat sat on the mat", "the dog ran across the park", "the train leaves at nine",

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import redis
 
+from hypha_celery.harness.launch import free_port
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_EMBEDDER
 from hypha_celery.security import load_signing_key, peer_id
-from hypha_celery.tools.launch import free_port
 from tests.conftest import ROOT, WorkerProcess, worker_env
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env=env)
 
 
@@ -46,7 +46,7 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
 
 
 def test_embedded_redis_prints_a_url_that_answers() -> None:
-    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.tools.cli", "redis"], stdout=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "redis"], stdout=subprocess.PIPE, text=True,
                                cwd=ROOT)
     try:
         assert process.stdout is not None

@@ -60,7 +60,7 @@ def test_a_worker_on_a_cluster_registry_runs_noop_and_infer(
     assert usage.capacity is not None
     assert not [lease for lease in usage.leases if lease.get("task_id") in (noop.id, infer.id)]
     # ... and the CLI lists the worker from the cluster
-    out = subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "workers", "--json",
+    out = subprocess.run([sys.executable, "-m", "hypha_celery.cli", "workers", "--json",
                           "--registry", redis_cluster_url], capture_output=True, text=True, timeout=60,
                          cwd=ROOT, check=True, env={**os.environ, "HYPHA_KEY_PREFIX": CLUSTER_PREFIX})
     assert [w["worker_id"] for w in json.loads(out.stdout)] == [worker_id]

@@ -39,7 +39,7 @@ def test_datasets_add_from_the_command_line(tmp_path: Path) -> None:
     rows, labels = clusters(6)
     file = tmp_path / "data.json"
     file.write_text(json.dumps({"inputs": rows, "targets": labels}))
-    out = subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "datasets", "add", "six", str(file),
+    out = subprocess.run([sys.executable, "-m", "hypha_celery.cli", "datasets", "add", "six", str(file),
                           "--dir", str(tmp_path / "store")], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.startswith("six: 6 rows")
     assert ModelStore(tmp_path / "store").dataset("six")[0].rows == 6

@@ -23,10 +23,10 @@ import redis
 from hypha_celery import registry
 from hypha_celery.client import submit
 from hypha_celery.errors import DeltaRejected
+from hypha_celery.harness.launch import free_port, scrape, wait_for, worker_env
 from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage
 from hypha_celery.security import generate_key, peer_id
-from hypha_celery.tools.launch import free_port, scrape, wait_for, worker_env
 from hypha_celery.training import diloco
 from tests.conftest import ROOT
 
@@ -132,7 +132,7 @@ def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from hypha_celery.models.safetensors_header import read_header
+    from hypha_celery.formats.safetensors import read_header
     from hypha_celery.models.store import ModelStore
 
     # Given the tiny causal LM with its weights in bfloat16, as published checkpoints are, in a source of its own
@@ -149,7 +149,7 @@ def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
     config["dtype"] = "bfloat16"
     (copy / "config.json").write_text(json.dumps(config))
     source = tmp_path / "bf16-source"
-    ModelStore(source).import_hf(copy, "tiny-llama-bf16")
+    ModelStore(source).add("transformers", copy, "tiny-llama-bf16")
     shared = tmp_path / "shared"
     workers({"type": "local", "path": str(shared)}, sources=(source,))
     # When DiLoCo trains it for two rounds on two workers
@@ -329,7 +329,7 @@ def test_the_cli_runs_diloco_with_a_progress_bar_per_round(workers: Callable[...
         (tmp_path / f"shard-{index}.json").write_text(json.dumps(shard))
     # When `hypha-celery run diloco` trains two rounds, signed with the scheduler's key file
     out = subprocess.run(
-        [sys.executable, "-m", "hypha_celery.tools.cli", "run", "diloco", "--model", TINY_LLAMA, *files, "--rounds", "2",
+        [sys.executable, "-m", "hypha_celery.cli", "run", "diloco", "--model", TINY_LLAMA, *files, "--rounds", "2",
          "--inner-steps", "2", "--outer-lr", "1.0", "--outer-momentum", "0.5", "--lr", "0.003", "--batch-size", "4",
          "--max-length", "32", "--key", str(tmp_path / "scheduler.key"), "--timeout", "300"],
         capture_output=True, text=True, timeout=400, cwd=ROOT, env=worker_env(redis_url, redis_url, redis_url),

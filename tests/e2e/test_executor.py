@@ -27,12 +27,12 @@ from hypha_celery.errors import (
 )
 from hypha_celery.executor.pool import ExecutorPool
 from hypha_celery.executor.process import ExecutorSettings
-from hypha_celery.models.architectures import build
+from hypha_celery.formats.builtin import build
 from hypha_celery.models.examples import TINY_LLAMA, clusters
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Generate, Progress, Prompt, Train
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.stages.validation import GenerateParams
+from hypha_celery.work import Generate, Progress, Prompt, Train
 
 ROW = [5.0, 3.4, 1.5, 0.2]
 
@@ -135,7 +135,7 @@ def _wide_model(store_dir: Path) -> str:
     store = ModelStore(store_dir)
     config = {"in_features": 4, "hidden": 500_000, "out_features": 3}
     torch.manual_seed(0)
-    store.save("wide", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    store.add("builtin", build("mlp", config), "wide", architecture="mlp", config=config, input_shape=[4])
     return "wide"
 
 
@@ -263,13 +263,14 @@ def test_the_executors_traceback_reaches_the_worker(pool: ExecutorPool) -> None:
     # Then the error's formatted traceback (what the worker logs and Celery stores) holds the
     # executor's frames, down to the runtime function that raised
     formatted = "".join(traceback.format_exception(raised.value))
-    assert "hypha_celery/models/runtime.py" in formatted and "in infer_batch" in formatted
+    assert "hypha_celery/runtimes/builtin.py" in formatted and "in infer_batch" in formatted
 
 
 _SERVE_ALL = """
 import socket, sys
 from hypha_celery.executor.child import Executor, _Channel
-from hypha_celery.protocol import ChildSettings, Describe, Infer, Train
+from hypha_celery.protocol import ChildSettings, Describe
+from hypha_celery.work import Infer, Train
 ours, theirs = socket.socketpair()
 settings = ChildSettings(store=sys.argv[1], cache_size=10**8, max_model_size=10**8, device="cpu", sandbox=False,
                          nice=0, memory_mode="off", tmpdir=sys.argv[2])

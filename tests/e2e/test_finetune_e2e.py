@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import UnsupportedModel
+from hypha_celery.harness.launch import worker_env
+from hypha_celery.manifest import ADAPTER_FILES
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA
-from hypha_celery.models.manifest import ADAPTER_FILES
 from hypha_celery.models.store import ModelStore
-from hypha_celery.tools.launch import worker_env
 from tests.conftest import ROOT
 
 CORES = {"cpu_cores": 1}  # memory: "auto", sized for training from the manifest
@@ -155,7 +155,7 @@ def test_the_cli_trains_drawing_progress_and_printing_the_model_id(start_worker,
     data.write_text("the cat sat on the mat\nthe dog ran across the park\n\nthe train leaves at nine\n")
     # When `hypha-celery run train` trains a LoRA adapter for long enough that the client sees it run
     out = subprocess.run(
-        [sys.executable, "-m", "hypha_celery.tools.cli", "run", "train", "--model", TINY_LLAMA, "--data", str(data),
+        [sys.executable, "-m", "hypha_celery.cli", "run", "train", "--model", TINY_LLAMA, "--data", str(data),
          "--method", "lora", "--lora-r", "4", "--target-module", "q_proj", "--target-module", "v_proj",
          "--max-steps", "300", "--batch-size", "3", "--lr", "0.01", "--new-model", "tiny-llama-cli", "--cpu-cores", "1"],
         capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env(redis_url, redis_url, redis_url),

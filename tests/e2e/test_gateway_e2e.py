@@ -24,10 +24,10 @@ import pytest
 import torch
 
 from hypha_celery.client import submit
+from hypha_celery.harness import launch
+from hypha_celery.harness.launch import client_app, free_port, worker_env
 from hypha_celery.models.examples import MINILM, TINY_LLAMA, minilm_folder
 from hypha_celery.security import generate_key, peer_id
-from hypha_celery.tools import launch
-from hypha_celery.tools.launch import client_app, free_port, worker_env
 from tests.conftest import IN_CI, ROOT, write_config
 
 API_KEY = "sk-test-gateway"
@@ -48,7 +48,7 @@ def start_gateway(env: dict[str, str], log: Path, *args: str) -> tuple[subproces
     """``hypha-celery gateway`` on a free port, once it answers HTTP; returns the process and its base URL."""
     port = free_port()
     with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "hypha_celery.tools.cli", "gateway", "--port", str(port), *args],
+        process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "gateway", "--port", str(port), *args],
                                    env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 60

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from hypha_celery import keys
+from hypha_celery.harness.launch import worker_env
 from hypha_celery.models.examples import TINY_LLAMA
-from hypha_celery.tools.launch import worker_env
 from tests.conftest import ROOT
 
 SMALL = {"cpu_cores": 1, "memory": "1GB"}
@@ -107,7 +107,7 @@ def test_the_cli_streams_the_generated_text(start_worker, celery_client, redis_u
     expected = _generate(celery_client(), prompt=PROMPT, max_new_tokens=16)["output"]
     # When `hypha-celery run generate` asks for the same
     out = subprocess.run(
-        [sys.executable, "-m", "hypha_celery.tools.cli", "run", "generate", "--model", TINY_LLAMA, "--prompt", PROMPT,
+        [sys.executable, "-m", "hypha_celery.cli", "run", "generate", "--model", TINY_LLAMA, "--prompt", PROMPT,
          "--max-new-tokens", "16"],
         capture_output=True, timeout=120, cwd=ROOT, env=worker_env(redis_url, redis_url, redis_url),
     )
@@ -122,7 +122,7 @@ def test_the_cli_embeds_and_classifies_through_the_worker(start_worker, redis_ur
     # Given a worker with the example embedding and classification models
     start_worker()
     env = worker_env(redis_url, redis_url, redis_url)
-    cli = [sys.executable, "-m", "hypha_celery.tools.cli", "run"]
+    cli = [sys.executable, "-m", "hypha_celery.cli", "run"]
     # When `run embed` embeds two texts
     out = subprocess.run([*cli, "embed", "--model", "tiny-bert-embedder", "one text", "another text"],
                          capture_output=True, timeout=120, cwd=ROOT, env=env)

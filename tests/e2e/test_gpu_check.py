@@ -1,4 +1,4 @@
-"""``python -m hypha_celery.tools.gpu_check`` as a person runs it: no GPU, and the CPU rehearsal of its steps."""
+"""``python -m hypha_celery.harness.gpu_check`` as a person runs it: no GPU, and the CPU rehearsal of its steps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tests.conftest import ROOT
 
 def gpu_check(*args: str, pythonpath: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH", "")) if p))
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.gpu_check", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "hypha_celery.harness.gpu_check", *args], capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, env=env)
 
 

@@ -69,8 +69,8 @@ def test_the_worker_side_never_imports_torch() -> None:
     code = (
         "import sys, hypha_celery, hypha_celery.worker.bootsteps, hypha_celery.worker.control, hypha_celery.tasks.infer, "
         "hypha_celery.tasks.train, hypha_celery.tasks.noop\n"
-        "from hypha_celery.models.manifest import Manifest\n"
-        "Manifest.from_json({'format': 'hypha-model/1', 'id': 'm', 'architecture': 'mlp', 'input_shape': [4],"
+        "from hypha_celery.formats.registry import read_manifest\n"
+        "read_manifest({'format': 'hypha-model/1', 'id': 'm', 'architecture': 'mlp', 'input_shape': [4],"
         " 'files': {'weights.safetensors': {'sha256': '0' * 64, 'size': 1}}}, 'm')\n"
         "print('torch' in sys.modules)"
     )
@@ -83,10 +83,10 @@ def test_the_worker_validates_a_transformers_manifest_without_torch_or_transform
     # (allow-list, safetensors header parser, directory scan) the worker's own process uses
     code = (
         "import sys\n"
-        "from hypha_celery.models.manifest import Manifest\n"
-        "import hypha_celery.models.hf_format, hypha_celery.models.safetensors_header, hypha_celery.models.store\n"
+        "from hypha_celery.formats.registry import read_manifest\n"
+        "import hypha_celery.formats.huggingface, hypha_celery.formats.safetensors, hypha_celery.models.store\n"
         "entry = {'sha256': '0' * 64, 'size': 1}\n"
-        "m = Manifest.from_json({'format': 'hypha-model/2', 'id': 'm', 'runtime': 'transformers', 'model_type': 'llama',"
+        "m = read_manifest({'format': 'hypha-model/2', 'id': 'm', 'runtime': 'transformers', 'model_type': 'llama',"
         " 'architecture': 'LlamaForCausalLM', 'task': 'text-generation', 'dtype': 'bfloat16',"
         " 'files': {'config.json': entry, 'model.safetensors': entry},"
         " 'memory': {'parameters': 1, 'weights_bytes': 2, 'kv_bytes_per_token': 2}}, 'm')\n"

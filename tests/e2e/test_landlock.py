@@ -50,7 +50,7 @@ attempt("create in store", lambda: write(os.path.join(store, "planted.json")))
 attempt("rename model away", lambda: os.rename(os.path.join(store, "mlp"), os.path.join(store, "gone")))
 attempt("write staging", lambda: write(os.path.join(store, ".incoming", "x")))
 
-def checkpoint():  # as models.checkpoint writes, publishes and deletes one
+def checkpoint():  # as training.checkpoints.local writes, publishes and deletes one
     task = os.path.join(store, ".checkpoints", "task-1")
     os.makedirs(os.path.join(task, ".tmp-1"))
     write(os.path.join(task, ".tmp-1", "checkpoint.json"))
@@ -70,12 +70,12 @@ attempt("write dev null", lambda: write("/dev/null"))
 import torch  # what the executor imports once confined
 attempt("torch", lambda: torch.ones(2).sum().item())
 if trains == "1":  # as Executor.train stores a trained model
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
     from hypha_celery.models.store import ModelStore
 
     config = {"in_features": 4, "hidden": 8, "out_features": 3}
-    attempt("save model", lambda: ModelStore(store, staging=staging).save(
-        "trained", build("mlp", config), architecture="mlp", config=config, input_shape=[4]))
+    attempt("save model", lambda: ModelStore(store, staging=staging).add(
+        "builtin", build("mlp", config), "trained", architecture="mlp", config=config, input_shape=[4]))
 print(json.dumps(results))
 """
 

@@ -1,6 +1,6 @@
 """The ledger contract, placement and the registry against a real 3-primary Redis Cluster.
 
-The cluster is the session's :class:`~hypha_celery.tools.embedded_redis.EmbeddedCluster`;
+The cluster is the session's :class:`~hypha_celery.harness.embedded_redis.EmbeddedCluster`;
 every client is built by :func:`hypha_celery.redis_client.registry_client` from its
 ``?cluster=true`` URL, with ``HYPHA_KEY_PREFIX={hypha}`` (the ``cluster_client`` fixture).
 The whole ledger contract of ``tests/unit/test_ledger.py`` runs here, and the placement

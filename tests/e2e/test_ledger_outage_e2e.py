@@ -8,9 +8,9 @@ import time
 
 import redis
 
+from hypha_celery.harness.embedded_redis import EmbeddedRedis
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Ledger
-from hypha_celery.tools.embedded_redis import EmbeddedRedis
-from hypha_celery.tools.launch import wait_for
 
 HEARTBEAT = 1  # lease TTL: 2 s
 

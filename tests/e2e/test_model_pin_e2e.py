@@ -91,7 +91,7 @@ def test_a_model_fetched_under_the_lease_is_checked_once_it_arrives(
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", *args], capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
 
 

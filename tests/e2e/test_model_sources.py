@@ -26,8 +26,9 @@ import pytest
 
 from hypha_celery.config import ModelSource
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.manifest import validate_model_id
-from hypha_celery.models.store import ModelStore, sha256_file
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import validate_model_id
+from hypha_celery.models.store import ModelStore
 
 ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = "weights.safetensors"
@@ -832,7 +833,7 @@ def test_a_huge_manifest_is_refused_without_reading_it_all(serve: Callable[..., 
 def test_a_save_that_waited_for_the_lock_does_not_replace_a_model_saved_meanwhile(tmp_path: Path,
                                                                                  model_dir: Path) -> None:
     # Given a save of "m" that passed its "already exists?" check and now waits on the model's lock
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
 
     root = tmp_path / "racing"
     config = {"in_features": 4, "hidden": 16, "out_features": 3}
@@ -840,7 +841,7 @@ def test_a_save_that_waited_for_the_lock_does_not_replace_a_model_saved_meanwhil
 
     def save() -> None:
         try:
-            ModelStore(root).save("m", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+            ModelStore(root).add("builtin", build("mlp", config), "m", architecture="mlp", config=config, input_shape=[4])
             outcome.append(None)
         except BaseException as exc:  # handed to the test thread
             outcome.append(exc)

@@ -13,7 +13,7 @@ import redis
 import torch
 
 from hypha_celery.errors import MemoryLimitExceeded, TaskTimeout
-from hypha_celery.models.architectures import build
+from hypha_celery.formats.builtin import build
 from hypha_celery.models.examples import clusters
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.ledger import Ledger
@@ -26,7 +26,7 @@ IMAGE = [[[((x * 7 + y) % 13) / 13 for y in range(28)] for x in range(28)]]
 def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, store_dir: Path, redis_url: str) -> None:
     # Given two models that fit the cache alone but not together
     config = {"in_features": 4, "hidden": 256, "out_features": 3}
-    ModelStore(store_dir).save("mlp-big", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    ModelStore(store_dir).add("builtin", build("mlp", config), "mlp-big", architecture="mlp", config=config, input_shape=[4])
     port = free_port()
     start_worker({"model_cache_size": "10000", "models": {"model_dir": str(store_dir), "max_model_size": "10000"},
                   "monitoring": {"collect_metrics": True, "metrics_port": port}})
@@ -47,7 +47,7 @@ def test_cache_evicts_by_bytes_and_hits_when_warm(start_worker, celery_client, s
     assert samples["hypha_worker_model_cache_evictions_total"] >= 3
     # ... and `hypha-celery top` shows the hit rate from the registry (refreshed every 2 s here)
     def top() -> str:
-        return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "top", "--once", "--registry", redis_url],
+        return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "top", "--once", "--registry", redis_url],
                               capture_output=True, text=True, check=True, timeout=60).stdout
     frame = wait_for(lambda: "cache hit rate 20%" in (out := top()) and out, 10, "top to show the hit rate")
     assert "1 hits, 4 misses" in frame and "cpu    [" in frame
@@ -99,7 +99,7 @@ def test_training_reports_progress_and_the_model_is_served(start_worker, celery_
 def test_memory_bomb_fails_while_a_concurrent_task_completes(start_worker, celery_client, store_dir: Path,
                                                               redis_client: redis.Redis) -> None:
     config = {"in_features": 4, "hidden": 500_000, "out_features": 3}
-    ModelStore(store_dir).save("wide", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    ModelStore(store_dir).add("builtin", build("mlp", config), "wide", architecture="mlp", config=config, input_shape=[4])
     start_worker({"models": {"model_dir": str(store_dir)}, "resources": {"node_id": "bomb"}})
     app = celery_client()
     bomb = app.send_task("hypha.infer", kwargs={"model": "wide", "inputs": [[1.0, 2.0, 3.0, 4.0]] * 1000,

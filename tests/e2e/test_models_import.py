@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
-from hypha_celery.models.manifest import FORMAT_V2, Manifest
-from hypha_celery.models.store import STAMP, ModelStore, sha256_file
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import FORMAT_V2, Manifest
+from hypha_celery.models.store import STAMP, ModelStore
 from tests.conftest import ROOT
 
 MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages" / \
@@ -22,12 +24,12 @@ MINILM = Path(sys.prefix) / "lib" / f"python{sys.version_info.major}.{sys.versio
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "models", "import", *args],
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "models", "import", *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
 
 
 def stored(store: Path, model_id: str) -> Manifest:
-    return Manifest.from_json(json.loads((store / model_id / "manifest.json").read_text()), model_id)
+    return read_manifest(json.loads((store / model_id / "manifest.json").read_text()), model_id)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
+from hypha_celery.harness.launch import free_port, scrape, wait_for
 from hypha_celery.tasks.base import HyphaTask
-from hypha_celery.tools.launch import free_port, scrape, wait_for
 from tests.conftest import ROOT
 
 SEED_METRICS = (

@@ -106,3 +106,20 @@ def test_a_node_signed_infer_runs_and_a_tampered_one_is_refused(
     assert elsewhere.returncode == 1, elsewhere.stdout + elsewhere.stderr
     other = json.loads(elsewhere.stdout.strip().splitlines()[-1])
     assert other["status"] == "INVALID_SIGNATURE" and "not among the allowed workers" in other["error"]
+
+
+def test_a_node_scheduler_streams_a_generation_from_its_token_stream(
+    node: str, start_worker: Callable[..., Any], tmp_path: Path, redis_url: str,
+) -> None:
+    # Given a worker that accepts a Node scheduler's key
+    key_file = tmp_path / "scheduler.key"
+    key = generate_key(key_file)
+    start_worker({"security": {"verify_task_signatures": True, "allowed_schedulers": [peer_id(key.verify_key)]}})
+    # When Node sends a signed hypha.generate and reads its token stream with XREAD BLOCK
+    sent = run_node(node, "scheduler.js", "--key", str(key_file), "--broker", redis_url, "--timeout", "120",
+                    "--model", "tiny-llama", "--prompt", "The cat sat on", "--max-new-tokens", "16")
+    # Then the pieces it printed as they came join into the result's text
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    done = json.loads(sent.stdout.strip().splitlines()[-1])
+    assert done["status"] == "SUCCESS" and done["streamed"] == done["result"]["output"]["text"] != ""
+    assert sent.stderr.startswith(done["streamed"])

@@ -18,9 +18,10 @@ pytest.importorskip("onnxruntime")
 import torch
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import MODEL_MANIFEST, ONNX_FILE
 from hypha_celery.models.examples import ONNX_MLP, export_onnx, fitted_mlp
-from hypha_celery.models.manifest import MODEL_MANIFEST, ONNX_FILE, Manifest
-from hypha_celery.models.store import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0], [4.4, 2.9, 1.4, 0.2],
@@ -29,7 +30,7 @@ SMALL = {"cpu_cores": 0.1, "memory": "1GB"}
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "models", "import", *args],
+    return subprocess.run([sys.executable, "-m", "hypha_celery.cli", "models", "import", *args],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ))
 
 
@@ -48,7 +49,7 @@ def test_the_cli_imports_an_onnx_file_and_a_folder_holding_one(tmp_path: Path) -
     assert by_file.returncode == 0, by_file.stderr
     assert by_folder.returncode == 0, by_folder.stderr
     for model_id in ("iris", "iris2"):
-        manifest = Manifest.from_json(json.loads((store / model_id / MODEL_MANIFEST).read_text()), model_id)
+        manifest = read_manifest(json.loads((store / model_id / MODEL_MANIFEST).read_text()), model_id)
         assert manifest.runtime == "onnx" and manifest.batchable and manifest.input_shape == [4]
         assert sorted(p.name for p in (store / model_id).iterdir() if not p.name.startswith(".")) == [
             MODEL_MANIFEST, ONNX_FILE]

@@ -25,9 +25,9 @@ from kombu import Connection, Exchange, Queue
 from kombu.transport.redis import Transport as KombuRedisTransport
 
 from hypha_celery.errors import InvalidTask
+from hypha_celery.harness.embedded_redis import EmbeddedRedis
 from hypha_celery.models.examples import clusters
 from hypha_celery.models.store import ModelStore
-from hypha_celery.tools.embedded_redis import EmbeddedRedis
 from hypha_celery.worker.broker import TRANSPORT, Transport, broker_transport
 from hypha_celery.worker.options import _redis_transport
 from tests.conftest import wait_for

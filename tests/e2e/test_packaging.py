@@ -292,9 +292,11 @@ import json, sys
 from importlib.metadata import version
 from pathlib import Path
 from hypha_celery.executor.child import Executor
-from hypha_celery.protocol import ChildSettings, Generate, Prompt, Train
+from hypha_celery.protocol import ChildSettings
+from hypha_celery.work import Generate, Prompt, Train
 from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-from hypha_celery.models.finetune import finetune, save
+from hypha_celery.training.finetune.run import finetune
+from hypha_celery.training.finetune.save import save
 from hypha_celery.models.store import ModelStore
 from hypha_celery.stages.validation import GenerateParams
 
@@ -302,13 +304,13 @@ work = Path(sys.argv[1])
 store = ModelStore(work / "store")
 (work / "base").mkdir()
 write_tiny_llama(work / "base")
-store.import_hf(work / "base", TINY_LLAMA)
+store.add("transformers", work / "base", TINY_LLAMA)
 request = Train(model=TINY_LLAMA, new_model="lora", epochs=1, lr=2e-2, batch_size=4, method="lora",
                 lora={"r": 4, "alpha": 8}, max_steps=4, progress_interval=60.0)
 done = finetune(store, request, {"texts": ["the cat sat on the mat", "the dog sat on the log"]}, "cpu", print)
 (work / "adapter").mkdir()
 save(done, store, work / "adapter", merge=False)
-store.save_adapter(work / "adapter", "lora", TINY_LLAMA)
+store.add("transformers", work / "adapter", "lora", base=TINY_LLAMA)
 
 class Replies:
     def write(self, message):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hypha_celery.tools.launch import free_port, wait_for
+from hypha_celery.harness.launch import free_port, wait_for
 from tests.conftest import ROOT
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"

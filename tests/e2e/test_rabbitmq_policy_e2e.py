@@ -30,7 +30,7 @@ def policy(amqp_url: str):
         if os.environ.get("CI"):
             pytest.fail(reason)
         pytest.skip(reason)
-    printed = subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "rabbitmq-policy", "--ttl", "2"],
+    printed = subprocess.run([sys.executable, "-m", "hypha_celery.cli", "rabbitmq-policy", "--ttl", "2"],
                              capture_output=True, text=True, timeout=60, check=True).stdout
     command = shlex.split(printed)
     assert command[:2] == ["rabbitmqctl", "set_policy"]

@@ -12,8 +12,8 @@ from pathlib import Path
 import redis
 
 from hypha_celery import keys
+from hypha_celery.harness.embedded_redis import EmbeddedRedis
 from hypha_celery.resources.ledger import Ledger
-from hypha_celery.tools.embedded_redis import EmbeddedRedis
 from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,7 +23,7 @@ FIELDS = {"cpu_cores", "total_memory", "available_memory", "gpus", "models", "ma
 
 
 def cli_workers(url: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "hypha_celery.tools.cli", "workers", "--json", "--registry", url],
+    out = subprocess.run([sys.executable, "-m", "hypha_celery.cli", "workers", "--json", "--registry", url],
                          capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
     return json.loads(out.stdout)
 

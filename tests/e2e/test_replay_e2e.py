@@ -19,8 +19,8 @@ import redis
 from hypha_celery import keys
 from hypha_celery.client import submit
 from hypha_celery.errors import InvalidSignature
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.security import ENVELOPE_HEADER, NonceRecord, peer_id, signed_options
-from hypha_celery.tools.launch import wait_for
 
 SMALL = {"cpu_cores": 0.1, "memory": "64MiB"}
 

@@ -19,9 +19,9 @@ from celery import Celery
 from celery.app.task import Context
 
 from hypha_celery import lua
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Capacity, Lease, Ledger
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.tools.launch import wait_for
 from hypha_celery.worker.backend import ResultBackend, backend_aliases
 
 

@@ -25,6 +25,7 @@ import redis
 
 from hypha_celery.client import HyphaResult, submit
 from hypha_celery.errors import InvalidSignature, MalformedMessage
+from hypha_celery.harness.launch import worker_env
 from hypha_celery.registry import list_workers
 from hypha_celery.security import (
     ATTESTATION,
@@ -36,7 +37,6 @@ from hypha_celery.security import (
     signed_options,
     verify_result,
 )
-from hypha_celery.tools.launch import worker_env
 from tests.conftest import ROOT
 
 SMALL = {"cpu_cores": 0.1, "memory": "64MiB"}
@@ -84,7 +84,7 @@ def test_the_cli_prints_the_worker_that_signed_and_refuses_one_not_allowed(
     key_file = tmp_path / "scheduler.key"
     start_worker(verifying(generate_key(key_file)))
     [record] = list_workers(redis_client)
-    cli = [sys.executable, "-m", "hypha_celery.tools.cli", "run", "embed", "--model", "tiny-bert-embedder",
+    cli = [sys.executable, "-m", "hypha_celery.cli", "run", "embed", "--model", "tiny-bert-embedder",
            "--key", str(key_file)]
     env = worker_env(redis_url, redis_url, redis_url)
     # When `run embed --verify` runs, Then it prints the answer and, on stderr, the worker that signed it

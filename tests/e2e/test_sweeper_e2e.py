@@ -17,9 +17,9 @@ from kombu import Connection
 from kombu.utils.json import loads
 
 from hypha_celery import keys
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.keys import KeySchema
 from hypha_celery.resources.ledger import Ledger
-from hypha_celery.tools.launch import wait_for
 from hypha_celery.worker.sweeper import BrokerQueues, Sweeper
 
 LONG = {"task_timeout": 3600}

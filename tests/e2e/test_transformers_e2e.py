@@ -13,9 +13,9 @@ import pytest
 import torch
 from celery.exceptions import TimeoutError as CeleryTimeout
 
+from hypha_celery.formats.safe_files import sha256_file
+from hypha_celery.manifest import MODEL_MANIFEST
 from hypha_celery.models.examples import MINILM, TINY_CLASSIFIER, TINY_VIT, minilm_folder
-from hypha_celery.models.manifest import MODEL_MANIFEST
-from hypha_celery.models.store import sha256_file
 
 TEXTS = ["I loved this film", "a terrible and boring movie", "the cat sat on the mat in the morning sun", "rain",
          "children played football in the garden", "markets fell", "she cooked pasta with basil", "the train leaves"]

@@ -10,8 +10,8 @@ import torch
 from kombu import Connection
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
-from hypha_celery.models.runtime import load
 from hypha_celery.models.store import ModelStore
+from hypha_celery.runtimes.registry import load
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]]
 

@@ -1,7 +1,7 @@
 """The outer step's trust in deltas: values checked, norms bounded, weights from the scheduler, kwargs by name.
 
 Hostile deltas are planted in a shared folder and in an S3 bucket (moto) with their true sha256, as a
-worker that lies would write them; :func:`hypha_celery.tasks.aggregate.gather` is what ``hypha.aggregate``
+worker that lies would write them; :func:`hypha_celery.training.distributed.outer.gather` is what ``hypha.aggregate``
 runs on them before it combines (the full task on real workers is in tests/e2e/test_diloco_e2e.py). And
 an inner task's copy leaves the delta its first run wrote, so the sha256 that run reported stays true.
 """
@@ -17,10 +17,10 @@ import pytest
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
-from hypha_celery.models.deltas import combine, save_tensors
 from hypha_celery.models.shared_storage import SharedStorage
-from hypha_celery.tasks.aggregate import AggregateSpec, _bytes_moved, _weighted, gather, validate_aggregate
-from hypha_celery.tasks.diloco import publish_delta
+from hypha_celery.training.distributed.deltas import combine, save_tensors
+from hypha_celery.training.distributed.inner import publish_delta
+from hypha_celery.training.distributed.outer import AggregateSpec, _bytes_moved, _weighted, gather, validate_aggregate
 
 JOB, BASE_SHA = "j", "b" * 64
 META = {"job": JOB, "round": "1", "base_sha256": BASE_SHA}

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from hypha_celery.models import checkpoint
-from hypha_celery.models.checkpoint import Checkpoints, Identity, Position
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
+from hypha_celery.training.checkpoints import local as checkpoint
+from hypha_celery.training.checkpoints.local import Identity, Position, TaskCheckpoints
+from hypha_celery.work import Progress, Train
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill",
          "the train leaves at nine"]
@@ -49,7 +49,7 @@ def _request(kind: str, **overrides: Any) -> tuple[Train, dict[str, Any]]:
 
 
 def _train(store: ModelStore, request: Train, data: dict[str, Any], *, kill_at: int | None = None) -> Any:
-    from hypha_celery.models.finetune import finetune
+    from hypha_celery.training.finetune.run import finetune
 
     def progress(update: Progress) -> None:
         if kill_at is not None and update.step == kill_at:
@@ -149,10 +149,10 @@ def test_an_unreadable_checkpoint_is_refused(store: ModelStore) -> None:
     checkpoint.discard(store.root, TASK)
 
 
-# --- Checkpoints on a small torch module: the identity checks --------------------------------------
+# --- TaskCheckpoints on a small torch module: the identity checks --------------------------------------
 
 
-def _module_run(root: Path, identity: Identity, *, rows: int = 3) -> tuple[Checkpoints, Any, Any, Any]:
+def _module_run(root: Path, identity: Identity, *, rows: int = 3) -> tuple[TaskCheckpoints, Any, Any, Any]:
     import torch
 
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def _module_run(root: Path, identity: Identity, *, rows: int = 3) -> tuple[Check
     named = list(module.named_parameters())
     optimizer = torch.optim.AdamW([p for _, p in named], lr=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
-    return Checkpoints(root, TASK, 1, identity), named, optimizer, schedule
+    return TaskCheckpoints(root, TASK, 1, identity), named, optimizer, schedule
 
 
 def _step(named: Any, optimizer: Any, schedule: Any) -> None:
@@ -267,9 +267,9 @@ def _run_of(root: Path, executors: Any = None, shared: Any = None) -> Any:
 
 
 def test_a_copy_answered_from_its_saved_model_deletes_the_checkpoints_left(tmp_path: Path) -> None:
-    from hypha_celery.protocol import Trained
     from hypha_celery.stages.validation import TrainSpec
-    from hypha_celery.tasks.train import run_training
+    from hypha_celery.training.job import run_training
+    from hypha_celery.work import Trained
 
     # Given a checkpoint left by a run killed between saving its model and deleting it
     left = _left_checkpoint(tmp_path)
@@ -288,7 +288,7 @@ def test_a_failed_run_deletes_its_checkpoints(tmp_path: Path) -> None:
 
     from hypha_celery.errors import ExecutionError
     from hypha_celery.stages.validation import FinetuneParams, TrainSpec
-    from hypha_celery.tasks.train import run_training
+    from hypha_celery.training.job import run_training
 
     # Given a run whose executor job fails, with a checkpoint of the task on disk
     left = _left_checkpoint(tmp_path)
@@ -308,10 +308,10 @@ def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copi
     from types import SimpleNamespace
 
     from hypha_celery.errors import ExecutionError
-    from hypha_celery.models import checkpoint_sync
     from hypha_celery.models.shared_storage import LocalStorage
     from hypha_celery.stages.validation import FinetuneParams, TrainSpec
-    from hypha_celery.tasks.train import run_training
+    from hypha_celery.training.checkpoints import sync as checkpoint_sync
+    from hypha_celery.training.job import run_training
 
     # Given a checkpoint of the task that another worker (another model_dir) uploaded to shared storage
     shared = LocalStorage(tmp_path / "shared")
@@ -335,11 +335,11 @@ def test_a_run_with_shared_storage_fetches_first_and_a_failure_deletes_both_copi
 
 
 def test_a_copy_answered_from_its_saved_model_deletes_the_shared_checkpoint(tmp_path: Path) -> None:
-    from hypha_celery.models import checkpoint_sync
     from hypha_celery.models.shared_storage import LocalStorage
-    from hypha_celery.protocol import Trained
     from hypha_celery.stages.validation import TrainSpec
-    from hypha_celery.tasks.train import run_training
+    from hypha_celery.training.checkpoints import sync as checkpoint_sync
+    from hypha_celery.training.job import run_training
+    from hypha_celery.work import Trained
 
     # Given a shared checkpoint left by a run killed between saving its model and deleting it
     shared = LocalStorage(tmp_path / "shared")

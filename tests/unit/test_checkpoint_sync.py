@@ -13,11 +13,12 @@ from typing import IO
 import pytest
 
 from hypha_celery.errors import SharedStorageError
-from hypha_celery.models import checkpoint, checkpoint_sync
 from hypha_celery.models.examples import TINY_LLAMA, init_examples
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
+from hypha_celery.training.checkpoints import local as checkpoint
+from hypha_celery.training.checkpoints import sync as checkpoint_sync
+from hypha_celery.work import Progress, Train
 
 TASK = "5e0c1a7b-3d2f-4b8e-9a61-0c4d2e8f7a13"
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]
@@ -25,7 +26,7 @@ TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the
 
 
 def _write(root: Path, step: int, payload: bytes = b"") -> Path:
-    """A checkpoint folder as Checkpoints.save publishes it (the contents do not matter to the copying)."""
+    """A checkpoint folder as TaskCheckpoints.save publishes it (the contents do not matter to the copying)."""
     folder = checkpoint.folder(root, TASK) / f"step-{step:09d}"
     folder.mkdir(parents=True)
     (folder / checkpoint.STATE).write_bytes(b"tensors of step %d " % step + payload)
@@ -170,7 +171,7 @@ def test_the_uploader_copies_in_the_background_and_failures_only_log(tmp_path: P
     assert uploader.uploaded == 25 and shared.exists(f"checkpoints/{TASK}/latest.json")
     # Given a storage that fails, When told, Then the failure is logged and nothing is raised
     failing = checkpoint_sync.Uploader(_Failing(tmp_path / "down"), tmp_path / "a", TASK)
-    with caplog.at_level(logging.WARNING, logger="hypha_celery.models.checkpoint_sync"):
+    with caplog.at_level(logging.WARNING, logger="hypha_celery.training.checkpoints.sync"):
         failing.written()
         deadline = time.monotonic() + 60
         while "network down" not in caplog.text and time.monotonic() < deadline:
@@ -189,7 +190,7 @@ def test_the_uploader_copies_in_the_background_and_failures_only_log(tmp_path: P
 def test_a_run_killed_on_one_store_resumes_on_another_through_shared_storage(tmp_path: Path) -> None:
     import torch
 
-    from hypha_celery.models.finetune import finetune
+    from hypha_celery.training.finetune.run import finetune
 
     torch.set_num_threads(1)
     init_examples(tmp_path / "a")  # B: a copy of A (the same models, manifest sha256s), another machine's disk

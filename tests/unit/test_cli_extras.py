@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from hypha_celery.cli.main import main
 from hypha_celery.models.store import ModelStore
-from hypha_celery.tools.cli import main
 
 
 @pytest.mark.parametrize(("module", "extra"), [("transformers", "hf"), ("onnxruntime", "onnx"), ("torch", "worker")])
@@ -19,7 +19,7 @@ def test_a_missing_package_is_named_with_its_extra(monkeypatch: pytest.MonkeyPat
     def lacking(*args: Any, **kwargs: Any) -> Any:
         raise ModuleNotFoundError(f"No module named '{module}'", name=module)
 
-    monkeypatch.setattr(ModelStore, "import_hf", lacking)
+    monkeypatch.setattr(ModelStore, "add", lacking)
     (tmp_path / "model").mkdir()
     # When the command runs
     done = CliRunner().invoke(main, ["models", "import", str(tmp_path / "model"), "--store", str(tmp_path / "s")])

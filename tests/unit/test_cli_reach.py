@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hypha_celery.tools.reach import CONNECT_TIMEOUT_S, cli_app, unreachable
+from hypha_celery.cli.reach import CONNECT_TIMEOUT_S, cli_app, unreachable
 
 
 def test_the_cli_app_times_connects_out_quickly_and_retries_nothing() -> None:

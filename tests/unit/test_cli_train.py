@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from hypha_celery.tools.cli import TrainProgress, train_line
+from hypha_celery.cli.train import TrainProgress, train_line
 
 
 class _Terminal(io.StringIO):

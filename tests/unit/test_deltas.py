@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hypha_celery.errors import DeltaRejected, InvalidTask, UnsupportedModel
-from hypha_celery.models.deltas import (
+from hypha_celery.training.distributed.deltas import (
     combine,
     combine_stack,
     l2_norm,
@@ -20,7 +20,7 @@ from hypha_celery.models.deltas import (
     save_tensors,
     scan_delta,
 )
-from hypha_celery.tasks.diloco import parse_block
+from hypha_celery.training.distributed.inner import parse_block
 
 META = {"job": "j", "round": "1", "base_sha256": "a" * 64}
 

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import DeltaRejected, ExecutorCrashed
-from hypha_celery.training.scheduler import DilocoJob, _Settings, shard_sizes
+from hypha_celery.training.distributed.scheduler import DilocoJob, _Settings, shard_sizes
 
 REPORT = {"job": "j", "round": 1, "ref": "jobs/j/round-1/t.safetensors", "sha256": "a" * 64, "samples": 4}
 
@@ -100,7 +100,7 @@ class _DoneJob:
 
 
 def test_the_cli_prints_each_refused_delta_with_its_reason(capsys: pytest.CaptureFixture[str]) -> None:
-    from hypha_celery.tools.cli import _follow
+    from hypha_celery.cli.train import _follow
 
     # When `run diloco` follows a job whose round refused a delta
     _follow(_DoneJob(), workers=1, timeout=5)
@@ -123,7 +123,7 @@ class _Inner:
     {"sha256": 7},
 ])
 def test_a_report_that_is_not_its_own_tasks_delta_is_a_failure_not_a_report(change: dict[str, Any]) -> None:
-    from hypha_celery.training.scheduler import _collect
+    from hypha_celery.training.distributed.scheduler import _collect
 
     # Given task t2 answering a report whose ref is not its own delta key, or whose sha256 is not a string
     reports: dict[str, dict[str, Any]] = {}
@@ -135,7 +135,7 @@ def test_a_report_that_is_not_its_own_tasks_delta_is_a_failure_not_a_report(chan
 
 
 def test_a_report_of_its_own_delta_is_kept() -> None:
-    from hypha_celery.training.scheduler import _collect
+    from hypha_celery.training.distributed.scheduler import _collect
 
     reports: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}

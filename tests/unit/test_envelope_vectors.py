@@ -19,6 +19,7 @@ import nacl.signing
 import pytest
 
 from hypha_celery.errors import InvalidSignature
+from hypha_celery.harness import envelope_vectors
 from hypha_celery.security import (
     ATTESTATION,
     ENVELOPE_VERSION,
@@ -33,7 +34,6 @@ from hypha_celery.security import (
 )
 from hypha_celery.security.strict_json import duplicate_key
 from hypha_celery.security.verifier import Verifier
-from hypha_celery.tools import envelope_vectors
 from tests.conftest import ROOT
 
 VECTORS = ROOT / "docs" / "envelope-vectors"

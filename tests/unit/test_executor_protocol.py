@@ -17,28 +17,20 @@ from hypha_celery.protocol import (
     Description,
     Error,
     Fatal,
-    Generate,
-    Generated,
     GenerateResult,
-    Infer,
     InferResult,
-    JobLimits,
     Load,
     Loaded,
-    Progress,
-    Prompt,
     ProtocolError,
     Ready,
     Reply,
     Request,
-    Streamed,
-    Train,
-    Trained,
     TrainResult,
     Usage,
     decode_reply,
     decode_request,
 )
+from hypha_celery.work import Generate, Generated, Infer, JobLimits, Progress, Prompt, Streamed, Train, Trained
 
 TRACEBACK = 'Traceback (most recent call last):\n  File "runtime.py", line 80, in _decode\nRuntimeError: shape\n'
 USAGE = Usage(memory_peak=2**20, device="cpu", cpu_affinity=[0, 3], gpu_memory_peak=None)

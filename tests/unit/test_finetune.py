@@ -11,12 +11,13 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
+from hypha_celery.formats.registry import read_manifest
+from hypha_celery.manifest import ADAPTER_FILES
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples, write_tiny_llama
-from hypha_celery.models.manifest import ADAPTER_FILES, Manifest
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import Progress, Train
 from hypha_celery.stages.sizing import Training, estimate, lora_trainable_bound
 from hypha_celery.stages.validation import TrainSpec, validate_train
+from hypha_celery.work import Progress, Train
 
 TEXTS = ["the cat sat on the mat", "the dog sat on the log", "a bird sang in the tree", "the sun rose over the hill"]
 
@@ -90,10 +91,10 @@ def test_a_lora_run_given_no_length_takes_at_least_20_steps(store: ModelStore) -
     ({"seed": "1"}, InvalidTask, "seed must be"),
     ({"max_length": 100_000}, InvalidTask, "max_length must be"),
     ({"batch_size": 0}, InvalidTask, "batch_size must be"),
-    ({"checkpoint_every": 0}, InvalidInput, "checkpoint_every must be an integer from 1"),
-    ({"checkpoint_every": "50"}, InvalidInput, "checkpoint_every must be"),
-    ({"checkpoint_every": 2.5}, InvalidInput, "checkpoint_every must be"),
-    ({"checkpoint_every": True}, InvalidInput, "checkpoint_every must be"),
+    ({"checkpoint_every": 0}, InvalidTask, "checkpoint_every must be an integer from 1"),
+    ({"checkpoint_every": "50"}, InvalidTask, "checkpoint_every must be"),
+    ({"checkpoint_every": 2.5}, InvalidTask, "checkpoint_every must be"),
+    ({"checkpoint_every": True}, InvalidTask, "checkpoint_every must be"),
     ({"lr": 0}, InvalidTask, "lr must be"),
     ({"data": {"texts": []}}, InvalidInput, "data.texts"),
     ({"data": {"texts": ["a"], "labels": [0]}}, InvalidTask, "causal LM"),
@@ -104,8 +105,10 @@ def test_each_bad_argument_is_refused_by_name(store: ModelStore, kwargs: dict[st
     # Given one bad argument on an otherwise valid causal-LM task
     task = {"model": TINY_LLAMA, "data": {"texts": TEXTS}, **kwargs}
     # Then validation refuses it, naming the argument
-    with pytest.raises(error, match=names.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(error, match=names.replace("(", r"\(").replace("[", r"\[")) as caught:
         _validate(store, **task)
+    # with that very error type (an argument's is InvalidTask, an input's InvalidInput), not a subclass of it
+    assert type(caught.value) is error
 
 
 def test_classifier_labels_are_names_or_ids(store: ModelStore) -> None:
@@ -167,7 +170,7 @@ def test_lora_sizing_counts_only_trainable_state(store: ModelStore) -> None:
 def lora_run(store: ModelStore) -> tuple[Any, list[Progress]]:
     import torch
 
-    from hypha_celery.models.finetune import finetune
+    from hypha_celery.training.finetune.run import finetune
 
     torch.set_num_threads(1)
     updates: list[Progress] = []
@@ -190,7 +193,7 @@ def test_lora_on_the_tiny_causal_lm_lowers_the_loss(lora_run: tuple[Any, list[Pr
 
 def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: ModelStore, lora_run: Any,
                                                                        tmp_path: Path) -> None:
-    from hypha_celery.models.finetune import save
+    from hypha_celery.training.finetune.save import save
 
     done, _ = lora_run
     # When the adapter is saved and stored
@@ -198,7 +201,7 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     out.mkdir()
     assert save(done, store, out, merge=False) == "adapter"
     record = {"task_id": "task-0123456789ab", "trained": done.trained.to_json()}
-    manifest = store.save_adapter(out, "tiny-llama-lora", TINY_LLAMA, produced_by=record)
+    manifest = store.add("transformers", out, "tiny-llama-lora", base=TINY_LLAMA, produced_by=record).manifest
     # Then the entry lists exactly peft's two files, and names the base by id and manifest sha256
     assert set(manifest.files) == ADAPTER_FILES
     assert sorted(p.name for p in store.path("tiny-llama-lora").iterdir() if not p.name.startswith(".")) == \
@@ -223,7 +226,7 @@ def test_an_import_still_refuses_adapter_files(store: ModelStore, tmp_path: Path
     (folder / "adapter_config.json").write_text("{}")
     # Then the import refuses it as an adapter presented as a full model
     with pytest.raises(UnsupportedModel, match="LoRA/PEFT adapter"):
-        store.import_hf(folder, "never")
+        store.add("transformers", folder, "never")
 
 
 def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> None:
@@ -231,10 +234,10 @@ def test_an_adapter_manifest_is_checked_field_by_field(store: ModelStore) -> Non
     data["id"] = "x"
     # A model's manifest listing adapter files, and an adapter's listing model files, are refused
     with pytest.raises(UnsupportedModel, match="invalid adapter_of"):
-        Manifest.from_json({**data, "adapter_of": {"id": "../up", "sha256": "0" * 64}}, "x")
+        read_manifest({**data, "adapter_of": {"id": "../up", "sha256": "0" * 64}}, "x")
     with pytest.raises(UnsupportedModel, match="invalid file name"):
-        Manifest.from_json({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
-    assert "adapter_of" not in Manifest.from_json(data, "x").to_json()  # a model's manifest has no such key
+        read_manifest({**data, "adapter_of": {"id": TINY_LLAMA, "sha256": "0" * 64}}, "x")
+    assert "adapter_of" not in read_manifest(data, "x").to_json()  # a model's manifest has no such key
 
 
 def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> None:
@@ -257,7 +260,7 @@ def test_a_text_data_set_is_stored_and_read_for_training(store: ModelStore) -> N
 
 def test_a_model_still_at_a_source_is_validated_from_its_manifest(store: ModelStore, tmp_path: Path) -> None:
     from hypha_celery.stages.validation import finetune_params
-    from hypha_celery.tasks.train import _finetune_kwargs
+    from hypha_celery.training.job import _finetune_kwargs
 
     # Given a worker whose store lacks the tiny Llama, with the shared store as its source
     config = parse_config({"worker": {"models": {"sources": [{"type": "local", "path": str(store.root)}]}}})
@@ -286,7 +289,8 @@ class _Replies:
 
 
 def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
-    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     request = Train(model=TINY_LLAMA, new_model=name, epochs=1, lr=2e-2, batch_size=4, method="lora",
                     lora={"r": 4, "alpha": 8}, max_steps=4, seed=seed, progress_interval=60.0)
@@ -294,13 +298,14 @@ def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
     out = tmp_path / name
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, name, TINY_LLAMA)
+    store.add("transformers", out, name, base=TINY_LLAMA)
 
 
 def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelStore, tmp_path: Path) -> None:
     from hypha_celery.executor.child import Executor
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.work import Generate, Prompt
 
     # Given two adapters of the tiny Llama, and an executor with an empty cache
     for name, seed in (("lora-a", 1), ("lora-b", 2)):
@@ -342,8 +347,9 @@ def test_two_adapters_share_one_cached_base_and_change_its_output(store: ModelSt
 def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: ModelStore, tmp_path: Path) -> None:
     import torch
 
-    from hypha_celery.models import transformers_runtime
-    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.runtimes import transformers_adapters, transformers_loading
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     # Given a LoRA run on the tiny classifier (peft also trains its classification head)
     request = Train(model=TINY_CLASSIFIER, new_model="cls-lora", epochs=1, lr=5e-2, batch_size=4, method="lora",
@@ -356,16 +362,16 @@ def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: Mod
     out = tmp_path / "cls"
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, "cls-lora", TINY_CLASSIFIER)
+    store.add("transformers", out, "cls-lora", base=TINY_CLASSIFIER)
     # When the stored adapter is attached to a freshly loaded base
-    base, _ = transformers_runtime.load(store, TINY_CLASSIFIER, "cpu")
+    base, _ = transformers_loading.load(store, TINY_CLASSIFIER, "cpu")
     with torch.inference_mode():
         before = base.module(**encoded).logits
-    attached, size = transformers_runtime.attach_adapter(base, store, "cls-lora")
-    transformers_runtime.activate(attached)
+    attached, size = transformers_adapters.attach_adapter(base, store, "cls-lora")
+    transformers_adapters.activate(attached)
     with torch.inference_mode():
         adapted = attached.module(**encoded).logits
-    transformers_runtime.activate(base)
+    transformers_adapters.activate(base)
     with torch.inference_mode():
         after = base.module(**encoded).logits
     # Then it answers as the trained model did, and the base as before
@@ -425,9 +431,11 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     import torch
 
     from hypha_celery.executor.child import Executor
-    from hypha_celery.models.finetune import finetune, save
-    from hypha_celery.protocol import ChildSettings, Generate, Prompt
+    from hypha_celery.protocol import ChildSettings
     from hypha_celery.stages.validation import GenerateParams
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
+    from hypha_celery.work import Generate, Prompt
 
     torch.set_num_threads(1)
     # Given the README's example run: its texts, method lora, every other setting left at its default
@@ -439,7 +447,7 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     done = finetune(store, request, {"texts": README_TEXTS}, "cpu", lambda update: None)
     (tmp_path / "out").mkdir()
     save(done, store, tmp_path / "out", merge=False)
-    store.save_adapter(tmp_path / "out", "readme-lora", TINY_LLAMA)
+    store.add("transformers", tmp_path / "out", "readme-lora", base=TINY_LLAMA)
     (tmp_path / "tmp").mkdir()
     executor = Executor(ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",
                                       sandbox=False, nice=0, memory_mode="off", tmpdir=str(tmp_path / "tmp")),

@@ -9,12 +9,12 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, InvalidTask
-from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.store import ModelStore
-from hypha_celery.models.transformers_runtime import visible
-from hypha_celery.protocol import Generate, Generated, Prompt, Streamed
+from hypha_celery.runtimes import transformers_generation, transformers_loading
+from hypha_celery.runtimes.transformers_generation import visible
 from hypha_celery.stages.validation import GenerateParams, GenerateSpec, validate_generate
+from hypha_celery.work import Generate, Generated, Prompt, Streamed
 
 NO_TEMPLATE = "tiny-llama-plain"
 
@@ -32,30 +32,30 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             write_tiny_llama(folder)
         if name == NO_TEMPLATE:
             (folder / "chat_template.jinja").unlink()
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 
 @pytest.fixture(scope="module")
-def llama(store: ModelStore) -> transformers_runtime.TransformerModel:
+def llama(store: ModelStore) -> transformers_loading.TransformerModel:
     import torch
 
     torch.set_num_threads(1)
-    return transformers_runtime.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_loading.load(store, TINY_LLAMA, "cpu")[0]
 
 
 def _validate(store: ModelStore, worker: dict[str, Any] | None = None, **kwargs: Any) -> GenerateSpec:
     return validate_generate(parse_config({"worker": worker or {}}), store, (), {"model": TINY_LLAMA, **kwargs})
 
 
-def _batch(model: transformers_runtime.TransformerModel, prompts: list[Prompt], updates: list[Streamed] | None = None,
+def _batch(model: transformers_loading.TransformerModel, prompts: list[Prompt], updates: list[Streamed] | None = None,
            **params: Any) -> list[Generated | Exception]:
     request = Generate(model=TINY_LLAMA, prompts=prompts, params=GenerateParams(**params).to_json(),
                        progress_interval=0.0)
-    return transformers_runtime.generate(model, request, (updates if updates is not None else []).append).outputs
+    return transformers_generation.generate(model, request, (updates if updates is not None else []).append).outputs
 
 
-def _run(model: transformers_runtime.TransformerModel, prompt: str, updates: list[Streamed] | None = None,
+def _run(model: transformers_loading.TransformerModel, prompt: str, updates: list[Streamed] | None = None,
          **params: Any) -> Generated:
     [done] = _batch(model, [Prompt(prompt=prompt)], updates, **params)
     assert isinstance(done, Generated)
@@ -138,7 +138,7 @@ def test_messages_for_a_model_with_a_chat_template_are_accepted(store: ModelStor
 
 
 def test_greedy_generation_equals_transformers_generate(store: ModelStore,
-                                                        llama: transformers_runtime.TransformerModel) -> None:
+                                                        llama: transformers_loading.TransformerModel) -> None:
     import torch
 
     # Given the tiny Llama, When it generates 12 tokens greedily through our runtime and through transformers
@@ -153,14 +153,14 @@ def test_greedy_generation_equals_transformers_generate(store: ModelStore,
     assert (ours.prompt_tokens, ours.completion_tokens) == (encoded["input_ids"].shape[1], new.numel())
 
 
-def test_reaching_max_new_tokens_ends_with_length(llama: transformers_runtime.TransformerModel) -> None:
+def test_reaching_max_new_tokens_ends_with_length(llama: transformers_loading.TransformerModel) -> None:
     # Given the tiny Llama, When it generates 8 tokens
     done = _run(llama, "The cat sat", max_new_tokens=8)
     # Then it stopped for length after 8 tokens
     assert (done.finish_reason, done.completion_tokens) == ("length", 8)
 
 
-def test_a_stop_string_cuts_the_text_and_ends_with_stop(llama: transformers_runtime.TransformerModel) -> None:
+def test_a_stop_string_cuts_the_text_and_ends_with_stop(llama: transformers_loading.TransformerModel) -> None:
     # Given the text greedy generation gives, and a stop string taken from its middle
     full = _run(llama, "The cat sat", max_new_tokens=30).text
     stop = full[6:9]
@@ -171,18 +171,21 @@ def test_a_stop_string_cuts_the_text_and_ends_with_stop(llama: transformers_runt
     assert done.finish_reason == "stop" and done.completion_tokens < 30
 
 
-def test_streamed_texts_are_prefixes_of_the_final_text(llama: transformers_runtime.TransformerModel) -> None:
+def test_streamed_texts_are_prefixes_of_the_final_text(llama: transformers_loading.TransformerModel) -> None:
     # Given a report after every token
     updates: list[Streamed] = []
     # When the tiny Llama generates 40 tokens
     done = _run(llama, "The cat sat", updates, max_new_tokens=40)
-    # Then every reported text is a prefix of the final one, and token counts grow
-    assert len(updates) == 40
+    # Then every reported text is a prefix of the final one, and token counts grow; a last report brings the final text
+    assert len(updates) == 41 and updates[-1].text == done.text
     assert all(done.text.startswith(update.text) for update in updates)
-    assert [update.tokens for update in updates] == list(range(1, 41))
+    assert [update.tokens for update in updates] == [*range(1, 41), 40]
+    # And each report carries the tokens since the one before, numbered: joined, every token once
+    assert [update.start for update in updates] == [*range(40), 40]
+    assert [len(update.ids) for update in updates] == [1] * 40 + [0]
 
 
-def test_seeded_sampling_repeats(llama: transformers_runtime.TransformerModel) -> None:
+def test_seeded_sampling_repeats(llama: transformers_loading.TransformerModel) -> None:
     # Given a seed, When the same sampled generation runs twice
     first = _run(llama, "The cat sat", max_new_tokens=16, do_sample=True, temperature=1.5, seed=7)
     second = _run(llama, "The cat sat", max_new_tokens=16, do_sample=True, temperature=1.5, seed=7)
@@ -190,12 +193,12 @@ def test_seeded_sampling_repeats(llama: transformers_runtime.TransformerModel) -
     assert first.text == second.text
 
 
-def test_the_chat_template_renders_messages(llama: transformers_runtime.TransformerModel) -> None:
+def test_the_chat_template_renders_messages(llama: transformers_loading.TransformerModel) -> None:
     # Given chat messages, When the tiny Llama generates from them
     messages = [{"role": "user", "content": "Hello there"}]
     request = Generate(model=TINY_LLAMA, prompts=[Prompt(messages=messages)],
                        params=GenerateParams(max_new_tokens=4).to_json())
-    [done] = transformers_runtime.generate(llama, request, lambda update: None).outputs
+    [done] = transformers_generation.generate(llama, request, lambda update: None).outputs
     assert isinstance(done, Generated)
     # Then the prompt is the rendered template (bos, the user turn, the assistant header)
     rendered = llama.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -206,7 +209,7 @@ def test_the_chat_template_renders_messages(llama: transformers_runtime.Transfor
 BATCH_PROMPTS = ["The cat sat", "Once upon a time there was a", "A", "The dog ran to the park and"]
 
 
-def test_a_batch_of_prompts_generates_what_each_generates_alone(llama: transformers_runtime.TransformerModel) -> None:
+def test_a_batch_of_prompts_generates_what_each_generates_alone(llama: transformers_loading.TransformerModel) -> None:
     # Given prompts of different lengths (left-padded to one width in the batch)
     alone = [_run(llama, prompt, max_new_tokens=16) for prompt in BATCH_PROMPTS]
     # When they generate greedily as one batch
@@ -215,7 +218,7 @@ def test_a_batch_of_prompts_generates_what_each_generates_alone(llama: transform
     assert together == alone
 
 
-def test_rows_of_a_batch_end_on_their_own_stop_strings(llama: transformers_runtime.TransformerModel) -> None:
+def test_rows_of_a_batch_end_on_their_own_stop_strings(llama: transformers_loading.TransformerModel) -> None:
     # Given a stop string taken from the middle of the first prompt's greedy text
     full = _run(llama, BATCH_PROMPTS[0], max_new_tokens=30).text
     stop = full[6:9]
@@ -235,7 +238,7 @@ def test_rows_of_a_batch_end_on_their_own_stop_strings(llama: transformers_runti
 
 
 def test_a_refused_prompt_fails_alone_and_the_rest_of_the_batch_runs(
-        llama: transformers_runtime.TransformerModel) -> None:
+        llama: transformers_loading.TransformerModel) -> None:
     from hypha_celery.errors import InvalidInput
 
     # Given a batch where one prompt is longer than the model's maximum length
@@ -262,7 +265,7 @@ def test_the_tiny_llama_imports_as_text_generation_with_its_chat_template(tmp_pa
     # Given the tiny Llama written to a folder
     write_tiny_llama(tmp_path)
     # When it is imported into a store
-    manifest = ModelStore(tmp_path / "store").import_hf(tmp_path, TINY_LLAMA).manifest
+    manifest = ModelStore(tmp_path / "store").add("transformers", tmp_path, TINY_LLAMA).manifest
     # Then it is a Llama text-generation model with its chat template and a KV-cache estimate
     assert (manifest.task, manifest.architecture) == ("text-generation", "LlamaForCausalLM")
     assert "chat_template.jinja" in manifest.files and manifest.memory is not None

@@ -11,11 +11,11 @@ from types import ModuleType
 import fakeredis
 import pytest
 
+from hypha_celery.harness import gpu_check
+from hypha_celery.harness.gpu_memory import NvmlMemory, Sample, Sampler, compare
 from hypha_celery.resources import gpu
 from hypha_celery.resources.ledger import Capacity, Ledger
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.tools import gpu_check
-from hypha_celery.tools.gpu_check import NvmlMemory, Sample, Sampler, compare
 
 FAKE_NVML = Path(__file__).parents[1] / "fake_nvml" / "pynvml.py"
 NO_SUCH_PID = 4_194_304 + 17  # above Linux's largest pid_max: a pid NVML may report from another namespace

@@ -15,8 +15,8 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models import hf_format
-from hypha_celery.models.safe_files import open_regular
+from hypha_celery.formats import huggingface
+from hypha_celery.formats.safe_files import open_regular
 from hypha_celery.models.store import ModelStore
 
 SECRET = b"signing_key = 'do-not-leak'\n"
@@ -96,7 +96,7 @@ def test_a_link_or_fifo_in_a_model_folder_refuses_the_import(tmp_path: Path, sec
     store = capped_store(tmp_path / "store", "1GB")
     # When it is imported
     with pytest.raises(UnsupportedModel) as refused:
-        store.import_hf(folder, "m")
+        store.add("transformers", folder, "m")
     # Then the import is refused naming the entry, and the host file's bytes are nowhere in the store
     assert named in str(refused.value)
     assert not store.has("m") and SECRET not in store_bytes(tmp_path / "store")
@@ -107,17 +107,17 @@ def test_a_link_swapped_in_after_the_scan_is_refused_when_opened(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clean model folder whose tokenizer.json becomes a link to a host file once the folder was scanned
     folder = model_folder(tmp_path / "src")
-    identify = hf_format.identify
+    identify = huggingface.identify
 
     def swap(*args: Any) -> Any:
         _plant_link(folder, secret)
         return identify(*args)
 
-    monkeypatch.setattr(hf_format, "identify", swap)
+    monkeypatch.setattr(huggingface, "identify", swap)
     store = capped_store(tmp_path / "store", "1GB")
     # When it is imported
     with pytest.raises(UnsupportedModel, match=r"tokenizer\.json is a symbolic link"):
-        store.import_hf(folder, "m")
+        store.add("transformers", folder, "m")
     # Then the open refused the link: the host file's bytes never reached the store
     assert not store.has("m") and SECRET not in store_bytes(tmp_path / "store")
 
@@ -126,17 +126,17 @@ def test_a_hardlink_made_after_the_scan_is_refused_when_opened(tmp_path: Path, s
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a clean model folder whose tokenizer.json becomes a hard link to a host file once the folder was scanned
     folder = model_folder(tmp_path / "src")
-    identify = hf_format.identify
+    identify = huggingface.identify
 
     def swap(*args: Any) -> Any:
         _plant_hardlink(folder, secret)
         return identify(*args)
 
-    monkeypatch.setattr(hf_format, "identify", swap)
+    monkeypatch.setattr(huggingface, "identify", swap)
     store = capped_store(tmp_path / "store", "1GB")
     # When it is imported
     with pytest.raises(UnsupportedModel, match=r"tokenizer\.json has 2 hard links"):
-        store.import_hf(folder, "m")
+        store.add("transformers", folder, "m")
     # Then the open refused it: the host file's bytes never reached the store
     assert not store.has("m") and SECRET not in store_bytes(tmp_path / "store")
 
@@ -165,7 +165,7 @@ def test_a_sparse_model_above_the_cap_is_refused_before_a_byte_is_copied(tmp_pat
     store = capped_store(tmp_path / "store", "1MB")
     # When it is imported
     with _watch_staging(monkeypatch) as made, pytest.raises(UnsupportedModel, match="above max_model_size"):
-        store.import_hf(folder, "m")
+        store.add("transformers", folder, "m")
     # Then it was refused from the files' sizes: no staging folder was ever made, nothing was written
     assert made == [] and not store.has("m") and staging_folders(tmp_path / "store") == []
 
@@ -174,20 +174,18 @@ def test_a_file_that_grows_after_it_was_measured_stops_at_the_cap(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a model folder under the 1 MB cap whose weights grow (sparse, to 64 MB) once they were measured and checked
     folder = model_folder(tmp_path / "src")
-    from hypha_celery.models import safetensors_header
-
-    read_checkpoint = safetensors_header.read_checkpoint
+    read_checkpoint = huggingface.read_checkpoint
 
     def grow(*args: Any) -> Any:
         checked = read_checkpoint(*args)
         os.truncate(folder / "model.safetensors", 64 * 2**20)
         return checked
 
-    monkeypatch.setattr(safetensors_header, "read_checkpoint", grow)
+    monkeypatch.setattr(huggingface, "read_checkpoint", grow)
     store = capped_store(tmp_path / "store", "1MB")
     # When it is imported
     with pytest.raises(UnsupportedModel, match="grew past max_model_size while it was copied"):
-        store.import_hf(folder, "m")
+        store.add("transformers", folder, "m")
     # Then the copy stopped at the cap and its staging folder is gone
     assert not store.has("m") and staging_folders(tmp_path / "store") == []
 
@@ -218,7 +216,7 @@ def test_an_import_sweeps_another_models_dead_staging(tmp_path: Path) -> None:
     leftover.mkdir(parents=True)
     store = ModelStore(root)
     # When a model is imported
-    store.import_hf(model_folder(tmp_path / "src"), "m")
+    store.add("transformers", model_folder(tmp_path / "src"), "m")
     # Then the dead folder is gone and the model is installed
     assert not leftover.exists() and store.list() == ["m"]
 
@@ -231,7 +229,7 @@ def test_an_onnx_folder_whose_model_is_a_link_is_refused(tmp_path: Path, secret:
     store = capped_store(tmp_path / "store", "1GB")
     # When it is imported, Then it is refused naming the link, and the host file's bytes are nowhere in the store
     with pytest.raises(UnsupportedModel, match=r"model\.onnx is a symbolic link"):
-        store.import_onnx(folder, "m")
+        store.add("onnx", folder, "m")
     assert SECRET not in store_bytes(tmp_path / "store")
 
 

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from hypha_celery.cli.main import main
 from hypha_celery.models import examples
-from hypha_celery.tools.cli import main
 
 
 def _without(monkeypatch: pytest.MonkeyPatch, *missing: str) -> None:

@@ -25,9 +25,9 @@ from hypha_celery.errors import (
 )
 from hypha_celery.executor.pool import _job_limits
 from hypha_celery.executor.process import ExecutorSettings
+from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Call, Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.tools.launch import wait_for
 
 MiB = 2**20
 

@@ -9,8 +9,9 @@ import pytest
 
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, init_examples
 from hypha_celery.models.store import ModelStore
-from hypha_celery.protocol import ChildSettings, Generate, Infer, Prompt, Train
+from hypha_celery.protocol import ChildSettings
 from hypha_celery.stages.validation import GenerateParams
+from hypha_celery.work import Generate, Infer, Prompt, Train
 from tests.unit.test_finetune import _adapter, _Replies
 
 PROMPTS = ["the cat sat", "the cat sat", "the cat sat", "the sun rose over the hill"]
@@ -41,7 +42,8 @@ def executor(store: ModelStore, tmp_path: Path) -> Any:
 
 def _classifier_adapter(store: ModelStore, name: str, labels: list[int], tmp_path: Path) -> None:
     """A LoRA adapter of the tiny classifier (peft also trains its head, a modules_to_save copy)."""
-    from hypha_celery.models.finetune import finetune, save
+    from hypha_celery.training.finetune.run import finetune
+    from hypha_celery.training.finetune.save import save
 
     request = Train(model=TINY_CLASSIFIER, new_model=name, epochs=1, lr=5e-2, batch_size=4, method="lora",
                     lora={"r": 4}, max_steps=6, progress_interval=60.0)
@@ -50,7 +52,7 @@ def _classifier_adapter(store: ModelStore, name: str, labels: list[int], tmp_pat
     out = tmp_path / name
     out.mkdir()
     save(done, store, out, merge=False)
-    store.save_adapter(out, name, TINY_CLASSIFIER)
+    store.add("transformers", out, name, base=TINY_CLASSIFIER)
 
 
 def _generate(executor: Any, models: list[str], prompts: list[str]) -> list[str]:

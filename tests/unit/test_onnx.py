@@ -18,11 +18,17 @@ import torch  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
 from hypha_celery.errors import UnsupportedModel  # noqa: E402
-from hypha_celery.models import onnx_format  # noqa: E402
+from hypha_celery.formats import onnx as onnx_format  # noqa: E402
+from hypha_celery.formats.registry import read_manifest  # noqa: E402
+from hypha_celery.formats.safe_files import sha256_file  # noqa: E402
+from hypha_celery.manifest import (  # noqa: E402
+    MODEL_MANIFEST,
+    ONNX_FILE,
+    expected_size,
+)
 from hypha_celery.models.examples import export_onnx, fitted_mlp  # noqa: E402
-from hypha_celery.models.manifest import MODEL_MANIFEST, ONNX_FILE, Manifest, expected_size  # noqa: E402
-from hypha_celery.models.runtime import infer_batch, load  # noqa: E402
-from hypha_celery.models.store import ModelStore, sha256_file  # noqa: E402
+from hypha_celery.models.store import ModelStore  # noqa: E402
+from hypha_celery.runtimes.registry import infer_batch, load  # noqa: E402
 from hypha_celery.stages.sizing import HOST_FLOOR, estimate  # noqa: E402
 
 ROWS = [[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0], [1.0, -2.0, 0.5, 3.0]]
@@ -65,7 +71,7 @@ def test_an_imported_graph_records_its_input_outputs_batch_axis_and_weights(stor
     # Given the mlp exported with a dynamic batch axis
     folder = exported(mlp, tmp_path / "src")
     # When it is imported
-    manifest = store.import_onnx(folder, "m").manifest
+    manifest = store.add("onnx", folder, "m").manifest
     # Then the manifest names the graph's input and output, the batch axis, and the initializers' bytes
     parameters = sum(p.numel() for p in mlp.parameters())
     assert (manifest.runtime, manifest.architecture, manifest.task, manifest.format) == (
@@ -78,12 +84,12 @@ def test_an_imported_graph_records_its_input_outputs_batch_axis_and_weights(stor
     assert list(manifest.files) == [ONNX_FILE]
     # And a reader of the stored manifest gets the same model
     stored = json.loads((store.path("m") / MODEL_MANIFEST).read_text())
-    assert Manifest.from_json(stored, "m") == manifest
+    assert read_manifest(stored, "m") == manifest
 
 
 def test_onnx_output_equals_the_torch_reference(store: ModelStore, mlp, tmp_path) -> None:
     # Given the imported mlp
-    store.import_onnx(exported(mlp, tmp_path / "src"), "m")
+    store.add("onnx", exported(mlp, tmp_path / "src"), "m")
     loaded, size = load(store, "m", "cpu")
     # When rows are sent as a nested list and as an encoded float32 tensor
     encoded = {"dtype": "float32", "shape": [4, 4],
@@ -102,7 +108,7 @@ def test_onnx_output_equals_the_torch_reference(store: ModelStore, mlp, tmp_path
 @pytest.mark.parametrize("dynamic_batch", [True, False])
 def test_a_batch_answers_each_item_as_it_would_be_answered_alone(store: ModelStore, mlp, tmp_path, dynamic_batch) -> None:
     # Given the mlp exported with a dynamic batch axis, or with the batch fixed at 1 (batchable false)
-    manifest = store.import_onnx(exported(mlp, tmp_path / "src", dynamic_batch=dynamic_batch), "m").manifest
+    manifest = store.add("onnx", exported(mlp, tmp_path / "src", dynamic_batch=dynamic_batch), "m").manifest
     assert manifest.batchable is dynamic_batch
     loaded, _ = load(store, "m", "cpu")
     items = [ROWS[0], ROWS[1:3], [ROWS[3]], ROWS]
@@ -125,7 +131,7 @@ def test_a_model_with_external_data_is_refused_at_import(store: ModelStore, mlp,
     assert (folder / "weights.bin").is_file()
     # When it is imported, Then it is refused with the reason, and nothing is stored
     with pytest.raises(UnsupportedModel, match=r"uses external data .*CVE-2024-27318"):
-        store.import_onnx(folder, "m")
+        store.add("onnx", folder, "m")
     assert not store.has("m") and store.list() == []
 
 
@@ -137,7 +143,7 @@ def test_a_planted_external_data_path_is_never_read(mlp, tmp_path: Path, where: 
     marker.parent.mkdir()
     marker.write_bytes(b"s" * 4096)
     store = ModelStore(tmp_path / "a" / "b" / "store")
-    store.import_onnx(exported(mlp, tmp_path / "src"), "m")
+    store.add("onnx", exported(mlp, tmp_path / "src"), "m")
     folder = store.path("m")
     location = "../../../../outside/secret.bin" if where == "traversal" else str(marker)
     assert (folder / location).resolve() == marker.resolve()
@@ -151,7 +157,7 @@ def test_a_planted_external_data_path_is_never_read(mlp, tmp_path: Path, where: 
         opened = []
         sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else None)
         from hypha_celery.errors import UnsupportedModel
-        from hypha_celery.models.runtime import load
+        from hypha_celery.runtimes.registry import load
         from hypha_celery.models.store import ModelStore
         try:
             load(ModelStore({str(store.root)!r}), "m", "cpu")
@@ -222,7 +228,7 @@ def test_a_graph_the_runtime_cannot_feed_is_refused(inputs: list, reason: str) -
 
 def test_a_manifest_that_disagrees_with_its_graph_is_refused(store: ModelStore, mlp, tmp_path) -> None:
     # Given a stored graph whose manifest understates its weights
-    store.import_onnx(exported(mlp, tmp_path / "src"), "m")
+    store.add("onnx", exported(mlp, tmp_path / "src"), "m")
     path = store.path("m") / MODEL_MANIFEST
     manifest = json.loads(path.read_text())
     manifest["memory"]["weights_bytes"] = 1
@@ -235,14 +241,14 @@ def test_a_manifest_that_disagrees_with_its_graph_is_refused(store: ModelStore, 
 
 
 def test_training_an_onnx_model_is_refused(store: ModelStore, mlp, tmp_path) -> None:
-    store.import_onnx(exported(mlp, tmp_path / "src"), "m")
+    store.add("onnx", exported(mlp, tmp_path / "src"), "m")
     with pytest.raises(UnsupportedModel, match="cannot be trained"):
         load(store, "m", "cpu", trainable=True)
 
 
 def test_sizing_counts_the_graph_weights_and_its_load(store: ModelStore, mlp, tmp_path) -> None:
     # Given an imported graph
-    manifest = store.import_onnx(exported(mlp, tmp_path / "src"), "m").manifest
+    manifest = store.add("onnx", exported(mlp, tmp_path / "src"), "m").manifest
     assert manifest.memory is not None
     weights, file_size = manifest.memory.weights_bytes, manifest.files[ONNX_FILE].size
     # Then its weights keep their dtype on every device, and a first CPU load reserves the file twice more
@@ -261,10 +267,10 @@ def test_sizing_counts_the_graph_weights_and_its_load(store: ModelStore, mlp, tm
 ])
 def test_an_onnx_manifest_breaking_a_rule_is_refused(store: ModelStore, mlp, tmp_path, change, reason) -> None:
     # Given a valid ONNX manifest, When one rule is broken, Then a reader refuses it with the reason
-    data = store.import_onnx(exported(mlp, tmp_path / "src"), "m").manifest.to_json()
+    data = store.add("onnx", exported(mlp, tmp_path / "src"), "m").manifest.to_json()
     change(data)
     with pytest.raises(UnsupportedModel, match=reason):
-        Manifest.from_json(data, "m")
+        read_manifest(data, "m")
 
 
 def test_the_worker_checks_an_onnx_payload_before_any_executor(store: ModelStore, mlp, tmp_path) -> None:
@@ -272,7 +278,7 @@ def test_the_worker_checks_an_onnx_payload_before_any_executor(store: ModelStore
     from hypha_celery.stages.validation import check_infer_payload
 
     # Given an imported graph taking 4 features per sample
-    manifest = store.import_onnx(exported(mlp, tmp_path / "src"), "m").manifest
+    manifest = store.add("onnx", exported(mlp, tmp_path / "src"), "m").manifest
     # Then rows of 4 pass, and texts or rows of another width are refused with the reason
     check_infer_payload(manifest, "inputs", ROWS, 1 << 20)
     with pytest.raises(InvalidInput, match=r"takes \[4\] per sample"):
@@ -286,8 +292,8 @@ def test_a_fetched_graph_is_checked_again_and_a_planted_one_never_installed(mlp,
 
     # Given a source store serving a good graph, and one whose graph (hashes forged) points at external data
     served = ModelStore(tmp_path / "served")
-    served.import_onnx(exported(mlp, tmp_path / "src"), "good")
-    served.import_onnx(exported(mlp, tmp_path / "src"), "bad")
+    served.add("onnx", exported(mlp, tmp_path / "src"), "good")
+    served.add("onnx", exported(mlp, tmp_path / "src"), "bad")
     folder = served.path("bad")
     with_external_tensor(folder / ONNX_FILE, folder / ONNX_FILE, "../good/model.onnx")
     manifest = json.loads((folder / MODEL_MANIFEST).read_text())

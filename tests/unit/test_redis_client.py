@@ -6,10 +6,10 @@ import pytest
 import redis
 
 from hypha_celery.errors import ConfigError, RegistryUnavailable
+from hypha_celery.harness.launch import free_port
 from hypha_celery.keys import KeySchema
 from hypha_celery.redis_client import LazyCluster, check_registry, hash_tag, registry_client, split_cluster_flag
 from hypha_celery.resources.ledger import Ledger
-from hypha_celery.tools.launch import free_port
 
 
 def test_the_cluster_flag_is_read_and_taken_out_of_the_url() -> None:

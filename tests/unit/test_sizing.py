@@ -8,8 +8,8 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ExcessiveMemoryRequest, InvalidTask
+from hypha_celery.manifest import Manifest
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
-from hypha_celery.models.manifest import Manifest
 from hypha_celery.models.store import ModelStore
 from hypha_celery.resources.gpu import CUDA_CONTEXT, CUDA_HOST_RUNTIME
 from hypha_celery.resources.requirements import DEFAULT_MEMORY, Requirements
@@ -26,7 +26,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
     for name, write in ((TINY_LLAMA, write_tiny_llama), (TINY_CLASSIFIER, lambda p: write_tiny_bert(p, classifier=True))):
         (root / name).mkdir()
         write(root / name)
-        store.import_hf(root / name, name)
+        store.add("transformers", root / name, name)
     return store
 
 
@@ -107,11 +107,11 @@ def test_a_held_model_is_not_reserved_twice(llama: Manifest) -> None:
 
 
 def test_built_in_models_keep_the_fixed_default(tmp_path: Path) -> None:
-    from hypha_celery.models.architectures import build, example_input_shape
+    from hypha_celery.formats.builtin import build, example_input_shape
 
     store = ModelStore(tmp_path)
     config = {"in_features": 4, "hidden": 16, "out_features": 3}
-    store.save("mlp", build("mlp", config), architecture="mlp", config=config,
+    store.add("builtin", build("mlp", config), "mlp", architecture="mlp", config=config,
                input_shape=example_input_shape("mlp", config))
     req = requirements_for_model(CFG, None, store.manifest("mlp"), holds=never)
     assert req.memory == DEFAULT_MEMORY and req.auto == frozenset()

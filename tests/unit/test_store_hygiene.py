@@ -46,7 +46,7 @@ def test_a_manifest_with_a_non_boolean_batchable_is_refused(tmp_path: Path, mode
 
 
 def test_a_store_with_a_staging_folder_assembles_new_models_there(tmp_path: Path) -> None:
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
 
     # Given a store whose staging folder is model_dir/.incoming (a sandboxed training executor's),
     # holding a dead save's leftover
@@ -56,7 +56,7 @@ def test_a_store_with_a_staging_folder_assembles_new_models_there(tmp_path: Path
     store = ModelStore(root, staging=root / ".incoming")
     config = {"in_features": 4, "hidden": 8, "out_features": 3}
     # When a model is saved
-    store.save("mlp", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    store.add("builtin", build("mlp", config), "mlp", architecture="mlp", config=config, input_shape=[4])
     # Then it is installed in model_dir by a rename from the staging folder, which is left empty
     assert store.list() == ["mlp"] and list((root / ".incoming").iterdir()) == []
     assert ModelStore(root).verified_weights("mlp")[0].architecture == "mlp"

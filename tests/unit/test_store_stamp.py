@@ -22,7 +22,7 @@ def imported(tmp_path: Path) -> tuple[ModelStore, Path]:
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}).encode()
     (source / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(16))
     store = ModelStore(tmp_path / "store")
-    store.import_hf(source, "tiny")
+    store.add("transformers", source, "tiny")
     return store, store.path("tiny") / "model.safetensors"
 
 

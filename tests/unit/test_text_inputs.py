@@ -8,12 +8,12 @@ import pytest
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, InvalidInput, contained
-from hypha_celery.models import transformers_runtime
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_LLAMA, write_tiny_bert, write_tiny_llama
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.text_inputs import BYTES_PER_TOKEN, SLACK_BYTES, UNKNOWN_LENGTH_BYTES, text_byte_limit
-from hypha_celery.protocol import Generate, Generated, Prompt
+from hypha_celery.runtimes import transformers_generation, transformers_loading
 from hypha_celery.stages.validation import GenerateParams, validate_generate, validate_infer, validate_train
+from hypha_celery.work import Generate, Generated, Prompt
 
 LONE = "\ud800"  # what JSON's "\ud800" decodes to: a lone surrogate, no Unicode scalar value
 
@@ -29,16 +29,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
             write_tiny_bert(folder, classifier=True)
         else:
             write_tiny_llama(folder)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 
 @pytest.fixture(scope="module")
-def llama(store: ModelStore) -> transformers_runtime.TransformerModel:
+def llama(store: ModelStore) -> transformers_loading.TransformerModel:
     import torch
 
     torch.set_num_threads(1)
-    return transformers_runtime.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_loading.load(store, TINY_LLAMA, "cpu")[0]
 
 
 def _limit(store: ModelStore, model: str) -> int:
@@ -137,7 +137,7 @@ def test_max_text_bytes_is_auto_by_default_and_a_bad_value_names_the_key() -> No
 
 
 def test_the_executor_refuses_a_prompt_over_the_bound_before_its_tokenizer_runs(
-        llama: transformers_runtime.TransformerModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        llama: transformers_loading.TransformerModel, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given the loaded tiny Llama whose tokenizer records what it is handed
     seen: list[Any] = []
     tokenizer = llama.tokenizer
@@ -152,7 +152,7 @@ def test_the_executor_refuses_a_prompt_over_the_bound_before_its_tokenizer_runs(
 
 
 def test_a_panic_in_the_tokenizer_fails_its_prompt_alone(
-        llama: transformers_runtime.TransformerModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        llama: transformers_loading.TransformerModel, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a tokenizer that panics (as pyo3 raises a Rust panic: a BaseException, not an Exception) on one prompt
     monkeypatch.setattr(llama, "tokenizer", _Recording(llama.tokenizer, [], panic_on="boom"))
     # When it is batched with a fine prompt
@@ -163,15 +163,15 @@ def test_a_panic_in_the_tokenizer_fails_its_prompt_alone(
 
 
 def test_a_stored_data_sets_text_is_checked_in_the_executor_before_the_tokenizer(
-        llama: transformers_runtime.TransformerModel) -> None:
-    from hypha_celery.models import finetune
+        llama: transformers_loading.TransformerModel) -> None:
+    from hypha_celery.training.finetune.data import examples
 
     # Given a data set's texts as the executor reads them from data.json (validation never saw them)
     # When one is over the model's bound, or holds a lone surrogate, Then it is refused by name and index
     with pytest.raises(InvalidInput, match=r"data\.texts\[1\] is 8193 bytes, above the 8192 bytes"):
-        finetune._examples(llama, {"texts": ["fine", "x" * 8193]})
+        examples(llama, {"texts": ["fine", "x" * 8193]})
     with pytest.raises(InvalidInput, match=r"data\.texts\[0\] is not valid Unicode"):
-        finetune._examples(llama, {"texts": [LONE]})
+        examples(llama, {"texts": [LONE]})
 
 
 def test_contained_takes_exceptions_and_panics_but_not_exits() -> None:
@@ -200,7 +200,7 @@ class _Recording:
         return getattr(self._inner, name)
 
 
-def _batch(model: transformers_runtime.TransformerModel, prompts: list[Prompt]) -> list[Generated | Exception]:
+def _batch(model: transformers_loading.TransformerModel, prompts: list[Prompt]) -> list[Generated | Exception]:
     request = Generate(model=TINY_LLAMA, prompts=prompts, params=GenerateParams(max_new_tokens=2).to_json(),
                        progress_interval=60.0)
-    return transformers_runtime.generate(model, request, lambda _: None).outputs
+    return transformers_generation.generate(model, request, lambda _: None).outputs

@@ -12,12 +12,12 @@ from celery import Celery
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
-from hypha_celery.models.architectures import build
+from hypha_celery.formats.builtin import build
 from hypha_celery.models.store import PRODUCED, ModelStore
-from hypha_celery.protocol import Trained
 from hypha_celery.stages.validation import TrainSpec, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
+from hypha_celery.work import Trained
 
 CONFIG = {"in_features": 4, "hidden": 8, "out_features": 3}
 TASK_ID = "0b7d6c2e-1f0a-4c3e-9d2b-5a6f7e8d9c0b"
@@ -29,12 +29,12 @@ KWARGS: dict[str, Any] = {"model": "mlp", "data": {"inputs": [[0.0, 1.0, 2.0, 3.
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     store = ModelStore(tmp_path / "models")
-    store.save("mlp", build("mlp", CONFIG), architecture="mlp", config=CONFIG, input_shape=[4])
+    store.add("builtin", build("mlp", CONFIG), "mlp", architecture="mlp", config=CONFIG, input_shape=[4])
     return store
 
 
 def save_trained(store: ModelStore, model_id: str, produced_by: dict[str, Any] | None) -> None:
-    store.save(model_id, build("mlp", CONFIG), architecture="mlp", config=CONFIG, input_shape=[4], parent="mlp",
+    store.add("builtin", build("mlp", CONFIG), model_id, architecture="mlp", config=CONFIG, input_shape=[4], parent="mlp",
                produced_by=produced_by)
 
 

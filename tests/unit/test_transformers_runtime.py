@@ -15,13 +15,14 @@ from safetensors.torch import load_file, save_file
 
 from hypha_celery.config import parse_config
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.models import transformers_runtime
+from hypha_celery.manifest import MODEL_MANIFEST
 from hypha_celery.models.examples import TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VIT, write_tiny_bert, write_tiny_vit
-from hypha_celery.models.manifest import MODEL_MANIFEST
-from hypha_celery.models.runtime import infer_batch, load
 from hypha_celery.models.store import ModelStore
-from hypha_celery.models.transformers_runtime import Pooling
-from hypha_celery.stages.validation import MAX_IMAGE_PIXELS, MAX_TEXTS, InferSpec, image_size, validate_infer
+from hypha_celery.models.tensors import MAX_IMAGE_PIXELS
+from hypha_celery.runtimes import transformers_loading
+from hypha_celery.runtimes.registry import infer_batch, load
+from hypha_celery.runtimes.transformers_loading import Pooling
+from hypha_celery.stages.validation import MAX_TEXTS, InferSpec, image_size, validate_infer
 
 TEXTS = ["I loved this film", "a terrible and boring movie", "the cat sat on the mat in the morning sun", "rain"]
 
@@ -35,7 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
         folder = root / name
         folder.mkdir()
         write(folder)
-        store.import_hf(folder, name)
+        store.add("transformers", folder, name)
     return store
 
 
@@ -44,7 +45,7 @@ def _import_variant(store: ModelStore, tmp_path: Path, model_id: str, change: Ca
     folder.mkdir()
     write_tiny_bert(folder, classifier=True)
     change(folder)
-    store.import_hf(folder, model_id)
+    store.add("transformers", folder, model_id)
 
 
 def _png(size: tuple[int, int], color: tuple[int, int, int]) -> str:
@@ -61,7 +62,7 @@ def test_the_tiny_examples_load_with_every_weight_present(store: ModelStore) -> 
     # Then each is counted by its real parameter and buffer bytes
     assert all(size > 0 for size in sizes.values())
     loaded, size = load(store, TINY_CLASSIFIER, "cpu")
-    assert size == transformers_runtime.module_bytes(loaded.module)
+    assert size == transformers_loading.module_bytes(loaded.module)
 
 
 def test_a_checkpoint_missing_a_weight_is_refused_by_name(store: ModelStore, tmp_path: Path) -> None:
@@ -90,7 +91,7 @@ def test_planted_code_beside_a_stored_model_never_runs(store: ModelStore, tmp_pa
     config_path.write_text(json.dumps(config))
     manifest = json.loads((planted / "store" / "planted" / MODEL_MANIFEST).read_text())
     manifest["id"] = "planted"
-    from hypha_celery.models.store import sha256_file
+    from hypha_celery.formats.safe_files import sha256_file
 
     manifest["files"]["config.json"] = {"sha256": sha256_file(config_path), "size": config_path.stat().st_size}
     (planted / "store" / "planted" / MODEL_MANIFEST).write_text(json.dumps(manifest))
@@ -108,7 +109,7 @@ def test_a_config_with_a_quantization_config_is_refused_at_load(store: ModelStor
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "bitsandbytes"}
     (folder / "config.json").write_text(json.dumps(config))
-    from hypha_celery.models.store import sha256_file
+    from hypha_celery.formats.safe_files import sha256_file
 
     manifest = json.loads((folder / MODEL_MANIFEST).read_text())
     manifest["id"] = "quantised"
@@ -183,7 +184,7 @@ def test_an_unsupported_sentence_transformers_module_is_refused(store: ModelStor
     modules = json.loads((folder / "modules.json").read_text())
     modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (folder / "modules.json").write_text(json.dumps(modules))
-    store.import_hf(folder, "dense-embedder")
+    store.add("transformers", folder, "dense-embedder")
     # When it loads, Then it is refused, naming the module
     with pytest.raises(UnsupportedModel, match="Dense"):
         load(store, "dense-embedder", "cpu")
@@ -250,11 +251,11 @@ def test_validation_refuses_a_file_that_is_neither_png_nor_jpeg(store: ModelStor
 
 def test_validation_refuses_texts_for_a_built_in_model(tmp_path: Path) -> None:
     # Given a store with the built-in mlp
-    from hypha_celery.models.architectures import build
+    from hypha_celery.formats.builtin import build
 
     store = ModelStore(tmp_path)
     config = {"in_features": 4, "hidden": 4, "out_features": 3}
-    store.save("mlp", build("mlp", config), architecture="mlp", config=config, input_shape=[4])
+    store.add("builtin", build("mlp", config), "mlp", architecture="mlp", config=config, input_shape=[4])
     # When it is sent texts, Then they are refused
     with pytest.raises(InvalidInput, match="takes inputs"):
         _validate(store, model="mlp", texts=["a"])

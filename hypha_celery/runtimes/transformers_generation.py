@@ -1,0 +1,169 @@
+"""The transformers runtime's generation: ``hypha.generate`` with transformers' own ``generate``.
+
+No sampling code here: a :class:`_Watch` stopping criterion, called after
+every token, notes the first token's time, stops a row on its end-of-sequence
+token or a stop string, and reports the text so far. With ``params["proof"]``
+the lm head's inputs are captured on the way (:mod:`.transformers_proofs`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from hypha_celery.errors import InvalidTask, contained
+from hypha_celery.formats.huggingface import TEXT_GENERATION
+from hypha_celery.runtimes import transformers_proofs
+from hypha_celery.runtimes.transformers_adapters import RowAdapters, row_name, selected
+from hypha_celery.runtimes.transformers_loading import TransformerModel
+from hypha_celery.runtimes.transformers_prompts import prompt_ids
+from hypha_celery.work import Generate, Generated, Generation, Streamed
+
+__all__ = ["generate", "visible"]
+
+
+class _Watch:
+    """A transformers ``StoppingCriteria`` (duck-typed: called after each token with the ids so far).
+
+    Per row of the batch it notes where the row ended (its end-of-sequence
+    token, or a stop string in its decoded text) and stops that row; it times the
+    first token and reports each live row's text at most every ``interval`` seconds, with the token
+    ids since its previous report (``sent``: how many of a row's tokens were reported).
+    Rows are decoded only when a stop string must be looked for or a report is due.
+    """
+
+    def __init__(self, tokenizer: Any, prompt_width: int, indices: Sequence[int], stop: Sequence[str],
+                 interval: float, report: Callable[[Streamed], None]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.indices = list(indices)
+        self.stop = tuple(stop)
+        self.interval = interval
+        self.report = report
+        self.eos = tokenizer.eos_token_id
+        self.started = time.perf_counter()
+        self.first_token_s: float | None = None
+        self.ended_at: list[int | None] = [None] * len(self.indices)
+        self.sent = [0] * len(self.indices)
+        self._last_report = 0.0
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        now = time.perf_counter()
+        if self.first_token_s is None:
+            self.first_token_s = now - self.started
+        generated = input_ids[:, self.prompt_width:]
+        length = int(generated.shape[1])
+        due = now - self._last_report >= self.interval
+        if due:
+            self._last_report = now
+        for row, ended in enumerate(self.ended_at):
+            if ended is not None:
+                continue
+            if self.eos is not None and int(generated[row, -1]) == self.eos:
+                self.ended_at[row] = length
+            if not (self.stop or due):
+                continue
+            text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+            if any(stop in text for stop in self.stop):
+                self.ended_at[row] = length
+            if due:
+                self.finish(row, visible(text, self.stop), generated[row, :length].tolist())
+        return torch.tensor([ended is not None for ended in self.ended_at], dtype=torch.bool, device=input_ids.device)
+
+
+    def finish(self, row: int, text: str, ids: Sequence[int]) -> None:
+        """Report row ``row``'s ``text`` so far and its tokens ``ids`` (all of them; those not yet sent go)."""
+        start = self.sent[row]
+        self.sent[row] = len(ids)
+        self.report(Streamed(text=text, tokens=len(ids), index=self.indices[row], ids=list(ids[start:]), start=start,
+                             at=time.time()))
+
+def visible(text: str, stop: Sequence[str]) -> str:
+    """What a client may see of unfinished text: a prefix of the final text.
+
+    Cut at a stop string, hold back a tail that may become one, and drop a
+    trailing replacement character (a multi-byte character whose bytes are still arriving).
+    """
+    cuts = [text.find(s) for s in stop if s in text]
+    if cuts:
+        return text[:min(cuts)]
+    hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - hold].rstrip("\ufffd")
+
+
+def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
+             per_prompt: Sequence[TransformerModel] | None = None) -> Generation:
+    """Generate for every prompt of ``request`` in one batch with transformers' ``generate``.
+
+    Prompts are left-padded to one width (the attention mask hides the padding),
+    so each row's greedy text equals what it generates alone. A prompt that is
+    refused (too long, messages without a chat template) gets its error; the
+    others still run. ``report`` gets each row's text as it grows. ``per_prompt``:
+    each prompt's model when the batch mixes adapters of ``model``'s base.
+    """
+    with selected(model, per_prompt) as mixed:
+        return _generate(model, request, report, per_prompt, mixed)
+
+
+def _generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
+              per_prompt: Sequence[TransformerModel] | None, mixed: RowAdapters | None) -> Generation:
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    if model.task != TEXT_GENERATION:
+        raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
+    params = request.params
+    tokenizer = model.tokenizer
+    outputs: list[Generated | Exception | None] = [None] * len(request.prompts)
+    rows: list[tuple[int, list[int]]] = []
+    for index, prompt in enumerate(request.prompts):
+        try:
+            rows.append((index, prompt_ids(model, prompt, params["max_new_tokens"])))
+        except BaseException as exc:  # refused, or what the tokenizer raised (a panic too): this prompt fails alone
+            if not contained(exc):
+                raise
+            outputs[index] = exc if isinstance(exc, Exception) else RuntimeError(f"{type(exc).__name__}: {exc}")
+    if not rows:
+        return Generation([o for o in outputs if o is not None], 0.0, 0.0)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    width = max(len(ids) for _, ids in rows)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in rows])
+    attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows])
+    sampling = {key: params[key] for key in ("temperature", "top_p", "top_k")} if params["do_sample"] else {}
+    config = GenerationConfig(
+        max_new_tokens=params["max_new_tokens"], do_sample=params["do_sample"],
+        repetition_penalty=params["repetition_penalty"], pad_token_id=pad,
+        eos_token_id=tokenizer.eos_token_id, **sampling,
+    )
+    if params["seed"] is not None:
+        torch.manual_seed(params["seed"])
+    watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report)
+    if mixed is not None and per_prompt is not None:
+        mixed.rows = [row_name(per_prompt[index]) for index, _ in rows]
+    started = time.perf_counter()
+    with ExitStack() as stack:
+        states = stack.enter_context(transformers_proofs.capture(model)) if params.get("proof") else None
+        with torch.inference_mode():
+            output = model.module.generate(
+                input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
+                generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
+            )
+    compute_s = time.perf_counter() - started
+    kept = [output[row, width:][:watch.ended_at[row]] if watch.ended_at[row] is not None else output[row, width:]
+            for row in range(len(rows))]
+    proved = transformers_proofs.prove_rows(model, states, [new.tolist() for new in kept]) if states is not None else None
+    for row, (index, ids) in enumerate(rows):
+        new, ended = kept[row], watch.ended_at[row]
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        cuts = [text.find(stop) for stop in params["stop"] if stop in text]
+        if cuts:
+            text = text[:min(cuts)]
+        finish = "stop" if ended is not None or new.numel() < params["max_new_tokens"] else "length"
+        outputs[index] = Generated(text=text, finish_reason=finish, prompt_tokens=len(ids),
+                                   completion_tokens=int(new.numel()), proof=proved[row] if proved else None)
+        watch.finish(row, text, new.tolist())  # the final text, and the tokens since the last report
+    first = watch.first_token_s if watch.first_token_s is not None else compute_s
+    return Generation([o for o in outputs if o is not None], first, compute_s)

@@ -1,0 +1,309 @@
+"""The continuous-batching step loop: every step, one decode pass for the running rows, then a prefill chunk.
+
+Static batching (``executor/pool.py`` grouping, ``runtimes/transformers_generation.py``
+``generate``) runs a batch until its longest row ends: a short request waits for a
+long one, and finished rows keep their slot. Here the batch is re-formed at every
+step (iteration-level scheduling, Orca OSDI '22): a request added now joins at a
+later step, and a row leaves at the step it finishes (its end-of-sequence token,
+its ``max_new_tokens``, a stop string in its decoded text, a cancel).
+
+One :meth:`Engine.step`:
+
+1. drops cancelled rows;
+2. runs one decode forward over the running rows (:class:`~.kv.BatchKV`: per-row
+   caches side by side, left padded, with an attention mask and per-row positions),
+   chooses each row's token with its own settings (:mod:`.sampling`), streams it,
+   and lets finished rows leave;
+3. runs one chunk of prefill for the rows joining: at most ``prefill_budget`` prompt
+   tokens (a group of waiting prompts, left padded, fed a slice of columns at a time).
+   When the group's prompts are all in, their first tokens are drawn and the group
+   merges into the running batch, which it decodes with from the next step.
+
+So prefill is *chunked and interleaved*: a long prompt costs the running rows at
+most one budget of tokens per step, never its whole length at once.
+
+Seams for what follows: ``on_join`` is called when a row is taken for prefill (a
+ledger reserves :func:`~.request.kv_tokens` times the bytes per token there and may answer
+"not yet"), ``on_leave`` once when a joined row leaves (the ledger releases). Shared
+prompt prefixes (prefix reuse) would enter in :meth:`Engine._start_prefill`: a row
+whose prompt starts with cached KV would begin its prefill after that prefix.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hypha_celery.errors import ExecutionError, UnsupportedModel, contained
+from hypha_celery.serving.kv import BatchKV, plain_dynamic, positions
+from hypha_celery.serving.request import Finish, Handle, Request, State
+from hypha_celery.serving.sampling import RowSampler, choose
+from hypha_celery.serving.text import cut_at_stop, visible
+
+__all__ = ["Engine", "JoinHook", "LeaveHook"]
+
+# Called when a row is taken for prefill: True lets it join, False keeps it waiting (retried next step);
+# raising refuses that row alone (its error is kept on its handle).
+JoinHook = Callable[[Handle], bool]
+# Called once when a row that joined leaves, for any reason; it must not raise (the step is half done).
+LeaveHook = Callable[[Handle], None]
+
+
+@dataclass(eq=False)
+class _Row:
+    handle: Handle
+    sampler: RowSampler
+    last: int = -1  # the token to feed at the next decode step
+
+
+@dataclass(eq=False)
+class _Prefill:
+    """A group of joining rows whose prompts enter a cache of their own, ``chunk`` columns per step."""
+
+    rows: list[_Row]
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    cache: Any
+    chunk: int
+    done: int = 0
+
+
+class Engine:
+    """Continuous batching over one loaded transformers causal LM and its tokenizer.
+
+    Not thread-safe: one thread calls :meth:`add`, :meth:`cancel` and :meth:`step`
+    (the executor's serving loop). ``prefill_budget``: prompt tokens fed per step.
+    ``max_rows``: rows decoding together (activation memory per step grows with it).
+    """
+
+    def __init__(self, module: Any, tokenizer: Any, *, prefill_budget: int = 256, max_rows: int = 64,
+                 on_join: JoinHook | None = None, on_leave: LeaveHook | None = None) -> None:
+        config = module.config
+        if not plain_dynamic(config):
+            raise UnsupportedModel(f"{type(module).__name__}: continuous batching needs full-attention layers "
+                                   "(a sliding-window or hybrid cache is not handled)")
+        if prefill_budget < 1 or max_rows < 1:
+            raise ValueError("prefill_budget and max_rows must be >= 1")
+        self.module = module
+        self.tokenizer = tokenizer
+        self.device = next(module.parameters()).device
+        self.prefill_budget = prefill_budget
+        self.max_rows = max_rows
+        self.on_join = on_join
+        self.on_leave = on_leave
+        self.vocab_size = int(module.get_input_embeddings().num_embeddings)
+        self.max_positions: int | None = getattr(config, "max_position_embeddings", None)
+        self.eos = _eos_ids(module, tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self.pad = int(pad)
+        self._ids = 0
+        self._waiting: deque[_Row] = deque()
+        self._prefill: _Prefill | None = None
+        self._running: list[_Row] = []
+        self._kv = BatchKV(self.device)
+        self._left: list[Handle] = []
+
+    # -- what callers use ---------------------------------------------------------------------------------------
+
+    def add(self, request: Request) -> Handle:
+        """Queue ``request``; it joins at a later step. A bad request is refused here (``InvalidInput``), alone."""
+        request.check(self.vocab_size, self.max_positions)
+        self._ids += 1
+        handle = Handle(id=self._ids, request=request)
+        self._waiting.append(_Row(handle, RowSampler(request.sampling, request.prompt_ids, self.device)))
+        return handle
+
+    def cancel(self, handle: Handle) -> None:
+        """End ``handle`` at the next step (finish ``cancelled``); its tokens so far stay on it."""
+        if not handle.done:
+            handle.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        """Whether any request is waiting, prefilling or decoding."""
+        return bool(self._waiting or self._prefill or self._running)
+
+    def running(self) -> list[Handle]:
+        """The rows decoding now, in batch order."""
+        return [row.handle for row in self._running]
+
+    def step(self) -> list[Handle]:
+        """One decode step for the running rows and one prefill chunk for the joining ones; returns who left."""
+        self._left = []
+        self._drop_cancelled()
+        with torch.inference_mode():
+            if self._running:
+                self._decode()
+            if self._prefill is None:
+                self._start_prefill()
+            if self._prefill is not None:
+                self._prefill_chunk(self._prefill)
+        left, self._left = self._left, []
+        return left
+
+    def run(self) -> None:
+        """Step until nothing is waiting or running (what a batch caller and the tests use).
+
+        A join hook that keeps answering False while nothing runs keeps this stepping: a serving
+        loop that admits through a ledger waits on the ledger instead of calling this.
+        """
+        while self.busy:
+            self.step()
+
+    # -- the step's parts ---------------------------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        for row in [r for r in self._waiting if r.handle.cancelled]:
+            self._waiting.remove(row)
+            self._end(row, Finish.CANCELLED, joined=False)
+        keep = [i for i, row in enumerate(self._running) if not row.handle.cancelled]
+        if len(keep) < len(self._running):
+            for row in self._running:
+                if row.handle.cancelled:
+                    self._end(row, Finish.CANCELLED)
+            self._kv.keep(keep)
+            self._running = [self._running[i] for i in keep]
+
+    def _decode(self) -> None:
+        rows = self._running
+        ids = torch.tensor([[row.last] for row in rows], dtype=torch.long, device=self.device)
+        position = self._kv.lengths()
+        mask = self._kv.grow()
+        logits = self._forward(rows, input_ids=ids, attention_mask=mask, position_ids=position,
+                               past_key_values=self._kv.cache)
+        tokens = choose(logits, [row.sampler for row in rows])
+        keep = [i for i, (row, token) in enumerate(zip(rows, tokens, strict=True)) if self._produced(row, token)]
+        self._kv.keep(keep)
+        self._running = [rows[i] for i in keep]
+
+    def _start_prefill(self) -> None:
+        """Take waiting rows (in order) into a prefill group, as many as the batch has room for."""
+        from transformers.cache_utils import DynamicCache
+
+        room = self.max_rows - len(self._running)
+        taken: list[_Row] = []
+        deferred: list[_Row] = []
+        while self._waiting and len(taken) < room:
+            row = self._waiting.popleft()
+            if self._admit(row):
+                taken.append(row)
+            elif not row.handle.done:
+                deferred.append(row)
+        self._waiting.extendleft(reversed(deferred))
+        if not taken:
+            return
+        prompts = [list(row.handle.request.prompt_ids) for row in taken]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], dtype=torch.long, device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=torch.long,
+                            device=self.device)
+        for row in taken:
+            row.handle.state = State.PREFILL
+        self._prefill = _Prefill(rows=taken, ids=ids, mask=mask, positions=positions(mask),
+                                 cache=DynamicCache(config=self.module.config),
+                                 chunk=max(1, self.prefill_budget // len(taken)))
+
+    def _admit(self, row: _Row) -> bool:
+        if self.on_join is None:
+            return True
+        try:
+            return bool(self.on_join(row.handle))
+        except Exception as exc:  # the hook refused this row: it ends alone, its neighbours go on
+            self._end(row, Finish.ERROR, error=exc, joined=False)
+            return False
+
+    def _prefill_chunk(self, group: _Prefill) -> None:
+        end = min(int(group.ids.shape[1]), group.done + group.chunk)
+        logits = self._forward(group.rows, input_ids=group.ids[:, group.done:end], attention_mask=group.mask[:, :end],
+                               position_ids=group.positions[:, group.done:end], past_key_values=group.cache)
+        group.done = end
+        if end < group.ids.shape[1]:
+            return
+        self._prefill = None
+        tokens = choose(logits, [row.sampler for row in group.rows])
+        keep = [i for i, (row, token) in enumerate(zip(group.rows, tokens, strict=True))
+                if not row.handle.cancelled and self._produced(row, token)]
+        for row in group.rows:
+            if row.handle.cancelled and not row.handle.done:
+                self._end(row, Finish.CANCELLED)
+        if not keep:
+            return
+        if len(keep) < len(group.rows):
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            for layer in group.cache.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        self._kv.merge(group.cache, group.mask.index_select(0, torch.tensor(keep, device=self.device)))
+        for i in keep:
+            group.rows[i].handle.state = State.RUNNING
+            self._running.append(group.rows[i])
+
+    def _forward(self, rows: Sequence[_Row], **inputs: Any) -> torch.Tensor:
+        """One forward pass; its last position's logits [B, V] in float32. A failure fails every row in it."""
+        try:
+            output = self.module(**inputs, use_cache=True, logits_to_keep=1)
+        except BaseException as exc:
+            if not contained(exc):
+                raise
+            error = ExecutionError(f"a forward pass of {len(rows)} row(s) failed: {type(exc).__name__}: {exc}")
+            for row in rows:
+                self._end(row, Finish.ERROR, error=error)
+            if self._prefill is not None and rows is self._prefill.rows:
+                self._prefill = None
+            else:
+                self._running, self._kv = [], BatchKV(self.device)
+            raise error from exc
+        return output.logits[:, -1, :].float()
+
+    # -- one row's token ----------------------------------------------------------------------------------------
+
+    def _produced(self, row: _Row, token: int) -> bool:
+        """Record ``token`` for ``row``, stream it, and end the row if it is done; True while it goes on."""
+        handle, request = row.handle, row.handle.request
+        handle.tokens.append(token)
+        row.sampler.note(token)
+        row.last = token
+        finish = Finish.STOP if token in self.eos else None
+        try:
+            if request.stop or request.on_token is not None:
+                handle.text, stopped = cut_at_stop(self._decode_text(handle.tokens), request.stop)
+                finish = Finish.STOP if stopped else finish
+            if finish is None and len(handle.tokens) >= request.max_new_tokens:
+                finish = Finish.LENGTH
+            if finish is not None:
+                handle.text = cut_at_stop(self._decode_text(handle.tokens), request.stop)[0]
+            shown = handle.text if finish is not None else visible(handle.text, request.stop)
+            delta, handle.emitted = shown[len(handle.emitted):], shown
+            if request.on_token is not None:
+                request.on_token(handle, token, delta)
+        except Exception as exc:  # its decoding or its callback failed: this row ends, its neighbours go on
+            self._end(row, Finish.ERROR, error=exc)
+            return False
+        if finish is not None:
+            self._end(row, finish)
+            return False
+        return True
+
+    def _decode_text(self, tokens: list[int]) -> str:
+        return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
+
+    def _end(self, row: _Row, finish: Finish, *, error: BaseException | None = None, joined: bool = True) -> None:
+        handle = row.handle
+        handle.state, handle.finish, handle.error = State.DONE, finish, error
+        self._left.append(handle)
+        if joined and self.on_leave is not None:
+            self.on_leave(handle)
+
+
+def _eos_ids(module: Any, tokenizer: Any) -> frozenset[int]:
+    """The end-of-sequence ids ``generate`` would stop on: the generation config's, else the tokenizer's."""
+    config = getattr(module, "generation_config", None)
+    eos: Any = getattr(config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    values: Iterable[Any] = eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    return frozenset(int(e) for e in values)

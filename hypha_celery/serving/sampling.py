@@ -1,0 +1,79 @@
+"""Choosing each row's next token from its logits, with that row's own settings and random generator.
+
+A static batch shares one ``GenerationConfig``; here every row may differ, so
+the processors transformers' ``generate`` would run are applied per row, in its
+order: repetition penalty over the row's prompt and completion, then temperature,
+top-k, top-p, then a draw with the row's ``torch.Generator``. Greedy rows are an
+argmax over the whole batch at once. A seeded row consumes random numbers from
+its own generator only, so what shares its batch cannot change its draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from hypha_celery.serving.request import Sampling
+
+__all__ = ["RowSampler", "choose"]
+
+
+class RowSampler:
+    """One row's settings and generator; its seen ids (prompt + completion) feed the repetition penalty."""
+
+    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device: torch.device) -> None:
+        self.sampling = sampling
+        self.generator: torch.Generator | None = None
+        if sampling.do_sample:
+            self.generator = torch.Generator(device=device)
+            if sampling.seed is not None:
+                self.generator.manual_seed(sampling.seed)
+            else:
+                self.generator.seed()
+        self.seen = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+
+    def note(self, token: int) -> None:
+        """Remember a produced token, for the repetition penalty (only when one is set: it costs a copy)."""
+        if self.sampling.repetition_penalty != 1.0:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
+
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """transformers' ``RepetitionPenaltyLogitsProcessor`` on one row ([V] float logits)."""
+        penalty = self.sampling.repetition_penalty
+        if penalty == 1.0:
+            return logits
+        score = logits.gather(0, self.seen)
+        score = torch.where(score < 0, score * penalty, score / penalty)
+        return logits.scatter(0, self.seen, score)
+
+    def draw(self, logits: torch.Tensor) -> int:
+        """Temperature, top-k, top-p (transformers' warpers, same order), then a draw with this row's generator."""
+        s = self.sampling
+        if s.temperature != 1.0:
+            logits = logits / s.temperature
+        if s.top_k > 0 and s.top_k < logits.shape[-1]:
+            kth = torch.topk(logits, s.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if s.top_p < 1.0:
+            ordered, index = torch.sort(logits, descending=False)
+            cumulative = ordered.softmax(-1).cumsum(-1)
+            drop = cumulative <= 1 - s.top_p
+            drop[-1] = False  # keep at least one token
+            logits = logits.masked_fill(drop.scatter(0, index, drop), float("-inf"))
+        probabilities = logits.softmax(-1)
+        return int(torch.multinomial(probabilities, 1, generator=self.generator))
+
+
+def choose(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
+    """Each row's next token from ``logits`` [B, V] (float32): greedy rows at once, sampled rows one by one."""
+    penalised = [i for i, row in enumerate(samplers) if row.sampling.repetition_penalty != 1.0]
+    if penalised:
+        logits = logits.clone()
+        for i in penalised:
+            logits[i] = samplers[i].penalise(logits[i])
+    tokens = logits.argmax(-1).tolist()
+    for i, row in enumerate(samplers):
+        if row.sampling.do_sample:
+            tokens[i] = row.draw(logits[i])
+    return tokens

@@ -1,0 +1,8 @@
+"""DiLoCo: one model trained on many workers in rounds of inner tasks and an outer step.
+
+``layout.py`` (every shared-storage key of a job), ``deltas.py`` (the arithmetic on safetensors files),
+``inner.py`` (``hypha.train`` with a ``diloco`` block), ``outer.py`` (``hypha.aggregate``),
+``scheduler.py`` (the scheduler's side: :func:`hypha_celery.training.diloco`). The package is not
+named ``diloco``: that name is the public function :func:`hypha_celery.training.diloco`, which a
+subpackage of the same name would shadow once imported.
+"""
