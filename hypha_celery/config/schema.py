@@ -3,7 +3,8 @@
 The file has the seed's sections (``[worker]``, ``[worker.network]``,
 ``[worker.models]``, ``[worker.execution]``, ``[worker.monitoring]``,
 ``[worker.security]``) plus four hypha sections (``[worker.resources]``,
-``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``, ``[worker.training]``). :mod:`.parse` reads a file
+``[worker.admission]``, ``[worker.batching]``, ``[worker.generation]``, ``[worker.training]``), and
+``[worker.gateway]`` for ``hypha-celery gateway``. :mod:`.parse` reads a file
 against these declarations; :mod:`.derive` turns a config into Celery settings.
 """
 
@@ -20,6 +21,7 @@ __all__ = [
     "AdmissionConfig",
     "BatchingConfig",
     "ExecutionConfig",
+    "GatewayConfig",
     "GenerationConfig",
     "ModelSource",
     "ModelsConfig",
@@ -155,6 +157,22 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
+class GatewayConfig:
+    # `hypha-celery gateway`, the OpenAI-compatible HTTP front (hypha_celery.gateway); its options override these.
+    host: str = _key("str", "127.0.0.1")
+    port: int = _key("port", 8000)
+    # The scheduler key the gateway signs every task with (a `hypha-celery keys generate` file); None: unsigned.
+    key: str | None = _key("str?", None)
+    # Bearer keys, one a line: the key or sha256:<hex> of it. None: the gateway takes requests without a key.
+    api_keys: str | None = _key("str?", None)
+    # Requests a minute per API key (a token bucket in the registry Redis), at most `burst` at once; 0: no limit.
+    rate_limit: int = _key("count0", 600)
+    burst: int = _key("count", 60)
+    # How long a request waits for its task's result before a 504.
+    timeout: float = _key("seconds", 300.0)
+
+
+@dataclass(frozen=True)
 class WorkerConfig:
     """The whole ``[worker]`` table; defaults are the seed's example values."""
 
@@ -173,6 +191,7 @@ class WorkerConfig:
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     source_path: str | None = field(default=None, compare=False)
 
     @property
@@ -206,6 +225,7 @@ SECTIONS = {
     "batching": BatchingConfig,
     "generation": GenerationConfig,
     "training": TrainingConfig,
+    "gateway": GatewayConfig,
 }
 
 SOURCE_KEYS = {
