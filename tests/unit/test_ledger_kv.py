@@ -126,3 +126,19 @@ def test_requirements_parse_the_sharing_of_serving_requests() -> None:
     with pytest.raises(InvalidTask, match="gpu_exclusive must be true or false"):
         Requirements.parse({"gpu_exclusive": "yes"})
     assert "1 KiB KV cache" in Requirements(kv=1024).describe()
+
+
+def test_the_budget_and_its_holders_show_in_hypha_celery_workers(client: redis.Redis) -> None:
+    from hypha_celery.cli.workers import _table
+
+    # Given a node whose CPU budget one generation holds part of
+    ledger = node(client, kv_budget=100 * MiB)
+    ledger.reserve(kv_request(60 * MiB), holder="w", task_id="gen-1")
+    usage = ledger.usage()
+    # Then the usage's JSON (what the registry record carries as "kv") and the table both show it
+    assert usage.to_json()["kv"]["cpu"] == {"budget": 100 * MiB, "used": 60 * MiB, "free": 40 * MiB,
+                                            "holders": ["gen-1"]}
+    row = {"worker_id": "w@host", "node_id": "kv-node", "kv": usage.to_json()["kv"]}
+    header, line = _table([row]).splitlines()
+    assert "KV used/budget (requests)" in header and "60 MiB/100 MiB (1)" in line
+    assert " - " in _table([{"worker_id": "old@host"}]).splitlines()[1]  # a record from before KV budgets
