@@ -148,12 +148,8 @@ class KvBudget:
     used: int
     holders: list[str] = field(default_factory=list)
 
-    @property
-    def free(self) -> int:
-        return self.budget - self.used
-
     def to_json(self) -> dict[str, Any]:
-        return {"budget": self.budget, "used": self.used, "free": self.free, "holders": self.holders}
+        return {"budget": self.budget, "used": self.used, "free": self.budget - self.used, "holders": self.holders}
 
 
 @dataclass(frozen=True)
