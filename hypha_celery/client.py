@@ -59,7 +59,7 @@ from redis.exceptions import RedisError
 from hypha_celery import keys
 from hypha_celery.config import load_config
 from hypha_celery.errors import ConfigError, InvalidSignature, RegistryUnavailable
-from hypha_celery.resources.requirements import Requirements
+from hypha_celery.resources.requirements import SERVING_CPU_MILLI, SERVING_TASKS, Requirements
 from hypha_celery.routing import placement_for
 from hypha_celery.security import (
     ENVELOPE_HEADER,
@@ -224,7 +224,9 @@ def send_options(
     """
     if queue is None:
         model = kwargs.get("model")
-        queue = _place(Requirements.parse(kwargs.get("requirements")), model if isinstance(model, str) else None)
+        serving = SERVING_CPU_MILLI if task_name in SERVING_TASKS else None  # it shares its device: place it so
+        queue = _place(Requirements.parse(kwargs.get("requirements"), serving_cpu_milli=serving),
+                       model if isinstance(model, str) else None)
     options: dict[str, Any] = {"queue": queue}
     if signing_key is not None:
         key = signing_key if isinstance(signing_key, nacl.signing.SigningKey) else load_signing_key(signing_key)

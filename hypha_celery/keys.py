@@ -21,9 +21,12 @@ Models (what each worker holds, for placement by model; written with the worker'
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
-    hypha:node:<node>:capacity        hash   spec: JSON {"memory", "cores": [ids], "gpus": [[id, bytes]], "sharing"}
-    hypha:node:<node>:used            hash   memory, c<core> (millicores), g<i> (task bytes), gc<i> (model
-                                             cache bytes), gh<i>/gx<i> (holders / exclusive holders)
+    hypha:node:<node>:capacity        hash   spec: JSON {"memory", "cores": [ids], "gpus": [[id, bytes]], "sharing",
+                                             "kv" (each device's KV budget in bytes; 0: auto)}
+    hypha:node:<node>:used            hash   memory, mc (host model cache bytes, within memory), c<core>
+                                             (millicores), shared, g<i> (task bytes), gc<i> (model cache
+                                             bytes), gh<i>/gx<i> (holders / exclusive holders), kvcpu/kv<i>
+                                             (KV-cache bytes held against the CPU's / GPU i's KV budget)
     hypha:node:<node>:leases          zset   lease_id -> expiry (ms, Redis server clock)
     hypha:node:<node>:lease_data      hash   lease_id -> JSON of what the lease holds
     hypha:task:<task_id>:lease        string lease id running that task (duplicate-run guard), PX = lease TTL;
@@ -35,7 +38,8 @@ Placement indexes (node -> number; kept exact by the ledger's Lua scripts)::
     hypha:index:free_core_milli       free millicores of the shared CPU pool (a fraction fits these)
     hypha:index:free_whole_cores      whole cores that may leave the shared pool now
     hypha:index:free_gpus             GPUs nobody holds
-    hypha:index:free_gpu_memory       most free bytes on one GPU (that an exclusive task could take)
+    hypha:index:free_gpu_memory       most free bytes on one GPU that nobody holds alone (a request sharing a
+                                             device by gpu_memory could take them)
     hypha:index:cap_memory, cap_cores, cap_gpus, cap_gpu_memory   capacities, for "infeasible anywhere"
 
 Security::

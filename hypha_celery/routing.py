@@ -19,7 +19,7 @@ from hypha_celery.config import load_config, registry_url
 from hypha_celery.errors import HyphaError
 from hypha_celery.redis_client import registry_client
 from hypha_celery.resources.placement import Placement
-from hypha_celery.resources.requirements import Requirements
+from hypha_celery.resources.requirements import SERVING_CPU_MILLI, SERVING_TASKS, Requirements
 
 __all__ = ["placement_for", "route_by_requirements"]
 
@@ -46,7 +46,8 @@ def route_by_requirements(
     if not name.startswith("hypha.") or options.get("queue") or options.get("routing_key"):
         return None
     try:
-        req = Requirements.parse((kwargs or {}).get("requirements"))
+        req = Requirements.parse((kwargs or {}).get("requirements"),
+                                 serving_cpu_milli=SERVING_CPU_MILLI if name in SERVING_TASKS else None)
     except HyphaError:
         return None  # the worker refuses it with the reason
     try:

@@ -142,6 +142,14 @@ def _parse_value(key: str, meta: Mapping[str, Any], value: Any) -> Any:
         if kind == "port" and value > 65535:
             raise ConfigError(key, f"must be a TCP port (1-65535), got {value}")
         return value
+    if kind == "cores":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(key, f"expected a number of cores, got {_type_name(value)} {value!r}")
+        if round(value * 1000) < 1:
+            raise ConfigError(key, f"must be at least 0.001 cores, got {value}")
+        if value > 1 and value != int(value):
+            raise ConfigError(key, f"above 1 must be whole cores, got {value}")
+        return float(value)
     if kind == "seconds":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, f"expected a number of seconds, got {_type_name(value)} {value!r}")
@@ -250,6 +258,12 @@ def _check_consistency(cfg: WorkerConfig) -> None:
             "worker.models.max_model_size",
             "is larger than worker.model_cache_size; such a model could be fetched but never cached",
         )
+    if cfg.generation.kv_budget == 0:
+        raise ConfigError("worker.generation.kv_budget", 'must be a positive size or "auto" (0 would refuse every '
+                                                         "generation)")
+    if cfg.execution.serving_cpu_cores > cfg.max_cpu_cores_per_task:
+        raise ConfigError("worker.execution.serving_cpu_cores",
+                          f"{cfg.execution.serving_cpu_cores:g} is above worker.max_cpu_cores_per_task")
     for index, model in enumerate(cfg.models.preload):
         if not is_model_id(model):
             raise ConfigError(f"worker.models.preload[{index}]", f"{model!r} is not a model id")

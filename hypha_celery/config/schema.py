@@ -88,7 +88,12 @@ class ExecutionConfig:
     isolation_mode: str = _key("str", "process", choices=("process", "container", "vm"))
     sandbox_enabled: bool = _key("bool", True)
     cpu_priority: str = _key("str", "normal", choices=("low", "normal", "high"))
+    # Training and hypha.noop on a GPU: false holds the device alone, true shares it by gpu_memory. Requests to a
+    # serving executor (infer, generate, verify) share their device either way unless they ask gpu_exclusive.
     gpu_sharing: bool = _key("bool", False)
+    # What a request to a serving executor reserves of the CPU when it names no cpu_cores: a fraction of the shared
+    # pool (the executor batches the requests of its device; a whole core each would cap them at one per core).
+    serving_cpu_cores: float = _key("cores", 0.1)
     # Start each device's serving executor (torch imported) at boot, so the first request is not cold.
     prewarm: bool = _key("bool", True)
 
@@ -147,6 +152,9 @@ class GenerationConfig:
     # Most entries a generation's token stream keeps (XADD MAXLEN ~, hypha_celery.token_stream): an entry holds
     # at least one token, so a stream is whole while max_new_tokens stays below it.
     stream_maxlen: int = _key("count", 4096)
+    # The KV-cache bytes each device (the CPU, each GPU) admits at once; a generation that does not fit waits
+    # (deferred). "auto" (None): the device's memory less what its model caches hold, less a tenth as headroom.
+    kv_budget: int | None = _key("size|auto", None)
 
 
 @dataclass(frozen=True)

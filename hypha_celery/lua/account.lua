@@ -14,7 +14,10 @@ local cap = capacity()
 if cap == nil then return 0 end
 free_lease(LEASE_ID)
 if MEMORY > 0 or #GPUS > 0 then
-  if MEMORY > 0 then redis.call('HINCRBY', USED, 'memory', MEMORY) end
+  if MEMORY > 0 then
+    redis.call('HINCRBY', USED, 'memory', MEMORY)
+    redis.call('HINCRBY', USED, 'mc', MEMORY)  -- a host cache's bytes, apart: the CPU's KV budget leaves them out
+  end
   for i = 1, #GPUS, 2 do redis.call('HINCRBY', USED, 'gc' .. GPUS[i], GPUS[i + 1]) end
   local lease = {m = MEMORY, c = {}, g = GPUS, x = 0, h = HOLDER, t = '', k = 'cache'}
   redis.call('HSET', LEASE_DATA, LEASE_ID, cjson.encode(lease))

@@ -42,7 +42,8 @@ local function capacity()
   local raw = redis.call('HGET', CAPACITY, 'spec')
   if not raw then return nil end
   local spec = cjson.decode(raw)
-  local cap = {memory = spec.memory, cores = spec.cores, gpus = {}, gpu_mem = {}, sharing = spec.sharing == 1}
+  local cap = {memory = spec.memory, cores = spec.cores, gpus = {}, gpu_mem = {}, sharing = spec.sharing == 1,
+               kv = tonumber(spec.kv or 0) or 0}
   for _, pair in ipairs(spec.gpus) do
     table.insert(cap.gpus, pair[1])
     cap.gpu_mem[pair[1]] = pair[2]
@@ -57,6 +58,10 @@ local function free_lease(id)
   redis.call('HDEL', LEASE_DATA, id)
   local l = cjson.decode(raw)
   if l.m > 0 then redis.call('HINCRBY', USED, 'memory', -l.m) end
+  if l.k == 'cache' and l.m > 0 then redis.call('HINCRBY', USED, 'mc', -l.m) end
+  if (l.kv or 0) > 0 then
+    for _, d in ipairs(l.kd or {}) do redis.call('HINCRBY', USED, 'kv' .. d, -l.kv) end
+  end
   for i = 1, #l.c, 2 do redis.call('HINCRBY', USED, 'c' .. l.c[i], -l.c[i + 1]) end
   if (l.s or 0) > 0 then redis.call('HINCRBY', USED, 'shared', -l.s) end
   for i = 1, #l.g, 2 do
@@ -88,6 +93,21 @@ local function shared_pool(cap, used)
   return pool, #pool * 1000 - num(used, 'shared')
 end
 
+-- A device's KV budget ("cpu" or a GPU index, as a string): the configured bytes, else ("auto") the
+-- device's memory less what the model caches hold on it ("mc": host, "gc<i>": GPU) and a tenth of it
+-- as headroom (activations, the allocator). ``empty``: as if no cache held anything (could it ever fit).
+local function kv_budget(cap, used, dev, empty)
+  if cap.kv > 0 then return cap.kv end
+  local total, cached
+  if dev == 'cpu' then
+    total, cached = cap.memory, num(used, 'mc')
+  else
+    total, cached = cap.gpu_mem[tonumber(dev)] or 0, num(used, 'gc' .. dev)
+  end
+  if empty then cached = 0 end
+  return total - cached - math.floor(total / 10)
+end
+
 -- Keep the placement indexes equal to what is free right now (``used``: the used hash, if at hand).
 local function refresh_index(cap, used)
   if cap == nil then return end
@@ -102,7 +122,8 @@ local function refresh_index(cap, used)
   for _, g in ipairs(cap.gpus) do
     local holders = num(used, 'gh' .. g)
     if holders == 0 then free_gpus = free_gpus + 1 end
-    local usable = (holders == 0) or (cap.sharing and num(used, 'gx' .. g) == 0)
+    -- serving requests share a device on every node; only a device held alone is closed to them
+    local usable = (holders == 0) or num(used, 'gx' .. g) == 0
     if usable then
       local free = cap.gpu_mem[g] - num(used, 'g' .. g) - num(used, 'gc' .. g)
       if free > best_gpu then best_gpu = free end

@@ -5,7 +5,8 @@
 -- it drops. What a taken-back lease over-commits is returned, for the holder to log.
 -- KEYS: 1-9 the prelude's, 10.. the task guard of each lease (same order as the leases; may be placeholders)
 -- ARGV: 1 node, 2 ttl_ms, 3 JSON list of leases, each as reserve.lua / account.lua store them plus its id:
---       {id, m, c=[core, milli, ...], s, a=[core, ...], g=[gpu, bytes, ...], x, h, t, k='task'|'cache'}
+--       {id, m, c=[core, milli, ...], s, a=[core, ...], g=[gpu, bytes, ...], x, h, t, k='task'|'cache',
+--        kv (KV-cache bytes), kd=[device, ...] (the KV budgets it counts against)}
 -- Returns JSON {retaken = {id = [what it over-commits, ...], ...}} (leases still alive are only renewed).
 local TTL_MS = tonumber(ARGV[2])
 local HELD = cjson.decode(ARGV[3])
@@ -30,6 +31,7 @@ for i, l in ipairs(HELD) do
     local clash = {}
     if l.m > 0 then
       add('memory', l.m)
+      if l.k == 'cache' then add('mc', l.m) end
       if cap and num(used, 'memory') > cap.memory then table.insert(clash, 'memory') end
     end
     for j = 1, #l.c, 2 do
@@ -52,8 +54,13 @@ for i, l in ipairs(HELD) do
         table.insert(clash, 'gpu memory ' .. g)
       end
     end
+    for _, d in ipairs(l.kd or {}) do
+      add('kv' .. d, l.kv)
+      if cap and num(used, 'kv' .. d) > kv_budget(cap, used, d) then table.insert(clash, 'kv ' .. d) end
+    end
     if cap and select(2, shared_pool(cap, used)) < 0 then table.insert(clash, 'cpu') end
-    local data = {m = l.m, c = l.c, s = l.s or 0, a = l.a or {}, g = l.g, x = l.x, h = l.h, t = l.t, k = l.k}
+    local data = {m = l.m, c = l.c, s = l.s or 0, a = l.a or {}, g = l.g, x = l.x, h = l.h, t = l.t, k = l.k,
+                  kv = l.kv or 0, kd = l.kd or {}}
     redis.call('HSET', LEASE_DATA, l.id, cjson.encode(data))
     redis.call('ZADD', LEASES, now + TTL_MS, l.id)
     if l.t ~= '' and guard then

@@ -1,4 +1,5 @@
--- Reap expired leases, then report capacity, usage and live leases as JSON.
+-- Reap expired leases, then report capacity, usage, live leases and each device's KV budget as JSON
+-- (``kv``: device ('cpu' or a GPU index) -> its budget now, prelude's kv_budget).
 -- KEYS: 1-9 the prelude's
 -- ARGV: 1 node
 local now = now_ms()
@@ -15,4 +16,10 @@ for i = 1, #ids, 2 do
     table.insert(leases, l)
   end
 end
-return cjson.encode({now = now, capacity = cap and hash(CAPACITY) or false, used = hash(USED), leases = leases})
+local used = hash(USED)
+local kv = {}
+if cap then
+  kv['cpu'] = kv_budget(cap, used, 'cpu')
+  for _, g in ipairs(cap.gpus) do kv[tostring(g)] = kv_budget(cap, used, tostring(g)) end
+end
+return cjson.encode({now = now, capacity = cap and hash(CAPACITY) or false, used = used, leases = leases, kv = kv})

@@ -18,7 +18,9 @@ Names (``hypha_worker_*``)::
     cpu_utilization, memory_utilization            gauges 0..1 of the host (psutil, every monitor_interval)
     gpu_utilization{device}                        gauge 0..1 (NVML)
     resources_capacity{resource}, resources_reserved{resource}, resources_free{resource}
-                                      gauges from the node ledger (cpu_cores, memory_bytes, gpu<i>_memory_bytes)
+                                      gauges from the node ledger (cpu_cores, memory_bytes, gpu<i>_memory_bytes,
+                                      and each device's KV-cache budget: kv_cpu_bytes, kv_gpu<i>_bytes)
+    kv_requests{device}               gauge    requests holding KV cache on a device ("cpu", "gpu<i>")
     model_cache_hits_total, model_cache_misses_total, model_cache_evictions_total
     model_cache_bytes{device}         gauge
     batch_size                        histogram of inference batch sizes
@@ -143,6 +145,8 @@ class PrometheusMetrics(Metrics):
                               ["resource"], multiprocess_mode="mostrecent", registry=reg)
         self.free = Gauge(p + "resources_free", "Capacity minus reservations in the ledger", ["resource"],
                           multiprocess_mode="mostrecent", registry=reg)
+        self.kv_requests = Gauge(p + "kv_requests", "Requests holding KV cache against a device's KV budget",
+                                 ["device"], multiprocess_mode="mostrecent", registry=reg)
         self.cache_hits = Counter(p + "model_cache_hits", "Inferences served by an already loaded model", registry=reg)
         self.cache_misses = Counter(p + "model_cache_misses", "Inferences that had to load their model first",
                                     registry=reg)
@@ -214,6 +218,10 @@ class PrometheusMetrics(Metrics):
                                                                           float(usage.memory_used))]
         rows += [(f"gpu{g}_memory_bytes", float(total), float(usage.gpu_memory_used.get(g, 0)))
                  for g, total in cap.gpus.items()]
+        for device, kv in getattr(usage, "kv", {}).items():
+            name = device if device == "cpu" else f"gpu{device}"
+            rows.append((f"kv_{name}_bytes", float(kv.budget), float(kv.used)))
+            self.kv_requests.labels(name).set(len(kv.holders))
         for resource, total, used in rows:
             self.capacity.labels(resource).set(total)
             self.reserved.labels(resource).set(used)

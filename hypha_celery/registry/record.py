@@ -12,7 +12,9 @@ Fields: every :class:`~hypha_celery.resources.capabilities.WorkerCapabilities` f
 ``queue``, ``hostname``, ``pid``, ``peer_id`` (the identity that signs its results, empty when
 it signs none), ``started_at``, ``last_updated`` (unix
 seconds), the per-task limits, and ``free_*`` (what the node's ledger had free
-at the last refresh; :func:`list_workers` reads it live). ``avg_inference_time``
+at the last refresh; :func:`list_workers` reads it live), and ``kv``: each device's KV budget,
+what is held of it and by which tasks (:class:`~hypha_celery.resources.ledger.KvBudget`, read
+live too). ``avg_inference_time``
 is there from the first write (``{}`` until a task was timed); only
 :class:`~hypha_celery.registry.inference_times.InferenceTimes` changes it after that.
 
@@ -54,7 +56,7 @@ if TYPE_CHECKING:  # a scheduler reads records without the worker's psutil
 
 __all__ = ["Published", "WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
 
-_JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory", "adapters", "loaded")
+_JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory", "adapters", "loaded", "kv")
 _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
 _INT_FIELDS = (
     "cpu_cores", "total_memory", "available_memory", "max_concurrent_tasks", "pid",
@@ -138,6 +140,7 @@ def encode_record(
         data["free_gpu_memory"] = {
             str(gpu): total - usage.gpu_memory_used.get(gpu, 0) for gpu, total in usage.capacity.gpus.items()
         }
+        data["kv"] = {device: budget.to_json() for device, budget in usage.kv.items()}
     return {key: json.dumps(value) if key in _JSON_FIELDS else _scalar(value) for key, value in data.items()}
 
 
@@ -367,4 +370,5 @@ def list_workers(client: redis.Redis, *, live_usage: bool = True, schema: KeySch
                     str(g): total - usage.gpu_memory_used.get(g, 0) for g, total in usage.capacity.gpus.items()
                 }
                 worker["leases"] = len(usage.leases)
+                worker["kv"] = {device: budget.to_json() for device, budget in usage.kv.items()}
     return sorted(workers, key=lambda w: w["worker_id"])

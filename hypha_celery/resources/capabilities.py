@@ -105,7 +105,8 @@ def node_capacity(cfg: WorkerConfig, gpus: list[GpuInfo] | None = None) -> Capac
                 f"GPU(s) {missing} not found (NVML reports {sorted(found) or 'none'})",
             )
         found = {index: found[index] for index in cfg.resources.gpus}
-    return Capacity(cores=cores, memory=memory, gpus=found, gpu_sharing=cfg.execution.gpu_sharing)
+    return Capacity(cores=cores, memory=memory, gpus=found, gpu_sharing=cfg.execution.gpu_sharing,
+                    kv_budget=cfg.generation.kv_budget or 0)
 
 
 def detect_capabilities(

@@ -45,7 +45,7 @@ from hypha_celery.redis_errors import redis_errors
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.units import format_size
 
-__all__ = ["Call", "Capacity", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
+__all__ = ["Call", "Capacity", "KvBudget", "Lease", "LeaseKeeper", "Ledger", "Refusal", "Usage"]
 
 log = logging.getLogger(__name__)
 
@@ -86,12 +86,17 @@ class Call:
 
 @dataclass(frozen=True)
 class Capacity:
-    """What a node offers: OS core ids, memory bytes, GPU index -> memory bytes."""
+    """What a node offers: OS core ids, memory bytes, GPU index -> memory bytes.
+
+    ``kv_budget``: the bytes of KV cache each device (the CPU, each GPU) admits; 0 is "auto": the
+    device's memory less what the model caches hold on it and a tenth of it as headroom.
+    """
 
     cores: list[int]
     memory: int
     gpus: dict[int, int] = field(default_factory=dict)
     gpu_sharing: bool = False
+    kv_budget: int = 0
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ class Lease:
     cpu_shared: int = 0
     holder: str = ""
     cache: bool = False
+    kv: int = 0  # KV-cache bytes held against the budget of each device in ``kv_devices`` ("cpu" or a GPU index)
+    kv_devices: tuple[str, ...] = ()
 
     @property
     def core_ids(self) -> list[int]:
@@ -134,6 +141,18 @@ class Lease:
 
 
 @dataclass(frozen=True)
+class KvBudget:
+    """One device's KV budget now, what its leases hold of it, and which tasks hold it."""
+
+    budget: int
+    used: int
+    holders: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"budget": self.budget, "used": self.used, "free": self.budget - self.used, "holders": self.holders}
+
+
+@dataclass(frozen=True)
 class Usage:
     """A snapshot of a node's ledger after expired leases were reaped.
 
@@ -148,6 +167,7 @@ class Usage:
     gpu_holders: dict[int, int]
     leases: list[dict[str, Any]]
     shared_milli_used: int = 0
+    kv: dict[str, KvBudget] = field(default_factory=dict)  # device ("cpu", "0", ...) -> its KV budget
 
     @property
     def memory_free(self) -> int:
@@ -167,6 +187,7 @@ class Usage:
             "cores_used": self.cores_used,
             "gpu_memory_used": {str(k): v for k, v in self.gpu_memory_used.items()},
             "leases": len(self.leases),
+            "kv": {device: budget.to_json() for device, budget in self.kv.items()},
         }
 
 
@@ -215,6 +236,7 @@ class Ledger:
             "cores": sorted(capacity.cores),
             "gpus": [[gpu, amount] for gpu, amount in sorted(capacity.gpus.items())],
             "sharing": 1 if capacity.gpu_sharing else 0,
+            "kv": capacity.kv_budget,
         }
         self._run("set_capacity", [json.dumps(spec)], self.schema.index_capacity().values())
 
@@ -237,9 +259,11 @@ class Ledger:
         lease_id = uuid.uuid4().hex
         ttl_ms = int((ttl or self.ttl) * 1000)
         guard = self.schema.task_guard(task_id) if task_id else self._no_guard
+        mode = "node" if req.gpu_exclusive is None else "exclusive" if req.gpu_exclusive else "shared"
         call = self._call(
             "reserve",
-            [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or ""],
+            [lease_id, ttl_ms, req.memory, req.cpu_milli, req.gpus, req.gpu_memory, holder, task_id or "", req.kv,
+             mode],
             [guard],
         )
         with redis_errors(_UNREACHABLE):
@@ -263,6 +287,8 @@ class Ledger:
             task_id=task_id,
             cpu_shared=shared,
             holder=holder,
+            kv=int(answer.get("kv") or 0),
+            kv_devices=tuple(str(device) for device in answer.get("kd") or []),
         )
 
     def reserve(
@@ -282,6 +308,8 @@ class Ledger:
             return errors.DuplicateTask(task_id or "?", refusal.lease, refusal.holder)
         if why == "unknown_node":  # e.g. Redis restarted empty: the worker's monitor publishes it again
             return errors.ResourcesBusy(f"node {self.node!r} has no capacity in the ledger yet")
+        if why == "busy" and resource == "kv":
+            return errors.ResourcesBusy(f"node {self.node}'s KV budget is full now for {req.describe()}")
         if why == "busy":
             return errors.ResourcesBusy(f"node {self.node} has not enough free {resource} now for {req.describe()}")
         capacity = self.capacity()
@@ -337,6 +365,8 @@ class Ledger:
                 "h": lease.holder,
                 "t": lease.task_id or "",
                 "k": "cache" if lease.cache else "task",
+                "kv": lease.kv,
+                "kd": list(lease.kv_devices),
             }
             for lease in leases
         ]
@@ -357,14 +387,18 @@ class Ledger:
         """Capacity, what is used and the live leases, after reaping the expired ones."""
         data = json.loads(self._run("usage", []))
         used = data["used"] if isinstance(data["used"], dict) else {}  # Lua's cjson writes {} and [] alike
+        leases = list(data["leases"]) if isinstance(data["leases"], list) else []
+        budgets = data.get("kv") if isinstance(data.get("kv"), dict) else {}
         return Usage(
             capacity=_capacity_from_hash(data["capacity"]) if data["capacity"] else None,
             memory_used=int(used.get("memory", 0)),
             core_milli_used={int(k[1:]): int(v) for k, v in used.items() if k.startswith("c") and int(v)},
             gpu_memory_used=_gpu_used(used),
             gpu_holders={int(k[2:]): int(v) for k, v in used.items() if k.startswith("gh") and int(v)},
-            leases=list(data["leases"]) if isinstance(data["leases"], list) else [],
+            leases=leases,
             shared_milli_used=int(used.get("shared", 0)),
+            kv={device: KvBudget(int(budget), int(used.get(f"kv{device}", 0)), _kv_holders(leases, device))
+                for device, budget in sorted(budgets.items())},
         )
 
     def indexed(self) -> bool:
@@ -399,6 +433,12 @@ class Ledger:
             self.release(lease)
 
 
+def _kv_holders(leases: list[dict[str, Any]], device: str) -> list[str]:
+    """The tasks (or holders, for a lease without one) whose KV cache counts against ``device``'s budget."""
+    return sorted(lease.get("t") or lease.get("h") or lease.get("id", "") for lease in leases
+                  if lease.get("kv") and device in (lease.get("kd") or []))
+
+
 def _gpu_used(used: dict[str, Any]) -> dict[int, int]:
     """Bytes in use per GPU: tasks' reservations ("g<i>") plus model caches ("gc<i>")."""
     totals: dict[int, int] = {}
@@ -418,6 +458,7 @@ def _capacity_from_hash(raw: dict[str, str]) -> Capacity:
         memory=int(spec["memory"]),
         gpus={int(gpu): int(amount) for gpu, amount in spec["gpus"] or []},
         gpu_sharing=spec["sharing"] == 1,
+        kv_budget=int(spec.get("kv") or 0),
     )
 
 

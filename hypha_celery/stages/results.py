@@ -61,6 +61,8 @@ def package(
             "gpus": lease.gpu_ids,
             "gpu_memory": {str(gpu): size for gpu, size in lease.gpus.items()},
             "cuda_visible_devices": lease.cuda_visible_devices,
+            "gpu_exclusive": lease.exclusive_gpu,
+            **({"kv": lease.kv, "kv_devices": list(lease.kv_devices)} if lease.kv else {}),
         },
     }
     if extra:

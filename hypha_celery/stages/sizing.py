@@ -16,8 +16,17 @@ On the device the model runs on (its compute dtype: bf16 on CUDA, fp32 on CPU):
   UTF-8 bytes (a byte-level tokenizer never makes more tokens than bytes),
   plus a per-message allowance for chat templates, and capped at the model's
   maximum length;
-* a **margin** for activations and the allocator: 10% of the weights plus a
-  fixed floor.
+* a **margin** for activations and the allocator: 10% of the weights (on a
+  load: a request for a held model adds none) plus a fixed floor.
+
+A generation also carries its KV cache apart (``Requirements.kv``), which the
+ledger counts against its device's KV budget as well: the serving executor
+shares the device among the requests it batches, and the budget is what
+bounds how many run at once. Requests to a serving executor (inference,
+generation, proofs) reserve a fraction of a core unless they name
+``cpu_cores`` (``[worker.execution] serving_cpu_cores``) and share their GPU by
+``gpu_memory`` unless they ask ``gpu_exclusive``; training keeps whole cores
+and the node's ``gpu_sharing``.
 
 For a GPU run the host still holds the runtime and, while loading, one
 weights file at a time (transformers loads shard by shard), so host memory is
@@ -47,6 +56,7 @@ micro-batch of ``batch_size`` is live at a time.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -152,7 +162,7 @@ def estimate(manifest: Manifest, *, gpu: bool, cached: bool, tokens: int = 0, tr
     dtype = "float32" if training else compute_dtype("cuda" if gpu else "cpu")
     weights = manifest.weights_bytes_at(dtype)
     kv = 0 if training else (manifest.kv_bytes_per_token_at(dtype) or 0) * tokens
-    margin = weights // 10
+    margin = 0 if cached and not training else weights // 10
     if training:
         cached = False  # job executors start empty
         job = training if isinstance(training, Training) else Training()
@@ -193,8 +203,12 @@ def requirements_for_model(
     tokens: int = 0,
     training: bool | Training = False,
     base: Manifest | None = None,
+    generation: bool = False,
 ) -> Requirements:
     """A task's ``requirements`` kwarg, sized for ``manifest`` and held to this worker's caps.
+
+    Anything but ``training`` runs in a serving executor and shares its device (see the module's
+    docstring); a ``generation`` carries its KV cache (``tokens`` of it) for the ledger's KV budget.
 
     ``base``: when ``manifest`` is a LoRA adapter, its base model's: the request needs the
     base's weights (unless held) and KV cache, plus the adapter's own bytes (unless held).
@@ -203,7 +217,13 @@ def requirements_for_model(
     models keep the fixed default). ``holds(model, gpu)``: whether the serving
     executor the request would use already holds the model.
     """
-    req = Requirements.parse(raw, auto_by_default=manifest.runtime in ("transformers", "onnx"))
+    serving = None if training else round(cfg.execution.serving_cpu_cores * 1000)
+    req = Requirements.parse(raw, auto_by_default=manifest.runtime in ("transformers", "onnx"),
+                             serving_cpu_milli=serving)
+    if generation and tokens:
+        kv_model = base or manifest  # an adapter's KV cache is its base's
+        per_token = kv_model.kv_bytes_per_token_at(compute_dtype("cuda" if req.gpus > 0 else "cpu")) or 0
+        req = dataclasses.replace(req, kv=per_token * tokens)
     if req.auto:
         cached = not training and req.gpus <= 1 and holds(manifest.id, req.gpus > 0)
         if base is not None and not cached:  # an adapter not held yet: its base (unless held) plus its own bytes

@@ -38,10 +38,11 @@ STREAM_INTERVAL_S = 0.1  # the executor reports new tokens at most 10 times a se
 
 
 def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> GenerateSpec:
-    """Validate, then size ``"auto"`` requirements: weights plus the KV cache of prompt and new tokens."""
+    """Validate, then size ``"auto"`` requirements: weights (unless held) plus the KV cache of prompt and new
+    tokens, which the ledger also admits against the device's KV budget."""
     spec = validate_generate(ctx.config, ctx.store, args, kwargs)
     return sized(ctx, spec, kwargs.get("requirements"), lambda manifest: prompt_token_bound(
-        spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens)
+        spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens, generation=True)
 
 
 def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict[str, Any]:

@@ -79,16 +79,18 @@ class ModelSpec(Spec, Protocol):
 M = TypeVar("M", bound=ModelSpec)
 
 
-def sized(ctx: NodeContext, spec: M, raw: Any, tokens: Callable[[Manifest], int] = lambda _: 0) -> M:
+def sized(ctx: NodeContext, spec: M, raw: Any, tokens: Callable[[Manifest], int] = lambda _: 0, *,
+          generation: bool = False) -> M:
     """``spec`` with its ``"auto"`` requirements sized from its model's manifest (read, not fetched).
 
-    ``raw``: the task's ``requirements`` kwarg; ``tokens``: the KV-cache tokens the request needs.
+    ``raw``: the task's ``requirements`` kwarg; ``tokens``: the KV-cache tokens the request needs;
+    ``generation``: they are held for the whole request, against the device's KV budget.
     A LoRA adapter is sized on its base as well.
     """
     manifest = spec.manifest or ctx.store.peek(spec.model)
     base = ctx.store.peek(manifest.adapter_of.id) if manifest.adapter_of is not None else None
     requirements = requirements_for_model(ctx.config, raw, manifest, holds=ctx.holds, tokens=tokens(manifest),
-                                          base=base)
+                                          base=base, generation=generation)
     return dataclasses.replace(spec, requirements=requirements)  # type: ignore[type-var]
 
 

@@ -60,8 +60,8 @@ def test_cpu_generation_reserves_fp32_weights_kv_cache_and_margin(llama: Manifes
     assert kv
     got = estimate(llama, gpu=False, cached=False, tokens=100)
     assert got.host == weights + 100 * kv + weights // 10 + HOST_FLOOR and got.device == 0
-    # A model the executor already holds costs only its KV cache and margin
-    assert estimate(llama, gpu=False, cached=True, tokens=100).host == got.host - weights
+    # A model the executor already holds costs only its KV cache and the floor: not the weights, nor a share of them
+    assert estimate(llama, gpu=False, cached=True, tokens=100).host == 100 * kv + HOST_FLOOR
 
 
 def test_gpu_generation_reserves_bf16_weights_and_the_cuda_context_on_first_load(llama: Manifest) -> None:
@@ -73,7 +73,7 @@ def test_gpu_generation_reserves_bf16_weights_and_the_cuda_context_on_first_load
     largest = max(llama.files[name].size for name in llama.weights_files)
     assert first.host == HOST_FLOOR + largest + CUDA_HOST_RUNTIME
     warm = estimate(llama, gpu=True, cached=True, tokens=50)
-    assert warm.device == first.device - weights - CUDA_CONTEXT and warm.host == HOST_FLOOR
+    assert warm.device == 50 * kv + DEVICE_FLOOR and warm.host == HOST_FLOOR
 
 
 def test_training_counts_weights_gradients_and_two_optimizer_moments(llama: Manifest) -> None:
@@ -135,3 +135,28 @@ def test_tasks_without_a_model_refuse_auto_by_name() -> None:
 
     with pytest.raises(InvalidTask, match=r"requirements\.memory 'auto'"):
         validate_noop(CFG, (), {"requirements": {"memory": "auto"}})
+
+
+def test_a_generation_carries_its_kv_cache_apart_and_shares_its_device(llama: Manifest) -> None:
+    # Given a generation of 100 KV tokens on the CPU and on a GPU, naming nothing
+    cpu = requirements_for_model(CFG, None, llama, holds=never, tokens=100, generation=True)
+    gpu = requirements_for_model(CFG, {"gpus": 1}, llama, holds=never, tokens=100, generation=True)
+    # Then each carries its KV cache at the device's dtype (also inside its memory), for the ledger's KV budget ...
+    assert cpu.kv == 100 * (llama.kv_bytes_per_token_at("float32") or 0) and cpu.memory > cpu.kv
+    assert gpu.kv == 100 * (llama.kv_bytes_per_token_at("bfloat16") or 0) and gpu.gpu_memory > gpu.kv
+    # ... a fraction of a core ([worker.execution] serving_cpu_cores) and a shared GPU
+    assert (cpu.cpu_milli, cpu.gpu_exclusive, gpu.gpu_exclusive) == (100, False, False)
+    # ... while what a task names wins, and an inference carries no KV cache
+    named = requirements_for_model(CFG, {"cpu_cores": 2, "gpus": 1, "gpu_exclusive": True}, llama, holds=never,
+                                   tokens=100, generation=True)
+    assert (named.cpu_milli, named.gpu_exclusive) == (2000, True)
+    assert requirements_for_model(CFG, None, llama, holds=never, tokens=100).kv == 0
+
+
+def test_training_keeps_whole_cores_and_the_nodes_gpu_sharing(llama: Manifest) -> None:
+    from hypha_celery.stages.sizing import Training
+
+    req = requirements_for_model(CFG, {"gpus": 1}, llama, holds=never, training=Training())
+    assert (req.cpu_milli, req.gpu_exclusive, req.kv) == (1000, None, 0)
+    cfg = parse_config({"worker": {"execution": {"serving_cpu_cores": 0.25}}})
+    assert requirements_for_model(cfg, None, llama, holds=never).cpu_milli == 250
