@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec
 from hypha_celery.training.distributed import layout
-from hypha_celery.training.distributed.deltas import pseudo_gradient
+from hypha_celery.training.distributed.deltas import parameter_count, pseudo_gradient
 from hypha_celery.training.job import TaskRun, run_training, validate_training
 from hypha_celery.worker.context import NodeContext
 
@@ -137,6 +138,7 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
             pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
                             {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
             stored = publish_delta(ctx.storage(), key, delta)
+            parameters = parameter_count(delta)
     finally:
         ctx.store.remove(trained)
     curve = output.get("loss_curve") or [output["final_loss"]]
@@ -144,7 +146,9 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
         "job": block.job, "round": block.round, "ref": key, "sha256": stored.sha256, "bytes": stored.size,
         "samples": output["samples"], "loss": output["final_loss"], "start_loss": curve[0],
         "base": base, "base_sha256": base_sha256, "base_bytes": base_weights.stat().st_size,
-        "worker": run.worker, "steps": output["steps"],
+        "worker": run.worker, "steps": output["steps"], "parameters": parameters,
+        # From the task's start here to its delta published: fetching the round's version, training, the delta.
+        "seconds": round(time.time() - run.timing.started_at, 3) if run.timing.started_at else None,
     }
     result["output"] = {**output, "model_id": None, "diloco": report}
     result["model_id"] = None
