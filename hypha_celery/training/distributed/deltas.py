@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["AGGREGATORS", "WeightedMean", "combine", "combine_stack", "l2_norm", "load_weights",
-           "nesterov", "outer_step", "parameter_count", "pseudo_gradient", "save_tensors", "scan_delta"]
+           "nesterov", "outer_step", "pseudo_gradient", "save_tensors", "scan_delta"]
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
@@ -235,11 +235,3 @@ def outer_step(base: Mapping[str, np.ndarray], deltas: Sequence[tuple[Mapping[st
     for delta, samples in deltas:
         mean.add(delta, samples)
     return nesterov(base, mean.mean(), previous, lr=lr, momentum=momentum)
-
-
-def parameter_count(path: Path) -> int:
-    """The number of values a safetensors file holds, from its header alone (no tensor is read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as handle:
-        return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import InvalidTask, UnsupportedModel
+from hypha_celery.formats.safetensors import read_header
 from hypha_celery.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec
 from hypha_celery.training.distributed import layout
-from hypha_celery.training.distributed.deltas import parameter_count, pseudo_gradient
+from hypha_celery.training.distributed.deltas import pseudo_gradient
 from hypha_celery.training.job import TaskRun, run_training, validate_training
 from hypha_celery.worker.context import NodeContext
 
@@ -138,7 +139,7 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
             pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
                             {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
             stored = publish_delta(ctx.storage(), key, delta)
-            parameters = parameter_count(delta)
+            parameters = read_header(delta).parameters
     finally:
         ctx.store.remove(trained)
     curve = output.get("loss_curve") or [output["final_loss"]]
