@@ -114,7 +114,10 @@ def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 3, 
             ratios.append(data_parallel / entry["bytes_moved"])
             say(f"  round {entry['round']}: loss {entry['loss']:.3f}  workers {workers_in}  "
                 f"{entry['duration_s']:.2f} s  DiLoCo {entry['bytes_moved'] / 1e6:.2f} MB  "
-                f"data-parallel {data_parallel / 1e6:.2f} MB  ratio {ratios[-1]:.1f}")
+                f"data-parallel {data_parallel / 1e6:.2f} MB  ratio {ratios[-1]:.1f}  "
+                f"deltas {entry.get('compression')}x float32")
+            for row in entry.get("inner") or ():
+                say(f"    {row['worker']}: shard {row['shard']}, {row['steps']} steps in {row['seconds']} s")
         warm = done["rounds"][1:] or done["rounds"]  # round 1 also starts each worker's executor and fetches the model
         round_s = statistics.median(entry["duration_s"] for entry in warm)
         plain_s = min(plain)

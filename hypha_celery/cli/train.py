@@ -13,7 +13,6 @@ import click
 
 from hypha_celery.cli.run import _BROKER, _KEY, _PIN, _TIMEOUT, _result, _submission, _submit, _verify_options
 from hypha_celery.errors import HyphaError
-from hypha_celery.units import format_size
 
 __all__ = ["TrainProgress", "run_diloco", "run_train", "train_line"]
 
@@ -183,13 +182,15 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
 @click.command("diloco")
 @click.option("--model", required=True, help="The starting model id (a causal LM or text classifier).")
 @click.option("--shard", "shard_files", multiple=True, type=click.Path(dir_okay=False, exists=True),
-              help='A JSON file holding one shard ({"texts": [...]}); repeatable: one inner task per shard per round.')
+              help='A JSON file holding one shard ({"texts": [...]}); repeatable: each round trains one per live worker, '
+                   'round-robin.')
 @click.option("--shard-ref", "shard_refs", multiple=True, help="A stored data set id as a shard (repeatable).")
 @click.option("--rounds", type=click.IntRange(1), required=True, help="Outer rounds.")
 @click.option("--inner-steps", type=click.IntRange(1), required=True, help="Optimizer steps per worker per round.")
 @click.option("--outer-lr", type=float, default=0.7, show_default=True)
 @click.option("--outer-momentum", type=float, default=0.9, show_default=True)
-@click.option("--min-workers", type=click.IntRange(1), default=None, help="Deltas a round needs (default: every shard).")
+@click.option("--min-workers", type=click.IntRange(1), default=None,
+              help="Deltas a round needs (default: every inner task the round sends, one per live worker).")
 @click.option("--round-timeout", type=float, default=600.0, show_default=True, help="Seconds a round waits for deltas.")
 @click.option("--lr", type=float, default=None, help="Inner AdamW learning rate (default: hypha.train's).")
 @click.option("--batch-size", type=int, default=None)
@@ -227,13 +228,16 @@ def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, 
                      aggregator=aggregator, trim=trim, **options, **extra)
     except (HyphaError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    _follow(job, len(shards), timeout)
+    _follow(job, timeout)
 
 
-def _follow(job: Any, workers: int, timeout: float) -> None:
-    """One progress bar per round (inner tasks finished), a line per round done, then the result as JSON."""
+def _follow(job: Any, timeout: float) -> None:
+    """One progress bar per round (inner tasks finished), then the round's lines (bytes moved, each worker's steps and
+    seconds, refusals: :func:`~hypha_celery.training.distributed.rounds.describe_round`), then the result as JSON."""
+    from hypha_celery.training.distributed.rounds import describe_round
+
     deadline = time.monotonic() + timeout
-    shown_round, shown, printed = 0, 0, 0
+    shown_round, shown, printed, workers = 0, 0, 0, 0
     bar: Any = None
     while time.monotonic() < deadline:
         progress = job.progress()
@@ -242,15 +246,13 @@ def _follow(job: Any, workers: int, timeout: float) -> None:
                 bar.update(workers - shown)
                 bar.render_finish()
                 bar = None
-            click.echo(f"round {entry['round']}: loss {entry['loss']:.4f}  workers {len(entry['workers'])}  "
-                       f"{format_size(entry['bytes_moved'])} moved  {entry['duration_s']:.1f} s", err=True)
-            for refusal in entry.get("refused") or ():
-                click.echo(f"  refused {refusal['reason']}", err=True)
+            for line in describe_round(entry):
+                click.echo(line, err=True)
             printed += 1
         if progress["stage"] in ("done", "failed"):
             break
-        if progress["round"] != shown_round and progress["stage"] == "inner":
-            shown_round, shown = progress["round"], 0
+        if progress["round"] != shown_round and progress["stage"] == "inner" and progress.get("tasks"):
+            shown_round, shown, workers = progress["round"], 0, max(1, int(progress.get("workers") or 1))
             bar = click.progressbar(length=workers, label=f"round {shown_round}/{progress['rounds']}", file=sys.stderr)
             bar.render_progress()
         if bar is not None and progress["finished"] > shown:

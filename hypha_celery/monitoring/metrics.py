@@ -27,6 +27,9 @@ Names (``hypha_worker_*``)::
     admissions_deferred_total{reason} counter (busy, not_here)
     task_rejections_total{stage}      counter  tasks refused before admission (signature, validation);
                                                a Redis outage during a check is not a refusal
+    diloco_rounds_total, diloco_bytes_moved_total, diloco_deltas_total{outcome}: DiLoCo outer steps;
+    diloco_delta_bytes_total / diloco_dense_bytes_total: the deltas' compression ratio against float32;
+    diloco_round_seconds              histogram of a round's slowest inner task plus its outer step
 """
 
 from __future__ import annotations
@@ -93,8 +96,11 @@ class Metrics:
     def update_resources(self, usage: Any, cpu: float, memory: float, gpus: dict[int, float]) -> None:
         """Refresh host and ledger gauges (the worker's monitor timer)."""
 
-    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int) -> None:
-        """A DiLoCo outer step applied ``accepted`` deltas (``refused`` were not) that moved ``bytes_moved``."""
+    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int, delta_bytes: int = 0,
+                     dense_bytes: int = 0, round_seconds: float | None = None) -> None:
+        """A DiLoCo outer step applied ``accepted`` deltas (``refused`` were not) that moved ``bytes_moved``: the
+        deltas' ``delta_bytes``, against ``dense_bytes`` as float32 (their ratio: the compression), in a round of
+        ``round_seconds`` (its slowest inner task and this outer step)."""
 
     def cache_totals(self) -> dict[str, int]:
         """Model cache hits and misses summed over this worker's processes (``{}`` without metrics)."""
@@ -168,6 +174,13 @@ class PrometheusMetrics(Metrics):
                                     "this worker aggregated", registry=reg)
         self.diloco_deltas = Counter(p + "diloco_deltas", "DiLoCo deltas offered to this worker's outer steps",
                                      ["outcome"], registry=reg)
+        self.diloco_delta_bytes = Counter(p + "diloco_delta_bytes", "Bytes of the DiLoCo deltas this worker's outer "
+                                          "steps applied, as sent", registry=reg)
+        self.diloco_dense_bytes = Counter(p + "diloco_dense_bytes", "Bytes the same DiLoCo deltas would take as float32 "
+                                          "(the compression ratio's denominator)", registry=reg)
+        self.diloco_round_seconds = Histogram(p + "diloco_round_seconds", "Seconds of a DiLoCo round this worker "
+                                              "aggregated: its slowest accepted inner task plus the outer step",
+                                              buckets=_DURATION_BUCKETS, registry=reg)
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -191,8 +204,13 @@ class PrometheusMetrics(Metrics):
         if runtime is not None:
             self.task_duration.labels(task).observe(runtime)
 
-    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int) -> None:
+    def diloco_round(self, *, bytes_moved: int, accepted: int, refused: int, delta_bytes: int = 0,
+                     dense_bytes: int = 0, round_seconds: float | None = None) -> None:
         self.diloco_rounds.inc()
+        self.diloco_delta_bytes.inc(delta_bytes)
+        self.diloco_dense_bytes.inc(dense_bytes)
+        if round_seconds is not None:
+            self.diloco_round_seconds.observe(round_seconds)
         self.diloco_bytes.inc(bytes_moved)
         self.diloco_deltas.labels("accepted").inc(accepted)
         self.diloco_deltas.labels("refused").inc(refused)

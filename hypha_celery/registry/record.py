@@ -9,7 +9,8 @@ entries whose hash is gone.
 
 Fields: every :class:`~hypha_celery.resources.capabilities.WorkerCapabilities` field
 (scalars as numbers, lists and maps as JSON), plus ``worker_id``, ``node_id``,
-``queue``, ``hostname``, ``pid``, ``peer_id`` (the identity that signs its results, empty when
+``queue``, ``hostname``, ``pid``, ``shared_storage`` (1 when it has DiLoCo's shared storage and takes
+its rounds), ``peer_id`` (the identity that signs its results, empty when
 it signs none), ``started_at``, ``last_updated`` (unix
 seconds), the per-task limits, and ``free_*`` (what the node's ledger had free
 at the last refresh; :func:`list_workers` reads it live), and ``kv``: each device's KV budget,
@@ -61,6 +62,7 @@ _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
 _INT_FIELDS = (
     "cpu_cores", "total_memory", "available_memory", "max_concurrent_tasks", "pid",
     "max_memory_per_task", "max_cpu_cores_per_task", "free_memory", "cache_hits", "cache_misses",
+    "shared_storage",
 )
 _AVERAGES = "avg_inference_time"
 _LISTED = ("models", "adapters", "loaded")  # rewritten only when they change, with the model indexes

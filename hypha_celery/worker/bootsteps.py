@@ -235,7 +235,8 @@ class RegistryStep(bootsteps.StartStopStep):
             usage = ctx.ledger.usage()
             loaded = sorted({model for lane in ctx.executors.cache().values() for model in lane})
             registry.register(ctx.redis, self.record, caps, usage, ttl=3 * cfg.network.advertisement_interval,
-                              extra=ctx.metrics.cache_totals(), adapters=self._adapters(caps.models), loaded=loaded,
+                              extra={**ctx.metrics.cache_totals(), "shared_storage": int(ctx.shared_storage is not None)},
+                              adapters=self._adapters(caps.models), loaded=loaded,
                               published=self.published)
             ctx.inference_times.flush(ctx.redis, self.record.worker_id, force=True)
         except HyphaError as exc:

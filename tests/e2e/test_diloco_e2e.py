@@ -11,6 +11,7 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage
 from hypha_celery.security import generate_key, peer_id
 from hypha_celery.training import diloco
+from hypha_celery.training.distributed.membership import Member, registry_members
 from tests.conftest import ROOT
 
 SUBJECTS = ("the cat", "a dog", "the bird", "my friend", "the child", "a farmer")
@@ -63,20 +65,23 @@ def key(tmp_path: Path) -> nacl.signing.SigningKey:
 @pytest.fixture
 def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, redis_url: str,
             key: nacl.signing.SigningKey, monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[Any]]:
-    """``workers(storage, count)``: workers with their own stores, one core each, verifying signatures."""
+    """``workers(storage, count, first=0)``: workers ``first``.. with their own stores, one core each, verifying
+    signatures."""
     monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # the scheduler places and records nonces there
 
     def start(storage: dict[str, Any], count: int = 2, metrics_ports: tuple[int, ...] = (),
-              sources: tuple[Path, ...] = ()) -> list[Any]:
+              sources: tuple[Path, ...] = (), first: int = 0, lease_heartbeat: float | None = None) -> list[Any]:
         return [start_worker({
-            **({"monitoring": {"collect_metrics": True, "metrics_port": metrics_ports[index]}} if metrics_ports else {}),
+            **({"monitoring": {"collect_metrics": True, "metrics_port": metrics_ports[index - first]}} if metrics_ports
+               else {}),
             "models": {"model_dir": str(tmp_path / f"store-{index}"),
                        "sources": [{"type": "local", "path": str(path)} for path in (model_dir, *sources)]},
             "training": {"shared_storage": storage},
-            "resources": {"node_id": f"node-{index}-{tmp_path.name}", "cpu_cores": 1},
+            "resources": {"node_id": f"node-{index}-{tmp_path.name}", "cpu_cores": 1,
+                          **({"lease_heartbeat": lease_heartbeat} if lease_heartbeat else {})},
             "task_timeout": 240,
             "security": {"verify_task_signatures": True, "allowed_schedulers": [peer_id(key.verify_key)]},
-        }) for index in range(count)]
+        }) for index in range(first, first + count)]
 
     return start
 
@@ -339,3 +344,53 @@ def test_the_cli_runs_diloco_with_a_progress_bar_per_round(workers: Callable[...
     assert "round 1/2" in out.stderr and "round 2/2" in out.stderr and "round 2: loss" in out.stderr
     result = json.loads(out.stdout)
     assert result["model_id"].endswith("-v2") and [r["round"] for r in result["rounds"]] == [1, 2]
+
+
+def test_a_worker_that_joins_mid_job_trains_from_the_next_round(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        tmp_path: Path) -> None:
+    # Given one worker on a shared folder, and a job of three shards over five rounds: one inner task a round, the
+    # shards in turn. Its members are the registry's (as by default); round 4 reads them once the late worker is up
+    # (the job's rounds take a second here, a worker's start many)
+    storage = {"type": "local", "path": str(tmp_path / "shared")}
+    (first,) = workers(storage, count=1, lease_heartbeat=5)
+    app = celery_client()
+    registry_read, joined, rounds_read = registry_members(CORES), threading.Event(), []
+
+    def members() -> list[Member]:
+        rounds_read.append(len(rounds_read) + 1)
+        if len(rounds_read) == 4:
+            joined.wait(300)
+        return registry_read()
+
+    job = diloco(TINY_LLAMA, shards(3, 4), rounds=5, inner_steps=12, outer_lr=1.0, outer_momentum=0.5,
+                 requirements=CORES, signing_key=key, app=app, round_timeout=300, members=members, **TRAIN)
+    # When a second worker starts while round 3 runs
+    wait_for(lambda: job.progress()["round"] >= 3, 600, "round 3")
+    assert job.progress()["round"] == 3, "round 3 ended before the second worker started"
+    (late,) = workers(storage, count=1, first=1, lease_heartbeat=5)
+    # (warmed by one training task on its own queue first, as a worker that joins a network would be: a cold worker's
+    # first training spends tens of seconds here importing torch. Leases renew every 5 s, the default, not the
+    # suite's 1 s: on a loaded machine a worker fetching the round's version stalls past a 2 s lease, and the sweeper
+    # hands its task to the other worker, whose copy then answers first)
+    queue = next(m.queue for m in registry_read() if m.worker.split("@")[0] == late.name)
+    submit("hypha.train", model=TINY_LLAMA, data={"texts": corpus(4, seed=3)}, max_steps=1, requirements=CORES,
+           signing_key=key, app=app, queue=queue, **TRAIN).get(timeout=300)
+    joined.set()
+    done = job.wait(timeout=900)
+    rounds = done["rounds"]
+    print("rounds:", [(r["round"], r["assigned"], r["duration_s"],
+                       [(i["worker"], i["shard"], i["steps"], i["seconds"]) for i in r["inner"]]) for r in rounds])
+    # Then rounds 1-3 sent one task each, to the first worker, the shards in turn
+    for entry in rounds[:3]:
+        assert entry["assigned"] == 1 and [row["worker"].split("@")[0] for row in entry["inner"]] == [first.name]
+    assert [entry["inner"][0]["shard"] for entry in rounds[:3]] == [0, 1, 2]
+    # And round 4 sent two, and the new worker's delta is in it: it fetched round 3's global version from the shared
+    # storage, trained its shard, and reported its steps and seconds
+    for entry in rounds[3:]:
+        assert entry["assigned"] == 2 and entry["refused"] == [] and entry["failed"] == {}, entry
+        rows = {row["worker"].split("@")[0]: row for row in entry["inner"]}
+        assert set(rows) == {first.name, late.name}, entry
+        assert rows[late.name]["steps"] == 12 and rows[late.name]["seconds"] > 0
+    assert sorted(row["shard"] for row in rounds[3]["inner"]) == [0, 1]
+    assert done["model_id"] == f"{job.job}-v5"

@@ -20,7 +20,15 @@ from hypha_celery.errors import InvalidTask
 from hypha_celery.models.shared_storage import SharedStorage
 from hypha_celery.training.distributed.deltas import combine, save_tensors
 from hypha_celery.training.distributed.inner import publish_delta
-from hypha_celery.training.distributed.outer import AggregateSpec, _bytes_moved, _weighted, gather, validate_aggregate
+from hypha_celery.training.distributed.outer import (
+    AggregateSpec,
+    _bytes_moved,
+    _summed,
+    _weighted,
+    gather,
+    validate_aggregate,
+)
+from hypha_celery.training.distributed.rounds import describe_round, inner_rows, round_entry
 
 JOB, BASE_SHA = "j", "b" * 64
 META = {"job": JOB, "round": "1", "base_sha256": BASE_SHA}
@@ -195,6 +203,20 @@ def test_hostile_reported_bytes_count_zero_never_raise(hostile: Any) -> None:
     reports = [({"bytes": 100, "base_bytes": 50}, 1), ({"bytes": hostile, "base_bytes": hostile}, 1)]
     # When the bytes moved are summed, Then only the honest figures count
     assert _bytes_moved(reports) == 150
+
+
+@pytest.mark.parametrize("hostile", [*HOSTILE_FIGURES, -5], ids=repr)
+def test_hostile_reported_parameters_steps_and_seconds_count_zero_or_unknown(hostile: Any) -> None:
+    # Given two reports, one whose worker wrote figures that are no usable count
+    reports = [({"parameters": 10, "bytes": 40, "seconds": 2.0}, 1),
+               ({"parameters": hostile, "bytes": hostile, "seconds": hostile, "steps": hostile}, 1)]
+    # When the outer step sums the compression's figures, Then only the honest ones count
+    assert _summed(reports, "parameters") == 10 and _summed(reports, "bytes") == 40
+    # And the scheduler's round entry shows the hostile row's figures as unknown, never raising
+    rows = inner_rows([{**report, "ref": f"jobs/j/round-1/t{i}.safetensors"} for i, (report, _) in enumerate(reports)],
+                      {"t0": 0, "t1": 1})
+    entry = round_entry(1, {}, rows, assigned=2, failed={}, duration_s=1.0)
+    assert entry["compression"] is not None and describe_round(entry)
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [

@@ -103,7 +103,7 @@ def test_the_cli_prints_each_refused_delta_with_its_reason(capsys: pytest.Captur
     from hypha_celery.cli.train import _follow
 
     # When `run diloco` follows a job whose round refused a delta
-    _follow(_DoneJob(), workers=1, timeout=5)
+    _follow(_DoneJob(), timeout=5)
     # Then the round's line is followed by the refusal and its reason
     err = capsys.readouterr().err
     assert "round 1: loss 2.0000" in err and "refused delta x: tensor b holds NaN; refused" in err

@@ -2,7 +2,9 @@
 
 ``layout.py`` (every shared-storage key of a job), ``deltas.py`` (the arithmetic on safetensors files),
 ``inner.py`` (``hypha.train`` with a ``diloco`` block), ``outer.py`` (``hypha.aggregate``),
-``scheduler.py`` (the scheduler's side: :func:`hypha_celery.training.diloco`). The package is not
-named ``diloco``: that name is the public function :func:`hypha_celery.training.diloco`, which a
-subpackage of the same name would shadow once imported.
+``membership.py`` (who trains a round: the live workers, the shards round-robin), ``rounds.py`` (what a
+round did, as the scheduler shows it), ``scheduler.py`` (the scheduler's side:
+:func:`hypha_celery.training.diloco`). The package is not named ``diloco``: that name is the public
+function :func:`hypha_celery.training.diloco`, which a subpackage of the same name would shadow once
+imported.
 """

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import re
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import InvalidTask, UnsupportedModel
+from hypha_celery.formats.safetensors import read_header
 from hypha_celery.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
@@ -137,6 +139,7 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
             pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
                             {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
             stored = publish_delta(ctx.storage(), key, delta)
+            parameters = read_header(delta).parameters
     finally:
         ctx.store.remove(trained)
     curve = output.get("loss_curve") or [output["final_loss"]]
@@ -144,7 +147,9 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
         "job": block.job, "round": block.round, "ref": key, "sha256": stored.sha256, "bytes": stored.size,
         "samples": output["samples"], "loss": output["final_loss"], "start_loss": curve[0],
         "base": base, "base_sha256": base_sha256, "base_bytes": base_weights.stat().st_size,
-        "worker": run.worker, "steps": output["steps"],
+        "worker": run.worker, "steps": output["steps"], "parameters": parameters,
+        # From the task's start here to its delta published: fetching the round's version, training, the delta.
+        "seconds": round(time.time() - run.timing.started_at, 3) if run.timing.started_at else None,
     }
     result["output"] = {**output, "model_id": None, "diloco": report}
     result["model_id"] = None

@@ -186,10 +186,15 @@ def run_outer(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
             output = {**json.loads(recorded), "replayed": True}
             log.info("job %s round %d was aggregated before; answering from its record", spec.job, spec.round)
         else:
+            began = time.monotonic()
             output = _aggregate(ctx, spec)
+            output["outer_seconds"] = round(time.monotonic() - began, 3)
+            slowest = output.get("inner_seconds")
+            output["round_seconds"] = None if slowest is None else round(slowest + output["outer_seconds"], 3)
             storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
             ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
-                                     refused=len(output["refused"]))
+                                     refused=len(output["refused"]), delta_bytes=output["delta_bytes"],
+                                     dense_bytes=output["dense_bytes"], round_seconds=output["round_seconds"])
     run.timing.finished_at = time.time()
     run.task.send_event("task-progress", stage="aggregated", job=spec.job, round=spec.round,
                         model_id=output["model_id"], workers=output["workers"], bytes_moved=output["bytes_moved"],
@@ -325,6 +330,10 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
         "bytes_moved": _bytes_moved(reports),
+        # The deltas as sent, against float32 (4 bytes a parameter): the compression; and the slowest inner task.
+        "delta_bytes": _summed(reports, "bytes"), "dense_bytes": 4 * _summed(reports, "parameters"),
+        "inner_seconds": max((s for s in (_reported(r.get("seconds")) for r, _ in reports) if s is not None),
+                             default=None),
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
     }
 
@@ -380,6 +389,11 @@ def _weighted(reports: list[tuple[dict[str, Any], int]], key: str) -> float | No
 def _bytes_moved(reports: list[tuple[dict[str, Any], int]]) -> int:
     """What the workers say crossed the network (the base pulled, the delta pushed); unusable figures count 0."""
     return sum(int(_reported(report.get(key)) or 0) for report, _ in reports for key in ("bytes", "base_bytes"))
+
+
+def _summed(reports: list[tuple[dict[str, Any], int]], key: str) -> int:
+    """A reported count summed over the reports (information only: unusable or negative figures count 0)."""
+    return sum(max(0, int(_reported(report.get(key)) or 0)) for report, _ in reports)
 
 
 def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path, next_id: str,

@@ -6,15 +6,18 @@
     job = diloco("tiny-llama", shards=[{"texts": [...]}, {"texts": [...]}, {"ref": "corpus-3"}],
                  rounds=10, inner_steps=50, outer_lr=0.7, outer_momentum=0.9, min_workers=2,
                  requirements={"cpu_cores": 1}, signing_key="scheduler.key", lr=1e-3, batch_size=8)
-    job.progress()      # {"job", "round", "rounds", "stage", "finished", "arrived", "workers", "history"}
+    job.progress()      # {"job", "round", "rounds", "stage", "finished", "arrived", "workers", "members", "history"}
     job.wait(timeout=3600)
     # {"job": ..., "model_id": "<job>-v10", "sha256": ..., "rounds": [{"round", "loss", "workers",
-    #   "bytes_moved", "duration_s", "refused", ...}, ...]}
+    #   "bytes_moved", "delta_bytes", "compression", "inner": [{"worker", "shard", "steps", "seconds", ...}],
+    #   "refused", "failed", "duration_s", ...}, ...]}     (one entry: training/distributed/rounds.py)
 
-Each round is a Celery ``group`` (canvas) of ``hypha.train`` tasks with a ``diloco`` block, one
-per shard, each signed like any task (:func:`hypha_celery.client.send_options`) and sent to the
-shared ``hypha`` queue (``queue=`` to choose), so that each idle worker takes one: best-fit
-placement would stack a round's tasks on the one tightest node. They run on
+Each round is a Celery ``group`` (canvas) of ``hypha.train`` tasks with a ``diloco`` block, each
+signed like any task (:func:`hypha_celery.client.send_options`): one per live worker, read from
+the registry when the round starts, on that worker's own queue, shards round-robin across rounds
+(:mod:`.membership`: a worker that joins mid-job trains from the next round on, one that leaves is
+tolerated; ``queue=`` sends them all to one queue instead). Best-fit placement would stack a
+round's tasks on the one tightest node. They run on
 the round's global version pinned by its manifest sha256 from round 2 on. The round then waits for
 them with a deadline (``round_timeout``; and once ``min_workers`` have answered, at most
 ``straggler_s`` more for the rest) and sends the signed ``hypha.aggregate`` with the reports
@@ -53,6 +56,8 @@ from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
 from hypha_celery.training.distributed.layout import delta_key
+from hypha_celery.training.distributed.membership import Assignment, Members, assign, registry_members
+from hypha_celery.training.distributed.rounds import inner_rows, round_entry
 
 __all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
@@ -76,7 +81,7 @@ class _Settings:
     inner_steps: int
     outer_lr: float
     outer_momentum: float
-    min_workers: int
+    min_workers: int | None  # None: every inner task the round sends
     requirements: dict[str, Any] | None
     aggregate_requirements: dict[str, Any]
     signing_key: nacl.signing.SigningKey | None
@@ -86,6 +91,7 @@ class _Settings:
     train_kwargs: dict[str, Any] = field(default_factory=dict)
     shard_weights: list[int] = field(default_factory=list)  # one per shard: the weight its delta gets
     aggregate_options: dict[str, Any] = field(default_factory=dict)  # aggregator, trim, the norm bounds
+    members: Members | None = None  # the round's live workers (membership.py); None: every shard to the queue
 
 
 class DilocoJob:
@@ -97,12 +103,14 @@ class DilocoJob:
         self.settings = settings
         self._lock = threading.Lock()
         self._progress: dict[str, Any] = {"job": job, "round": 0, "rounds": settings.rounds, "stage": "starting",
-                                          "finished": 0, "arrived": 0, "workers": len(settings.shards), "tasks": [],
+                                          "finished": 0, "arrived": 0, "workers": 0, "tasks": [],
                                           "history": []}
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._drive, name=f"diloco-{job}", daemon=True)
+        self._cursor = 0  # the next shard, round-robin across rounds
+        self._shard_of: dict[str, int] = {}  # the round's inner task id -> the shard it was sent
 
     def start(self) -> DilocoJob:
         self._thread.start()
@@ -143,35 +151,52 @@ class DilocoJob:
         history: list[dict[str, Any]] = []
         for round_ in range(1, s.rounds + 1):
             started = time.monotonic()
-            self._update(round=round_, stage="inner", finished=0, arrived=0)
-            reports, weights = self._inner(round_, base, pin)
+            self._update(round=round_, stage="inner", finished=0, arrived=0, tasks=[])
+            sent = self._assign(round_)
+            reports, weights, failed = self._inner(round_, base, pin, sent)
             self._update(stage="aggregate")
-            outcome = self._aggregate(round_, base, pin, reports, weights)
-            entry = {"round": round_, "loss": outcome["loss"], "inner_loss": outcome["inner_loss"],
-                     "workers": outcome["workers"], "bytes_moved": outcome["bytes_moved"],
-                     "samples": outcome["samples"], "refused": outcome["refused"], "model_id": outcome["model_id"],
-                     "duration_s": round(time.monotonic() - started, 3)}
+            outcome = self._aggregate(round_, base, pin, reports, weights, need=self._need(sent))
+            shards = {task: index for task, index in self._shard_of.items() if task in weights}
+            entry = round_entry(round_, outcome, inner_rows(reports, shards), assigned=len(sent), failed=failed,
+                                duration_s=time.monotonic() - started)
             history.append(entry)
             with self._lock:
                 self._progress["history"].append(entry)
             base, pin = outcome["model_id"], outcome["sha256"]
         return {"job": self.job, "model_id": base, "sha256": pin, "rounds": history}
 
-    def _inner(self, round_: int, base: str, pin: str | None) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    def _assign(self, round_: int) -> list[Assignment]:
+        """The round's inner tasks from the live workers now (:mod:`.membership`); the cursor moves past them."""
+        s = self.settings
+        members = s.members() if s.members is not None else []
+        sent = assign(len(s.shards), members, cursor=self._cursor, at_least=s.min_workers or 1,
+                      shared_queue=s.queue or SHARED_QUEUE, turn=round_ - 1)
+        self._cursor = (self._cursor + len(sent)) % len(s.shards)
+        return sent
+
+    def _need(self, sent: Sequence[Assignment]) -> int:
+        """The deltas a round needs: ``min_workers``, else every inner task it sent."""
+        return self.settings.min_workers or len(sent)
+
+    def _inner(self, round_: int, base: str, pin: str | None, sent: Sequence[Assignment]
+               ) -> tuple[list[dict[str, Any]], dict[str, int], dict[str, str]]:
         """Send the round's group and collect the reports that arrive by its deadline, with each reporting task's
-        weight (its shard's, as decided here)."""
+        weight (its shard's, as decided here) and why the others gave none."""
         s = self.settings
         signatures = []
-        for shard in s.shards:
-            kwargs: dict[str, Any] = {**s.train_kwargs, "model": base, "data": shard,
+        for assignment in sent:
+            kwargs: dict[str, Any] = {**s.train_kwargs, "model": base, "data": s.shards[assignment.shard],
                                       "diloco": {"job": self.job, "round": round_, "inner_steps": s.inner_steps}}
             if s.requirements is not None:
                 kwargs["requirements"] = s.requirements
-            options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or SHARED_QUEUE,
+            options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or assignment.queue,
                                    model_sha256=pin if s.signing_key is not None else None)
             signatures.append(self.app.signature("hypha.train", kwargs=kwargs, **options))
         results = group(signatures).apply_async().results
-        self._update(tasks=[result.id for result in results])
+        self._shard_of = {result.id: assignment.shard for result, assignment in zip(results, sent, strict=True)}
+        needed = self._need(sent)
+        self._update(tasks=[result.id for result in results], workers=len(results),
+                     members=[a.worker for a in sent if a.worker is not None])
         deadline = time.monotonic() + s.round_timeout
         quorum_at: float | None = None
         reports: dict[str, dict[str, Any]] = {}
@@ -184,33 +209,35 @@ class DilocoJob:
             finished = len(reports) + len(failures)
             self._update(finished=finished, arrived=len(reports))
             now = time.monotonic()
-            if len(reports) >= s.min_workers and quorum_at is None:
+            if len(reports) >= needed and quorum_at is None:
                 quorum_at = now
             if finished == len(results):
                 break
-            if len(results) - len(failures) < s.min_workers:
+            if len(results) - len(failures) < needed:
                 break  # too many failed to ever reach the quorum
             if now >= deadline or (quorum_at is not None and now >= quorum_at + s.straggler_s):
                 break
             time.sleep(POLL_S)
-        if len(reports) < s.min_workers:
+        if len(reports) < needed:
             why = "; ".join(f"{task}: {reason}" for task, reason in failures.items()) or "no failures, too slow"
             raise RoundFailed(f"job {self.job} round {round_}: {len(reports)} of {len(results)} inner tasks reported "
-                              f"within {s.round_timeout:g} s, fewer than min_workers ({s.min_workers}): {why}")
+                              f"within {s.round_timeout:g} s, fewer than min_workers ({needed}): {why}")
         late = [result.id for result in results if result.id not in reports and result.id not in failures]
         if late:  # stragglers: their deltas, if they ever land, stay in this round's folder, never applied
             self.app.control.revoke(late)
         sizes = s.shard_weights or shard_sizes(s.shards)
-        weights = {result.id: weight for result, weight in zip(results, sizes, strict=True) if result.id in reports}
-        return [reports[result.id] for result in results if result.id in reports], weights
+        weights = {result.id: sizes[self._shard_of[result.id]] for result in results if result.id in reports}
+        failed = {**failures, **{task: "late: revoked at the round's deadline" for task in late}}
+        return [reports[result.id] for result in results if result.id in reports], weights, failed
 
     def _aggregate(self, round_: int, base: str, pin: str | None, reports: list[dict[str, Any]],
-                   weights: dict[str, int]) -> dict[str, Any]:
+                   weights: dict[str, int], *, need: int | None = None) -> dict[str, Any]:
         """Send the signed outer step: the reports as they came, and the weights decided here (never theirs)."""
         s = self.settings
         kwargs: dict[str, Any] = {"job": self.job, "round": round_, "base": base, "deltas": reports,
                                   "weights": weights, "outer_lr": s.outer_lr, "outer_momentum": s.outer_momentum,
-                                  "min_workers": s.min_workers, "requirements": s.aggregate_requirements,
+                                  "min_workers": need or s.min_workers or len(reports),
+                                  "requirements": s.aggregate_requirements,
                                   **s.aggregate_options}
         if pin is not None:
             kwargs["base_sha256"] = pin
@@ -286,11 +313,15 @@ def diloco(
     trim: float | None = None,
     max_delta_norm_ratio: float | None = 10.0,
     max_base_norm_ratio: float | None = 1.0,
+    members: Members | None = None,
     **train_kwargs: Any,
 ) -> DilocoJob:
     """Start a DiLoCo job training ``model`` on ``shards`` (one inner task per shard per round); see the module doc.
 
-    ``min_workers`` (default: every shard) is how many deltas a round needs; ``train_kwargs`` go to every
+    Each round sends one inner task per live worker (``members``, default :func:`.membership.registry_members`: the
+    registry's workers with shared storage that fit ``requirements``), at most one per shard, shards round-robin
+    across rounds; ``min_workers`` (default: every inner task the round sent) is how many deltas a round needs, and
+    a round sends at least that many (the extra ones to the shared queue). ``train_kwargs`` go to every
     inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...). ``shard_weights`` weigh each
     shard's delta in the mean (:func:`shard_sizes`); ``aggregator``, ``trim`` and the two norm bounds go to
     ``hypha.aggregate`` as they are (see :mod:`hypha_celery.training.distributed.outer`; ``None`` turns a bound off).
@@ -299,16 +330,15 @@ def diloco(
         raise ValueError("diloco needs at least one shard")
     if rounds < 1 or inner_steps < 1:
         raise ValueError("rounds and inner_steps must be at least 1")
-    needed = len(shards) if min_workers is None else min_workers
-    if not 1 <= needed <= len(shards):
-        raise ValueError(f"min_workers must be from 1 to the number of shards ({len(shards)}), got {needed}")
+    if min_workers is not None and not 1 <= min_workers <= len(shards):
+        raise ValueError(f"min_workers must be from 1 to the number of shards ({len(shards)}), got {min_workers}")
     if app is None:
         from hypha_celery.celery import app as default_app
 
         app = default_app
     settings = _Settings(
         model=model, shards=[dict(shard) for shard in shards], rounds=rounds, inner_steps=inner_steps,
-        outer_lr=outer_lr, outer_momentum=outer_momentum, min_workers=needed, requirements=requirements,
+        outer_lr=outer_lr, outer_momentum=outer_momentum, min_workers=min_workers, requirements=requirements,
         aggregate_requirements=aggregate_requirements or {"cpu_cores": 0.5, "memory": "512MiB"},
         signing_key=signing_key if signing_key is None or isinstance(signing_key, nacl.signing.SigningKey)
         else load_signing_key(signing_key), round_timeout=round_timeout,
@@ -316,5 +346,6 @@ def diloco(
         shard_weights=shard_sizes(shards, shard_weights),
         aggregate_options={"aggregator": aggregator, "max_delta_norm_ratio": max_delta_norm_ratio,
                            "max_base_norm_ratio": max_base_norm_ratio, **({} if trim is None else {"trim": trim})},
+        members=members if members is not None else registry_members(requirements),
     )
     return DilocoJob(app, job or f"dl-{uuid.uuid4().hex[:12]}", settings).start()
