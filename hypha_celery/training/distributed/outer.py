@@ -279,7 +279,7 @@ def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any],
 
 
 def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
-    from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors
+    from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors, shapes_of
 
     storage = ctx.storage()
     manifest, base_folder = ctx.store.verified_folder(spec.base)
@@ -297,7 +297,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(gathered.accepted)} delta(s) passed the "
                                 f"checks, fewer than min_workers ({spec.min_workers}): {reasons}")
         average = combine([path for _, path, _, _ in gathered.accepted], [w for _, _, w, _ in gathered.accepted],
-                          base.keys(), aggregator=spec.aggregator, trim=spec.trim)
+                          shapes_of(base), aggregator=spec.aggregator, trim=spec.trim)
         previous = None
         if spec.round > 1:
             path = Path(scratch) / "momentum.safetensors"
@@ -325,6 +325,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
         "bytes_moved": _bytes_moved(reports),
+        "delta_bytes": sum(int(_reported(report.get("bytes")) or 0) for report, _ in reports),  # the deltas alone
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
     }
 

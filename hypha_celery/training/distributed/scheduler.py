@@ -19,7 +19,10 @@ the round's global version pinned by its manifest sha256 from round 2 on. The ro
 them with a deadline (``round_timeout``; and once ``min_workers`` have answered, at most
 ``straggler_s`` more for the rest) and sends the signed ``hypha.aggregate`` with the reports
 that arrived and each one's weight: the size of the shard this scheduler sent that task
-(:func:`shard_sizes`), never the sample count a worker reports. A task that answers later is a
+(:func:`shard_sizes`), never the sample count a worker reports; a time-boxed job (``inner_seconds``)
+multiplies it by the steps each worker reports, capped (:mod:`.timebox`). ``compression`` (``none``,
+``bf16``, ``int8``) and ``error_feedback`` go to every inner task (:mod:`.compression`); the last round's
+tasks are told ``final`` so each worker drops the job's residual. A task that answers later is a
 straggler: its delta stays in its round's folder, and the outer step refuses any delta whose job
 or round is not its own. Fewer than ``min_workers`` reports by the deadline fail the job
 (``RoundFailed``). A report counts only when its ``ref`` is the reporting task's own delta key
@@ -52,7 +55,9 @@ from celery.result import AsyncResult
 from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
+from hypha_celery.training.distributed.compression import COMPRESSIONS
 from hypha_celery.training.distributed.layout import delta_key
+from hypha_celery.training.distributed.timebox import reported_steps, work_weights
 
 __all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
@@ -73,7 +78,7 @@ class _Settings:
     model: str
     shards: list[dict[str, Any]]
     rounds: int
-    inner_steps: int
+    inner_steps: int | None
     outer_lr: float
     outer_momentum: float
     min_workers: int
@@ -86,6 +91,21 @@ class _Settings:
     train_kwargs: dict[str, Any] = field(default_factory=dict)
     shard_weights: list[int] = field(default_factory=list)  # one per shard: the weight its delta gets
     aggregate_options: dict[str, Any] = field(default_factory=dict)  # aggregator, trim, the norm bounds
+    inner_seconds: float | None = None  # a time box per inner task instead of (or under) inner_steps
+    compression: str = "none"
+    error_feedback: bool = True
+
+    def block(self, job: str, round_: int) -> dict[str, Any]:
+        """The ``diloco`` kwarg of the round's inner tasks."""
+        block: dict[str, Any] = {"job": job, "round": round_}
+        if self.inner_steps is not None:
+            block["inner_steps"] = self.inner_steps
+        if self.inner_seconds is not None:
+            block["inner_seconds"] = self.inner_seconds
+        if self.compression != "none":
+            block.update(compression=self.compression, error_feedback=self.error_feedback,
+                         final=round_ == self.rounds)
+        return block
 
 
 class DilocoJob:
@@ -150,7 +170,9 @@ class DilocoJob:
             entry = {"round": round_, "loss": outcome["loss"], "inner_loss": outcome["inner_loss"],
                      "workers": outcome["workers"], "bytes_moved": outcome["bytes_moved"],
                      "samples": outcome["samples"], "refused": outcome["refused"], "model_id": outcome["model_id"],
-                     "duration_s": round(time.monotonic() - started, 3)}
+                     "duration_s": round(time.monotonic() - started, 3), "delta_bytes": outcome.get("delta_bytes"),
+                     "steps": [reported_steps(report) for report in reports],
+                     "train_s": [report.get("train_s") for report in reports]}
             history.append(entry)
             with self._lock:
                 self._progress["history"].append(entry)
@@ -164,7 +186,7 @@ class DilocoJob:
         signatures = []
         for shard in s.shards:
             kwargs: dict[str, Any] = {**s.train_kwargs, "model": base, "data": shard,
-                                      "diloco": {"job": self.job, "round": round_, "inner_steps": s.inner_steps}}
+                                      "diloco": s.block(self.job, round_)}
             if s.requirements is not None:
                 kwargs["requirements"] = s.requirements
             options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or SHARED_QUEUE,
@@ -202,6 +224,8 @@ class DilocoJob:
             self.app.control.revoke(late)
         sizes = s.shard_weights or shard_sizes(s.shards)
         weights = {result.id: weight for result, weight in zip(results, sizes, strict=True) if result.id in reports}
+        if s.inner_seconds is not None:  # the work each did in the time box: shard size x reported steps, capped
+            weights = work_weights(weights, reports)
         return [reports[result.id] for result in results if result.id in reports], weights
 
     def _aggregate(self, round_: int, base: str, pin: str | None, reports: list[dict[str, Any]],
@@ -268,8 +292,11 @@ def diloco(
     model: str,
     shards: Sequence[dict[str, Any]],
     rounds: int,
-    inner_steps: int,
+    inner_steps: int | None = None,
     *,
+    inner_seconds: float | None = None,
+    compression: str = "none",
+    error_feedback: bool = True,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     min_workers: int | None = None,
@@ -294,11 +321,19 @@ def diloco(
     inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...). ``shard_weights`` weigh each
     shard's delta in the mean (:func:`shard_sizes`); ``aggregator``, ``trim`` and the two norm bounds go to
     ``hypha.aggregate`` as they are (see :mod:`hypha_celery.training.distributed.outer`; ``None`` turns a bound off).
+    ``inner_seconds`` time-boxes each inner task (``inner_steps``, when also given, caps its steps; one of the two is
+    needed); ``compression`` and ``error_feedback``: :mod:`hypha_celery.training.distributed.compression`.
     """
     if not shards:
         raise ValueError("diloco needs at least one shard")
-    if rounds < 1 or inner_steps < 1:
+    if rounds < 1 or (inner_steps is not None and inner_steps < 1):
         raise ValueError("rounds and inner_steps must be at least 1")
+    if inner_steps is None and inner_seconds is None:
+        raise ValueError("diloco needs inner_steps or inner_seconds")
+    if inner_seconds is not None and not 0 < inner_seconds <= 86_400:
+        raise ValueError(f"inner_seconds must be above 0 and at most 86400, got {inner_seconds!r}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     needed = len(shards) if min_workers is None else min_workers
     if not 1 <= needed <= len(shards):
         raise ValueError(f"min_workers must be from 1 to the number of shards ({len(shards)}), got {needed}")
@@ -316,5 +351,6 @@ def diloco(
         shard_weights=shard_sizes(shards, shard_weights),
         aggregate_options={"aggregator": aggregator, "max_delta_norm_ratio": max_delta_norm_ratio,
                            "max_base_norm_ratio": max_base_norm_ratio, **({} if trim is None else {"trim": trim})},
+        inner_seconds=inner_seconds, compression=compression, error_feedback=error_feedback,
     )
     return DilocoJob(app, job or f"dl-{uuid.uuid4().hex[:12]}", settings).start()
