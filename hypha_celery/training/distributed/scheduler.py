@@ -171,8 +171,8 @@ class DilocoJob:
                      "workers": outcome["workers"], "bytes_moved": outcome["bytes_moved"],
                      "samples": outcome["samples"], "refused": outcome["refused"], "model_id": outcome["model_id"],
                      "duration_s": round(time.monotonic() - started, 3), "delta_bytes": outcome.get("delta_bytes"),
-                     "steps": [reported_steps(report) for report in reports],
-                     "train_s": [report.get("train_s") for report in reports]}
+                     "inner": [{"worker": report.get("worker"), "steps": reported_steps(report),
+                                "train_s": report.get("train_s"), "bytes": report.get("bytes")} for report in reports]}
             history.append(entry)
             with self._lock:
                 self._progress["history"].append(entry)
