@@ -125,24 +125,29 @@ def write_delta(delta: Mapping[str, np.ndarray], out: Path, metadata: Mapping[st
     for the job's next delta on this worker (none after the ``final`` round, nor for ``none``). Returns the
     figures the report carries: the L2 norms of the residual added and of the one kept."""
     import numpy as np
-
-    from hypha_celery.training.distributed.deltas import l2_norm, save_tensors
+    from safetensors.numpy import save_file
 
     shapes = {name: tuple(tensor.shape) for name, tensor in delta.items()}
     carried = residuals.take(job, shapes) if residuals is not None and compression != "none" else None
     if carried is not None:
         delta = {name: (tensor + carried[name]).astype(np.float32) for name, tensor in delta.items()}
     stored, back = encode(delta, compression)
-    save_tensors(stored, out, {**metadata, "encoding": encoding_name(compression)})
+    save_file(stored, str(out), metadata={"format": "pt", **metadata, "encoding": encoding_name(compression)})
     kept = 0.0
     if residuals is not None and compression != "none":
         if final:
             residuals.drop(job)
         else:
             residual = {name: (tensor - back[name]).astype(np.float32) for name, tensor in delta.items()}
-            kept = l2_norm(residual)
+            kept = _norm(residual)
             residuals.put(job, residual)
-    return {"residual_in": 0.0 if carried is None else l2_norm(carried), "residual_out": kept}
+    return {"residual_in": 0.0 if carried is None else _norm(carried), "residual_out": kept}
+
+
+def _norm(tensors: Mapping[str, np.ndarray]) -> float:
+    import numpy as np
+
+    return math.sqrt(sum(float(np.dot(t.ravel(), t.ravel())) for t in (v.astype(np.float64) for v in tensors.values())))
 
 
 @contextmanager

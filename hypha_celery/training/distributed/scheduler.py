@@ -165,12 +165,14 @@ class DilocoJob:
             started = time.monotonic()
             self._update(round=round_, stage="inner", finished=0, arrived=0)
             reports, weights = self._inner(round_, base, pin)
+            inner_s = time.monotonic() - started
             self._update(stage="aggregate")
             outcome = self._aggregate(round_, base, pin, reports, weights)
             entry = {"round": round_, "loss": outcome["loss"], "inner_loss": outcome["inner_loss"],
                      "workers": outcome["workers"], "bytes_moved": outcome["bytes_moved"],
                      "samples": outcome["samples"], "refused": outcome["refused"], "model_id": outcome["model_id"],
-                     "duration_s": round(time.monotonic() - started, 3), "delta_bytes": outcome.get("delta_bytes"),
+                     "duration_s": round(time.monotonic() - started, 3), "inner_s": round(inner_s, 3),
+                     "delta_bytes": outcome.get("delta_bytes"),
                      "inner": [{"worker": report.get("worker"), "steps": reported_steps(report),
                                 "train_s": report.get("train_s"), "bytes": report.get("bytes")} for report in reports]}
             history.append(entry)
