@@ -41,14 +41,14 @@ def fmt(values: list[float], unit: str, scale: float = 1.0) -> str:
 
 def start_worker(app: str, url: str, workdir: Path, *, config: dict[str, Any] | None = None,
                  queues: str | None = None, concurrency: int = 4, broker: str | None = None,
-                 args: tuple[str, ...] = ()) -> WorkerProcess:
+                 args: tuple[str, ...] = (), env: dict[str, str] | None = None) -> WorkerProcess:
     """A worker (hypha's or the plain Celery app's) on ``concurrency`` threads, logging warnings only.
 
     Started by the harness's :class:`~hypha_celery.harness.local_node.LocalNode` on ``url`` (its result backend
     and registry; its broker too unless ``broker`` is given); the caller stops it.
     """
     node = LocalNode(url, workdir, loglevel="warning", cwd=ROOT, name="bench")
-    return node.start_worker(config, name=f"bench-{uuid.uuid4().hex[:6]}", app=app, broker=broker, wait=None,
+    return node.start_worker(config, name=f"bench-{uuid.uuid4().hex[:6]}", app=app, broker=broker, wait=None, env=env,
                              args=["-P", "threads", "-c", str(concurrency), *args, *(["-Q", queues] if queues else [])])
 
 

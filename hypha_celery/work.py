@@ -186,6 +186,8 @@ class Train(_JobRequest):
     seed: int = 0
     max_length: int | None = None
     checkpoint_every: int | None = None
+    max_seconds: float | None = None  # a DiLoCo time box: no step starts that would end past it (at least one runs)
+    step_delay_s: float = 0.0  # a test hook: a sleep after each step (a slow machine on demand)
 
 
 # --- reports and results --------------------------------------------------------------------------

@@ -119,8 +119,9 @@ def run_training(run: TaskRun, spec: TrainSpec) -> dict[str, Any]:
         if manifest.runtime == "transformers" and spec.finetune is None:
             raise InvalidTask(f"model {spec.model!r} is a transformers model: data takes texts, not inputs and targets")
         if spec.finetune is not None:  # checked again on the fetched manifest: its task, labels, max_length
-            spec = dataclasses.replace(spec, finetune=finetune_params(_finetune_kwargs(spec.model, spec.finetune),
-                                                                      manifest))
+            checked = finetune_params(_finetune_kwargs(spec.model, spec.finetune), manifest)
+            spec = dataclasses.replace(spec, finetune=dataclasses.replace(
+                checked, max_seconds=spec.finetune.max_seconds, step_delay_s=spec.finetune.step_delay_s))
         if "texts" in spec.data:
             check_training_texts(spec.data["texts"], manifest, ctx.config.security.max_text_bytes)
         if "inputs" in spec.data:

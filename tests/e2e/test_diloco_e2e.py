@@ -70,7 +70,8 @@ def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, r
     monkeypatch.setenv("HYPHA_REGISTRY_URL", redis_url)  # the scheduler places and records nonces there
 
     def start(storage: dict[str, Any], count: int = 2, metrics_ports: tuple[int, ...] = (),
-              sources: tuple[Path, ...] = (), first: int = 0, lease_heartbeat: float | None = None) -> list[Any]:
+              sources: tuple[Path, ...] = (), first: int = 0, lease_heartbeat: float | None = None,
+              envs: dict[int, dict[str, str]] | None = None) -> list[Any]:
         return [start_worker({
             **({"monitoring": {"collect_metrics": True, "metrics_port": metrics_ports[index - first]}} if metrics_ports
                else {}),
@@ -81,7 +82,7 @@ def workers(start_worker: Callable[..., Any], model_dir: Path, tmp_path: Path, r
                           **({"lease_heartbeat": lease_heartbeat} if lease_heartbeat else {})},
             "task_timeout": 240,
             "security": {"verify_task_signatures": True, "allowed_schedulers": [peer_id(key.verify_key)]},
-        }) for index in range(first, first + count)]
+        }, env=(envs or {}).get(index)) for index in range(first, first + count)]
 
     return start
 
@@ -394,3 +395,70 @@ def test_a_worker_that_joins_mid_job_trains_from_the_next_round(
         assert rows[late.name]["steps"] == 12 and rows[late.name]["seconds"] > 0
     assert sorted(row["shard"] for row in rounds[3]["inner"]) == [0, 1]
     assert done["model_id"] == f"{job.job}-v5"
+
+
+def test_int8_rounds_lower_the_loss_in_about_a_quarter_of_the_bytes_and_leave_no_residual(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        model_dir: Path, tmp_path: Path) -> None:
+    from hypha_celery.formats.safetensors import read_header
+    from hypha_celery.models.store import ModelStore
+    from hypha_celery.training.distributed.compression import RESIDUALS
+    from hypha_celery.training.distributed.deltas import read_metadata
+
+    # Given two workers sharing a folder
+    shared = tmp_path / "shared"
+    workers({"type": "local", "path": str(shared)})
+    # When a DiLoCo job sends int8 pseudo-gradients with error feedback for three rounds
+    done = diloco(TINY_LLAMA, shards(2, 12), rounds=3, inner_steps=4, outer_lr=1.0, outer_momentum=0.5,
+                  compression="int8", requirements=CORES, signing_key=key, app=celery_client(), round_timeout=300,
+                  **TRAIN).wait(timeout=900)
+    # Then every delta was accepted and is at most 0.27 x the float32 parameters' bytes
+    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    float32_bytes = 4 * read_header(folder / "model.safetensors").parameters
+    for entry in done["rounds"]:
+        assert entry["refused"] == [] and entry["inner"], entry
+        assert all(0 < inner["delta_bytes"] <= 0.27 * float32_bytes for inner in entry["inner"]), (entry, float32_bytes)
+    # And the stored delta names its encoding; the loss fell from round to round
+    delta = next((shared / "jobs" / done["model_id"].rsplit("-v", 1)[0] / "round-1").glob("*.safetensors"))
+    assert read_metadata(delta).get("encoding") == "int8-block256"
+    losses = [r["loss"] for r in done["rounds"]]
+    assert losses[-1] < losses[0] * 0.9, losses
+    # And after the final round no worker keeps the job's residual
+    assert not list(tmp_path.glob(f"store-*/{RESIDUALS}/*.safetensors"))
+
+
+def test_a_time_boxed_round_does_not_wait_for_a_slow_workers_steps(
+        workers: Callable[..., list[Any]], celery_client: Callable[..., Any], key: nacl.signing.SigningKey,
+        tmp_path: Path) -> None:
+    from hypha_celery.training.distributed.inner import STEP_DELAY_ENV
+    from hypha_celery.training.distributed.layout import record_key
+
+    # Given two workers, the second made slow by the test hook (it sleeps 0.4 s after each optimizer step)
+    shared = tmp_path / "shared"
+    started = workers({"type": "local", "path": str(shared)}, envs={1: {STEP_DELAY_ENV: "0.4"}})
+    slow = started[1].name
+    # When a DiLoCo job time-boxes its inner tasks to 4 s of training, two rounds
+    seconds = 4.0
+    job = diloco(TINY_LLAMA, shards(2, 12), rounds=2, inner_seconds=seconds, outer_lr=1.0, outer_momentum=0.5,
+                 requirements=CORES, signing_key=key, app=celery_client(), round_timeout=300, **TRAIN)
+    done = job.wait(timeout=600)
+    # Then each inner task stopped at its time box: the slow worker's steps fit in 4 s at 0.4 s each, and a worker
+    # trained no longer than the box (at the mean step time, one step over at most)
+    storage = LocalStorage(shared)
+    for entry in done["rounds"]:
+        assert entry["refused"] == [] and entry["inner"], entry
+        for inner in entry["inner"]:
+            assert inner["steps"] >= 1 and inner["train_s"] is not None
+            if inner["worker"].split("@")[0] == slow:
+                assert inner["steps"] <= seconds / 0.4, entry
+        # And when both workers took a task, the fast one did more steps than the slow one (the round took the
+        # slow one's fewer steps, it did not wait for it to do as many), and each delta weighs shard size x steps
+        by_worker = {inner["worker"].split("@")[0]: inner["steps"] for inner in entry["inner"]}
+        if len(by_worker) == 2:
+            fast = next(name for name in by_worker if name != slow)
+            assert by_worker[fast] > by_worker[slow], entry
+        record = json.loads(storage.get_bytes(record_key(job.job, entry["round"])) or b"{}")
+        steps = sorted(inner["steps"] for inner in entry["inner"])
+        cap = 4 * steps[(len(steps) - 1) // 2]  # timebox.STEPS_CAP_RATIO x the lower median
+        assert sorted(record["weights"].values()) == [12 * min(n, cap) for n in steps], record
+    print("time-boxed rounds:", [(e["duration_s"], e["inner"]) for e in done["rounds"]])

@@ -18,7 +18,7 @@ import pytest
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
 from hypha_celery.models.shared_storage import SharedStorage
-from hypha_celery.training.distributed.deltas import combine, save_tensors
+from hypha_celery.training.distributed.deltas import combine, save_tensors, shapes_of
 from hypha_celery.training.distributed.inner import publish_delta
 from hypha_celery.training.distributed.outer import (
     AggregateSpec,
@@ -87,7 +87,7 @@ def test_a_poisoned_minority_is_refused_and_the_rest_is_the_honest_mean(
     # Then the poisoned one is refused with its reason, and what is combined is the honest deltas' mean
     assert [entry["ref"] for entry in out.refused] == [reports[2]["ref"]]
     assert ("NaN or infinite" if poison in ("nan", "inf") else "L2 norm") in out.refused[0]["reason"]
-    average = combine([path for _, path, _, _ in out.accepted], [w for *_, w, _ in out.accepted], base.keys())
+    average = combine([path for _, path, _, _ in out.accepted], [w for *_, w, _ in out.accepted], shapes_of(base))
     for name, value in _mean(*honest).items():
         np.testing.assert_allclose(average[name], value, rtol=1e-6)
 
@@ -114,7 +114,7 @@ def test_weights_come_from_the_scheduler_never_from_the_reported_samples(
     spec = _spec(storage, reports, weights={"t1": 4, "t2": 12})
     # When gathered and combined by the weighted mean
     out = _gather(storage, spec, base, tmp_path)
-    average = combine([p for _, p, _, _ in out.accepted], [w for *_, w, _ in out.accepted], base.keys())
+    average = combine([p for _, p, _, _ in out.accepted], [w for *_, w, _ in out.accepted], shapes_of(base))
     # Then the weights are the scheduler's 4 and 12, and the mean is theirs
     assert [w for *_, w, _ in out.accepted] == [4, 12]
     for name in base:
@@ -179,7 +179,7 @@ def test_the_median_keeps_a_poisoned_minority_within_the_bounds_from_moving_the_
         # When they pass the checks and are combined
         out = _gather(storage, _spec(storage, reports, aggregator=aggregator, trim=0.4), base, tmp_path)
         assert out.refused == []
-        average = combine([p for _, p, _, _ in out.accepted], [1] * 5, base.keys(), aggregator=aggregator, trim=0.4)
+        average = combine([p for _, p, _, _ in out.accepted], [1] * 5, shapes_of(base), aggregator=aggregator, trim=0.4)
         # Then the robust aggregators stay within the honest deltas' range at every coordinate; the mean does not
         inside = all(np.all((average[name] >= np.min([h[name] for h in honest], axis=0) - 1e-9)
                             & (average[name] <= np.max([h[name] for h in honest], axis=0) + 1e-9)) for name in base)

@@ -93,6 +93,9 @@ class FinetuneParams:
     seed: int = 0
     max_length: int = 2048
     checkpoint_every: int | None = None  # optimizer steps between checkpoints (models.checkpoint)
+    # Set by a DiLoCo inner task only (never a hypha.train argument): its time box, and the test hook's delay.
+    max_seconds: float | None = None
+    step_delay_s: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,6 +1,8 @@
 """DiLoCo: one model trained on many workers in rounds of inner tasks and an outer step.
 
 ``layout.py`` (every shared-storage key of a job), ``deltas.py`` (the arithmetic on safetensors files),
+``compression.py`` (bf16 / int8 deltas, their checked decoders, error feedback), ``timebox.py`` (time-boxed
+rounds' weights),
 ``inner.py`` (``hypha.train`` with a ``diloco`` block), ``outer.py`` (``hypha.aggregate``),
 ``membership.py`` (who trains a round: the live workers, the shards round-robin), ``rounds.py`` (what a
 round did, as the scheduler shows it), ``scheduler.py`` (the scheduler's side:

@@ -34,7 +34,7 @@ or ``median`` (unweighted), which a poisoned minority cannot drag far.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 __all__ = ["AGGREGATORS", "WeightedMean", "combine", "combine_stack", "l2_norm", "load_weights",
-           "nesterov", "outer_step", "pseudo_gradient", "save_tensors", "scan_delta"]
+           "nesterov", "outer_step", "pseudo_gradient", "save_tensors", "scan_delta", "shapes_of"]
 
 AGGREGATORS = ("mean", "trimmed_mean", "median")
 
@@ -81,8 +81,9 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def pseudo_gradient(base: Path, trained: Path, out: Path, metadata: Mapping[str, str]) -> None:
-    """Write ``base - trained`` (float32) to ``out``; the two checkpoints must hold the same tensors."""
+def pseudo_gradient(base: Path, trained: Path, out: Path | None = None,
+                    metadata: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+    """``base - trained`` (float32), written to ``out`` when given; the two checkpoints must hold the same tensors."""
     import numpy as np
 
     start, end = load_weights(base, "the round's base"), load_weights(trained, "the trained model")
@@ -94,15 +95,18 @@ def pseudo_gradient(base: Path, trained: Path, out: Path, metadata: Mapping[str,
         if tensor.shape != end[name].shape:
             raise UnsupportedModel(f"tensor {name}: trained shape {end[name].shape} is not the base's {tensor.shape}")
         delta[name] = (tensor.astype(np.float32) - end[name].astype(np.float32)).astype(np.float32)
-    save_tensors(delta, out, metadata)
+    if out is not None:
+        save_tensors(delta, out, metadata or {})
+    return delta
 
 
 def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, str], what: str) -> float:
-    """The delta's L2 norm, once its metadata says ``expected``, its tensors are float, named and shaped as ``shapes``
-    says and every value is finite; read one tensor at a time (``DeltaRejected`` naming the first fault)."""
-    import ml_dtypes  # noqa: F401 - bfloat16 for safetensors.numpy
+    """The decoded delta's L2 norm, once its metadata says ``expected``, its encoding's checks pass
+    (:func:`.compression.decoded`: names, dtypes, shapes, scales) and every decoded value is finite; read one
+    tensor at a time (``DeltaRejected`` naming the first fault)."""
     import numpy as np
-    from safetensors import safe_open
+
+    from hypha_celery.training.distributed.compression import decoded
 
     try:
         metadata = read_metadata(path)
@@ -112,28 +116,18 @@ def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapp
         if metadata.get(key) != value:
             raise DeltaRejected(f"{what}: it is for {key} {metadata.get(key)!r}, not {value!r}; refused")
     squares = 0.0
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            names = set(handle.keys())
-            if names != set(shapes):
-                differ = sorted(names ^ set(shapes))
-                raise DeltaRejected(f"{what}: its tensors are not the base's (e.g. {differ[0]}); refused")
-            for name in sorted(names):
-                tensor = handle.get_tensor(name)
-                if str(tensor.dtype) not in _FLOATS:
-                    raise DeltaRejected(f"{what}: tensor {name} is {tensor.dtype}, not a float; refused")
-                if tuple(tensor.shape) != tuple(shapes[name]):
-                    raise DeltaRejected(f"{what}: tensor {name} has shape {tensor.shape}, the base "
-                                        f"{tuple(shapes[name])}; refused")
-                wide = tensor.astype(np.float64)
-                if not np.isfinite(wide).all():
-                    raise DeltaRejected(f"{what}: tensor {name} holds NaN or infinite values; refused")
-                squares += float(np.dot(wide.ravel(), wide.ravel()))
-    except DeltaRejected:
-        raise
-    except Exception as exc:  # a dtype numpy lacks, a truncated file: safetensors' own error types
-        raise DeltaRejected(f"{what}: unreadable tensors ({exc}); refused") from None
+    with decoded(path, shapes, what) as tensors:
+        for name, tensor in tensors:
+            wide = tensor.astype(np.float64)
+            if not np.isfinite(wide).all():
+                raise DeltaRejected(f"{what}: tensor {name} holds NaN or infinite values; refused")
+            squares += float(np.dot(wide.ravel(), wide.ravel()))
     return math.sqrt(squares)  # inf when the squares overflow float64: above any bound
+
+
+def shapes_of(tensors: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape by name: what a delta's tensors are checked against."""
+    return {name: tuple(tensor.shape) for name, tensor in tensors.items()}
 
 
 def l2_norm(tensors: Mapping[str, np.ndarray]) -> float:
@@ -164,22 +158,24 @@ def combine_stack(stack: np.ndarray, weights: Sequence[float], aggregator: str, 
     raise ValueError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {aggregator!r}")
 
 
-def combine(paths: Sequence[Path], weights: Sequence[float], names: Iterable[str], *, aggregator: str = "mean",
-            trim: float = 0.0) -> dict[str, np.ndarray]:
-    """The deltas in ``paths`` combined tensor by tensor (:func:`combine_stack`), float64: one tensor of each delta
-    in memory at a time. The paths must have passed :func:`scan_delta`."""
-    import ml_dtypes  # noqa: F401 - bfloat16 for safetensors.numpy
+def combine(paths: Sequence[Path], weights: Sequence[float], shapes: Mapping[str, tuple[int, ...]], *,
+            aggregator: str = "mean", trim: float = 0.0) -> dict[str, np.ndarray]:
+    """The deltas in ``paths``, decoded (:func:`.compression.decoded`), combined tensor by tensor
+    (:func:`combine_stack`), float64: one tensor of each delta in memory at a time. The paths must have passed
+    :func:`scan_delta`."""
     import numpy as np
-    from safetensors import safe_open
+
+    from hypha_celery.training.distributed.compression import decoded
 
     if not paths or len(paths) != len(weights):
         raise DeltaRejected("the outer step needs at least one delta, each with its weight")
     out = {}
     with ExitStack() as stack:
-        handles = [stack.enter_context(safe_open(str(path), framework="numpy")) for path in paths]
-        for name in names:
-            rows = np.stack([handle.get_tensor(name).astype(np.float64) for handle in handles])
-            out[name] = combine_stack(rows, weights, aggregator, trim)
+        readers = [stack.enter_context(decoded(path, shapes, f"delta {path.name}")) for path in paths]
+        for rows in zip(*readers, strict=True):
+            name = rows[0][0]
+            out[name] = combine_stack(np.stack([tensor.astype(np.float64) for _, tensor in rows]), weights,
+                                      aggregator, trim)
     return out
 
 

@@ -1,6 +1,8 @@
 """A DiLoCo inner task: ``hypha.train`` with a ``diloco`` block, one worker's inner steps of a round.
 
-``diloco = {"job": J, "round": R, "inner_steps": H}`` turns a full fine-tune of
+``diloco = {"job": J, "round": R, "inner_steps": H}`` (or ``"inner_seconds": T``: as many steps as fit in T
+seconds of training, ``inner_steps`` then a cap; optional ``compression``, ``error_feedback``, ``final``:
+:mod:`.compression`) turns a full fine-tune of
 ``model`` (the round's global version, fetched from the shared storage like
 from any model source, and pinned by the envelope's ``model_sha256`` from the
 second round on) into an inner task: it trains ``H`` optimizer steps on its
@@ -16,11 +18,12 @@ tensors. The task module (:mod:`hypha_celery.tasks.diloco`) only wires this.
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation import TrainSpec
 from hypha_celery.training.distributed import layout
+from hypha_celery.training.distributed.compression import COMPRESSIONS, Residuals, write_delta
 from hypha_celery.training.distributed.deltas import pseudo_gradient
 from hypha_celery.training.job import TaskRun, run_training, validate_training
 from hypha_celery.worker.context import NodeContext
@@ -39,6 +43,12 @@ __all__ = ["DilocoBlock", "InnerSpec", "parse_block", "publish_delta", "run_inne
 
 JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}\Z")
 MAX_ROUNDS = 100_000
+MAX_INNER_SECONDS = 86_400.0
+TIMEBOX_STEP_CAP = 10_000_000  # a time-boxed round without inner_steps: the clock stops it, not this
+# A test hook: seconds a worker started with this variable sleeps after each optimizer step of an inner task (a slow
+# machine on demand). Read by the worker process only; tests set it on one worker.
+STEP_DELAY_ENV = "HYPHA_TEST_STEP_DELAY_S"
+_KEYS = ("job", "round", "inner_steps", "inner_seconds", "compression", "error_feedback", "final")
 # Arguments the block decides: the steps are the inner steps, the trained entry is the task's own.
 _DECIDED = ("max_steps", "epochs", "new_model", "lora", "merge")
 
@@ -49,7 +59,16 @@ class DilocoBlock:
 
     job: str
     round: int
-    inner_steps: int
+    inner_steps: int | None
+    inner_seconds: float | None = None
+    compression: str = "none"
+    error_feedback: bool = True
+    final: bool = False
+
+    @property
+    def max_steps(self) -> int:
+        """The optimizer steps the run may take: ``inner_steps``, or with a time box alone a cap the clock beats."""
+        return self.inner_steps if self.inner_steps is not None else TIMEBOX_STEP_CAP
 
     def delta_key(self, task_id: str) -> str:
         return layout.delta_key(self.job, self.round, task_id)
@@ -72,19 +91,46 @@ def parse_block(raw: Any) -> DilocoBlock:
     """The ``diloco`` kwarg, each field checked by name (``InvalidTask``)."""
     if not isinstance(raw, Mapping):
         raise InvalidTask(f"diloco must be an object with job, round and inner_steps, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - {"job", "round", "inner_steps"})
+    unknown = sorted(set(raw) - set(_KEYS))
     if unknown:
-        raise InvalidTask(f"diloco got an unknown key {unknown[0]!r} (it takes job, round, inner_steps)")
+        raise InvalidTask(f"diloco got an unknown key {unknown[0]!r} (it takes {', '.join(_KEYS)})")
     job = raw.get("job")
     if not isinstance(job, str) or not JOB_ID.match(job):
         raise InvalidTask(f"diloco.job must be 1-64 characters of [A-Za-z0-9_-], got {job!r}")
-    numbers = {}
+    numbers: dict[str, int | None] = {}
     for name, high in (("round", MAX_ROUNDS), ("inner_steps", 10_000_000)):
         value = raw.get(name)
+        if name == "inner_steps" and value is None and raw.get("inner_seconds") is not None:
+            numbers[name] = None
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
             raise InvalidTask(f"diloco.{name} must be an integer from 1 to {high}, got {value!r}")
         numbers[name] = value
-    return DilocoBlock(job=job, round=numbers["round"], inner_steps=numbers["inner_steps"])
+    seconds = raw.get("inner_seconds")
+    if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, (int, float))
+                                or not 0 < seconds <= MAX_INNER_SECONDS):
+        raise InvalidTask(f"diloco.inner_seconds must be a number above 0 and at most {MAX_INNER_SECONDS:g}, "
+                          f"got {seconds!r}")
+    compression = raw.get("compression", "none")
+    if compression not in COMPRESSIONS:
+        raise InvalidTask(f"diloco.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    for flag in ("error_feedback", "final"):
+        if not isinstance(raw.get(flag, False), bool):
+            raise InvalidTask(f"diloco.{flag} must be true or false, got {raw.get(flag)!r}")
+    round_ = numbers["round"]
+    assert round_ is not None
+    return DilocoBlock(job=job, round=round_, inner_steps=numbers["inner_steps"],
+                       inner_seconds=None if seconds is None else float(seconds), compression=compression,
+                       error_feedback=raw.get("error_feedback", True), final=raw.get("final", False))
+
+
+def _step_delay() -> float:
+    """:data:`STEP_DELAY_ENV` on this worker (0 when unset or not a number from 0 to 60)."""
+    try:
+        delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
+    except ValueError:
+        return 0.0
+    return delay if 0 <= delay <= 60 else 0.0
 
 
 @dataclass(frozen=True)
@@ -113,11 +159,12 @@ def validate_inner(ctx: NodeContext, args: tuple[Any, ...], kwargs: dict[str, An
     if kwargs.get("method", "full") != "full":
         raise InvalidTask("DiLoCo averages full weights: method must be 'full'")
     plain = {key: value for key, value in kwargs.items() if key != "diloco"}
-    plain.update(max_steps=block.inner_steps, new_model=block.trained_id(task_id))
+    plain.update(max_steps=block.max_steps, new_model=block.trained_id(task_id))
     spec = validate_training(ctx, args, plain, task_id)
     if spec.finetune is None:
         raise InvalidTask(f"model {spec.model!r} is a built-in model: DiLoCo trains transformers models")
-    return InnerSpec(train=spec, block=block)
+    timed = replace(spec.finetune, max_seconds=block.inner_seconds, step_delay_s=_step_delay())
+    return InnerSpec(train=replace(spec, finetune=timed), block=block)
 
 
 def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
@@ -136,8 +183,10 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
         base_sha256 = ctx.store.manifest_sha256(base)
         with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
             delta = Path(scratch) / "delta.safetensors"
-            pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE, delta,
-                            {"job": block.job, "round": str(block.round), "base_sha256": base_sha256})
+            residuals = Residuals.under(ctx.store.root) if block.error_feedback else None
+            feedback = write_delta(pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE), delta,
+                                   {"job": block.job, "round": str(block.round), "base_sha256": base_sha256},
+                                   block.compression, residuals=residuals, job=block.job, final=block.final)
             stored = publish_delta(ctx.storage(), key, delta)
             parameters = read_header(delta).parameters
     finally:
@@ -150,6 +199,7 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
         "worker": run.worker, "steps": output["steps"], "parameters": parameters,
         # From the task's start here to its delta published: fetching the round's version, training, the delta.
         "seconds": round(time.time() - run.timing.started_at, 3) if run.timing.started_at else None,
+        "compression": block.compression, "train_s": (output.get("metrics") or {}).get("train_s"), **feedback,
     }
     result["output"] = {**output, "model_id": None, "diloco": report}
     result["model_id"] = None

@@ -13,7 +13,8 @@ Each delta is refused (and listed in the result's ``refused``, with the reason) 
 is for this job and round and this base, its key is its task's delta key (:func:`.layout.delta_task`),
 names an inner task of ``weights`` (when given) and was not reported before in this step, the bytes
 in the shared storage hash to the sha256 the inner task reported, its metadata and tensor shapes are
-the base's, and every value is finite. The worker wrote that file and that sha256, so none of this
+the base's, its encoding's checks pass (:mod:`.compression`: dtypes, scales) and every decoded value is finite.
+The worker wrote that file and that sha256, so none of this
 says its values are honest: a delta is also refused when its L2 norm is above
 ``max_delta_norm_ratio`` x the lower median norm of the round's finite deltas (``norms[(n-1)//2]``:
 with two deltas the smaller, so that one large delta cannot raise its own bound), or above
@@ -284,7 +285,7 @@ def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any],
 
 
 def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
-    from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors
+    from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors, shapes_of
 
     storage = ctx.storage()
     manifest, base_folder = ctx.store.verified_folder(spec.base)
@@ -302,7 +303,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
             raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(gathered.accepted)} delta(s) passed the "
                                 f"checks, fewer than min_workers ({spec.min_workers}): {reasons}")
         average = combine([path for _, path, _, _ in gathered.accepted], [w for _, _, w, _ in gathered.accepted],
-                          base.keys(), aggregator=spec.aggregator, trim=spec.trim)
+                          shapes_of(base), aggregator=spec.aggregator, trim=spec.trim)
         previous = None
         if spec.round > 1:
             path = Path(scratch) / "momentum.safetensors"

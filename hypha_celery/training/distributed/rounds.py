@@ -27,14 +27,16 @@ def _number(value: Any) -> float | None:
 
 
 def inner_rows(reports: Sequence[Mapping[str, Any]], shards: Mapping[str, int]) -> list[dict[str, Any]]:
-    """One row per reporting inner task: worker, shard (the scheduler's), steps, seconds, bytes and loss (theirs)."""
+    """One row per reporting inner task: worker, shard (the scheduler's), steps, seconds (task and training), bytes,
+    encoding and loss (theirs)."""
     rows = []
     for report in reports:
         task = str(report.get("ref", "")).rsplit("/", 1)[-1].removesuffix(".safetensors")
         rows.append({"task": task, "worker": report.get("worker"), "shard": shards.get(task),
                      "steps": _number(report.get("steps")), "seconds": _number(report.get("seconds")),
                      "delta_bytes": _number(report.get("bytes")), "base_bytes": _number(report.get("base_bytes")),
-                     "parameters": _number(report.get("parameters")),
+                     "parameters": _number(report.get("parameters")), "train_s": _number(report.get("train_s")),
+                     "compression": report.get("compression") if isinstance(report.get("compression"), str) else None,
                      "loss": _number(report.get("loss"))})
     return sorted(rows, key=lambda row: (str(row["worker"]), row["task"]))
 

@@ -22,7 +22,10 @@ the round's global version pinned by its manifest sha256 from round 2 on. The ro
 them with a deadline (``round_timeout``; and once ``min_workers`` have answered, at most
 ``straggler_s`` more for the rest) and sends the signed ``hypha.aggregate`` with the reports
 that arrived and each one's weight: the size of the shard this scheduler sent that task
-(:func:`shard_sizes`), never the sample count a worker reports. A task that answers later is a
+(:func:`shard_sizes`), never the sample count a worker reports; a time-boxed job (``inner_seconds``)
+multiplies it by the steps each worker reports, capped (:mod:`.timebox`). ``compression`` (``none``,
+``bf16``, ``int8``) and ``error_feedback`` go to every inner task (:mod:`.compression`); the last round's
+tasks are told ``final`` so each worker drops the job's residual. A task that answers later is a
 straggler: its delta stays in its round's folder, and the outer step refuses any delta whose job
 or round is not its own. Fewer than ``min_workers`` reports by the deadline fail the job
 (``RoundFailed``). A report counts only when its ``ref`` is the reporting task's own delta key
@@ -55,9 +58,11 @@ from celery.result import AsyncResult
 from hypha_celery.client import send_options
 from hypha_celery.errors import DeltaRejected, InvalidSignature, InvalidTask, RoundFailed, UnsupportedModel
 from hypha_celery.security import load_signing_key
+from hypha_celery.training.distributed.compression import COMPRESSIONS
 from hypha_celery.training.distributed.layout import delta_key
 from hypha_celery.training.distributed.membership import Assignment, Members, assign, registry_members
 from hypha_celery.training.distributed.rounds import inner_rows, round_entry
+from hypha_celery.training.distributed.timebox import work_weights
 
 __all__ = ["DilocoJob", "diloco", "shard_sizes"]
 
@@ -78,7 +83,7 @@ class _Settings:
     model: str
     shards: list[dict[str, Any]]
     rounds: int
-    inner_steps: int
+    inner_steps: int | None
     outer_lr: float
     outer_momentum: float
     min_workers: int | None  # None: every inner task the round sends
@@ -92,6 +97,21 @@ class _Settings:
     shard_weights: list[int] = field(default_factory=list)  # one per shard: the weight its delta gets
     aggregate_options: dict[str, Any] = field(default_factory=dict)  # aggregator, trim, the norm bounds
     members: Members | None = None  # the round's live workers (membership.py); None: every shard to the queue
+    inner_seconds: float | None = None  # a time box per inner task instead of (or under) inner_steps
+    compression: str = "none"
+    error_feedback: bool = True
+
+    def block(self, job: str, round_: int) -> dict[str, Any]:
+        """The ``diloco`` kwarg of the round's inner tasks."""
+        block: dict[str, Any] = {"job": job, "round": round_}
+        if self.inner_steps is not None:
+            block["inner_steps"] = self.inner_steps
+        if self.inner_seconds is not None:
+            block["inner_seconds"] = self.inner_seconds
+        if self.compression != "none":
+            block.update(compression=self.compression, error_feedback=self.error_feedback,
+                         final=round_ == self.rounds)
+        return block
 
 
 class DilocoJob:
@@ -154,11 +174,13 @@ class DilocoJob:
             self._update(round=round_, stage="inner", finished=0, arrived=0, tasks=[])
             sent = self._assign(round_)
             reports, weights, failed = self._inner(round_, base, pin, sent)
+            inner_s = time.monotonic() - started
             self._update(stage="aggregate")
             outcome = self._aggregate(round_, base, pin, reports, weights, need=self._need(sent))
             shards = {task: index for task, index in self._shard_of.items() if task in weights}
             entry = round_entry(round_, outcome, inner_rows(reports, shards), assigned=len(sent), failed=failed,
                                 duration_s=time.monotonic() - started)
+            entry["inner_s"] = round(inner_s, 3)  # the inner phase alone: a time-boxed round's T plus its stragglers
             history.append(entry)
             with self._lock:
                 self._progress["history"].append(entry)
@@ -186,7 +208,7 @@ class DilocoJob:
         signatures = []
         for assignment in sent:
             kwargs: dict[str, Any] = {**s.train_kwargs, "model": base, "data": s.shards[assignment.shard],
-                                      "diloco": {"job": self.job, "round": round_, "inner_steps": s.inner_steps}}
+                                      "diloco": s.block(self.job, round_)}
             if s.requirements is not None:
                 kwargs["requirements"] = s.requirements
             options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or assignment.queue,
@@ -227,6 +249,8 @@ class DilocoJob:
             self.app.control.revoke(late)
         sizes = s.shard_weights or shard_sizes(s.shards)
         weights = {result.id: sizes[self._shard_of[result.id]] for result in results if result.id in reports}
+        if s.inner_seconds is not None:  # the work each did in the time box: shard size x reported steps, capped
+            weights = work_weights(weights, reports)
         failed = {**failures, **{task: "late: revoked at the round's deadline" for task in late}}
         return [reports[result.id] for result in results if result.id in reports], weights, failed
 
@@ -295,8 +319,11 @@ def diloco(
     model: str,
     shards: Sequence[dict[str, Any]],
     rounds: int,
-    inner_steps: int,
+    inner_steps: int | None = None,
     *,
+    inner_seconds: float | None = None,
+    compression: str = "none",
+    error_feedback: bool = True,
     outer_lr: float = 0.7,
     outer_momentum: float = 0.9,
     min_workers: int | None = None,
@@ -325,11 +352,19 @@ def diloco(
     inner ``hypha.train`` (``lr``, ``batch_size``, ``max_length``, ``seed``, ...). ``shard_weights`` weigh each
     shard's delta in the mean (:func:`shard_sizes`); ``aggregator``, ``trim`` and the two norm bounds go to
     ``hypha.aggregate`` as they are (see :mod:`hypha_celery.training.distributed.outer`; ``None`` turns a bound off).
+    ``inner_seconds`` time-boxes each inner task (``inner_steps``, when also given, caps its steps; one of the two is
+    needed); ``compression`` and ``error_feedback``: :mod:`hypha_celery.training.distributed.compression`.
     """
     if not shards:
         raise ValueError("diloco needs at least one shard")
-    if rounds < 1 or inner_steps < 1:
+    if rounds < 1 or (inner_steps is not None and inner_steps < 1):
         raise ValueError("rounds and inner_steps must be at least 1")
+    if inner_steps is None and inner_seconds is None:
+        raise ValueError("diloco needs inner_steps or inner_seconds")
+    if inner_seconds is not None and not 0 < inner_seconds <= 86_400:
+        raise ValueError(f"inner_seconds must be above 0 and at most 86400, got {inner_seconds!r}")
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     if min_workers is not None and not 1 <= min_workers <= len(shards):
         raise ValueError(f"min_workers must be from 1 to the number of shards ({len(shards)}), got {min_workers}")
     if app is None:
@@ -347,5 +382,6 @@ def diloco(
         aggregate_options={"aggregator": aggregator, "max_delta_norm_ratio": max_delta_norm_ratio,
                            "max_base_norm_ratio": max_base_norm_ratio, **({} if trim is None else {"trim": trim})},
         members=members if members is not None else registry_members(requirements),
+        inner_seconds=inner_seconds, compression=compression, error_feedback=error_feedback,
     )
     return DilocoJob(app, job or f"dl-{uuid.uuid4().hex[:12]}", settings).start()

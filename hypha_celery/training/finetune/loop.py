@@ -4,7 +4,9 @@ AdamW over the trainable parameters, a linear warmup over ``warmup_steps`` then 
 zero, ``grad_accum`` micro-batches per optimizer step, a seeded shuffle per epoch. ``Progress``
 goes out at most every ``progress_interval`` seconds with the step, loss, tokens/s and ETA. With
 checkpoints (:class:`~hypha_celery.training.checkpoints.local.TaskCheckpoints`) the loop writes one
-every ``checkpoint_every`` steps and, at start, resumes from one the task left. Apart from loading
+every ``checkpoint_every`` steps and, at start, resumes from one the task left. With ``max_seconds`` (a DiLoCo
+time box) the loop stops before a step that would end past it, at the mean step time so far (one step at least).
+Apart from loading
 and saving so that what a step does reads in one place.
 """
 
@@ -58,6 +60,7 @@ def loop(model: TransformerModel, module: Any, texts: list[str], labels: list[in
     saved: int | None = None  # the step of a checkpoint written since the last report
     started = last_report = time.monotonic()
     module.train(True)
+    stopped = False
     for epoch in range(1 if resumed is None else resumed.epoch, epochs + 1):
         order_state = generator.getstate()
         order = list(range(rows))
@@ -65,7 +68,8 @@ def loop(model: TransformerModel, module: Any, texts: list[str], labels: list[in
         micro = [order[at:at + batch_size] for at in range(0, rows, batch_size)]
         skip = resumed.position if resumed is not None and epoch == resumed.epoch else 0
         for first in range(skip, len(micro), accum):
-            if step >= total:
+            if step >= total or _out_of_time(request.max_seconds, time.monotonic() - started, step - steps_before):
+                stopped = True
                 break
             group = micro[first:first + accum]
             optimizer.zero_grad(set_to_none=True)
@@ -79,6 +83,8 @@ def loop(model: TransformerModel, module: Any, texts: list[str], labels: list[in
                 tokens += count
             optimizer.step()
             schedule.step()
+            if request.step_delay_s:
+                time.sleep(request.step_delay_s)
             step += 1
             curve.append(step_loss)
             if checkpoints is not None and checkpoints.due(step):
@@ -91,6 +97,9 @@ def loop(model: TransformerModel, module: Any, texts: list[str], labels: list[in
                 progress(_progress(epoch, epochs, step, total, step_loss, tokens - tokens_before, now - started,
                                    steps_before, saved))
                 saved = None
+        if stopped:
+            epochs = min(epochs, epoch)  # a time box ends the run in this epoch
+            break
     module.train(False)
     elapsed = time.monotonic() - started
     progress(_progress(epochs, epochs, step, total, curve[-1], tokens - tokens_before, elapsed, steps_before, saved))
@@ -102,6 +111,11 @@ def loop(model: TransformerModel, module: Any, texts: list[str], labels: list[in
         metrics["train_accuracy"] = _accuracy(model, module, texts, labels, batch_size, max_length)
     return Trained(final_loss=sum(tail) / len(tail), loss_curve=_sample(curve), epochs=epochs, steps=step,
                    samples=rows, trained_tokens=tokens, metrics=metrics)
+
+
+def _out_of_time(limit: float | None, elapsed: float, steps: int) -> bool:
+    """Whether one more step, at the mean step time so far, would end past ``limit`` seconds (never before a first)."""
+    return limit is not None and steps > 0 and elapsed + elapsed / steps > limit
 
 
 def _rng_state(saved: Any) -> tuple[Any, ...]:
