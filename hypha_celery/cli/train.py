@@ -186,7 +186,12 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
                    'round-robin.')
 @click.option("--shard-ref", "shard_refs", multiple=True, help="A stored data set id as a shard (repeatable).")
 @click.option("--rounds", type=click.IntRange(1), required=True, help="Outer rounds.")
-@click.option("--inner-steps", type=click.IntRange(1), required=True, help="Optimizer steps per worker per round.")
+@click.option("--inner-steps", type=click.IntRange(1), default=None,
+              help="Optimizer steps per worker per round (with --inner-seconds: a cap).")
+@click.option("--inner-seconds", type=click.FloatRange(0.0, 86400.0, min_open=True), default=None,
+              help="A time box per inner task: each worker trains as many steps as fit (instead of --inner-steps).")
+@click.option("--compression", type=click.Choice(["none", "bf16", "int8"]), default="none", show_default=True,
+              help="How workers send their pseudo-gradients (int8: per-block scales, with error feedback).")
 @click.option("--outer-lr", type=float, default=0.7, show_default=True)
 @click.option("--outer-momentum", type=float, default=0.9, show_default=True)
 @click.option("--min-workers", type=click.IntRange(1), default=None,
@@ -203,8 +208,9 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
 @_KEY
 @_BROKER
 @_TIMEOUT
-def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, ...], rounds: int, inner_steps: int,
-               outer_lr: float, outer_momentum: float, min_workers: int | None, round_timeout: float,
+def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, ...], rounds: int, inner_steps: int | None,
+               inner_seconds: float | None, compression: str, outer_lr: float, outer_momentum: float,
+               min_workers: int | None, round_timeout: float,
                lr: float | None, batch_size: int | None, max_length: int | None, cpu_cores: float, aggregator: str,
                trim: float | None, key: str | None, broker: str | None, timeout: float) -> None:
     """Train MODEL with DiLoCo across workers, a progress bar per round; prints the final model and each round."""
@@ -218,12 +224,15 @@ def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, 
         shards.append(data)
     if not shards:
         raise click.UsageError("give at least one --shard or --shard-ref")
+    if inner_steps is None and inner_seconds is None:
+        raise click.UsageError("give --inner-steps or --inner-seconds")
     given = (("lr", lr), ("batch_size", batch_size), ("max_length", max_length))
     extra: dict[str, Any] = {name: value for name, value in given if value is not None}
     options = _submission(broker, key, None)
     options.pop("model_sha256")
     try:
-        job = diloco(model, shards, rounds, inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
+        job = diloco(model, shards, rounds, inner_steps, inner_seconds=inner_seconds, compression=compression,
+                     outer_lr=outer_lr, outer_momentum=outer_momentum,
                      min_workers=min_workers, requirements={"cpu_cores": cpu_cores}, round_timeout=round_timeout,
                      aggregator=aggregator, trim=trim, **options, **extra)
     except (HyphaError, ValueError) as exc:
