@@ -13,7 +13,8 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 11 counts (Redis round trips and RabbitMQ messages per task, :mod:`bench.counts`),
 12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`),
 13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
-16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`).
+16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`),
+19 structured_output (:mod:`bench.structured`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -50,6 +51,7 @@ from bench.models import (
 )
 from bench.proofs import bench_proofs
 from bench.scale import bench_placement, bench_registry
+from bench.structured import bench_structured_output
 from bench.token_stream import bench_token_stream
 from bench.training import bench_adapter_switch, bench_training_throughput
 from hypha_celery.harness.launch import client_app
@@ -472,6 +474,7 @@ def main() -> int:
         (16, "diloco", lambda: bench_diloco(url, workdir)),
         (17, "proofs", bench_proofs),
         (18, "token_stream", lambda: bench_token_stream(url, workdir, workdir / "models")),
+        (19, "structured_output", bench_structured_output),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CORPUS", "main", "run"]
+__all__ = ["CORPUS", "bench_structured_output", "main", "run"]
 
 _NAME = {"type": "string", "maxLength": 10}
 # Bounded where a random model could otherwise go on forever: strings (maxLength or a pattern), arrays (maxItems),
@@ -163,6 +163,17 @@ def run(say: Callable[[str], None] = print, repeats: int = 3) -> dict[str, dict[
         ratio = statistics.median(ratios)
     return {"structured_valid_rate": {"ratio": rate, "target": ">= 1.0 (100%)", "met": rate >= 1.0},
             "structured_tokens_ratio": {"ratio": ratio, "target": ">= 0.8", "met": ratio >= 0.8}}
+
+
+def bench_structured_output() -> None:
+    """``make bench`` step 19: both figures, recorded."""
+    from bench.common import REPEATS, record, say
+
+    say("\n19. structured output: constrained tokens/s / unconstrained, valid outputs over the schema corpus "
+        "(tiny Llama, CPU)")
+    for name, figure in run(say, REPEATS).items():
+        unit = "valid / all" if name == "structured_valid_rate" else "tokens/s / tokens/s"
+        record(name, unit=unit, **figure)
 
 
 def main() -> None:
