@@ -24,6 +24,7 @@ def test_json_schema_requests_through_the_worker_return_valid_json(start_worker,
     # Given a worker with the tiny Llama (random weights: only the constraint can make its output valid)
     start_worker()
     app = celery_client()
+    _send(app, max_new_tokens=2).get(timeout=300)  # the executor loads the model first: the tasks below time their run
     names = ("nested", "array_bounds", "number_bounds", "pattern")
     # When a few corpus schemas are asked for, greedy and sampled, concurrently (they may share a batch)
     pending = [(name, _send(app, max_new_tokens=160, response_format=response_format(name, CORPUS[name]),
