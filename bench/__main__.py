@@ -14,7 +14,8 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 12 registry (Redis memory per worker, a refresh's cost, :mod:`bench.scale`),
 13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
 16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`), 19 gateway (the
-OpenAI gateway's latency over a direct submit, and its first streamed chunk, :mod:`bench.gateway`).
+OpenAI gateway's latency over a direct submit, and its first streamed chunk, :mod:`bench.gateway`),
+20 structured_output (:mod:`bench.structured`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -52,6 +53,7 @@ from bench.models import (
 )
 from bench.proofs import bench_proofs
 from bench.scale import bench_placement, bench_registry
+from bench.structured import bench_structured_output
 from bench.token_stream import bench_token_stream
 from bench.training import bench_adapter_switch, bench_training_throughput
 from hypha_celery.harness.launch import client_app
@@ -475,6 +477,7 @@ def main() -> int:
         (17, "proofs", bench_proofs),
         (18, "token_stream", lambda: bench_token_stream(url, workdir, workdir / "models")),
         (19, "gateway", lambda: bench_gateway(url, workdir, workdir / "models")),
+        (20, "structured_output", bench_structured_output),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

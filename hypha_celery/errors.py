@@ -20,6 +20,8 @@
      ├── TaskTimeout                    the task ran past task_timeout
      ├── ExecutorCrashed                the task's process died without an answer
      ├── ExecutionError                 the task's own ML code raised (e.g. a torch error)
+ ├── InvalidOutput                  a generation's output breaks its response_format (not JSON, off the schema)
+ ├── FeatureUnavailable             the task asks for what this worker lacks the extra for (response_format)
      ├── RegistryUnavailable            Redis (registry/ledger) cannot be reached
      ├── SharedStorageError             DiLoCo's shared storage failed (missing object, unreachable, bad sha256)
      ├── RoundFailed                    a DiLoCo round ended with fewer than min_workers deltas
@@ -45,11 +47,13 @@ __all__ = [
     "ExcessiveMemoryRequest",
     "ExecutionError",
     "ExecutorCrashed",
+    "FeatureUnavailable",
     "HyphaError",
     "InsufficientCapabilities",
     "InsufficientCpu",
     "InsufficientGpuMemory",
     "InvalidInput",
+    "InvalidOutput",
     "InvalidSignature",
     "InvalidTask",
     "MalformedMessage",
@@ -157,6 +161,14 @@ class ExecutorCrashed(HyphaError):
 
 class ExecutionError(HyphaError):
     """The task's own ML code raised (a model that cannot take these inputs, a torch error)."""
+
+
+class InvalidOutput(HyphaError):
+    """A generation's output is not what its ``response_format`` asks (not JSON, or off the schema): never SUCCESS."""
+
+
+class FeatureUnavailable(HyphaError):
+    """The task asks for a feature this worker lacks the extra for (``response_format`` without ``[structured]``)."""
 
 
 class RegistryUnavailable(HyphaError):

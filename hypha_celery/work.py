@@ -117,10 +117,15 @@ class Infer(_JobRequest):
 
 @dataclass(frozen=True)
 class Prompt(Record):
-    """One request's input to a generation: a ``prompt`` string or chat ``messages``."""
+    """One request's input to a generation: a ``prompt`` string or chat ``messages``.
+
+    ``response_format``: the checked OpenAI-shaped format its output is constrained to (None: plain text); per
+    prompt, so requests with different schemas still share a batch (each row has its own constraint).
+    """
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

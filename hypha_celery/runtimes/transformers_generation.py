@@ -21,9 +21,10 @@ from hypha_celery.runtimes import transformers_proofs
 from hypha_celery.runtimes.transformers_adapters import RowAdapters, row_name, selected
 from hypha_celery.runtimes.transformers_loading import TransformerModel
 from hypha_celery.runtimes.transformers_prompts import prompt_ids
+from hypha_celery.structured.grammar import Constraint, ConstraintProcessor, Grammars
 from hypha_celery.work import Generate, Generated, Generation, Streamed
 
-__all__ = ["generate", "visible"]
+__all__ = ["constraint_for", "generate", "visible"]
 
 
 class _Watch:
@@ -95,6 +96,19 @@ def visible(text: str, stop: Sequence[str]) -> str:
     return text[:len(text) - hold].rstrip("\ufffd")
 
 
+def constraint_for(model: TransformerModel, response_format: dict[str, Any] | None) -> Constraint | None:
+    """A row's structured-output constraint on ``model`` (None for plain text); the model keeps its
+    :class:`~hypha_celery.structured.grammar.Grammars`, built at the first request that needs one."""
+    if response_format is None:
+        return None
+    if model.grammars is None:
+        vocab = int(getattr(model.module.config, "vocab_size", 0) or model.module.get_input_embeddings().num_embeddings)
+        eos = model.tokenizer.eos_token_id
+        model.grammars = Grammars(model.tokenizer, vocab, [] if eos is None else [eos])
+    constraint: Constraint | None = model.grammars.constraint(response_format, model.device)
+    return constraint
+
+
 def generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
              per_prompt: Sequence[TransformerModel] | None = None) -> Generation:
     """Generate for every prompt of ``request`` in one batch with transformers' ``generate``.
@@ -111,7 +125,7 @@ def generate(model: TransformerModel, request: Generate, report: Callable[[Strea
 
 def _generate(model: TransformerModel, request: Generate, report: Callable[[Streamed], None],
               per_prompt: Sequence[TransformerModel] | None, mixed: RowAdapters | None) -> Generation:
-    from transformers import GenerationConfig, StoppingCriteriaList
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     if model.task != TEXT_GENERATION:
         raise InvalidTask(f"model {model.manifest.id!r} does not generate text ({model.task})")
@@ -119,9 +133,13 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     tokenizer = model.tokenizer
     outputs: list[Generated | Exception | None] = [None] * len(request.prompts)
     rows: list[tuple[int, list[int]]] = []
+    constraints: list[Constraint | None] = []
     for index, prompt in enumerate(request.prompts):
         try:
-            rows.append((index, prompt_ids(model, prompt, params["max_new_tokens"])))
+            ids = prompt_ids(model, prompt, params["max_new_tokens"])
+            constraint = constraint_for(model, prompt.response_format)
+            rows.append((index, ids))
+            constraints.append(constraint)
         except BaseException as exc:  # refused, or what the tokenizer raised (a panic too): this prompt fails alone
             if not contained(exc):
                 raise
@@ -143,6 +161,7 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report)
     if mixed is not None and per_prompt is not None:
         mixed.rows = [row_name(per_prompt[index]) for index, _ in rows]
+    processors = LogitsProcessorList([ConstraintProcessor(constraints, width)]) if any(constraints) else None
     started = time.perf_counter()
     with ExitStack() as stack:
         states = stack.enter_context(transformers_proofs.capture(model)) if params.get("proof") else None
@@ -150,6 +169,7 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
             output = model.module.generate(
                 input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
                 generation_config=config, stopping_criteria=StoppingCriteriaList([watch]),
+                logits_processor=processors,
             )
     compute_s = time.perf_counter() - started
     kept = [output[row, width:][:watch.ended_at[row]] if watch.ended_at[row] is not None else output[row, width:]

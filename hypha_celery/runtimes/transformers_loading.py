@@ -118,6 +118,7 @@ class TransformerModel:
     adapter: str | None = None
     adapter_id: str | None = None
     max_text_bytes: int | None = None  # the worker's bound on a text's bytes; None: from the manifest's max_length
+    grammars: Any = None  # structured output's view of the tokenizer (structured.grammar.Grammars), at first use
 
     def text_bound(self) -> TextBound:
         """The most bytes one text may have before this model's tokenizer reads it (:mod:`.text_inputs`)."""

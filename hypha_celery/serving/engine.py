@@ -5,7 +5,8 @@ Static batching (``executor/pool.py`` grouping, ``runtimes/transformers_generati
 long one, and finished rows keep their slot. Here the batch is re-formed at every
 step (iteration-level scheduling, Orca OSDI '22): a request added now joins at a
 later step, and a row leaves at the step it finishes (its end-of-sequence token,
-its ``max_new_tokens``, a stop string in its decoded text, a cancel).
+its ``max_new_tokens``, a stop string in its decoded text, a cancel, or the end of its
+structured-output grammar: a request's ``constraint`` masks its logits, :mod:`.sampling`).
 
 One :meth:`Engine.step`:
 
@@ -132,7 +133,8 @@ class Engine:
         request.check(self.vocab_size, self.max_positions)
         self._ids += 1
         handle = Handle(id=self._ids, request=request)
-        self._waiting.append(_Row(handle, RowSampler(request.sampling, request.prompt_ids, self.device)))
+        self._waiting.append(_Row(handle, RowSampler(request.sampling, request.prompt_ids, self.device,
+                                                     request.constraint)))
         return handle
 
     def cancel(self, handle: Handle) -> None:
@@ -341,10 +343,12 @@ class Engine:
         """Record ``token`` for ``row``, stream it, and end the row if it is done; True while it goes on."""
         handle, request = row.handle, row.handle.request
         handle.tokens.append(token)
-        row.sampler.note(token)
         row.last = token
         finish = Finish.STOP if token in self.eos else None
         try:
+            row.sampler.note(token)
+            if request.constraint is not None and request.constraint.done:
+                finish = Finish.STOP  # its grammar is complete: nothing may follow
             if request.stop or request.on_token is not None:
                 handle.text, stopped = cut_at_stop(self._decode_text(handle.tokens), request.stop)
                 finish = Finish.STOP if stopped else finish
@@ -356,7 +360,7 @@ class Engine:
             delta, handle.emitted = shown[len(handle.emitted):], shown
             if request.on_token is not None:
                 request.on_token(handle, token, delta)
-        except Exception as exc:  # its decoding or its callback failed: this row ends, its neighbours go on
+        except Exception as exc:  # its grammar, decoding or callback failed: this row ends, its neighbours go on
             self._end(row, Finish.ERROR, error=exc)
             return False
         if finish is not None:

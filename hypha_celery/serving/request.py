@@ -13,14 +13,30 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from hypha_celery.errors import InvalidInput
 
-__all__ = ["Finish", "Handle", "Request", "Sampling", "State", "TokenCallback", "kv_bytes_per_token", "kv_tokens"]
+__all__ = ["Constraint", "Finish", "Handle", "Request", "Sampling", "State", "TokenCallback", "kv_bytes_per_token",
+           "kv_tokens"]
 
 # Called after each token a row produces: (its handle, the token id, the text that became visible).
 TokenCallback = Callable[["Handle", int, str], None]
+
+
+class Constraint(Protocol):
+    """A row's logits mask that moves with its tokens (structured output: :mod:`hypha_celery.structured.grammar`).
+
+    Sampling masks the row's logits with :meth:`mask` before choosing, then hands the chosen token to
+    :meth:`advance`; the row finishes (``stop``) once :attr:`done`.
+    """
+
+    @property
+    def done(self) -> bool: ...
+
+    def mask(self, logits: Any) -> Any: ...
+
+    def advance(self, token: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -61,6 +77,7 @@ class Request:
     sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
     on_token: TokenCallback | None = None
+    constraint: Constraint | None = None  # this row's own (stateful) logits mask; None: unconstrained
     tag: Any = None  # the caller's own reference (a task id, a prompt index); the engine never reads it
 
     def check(self, vocab_size: int, max_positions: int | None) -> None:

@@ -6,6 +6,8 @@ order: repetition penalty over the row's prompt and completion, then temperature
 top-k, top-p, then a draw with the row's ``torch.Generator``. Greedy rows are an
 argmax over the whole batch at once. A seeded row consumes random numbers from
 its own generator only, so what shares its batch cannot change its draws.
+A row with a :class:`~.request.Constraint` (structured output) has its logits
+masked first, and the constraint advanced with each token it takes.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from hypha_celery.serving.request import Sampling
+from hypha_celery.serving.request import Constraint, Sampling
 
 __all__ = ["RowSampler", "choose"]
 
@@ -22,8 +24,10 @@ __all__ = ["RowSampler", "choose"]
 class RowSampler:
     """One row's settings and generator; its seen ids (prompt + completion) feed the repetition penalty."""
 
-    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device: torch.device) -> None:
+    def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device: torch.device,
+                 constraint: Constraint | None = None) -> None:
         self.sampling = sampling
+        self.constraint = constraint
         self.generator: torch.Generator | None = None
         if sampling.do_sample:
             self.generator = torch.Generator(device=device)
@@ -34,7 +38,9 @@ class RowSampler:
         self.seen = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
 
     def note(self, token: int) -> None:
-        """Remember a produced token, for the repetition penalty (only when one is set: it costs a copy)."""
+        """Remember a produced token: the constraint takes it; the repetition penalty's copy (only when one is set)."""
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.sampling.repetition_penalty != 1.0:
             self.seen = torch.cat([self.seen, self.seen.new_tensor([token])])
 
@@ -66,10 +72,16 @@ class RowSampler:
 
 
 def choose(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
-    """Each row's next token from ``logits`` [B, V] (float32): greedy rows at once, sampled rows one by one."""
+    """Each row's next token from ``logits`` [B, V] (float32): greedy rows at once, sampled rows one by one.
+
+    A constrained row's logits are masked first, then penalised (a masked token stays ``-inf``).
+    """
+    constrained = [i for i, row in enumerate(samplers) if row.constraint is not None]
     penalised = [i for i, row in enumerate(samplers) if row.sampling.repetition_penalty != 1.0]
-    if penalised:
+    if constrained or penalised:
         logits = logits.clone()
+        for i in constrained:
+            logits[i] = samplers[i].constraint.mask(logits[i])  # type: ignore[union-attr]
         for i in penalised:
             logits[i] = samplers[i].penalise(logits[i])
     tokens = logits.argmax(-1).tolist()

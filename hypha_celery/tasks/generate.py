@@ -9,6 +9,8 @@ with the task's status. For Flower, the task's ``PROGRESS`` state still carries
 ``{"stage": "run", "text": <text so far>, "tokens": <count>}`` at most four times a second.
 With ``proof=True`` the output carries ``proof`` (its token ids and a commitment to its
 hidden states, :mod:`hypha_celery.runtimes.proofs`) that ``hypha.verify`` checks on another worker.
+With ``response_format`` (OpenAI's shape, :mod:`hypha_celery.structured`) decoding is constrained to JSON or a
+JSON Schema, and the text is checked against it before the task succeeds (``InvalidOutput`` otherwise).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.stages.results import package
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
+from hypha_celery.structured.response_format import check_output
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 from hypha_celery.token_stream import FAILURE, SUCCESS, TokenStreamWriter
@@ -56,7 +59,7 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),
-        prompts=[Prompt(prompt=spec.prompt, messages=spec.messages)],
+        prompts=[Prompt(prompt=spec.prompt, messages=spec.messages, response_format=spec.response_format)],
         progress_interval=STREAM_INTERVAL_S,
         expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
     )
@@ -75,6 +78,7 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
                                     family=manifest.adapter_of.id if manifest.adapter_of is not None else None)
     run.finished(spec.model, cache_hit=result.cache_hit, batch_size=result.batch_size)
     out = result.output
+    check_output(out.text, spec.response_format, out.finish_reason)  # never SUCCESS with output off its format
     after_first = result.compute_s - result.time_to_first_token_s
     tokens_per_s = (out.completion_tokens - 1) / after_first if out.completion_tokens > 1 and after_first > 0 \
         else 0.0
@@ -109,7 +113,9 @@ def generate(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Generate text with ``model`` from ``prompt`` or chat ``messages``.
 
     ``generate.delay(model="tiny-llama", prompt="Once upon a time", max_new_tokens=32)``;
-    ``generate.delay(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], do_sample=True, seed=1)``.
+    ``generate.delay(model="tiny-llama", messages=[{"role": "user", "content": "Hi"}], do_sample=True, seed=1)``;
+    ``generate.delay(model="tiny-llama", prompt="A user:", response_format={"type": "json_schema", "json_schema":
+    {"name": "user", "schema": {...}}})``.
     """
     streams = self.node.token_streams
     stream = streams.writer(self.request.id, getattr(self.backend, "expires", None)) \

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from hypha_celery.models.text_inputs import TextBound, check_text, check_texts, 
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.validation.arguments import Arg, TaskArgs, check_arguments, check_value
 from hypha_celery.stages.validation.common import MODEL, REQUIREMENTS, local_manifest, requirements_for
+from hypha_celery.structured.response_format import check_schema, schema_of
 
 __all__ = [
     "DEFAULT_MAX_NEW_TOKENS",
@@ -29,6 +31,7 @@ __all__ = [
     "GenerateSpec",
     "check_generate_model",
     "check_prompt_bytes",
+    "check_response_format",
     "generate_args",
     "has_chat_template",
     "prompt_or_messages",
@@ -45,6 +48,16 @@ MESSAGES = Arg("messages", "list", low=1, high=MAX_MESSAGES, items=Arg("", "obje
     Arg("role", choices=_ROLES, required=True), Arg("content", "str", required=True))))
 PROMPT_OR_MESSAGES = (("prompt", "messages"), "prompt (a string) or messages (chat turns)")
 STOP = Arg("stop", "list", high=MAX_STOP_STRINGS, items=Arg("", "str", low=1, high=MAX_STOP_CHARS))
+RESPONSE_FORMAT = Arg("response_format", "object", nullable=True, fields=(
+    Arg("type", choices=("text", "json_object", "json_schema"), required=True),
+    Arg("json_schema", "object", fields=(
+        Arg("name", "str", required=True, pattern=re.compile(r"^[A-Za-z0-9_-]{1,64}$"),
+            note=" (letters, digits, _ and -; at most 64)"),
+        Arg("schema", "object"),
+        Arg("description", "str", high=4096),
+        Arg("strict", "bool", nullable=True),
+    )),
+))
 
 
 @dataclass(frozen=True)
@@ -73,6 +86,7 @@ class GenerateSpec:
     manifest: Manifest | None
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
+    response_format: dict[str, Any] | None = None  # checked; None: plain text
 
 
 def generate_args(max_new_tokens: int) -> TaskArgs:
@@ -88,6 +102,7 @@ def generate_args(max_new_tokens: int) -> TaskArgs:
         Arg("seed", "int", 0, 2**63 - 1, nullable=True),
         Arg("stop", default=[]),  # a string or a list of them (STOP)
         Arg("proof", "bool", default=False),
+        RESPONSE_FORMAT,
     ), one_of=(PROMPT_OR_MESSAGES,))
 
 
@@ -100,12 +115,35 @@ def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any],
         max_new_tokens=values["max_new_tokens"], do_sample=values["do_sample"], temperature=float(values["temperature"]),
         top_p=float(values["top_p"]), top_k=values["top_k"], repetition_penalty=float(values["repetition_penalty"]),
         seed=values["seed"], stop=_check_stop(values["stop"]), proof=values["proof"])
+    response_format = check_response_format(values["response_format"])
+    if response_format is not None and params.stop:
+        raise InvalidTask("stop strings cannot be combined with response_format: a stop string would cut the JSON")
     manifest = local_manifest(store, model)
     if manifest is not None:
         check_generate_model(store, manifest, messages is not None)
     check_prompt_bytes(prompt, messages, manifest, cfg.security.max_text_bytes)
     return GenerateSpec(model=model, params=params, requirements=requirements, manifest=manifest, prompt=prompt,
-                        messages=messages)
+                        messages=messages, response_format=response_format)
+
+
+def check_response_format(value: Any) -> dict[str, Any] | None:
+    """The checked ``response_format`` (OpenAI's shape); None for plain text (absent, null or type ``text``).
+
+    Refuses a wrong shape and a schema too large, too deep, invalid or using what the grammar engine does not
+    implement (``InvalidTask`` naming it); ``FeatureUnavailable`` on a worker without the ``[structured]`` extra.
+    """
+    checked = check_value(RESPONSE_FORMAT, value)
+    kind = checked["type"] if checked is not None else "text"
+    if checked is not None and "json_schema" in checked and kind != "json_schema":
+        raise InvalidTask(f"response_format.json_schema is only for type 'json_schema', not {kind!r}")
+    if checked is None or kind == "text":
+        return None
+    if kind == "json_schema" and "json_schema" not in checked:
+        raise InvalidTask("response_format of type 'json_schema' is missing 'json_schema' (its name and schema)")
+    schema = schema_of(checked)
+    assert schema is not None
+    check_schema(schema)
+    return checked
 
 
 def prompt_or_messages(values: Mapping[str, Any], max_bytes: int) -> tuple[str | None, list[dict[str, str]] | None]:
