@@ -272,7 +272,7 @@ def bench_cache(workdir: Path) -> None:
     config = {"in_features": 512, "hidden": 2048, "layers": 6, "out_features": 10}
     torch.manual_seed(0)
     store.add("builtin", build("mlp", config), "big", architecture="mlp", config=config, input_shape=[512])
-    cache = ModelCache(2**31, lambda key: load(store, key, "cpu"))
+    cache = ModelCache(2**31, lambda key: load(store.open(key), "cpu"))
     with cache.use("big") as use:
         model = use.value.module
     x = torch.randn(1, 512)

@@ -97,8 +97,8 @@ def cross_device(say: Callable[[str], None] = print) -> dict[str, Any]:
         return {}
     with tempfile.TemporaryDirectory(prefix="hypha-bench-proofs-") as tmp:
         store = _store(Path(tmp))
-        prover = transformers_loading.load(store, TINY_LLAMA, "cuda:0", dtype="bfloat16")[0]
-        verifier = transformers_loading.load(store, TINY_LLAMA, "cpu", dtype="float32")[0]
+        prover = transformers_loading.load(store.open(TINY_LLAMA), "cuda:0", dtype="bfloat16")[0]
+        verifier = transformers_loading.load(store.open(TINY_LLAMA), "cpu", dtype="float32")[0]
         checks = []
         for prompt in PROMPTS:
             out, _ = _generate(prover, prompt)
