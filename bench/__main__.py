@@ -305,7 +305,7 @@ def bench_cache(workdir: Path) -> None:
         reads.append(time.perf_counter() - t0)
         fresh = ModelStore(store.root)  # no remembered verification: sha256 every time, as a cold load does
         t0 = time.perf_counter()
-        load(fresh, "big", "cpu")
+        load(fresh.open("big"), "cpu")
         loads.append(time.perf_counter() - t0)
     ratio = statistics.median(loads) / statistics.median(reads)
     say(f"    read {size / 2**20:.0f} MiB {fmt(reads, 'ms', 1000)}")
@@ -405,7 +405,7 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
             isolated.append((time.perf_counter() - t0) / n * 1e6)
     finally:
         pool.close()
-    loaded, _ = load(ModelStore(models), "mlp", "cpu")
+    loaded, _ = load(ModelStore(models).open("mlp"), "cpu")
     direct = []
     with torch.inference_mode():
         for _ in range(REPEATS):
