@@ -276,7 +276,7 @@ def bench_cache(workdir: Path) -> None:
     config = {"in_features": 512, "hidden": 2048, "layers": 6, "out_features": 10}
     torch.manual_seed(0)
     store.add("builtin", build("mlp", config), "big", architecture="mlp", config=config, input_shape=[512])
-    cache = ModelCache(2**31, lambda key: load(store, key, "cpu"))
+    cache = ModelCache(2**31, lambda key: load(store.open(key), "cpu"))
     with cache.use("big") as use:
         model = use.value.module
     x = torch.randn(1, 512)
@@ -309,7 +309,7 @@ def bench_cache(workdir: Path) -> None:
         reads.append(time.perf_counter() - t0)
         fresh = ModelStore(store.root)  # no remembered verification: sha256 every time, as a cold load does
         t0 = time.perf_counter()
-        load(fresh, "big", "cpu")
+        load(fresh.open("big"), "cpu")
         loads.append(time.perf_counter() - t0)
     ratio = statistics.median(loads) / statistics.median(reads)
     say(f"    read {size / 2**20:.0f} MiB {fmt(reads, 'ms', 1000)}")
@@ -409,7 +409,7 @@ def isolation(models: Path, lease: Any, row: list[float]) -> None:
             isolated.append((time.perf_counter() - t0) / n * 1e6)
     finally:
         pool.close()
-    loaded, _ = load(ModelStore(models), "mlp", "cpu")
+    loaded, _ = load(ModelStore(models).open("mlp"), "cpu")
     direct = []
     with torch.inference_mode():
         for _ in range(REPEATS):

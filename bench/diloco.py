@@ -131,7 +131,7 @@ def _bytes(app: Any, workdir: Path, shards: list[dict[str, Any]], train: dict[st
                                              **train}, queue="hypha").get(timeout=600)
         plain.append(time.perf_counter() - started)
     store = ModelStore(workdir / "models")
-    _, folder = store.verified_folder(TINY_LLAMA)
+    folder = store.open(TINY_LLAMA).folder
     parameter_bytes = _float32_bytes(folder / "model.safetensors")
     say(f"\n[16] DiLoCo: {workers} workers, {rounds} rounds of {inner_steps} inner steps; "
         f"float32 parameters {parameter_bytes / 1e6:.2f} MB")

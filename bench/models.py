@@ -203,7 +203,7 @@ def bench_cold_load_largest(models: Path) -> None:
     say(f"\n[8] cold load of the largest example model ({largest}, {manifest.size / 2**20:.0f} MiB in {len(files)} "
         "files) vs reading its bytes")
     torch.set_num_threads(1)  # as in an executor pinned to one core
-    load(ModelStore(models), largest, "cpu")  # imports the runtime (transformers) once, as a worker's first model does
+    load(ModelStore(models).open(largest), "cpu")  # imports the runtime (transformers) once, as a worker's first model does
     reads, loads = [], []
     for _ in range(REPEATS):
         t0 = time.perf_counter()
@@ -212,7 +212,7 @@ def bench_cold_load_largest(models: Path) -> None:
         reads.append(time.perf_counter() - t0)
         fresh = ModelStore(models)  # nothing cached; the stamp spares the sha256, as in a worker's cold load
         t0 = time.perf_counter()
-        loaded = load(fresh, largest, "cpu")
+        loaded = load(fresh.open(largest), "cpu")
         loads.append(time.perf_counter() - t0)
         del loaded
     ratio = statistics.median(reads) / statistics.median(loads)

@@ -66,7 +66,7 @@ def bench_proofs() -> None:
     say("\n17. checkable generations: proof bytes per 32 tokens, verify time / generation time (tiny Llama, CPU)")
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="hypha-bench-proofs-") as tmp:
-        model = transformers_loading.load(_store(Path(tmp)), TINY_LLAMA, "cpu")[0]
+        model = transformers_loading.load(_store(Path(tmp)).open(TINY_LLAMA), "cpu")[0]
         _generate(model, PROMPTS[0])  # warm: first-call costs are not the proof's
         ratios, sizes, accepted = [], [], 0
         for prompt in PROMPTS:
@@ -97,8 +97,8 @@ def cross_device(say: Callable[[str], None] = print) -> dict[str, Any]:
         return {}
     with tempfile.TemporaryDirectory(prefix="hypha-bench-proofs-") as tmp:
         store = _store(Path(tmp))
-        prover = transformers_loading.load(store, TINY_LLAMA, "cuda:0", dtype="bfloat16")[0]
-        verifier = transformers_loading.load(store, TINY_LLAMA, "cpu", dtype="float32")[0]
+        prover = transformers_loading.load(store.open(TINY_LLAMA), "cuda:0", dtype="bfloat16")[0]
+        verifier = transformers_loading.load(store.open(TINY_LLAMA), "cpu", dtype="float32")[0]
         checks = []
         for prompt in PROMPTS:
             out, _ = _generate(prover, prompt)

@@ -90,7 +90,7 @@ def build(device: str) -> Any:
     write_tiny_llama(folder, positions=512)
     store = ModelStore(root / "store")
     store.add("transformers", folder, MODEL)
-    return transformers_runtime.load(store, MODEL, device)[0]
+    return transformers_runtime.load(store.open(MODEL), device)[0]
 
 
 def _sync(model: Any) -> None:

@@ -89,7 +89,7 @@ def load(root: Path) -> Any:
     write_tiny_llama(folder)
     store = ModelStore(root / "store")
     store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
 
 
 def static_generation(model: Any, formats: list[dict[str, Any] | None], seed: int | None,

@@ -157,7 +157,7 @@ def bench_adapter_switch(workdir: Path) -> None:
         done = finetune(store, request, {"texts": TEXTS[:8]}, "cpu", lambda update: None)
         out = workdir / name
         out.mkdir()
-        save(done, store, out, merge=False)
+        save(done, out, merge=False)
         store.add("transformers", out, name, base=TINY_LLAMA)
         adapters.append(name)
     say(f"\n[15] adapter switch on a cached base ({TINY_LLAMA}, {store.manifest(TINY_LLAMA).size / 2**20:.1f} MiB; "

@@ -27,7 +27,7 @@ from hypha_celery.errors import HyphaError, InvalidInput, contained
 from hypha_celery.executor import limits
 from hypha_celery.manifest import expected_size
 from hypha_celery.models.cache import ModelCache, Use
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry, ModelStore
 from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
@@ -92,26 +92,27 @@ class Executor:
     def _load(self, model_id: str) -> tuple[Any, int]:
         from hypha_celery.runtimes.registry import load
 
-        adapter_of = self.store.manifest(model_id).adapter_of
+        entry = self.store.open(model_id)
+        adapter_of = entry.manifest.adapter_of
         if adapter_of is not None:
-            return self._attach(model_id, adapter_of.id)
-        loaded, size = load(self.store, model_id, self.device)
+            return self._attach(entry, adapter_of.id)
+        loaded, size = load(entry, self.device)
         if hasattr(loaded, "max_text_bytes"):  # a transformers model: the worker's text bound, if it set one
             loaded.max_text_bytes = self.max_text_bytes
         return loaded, size
 
-    def _attach(self, adapter_id: str, base_id: str) -> tuple[Any, int]:
+    def _attach(self, adapter: Entry, base_id: str) -> tuple[Any, int]:
         """A LoRA adapter: its base from the cache, pinned while the adapter is held (LRU evicts the adapter first)."""
         from hypha_celery.runtimes.transformers_adapters import attach_adapter
 
         pin = ExitStack()
         base = pin.enter_context(self.cache.use(base_id, expected_size(self.store.manifest(base_id), self.device)))
         try:
-            attached, size = attach_adapter(base.value, self.store, adapter_id)
+            attached, size = attach_adapter(base.value, adapter)
         except BaseException:
             pin.close()
             raise
-        self._base_pins[adapter_id] = pin
+        self._base_pins[adapter.id] = pin
         return attached, size
 
     def _unload(self, model_id: str, loaded: Any) -> None:
@@ -255,11 +256,12 @@ class Executor:
         from hypha_celery.runtimes.registry import load
 
         started_rss = limits.current_rss()
-        if self.store.manifest(request.model).runtime == "transformers":
-            return self._train_transformer(request, started_rss)
+        entry = self.store.open(request.model)
+        if entry.manifest.runtime == "transformers":
+            return self._train_transformer(request, entry, started_rss)
         with self._limits(request.limits):
             started = time.perf_counter()
-            loaded, _ = load(self.store, request.model, self.device, trainable=True)
+            loaded, _ = load(entry, self.device, trainable=True)
             load_s = time.perf_counter() - started
             trained = train(
                 loaded,
@@ -285,19 +287,19 @@ class Executor:
             del loaded
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s, usage=self._usage(started_rss))
 
-    def _train_transformer(self, request: Train, started_rss: int) -> TrainResult:
+    def _train_transformer(self, request: Train, entry: Entry, started_rss: int) -> TrainResult:
         """Full or LoRA fine-tuning (:mod:`hypha_celery.training.finetune`); the result enters the store as a new entry."""
         from hypha_celery.training.finetune.run import finetune
         from hypha_celery.training.finetune.save import save
 
         with self._limits(request.limits):
             done = finetune(self.store, request, _training_data(request, texts=True), self.device, self.channel.write,
-                            max_text_bytes=self.max_text_bytes)
+                            max_text_bytes=self.max_text_bytes, entry=entry)
             produced = None if request.task_id is None else {"task_id": request.task_id, "trained": done.trained.to_json()}
             out = self.tmpdir / "trained"
             out.mkdir()
-            if save(done, self.store, out, merge=request.merge) == "adapter":
-                self.store.add("transformers", out, request.new_model, base=request.model, produced_by=produced)
+            if save(done, out, merge=request.merge) == "adapter":
+                self.store.add("transformers", out, request.new_model, base=entry, produced_by=produced)
             else:
                 self.store.add("transformers", out, request.new_model, task=done.model.manifest.task,
                                parent=request.model, produced_by=produced)

@@ -7,7 +7,8 @@ fields must say (:attr:`Format.manifest_fields`), and what a fetched copy's file
 (:mod:`.registry`) lists them by the manifest's ``runtime``: the store looks a format up there and
 never branches on one. A new format is one module here and one line in the registry.
 
-The store hands itself to an import as a :class:`Target` (staging, the model's lock, the install),
+The store hands itself to an import as a :class:`Target` (a transaction: the model's lock, the id's
+existence check, staging, the install),
 so a format writes into the store without importing it: formats sit below ``hypha_celery/models/``.
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from hypha_celery.manifest import Bad, Manifest
 
-__all__ = ["Format", "Imported", "ManifestFields", "Target"]
+__all__ = ["Format", "Imported", "ManifestFields", "NewEntry", "StoredModel", "Target"]
 
 # (the manifest as JSON, its common fields already checked, the error-maker, max_model_size) -> the format's fields
 ManifestFields = Callable[[dict[str, Any], dict[str, Any], Bad, "int | None"], dict[str, Any]]
@@ -35,26 +36,41 @@ class Imported:
     skipped: list[str]
 
 
+class StoredModel(Protocol):
+    """A stored model as the store hands it over verified (``models.store.Entry``): what an adapter's import reads."""
+
+    @property
+    def manifest(self) -> Manifest: ...
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 of its ``manifest.json`` bytes (an adapter pins its base by it)."""
+        ...
+
+
+class NewEntry(Protocol):
+    """An entry being assembled (``models.store.Transaction``): its staging folder, and the install that ends it."""
+
+    @property
+    def folder(self) -> Path: ...
+
+    def install(self, manifest: Manifest, produced_by: dict[str, Any] | None = None) -> None:
+        """Check ``manifest`` as a reader will, stamp the staged files, write the manifest, rename into place."""
+        ...
+
+
 class Target(Protocol):
     """The store, as an import sees it: where a new entry is assembled and how it is installed."""
 
     @property
     def max_model_size(self) -> int: ...
 
-    def new_entry(self, model_id: str) -> AbstractContextManager[Path]:
-        """A fresh staging folder for ``model_id`` under its lock (an existing id is refused), removed on failure."""
+    def transaction(self, model_id: str) -> AbstractContextManager[NewEntry]:
+        """``model_id``'s lock, the id refused when taken, a fresh staging folder removed on failure."""
         ...
 
-    def install(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None = None) -> None:
-        """Check ``manifest`` as a reader will, stamp the staged files, write the manifest, rename into place."""
-        ...
-
-    def manifest(self, model_id: str) -> Manifest:
-        """A stored model's manifest (an adapter reads its base's)."""
-        ...
-
-    def manifest_sha256(self, model_id: str) -> str:
-        """The sha256 of a stored model's ``manifest.json`` (an adapter pins its base by it)."""
+    def open(self, model_id: str) -> StoredModel:
+        """A stored model, verified (an adapter reads its base's manifest and digest)."""
         ...
 
 

@@ -106,15 +106,15 @@ def store(target: Target, module: nn.Module, model_id: str, *, architecture: str
 
     state = {name: tensor.detach().to("cpu").contiguous() for name, tensor in module.state_dict().items()}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "float32"
-    with target.new_entry(model_id) as staging:
-        weights = staging / WEIGHTS
+    with target.transaction(model_id) as new:
+        weights = new.folder / WEIGHTS
         save_file(state, str(weights))
         manifest = Manifest(
             id=model_id, architecture=architecture, config=dict(config), input_shape=list(input_shape),
             files={WEIGHTS: FileEntry(sha256=sha256_file(weights), size=weights.stat().st_size)},
             dtype=dtype, task=task, batchable=batchable, parent=parent,
         )
-        target.install(staging, manifest, produced_by)
+        new.install(manifest, produced_by)
     return Imported(manifest, [])
 
 

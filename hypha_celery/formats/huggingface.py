@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.formats.base import Format, Imported, Target
+from hypha_celery.formats.base import Format, Imported, StoredModel, Target
 from hypha_celery.formats.safe_files import copy_capped, open_regular, sha256_file, walk
 from hypha_celery.formats.safetensors import Checkpoint, read_checkpoint, read_header
 from hypha_celery.manifest import (
@@ -260,7 +260,8 @@ def check_fetched_adapter(folder: Path, manifest: Manifest) -> None:
 
 
 def store(target: Target, source: str | os.PathLike[str], model_id: str, *, task: str | None = None,
-          base: str | None = None, parent: str | None = None, produced_by: dict[str, Any] | None = None) -> Imported:
+          base: str | StoredModel | None = None, parent: str | None = None,
+          produced_by: dict[str, Any] | None = None) -> Imported:
     """Store a local Hugging Face model directory as ``model_id`` (format 2, runtime ``transformers``).
 
     Refused files (pickle, code, adapters) refuse the whole import before
@@ -269,8 +270,8 @@ def store(target: Target, source: str | os.PathLike[str], model_id: str, *, task
     manifest is computed from the copies (so what was measured is what is
     stored) before one rename installs the model. ``parent`` and ``produced_by``: the model it was
     trained from, and the saving task's record (``hypha.train`` stores a fine-tuned model through here).
-    With ``base``, ``source`` holds a LoRA adapter trained on the stored model ``base`` instead
-    (:func:`_store_adapter`).
+    With ``base`` (an id, or the base's verified entry a training run holds already), ``source`` holds a
+    LoRA adapter trained on that stored model instead (:func:`_store_adapter`).
     """
     if base is not None:
         return _store_adapter(target, Path(source), model_id, base, produced_by)
@@ -283,7 +284,8 @@ def store(target: Target, source: str | os.PathLike[str], model_id: str, *, task
     config, dropped = clean_config(read_config(folder))
     identify(config, task)  # refuse an unsupported model before copying gigabytes
     read_checkpoint(folder, found.copy)  # every tensor's size, checked against its file's, before a byte is copied
-    with target.new_entry(model_id) as staging:
+    with target.transaction(model_id) as new:
+        staging = new.folder
         files: dict[str, FileEntry] = {}
         left = cap  # again while copying: a file may grow after it was measured
         for name in found.copy:
@@ -305,11 +307,11 @@ def store(target: Target, source: str | os.PathLike[str], model_id: str, *, task
             id=model_id, config={}, input_shape=[], files=files, format=FORMAT_V2, runtime="transformers",
             dropped_config_keys=dropped, parent=parent, **describe(staging, found.copy, task),
         )
-        target.install(staging, manifest, produced_by)
+        new.install(manifest, produced_by)
     return Imported(manifest, found.skipped)
 
 
-def _store_adapter(target: Target, folder: Path, model_id: str, base: str,
+def _store_adapter(target: Target, folder: Path, model_id: str, base: str | StoredModel,
                    produced_by: dict[str, Any] | None) -> Imported:
     """Store peft's ``adapter_config.json`` + ``adapter_model.safetensors`` in ``folder`` as an adapter entry.
 
@@ -317,11 +319,12 @@ def _store_adapter(target: Target, folder: Path, model_id: str, base: str,
     other model field is the base's (:mod:`hypha_celery.manifest`, ``adapter_of``). Only those two
     files are copied: anything else peft wrote (a model card) stays behind.
     """
-    base_manifest = target.manifest(base)
+    stored = target.open(base) if isinstance(base, str) else base
+    base_manifest, base_sha256 = stored.manifest, stored.sha256
     if base_manifest.runtime != "transformers" or base_manifest.adapter_of is not None or base_manifest.memory is None:
-        raise UnsupportedModel(f"model {base!r} is not a transformers model: it takes no adapter")
-    base_sha256 = target.manifest_sha256(base)
-    with target.new_entry(model_id) as staging:
+        raise UnsupportedModel(f"model {base_manifest.id!r} is not a transformers model: it takes no adapter")
+    with target.transaction(model_id) as new:
+        staging = new.folder
         files: dict[str, FileEntry] = {}
         left = target.max_model_size
         for name in sorted(ADAPTER_FILES):
@@ -335,10 +338,10 @@ def _store_adapter(target: Target, folder: Path, model_id: str, base: str,
         manifest = dataclasses.replace(
             base_manifest, id=model_id, files=files, dtype=checkpoint.dtype or base_manifest.dtype,
             memory=ModelMemory(checkpoint.parameters, checkpoint.nbytes, base_manifest.memory.kv_bytes_per_token),
-            parent=base, created_at=time.time(), dropped_config_keys=[],
-            adapter_of=AdapterOf(id=base, sha256=base_sha256),
+            parent=base_manifest.id, created_at=time.time(), dropped_config_keys=[],
+            adapter_of=AdapterOf(id=base_manifest.id, sha256=base_sha256),
         )
-        target.install(staging, manifest, produced_by)
+        new.install(manifest, produced_by)
     return Imported(manifest, [])
 
 

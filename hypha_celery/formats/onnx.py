@@ -196,8 +196,8 @@ def store(target: Target, source: str | os.PathLike[str], model_id: str, *, pare
     cap = target.max_model_size
     if size > cap:
         raise UnsupportedModel(f"{path}: larger than max_model_size ({format_size(cap)})")
-    with target.new_entry(model_id) as staging:
-        staged = staging / ONNX_FILE
+    with target.transaction(model_id) as new:
+        staged = new.folder / ONNX_FILE
         copied = copy_capped(open_regular(folder, name), staged, cap, str(path))
         described = describe(staged, cap)
         manifest = Manifest(
@@ -205,7 +205,7 @@ def store(target: Target, source: str | os.PathLike[str], model_id: str, *, pare
             files={ONNX_FILE: FileEntry(sha256=copied.sha256, size=copied.size)},
             format=FORMAT_V2, runtime="onnx", parent=parent, **described.fields(),
         )
-        target.install(staging, manifest, produced_by)
+        new.install(manifest, produced_by)
     return Imported(manifest, skipped)
 
 

@@ -118,7 +118,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             if not overwrite:
                 written.append(store.manifest(name))
                 continue
-            shutil.rmtree(store.path(name))
+            store.remove(name)
         if name == "mlp":
             module = fitted_mlp()
         else:
@@ -128,7 +128,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
                                   input_shape=example_input_shape(name, config)).manifest)
     if importlib.util.find_spec("onnx") is not None:
         if store.has(ONNX_MLP) and overwrite:
-            shutil.rmtree(store.path(ONNX_MLP))
+            store.remove(ONNX_MLP)
         if store.has(ONNX_MLP):
             written.append(store.manifest(ONNX_MLP))
         else:
@@ -151,7 +151,7 @@ def init_examples(model_dir: str | Path, *, overwrite: bool = False) -> list[Man
             if not overwrite:
                 written.append(store.manifest(name))
                 continue
-            shutil.rmtree(store.path(name))
+            store.remove(name)
         with tempfile.TemporaryDirectory() as folder:
             write(Path(folder))
             written.append(store.add("transformers", folder, name).manifest)
@@ -211,8 +211,6 @@ def minilm_folder() -> Path | None:
 
 
 def _copy_tree(source: Path, target: Path) -> None:
-    import shutil
-
     shutil.copytree(source, target, dirs_exist_ok=True)
 
 

@@ -36,10 +36,17 @@ appears by one ``rename`` after every file was verified, so a reader sees a
 whole model or none; the manifest is what marks it complete. The manifest
 types, the file names and the id rule are :mod:`hypha_celery.manifest`.
 
+A model is used through its handle: :meth:`ModelStore.open` fetches it if missing, reads and hashes its
+manifest once and verifies its files, and returns an :class:`Entry` (manifest, folder, the manifest's
+sha256) that is passed down to a runtime, a fine-tune, an adapter's import; only this module spells
+paths inside an entry (``tests/unit/test_store_handle.py`` holds every other module to it). A new entry
+is made in one :meth:`ModelStore.transaction`: the id's lock, the one "already exists" check
+(:meth:`ModelStore.refuse_taken`: ids are immutable), a staging folder, the install.
+
 How a model enters the store, and what its manifest's own fields and files must say, is its format's
 (:mod:`hypha_celery.formats`): :meth:`ModelStore.add` and a fetch look the format up by the manifest's
 ``runtime`` in one table (:mod:`hypha_celery.formats.registry`) and hand it the store as its
-:class:`~hypha_celery.formats.base.Target` (a staging folder under the model's lock, the install).
+:class:`~hypha_celery.formats.base.Target` (a transaction to fill; the base an adapter names, opened).
 
 What an import reads from a folder stays inside it: links and other non-regular files are refused and
 files are opened without following links (:mod:`hypha_celery.formats.safe_files`); ``max_model_size`` is checked against the
@@ -54,12 +61,14 @@ whose hash no longer matches the manifest is refused.
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +80,6 @@ from hypha_celery.manifest import (
     DATA,
     DATASET_MANIFEST,
     MODEL_MANIFEST,
-    WEIGHTS,
     DatasetManifest,
     FileEntry,
     Manifest,
@@ -84,11 +92,57 @@ from hypha_celery.models.sources import fetch_manifest, fetch_model
 if TYPE_CHECKING:
     from hypha_celery.config import ModelsConfig, ModelSource
 
-__all__ = ["PRODUCED", "STAMP", "ModelStore"]
+__all__ = ["PRODUCED", "STAMP", "Entry", "ModelStore", "Transaction"]
 
 STAMP = ".verified.json"
 PRODUCED = ".produced.json"
 DEFAULT_MAX_MODEL_SIZE = 20 * 10**9  # keep equal to config.schema's max_model_size default
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored model, verified once by :meth:`ModelStore.open` and handed down instead of read again.
+
+    ``sha256`` is the digest of the very ``manifest.json`` bytes ``manifest`` was parsed from: what a
+    scheduler pins a model by and an adapter names its base by. Its files are reached through
+    :meth:`file` and :meth:`files`: only the store spells paths inside an entry.
+    """
+
+    manifest: Manifest
+    folder: Path
+    sha256: str
+
+    @property
+    def id(self) -> str:
+        return self.manifest.id
+
+    def file(self, name: str) -> Path:
+        """The verified file ``name`` (one the manifest lists)."""
+        if name not in self.manifest.files:
+            raise UnsupportedModel(f"model {self.id!r} has no {name} in its manifest")
+        return self.folder / name
+
+    def files(self) -> dict[str, Path]:
+        """Every listed file by its name in the manifest."""
+        return {name: self.folder / name for name in self.manifest.files}
+
+    @property
+    def manifest_file(self) -> Path:
+        """The ``manifest.json`` whose bytes hash to ``sha256`` (for an upload of the whole entry)."""
+        return self.folder / MODEL_MANIFEST
+
+
+class Transaction:
+    """A new entry being assembled under its id's lock: ``folder`` is its staging folder, :meth:`install` ends it."""
+
+    def __init__(self, store: ModelStore, model_id: str, folder: Path) -> None:
+        self.store, self.model_id, self.folder = store, model_id, folder
+
+    def install(self, manifest: Manifest, produced_by: dict[str, Any] | None = None) -> None:
+        """Check the manifest as a reader will, stamp the staged files, write the manifest, rename into place."""
+        if manifest.id != self.model_id:
+            raise UnsupportedModel(f"a transaction for {self.model_id!r} cannot install {manifest.id!r}")
+        self.store._install_model(self.folder, manifest, produced_by)
 
 
 class ModelStore:
@@ -126,8 +180,36 @@ class ModelStore:
             if is_model_id(entry.name) and (entry / MODEL_MANIFEST).is_file()
         )
 
-    def has(self, model_id: str) -> bool:
-        return (self.path(model_id) / MODEL_MANIFEST).is_file()
+    def has(self, model_id: str, *, dataset: bool = False) -> bool:
+        """Whether the model (or data set) is here, complete."""
+        return (self.path(model_id) / (DATASET_MANIFEST if dataset else MODEL_MANIFEST)).is_file()
+
+    def taken(self, model_id: str) -> bool:
+        """Whether ``model_id`` names anything stored, a model or a data set: ids are immutable, so it is not free."""
+        return self.has(model_id) or self.has(model_id, dataset=True)
+
+    def refuse_taken(self, model_id: str, error: type[Exception] = UnsupportedModel, what: str = "") -> None:
+        """The one "already exists" check: raise ``error`` when ``model_id`` is taken (``what`` names the argument)."""
+        if self.taken(model_id):
+            raise error(f"{what}{model_id!r} already exists in the store; model ids are immutable, pick another")
+
+    def open(self, model_id: str) -> Entry:
+        """The model, fetched if missing, its manifest read and hashed once and every listed file verified."""
+        self.ensure(model_id)
+        raw = self._manifest_bytes(model_id)
+        manifest = self._parse_manifest(raw, model_id)
+        self._verify_dir(manifest, self.path(model_id))
+        return Entry(manifest, self.path(model_id), hashlib.sha256(raw).hexdigest())
+
+    def read_json(self, model_id: str, name: str) -> Any:
+        """A small JSON file of a present model (one its manifest lists), read unverified: what validation and
+        sizing look at before a lease (the run verifies); None when the model or the file is absent or unreadable."""
+        if not self.has(model_id):
+            return None
+        try:
+            return json.loads((self.path(model_id) / name).read_text())
+        except (OSError, ValueError):
+            return None
 
     def manifest(self, model_id: str) -> Manifest:
         """The local manifest, fetching the model first if the store lacks it."""
@@ -154,12 +236,20 @@ class ModelStore:
                                "the id: `hypha-celery models list`): " + "; ".join(errors))
 
     def _read_manifest(self, model_id: str) -> Manifest:
-        path = self.path(model_id) / MODEL_MANIFEST
+        return self._parse_manifest(self._manifest_bytes(model_id), model_id)
+
+    def _manifest_bytes(self, model_id: str) -> bytes:
         try:
-            data = json.loads(path.read_text())
+            return (self.path(model_id) / MODEL_MANIFEST).read_bytes()
         except FileNotFoundError:
             raise UnsupportedModel(f"model {model_id!r} is not in the store") from None
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
+            raise UnsupportedModel(f"model {model_id!r}: unreadable manifest ({exc})") from None
+
+    def _parse_manifest(self, raw: bytes, model_id: str) -> Manifest:
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
             raise UnsupportedModel(f"model {model_id!r}: unreadable manifest ({exc})") from None
         return read_manifest(data, model_id, self.max_model_size)
 
@@ -167,12 +257,12 @@ class ModelStore:
         """Make ``model_id`` (or a data set) present locally: fetched and verified once, even across processes."""
         what = "data set" if dataset else "model"
         marker = DATASET_MANIFEST if dataset else MODEL_MANIFEST
-        if (self.path(model_id) / marker).is_file():
+        if self.has(model_id, dataset=dataset):
             return
         if not self.sources:
             raise UnsupportedModel(f"{what} {model_id!r} is not in the store and no sources are configured")
         with self._lock(model_id):
-            if (self.path(model_id) / marker).is_file():
+            if self.has(model_id, dataset=dataset):
                 return
             parse = DatasetManifest.from_json if dataset else read_manifest
             errors = []
@@ -219,24 +309,15 @@ class ModelStore:
         return self._save_data(dataset_id, data, len(texts))
 
     def _save_data(self, dataset_id: str, content: dict[str, Any], rows: int) -> DatasetManifest:
-        validate_model_id(dataset_id)
-        if self.path(dataset_id).exists():
-            raise UnsupportedModel(f"{dataset_id!r} already exists in the store; ids are immutable")
-        with self._lock(dataset_id), self._staging(dataset_id) as staging:
-            data = staging / DATA
+        with self.transaction(dataset_id) as new:
+            data = new.folder / DATA
             data.write_text(json.dumps(content, separators=(",", ":")))
             manifest = DatasetManifest(id=dataset_id, rows=rows,
                                        files={DATA: FileEntry(sha256=sha256_file(data), size=data.stat().st_size)})
-            self._write_stamp(staging, {DATA: self._stamp(data, manifest.files[DATA].sha256)})
-            _write_json(staging / DATASET_MANIFEST, manifest.to_json())
-            self._install(dataset_id, staging)
+            self._write_stamp(new.folder, {DATA: self._stamp(data, manifest.files[DATA].sha256)})
+            _write_json(new.folder / DATASET_MANIFEST, manifest.to_json())
+            self._install(dataset_id, new.folder)
         return manifest
-
-    def verified_weights(self, model_id: str) -> tuple[Manifest, Path]:
-        """The manifest and weights path, after checking every file's size and sha256."""
-        manifest = self.manifest(model_id)
-        self._verify_dir(manifest, self.path(model_id))
-        return manifest, self.path(model_id) / WEIGHTS
 
     def remove(self, model_id: str) -> None:
         """Delete a stored entry (DiLoCo's per-round trained models, once their delta is uploaded)."""
@@ -252,15 +333,10 @@ class ModelStore:
         return data if isinstance(data, dict) else None
 
     def manifest_sha256(self, model_id: str) -> str:
-        """The sha256 of the stored ``manifest.json`` bytes: what a scheduler can pin a model by."""
+        """The sha256 of the stored ``manifest.json`` bytes: what a scheduler can pin a model by (the worker's check
+        before a lease; a run has it from :meth:`open`)."""
         self.ensure(model_id)
         return sha256_file(self.path(model_id) / MODEL_MANIFEST)
-
-    def verified_folder(self, model_id: str) -> tuple[Manifest, Path]:
-        """The manifest and the model's folder, after checking every listed file (a transformers model)."""
-        manifest = self.manifest(model_id)
-        self._verify_dir(manifest, self.path(model_id))
-        return manifest, self.path(model_id)
 
     def add(self, runtime: str, source: Any, model_id: str, **options: Any) -> Imported:
         """Store ``source`` as ``model_id`` in the format whose models ``runtime`` loads (an existing id is refused).
@@ -276,16 +352,16 @@ class ModelStore:
         return format_of(runtime).store(self, source, model_id, **options)
 
     @contextmanager
-    def new_entry(self, model_id: str) -> Iterator[Path]:
-        """A fresh staging folder for ``model_id``, under its lock; an existing id is refused (ids are immutable)."""
+    def transaction(self, model_id: str) -> Iterator[Transaction]:
+        """A new entry ``model_id``: its lock held, the id refused when taken (:meth:`refuse_taken`), a fresh staging
+        folder removed on any failure; the caller's :meth:`Transaction.install` puts it in place."""
+        validate_model_id(model_id)
         with self._lock(model_id):
-            if self.has(model_id):
-                raise UnsupportedModel(f"model {model_id!r} already exists; model ids are immutable")
+            self.refuse_taken(model_id)
             with self._staging(model_id) as staging:
-                yield staging
+                yield Transaction(self, model_id, staging)
 
-    def install(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None = None) -> None:
-        """Check the manifest as a reader will, stamp the staged files, write the manifest, install."""
+    def _install_model(self, staging: Path, manifest: Manifest, produced_by: dict[str, Any] | None) -> None:
         read_manifest(manifest.to_json(), manifest.id, self.max_model_size)
         self._write_stamp(staging, {name: self._stamp(staging / name, entry.sha256)
                                     for name, entry in manifest.files.items()})

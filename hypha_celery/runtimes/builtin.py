@@ -21,8 +21,8 @@ from torch import nn
 
 from hypha_celery.errors import InvalidInput, UnsupportedModel
 from hypha_celery.formats.builtin import build
-from hypha_celery.manifest import Manifest
-from hypha_celery.models.store import ModelStore
+from hypha_celery.manifest import WEIGHTS, Manifest
+from hypha_celery.models.store import Entry
 from hypha_celery.runtimes.codec import DTYPES, decode, encode, is_single
 from hypha_celery.work import Progress, Trained
 
@@ -50,13 +50,13 @@ def model_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[BuiltinModel, int]:
-    """Verify ``model_id``'s weights and load them onto ``device`` (``trainable``: in train mode, with gradients);
+def load(entry: Entry, device: str, *, trainable: bool = False) -> tuple[BuiltinModel, int]:
+    """Load the verified ``entry``'s weights onto ``device`` (``trainable``: in train mode, with gradients);
     returns the model and its size in bytes."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    manifest, path = store.verified_weights(model_id)
+    manifest, path, model_id = entry.manifest, entry.file(WEIGHTS), entry.id
     try:
         state = load_file(str(path), device=device)
     except (SafetensorError, OSError, RuntimeError) as exc:

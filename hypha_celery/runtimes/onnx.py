@@ -37,7 +37,7 @@ import torch
 from hypha_celery.errors import ExecutionError, UnsupportedModel
 from hypha_celery.formats.onnx import describe_bytes
 from hypha_celery.manifest import ONNX_FILE, Manifest
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry
 from hypha_celery.runtimes.codec import decode, encode, is_single
 
 __all__ = ["OnnxModel", "infer_batch", "load"]
@@ -60,15 +60,15 @@ class OnnxModel:
         return [str(output["name"]) for output in self.manifest.config["outputs"]]
 
 
-def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[OnnxModel, int]:
-    """Verify ``model_id``'s graph and open an onnxruntime session on ``device``; returns it and its weights' bytes.
+def load(entry: Entry, device: str, *, trainable: bool = False) -> tuple[OnnxModel, int]:
+    """Check the verified ``entry``'s graph and open an onnxruntime session on ``device``; returns it and its weights' bytes.
 
     ``trainable`` is refused: an ONNX graph is served, never trained.
     """
+    manifest, model_id = entry.manifest, entry.id
     if trainable:
         raise UnsupportedModel(f"model {model_id!r}: an ONNX model serves hypha.infer only; it cannot be trained")
-    manifest, folder = store.verified_folder(model_id)
-    data = (folder / ONNX_FILE).read_bytes()
+    data = entry.file(ONNX_FILE).read_bytes()
     if hashlib.sha256(data).hexdigest() != manifest.files[ONNX_FILE].sha256:
         raise UnsupportedModel(f"model {model_id!r}: {ONNX_FILE} changed after it was verified; refusing to load it")
     described = describe_bytes(data, f"model {model_id!r}")

@@ -1,7 +1,8 @@
 """Which runtime serves a model: its manifest's ``runtime`` names one module, imported the first time it is used.
 
-A runtime is a module with ``load(store, model_id, device, *, trainable=False)``
-(returns the loaded model and its bytes; the loaded model has the ``manifest``
+A runtime is a module with ``load(entry, device, *, trainable=False)`` (``entry``:
+the store's verified handle, :meth:`~hypha_celery.models.store.ModelStore.open`;
+returns the loaded model and its bytes; the loaded model has the ``manifest``
 it came from) and ``infer_batch(loaded, items, per_item=None)``; one that
 generates text adds ``generate(loaded, request, report, per_prompt=None)``
 (:class:`Runtime`). A new runtime (GGUF, vLLM) is one module and one line of
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from hypha_celery.errors import InvalidInput, UnsupportedModel
 
 if TYPE_CHECKING:
-    from hypha_celery.models.store import ModelStore
+    from hypha_celery.models.store import Entry
     from hypha_celery.work import Generate, Generation, Streamed
 
 __all__ = ["RUNTIMES", "Runtime", "generate", "infer_batch", "load", "runtime"]
@@ -36,7 +37,7 @@ RUNTIMES: dict[str, str] = {
 class Runtime(Protocol):
     """What a runtime module provides (``generate`` too, where it generates text)."""
 
-    def load(self, store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[Any, int]: ...
+    def load(self, entry: Entry, device: str, *, trainable: bool = False) -> tuple[Any, int]: ...
 
     def infer_batch(self, loaded: Any, items: Sequence[Any], per_item: Sequence[Any] | None = None) -> list[Any]: ...
 
@@ -49,12 +50,12 @@ def runtime(name: str) -> Runtime:
     return cast(Runtime, importlib.import_module(module))
 
 
-def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[Any, int]:
-    """Verify and load ``model_id`` onto ``device`` with its runtime; returns the model and its size in bytes.
+def load(entry: Entry, device: str, *, trainable: bool = False) -> tuple[Any, int]:
+    """Load the verified ``entry`` onto ``device`` with its runtime; returns the model and its size in bytes.
 
     ``trainable``: for the built-in runtime's own training; the others refuse it.
     """
-    return runtime(store.manifest(model_id).runtime).load(store, model_id, device, trainable=trainable)
+    return runtime(entry.manifest.runtime).load(entry, device, trainable=trainable)
 
 
 def infer_batch(loaded: Any, items: Sequence[Any], per_item: Sequence[Any] | None = None) -> list[Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from hypha_celery.errors import InvalidTask, UnsupportedModel
 from hypha_celery.formats.huggingface import TEXT_GENERATION
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry
 from hypha_celery.runtimes import transformers_encoders, transformers_loading, transformers_proofs
 from hypha_celery.runtimes.transformers_generation import generate
 from hypha_celery.runtimes.transformers_loading import TransformerModel
@@ -26,12 +26,12 @@ from hypha_celery.runtimes.transformers_loading import TransformerModel
 __all__ = ["generate", "infer_batch", "load"]
 
 
-def load(store: ModelStore, model_id: str, device: str, *, trainable: bool = False) -> tuple[TransformerModel, int]:
-    """Verify ``model_id``'s files and load it onto ``device`` to serve; returns it and its real bytes."""
+def load(entry: Entry, device: str, *, trainable: bool = False) -> tuple[TransformerModel, int]:
+    """Load the verified ``entry`` onto ``device`` to serve; returns it and its real bytes."""
     if trainable:
-        raise UnsupportedModel(f"model {model_id!r}: a transformers model is trained by fine-tuning (full or LoRA), "
+        raise UnsupportedModel(f"model {entry.id!r}: a transformers model is trained by fine-tuning (full or LoRA), "
                                "which loads it itself")
-    return transformers_loading.load(store, model_id, device)
+    return transformers_loading.load(entry, device)
 
 
 def infer_batch(model: TransformerModel, items: Sequence[Any], per_item: Sequence[TransformerModel] | None = None

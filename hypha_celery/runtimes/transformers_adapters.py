@@ -21,23 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from hypha_celery.errors import UnsupportedModel
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry
 from hypha_celery.runtimes.transformers_loading import TransformerModel
 
 __all__ = ["RowAdapters", "activate", "attach_adapter", "detach_adapter", "row_name", "selected"]
 
 
-def attach_adapter(base: TransformerModel, store: ModelStore, adapter_id: str) -> tuple[TransformerModel, int]:
-    """Attach the stored LoRA adapter ``adapter_id`` to the loaded ``base`` (its module is shared, not copied).
+def attach_adapter(base: TransformerModel, adapter: Entry) -> tuple[TransformerModel, int]:
+    """Attach the stored LoRA adapter ``adapter`` (verified) to the loaded ``base`` (its module is shared, not copied).
 
-    The adapter must name this base by id and by its manifest's sha256; its two files are
-    verified and read through a private view, like a model's. Returns the adapter's view of
+    The adapter must name this base by id and by the sha256 of the manifest it was loaded from; its
+    two files are read through a private view, like a model's. Returns the adapter's view of
     the model (:func:`activate` selects it before each pass) and the adapter's own bytes.
     """
-    manifest, folder = store.verified_folder(adapter_id)
+    manifest, adapter_id = adapter.manifest, adapter.id
     if manifest.adapter_of is None:
         raise UnsupportedModel(f"model {adapter_id!r} is not an adapter")
-    if manifest.adapter_of.id != base.manifest.id or manifest.adapter_of.sha256 != store.manifest_sha256(base.manifest.id):
+    if manifest.adapter_of.id != base.manifest.id or manifest.adapter_of.sha256 != base.sha256:
         raise UnsupportedModel(f"adapter {adapter_id!r} was trained on another {manifest.adapter_of.id!r} (its "
                                "manifest sha256 differs from the stored base's); refusing to attach it")
     name = "hypha_" + hashlib.sha256(adapter_id.encode()).hexdigest()[:16]  # peft names cannot hold '.'
@@ -46,8 +46,8 @@ def attach_adapter(base: TransformerModel, store: ModelStore, adapter_id: str) -
     module = base.module
     before = _parameter_bytes(module)
     try:
-        for file in manifest.files:
-            (view / file).symlink_to((folder / file).resolve())
+        for file, path in adapter.files().items():
+            (view / file).symlink_to(path.resolve())
         with warnings.catch_warnings():  # peft warns that a model holds several adapters: that is the point
             warnings.filterwarnings("ignore", message=".*peft_config.*", category=UserWarning)
             module.load_adapter(str(view), adapter_name=name)

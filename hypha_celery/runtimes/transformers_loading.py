@@ -40,10 +40,10 @@ from hypha_celery.formats.huggingface import (
     task_of,
 )
 from hypha_celery.manifest import CONFIG, Manifest, compute_dtype
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry
 from hypha_celery.models.text_inputs import TextBound
 
-__all__ = ["Pooling", "TransformerModel", "load", "load_folder", "module_bytes", "offline_environment"]
+__all__ = ["Pooling", "TransformerModel", "load", "module_bytes", "offline_environment"]
 
 MODULES = "modules.json"
 POOLING = "1_Pooling/config.json"
@@ -119,24 +119,20 @@ class TransformerModel:
     adapter_id: str | None = None
     max_text_bytes: int | None = None  # the worker's bound on a text's bytes; None: from the manifest's max_length
     grammars: Any = None  # structured output's view of the tokenizer (structured.grammar.Grammars), at first use
+    sha256: str | None = None  # the stored manifest's digest (Entry.sha256): an adapter attaches only to its base
 
     def text_bound(self) -> TextBound:
         """The most bytes one text may have before this model's tokenizer reads it (:mod:`.text_inputs`)."""
         return TextBound.of(self.manifest.id, self.manifest.max_length, self.max_text_bytes)
 
 
-def load(store: ModelStore, model_id: str, device: str, *, dtype: str | None = None) -> tuple[TransformerModel, int]:
-    """Verify ``model_id``'s files and load it onto ``device``; returns it and its real bytes.
+def load(entry: Entry, device: str, *, dtype: str | None = None) -> tuple[TransformerModel, int]:
+    """Load the verified ``entry`` (every listed file's size and sha256 checked by the store) onto ``device``
+    through a private view of its files; returns it and its real bytes.
 
     ``dtype``: the parameters' dtype (training asks for ``float32``); default :func:`compute_dtype`.
     """
-    manifest, folder = store.verified_folder(model_id)  # checks every listed file's size and sha256
-    return load_folder(folder, manifest, device, dtype=dtype)
-
-
-def load_folder(folder: Path, manifest: Manifest, device: str, *, dtype: str | None = None
-                ) -> tuple[TransformerModel, int]:
-    """Load the (verified) model in ``folder`` through a private view of the manifest's files."""
+    manifest = entry.manifest
     if manifest.runtime != "transformers":
         raise UnsupportedModel(f"model {manifest.id!r} is not a transformers model")
     if manifest.adapter_of is not None:
@@ -152,24 +148,26 @@ def load_folder(folder: Path, manifest: Manifest, device: str, *, dtype: str | N
     offline_environment(home)
     view = Path(tempfile.mkdtemp(prefix=f"hf-view-{manifest.id}-", dir=home))
     try:
-        config = _private_view(folder, manifest, view)
-        return _load_view(view, manifest, config, device, dtype or compute_dtype(device))
+        config = _private_view(entry, view)
+        model, size = _load_view(view, manifest, config, device, dtype or compute_dtype(device))
     finally:
         shutil.rmtree(view, ignore_errors=True)
+    model.sha256 = entry.sha256
+    return model, size
 
 
-def _private_view(folder: Path, manifest: Manifest, view: Path) -> dict[str, Any]:
+def _private_view(entry: Entry, view: Path) -> dict[str, Any]:
     """Link each listed file into ``view`` and write the sanitised config.json; returns that config."""
-    for name in manifest.files:
+    manifest = entry.manifest
+    for name, source in entry.files().items():
         if name == CONFIG:
             continue
-        source = folder / name
         if source.is_symlink() or not source.is_file():
             raise UnsupportedModel(f"model {manifest.id!r}: {name} is not a regular file in the store")
         target = view / name
         target.parent.mkdir(parents=True, exist_ok=True)
         target.symlink_to(source.resolve())
-    config = _read_json(folder / CONFIG, manifest.id)
+    config = _read_json(entry.file(CONFIG), manifest.id)
     refused = [key for key in _REFUSED_CONFIG_KEYS if key in config]
     if refused:
         raise UnsupportedModel(f"model {manifest.id!r}: config.json has {refused[0]!r}, which this worker refuses")

@@ -18,7 +18,6 @@ inner task (:mod:`hypha_celery.training.distributed.inner`) runs the same job, t
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -86,12 +85,7 @@ def validate_training(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, A
 
 def _training_size(store: ModelStore, manifest: Manifest, params: FinetuneParams, batch_size: int) -> Training:
     """Trainable parameters and activations of one micro-batch, from the config when the model is here."""
-    config = None
-    if store.has(manifest.id) and CONFIG in manifest.files:
-        try:
-            config = json.loads((store.path(manifest.id) / CONFIG).read_text())
-        except (OSError, ValueError):
-            config = None
+    config = store.read_json(manifest.id, CONFIG) if CONFIG in manifest.files else None
     config = config if isinstance(config, dict) else None
     trainable = None
     if params.lora is not None:

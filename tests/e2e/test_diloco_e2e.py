@@ -142,7 +142,7 @@ def test_a_bfloat16_model_trains_with_diloco_and_each_version_stays_bfloat16(
     from hypha_celery.models.store import ModelStore
 
     # Given the tiny causal LM with its weights in bfloat16, as published checkpoints are, in a source of its own
-    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    folder = ModelStore(model_dir).open(TINY_LLAMA).folder
     copy = tmp_path / "bf16-copy"
     copy.mkdir()
     for entry in folder.iterdir():
@@ -285,7 +285,7 @@ def test_poisoned_deltas_are_refused_weights_are_the_schedulers_and_two_outer_st
     assert "NaN or infinite" in reasons[planted[0]["ref"]] and "L2 norm" in reasons[planted[1]["ref"]]
     assert first["deltas"] == 2 and first["weights"] == {one["ref"]: 4, two["ref"]: 4}
     # And the published version is the base minus the plain mean of the honest deltas: 10^15 samples weighed nothing
-    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    folder = ModelStore(model_dir).open(TINY_LLAMA).folder
     base = load_file(str(folder / "model.safetensors"))
     published = load_file(str(shared / "models" / f"{job}-v1" / "model.safetensors"))
     for name, tensor in base.items():
@@ -413,7 +413,7 @@ def test_int8_rounds_lower_the_loss_in_about_a_quarter_of_the_bytes_and_leave_no
                   compression="int8", requirements=CORES, signing_key=key, app=celery_client(), round_timeout=300,
                   **TRAIN).wait(timeout=900)
     # Then every delta was accepted and is at most 0.27 x the float32 parameters' bytes
-    _, folder = ModelStore(model_dir).verified_folder(TINY_LLAMA)
+    folder = ModelStore(model_dir).open(TINY_LLAMA).folder
     float32_bytes = 4 * read_header(folder / "model.safetensors").parameters
     for entry in done["rounds"]:
         assert entry["refused"] == [] and entry["inner"], entry

@@ -229,13 +229,14 @@ def test_http_source_fetches_a_missing_model_on_first_manifest(serve: Callable[.
     assert store.list() == ["mlp"]
 
 
-def test_http_source_fetches_a_missing_model_on_first_verified_weights(serve: Callable[..., Server], served: Path,
-                                                                       store_dir: Path) -> None:
+def test_http_source_fetches_a_missing_model_when_first_opened(serve: Callable[..., Server], served: Path,
+                                                               store_dir: Path) -> None:
     # Given an http source and an empty store
     server = serve(served)
     store = ModelStore(store_dir, [http(server)])
     # When the worker first asks for verified weights
-    manifest, weights = store.verified_weights("mlp")
+    entry = store.open("mlp")
+    manifest, weights = entry.manifest, entry.file(WEIGHTS)
     # Then it gets the installed, verified weights file, identical to the served one
     assert weights == store_dir / "mlp" / WEIGHTS
     assert weights.read_bytes() == (served / "mlp" / WEIGHTS).read_bytes()
@@ -246,12 +247,12 @@ def test_an_installed_model_is_not_fetched_again(serve: Callable[..., Server], s
     # Given a store that already fetched mlp over http
     server = serve(served)
     store = ModelStore(store_dir, [http(server)])
-    store.verified_weights("mlp")
+    store.open("mlp")
     requests = len(server.paths)
     # When the same store, and a fresh store on the same model_dir, ask for it again
     store.manifest("mlp")
-    store.verified_weights("mlp")
-    ModelStore(store_dir, [http(server)]).verified_weights("mlp")
+    store.open("mlp")
+    ModelStore(store_dir, [http(server)]).open("mlp")
     # Then the server saw no further request
     assert len(server.paths) == requests == 2
 
@@ -279,7 +280,7 @@ def test_weights_cut_short_by_the_server_are_refused_as_truncated(serve: Callabl
     store = ModelStore(store_dir, [http(server)])
     # When the store fetches mlp
     with pytest.raises(UnsupportedModel, match="truncated"):
-        store.verified_weights("mlp")
+        store.open("mlp")
     # Then nothing was installed
     assert_nothing_installed(store_dir)
 
@@ -395,7 +396,8 @@ def test_sources_are_tried_in_order_until_one_has_the_model(serve: Callable[...,
     first, second = serve(empty), serve(served)
     store = ModelStore(store_dir, [http(first), http(second)])
     # When the store fetches mlp
-    manifest, weights = store.verified_weights("mlp")
+    entry = store.open("mlp")
+    manifest, weights = entry.manifest, entry.file(WEIGHTS)
     # Then the first was asked for the manifest only, and the second served the model
     assert first.paths == ["/mlp/manifest.json"]
     assert second.paths == ["/mlp/manifest.json", f"/mlp/{WEIGHTS}"]
@@ -411,7 +413,7 @@ def test_a_source_serving_a_bad_copy_falls_through_to_the_next(serve: Callable[.
     first = serve(bad)
     store = ModelStore(store_dir, [http(first), ModelSource(type="local", path=str(served))])
     # When the store fetches mlp
-    _, weights = store.verified_weights("mlp")
+    weights = store.open("mlp").file(WEIGHTS)
     # Then the good copy is installed
     assert weights.read_bytes() == (served / "mlp" / WEIGHTS).read_bytes()
 
@@ -480,7 +482,8 @@ def test_s3_source_fetches_a_model_from_a_prefix(s3_bucket: tuple[Any, str], mot
     source = ModelSource(type="s3", bucket=bucket, region="us-east-1", endpoint_url=moto_endpoint, prefix="models/")
     store = ModelStore(store_dir, [source])
     # When an empty store asks for mlp's verified weights
-    manifest, weights = store.verified_weights("mlp")
+    entry = store.open("mlp")
+    manifest, weights = entry.manifest, entry.file(WEIGHTS)
     # Then they were fetched from S3, byte for byte
     for name in MODEL_FILES:
         assert (store_dir / "mlp" / name).read_bytes() == (served / "mlp" / name).read_bytes()
@@ -611,7 +614,7 @@ def test_store_refuses_malformed_ids_without_asking_any_source(model_id: str, se
     with pytest.raises(UnsupportedModel, match="invalid model id"):
         store.manifest(model_id)
     with pytest.raises(UnsupportedModel, match="invalid model id"):
-        store.verified_weights(model_id)
+        store.open(model_id)
     assert server.paths == []
 
 
@@ -636,7 +639,7 @@ def test_a_manifest_outside_model_dir_is_never_read(tmp_path: Path, model_dir: P
     with pytest.raises(UnsupportedModel, match="invalid model id"):
         store.manifest("../secret")
     with pytest.raises(UnsupportedModel, match="invalid model id"):
-        store.verified_weights("../secret")
+        store.open("../secret")
     monkeypatch.undo()
     # Then no file under 'secret' was opened, and the store still only lists its own model
     assert not [path for path in opened if "secret" in path]
@@ -660,13 +663,13 @@ def test_a_fresh_store_refuses_locally_tampered_weights(local_store: Path) -> No
     # When a fresh store verifies it
     # Then it is refused for its sha256
     with pytest.raises(UnsupportedModel, match="sha256"):
-        ModelStore(local_store).verified_weights("mlp")
+        ModelStore(local_store).open("mlp")
 
 
 def test_weights_tampered_after_a_cached_verification_are_refused(local_store: Path) -> None:
     # Given a store that already verified mlp (and caches that verification)
     store = ModelStore(local_store)
-    store.verified_weights("mlp")
+    store.open("mlp")
     # When one byte of the weights is changed in place, with a visibly newer mtime
     weights = local_store / "mlp" / WEIGHTS
     before = weights.stat()
@@ -674,13 +677,13 @@ def test_weights_tampered_after_a_cached_verification_are_refused(local_store: P
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 2_000_000_000))
     # Then the same store refuses it
     with pytest.raises(UnsupportedModel, match="sha256"):
-        store.verified_weights("mlp")
+        store.open("mlp")
 
 
 def test_weights_tampered_with_their_mtime_put_back_are_still_refused(local_store: Path) -> None:
     # Given a store that already verified mlp
     store = ModelStore(local_store)
-    store.verified_weights("mlp")
+    store.open("mlp")
     # When one byte is changed in place and the old mtime restored (as rsync --inplace or touch -r would)
     weights = local_store / "mlp" / WEIGHTS
     before = weights.stat()
@@ -690,7 +693,7 @@ def test_weights_tampered_with_their_mtime_put_back_are_still_refused(local_stor
     assert weights.stat().st_mtime_ns == before.st_mtime_ns and weights.stat().st_size == before.st_size
     # Then the same store still refuses it
     with pytest.raises(UnsupportedModel, match="sha256"):
-        store.verified_weights("mlp")
+        store.open("mlp")
 
 
 def test_a_truncated_local_weights_file_is_refused(local_store: Path) -> None:
@@ -699,7 +702,7 @@ def test_a_truncated_local_weights_file_is_refused(local_store: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:-1])
     # When verified, Then it is refused as truncated
     with pytest.raises(UnsupportedModel, match="truncated"):
-        ModelStore(local_store).verified_weights("mlp")
+        ModelStore(local_store).open("mlp")
 
 
 # ---------------------------------------------------------------- 9. two processes, one download
@@ -710,7 +713,7 @@ from hypha_celery.config import ModelSource
 from hypha_celery.models.store import ModelStore
 store = ModelStore(sys.argv[1], [ModelSource(type="http", url=sys.argv[2])])
 store.ensure("mlp")
-manifest, weights = store.verified_weights("mlp")
+manifest = store.open("mlp").manifest
 print(manifest.files["weights.safetensors"].sha256)
 """
 
@@ -863,4 +866,4 @@ def test_a_save_that_waited_for_the_lock_does_not_replace_a_model_saved_meanwhil
     assert len(outcome) == 1 and isinstance(outcome[0], UnsupportedModel), outcome
     assert "already exists" in str(outcome[0])
     assert (root / "m" / "manifest.json").read_bytes() == first
-    ModelStore(root).verified_weights("m")
+    ModelStore(root).open("m")

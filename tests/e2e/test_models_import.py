@@ -212,7 +212,8 @@ def test_an_imported_model_is_served_by_a_local_source_to_another_store(tmp_path
     from hypha_celery.config import ModelSource
 
     other = ModelStore(tmp_path / "b", [ModelSource(type="local", path=str(tmp_path / "a"))])
-    manifest, folder = other.verified_folder("emb")
+    entry = other.open("emb")
+    manifest, folder = entry.manifest, entry.folder
     # Then every file arrives, the one in a folder included
     assert (folder / "1_Pooling" / "config.json").read_text() == '{"pooling_mode_mean_tokens": true}'
     assert manifest.runtime == "transformers"
@@ -235,7 +236,7 @@ def test_a_fetched_manifest_understating_its_memory_is_refused(tmp_path: Path, t
     store = ModelStore(tmp_path / "store", [ModelSource(type="local", path=str(served))])
     # When a worker's store fetches it, Then the headers give it away and nothing is installed
     with pytest.raises(UnsupportedModel, match="disagrees with its files on memory"):
-        store.verified_folder("m")
+        store.open("m")
     assert not store.has("m")
 
 

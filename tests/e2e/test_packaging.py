@@ -309,7 +309,7 @@ request = Train(model=TINY_LLAMA, new_model="lora", epochs=1, lr=2e-2, batch_siz
                 lora={"r": 4, "alpha": 8}, max_steps=4, progress_interval=60.0)
 done = finetune(store, request, {"texts": ["the cat sat on the mat", "the dog sat on the log"]}, "cpu", print)
 (work / "adapter").mkdir()
-save(done, store, work / "adapter", merge=False)
+save(done, work / "adapter", merge=False)
 store.add("transformers", work / "adapter", "lora", base=TINY_LLAMA)
 
 class Replies:

@@ -17,7 +17,7 @@ ROWS = [[5.0, 3.4, 1.5, 0.2], [5.9, 2.8, 4.3, 1.3], [6.6, 3.0, 5.6, 2.0]]
 
 
 def direct(model_dir: Path, model: str, inputs: Any) -> torch.Tensor:
-    loaded, _ = load(ModelStore(model_dir), model, "cpu")
+    loaded, _ = load(ModelStore(model_dir).open(model), "cpu")
     with torch.inference_mode():
         return loaded.module(torch.tensor(inputs, dtype=torch.float32).reshape(-1, *loaded.manifest.input_shape))
 

@@ -199,7 +199,7 @@ def test_the_adapter_entry_holds_only_adapter_files_and_names_its_base(store: Mo
     # When the adapter is saved and stored
     out = tmp_path / "out"
     out.mkdir()
-    assert save(done, store, out, merge=False) == "adapter"
+    assert save(done, out, merge=False) == "adapter"
     record = {"task_id": "task-0123456789ab", "trained": done.trained.to_json()}
     manifest = store.add("transformers", out, "tiny-llama-lora", base=TINY_LLAMA, produced_by=record).manifest
     # Then the entry lists exactly peft's two files, and names the base by id and manifest sha256
@@ -297,7 +297,7 @@ def _adapter(store: ModelStore, name: str, seed: int, tmp_path: Path) -> None:
     done = finetune(store, request, {"texts": TEXTS}, "cpu", lambda update: None)
     out = tmp_path / name
     out.mkdir()
-    save(done, store, out, merge=False)
+    save(done, out, merge=False)
     store.add("transformers", out, name, base=TINY_LLAMA)
 
 
@@ -361,13 +361,13 @@ def test_a_classifier_adapter_attached_to_its_base_answers_as_trained(store: Mod
         trained = done.module(**encoded).logits
     out = tmp_path / "cls"
     out.mkdir()
-    save(done, store, out, merge=False)
+    save(done, out, merge=False)
     store.add("transformers", out, "cls-lora", base=TINY_CLASSIFIER)
     # When the stored adapter is attached to a freshly loaded base
-    base, _ = transformers_loading.load(store, TINY_CLASSIFIER, "cpu")
+    base, _ = transformers_loading.load(store.open(TINY_CLASSIFIER), "cpu")
     with torch.inference_mode():
         before = base.module(**encoded).logits
-    attached, size = transformers_adapters.attach_adapter(base, store, "cls-lora")
+    attached, size = transformers_adapters.attach_adapter(base, store.open("cls-lora"))
     transformers_adapters.activate(attached)
     with torch.inference_mode():
         adapted = attached.module(**encoded).logits
@@ -446,7 +446,7 @@ def test_lora_with_default_settings_changes_what_the_readme_example_generates(st
     # When it trains, and the base and the adapter continue the README's prompt
     done = finetune(store, request, {"texts": README_TEXTS}, "cpu", lambda update: None)
     (tmp_path / "out").mkdir()
-    save(done, store, tmp_path / "out", merge=False)
+    save(done, tmp_path / "out", merge=False)
     store.add("transformers", tmp_path / "out", "readme-lora", base=TINY_LLAMA)
     (tmp_path / "tmp").mkdir()
     executor = Executor(ChildSettings(store=str(store.root), cache_size=1 << 30, max_model_size=1 << 30, device="cpu",

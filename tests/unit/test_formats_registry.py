@@ -19,12 +19,12 @@ from hypha_celery.models.store import ModelStore
 def _toy_format(checked: list[str]) -> Format:
     """A format the store has never heard of: one ``toy.bin`` file, a ``magic`` config key its manifest must carry."""
     def store(target: Target, source: bytes, model_id: str, **options: Any) -> Imported:
-        with target.new_entry(model_id) as staging:
-            (staging / "toy.bin").write_bytes(source)
-            entry = FileEntry(sha256=sha256_file(staging / "toy.bin"), size=len(source))
+        with target.transaction(model_id) as new:
+            (new.folder / "toy.bin").write_bytes(source)
+            entry = FileEntry(sha256=sha256_file(new.folder / "toy.bin"), size=len(source))
             manifest = Manifest(id=model_id, architecture="toy", config={"magic": 7}, input_shape=[1],
                                 files={"toy.bin": entry}, format=FORMAT_V2, runtime="toy", task="toy")
-            target.install(staging, manifest, options.get("produced_by"))
+            new.install(manifest, options.get("produced_by"))
         return Imported(manifest, [])
 
     def fields(data: dict[str, Any], common: dict[str, Any], bad: Bad, max_size: int | None) -> dict[str, Any]:
@@ -53,7 +53,7 @@ def test_a_new_format_is_one_entry_in_the_table(tmp_path: Path, monkeypatch: pyt
     imported = store.add("toy", b"\x00toy weights", "t", produced_by={"task_id": "x"})
     # Then the store installed it, reads its manifest through the format's own checks, and verifies its file
     assert store.manifest("t") == imported.manifest and store.produced_by("t") == {"task_id": "x"}
-    assert store.verified_folder("t")[1] == store.path("t")
+    assert store.open("t").folder == store.path("t")
     # And a manifest breaking the format's rule is refused by it
     data = {**imported.manifest.to_json(), "config": {"magic": 8}}
     with pytest.raises(UnsupportedModel, match="has no magic"):

@@ -41,7 +41,7 @@ def llama(store: ModelStore) -> transformers_loading.TransformerModel:
     import torch
 
     torch.set_num_threads(1)
-    return transformers_loading.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_loading.load(store.open(TINY_LLAMA), "cpu")[0]
 
 
 def _validate(store: ModelStore, worker: dict[str, Any] | None = None, **kwargs: Any) -> GenerateSpec:

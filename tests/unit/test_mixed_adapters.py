@@ -51,7 +51,7 @@ def _classifier_adapter(store: ModelStore, name: str, labels: list[int], tmp_pat
                     lambda update: None)
     out = tmp_path / name
     out.mkdir()
-    save(done, store, out, merge=False)
+    save(done, out, merge=False)
     store.add("transformers", out, name, base=TINY_CLASSIFIER)
 
 

@@ -90,7 +90,7 @@ def test_an_imported_graph_records_its_input_outputs_batch_axis_and_weights(stor
 def test_onnx_output_equals_the_torch_reference(store: ModelStore, mlp, tmp_path) -> None:
     # Given the imported mlp
     store.add("onnx", exported(mlp, tmp_path / "src"), "m")
-    loaded, size = load(store, "m", "cpu")
+    loaded, size = load(store.open("m"), "cpu")
     # When rows are sent as a nested list and as an encoded float32 tensor
     encoded = {"dtype": "float32", "shape": [4, 4],
                "data": base64.b64encode(torch.tensor(ROWS).numpy().tobytes()).decode()}
@@ -110,7 +110,7 @@ def test_a_batch_answers_each_item_as_it_would_be_answered_alone(store: ModelSto
     # Given the mlp exported with a dynamic batch axis, or with the batch fixed at 1 (batchable false)
     manifest = store.add("onnx", exported(mlp, tmp_path / "src", dynamic_batch=dynamic_batch), "m").manifest
     assert manifest.batchable is dynamic_batch
-    loaded, _ = load(store, "m", "cpu")
+    loaded, _ = load(store.open("m"), "cpu")
     items = [ROWS[0], ROWS[1:3], [ROWS[3]], ROWS]
     # When the items run as one batch, and each alone
     together = infer_batch(loaded, items)
@@ -160,7 +160,7 @@ def test_a_planted_external_data_path_is_never_read(mlp, tmp_path: Path, where: 
         from hypha_celery.runtimes.registry import load
         from hypha_celery.models.store import ModelStore
         try:
-            load(ModelStore({str(store.root)!r}), "m", "cpu")
+            load(ModelStore({str(store.root)!r}).open("m"), "cpu")
             outcome = "loaded"
         except UnsupportedModel as exc:
             outcome = str(exc)
@@ -237,13 +237,13 @@ def test_a_manifest_that_disagrees_with_its_graph_is_refused(store: ModelStore, 
     with pytest.raises(UnsupportedModel, match="disagrees with its graph on memory"):
         onnx_format.check_fetched(store.path("m"), store.manifest("m"))
     with pytest.raises(UnsupportedModel, match="disagrees with its graph"):
-        load(store, "m", "cpu")
+        load(store.open("m"), "cpu")
 
 
 def test_training_an_onnx_model_is_refused(store: ModelStore, mlp, tmp_path) -> None:
     store.add("onnx", exported(mlp, tmp_path / "src"), "m")
     with pytest.raises(UnsupportedModel, match="cannot be trained"):
-        load(store, "m", "cpu", trainable=True)
+        load(store.open("m"), "cpu", trainable=True)
 
 
 def test_sizing_counts_the_graph_weights_and_its_load(store: ModelStore, mlp, tmp_path) -> None:
@@ -301,7 +301,7 @@ def test_a_fetched_graph_is_checked_again_and_a_planted_one_never_installed(mlp,
     (folder / MODEL_MANIFEST).write_text(json.dumps(manifest))
     store = ModelStore(tmp_path / "worker", [ModelSource(type="local", path=str(served.root))])
     # When a worker's store fetches both
-    loaded, _ = load(store, "good", "cpu")
+    loaded, _ = load(store.open("good"), "cpu")
     # Then the good one runs, and the planted one is refused at the fetch and never installed
     assert torch.allclose(torch.tensor(infer_batch(loaded, [ROWS])[0]), mlp(torch.tensor(ROWS)).detach(), atol=1e-5)
     with pytest.raises(UnsupportedModel, match="uses external data"):

@@ -35,7 +35,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> transformers_runtime.Tran
     write_tiny_llama(folder)
     store = ModelStore(root / "store")
     store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
 
 
 @pytest.fixture(scope="module")

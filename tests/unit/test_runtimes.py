@@ -54,7 +54,7 @@ def test_a_model_of_a_runtime_that_does_not_generate_is_refused() -> None:
 def test_a_transformers_model_is_not_loaded_trainable() -> None:
     # Training a transformers model is fine-tuning, which loads the model itself
     with pytest.raises(UnsupportedModel, match="fine-tuning"):
-        registry.runtime("transformers").load(None, "m", "cpu", trainable=True)  # type: ignore[arg-type]
+        registry.runtime("transformers").load(SimpleNamespace(id="m"), "cpu", trainable=True)  # type: ignore[arg-type]
 
 
 def test_the_runtimes_and_the_work_types_import_nothing_above_them() -> None:

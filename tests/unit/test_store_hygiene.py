@@ -59,7 +59,7 @@ def test_a_store_with_a_staging_folder_assembles_new_models_there(tmp_path: Path
     store.add("builtin", build("mlp", config), "mlp", architecture="mlp", config=config, input_shape=[4])
     # Then it is installed in model_dir by a rename from the staging folder, which is left empty
     assert store.list() == ["mlp"] and list((root / ".incoming").iterdir()) == []
-    assert ModelStore(root).verified_weights("mlp")[0].architecture == "mlp"
+    assert ModelStore(root).open("mlp").manifest.architecture == "mlp"
 
 
 @pytest.mark.parametrize("step", ["peek", "ensure"])

@@ -45,7 +45,7 @@ def test_a_cold_load_of_an_unchanged_model_hashes_nothing(tmp_path: Path, hashed
     store, _ = imported(tmp_path)
     hashed.clear()
     # When a fresh store (another process, after a restart) verifies it
-    ModelStore(store.root).verified_folder("tiny")
+    ModelStore(store.root).open("tiny")
     # Then no file was read to hash it again
     assert hashed == []
 
@@ -57,7 +57,7 @@ def test_a_touched_file_with_the_same_content_is_hashed_again_and_accepted(tmp_p
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     hashed.clear()
     # When a fresh store verifies it
-    ModelStore(store.root).verified_folder("tiny")
+    ModelStore(store.root).open("tiny")
     # Then that file alone was hashed again, and the stamp now holds its new mtime
     assert hashed == [weights]
     assert json.loads((weights.parent / STAMP).read_text())["model.safetensors"]["mtime_ns"] == stat.st_mtime_ns + 10**9
@@ -73,7 +73,7 @@ def test_a_file_rewritten_with_other_bytes_is_refused_even_with_its_old_mtime(tm
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     # When a fresh store verifies it, Then it is refused as tampered (the ctime gave the rewrite away)
     with pytest.raises(UnsupportedModel, match="does not match the manifest"):
-        ModelStore(store.root).verified_folder("tiny")
+        ModelStore(store.root).open("tiny")
 
 
 def test_a_garbled_stamp_means_hashing_again_not_an_error(tmp_path: Path, hashed: list[Path]) -> None:
@@ -82,5 +82,5 @@ def test_a_garbled_stamp_means_hashing_again_not_an_error(tmp_path: Path, hashed
     (weights.parent / STAMP).write_text("{not json")
     hashed.clear()
     # When a fresh store verifies it, Then every file is hashed and accepted
-    ModelStore(store.root).verified_folder("tiny")
+    ModelStore(store.root).open("tiny")
     assert sorted(path.name for path in hashed) == ["config.json", "model.safetensors"]

@@ -38,7 +38,7 @@ def llama(store: ModelStore) -> transformers_loading.TransformerModel:
     import torch
 
     torch.set_num_threads(1)
-    return transformers_loading.load(store, TINY_LLAMA, "cpu")[0]
+    return transformers_loading.load(store.open(TINY_LLAMA), "cpu")[0]
 
 
 def _limit(store: ModelStore, model: str) -> int:

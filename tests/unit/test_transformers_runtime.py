@@ -58,10 +58,10 @@ def _png(size: tuple[int, int], color: tuple[int, int, int]) -> str:
 
 def test_the_tiny_examples_load_with_every_weight_present(store: ModelStore) -> None:
     # Given the hand-named example checkpoints, When transformers loads each (a missing weight would raise)
-    sizes = {name: load(store, name, "cpu")[1] for name in (TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VIT)}
+    sizes = {name: load(store.open(name), "cpu")[1] for name in (TINY_CLASSIFIER, TINY_EMBEDDER, TINY_VIT)}
     # Then each is counted by its real parameter and buffer bytes
     assert all(size > 0 for size in sizes.values())
-    loaded, size = load(store, TINY_CLASSIFIER, "cpu")
+    loaded, size = load(store.open(TINY_CLASSIFIER), "cpu")
     assert size == transformers_loading.module_bytes(loaded.module)
 
 
@@ -75,7 +75,7 @@ def test_a_checkpoint_missing_a_weight_is_refused_by_name(store: ModelStore, tmp
     _import_variant(store, tmp_path, "headless", drop_head)
     # When it loads, Then it is refused, naming the weight transformers would have randomised
     with pytest.raises(UnsupportedModel, match=r"classifier\.weight"):
-        load(store, "headless", "cpu")
+        load(store.open("headless"), "cpu")
 
 
 def test_planted_code_beside_a_stored_model_never_runs(store: ModelStore, tmp_path: Path) -> None:
@@ -96,7 +96,7 @@ def test_planted_code_beside_a_stored_model_never_runs(store: ModelStore, tmp_pa
     manifest["files"]["config.json"] = {"sha256": sha256_file(config_path), "size": config_path.stat().st_size}
     (planted / "store" / "planted" / MODEL_MANIFEST).write_text(json.dumps(manifest))
     # When the model loads and classifies
-    loaded, _ = load(ModelStore(planted / "store"), "planted", "cpu")
+    loaded, _ = load(ModelStore(planted / "store").open("planted"), "cpu")
     infer_batch(loaded, [{"texts": ["hello"]}])
     # Then the planted code never ran
     assert not marker.exists()
@@ -118,12 +118,12 @@ def test_a_config_with_a_quantization_config_is_refused_at_load(store: ModelStor
     (folder / MODEL_MANIFEST).write_text(json.dumps(manifest))
     # When it loads, Then it is refused
     with pytest.raises(UnsupportedModel, match="quantization_config"):
-        load(ModelStore(tmp_path / "store"), "quantised", "cpu")
+        load(ModelStore(tmp_path / "store").open("quantised"), "cpu")
 
 
 def test_classification_gives_a_label_from_id2label_and_a_distribution(store: ModelStore) -> None:
     # Given the tiny classifier, When it classifies texts
-    loaded, _ = load(store, TINY_CLASSIFIER, "cpu")
+    loaded, _ = load(store.open(TINY_CLASSIFIER), "cpu")
     [rows] = infer_batch(loaded, [{"texts": TEXTS}])
     # Then each text gets one label from id2label, its score, and scores summing to 1
     assert len(rows) == len(TEXTS)
@@ -135,7 +135,7 @@ def test_classification_gives_a_label_from_id2label_and_a_distribution(store: Mo
 
 def test_batched_classification_equals_single_requests(store: ModelStore) -> None:
     # Given requests of different lengths
-    loaded, _ = load(store, TINY_CLASSIFIER, "cpu")
+    loaded, _ = load(store.open(TINY_CLASSIFIER), "cpu")
     items = [{"texts": [text]} for text in TEXTS] + [{"texts": TEXTS[::-1]}]
     # When they run as one padded batch, and each alone
     batched = infer_batch(loaded, items)
@@ -149,7 +149,7 @@ def test_batched_classification_equals_single_requests(store: ModelStore) -> Non
 
 def test_embeddings_have_the_model_dim_and_unit_norm_when_normalised(store: ModelStore) -> None:
     # Given the tiny embedder (mean pooling, Normalize in modules.json), When it embeds texts
-    loaded, _ = load(store, TINY_EMBEDDER, "cpu")
+    loaded, _ = load(store.open(TINY_EMBEDDER), "cpu")
     [result] = infer_batch(loaded, [{"texts": TEXTS}])
     # Then one vector per text, of the hidden size, of norm 1
     assert result["dim"] == 32 and len(result["embeddings"]) == len(TEXTS)
@@ -159,7 +159,7 @@ def test_embeddings_have_the_model_dim_and_unit_norm_when_normalised(store: Mode
 
 def test_text_longer_than_max_length_is_truncated(store: ModelStore) -> None:
     # Given a text far longer than the model's 64 positions, When it is classified
-    loaded, _ = load(store, TINY_CLASSIFIER, "cpu")
+    loaded, _ = load(store.open(TINY_CLASSIFIER), "cpu")
     [rows] = infer_batch(loaded, [{"texts": ["the cat sat on the mat " * 200]}])
     # Then it is answered (truncated), not an index error
     assert rows[0]["label"] in ("negative", "positive")
@@ -187,12 +187,12 @@ def test_an_unsupported_sentence_transformers_module_is_refused(store: ModelStor
     store.add("transformers", folder, "dense-embedder")
     # When it loads, Then it is refused, naming the module
     with pytest.raises(UnsupportedModel, match="Dense"):
-        load(store, "dense-embedder", "cpu")
+        load(store.open("dense-embedder"), "cpu")
 
 
 def test_image_classification_labels_each_image(store: ModelStore) -> None:
     # Given the tiny ViT, When it classifies two PNG images of different sizes
-    loaded, _ = load(store, TINY_VIT, "cpu")
+    loaded, _ = load(store.open(TINY_VIT), "cpu")
     [rows] = infer_batch(loaded, [{"images": [_png((40, 30), (255, 0, 0)), _png((64, 64), (0, 0, 255))]}])
     # Then each gets a label from id2label
     assert [row["label"] in ("circle", "square", "triangle") for row in rows] == [True, True]

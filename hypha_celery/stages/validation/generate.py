@@ -9,7 +9,6 @@ setting is declared with its type and range (:func:`generate_args`, read into :c
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -210,8 +209,5 @@ def has_chat_template(store: ModelStore, manifest: Manifest) -> bool:
         return True
     if "tokenizer_config.json" not in manifest.files:
         return False
-    try:
-        config = json.loads((store.path(manifest.id) / "tokenizer_config.json").read_text())
-    except (OSError, ValueError):
-        return False
+    config = store.read_json(manifest.id, "tokenizer_config.json")
     return isinstance(config, dict) and bool(config.get("chat_template"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidInput, InvalidTask, UnsupportedModel
-from hypha_celery.manifest import DATASET_MANIFEST, Manifest, validate_model_id
+from hypha_celery.manifest import Manifest, validate_model_id
 from hypha_celery.models.store import ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH, check_inputs, resolve_labels
 from hypha_celery.models.text_inputs import TextBound, check_texts
@@ -160,14 +160,14 @@ def validate_train(
     lr = values["lr"] if values["lr"] is not None else default_lr
     new_model = validate_model_id(kwargs.get("new_model") or f"{model}-ft-{task_id.replace('-', '')[:12]}")
     finished = None
-    if store.has(new_model):
+    if store.taken(new_model):
         finished = finished_training(store, new_model, task_id)
         if finished is None:
-            raise InvalidTask(f"new_model {new_model!r} already exists; model ids are immutable, pick another")
+            store.refuse_taken(new_model, InvalidTask, "new_model ")
     max_bytes = cfg.security.max_input_bytes
     if kind == "ref":
         ref = validate_model_id(data["ref"])
-        if not (store.path(ref) / DATASET_MANIFEST).is_file() and not store.sources:
+        if not store.has(ref, dataset=True) and not store.sources:
             raise UnsupportedModel(f"data set {ref!r} is not in this worker's store and no sources are configured")
     elif kind == "texts":
         _check_training_texts(data, known, max_bytes, cfg.security.max_text_bytes)

@@ -175,16 +175,14 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
     trained = output["model_id"]
     key = block.delta_key(run.task.request.id)
     try:  # the trained entry only serves to compute the delta: it leaves the store whatever happens
-        _, base_folder = ctx.store.verified_folder(base)
-        _, trained_folder = ctx.store.verified_folder(trained)
-        base_weights = base_folder / SAFETENSORS_SINGLE
-        if not base_weights.is_file():
+        base_entry, trained_entry = ctx.store.open(base), ctx.store.open(trained)
+        if SAFETENSORS_SINGLE not in base_entry.manifest.files:
             raise UnsupportedModel(f"model {base!r}: DiLoCo needs its weights in one {SAFETENSORS_SINGLE} (not sharded)")
-        base_sha256 = ctx.store.manifest_sha256(base)
+        base_weights, base_sha256 = base_entry.file(SAFETENSORS_SINGLE), base_entry.sha256
         with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
             delta = Path(scratch) / "delta.safetensors"
             residuals = Residuals.under(ctx.store.root) if block.error_feedback else None
-            feedback = write_delta(pseudo_gradient(base_weights, trained_folder / SAFETENSORS_SINGLE), delta,
+            feedback = write_delta(pseudo_gradient(base_weights, trained_entry.file(SAFETENSORS_SINGLE)), delta,
                                    {"job": block.job, "round": str(block.round), "base_sha256": base_sha256},
                                    block.compression, residuals=residuals, job=block.job, final=block.final)
             stored = publish_delta(ctx.storage(), key, delta)

@@ -61,6 +61,7 @@ from hypha_celery.errors import DeltaRejected, InvalidTask, RegistryUnavailable,
 from hypha_celery.keys import KeySchema
 from hypha_celery.manifest import MODEL_MANIFEST, SAFETENSORS_SINGLE, validate_model_id
 from hypha_celery.models.shared_storage import SharedStorage
+from hypha_celery.models.store import Entry
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import requirements_for
@@ -288,12 +289,12 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
     from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors, shapes_of
 
     storage = ctx.storage()
-    manifest, base_folder = ctx.store.verified_folder(spec.base)
-    base_sha256 = ctx.store.manifest_sha256(spec.base)
+    base_entry = ctx.store.open(spec.base)
+    manifest, base_sha256 = base_entry.manifest, base_entry.sha256
     if spec.base_sha256 is not None and spec.base_sha256 != base_sha256:
         raise DeltaRejected(f"base {spec.base!r} here is manifest {base_sha256[:12]}..., not the round's "
                             f"{spec.base_sha256[:12]}...; refusing to aggregate onto another model")
-    base = load_weights(base_folder / SAFETENSORS_SINGLE, f"model {spec.base!r}")
+    base = load_weights(base_entry.file(SAFETENSORS_SINGLE), f"model {spec.base!r}")
     expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
     with tempfile.TemporaryDirectory(prefix="hypha-aggregate-") as scratch:
         gathered = gather(storage, spec, base, base_sha256, Path(scratch), ctx.store.max_model_size)
@@ -317,11 +318,11 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         save_tensors(momentum, moment, expected)
         storage.put_file(momentum_key(spec.job, spec.round), moment)
         next_id = version_id(spec.job, spec.round)
-        _publish(ctx, manifest.task, spec.base, base_folder, next_id, weights, Path(scratch) / "next", expected)
+        published = _publish(ctx, manifest.task, base_entry, next_id, weights, Path(scratch) / "next", expected)
     reports = [(report, weight) for report, _, weight, _ in gathered.accepted]
     return {
         "job": spec.job, "round": spec.round, "base": spec.base, "base_sha256": base_sha256,
-        "model_id": next_id, "sha256": ctx.store.manifest_sha256(next_id),
+        "model_id": next_id, "sha256": published,
         "workers": sorted({str(report.get("worker")) for report, _ in reports}), "deltas": len(reports),
         # What the workers say they trained on: information only, never a weight.
         "samples": sum(int(report["samples"]) for report, _ in reports),
@@ -397,24 +398,25 @@ def _summed(reports: list[tuple[dict[str, Any], int]], key: str) -> int:
     return sum(max(0, int(_reported(report.get(key)) or 0)) for report, _ in reports)
 
 
-def _publish(ctx: NodeContext, task: str | None, base_id: str, base_folder: Path, next_id: str,
-             weights: Mapping[str, Any], folder: Path, metadata: Mapping[str, str]) -> None:
-    """Store ``next_id`` (the base's files with the new weights) and upload it to its version keys, manifest last."""
+def _publish(ctx: NodeContext, task: str | None, base: Entry, next_id: str,
+             weights: Mapping[str, Any], folder: Path, metadata: Mapping[str, str]) -> str:
+    """Store ``next_id`` (the base's files with the new weights) and upload it to its version keys, manifest last;
+    returns its manifest's sha256."""
     from hypha_celery.training.distributed.deltas import save_tensors
 
     storage = ctx.storage()
     if storage.exists(version_key(next_id, MODEL_MANIFEST)):
-        return  # a run that died after uploading it: the same inputs made the same version
-    if not ctx.store.has(next_id):
+        return ctx.store.manifest_sha256(next_id)  # a run that died after uploading it: the same inputs, the same version
+    if not ctx.store.taken(next_id):
         folder.mkdir()
-        manifest = ctx.store.manifest(base_id)
-        for name in manifest.files:
+        for name, path in base.files().items():
             if name != SAFETENSORS_SINGLE:
                 (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(base_folder / name, folder / name)
+                shutil.copyfile(path, folder / name)
         save_tensors(weights, folder / SAFETENSORS_SINGLE, metadata)
-        ctx.store.add("transformers", folder, next_id, task=task, parent=base_id)
-    stored, path = ctx.store.verified_folder(next_id)
-    for name in stored.files:
-        storage.put_file(version_key(next_id, name), path / name)
-    storage.put_file(version_key(next_id, MODEL_MANIFEST), path / MODEL_MANIFEST)
+        ctx.store.add("transformers", folder, next_id, task=task, parent=base.id)
+    stored = ctx.store.open(next_id)
+    for name, path in stored.files().items():
+        storage.put_file(version_key(next_id, name), path)
+    storage.put_file(version_key(next_id, MODEL_MANIFEST), stored.manifest_file)
+    return stored.sha256

@@ -22,7 +22,7 @@ import torch
 
 from hypha_celery.errors import UnsupportedModel
 from hypha_celery.formats.huggingface import TEXT_CLASSIFICATION, TEXT_GENERATION
-from hypha_celery.models.store import ModelStore
+from hypha_celery.models.store import Entry, ModelStore
 from hypha_celery.models.tensors import MAX_TRAIN_LENGTH
 from hypha_celery.runtimes.transformers_loading import TransformerModel, load
 from hypha_celery.training.checkpoints.local import Identity, TaskCheckpoints, data_fingerprint
@@ -39,6 +39,7 @@ class Finetuned:
     """What :func:`finetune` leaves: the trained module (peft-wrapped for LoRA) and its report."""
 
     model: TransformerModel
+    entry: Entry  # the stored model it was loaded from, verified once: the saved result's base files and its pin
     module: Any
     trained: Trained
     method: str
@@ -46,12 +47,15 @@ class Finetuned:
 
 
 def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: str,
-             progress: Callable[[Progress], None], *, max_text_bytes: int | None = None) -> Finetuned:
+             progress: Callable[[Progress], None], *, max_text_bytes: int | None = None,
+             entry: Entry | None = None) -> Finetuned:
     """Load ``request.model`` in float32 and train it on ``data`` as ``request`` says.
 
     ``max_text_bytes``: the worker's bound on a training text's bytes (None: from the model's maximum length).
+    ``entry``: ``request.model``'s verified entry when the caller opened it already (else opened here, once).
     """
-    manifest = store.manifest(request.model)
+    entry = entry if entry is not None else store.open(request.model)
+    manifest = entry.manifest
     if manifest.adapter_of is not None:
         raise UnsupportedModel(f"model {request.model!r} is a LoRA adapter: train its base "
                                f"{manifest.adapter_of.id!r} instead")
@@ -61,7 +65,7 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
     torch.manual_seed(request.seed)
     random.seed(request.seed)
     started = time.perf_counter()
-    loaded, _ = load(store, request.model, device, dtype="float32")
+    loaded, _ = load(entry, device, dtype="float32")
     loaded.max_text_bytes = max_text_bytes
     load_s = time.perf_counter() - started
     if loaded.multi_label or (loaded.task == TEXT_CLASSIFICATION and len(loaded.labels or []) < 2):
@@ -74,15 +78,15 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
     else:
         module.requires_grad_(True)
     max_length = min(request.max_length or MAX_TRAIN_LENGTH, loaded.max_length or MAX_TRAIN_LENGTH)
-    checkpoints = _checkpoints(store, request, texts, labels, max_length)
+    checkpoints = _checkpoints(store, entry, request, texts, labels, max_length)
     trained = loop(loaded, module, texts, labels, request, max_length, progress, checkpoints)
     if checkpoints is not None:
         trained = dataclasses.replace(trained, resumed_from_step=checkpoints.resumed_from_step,
                                       checkpoint_refused=checkpoints.refused)
-    return Finetuned(model=loaded, module=module, trained=trained, method=request.method, load_s=load_s)
+    return Finetuned(model=loaded, entry=entry, module=module, trained=trained, method=request.method, load_s=load_s)
 
 
-def _checkpoints(store: ModelStore, request: Train, texts: list[str], labels: list[int] | None,
+def _checkpoints(store: ModelStore, entry: Entry, request: Train, texts: list[str], labels: list[int] | None,
                  max_length: int) -> TaskCheckpoints | None:
     """The task's checkpoints, when it asked for them: who the run is, for checking one found at start."""
     if not request.checkpoint_every or request.task_id is None:
@@ -91,6 +95,6 @@ def _checkpoints(store: ModelStore, request: Train, texts: list[str], labels: li
                 "batch_size": request.batch_size, "grad_accum": request.grad_accum, "epochs": request.epochs,
                 "max_steps": request.max_steps, "warmup_steps": request.warmup_steps, "seed": request.seed,
                 "max_length": max_length}
-    identity = Identity(model_sha256=store.manifest_sha256(request.model),
+    identity = Identity(model_sha256=entry.sha256,
                         data_sha256=data_fingerprint(texts, labels), settings=settings)
     return TaskCheckpoints(store.root, request.task_id, request.checkpoint_every, identity)

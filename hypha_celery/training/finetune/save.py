@@ -12,8 +12,8 @@ import json
 import shutil
 from pathlib import Path
 
-from hypha_celery.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE, Manifest
-from hypha_celery.models.store import ModelStore
+from hypha_celery.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE
+from hypha_celery.models.store import Entry
 from hypha_celery.training.finetune.run import Finetuned
 
 __all__ = ["save"]
@@ -22,7 +22,7 @@ __all__ = ["save"]
 _WEIGHT_FILES = (CONFIG, SAFETENSORS_SINGLE, "model.safetensors.index.json")
 
 
-def save(done: Finetuned, store: ModelStore, out: Path, *, merge: bool) -> str:
+def save(done: Finetuned, out: Path, *, merge: bool) -> str:
     """Write the result into the empty folder ``out``; returns ``"adapter"`` or ``"model"`` (what ``out`` holds).
 
     Safetensors only. An adapter folder holds exactly peft's two files; a model folder
@@ -42,15 +42,14 @@ def save(done: Finetuned, store: ModelStore, out: Path, *, merge: bool) -> str:
     if done.method == "lora":
         module = module.merge_and_unload()
     module.save_pretrained(str(out), safe_serialization=True)
-    _copy_base_files(done.model.manifest, store, out)
+    _copy_base_files(done.entry, out)
     return "model"
 
 
-def _copy_base_files(manifest: Manifest, store: ModelStore, out: Path) -> None:
-    base = store.path(manifest.id)
-    for name in manifest.files:
+def _copy_base_files(base: Entry, out: Path) -> None:
+    for name, path in base.files().items():
         if name in _WEIGHT_FILES or name.startswith("model-") or (out / name).exists():
             continue
         target = out / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(base / name, target)
+        shutil.copyfile(path, target)
