@@ -11,9 +11,12 @@ already say where spans go): ``OTEL_EXPORTER_OTLP_ENDPOINT`` (or ``..._TRACES_EN
 over OTLP/HTTP; ``OTEL_TRACES_EXPORTER=console`` prints them; ``OTEL_SDK_DISABLED=true`` or
 ``OTEL_TRACES_EXPORTER=none`` keeps it off. ``HYPHA_TRACES_FILE=<path>`` appends each span as a JSON
 line to a file (tests and debugging read them back). :func:`from_env` sets OTel's global tracer
-provider (the only process-wide state, OTel's own) and instruments Celery
-(``opentelemetry-instrumentation-celery``): the publish span carries the trace in the message's
-``traceparent`` header and the worker's ``run/<task>`` span continues it, with hypha's stage spans
+provider (the only process-wide state, OTel's own). A scheduler or the gateway traces its publishes
+(:meth:`Tracing.trace_publishes`): an ``apply_async/<task>`` span whose context travels in the message's
+``traceparent`` header. Not ``opentelemetry-instrumentation-celery``'s publish span there: it looks the task
+up in the process's task registry, where a scheduler that sends by name (``send_task``) has none, and then
+never ends its span and leaves it current. The worker, whose tasks are registered, is instrumented with it
+(``CeleryInstrumentor``): its ``run/<task>`` span continues the message's trace, with hypha's stage spans
 (``hypha.task`` → ``hypha.verify``, ``hypha.validate``, ``hypha.admit``, ``hypha.run`` → ``hypha.load``,
 ``hypha.executor``, ``hypha.package``; then ``hypha.sign``) beneath. Importing this module does nothing.
 """
@@ -23,10 +26,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
+from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
 __all__ = ["Span", "Tracing", "from_env", "wanted"]
@@ -115,11 +119,55 @@ class Tracing:
 
         return _Live(self._tracer, name, attributes, kind=SpanKind.SERVER, context=extract(dict(carrier)))
 
+    def trace_publishes(self) -> Callable[[], None]:
+        """Trace every Celery publish of this process (a scheduler's, the gateway's); returns the undo."""
+        if self._tracer is None:
+            return lambda: None
+        publishes = _Publishes(self._tracer)
+        signals.before_task_publish.connect(publishes.before, weak=False)
+        signals.after_task_publish.connect(publishes.after, weak=False)
+
+        def undo() -> None:
+            signals.before_task_publish.disconnect(publishes.before)
+            signals.after_task_publish.disconnect(publishes.after)
+        return undo
+
     def close(self) -> None:
         """Export what is buffered and stop the exporters."""
         provider, self.provider = self.provider, None
         if provider is not None:
             provider.shutdown()
+
+
+class _Publishes:
+    """One ``apply_async/<task>`` PRODUCER span per message, from ``before_task_publish`` to ``after_task_publish``;
+    the message's headers carry its context (W3C ``traceparent``), which the worker's instrumentation continues."""
+
+    def __init__(self, tracer: Any) -> None:
+        self._tracer = tracer
+        self._open: dict[str, Any] = {}  # task id -> its publish span, until the broker took the message
+        self._lock = threading.Lock()
+
+    def before(self, sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        task_id = None if headers is None else headers.get("id")
+        if headers is None or not isinstance(task_id, str):
+            return
+        from opentelemetry.propagate import inject
+        from opentelemetry.trace import SpanKind, set_span_in_context
+
+        name = str(sender)
+        span = self._tracer.start_span(f"apply_async/{name}", kind=SpanKind.PRODUCER, attributes={
+            "celery.action": "apply_async", "celery.task_name": name, "messaging.message.id": task_id})
+        inject(headers, context=set_span_in_context(span))
+        with self._lock:
+            self._open[task_id] = span
+
+    def after(self, headers: dict[str, Any] | None = None, **_: Any) -> None:
+        task_id = None if headers is None else headers.get("id")
+        with self._lock:
+            span = self._open.pop(task_id, None) if isinstance(task_id, str) else None
+        if span is not None:
+            span.end()
 
 
 def wanted(environ: Mapping[str, str] = os.environ) -> bool:
@@ -138,11 +186,12 @@ def _exporters(environ: Mapping[str, str]) -> list[str]:
     return ["otlp"] if endpoint else []
 
 
-def from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> Tracing:
+def from_env(service_name: str, environ: Mapping[str, str] = os.environ, *, worker: bool = False) -> Tracing:
     """Tracing as the environment asks (see the module docstring); off when not asked or without ``[otel]``.
 
-    When on, OTel's global tracer provider is set and Celery instrumented, so publishes in this process carry
-    the trace and tasks run here continue it. ``OTEL_SERVICE_NAME`` overrides ``service_name``.
+    When on, OTel's global tracer provider is set, and this process's publishes carry their trace (``worker``:
+    Celery instrumented, so the tasks run here continue their message's trace too). ``OTEL_SERVICE_NAME``
+    overrides ``service_name``. A Python scheduler calls it once: ``from_env("my-scheduler")``.
     """
     if not wanted(environ):
         return Tracing()
@@ -171,9 +220,13 @@ def from_env(service_name: str, environ: Mapping[str, str] = os.environ) -> Trac
     if path := environ.get(TRACES_FILE):
         provider.add_span_processor(SimpleSpanProcessor(_file_exporter(path)))
     trace.set_tracer_provider(provider)
-    CeleryInstrumentor().instrument(tracer_provider=provider)
+    tracing = Tracing(provider)
+    if worker:
+        CeleryInstrumentor().instrument(tracer_provider=provider)
+    else:
+        tracing.trace_publishes()
     log.info("tracing on: %s exports spans (%s)", service_name, ", ".join(_exporters(environ) + ([path] if path else [])))
-    return Tracing(provider)
+    return tracing
 
 
 def _file_exporter(path: str) -> Any:

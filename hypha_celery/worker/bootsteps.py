@@ -67,7 +67,7 @@ class NodeStep(bootsteps.StartStopStep):
         backend = w.app.conf.result_backend
         # OTel's global provider and the Celery instrumentation, before any pool process is forked (OTel's batch
         # exporter restarts its thread in a forked child); off, and nothing imported, unless OTEL_* asks.
-        tracing = tracing_from_env("hypha-worker")
+        tracing = tracing_from_env("hypha-worker", worker=True)
         self.context = NodeContext.build(self.config, metrics, identity,
                                          results_url=backend if isinstance(backend, str) else None, tracing=tracing)
         if identity is not None:

@@ -6,27 +6,33 @@ stages run without Redis; the spans are the real ones the worker would export.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, signals
 from celery.exceptions import Ignore
 
 from hypha_celery.errors import ExecutorCrashed, InvalidTask
+from hypha_celery.gateway.app import Gateway, create_app
 from hypha_celery.monitoring.metrics import Metrics
 from hypha_celery.monitoring.tracing import Span, Tracing, from_env, wanted
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.tasks import pipeline
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, package_inferred, run_task
+from tests.conftest import ROOT
+from tests.unit.test_gateway import FakeNetwork
 
 sdk = pytest.importorskip("opentelemetry.sdk.trace", reason="the [otel] extra is not installed")
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: E402
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-from opentelemetry.trace import StatusCode  # noqa: E402
+from opentelemetry.trace import StatusCode, format_span_id, format_trace_id  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
 
 STAGES = ["hypha.verify", "hypha.validate", "hypha.admit", "hypha.run", "hypha.sign"]
 
@@ -227,3 +233,58 @@ def test_tracing_is_on_only_when_the_environment_asks(environ: dict[str, str], o
 
 def test_an_unconfigured_process_gets_off_tracing() -> None:
     assert not from_env("hypha-test", {}).enabled
+
+
+def test_importing_the_worker_and_its_tasks_imports_no_opentelemetry() -> None:
+    # Off is free: nothing of OpenTelemetry is loaded for us until the environment asks for traces (redis-py loads
+    # some of its own when it is installed: that is counted before)
+    code = ("import sys, redis, celery, starlette.applications\nbefore = set(sys.modules)\n"
+            "import hypha_celery.monitoring.tracing, hypha_celery.worker.bootsteps, hypha_celery.tasks.infer, "
+            "hypha_celery.gateway.app\n"
+            "print(sorted(m for m in set(sys.modules) - before if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+class PublishingNetwork(FakeNetwork):
+    """The gateway's fake network, whose submit publishes as Celery does: its signals around a message's headers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[dict[str, Any]] = []
+
+    def submit(self, task: str, kwargs: dict[str, Any]) -> Any:
+        headers: dict[str, Any] = {"id": f"task-{len(self.headers)}", "task": task}
+        signals.before_task_publish.send(sender=task, headers=headers, body=((), kwargs, {}))
+        signals.after_task_publish.send(sender=task, headers=headers, body=((), kwargs, {}))
+        self.headers.append(headers)
+        return super().submit(task, kwargs)
+
+
+def test_a_gateway_request_continues_its_clients_trace_into_the_message(
+    exported: tuple[Tracing, InMemorySpanExporter]
+) -> None:
+    tracing, exporter = exported
+    network = PublishingNetwork()
+    undo = tracing.trace_publishes()
+    try:
+        app = create_app(Gateway(network=network, keys=None, limiter=None, tracing=tracing))  # type: ignore[arg-type]
+        client_trace, client_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        with TestClient(app) as http:
+            # When a client that traces asks for a chat completion
+            answer = http.post("/v1/chat/completions", headers={"traceparent": f"00-{client_trace}-{client_span}-01"},
+                               json={"model": "gen", "messages": [{"role": "user", "content": "abc"}]})
+    finally:
+        undo()
+    assert answer.status_code == 200
+    spans = _by_name(exporter.get_finished_spans())
+    server, publish = spans["POST /v1/chat/completions"], spans["apply_async/hypha.generate"]
+    # Then the gateway's span continues the client's trace, the publish is its child
+    assert format_trace_id(server.context.trace_id) == client_trace
+    assert server.parent is not None and format_span_id(server.parent.span_id) == client_span
+    assert publish.parent is not None and publish.parent.span_id == server.context.span_id
+    assert server.attributes is not None and server.attributes["http.response.status_code"] == 200
+    assert publish.attributes is not None and publish.attributes["messaging.message.id"] == "task-0"
+    # ... and the message carries the publish span's context to the worker
+    [headers] = network.headers
+    assert headers["traceparent"] == f"00-{client_trace}-{format_span_id(publish.context.span_id)}-01"
