@@ -33,7 +33,7 @@ from typing import Any
 from celery import signals
 from celery.exceptions import Ignore, Reject, Retry
 
-__all__ = ["Span", "Tracing", "from_env", "wanted"]
+__all__ = ["TRACES_FILE", "Span", "Tracing", "from_env", "wanted"]
 
 log = logging.getLogger(__name__)
 
