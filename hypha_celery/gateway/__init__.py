@@ -60,6 +60,7 @@ def build_app(settings: GatewaySettings) -> Starlette:
     from hypha_celery.gateway.network import Network
     from hypha_celery.gateway.ratelimit import RateLimiter
     from hypha_celery.keys import KeySchema
+    from hypha_celery.monitoring.tracing import from_env as tracing_from_env
     from hypha_celery.redis_client import registry_client
     from hypha_celery.security import load_signing_key
 
@@ -71,7 +72,7 @@ def build_app(settings: GatewaySettings) -> Starlette:
     schema = KeySchema.from_env()
     limiter = RateLimiter(registry, settings.rate_limit, settings.burst, schema) if settings.rate_limit else None
     network = Network(signing_key=signing, registry=registry, timeout=settings.timeout, schema=schema)
-    return create_app(Gateway(network=network, keys=keys, limiter=limiter))
+    return create_app(Gateway(network=network, keys=keys, limiter=limiter, tracing=tracing_from_env("hypha-gateway")))
 
 
 def serve(settings: GatewaySettings) -> None:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -47,6 +47,7 @@ from hypha_celery.gateway.translate import (
     completion_request,
     embeddings_request,
 )
+from hypha_celery.monitoring.tracing import Tracing
 
 __all__ = ["Gateway", "TaskStream", "create_app"]
 
@@ -57,11 +58,13 @@ _ANONYMOUS = "anonymous"  # the rate-limit identity of every request when the ga
 
 @dataclass
 class Gateway:
-    """What the routes use: the network, the accepted keys (None: open) and the rate limiter (None: none)."""
+    """What the routes use: the network, the accepted keys (None: open), the rate limiter (None: none) and where
+    each request's span goes (off by default; its publish and the worker's stages continue its trace)."""
 
     network: Network
     keys: ApiKeys | None
     limiter: RateLimiter | None
+    tracing: Tracing = field(default_factory=Tracing)
 
     async def admit(self, request: Request) -> None:
         """401 without an accepted bearer key; 429 (with ``Retry-After``) past the key's rate."""
@@ -107,14 +110,19 @@ def _route(handler: Callable[[Gateway, Request], Awaitable[Response]], gateway: 
            ) -> Callable[[Request], Awaitable[Response]]:
     """Every failure answered in OpenAI's error shape (a tracebacks stays in the log)."""
     async def endpoint(request: Request) -> Response:
-        try:
-            await gateway.admit(request)
-            return await handler(gateway, request)
-        except Exception as exc:
-            error = from_exception(exc)
-            if error.status >= 500 and not isinstance(exc, ApiError):
-                log.warning("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
-            return _answer(error)
+        path = request.url.path
+        with gateway.tracing.server_span(f"{request.method} {path}", request.headers,
+                                         {"http.request.method": request.method, "url.path": path}) as span:
+            try:
+                await gateway.admit(request)
+                response = await handler(gateway, request)
+            except Exception as exc:
+                error = from_exception(exc)
+                if error.status >= 500 and not isinstance(exc, ApiError):
+                    log.warning("%s %s: %s: %s", request.method, path, type(exc).__name__, exc)
+                response = _answer(error)
+            span.set("http.response.status_code", response.status_code)
+            return response
     return endpoint
 
 

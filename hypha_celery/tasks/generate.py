@@ -74,8 +74,12 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
             progressed[0] = now
             run.progress({"stage": "run", "text": update.text, "tokens": update.tokens})
 
-    result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report,
-                                    family=manifest.adapter_of.id if manifest.adapter_of is not None else None)
+    with run.executor_span() as call:
+        result = ctx.executors.generate(job, lease=run.lease, timeout=run.remaining_s, on_progress=report,
+                                        family=manifest.adapter_of.id if manifest.adapter_of is not None else None)
+        call.set("hypha.batch_size", result.batch_size)
+        call.set("hypha.cache_hit", result.cache_hit)
+        call.set("hypha.completion_tokens", result.output.completion_tokens)
     run.finished(spec.model, cache_hit=result.cache_hit, batch_size=result.batch_size)
     out = result.output
     check_output(out.text, spec.response_format, out.finish_reason)  # never SUCCESS with output off its format
@@ -85,27 +89,28 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
     usage = result.usage
     proof = {**out.proof, "model": spec.model, "manifest_sha256": ctx.store.manifest_sha256(spec.model)} \
         if out.proof is not None else None
-    return package(
-        output={
-            "text": out.text,
-            "finish_reason": out.finish_reason,
-            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
-            **({"proof": proof} if proof is not None else {}),
-        },
-        model=spec.model,
-        worker=run.worker,
-        lease=run.lease,
-        timing=run.timing,
-        load_s=result.load_s,
-        cache_hit=result.cache_hit,
-        memory_peak=usage.memory_peak,
-        device=usage.device,
-        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
-               "compute_s": result.compute_s, "batch_size": result.batch_size, "cpu_affinity": usage.cpu_affinity,
-               **({"dtype": result.dtype} if result.dtype is not None else {}),
-               **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
-    )
+    with ctx.tracing.span("hypha.package"):
+        return package(
+            output={
+                "text": out.text,
+                "finish_reason": out.finish_reason,
+                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
+                **({"proof": proof} if proof is not None else {}),
+            },
+            model=spec.model,
+            worker=run.worker,
+            lease=run.lease,
+            timing=run.timing,
+            load_s=result.load_s,
+            cache_hit=result.cache_hit,
+            memory_peak=usage.memory_peak,
+            device=usage.device,
+            gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
+            extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
+                   "compute_s": result.compute_s, "batch_size": result.batch_size, "cpu_affinity": usage.cpu_affinity,
+                   **({"dtype": result.dtype} if result.dtype is not None else {}),
+                   **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
+        )
 
 
 @shared_task(name="hypha.generate", base=HyphaTask, bind=True)

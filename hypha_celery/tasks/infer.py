@@ -18,15 +18,18 @@ def _run(run: Run, spec: InferSpec) -> dict[str, Any]:
     ctx = run.ctx
     manifest = model_under_lease(run, spec, lambda manifest: check_infer_payload(
         manifest, spec.kind, spec.inputs, ctx.config.security.max_input_bytes, ctx.config.security.max_text_bytes))
-    item = ctx.executors.infer(
-        model=spec.model,
-        inputs=spec.inputs,
-        lease=run.lease,
-        timeout=run.remaining_s,
-        batchable=manifest.batchable,
-        expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
-        family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
-    )
+    with run.executor_span() as call:
+        item = ctx.executors.infer(
+            model=spec.model,
+            inputs=spec.inputs,
+            lease=run.lease,
+            timeout=run.remaining_s,
+            batchable=manifest.batchable,
+            expected_size=expected_size(manifest, "cuda" if run.lease.gpus else "cpu"),
+            family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
+        )
+        call.set("hypha.batch_size", item.batch_size)
+        call.set("hypha.cache_hit", item.cache_hit)
     return package_inferred(run, spec.model, item, batch_size=item.batch_size)
 
 

@@ -35,6 +35,7 @@ from hypha_celery.errors import (
     UnsupportedModel,
 )
 from hypha_celery.manifest import Manifest
+from hypha_celery.monitoring.tracing import Span
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.resources.ledger import Lease
 from hypha_celery.resources.requirements import Requirements
@@ -99,13 +100,14 @@ def model_under_lease(run: Run, spec: ModelSpec, check: Callable[[Manifest], Non
     it locally; an adapter's base fetched too (the executor attaches the adapter to it)."""
     ctx = run.ctx
     manifest = spec.manifest
-    if manifest is None:
-        run.task.send_event("task-loading", model=spec.model)
-        manifest = ctx.store.manifest(spec.model)
-        check_model_pin(ctx.store, spec.model, run.model_sha256)
-        check(manifest)
-    if manifest.adapter_of is not None:
-        ctx.store.manifest(manifest.adapter_of.id)
+    with ctx.tracing.span("hypha.load", {"hypha.model": spec.model, "hypha.fetched": manifest is None}):
+        if manifest is None:
+            run.task.send_event("task-loading", model=spec.model)
+            manifest = ctx.store.manifest(spec.model)
+            check_model_pin(ctx.store, spec.model, run.model_sha256)
+            check(manifest)
+        if manifest.adapter_of is not None:
+            ctx.store.manifest(manifest.adapter_of.id)
     return manifest
 
 
@@ -136,6 +138,10 @@ class Run:
         except HyphaError as exc:  # the moving average is advisory; the result is not
             log.warning("could not record the inference time: %s", exc)
 
+    def executor_span(self) -> Span:
+        """The span of one round trip to this task's executor (``hypha.executor``): the device it runs on."""
+        return self.ctx.tracing.span("hypha.executor", {"hypha.device": self.lease.device})
+
     def progress(self, meta: dict[str, Any]) -> None:
         self.task.update_state(state="PROGRESS", meta=meta)
         self.task.send_event("task-progress", **meta)
@@ -144,20 +150,21 @@ class Run:
 def package_inferred(run: Run, model: str, item: Any, **extra: Any) -> dict[str, Any]:
     """The result of one executor ``infer`` answer (``hypha.infer``, ``hypha.verify``), with ``extra`` metrics."""
     run.finished(model, cache_hit=item.cache_hit, batch_size=item.batch_size)
-    return package(
-        output=item.output,
-        model=model,
-        worker=run.worker,
-        lease=run.lease,
-        timing=run.timing,
-        load_s=item.load_s,
-        cache_hit=item.cache_hit,
-        memory_peak=item.memory_peak,
-        device=item.device,
-        gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-        extra={"compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity, **extra,
-               **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
-    )
+    with run.ctx.tracing.span("hypha.package"):
+        return package(
+            output=item.output,
+            model=model,
+            worker=run.worker,
+            lease=run.lease,
+            timing=run.timing,
+            load_s=item.load_s,
+            cache_hit=item.cache_hit,
+            memory_peak=item.memory_peak,
+            device=item.device,
+            gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
+            extra={"compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity, **extra,
+                   **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
+        )
 
 
 def _header(task: HyphaTask, name: str, default: Any = None) -> Any:
@@ -186,8 +193,25 @@ def run_task(
     body: Callable[[Run, S], dict[str, Any]],
     announce: bool = True,
 ) -> dict[str, Any]:
-    """Run one task through every stage; ``body`` does the ML work and packages the result."""
+    """Run one task through every stage; ``body`` does the ML work and packages the result.
+
+    Each stage is a span (:mod:`hypha_celery.monitoring.tracing`) under one ``hypha.task`` span.
+    """
+    with task.node.tracing.span("hypha.task", {"hypha.task": task.name, "hypha.task_id": task.request.id}) as span:
+        return _stages(task, kwargs, args, validate, body, announce, span)
+
+
+def _stages(
+    task: HyphaTask,
+    kwargs: dict[str, Any],
+    args: tuple[Any, ...],
+    validate: Callable[[NodeContext], S],
+    body: Callable[[Run, S], dict[str, Any]],
+    announce: bool,
+    span: Span,
+) -> dict[str, Any]:
     ctx = task.node
+    tracing = ctx.tracing
     request = task.request
     worker = request.hostname or "unknown"
     timing = Timing(sent_at=_time_header(task, headers.SENT_AT))
@@ -196,28 +220,31 @@ def run_task(
     pin: str | None = None
     answers: str | None = None  # the verified request's digest, which a signed result names
     if verify:
-        try:
-            verified = ctx.verifier.verify(
-                _header(task, ENVELOPE_HEADER), task_name=task.name, task_id=request.id, args=args, kwargs=kwargs
-            )
-        except InvalidSignature:
-            ctx.metrics.refused("signature")
-            raise
+        with tracing.span("hypha.verify"):
+            try:
+                verified = ctx.verifier.verify(
+                    _header(task, ENVELOPE_HEADER), task_name=task.name, task_id=request.id, args=args, kwargs=kwargs
+                )
+            except InvalidSignature:
+                ctx.metrics.refused("signature")
+                raise
         seen_before = not verified.first_delivery
         pin = verified.model_sha256
         answers = verified.request_sha256
         if verified.finished:
             _refuse_finished(ctx, task)
         request.hypha_nonce = (verified.key_id, verified.nonce)  # marked finished in HyphaTask.after_return
-    try:
-        spec = validate(ctx)
-        if not verify:
-            pin = _unverified_pin(task)
-        if pin is not None:
-            check_model_pin(ctx.store, kwargs.get("model"), pin)
-    except _VALIDATION_REFUSALS:
-        ctx.metrics.refused("validation")
-        raise
+    with tracing.span("hypha.validate"):
+        try:
+            spec = validate(ctx)
+            if not verify:
+                pin = _unverified_pin(task)
+            if pin is not None:
+                check_model_pin(ctx.store, kwargs.get("model"), pin)
+        except _VALIDATION_REFUSALS:
+            ctx.metrics.refused("validation")
+            raise
+    span.set("hypha.model", getattr(spec, "model", None))
     req = spec.requirements
     if seen_before or _is_copy(task):
         _drop_if_finished(task)
@@ -225,21 +252,29 @@ def run_task(
         mark_started(task)
         timing.started_at = time.time()
         nothing = Lease(id="", node=ctx.node_id, memory=0, cores={}, gpus={}, exclusive_gpu=False, task_id=request.id)
-        return _signed(ctx, task, body(Run(ctx, task, nothing, timing, worker, pin), spec), worker, answers)
-    try:
-        lease = admission.admit(ctx.ledger, ctx.placement, req, task_id=request.id, holder=f"{worker}/{request.id}",
-                                worker_id=worker, via=started_with(task, ctx.ledger))  # STARTED and the lease: one trip
-    except DuplicateTask as duplicate:
-        _on_duplicate(task, duplicate)
-    except (ResourcesBusy, NotHere) as reason:
-        _defer(ctx, task, req, reason, worker)
+        with tracing.span("hypha.run", {"hypha.copy_finished": True}):
+            result = body(Run(ctx, task, nothing, timing, worker, pin), spec)
+        return _signed(ctx, task, result, worker, answers)
+    with tracing.span("hypha.admit") as admit:
+        try:
+            lease = admission.admit(ctx.ledger, ctx.placement, req, task_id=request.id, holder=f"{worker}/{request.id}",
+                                    worker_id=worker, via=started_with(task, ctx.ledger))  # STARTED and the lease: one trip
+        except DuplicateTask as duplicate:
+            admit.set("hypha.duplicate", True)
+            _on_duplicate(task, duplicate)
+        except (ResourcesBusy, NotHere) as reason:
+            admit.set("hypha.deferred", str(reason))
+            _defer(ctx, task, req, reason, worker)
+        admit.set("hypha.device", lease.device)
     ctx.keeper.add(lease)
     try:
         timing.started_at = time.time()
         if announce:
             task.send_event("task-running", device=lease.device, gpus=lease.gpu_ids, cores=lease.core_ids)
         with ctx.metrics.active():
-            return _signed(ctx, task, body(Run(ctx, task, lease, timing, worker, pin), spec), worker, answers)
+            with tracing.span("hypha.run"):
+                result = body(Run(ctx, task, lease, timing, worker, pin), spec)
+            return _signed(ctx, task, result, worker, answers)
     finally:
         if ctx.keeper.lost(lease):
             log.warning("task %s ran past its lease (lost at renewal); its resources were already reclaimed", request.id)
@@ -256,9 +291,10 @@ def _signed(
     if ctx.identity is None:
         return result
     try:
-        return attest(ctx.identity, result, task_id=task.request.id, task_name=task.name, worker=worker,
-                      request_sha256=request_sha256,
-                      envelope=None if request_sha256 is not None else _header(task, ENVELOPE_HEADER))
+        with ctx.tracing.span("hypha.sign"):
+            return attest(ctx.identity, result, task_id=task.request.id, task_name=task.name, worker=worker,
+                          request_sha256=request_sha256,
+                          envelope=None if request_sha256 is not None else _header(task, ENVELOPE_HEADER))
     except (TypeError, ValueError) as exc:  # NaN, an integer beyond 2**53: JSON no scheduler can verify
         log.warning("task %s: its result has no RFC 8785 form, so it is stored unsigned: %s", task.request.id, exc)
         return result

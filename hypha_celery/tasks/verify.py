@@ -46,15 +46,16 @@ def _run(run: Run, spec: VerifySpec) -> dict[str, Any]:
         return package(output={"accepted": False, "reason": mismatch, "stats": {}}, model=spec.model,
                        worker=run.worker, lease=run.lease, timing=run.timing, load_s=0.0, cache_hit=True,
                        memory_peak=0, device="none", gpu_utilization={}, extra={"manifest_sha256": sha256})
-    item = ctx.executors.infer(
-        model=spec.model,
-        inputs={"verify": {"prompt": spec.prompt, "messages": spec.messages, "proof": proof.to_json()}},
-        lease=run.lease,
-        timeout=run.remaining_s,
-        batchable=False,
-        expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
-        family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
-    )
+    with run.executor_span():
+        item = ctx.executors.infer(
+            model=spec.model,
+            inputs={"verify": {"prompt": spec.prompt, "messages": spec.messages, "proof": proof.to_json()}},
+            lease=run.lease,
+            timeout=run.remaining_s,
+            batchable=False,
+            expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
+            family=manifest.adapter_of.id if manifest.adapter_of is not None else None,
+        )
     return package_inferred(run, spec.model, item, manifest_sha256=sha256)
 
 

@@ -29,6 +29,7 @@ from hypha_celery.config import WorkerConfig, load_config
 from hypha_celery.errors import HyphaError
 from hypha_celery.manifest import expected_size
 from hypha_celery.monitoring.metrics import Metrics, PrometheusMetrics, prepare_multiprocess_dir
+from hypha_celery.monitoring.tracing import from_env as tracing_from_env
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 from hypha_celery.resources.gpu import gpu_utilization
 from hypha_celery.security import load_identity, peer_id
@@ -64,8 +65,11 @@ class NodeStep(bootsteps.StartStopStep):
         # The worker's identity, read (or made, once) here so every pool process signs with the same key.
         identity = load_identity(security.identity_key, self.config.models.model_dir) if security.sign_results else None
         backend = w.app.conf.result_backend
+        # OTel's global provider and the Celery instrumentation, before any pool process is forked (OTel's batch
+        # exporter restarts its thread in a forked child); off, and nothing imported, unless OTEL_* asks.
+        tracing = tracing_from_env("hypha-worker", worker=True)
         self.context = NodeContext.build(self.config, metrics, identity,
-                                         results_url=backend if isinstance(backend, str) else None)
+                                         results_url=backend if isinstance(backend, str) else None, tracing=tracing)
         if identity is not None:
             log.info("results signed by this worker's identity %s", peer_id(identity.verify_key))
         self.app = w.app
@@ -152,6 +156,7 @@ class NodeStep(bootsteps.StartStopStep):
             self.timer_ref.cancel()
             self.timer_ref = None
         self.context.close()
+        self.context.tracing.close()
         if self.http is not None:
             server, _thread = self.http
             server.shutdown()

@@ -30,6 +30,7 @@ from hypha_celery.executor.process import ExecutorSettings
 from hypha_celery.models.shared_storage import SharedStorage, models_source, open_storage
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics
+from hypha_celery.monitoring.tracing import Tracing
 from hypha_celery.redis_client import registry_client
 from hypha_celery.registry import InferenceTimes
 from hypha_celery.resources.gpu import CUDA_CONTEXT
@@ -72,6 +73,7 @@ class NodeContext:
     identity: nacl.signing.SigningKey | None = None  # signs results (sign_results); loaded once by NodeStep
     results_url: str | None = None  # the result backend the app stores results in (None: the config's)
     token_streams: TokenStreams | None = None  # generations' token streams, on the result backend's Redis
+    tracing: Tracing = field(default_factory=Tracing)  # the stages' spans (off unless OTEL_* asks: NodeStep)
     executors: ExecutorPool = field(init=False)
     closed: bool = field(default=False, init=False)
 
@@ -81,12 +83,13 @@ class NodeContext:
     @classmethod
     def build(
         cls, config: WorkerConfig, metrics: Metrics | None = None, identity: nacl.signing.SigningKey | None = None,
-        results_url: str | None = None,
+        results_url: str | None = None, tracing: Tracing | None = None,
     ) -> NodeContext:
         """Every collaborator of a worker process; opens no connection and starts no process yet.
 
         ``identity``: the worker's key that signs results (:func:`hypha_celery.security.load_identity`);
-        ``results_url``: the app's result backend (where token streams go; default: the config's).
+        ``results_url``: the app's result backend (where token streams go; default: the config's);
+        ``tracing``: where the stages' spans go (:func:`hypha_celery.monitoring.tracing.from_env`; default: off).
         """
         client = registry_client(registry_url(config), timeout=5, health_check_interval=30)
         node = node_id(config)
@@ -109,6 +112,7 @@ class NodeContext:
             identity=identity,
             results_url=results_url,
             token_streams=token_streams(results_url or result_backend_url(config), config),
+            tracing=tracing or Tracing(),
         )
 
     def storage(self) -> SharedStorage:
@@ -126,7 +130,7 @@ class NodeContext:
 
     def for_child(self) -> NodeContext:
         """A fresh context for a forked pool process: same config and metrics, its own everything else."""
-        return NodeContext.build(self.config, self.metrics, self.identity, self.results_url)
+        return NodeContext.build(self.config, self.metrics, self.identity, self.results_url, self.tracing)
 
     def close(self) -> None:
         """Stop executors, hand back leases released moments ago (not at their expiry), drop connections."""

@@ -18,6 +18,7 @@ from celery import Celery
 from hypha_celery.errors import InvalidSignature, InvalidTask, ModelPinMismatch, UnsupportedModel
 from hypha_celery.models.store import ModelStore
 from hypha_celery.monitoring.metrics import Metrics
+from hypha_celery.monitoring.tracing import Tracing
 from hypha_celery.security import (
     ENVELOPE_HEADER,
     MODEL_SHA256,
@@ -218,7 +219,8 @@ def probe(app: Celery, headers: dict[str, Any], task_id: str) -> HyphaTask:
 
 def context(store: ModelStore, verifier: Verifier | None) -> SimpleNamespace:
     security = SimpleNamespace(verify_task_signatures=verifier is not None)
-    return SimpleNamespace(config=SimpleNamespace(security=security), verifier=verifier, metrics=Recorded(), store=store)
+    return SimpleNamespace(config=SimpleNamespace(security=security), verifier=verifier, metrics=Recorded(), store=store,
+                           tracing=Tracing())
 
 
 def _validated(_: Any) -> Any:

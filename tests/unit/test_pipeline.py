@@ -11,6 +11,7 @@ from celery import Celery
 
 from hypha_celery.errors import InvalidSignature, InvalidTask, RegistryUnavailable
 from hypha_celery.monitoring.metrics import Metrics
+from hypha_celery.monitoring.tracing import Tracing
 from hypha_celery.tasks.base import HyphaTask, NotInWorker
 from hypha_celery.tasks.pipeline import run_task
 
@@ -51,6 +52,7 @@ def context(verify_error: Exception | None = None) -> SimpleNamespace:
         config=SimpleNamespace(security=security),
         verifier=Verifier(verify_error or AssertionError("not called")),
         metrics=Recorded(),
+        tracing=Tracing(),
     )
 
 

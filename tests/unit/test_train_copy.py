@@ -14,6 +14,7 @@ from hypha_celery.config import WorkerConfig
 from hypha_celery.errors import InvalidTask
 from hypha_celery.formats.builtin import build
 from hypha_celery.models.store import PRODUCED, ModelStore
+from hypha_celery.monitoring.tracing import Tracing
 from hypha_celery.stages.validation import TrainSpec, validate_train
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, run_task
@@ -98,7 +99,7 @@ def test_the_pipeline_answers_a_finished_copy_without_reserving_anything() -> No
     security = SimpleNamespace(verify_task_signatures=False)
     # (no ledger, placement or lease keeper: admission would fail on them)
     probe.node = SimpleNamespace(config=SimpleNamespace(security=security), metrics=None,  # type: ignore[assignment]
-                                 node_id="node-a", store=None, identity=None)
+                                 node_id="node-a", store=None, identity=None, tracing=Tracing())
     spec = TrainSpec(model="mlp", data={}, epochs=3, lr=0.1, batch_size=2, new_model=DEFAULT_ID,
                      requirements=None, manifest=None, finished=TRAINED)  # type: ignore[arg-type]
     probe.AsyncResult = lambda _id: SimpleNamespace(state="STARTED")  # type: ignore[method-assign]
