@@ -145,6 +145,9 @@ class GenerationConfig:
     # Most entries a generation's token stream keeps (XADD MAXLEN ~, hypha_celery.token_stream): an entry holds
     # at least one token, so a stream is whole while max_new_tokens stays below it.
     stream_maxlen: int = _key("count", 4096)
+    # "continuous": a transformers causal LM's generations join its running batch at the next decode step
+    # (hypha_celery.executor.continuous); "static": batches of equal settings run until their longest row ends.
+    batching: str = _key("str", "continuous", choices=("continuous", "static"))
 
 
 @dataclass(frozen=True)
