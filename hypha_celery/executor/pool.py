@@ -239,8 +239,9 @@ class _Lane:
             executor.submit(tag, job, lambda reply: self._tagged(tag, reply))
         except errors.HyphaError as exc:
             self._tagged(tag, exc)
-        if request.retried:
-            request.done.wait()
+        while request.retried and not request.done.wait(0.1):
+            with self.cond:
+                self._check_deadlines()
 
     def _tagged(self, tag: int, reply: TaggedReply | errors.HyphaError) -> None:
         """A submitted generation's reply (in the executor's reader thread): stream it, answer it, or retry it."""

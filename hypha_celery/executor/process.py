@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from hypha_celery import errors
 from hypha_celery.config import KILL_GRACE_S
+from hypha_celery.executor.tags import Tags
 from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
@@ -180,12 +181,9 @@ class ExecutorProcess:
                 raise error_from_reply(hello, name)
             raise errors.ExecutorCrashed(f"executor {name} did not start: it sent {hello.kind!r}")
         self.pid = self.process.pid
-        self.lost_with = 0  # how many submitted generations were in flight when the executor was lost
         self._replies: queue.SimpleQueue[Reply | errors.HyphaError] = queue.SimpleQueue()
-        self._tags: dict[int, TagHandler] = {}
-        self._tags_lock = threading.Lock()
+        self._tags: Tags[TaggedReply, errors.HyphaError] = Tags(lambda reply: not isinstance(reply, Streamed))
         self._write_lock = threading.Lock()
-        self._lost: errors.HyphaError | None = None
         self._sock.settimeout(None)
         threading.Thread(target=self._read_all, name=f"hypha-replies-{name}", daemon=True).start()
 
@@ -249,15 +247,11 @@ class ExecutorProcess:
 
     def submit(self, id: int, job: Generate, handler: TagHandler) -> None:
         """Send a one-prompt generation to the serving loop; ``handler`` gets its tagged replies (no waiting here)."""
-        with self._tags_lock:
-            if self._lost is not None:
-                raise self._lost
-            self._tags[id] = handler
+        self._tags.add(id, handler)
         try:
             self._send(Submit(id=id, job=job))
         except errors.ExecutorCrashed:
-            with self._tags_lock:
-                self._tags.pop(id, None)
+            self._tags.discard(id)
             raise
 
     def cancel(self, id: int) -> None:
@@ -269,8 +263,12 @@ class ExecutorProcess:
 
     @property
     def in_flight(self) -> int:
-        with self._tags_lock:
-            return len(self._tags)
+        return len(self._tags)
+
+    @property
+    def lost_with(self) -> int:
+        """How many submitted generations were in flight when the executor was lost."""
+        return self._tags.lost_with
 
     def _send(self, request: Request | Submit | Cancel) -> None:
         try:
@@ -301,34 +299,16 @@ class ExecutorProcess:
                 self._lose(errors.ExecutorCrashed(f"executor {self.name} broke the protocol: {exc}"))
                 return
             if isinstance(reply, Tagged):
-                self._route(reply)
+                self._tags.route(reply.id, reply.reply)  # none waits: a generation the worker gave up on
                 continue
             if isinstance(reply, Fatal):  # the memory watchdog: the executor exits, its rows with it
                 self._lose(error_from_reply(reply, self.name), reply)
                 return
             self._replies.put(reply)
 
-    def _route(self, tagged: Tagged) -> None:
-        final = not isinstance(tagged.reply, Streamed)
-        with self._tags_lock:
-            handler = self._tags.pop(tagged.id, None) if final else self._tags.get(tagged.id)
-        if handler is not None:  # none: a generation the worker gave up on (cancelled) already
-            self._deliver(handler, tagged.reply)
-
     def _lose(self, error: errors.HyphaError, fatal: Fatal | None = None) -> None:
-        with self._tags_lock:
-            self._lost = error
-            handlers, self._tags = list(self._tags.values()), {}
-            self.lost_with = len(handlers)
-        self._replies.put(fatal if fatal is not None else error)
-        for handler in handlers:
-            self._deliver(handler, error)
-
-    def _deliver(self, handler: TagHandler, reply: TaggedReply | errors.HyphaError) -> None:
-        try:
-            handler(reply)
-        except Exception:  # a handler's bug must not stop the reader: the other generations' replies still come
-            log.exception("executor %s: a generation's reply handler failed", self.name)
+        self._replies.put(fatal if fatal is not None else error)  # the call waiting, if any
+        self._tags.lose(error)
 
     def _overran(self, timeout: float) -> None:
         self.kill()
