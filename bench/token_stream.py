@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from hypha_celery.tools.launch import client_app
 
 from bench.common import REPEATS, hypha_config, record, say, start_worker, wait_ready
 from hypha_celery import keys
+from hypha_celery.harness.launch import client_app
 from hypha_celery.token_stream import End, Tokens, read
 
 __all__ = ["bench_token_stream"]
