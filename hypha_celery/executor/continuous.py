@@ -85,14 +85,20 @@ class _Row:
 
 
 def combined_limits(rows: list[JobLimits]) -> JobLimits:
-    """One set of limits for the rows decoding together: the sum of what each reserved, on the union of their cores."""
+    """One set of limits for the rows decoding together: the sum of the memory each reserved, on the union of their
+    cores, with the most threads one of them reserved.
+
+    Threads are not summed: the rows share each forward pass, and a pass split over more threads than
+    its cores give it waits at every barrier for a thread the kernel has descheduled (twelve rows of a
+    tenth of a core each, summed to two threads on a busy 2-core machine, made each step ~20x slower).
+    """
     cores = sorted({core for row in rows for core in row.cores or ()})
     memory = [row.memory for row in rows if row.memory is not None]
     gpu = [row.gpu_memory for row in rows if row.gpu_memory]
     threads = [row.threads for row in rows if row.threads]
     return JobLimits(memory=sum(memory) if memory else None, cores=cores or None,
                      gpu_memory=sum(gpu) if gpu else None,
-                     threads=min(len(cores), sum(threads)) if cores and threads else None)
+                     threads=min(len(cores), max(threads)) if cores and threads else None)
 
 
 class Continuous:

@@ -85,7 +85,8 @@ def test_which_generations_join_the_running_batch() -> None:
 def test_rows_decoding_together_run_under_the_sum_of_their_limits() -> None:
     rows = [JobLimits(memory=100, cores=[0, 1], threads=1), JobLimits(memory=50, cores=[1], threads=1),
             JobLimits()]
-    assert combined_limits(rows) == JobLimits(memory=150, cores=[0, 1], gpu_memory=None, threads=2)
+    assert combined_limits(rows) == JobLimits(memory=150, cores=[0, 1], gpu_memory=None, threads=1)
+    assert combined_limits([*rows, JobLimits(cores=[0, 1, 2], threads=3)]).threads == 3
     assert combined_limits([]) == JobLimits()
 
 
