@@ -126,11 +126,12 @@ class Continuous:
         """Queue ``message``'s generation in its model's engine, or run it on the static path now."""
         job = message.job
         try:
-            served = self._engine_for(job)
+            with self.executor._limits(job.limits):  # its model's load and its prompt's tokenizing, under its cap
+                served = self._engine_for(job)
+                if served is not None:
+                    self._add(message.id, job, served)
             if served is None:
                 self._static(message)
-                return
-            self._add(message.id, job, served)
         except BaseException as exc:
             if not contained(exc):
                 raise

@@ -170,6 +170,7 @@ class _Lane:
         self.inflight: dict[int, tuple[_Request, ExecutorProcess]] = {}
         self.overdue: dict[int, tuple[float, ExecutorProcess]] = {}
         self.tags = 0
+        self.adapted: set[str] = set()  # bases whose LoRA adapters this lane has served
         self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
         self.thread.start()
 
@@ -506,11 +507,16 @@ class ExecutorPool:
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        submitted = self.settings.generation_batching == "continuous" and continuous(job.params, family)
+        lane = self._lane(device_key(lease))
+        if family is not None:
+            lane.adapted.add(family)
+        # A base whose adapters this lane has served runs statically, in its adapters' batches (the executor sends
+        # a base with adapters attached down the static path anyway).
+        submitted = (self.settings.generation_batching == "continuous" and continuous(job.params, family)
+                     and job.model not in lane.adapted)
         request = _Request(job.model, None, lease, time.monotonic() + timeout,
                            None if submitted else generation_key(job.model, family, job.params), job.expected_size,
                            generate=job, submitted=submitted)
-        lane = self._lane(device_key(lease))
         lane.submit(request)
         try:
             while True:
