@@ -187,7 +187,7 @@ def run(say: Callable[[str], None] = print, repeats: int = 3) -> dict[str, dict[
 
 
 def bench_structured_output() -> None:
-    """``make bench`` step 19: both figures, recorded."""
+    """``make bench`` step 20: both figures, recorded."""
     from bench.common import REPEATS, record, say
 
     say("\n19. structured output: constrained tokens/s / unconstrained, valid outputs over the schema corpus "

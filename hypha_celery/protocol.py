@@ -10,11 +10,17 @@ make the worker run code by what it writes back. Both ends build and read
 these classes, never dicts with string keys, so a field has one definition.
 
     worker -> executor   Infer | Generate | Train | Load | Describe
+                         | Submit (a generation for the continuous batch) | Cancel
     executor -> worker   Ready (once, when it is up), then per request:
                          Progress (Train) or Streamed (Generate), any number,
                          then InferResult | GenerateResult | TrainResult |
                          Loaded | Description, or Error; Fatal when the memory
                          watchdog fired (the executor exits after it).
+                         A Submit's Streamed, GenerateResult or Error come
+                         wrapped in Tagged (its id), interleaved with the others.
+
+Untagged requests are answered one at a time, in order; any number of Submits may be
+in flight beside them (the executor's serving loop, :mod:`hypha_celery.executor.serving`).
 
 Shutdown is the worker closing its end of the socket: the executor reads EOF
 and exits. The executor's settings travel once, as JSON in the environment
@@ -46,6 +52,7 @@ from hypha_celery.work import (
 __all__ = [
     "FD_ENV",
     "SETTINGS_ENV",
+    "Cancel",
     "ChildSettings",
     "Describe",
     "Description",
@@ -59,6 +66,9 @@ __all__ = [
     "Ready",
     "Reply",
     "Request",
+    "Submit",
+    "Tagged",
+    "TaggedReply",
     "TrainResult",
     "Usage",
     "decode_reply",
@@ -90,6 +100,7 @@ class ChildSettings(Record):
     tmpdir: str
     trains: bool = False  # a job executor: with the sandbox, it may also stage new models in the store
     max_text_bytes: int | None = None  # [worker.security] max_text_bytes; None: "auto", from each model's length
+    max_rows: int = 32  # rows one continuous batch decodes together ([worker.batching] max_batch_size)
 
 
 # --- the executor's own requests ----------------------------------------------------------------
@@ -111,7 +122,34 @@ class Describe(Message):
     kind: ClassVar[str] = "describe"
 
 
-Request = Infer | Generate | Train | Load | Describe
+@dataclass(frozen=True)
+class Submit(Message):
+    """A one-prompt generation for the serving loop's running batch; its replies come back as :class:`Tagged` ``id``."""
+
+    kind: ClassVar[str] = "submit"
+    id: int
+    job: Generate
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "job": self.job.to_json()}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = known_fields(cls, data)
+        if not isinstance(known.get("id"), int):
+            raise TypeError("Submit.id must be an integer")
+        return cls(id=known["id"], job=Generate.from_json(known.get("job")))
+
+
+@dataclass(frozen=True)
+class Cancel(Message):
+    """End the submitted generation ``id`` at the next step (a revoked task, a deadline); no reply is owed."""
+
+    kind: ClassVar[str] = "cancel"
+    id: int
+
+
+Request = Infer | Generate | Train | Load | Describe | Submit | Cancel
 
 
 # --- replies ---------------------------------------------------------------------------------------
@@ -195,6 +233,7 @@ class GenerateResult(Message):
     cache: dict[str, int]
     usage: Usage
     dtype: str | None = None  # the loaded model's parameter dtype ("bfloat16" on CUDA, "float32" on CPU)
+    batch_size: int | None = None  # a submitted row: the most rows that decoded with it; None: len(prompts)
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "outputs": [None if o is None else o.to_json() for o in self.outputs],
@@ -252,13 +291,40 @@ class Description(Message):
     memory_mode: str
 
 
-Reply = Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Loaded | Description
+TaggedReply = Streamed | GenerateResult | Error
+
+
+@dataclass(frozen=True)
+class Tagged(Message):
+    """A reply to the :class:`Submit` ``id``: its Streamed reports, then its GenerateResult or Error."""
+
+    kind: ClassVar[str] = "tagged"
+    id: int
+    reply: TaggedReply
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "reply": {"kind": self.reply.kind, **self.reply.to_json()}}
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = known_fields(cls, data)
+        inner = known.get("reply")
+        kind = inner.get("kind") if isinstance(inner, dict) else None
+        reply_cls = {c.kind: c for c in (Streamed, GenerateResult, Error)}.get(kind) if isinstance(kind, str) else None
+        if reply_cls is None or not isinstance(known.get("id"), int):
+            raise TypeError("Tagged needs an integer id and a streamed, generate_result or error reply")
+        return cls(id=known["id"], reply=reply_cls.from_json(inner))
+
+
+Reply = (Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Loaded | Description
+         | Tagged)
 
 _M = TypeVar("_M", bound=Message)
-_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Load, Describe)}
+_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Load, Describe, Submit, Cancel)}
 _REPLIES: dict[str, type[Reply]] = {
     cls.kind: cls
-    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Loaded, Description)
+    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Loaded, Description,
+                Tagged)
 }
 
 

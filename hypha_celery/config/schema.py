@@ -155,6 +155,9 @@ class GenerationConfig:
     # The KV-cache bytes each device (the CPU, each GPU) admits at once; a generation that does not fit waits
     # (deferred). "auto" (None): the device's memory less what its model caches hold, less a tenth as headroom.
     kv_budget: int | None = _key("size|auto", None)
+    # "continuous": a transformers causal LM's generations join its running batch at the next decode step
+    # (hypha_celery.executor.continuous); "static": batches of equal settings run until their longest row ends.
+    batching: str = _key("str", "continuous", choices=("continuous", "static"))
 
 
 @dataclass(frozen=True)

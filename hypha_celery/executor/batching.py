@@ -18,10 +18,11 @@ The rules, as Triton's dynamic batcher (``max_queue_delay_microseconds``):
   fails (:func:`retry_groups`): one request at a time after the executor died, one model at a
   time when a mixed batch failed (an adapter that cannot attach).
 
-A continuous scheduler (generation batched per decode step inside the serving executor) takes
-over the ``"generate"`` kind through this seam: the lane knows a :class:`Batcher` only, and a
-:class:`BatchPolicy` sets each kind's limits apart, so generations can leave the queue at once
-(``BatchLimits(1, 0.0)``) to join a running decode loop while inference keeps forming batches.
+With continuous batching (``[worker.generation] batching = "continuous"``, the default) a
+generation that :func:`continuous` accepts leaves the queue at once (no key: alone, due now) and
+joins the serving executor's running decode loop (:mod:`hypha_celery.executor.continuous`); the
+rules above keep forming inference batches and the static generation batches of what the loop
+does not take.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ __all__ = [
     "BatchQueue",
     "Batcher",
     "by_model",
+    "continuous",
     "generation_key",
     "infer_key",
     "mixed_models",
@@ -78,6 +80,16 @@ def generation_key(model: str, family: str | None, params: Mapping[str, Any]) ->
     if params.get("do_sample") and params.get("seed") is not None:
         return None
     return BatchKey("generate", family or model, json.dumps(params, sort_keys=True))
+
+
+def continuous(params: Mapping[str, Any], family: str | None) -> bool:
+    """Whether a generation joins the serving executor's running batch instead of a static batch.
+
+    Not a proof (captured from transformers' ``generate``), not a LoRA adapter (``family``, its base:
+    adapters of one base share static batches, each row with its own adapter). The executor sends
+    what its engine cannot serve (a sliding-window model) down the static path itself.
+    """
+    return not params.get("proof") and family is None
 
 
 @dataclass(frozen=True)

@@ -12,25 +12,28 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import socket
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from hypha_celery.errors import HyphaError, InvalidInput, contained
+from hypha_celery.errors import InvalidInput, contained
 from hypha_celery.executor import limits
+from hypha_celery.executor.continuous import Continuous
+from hypha_celery.executor.failures import error_reply
 from hypha_celery.manifest import expected_size
 from hypha_celery.models.cache import ModelCache, Use
 from hypha_celery.models.store import Entry, ModelStore
 from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
+    Cancel,
     ChildSettings,
     Describe,
     Description,
@@ -43,13 +46,12 @@ from hypha_celery.protocol import (
     Ready,
     Reply,
     Request,
+    Submit,
     TrainResult,
     Usage,
     decode_request,
 )
-from hypha_celery.work import Generate, Infer, JobLimits, Train
-
-_ALLOCATION_FAILURES = ("can't allocate memory", "DefaultCPUAllocator", "out of memory", "CUDA out of memory")
+from hypha_celery.work import Generate, Infer, JobLimits, Streamed, Train
 
 
 class _Channel:
@@ -87,6 +89,7 @@ class Executor:
         self.max_text_bytes = settings.max_text_bytes
         self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
+        self.continuous = Continuous(self, channel.write, max_rows=settings.max_rows)
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:
@@ -126,14 +129,18 @@ class Executor:
         if self.device.startswith("cuda"):
             self.torch.cuda.empty_cache()
 
-    @contextmanager
-    def _limits(self, job_limits: JobLimits) -> Iterator[None]:
+    def _pin(self, job_limits: JobLimits) -> None:
+        """Pin the compute threads to the job's cores (the serving loop calls it before each step)."""
         cores = job_limits.cores
         pinned = (cores, max(1, job_limits.threads or len(cores))) if cores else None
         if pinned and pinned != self._pinned:  # re-pinning every thread costs a syscall each: only on change
             self.torch.set_num_threads(pinned[1])
             limits.pin_threads(pinned[0])
             self._pinned = pinned
+
+    @contextmanager
+    def _limits(self, job_limits: JobLimits) -> Iterator[None]:
+        self._pin(job_limits)
         gpu_bytes = job_limits.gpu_memory
         if gpu_bytes and self.device.startswith("cuda"):
             total = self.torch.cuda.get_device_properties(0).total_memory
@@ -227,21 +234,22 @@ class Executor:
                 if not contained(exc):
                     raise
                 outputs.append(None)
-                errors.append(_error(exc))
+                errors.append(error_reply(exc))
         return outputs, errors
 
-    def generate(self, request: Generate) -> GenerateResult:
-        """One generation job (a batch of prompts) on the cached model, streaming each text to the worker."""
+    def generate(self, request: Generate, report: Callable[[Streamed], None] | None = None) -> GenerateResult:
+        """One generation job (a batch of prompts) run statically on the cached model, streaming each text to
+        the worker (``report``: where the reports go; default the socket)."""
         from hypha_celery.runtimes.registry import generate
 
         started_rss = limits.current_rss()
         with self._limits(request.limits):
             with self._models(request.model, request.expected_size, request.models) as (use, per_prompt):
-                done = generate(use.value, request, self.channel.write, per_prompt)
+                done = generate(use.value, request, report or self.channel.write, per_prompt)
                 dtype = str(use.value.module.dtype).removeprefix("torch.")
         return GenerateResult(
             outputs=[None if isinstance(o, Exception) else o for o in done.outputs],
-            errors=[_error(o) if isinstance(o, Exception) else None for o in done.outputs],
+            errors=[error_reply(o) if isinstance(o, Exception) else None for o in done.outputs],
             time_to_first_token_s=done.time_to_first_token_s,
             compute_s=done.compute_s,
             cache_hit=use.hit,
@@ -342,19 +350,51 @@ class Executor:
             with self.cache.use(request.model, request.expected_size) as use:
                 pass
             return Loaded(cache_hit=use.hit, load_s=use.load_s, cache=self.cache.sizes())
-        assert isinstance(request, Describe)
+        assert isinstance(request, Describe), request
         return self.describe()
 
     def serve(self) -> None:
-        """Answer requests until the worker closes its end."""
-        while line := self.channel.read_line():
-            try:
-                reply = self.handle(decode_request(line))
-            except BaseException as exc:  # every failure goes back to the worker as a named error; the cache stays
-                if not contained(exc):
-                    raise
-                reply = _error(exc)
-            self.channel.write(reply)
+        """Answer requests until the worker closes its end; between them, step the running batches.
+
+        A reader thread queues the worker's lines, so a generation submitted while others decode
+        joins them at the next step; other requests are answered in order, between two steps.
+        """
+        inbox: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+
+        def read() -> None:
+            while line := self.channel.read_line():
+                inbox.put(line)
+            inbox.put(b"")
+
+        threading.Thread(target=read, name="hypha-executor-reader", daemon=True).start()
+        while True:
+            if self.continuous.busy:
+                try:
+                    line = inbox.get_nowait()
+                except queue.Empty:
+                    self.continuous.step()
+                    continue
+            else:
+                line = inbox.get()
+            if not line:
+                return
+            self._answer(line)
+
+    def _answer(self, line: bytes) -> None:
+        try:
+            request = decode_request(line)
+            if isinstance(request, Submit):
+                self.continuous.submit(request)
+                return
+            if isinstance(request, Cancel):
+                self.continuous.cancel(request)
+                return
+            reply = self.handle(request)
+        except BaseException as exc:  # every failure goes back to the worker as a named error; the cache stays
+            if not contained(exc):
+                raise
+            reply = error_reply(exc)
+        self.channel.write(reply)
 
 
 def _training_data(request: Train, *, texts: bool = False) -> dict[str, Any]:
@@ -373,26 +413,6 @@ def _training_data(request: Train, *, texts: bool = False) -> dict[str, Any]:
     if not isinstance(data, dict) or not wanted[0] <= set(data):
         raise InvalidInput(f"a data set for model {request.model!r} must be an object with {wanted[1]}")
     return data
-
-
-def _error(exc: BaseException) -> Error:
-    """The reply for a failure: a hypha error by its class, an unexpected one with its traceback."""
-    message = str(exc)
-    if isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and any(marker in message for marker in _ALLOCATION_FAILURES)
-    ):
-        return Error(
-            type="MemoryLimitExceeded",
-            message="the task tried to allocate more memory than it reserved: "
-            + (message.splitlines() or ["MemoryError"])[0][:300],
-        )
-    if isinstance(exc, HyphaError):
-        return Error(type=type(exc).__name__, message=message)
-    return Error(
-        type="ExecutionError",
-        message=f"{type(exc).__name__}: {message}"[:2000],
-        traceback="".join(traceback.format_exception(exc))[-4000:],
-    )
 
 
 def main() -> None:

@@ -6,7 +6,14 @@ queue (what runs together and when is :mod:`hypha_celery.executor.batching`'s
 decision) and runs them one at a time. The executor keeps the model cache warm
 across tasks, and because every task of the worker that wants that device goes
 through it, a cold model is loaded once (single-flight). Text generation runs
-there too, on the same cache, streaming each text back as it grows. Requests for
+there too, on the same cache, streaming each text back as it grows: with
+``[worker.generation] batching = "continuous"`` (the default) each generation is
+*submitted* (:meth:`~hypha_celery.executor.process.ExecutorProcess.submit`) and
+joins the executor's running batch at its next decode step
+(:mod:`hypha_celery.executor.continuous`); the lane does not wait for it, so any
+number are in flight, each answered by its id, each with its own deadline (past
+it the row is cancelled in the executor). Proofs and LoRA adapters keep the
+static batches below (:func:`~hypha_celery.executor.batching.continuous`). Requests for
 different LoRA adapters of one base (and for the base itself) share a batch:
 each row runs with its own adapter (peft's mixed-batch forward,
 :mod:`hypha_celery.runtimes.transformers_generation`). Training runs in *job*
@@ -31,11 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypha_celery import errors
+from hypha_celery.config import KILL_GRACE_S
 from hypha_celery.executor.batching import (
     Batcher,
     BatchKey,
     BatchPolicy,
     BatchQueue,
+    continuous,
     generation_key,
     infer_key,
     mixed_models,
@@ -50,6 +59,7 @@ from hypha_celery.protocol import (
     InferResult,
     Load,
     Loaded,
+    TaggedReply,
     TrainResult,
     Usage,
 )
@@ -108,8 +118,14 @@ class _Request:
     updates: queue.SimpleQueue[Streamed | None] = field(default_factory=queue.SimpleQueue)  # to the task's thread;
     # None: finished
     error: BaseException | None = None
+    submitted: bool = False  # joins the executor's running batch (continuous batching) instead of a static one
+    tag: int | None = None  # its id in the executor while submitted
+    retried: bool = False  # already sent again after its executor died
+    cancelled: bool = False  # its task gave up on it (revoked): it is dropped, or ended in the executor
 
     def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
+        if self.done.is_set():
+            return
         self.result, self.error = result, error
         self.done.set()
         self.updates.put(None)
@@ -148,6 +164,13 @@ class _Lane:
         self.cache: dict[str, int] = {}
         self.warm = False  # started at boot: kept running (restarted in the background if it dies)
         self.calling = threading.Lock()  # one request on the executor's socket at a time
+        self.cache_lock = threading.Lock()  # the cache is reported from the lane and from the executor's reader
+        # Submitted generations by tag, with the executor running them and, past their deadline, when they were
+        # cancelled (an executor that does not end them within the kill grace is stopped).
+        self.inflight: dict[int, tuple[_Request, ExecutorProcess]] = {}
+        self.overdue: dict[int, tuple[float, ExecutorProcess]] = {}
+        self.tags = 0
+        self.adapted: set[str] = set()  # bases whose LoRA adapters this lane has served
         self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
         self.thread.start()
 
@@ -157,22 +180,32 @@ class _Lane:
             self.cond.notify()
 
     def _take_batch(self) -> list[_Request] | None:
-        """The next batch once it is due (at once when the pool closes); None when closed and drained."""
+        """The next batch once it is due (at once when the pool closes); None when closed and drained.
+
+        While generations are in flight, it wakes at least every 0.1 s to end those past their deadline.
+        """
         with self.cond:
             while True:
+                self._check_deadlines()
                 due_in = self.pending.due_in()
+                wait = 0.1 if self.inflight or self.overdue else 0.5
                 if due_in is None:
                     if self.pool.closed:
                         return None
-                    self.cond.wait(0.5)
+                    self.cond.wait(wait)
                 elif due_in <= 0 or self.pool.closed:
-                    return self.pending.pop()
+                    return [r for r in self.pending.pop() if not r.cancelled]
                 else:
-                    self.cond.wait(due_in)
+                    self.cond.wait(min(due_in, wait))
 
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
             try:
+                if len(batch) == 1 and batch[0].submitted:
+                    self._submit(batch[0])
+                    continue
+                if not batch:
+                    continue
                 with self.calling:
                     self._execute(batch)
             except BaseException as exc:  # never lose a request: each gets an answer
@@ -180,6 +213,101 @@ class _Lane:
                 for request in batch:
                     if not request.done.is_set():
                         request.finish(error=exc)
+
+    # -- continuous batching: generations submitted to the executor's running batch -----------------------------
+
+    def _submit(self, request: _Request) -> None:
+        """Send ``request`` to join the executor's running batch; its replies come to :meth:`_tagged`.
+
+        One sent again after its executor died runs alone: the lane waits for it before the next,
+        so a request that kills the executor fails alone (as :func:`retry_groups` does for a batch).
+        """
+        timeout = request.deadline - time.monotonic()
+        if timeout <= 0:
+            request.finish(error=errors.TaskTimeout("the task's task_timeout passed while it waited for its model"))
+            return
+        assert request.generate is not None
+        started = time.monotonic()
+        with self.calling:
+            executor = self._ensure_executor()
+        request.deadline += time.monotonic() - started  # as a static batch: the executor's start is not its time
+        job = dataclasses.replace(request.generate, limits=_job_limits([request.lease], self.pool.settings))
+        with self.cond:
+            self.tags += 1
+            tag = request.tag = self.tags
+            self.inflight[tag] = (request, executor)
+        try:
+            executor.submit(tag, job, lambda reply: self._tagged(tag, reply))
+        except errors.HyphaError as exc:
+            self._tagged(tag, exc)
+        while request.retried and not request.done.wait(0.1):
+            with self.cond:
+                self._check_deadlines()
+
+    def _tagged(self, tag: int, reply: TaggedReply | errors.HyphaError) -> None:
+        """A submitted generation's reply (in the executor's reader thread): stream it, answer it, or retry it."""
+        with self.cond:
+            if isinstance(reply, Streamed):
+                entry = self.inflight.get(tag)
+            else:
+                entry = self.inflight.pop(tag, None)
+                self.overdue.pop(tag, None)
+        if entry is None:
+            return  # it was answered already (its deadline passed, or its task gave up)
+        request, executor = entry
+        if isinstance(reply, Streamed):
+            request.stream(reply)
+            return
+        if isinstance(reply, errors.HyphaError):  # the executor was lost with it in flight
+            if isinstance(reply, _KILLED):
+                self._cache_changed({})
+            if (isinstance(reply, (errors.ExecutorCrashed, errors.MemoryLimitExceeded)) and executor.lost_with > 1
+                    and not request.retried and not request.cancelled and not self.pool.closed):
+                request.retried = True  # run again alone: only the request that killed it fails
+                self.submit(request)
+            else:
+                request.finish(error=reply)
+            return
+        if isinstance(reply, Error):
+            request.finish(error=error_from_reply(reply, executor.name))
+            return
+        self._cache_changed(reply.cache)  # before the answer: a task that follows sees the model as held
+        output, error = reply.outputs[0] if reply.outputs else None, reply.errors[0] if reply.errors else None
+        if error is not None or output is None:
+            request.finish(error=error_from_reply(error or Error("ExecutorCrashed", "no output"), executor.name))
+            return
+        request.generated = GeneratedItem(output=output, time_to_first_token_s=reply.time_to_first_token_s,
+                                          compute_s=reply.compute_s, cache_hit=reply.cache_hit, load_s=reply.load_s,
+                                          batch_size=reply.batch_size or 1, usage=reply.usage, dtype=reply.dtype)
+        request.finish()
+
+    def cancel(self, request: _Request) -> None:
+        """Its task gave up on ``request`` (revoked, interrupted): drop it, or end its row in the executor."""
+        request.cancelled = True
+        with self.cond:
+            entry = self.inflight.pop(request.tag, None) if request.tag is not None else None
+        if entry is not None:
+            entry[1].cancel(request.tag)  # type: ignore[arg-type]
+        request.finish(error=errors.ExecutionError("the generation was cancelled"))
+
+    def _check_deadlines(self) -> None:
+        """Under ``cond``: end submitted generations past their deadline; stop an executor that does not end them."""
+        now = time.monotonic()
+        for tag, (request, executor) in list(self.inflight.items()):
+            if now >= request.deadline:
+                del self.inflight[tag]
+                self.overdue[tag] = (now, executor)
+                executor.cancel(tag)
+                request.finish(error=errors.TaskTimeout(
+                    "the task ran past its task_timeout and was stopped (its row ended in the running batch)"))
+        for tag, (since, executor) in list(self.overdue.items()):
+            if not executor.alive:
+                del self.overdue[tag]
+            elif now - since > 2 * KILL_GRACE_S:
+                log.error("executor %s did not end generation %d within %.0fs of its deadline: stopping it",
+                          executor.name, tag, 2 * KILL_GRACE_S)
+                del self.overdue[tag]
+                threading.Thread(target=executor.kill, name="hypha-kill-overdue", daemon=True).start()
 
     def _ensure_executor(self) -> ExecutorProcess:
         if self.executor is None or not self.executor.alive:
@@ -277,6 +405,10 @@ class _Lane:
 
     def _cache_changed(self, cache: dict[str, int]) -> None:
         """Report the cache's bytes (to the ledger); a failure is retried at the next change."""
+        with self.cache_lock:
+            self._report_cache(cache)
+
+    def _report_cache(self, cache: dict[str, int]) -> None:
         if cache != self.cache:
             evicted = len(set(self.cache) - set(cache))
             if self.pool.on_cache_change is not None:
@@ -367,28 +499,42 @@ class ExecutorPool:
     ) -> GeneratedItem:
         """Run one task's generation (possibly batched with others) on the serving executor of the lease's device.
 
-        Blocks until done.
+        Blocks until done. It joins the executor's running batch (continuous batching) unless the
+        worker batches statically or :func:`~hypha_celery.executor.batching.continuous` says no.
 
         ``on_progress`` gets every report, in order, in the calling thread (a Celery task's state
         belongs to its own thread) as soon as it comes (each carries the tokens since the one before).
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
+        lane = self._lane(device_key(lease))
+        if family is not None:
+            lane.adapted.add(family)
+        # A base whose adapters this lane has served runs statically, in its adapters' batches (the executor sends
+        # a base with adapters attached down the static path anyway).
+        submitted = (self.settings.generation_batching == "continuous" and continuous(job.params, family)
+                     and job.model not in lane.adapted)
         request = _Request(job.model, None, lease, time.monotonic() + timeout,
-                           generation_key(job.model, family, job.params), job.expected_size, generate=job)
-        self._lane(device_key(lease)).submit(request)
-        while True:
-            try:
-                update = request.updates.get(timeout=1.0)  # a bounded wait stays open to the task's signals
-            except queue.Empty:
-                continue
-            if update is None:
-                break
-            if on_progress is not None:
+                           None if submitted else generation_key(job.model, family, job.params), job.expected_size,
+                           generate=job, submitted=submitted)
+        lane.submit(request)
+        try:
+            while True:
                 try:
-                    on_progress(update)
-                except Exception as exc:  # progress is advisory: keep waiting for the result
-                    log.warning("progress report failed: %s", exc)
+                    update = request.updates.get(timeout=1.0)  # a bounded wait stays open to the task's signals
+                except queue.Empty:
+                    continue
+                if update is None:
+                    break
+                if on_progress is not None:
+                    try:
+                        on_progress(update)
+                    except Exception as exc:  # progress is advisory: keep waiting for the result
+                        log.warning("progress report failed: %s", exc)
+        except BaseException:  # the task was interrupted (revoked, a time limit): its row ends in the executor too
+            if submitted:
+                lane.cancel(request)
+            raise
         if request.error is not None:
             raise request.error
         assert request.generated is not None

@@ -7,7 +7,10 @@ reading its replies under a deadline, turning its ``Error`` replies back into hy
 (with the child's traceback chained) and the SIGTERM-then-SIGKILL of an executor that overran.
 
 Every executor is a fresh interpreter (``python -m hypha_celery.executor.child``), never a
-fork of the worker, and speaks :mod:`hypha_celery.protocol` with it.
+fork of the worker, and speaks :mod:`hypha_celery.protocol` with it. One reader thread per
+executor reads every reply: a :class:`~hypha_celery.protocol.Tagged` one goes to the handler of
+its submitted generation (many may be in flight, :meth:`ExecutorProcess.submit`), the others to
+the one :meth:`ExecutorProcess.call` waiting. When the executor dies, every handler is told.
 """
 
 from __future__ import annotations
@@ -15,12 +18,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,9 +33,11 @@ from typing import TypeVar
 
 from hypha_celery import errors
 from hypha_celery.config import KILL_GRACE_S
+from hypha_celery.executor.tags import Tags
 from hypha_celery.protocol import (
     FD_ENV,
     SETTINGS_ENV,
+    Cancel,
     ChildSettings,
     Error,
     Fatal,
@@ -40,10 +47,14 @@ from hypha_celery.protocol import (
     Reply,
     Request,
     Streamed,
+    Submit,
+    Tagged,
+    TaggedReply,
     decode_reply,
 )
+from hypha_celery.work import Generate
 
-__all__ = ["START_TIMEOUT_S", "ChildTraceback", "ExecutorProcess", "ExecutorSettings", "error_from_reply"]
+__all__ = ["START_TIMEOUT_S", "ChildTraceback", "ExecutorProcess", "ExecutorSettings", "TagHandler", "error_from_reply"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,9 @@ _ERRORS: dict[str, type[errors.HyphaError]] = {
     and not issubclass(cls, (errors.ConfigError, errors.ControlFlow))
 }
 _R = TypeVar("_R", bound=Reply)
+# Gets a submitted generation's tagged replies, in order, in the reader thread; an error (not a reply) when the
+# executor was lost with it in flight (then :attr:`ExecutorProcess.lost_with` says how many were).
+TagHandler = Callable[[TaggedReply | errors.HyphaError], None]
 
 
 class ChildTraceback(Exception):
@@ -98,11 +112,15 @@ class ExecutorSettings:
     max_queue_delay_s: float = 0.002
     memory_mode: str | None = None  # "rlimit" on CPU, "watchdog" with CUDA; override for tests
     max_text_bytes: int | None = None  # a text's byte bound for every model; None: from each model's length
+    generation_batching: str = "continuous"  # [worker.generation] batching: "continuous" or "static"
     tmp_root: str = field(default_factory=tempfile.gettempdir)
 
 
 class ExecutorProcess:
-    """One executor interpreter and its socket. Used by one thread at a time."""
+    """One executor interpreter and its socket.
+
+    :meth:`call` is used by one thread at a time; :meth:`submit` and :meth:`cancel` from any thread.
+    """
 
     def __init__(self, name: str, settings: ExecutorSettings, device_key: str, *, trains: bool = False) -> None:
         self.name = name
@@ -120,6 +138,7 @@ class ExecutorProcess:
             tmpdir=tempfile.mkdtemp(prefix=f"hypha-{name}-", dir=settings.tmp_root),
             trains=trains,
             max_text_bytes=settings.max_text_bytes,
+            max_rows=settings.max_batch_size,
         )
         self.tmpdir = child.tmpdir
         env = _child_env()
@@ -162,6 +181,11 @@ class ExecutorProcess:
                 raise error_from_reply(hello, name)
             raise errors.ExecutorCrashed(f"executor {name} did not start: it sent {hello.kind!r}")
         self.pid = self.process.pid
+        self._replies: queue.SimpleQueue[Reply | errors.HyphaError] = queue.SimpleQueue()
+        self._tags: Tags[TaggedReply, errors.HyphaError] = Tags(lambda reply: not isinstance(reply, Streamed))
+        self._write_lock = threading.Lock()
+        self._sock.settimeout(None)
+        threading.Thread(target=self._read_all, name=f"hypha-replies-{name}", daemon=True).start()
 
     @property
     def alive(self) -> bool:
@@ -192,22 +216,18 @@ class ExecutorProcess:
     ) -> _R:
         """Send one request; wait for its ``expect`` answer until ``timeout`` seconds, then kill and raise."""
         deadline = time.monotonic() + timeout
-        try:
-            self._writer.write(request.encode())
-            self._writer.flush()
-        except OSError as exc:
-            raise errors.ExecutorCrashed(f"executor {self.name} is gone: {exc}") from None
+        self._send(request)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._overran(timeout)
             try:
-                reply = self._read(remaining)
-            except TimeoutError:
+                reply = self._replies.get(timeout=remaining)
+            except queue.Empty:
                 self._overran(timeout)
-            except errors.ExecutorCrashed:
+            if isinstance(reply, errors.HyphaError):
                 self.kill()
-                raise
+                raise reply
             if isinstance(reply, (Progress, Streamed)):
                 if on_progress is not None:
                     try:
@@ -224,6 +244,71 @@ class ExecutorProcess:
                 return reply
             self.kill()
             raise errors.ExecutorCrashed(f"executor {self.name} answered {request.kind!r} with {reply.kind!r}")
+
+    def submit(self, id: int, job: Generate, handler: TagHandler) -> None:
+        """Send a one-prompt generation to the serving loop; ``handler`` gets its tagged replies (no waiting here)."""
+        self._tags.add(id, handler)
+        try:
+            self._send(Submit(id=id, job=job))
+        except errors.ExecutorCrashed:
+            self._tags.discard(id)
+            raise
+
+    def cancel(self, id: int) -> None:
+        """End the submitted generation ``id`` at the executor's next step; its handler still gets its last reply."""
+        try:
+            self._send(Cancel(id=id))
+        except errors.ExecutorCrashed:
+            pass  # gone: its handler hears of it from the reader
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tags)
+
+    @property
+    def lost_with(self) -> int:
+        """How many submitted generations were in flight when the executor was lost."""
+        return self._tags.lost_with
+
+    def _send(self, request: Request | Submit | Cancel) -> None:
+        try:
+            with self._write_lock:
+                self._writer.write(request.encode())
+                self._writer.flush()
+        except (OSError, ValueError) as exc:
+            raise errors.ExecutorCrashed(f"executor {self.name} is gone: {exc}") from None
+
+    def _read_all(self) -> None:
+        """The reader thread: every reply to where it belongs, until the executor is gone."""
+        while True:
+            try:
+                line = self._reader.readline()
+            except (OSError, ValueError) as exc:
+                self._lose(errors.ExecutorCrashed(f"executor {self.name} connection failed: {exc}"))
+                return
+            if not line:
+                try:
+                    code: int | None = self.process.wait(KILL_GRACE_S)
+                except subprocess.TimeoutExpired:
+                    code = None
+                self._lose(errors.ExecutorCrashed(f"executor {self.name} exited (code {code}) without an answer"))
+                return
+            try:
+                reply = decode_reply(line)
+            except ProtocolError as exc:
+                self._lose(errors.ExecutorCrashed(f"executor {self.name} broke the protocol: {exc}"))
+                return
+            if isinstance(reply, Tagged):
+                self._tags.route(reply.id, reply.reply)  # none waits: a generation the worker gave up on
+                continue
+            if isinstance(reply, Fatal):  # the memory watchdog: the executor exits, its rows with it
+                self._lose(error_from_reply(reply, self.name), reply)
+                return
+            self._replies.put(reply)
+
+    def _lose(self, error: errors.HyphaError, fatal: Fatal | None = None) -> None:
+        self._replies.put(fatal if fatal is not None else error)  # the call waiting, if any
+        self._tags.lose(error)
 
     def _overran(self, timeout: float) -> None:
         self.kill()
@@ -243,6 +328,10 @@ class ExecutorProcess:
         self.close()
 
     def close(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the reader thread (EOF) before its file is closed
+        except OSError:
+            pass
         for handle in (self._reader, self._writer, self._sock):
             try:
                 handle.close()

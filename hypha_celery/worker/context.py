@@ -196,4 +196,5 @@ def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:
         max_queue_delay_s=cfg.batching.max_queue_delay_microseconds / 1e6,
         memory_mode=os.environ.get("HYPHA_MEMORY_ENFORCEMENT") or None,
         max_text_bytes=cfg.security.max_text_bytes,
+        generation_batching=cfg.generation.batching,
     )

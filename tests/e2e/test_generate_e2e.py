@@ -192,12 +192,12 @@ def test_concurrent_greedy_generations_are_batched_and_equal_single_requests(sta
         text, prompt_tokens, completion_tokens = _in_process(model_dir, prompt, 12)
         assert result["output"]["text"] == text
         assert result["output"]["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
-    # ... while a seeded sampled generation runs alone, so its seed repeats
+    # ... while a seeded sampled generation repeats its text, whether it shares the running batch (its row
+    # draws from its own generator) or not
     seeded = {"model": TINY_LLAMA, "prompt": "The cat", "max_new_tokens": 8, "do_sample": True, "seed": 3,
               "requirements": SMALL}
     twice = [app.send_task("hypha.generate", kwargs=seeded) for _ in range(2)]
     outs = [r.get(timeout=120) for r in twice]
-    assert [o["metrics"]["batch_size"] for o in outs] == [1, 1]
     assert outs[0]["output"]["text"] == outs[1]["output"]["text"]
 
 
