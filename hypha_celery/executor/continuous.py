@@ -175,6 +175,7 @@ class Continuous:
         return served
 
     def _add(self, id: int, job: Generate, served: _Served) -> None:
+        from hypha_celery.runtimes.transformers_generation import constraint_for
         from hypha_celery.runtimes.transformers_prompts import prompt_ids
         from hypha_celery.serving.request import Request, Sampling
 
@@ -188,7 +189,7 @@ class Continuous:
                             repetition_penalty=params["repetition_penalty"], seed=params["seed"])
         request = Request(prompt_ids(served.model, job.prompts[0], params["max_new_tokens"]),
                           params["max_new_tokens"], sampling, stop=tuple(params["stop"]), on_token=self._token,
-                          tag=id)
+                          tag=id, constraint=constraint_for(served.model, job.prompts[0].response_format))
         row.handle = served.engine.add(request)
         self._rows[id] = row
 

@@ -108,17 +108,18 @@ def _integer(body: Mapping[str, Any], name: str, low: int, high: int) -> int | N
     return value
 
 
-def _response_format(body: Mapping[str, Any]) -> None:
+def _response_format(body: Mapping[str, Any]) -> dict[str, Any]:
+    """``hypha.generate``'s ``response_format`` argument (none for plain text); the worker checks the schema itself
+    (its size, depth and what the grammar engine implements) and its refusal comes back as a 400."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return {}
     if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
         raise invalid('response_format must be an object with a "type"', "response_format")
     if fmt["type"] not in ("text", "json_object", "json_schema"):
         raise invalid(f"response_format.type must be text, json_object or json_schema; got {fmt['type']!r}",
                       "response_format")
-    if fmt["type"] != "text":
-        raise unsupported("response_format", f"{fmt['type']} output needs constrained decoding, not served yet")
+    return {} if fmt["type"] == "text" else {"response_format": fmt}
 
 
 def _sampling(body: Mapping[str, Any], max_tokens_names: tuple[str, ...], default_max: int | None) -> dict[str, Any]:
@@ -214,11 +215,11 @@ def chat_request(body: Any) -> GenerateCall:
     _refuse_unknown(data, {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
                            "seed", "n", "stream", "stream_options", "response_format"})
     model = _model(data)
-    _response_format(data)
+    structured = _response_format(data)
     n = _n(data)
     stream, include_usage = _streaming(data, n)
     kwargs = {"model": model, "messages": _messages(data),
-              **_sampling(data, ("max_tokens", "max_completion_tokens"), None)}
+              **_sampling(data, ("max_tokens", "max_completion_tokens"), None), **structured}
     return GenerateCall(model=model, kwargs=kwargs, n=n, stream=stream, include_usage=include_usage)
 
 

@@ -117,7 +117,6 @@ def test_a_text_completion_defaults_to_16_tokens_and_one_prompt() -> None:
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"logprobs": True}, "logprobs"),
     ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
     ({"response_format": {"type": "xml"}}, "response_format"),
     ({"temperature": 3}, "temperature"),
     ({"top_p": 0}, "top_p"),
@@ -139,7 +138,14 @@ def test_a_parameter_that_cannot_be_honoured_is_a_400_naming_it(body: dict[str, 
 def test_text_response_format_and_neutral_values_are_accepted() -> None:
     call = chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 0,
                          "response_format": {"type": "text"}, "logprobs": False, "n": None})
-    assert call.n == 1
+    assert call.n == 1 and "response_format" not in call.kwargs
+
+
+def test_a_json_format_goes_to_hypha_generate_as_sent() -> None:
+    schema_format = {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}
+    for fmt in ({"type": "json_object"}, schema_format):
+        call = chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}], "response_format": fmt})
+        assert call.kwargs["response_format"] == fmt
 
 
 def test_embeddings_take_a_string_or_a_list_of_strings() -> None:
