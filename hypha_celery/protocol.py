@@ -101,6 +101,7 @@ class ChildSettings(Record):
     trains: bool = False  # a job executor: with the sandbox, it may also stage new models in the store
     max_text_bytes: int | None = None  # [worker.security] max_text_bytes; None: "auto", from each model's length
     max_rows: int = 32  # rows one continuous batch decodes together ([worker.batching] max_batch_size)
+    prefix_cache_bytes: int = 0  # prompt-prefix KV each engine keeps ([worker.generation] prefix_cache); 0: none
 
 
 # --- the executor's own requests ----------------------------------------------------------------

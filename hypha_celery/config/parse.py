@@ -156,13 +156,15 @@ def _parse_value(key: str, meta: Mapping[str, Any], value: Any) -> Any:
         if value <= 0 or not math.isfinite(value):
             raise ConfigError(key, f"must be a positive number of seconds, got {value}")
         return float(value)
-    if kind in ("size", "size|auto"):
+    if kind in ("size", "size|auto", "size|off"):
         if kind == "size|auto" and value == "auto":
             return None
+        if kind == "size|off" and value in ("off", 0):
+            return 0
         try:
             return parse_size(value)
         except ValueError as exc:
-            raise ConfigError(key, str(exc) + (' (or "auto")' if kind == "size|auto" else "")) from None
+            raise ConfigError(key, str(exc) + {"size|auto": ' (or "auto")', "size|off": ' (or "off")'}.get(kind, "")) from None
     if kind in ("str", "url"):
         if not isinstance(value, str):
             raise ConfigError(key, f"expected a string, got {_type_name(value)} {value!r}")

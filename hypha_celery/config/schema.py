@@ -158,6 +158,10 @@ class GenerationConfig:
     # "continuous": a transformers causal LM's generations join its running batch at the next decode step
     # (hypha_celery.executor.continuous); "static": batches of equal settings run until their longest row ends.
     batching: str = _key("str", "continuous", choices=("continuous", "static"))
+    # Bytes of prompt-prefix KV each serving engine keeps (hypha_celery.serving.prefix): requests that share a
+    # prefix (a system prompt, few-shot examples) copy it instead of computing it again. Executor memory held
+    # within the KV budget's headroom; "off" (0) turns reuse off.
+    prefix_cache: int = _key("size|off", 64 * 2**20)
 
 
 @dataclass(frozen=True)

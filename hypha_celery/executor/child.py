@@ -89,7 +89,8 @@ class Executor:
         self.max_text_bytes = settings.max_text_bytes
         self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
-        self.continuous = Continuous(self, channel.write, max_rows=settings.max_rows)
+        self.continuous = Continuous(self, channel.write, max_rows=settings.max_rows,
+                                     prefix_cache_bytes=settings.prefix_cache_bytes)
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:

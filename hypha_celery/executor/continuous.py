@@ -105,10 +105,11 @@ class Continuous:
     """Every running engine of the executor and the submitted rows in them. Called from the executor's main thread."""
 
     def __init__(self, executor: Host, write: Callable[[Reply], None], *, max_rows: int,
-                 prefill_budget: int = 256) -> None:
+                 prefill_budget: int = 256, prefix_cache_bytes: int = 0) -> None:
         self.executor = executor
         self.write = write
         self.max_rows = max_rows
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.prefill_budget = prefill_budget
         self._served: dict[str, _Served] = {}
         self._rows: dict[int, _Row] = {}
@@ -162,7 +163,7 @@ class Continuous:
 
             try:
                 engine = Engine(model.module, model.tokenizer, prefill_budget=self.prefill_budget,
-                                max_rows=self.max_rows)
+                                max_rows=self.max_rows, prefix_cache_bytes=self.prefix_cache_bytes)
             except UnsupportedModel:
                 self._refused.add(job.model)
                 pin.close()

@@ -113,6 +113,7 @@ class ExecutorSettings:
     memory_mode: str | None = None  # "rlimit" on CPU, "watchdog" with CUDA; override for tests
     max_text_bytes: int | None = None  # a text's byte bound for every model; None: from each model's length
     generation_batching: str = "continuous"  # [worker.generation] batching: "continuous" or "static"
+    prefix_cache_bytes: int = 64 * 2**20  # [worker.generation] prefix_cache: each serving engine's prefix KV
     tmp_root: str = field(default_factory=tempfile.gettempdir)
 
 
@@ -139,6 +140,7 @@ class ExecutorProcess:
             trains=trains,
             max_text_bytes=settings.max_text_bytes,
             max_rows=settings.max_batch_size,
+            prefix_cache_bytes=settings.prefix_cache_bytes,
         )
         self.tmpdir = child.tmpdir
         env = _child_env()

@@ -197,4 +197,5 @@ def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:
         memory_mode=os.environ.get("HYPHA_MEMORY_ENFORCEMENT") or None,
         max_text_bytes=cfg.security.max_text_bytes,
         generation_batching=cfg.generation.batching,
+        prefix_cache_bytes=cfg.generation.prefix_cache,
     )

@@ -181,3 +181,18 @@ def test_preload_names_model_ids_and_needs_prewarm() -> None:
         parse_config({"worker": {"models": {"preload": ["ok", "../etc"]}}})
     with pytest.raises(ConfigError, match=r"worker\.models\.preload: needs worker\.execution\.prewarm"):
         parse_config({"worker": {"models": {"preload": ["ok"]}, "execution": {"prewarm": False}}})
+
+
+def test_the_prefix_cache_takes_a_size_or_off_and_reaches_the_executor() -> None:
+    from hypha_celery.worker.context import executor_settings
+
+    # Given the default, a size and "off", When parsed, Then each is the bytes each serving engine keeps
+    assert load_config(None).generation.prefix_cache == 64 * 2**20
+    assert parse_config({"worker": {"generation": {"prefix_cache": "1GiB"}}}).generation.prefix_cache == 2**30
+    off = parse_config({"worker": {"generation": {"prefix_cache": "off"}}})
+    assert off.generation.prefix_cache == 0
+    # And the executor is started with it
+    assert executor_settings(off).prefix_cache_bytes == 0
+    # And anything else is refused naming the key
+    with pytest.raises(ConfigError, match=r"prefix_cache.*\(or \"off\"\)"):
+        parse_config({"worker": {"generation": {"prefix_cache": "lots"}}})
