@@ -12,7 +12,7 @@ there too, on the same cache, streaming each text back as it grows: with
 joins the executor's running batch at its next decode step
 (:mod:`hypha_celery.executor.continuous`); the lane does not wait for it, so any
 number are in flight, each answered by its id, each with its own deadline (past
-it the row is cancelled in the executor). Proofs and LoRA adapters keep the
+it the row is cancelled in the executor): :mod:`hypha_celery.executor.inflight` keeps them. Proofs and LoRA adapters keep the
 static batches below (:func:`~hypha_celery.executor.batching.continuous`). Requests for
 different LoRA adapters of one base (and for the base itself) share a batch:
 each row runs with its own adapter (peft's mixed-batch forward,
@@ -34,14 +34,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from hypha_celery import errors
-from hypha_celery.config import KILL_GRACE_S
 from hypha_celery.executor.batching import (
     Batcher,
-    BatchKey,
     BatchPolicy,
     BatchQueue,
     continuous,
@@ -50,7 +47,9 @@ from hypha_celery.executor.batching import (
     mixed_models,
     retry_groups,
 )
+from hypha_celery.executor.inflight import InFlight
 from hypha_celery.executor.process import START_TIMEOUT_S, ExecutorProcess, ExecutorSettings, error_from_reply
+from hypha_celery.executor.requests import KILLED, GeneratedItem, ItemResult, Request, job_limits
 from hypha_celery.protocol import (
     Describe,
     Description,
@@ -59,127 +58,51 @@ from hypha_celery.protocol import (
     InferResult,
     Load,
     Loaded,
-    TaggedReply,
     TrainResult,
-    Usage,
 )
 from hypha_celery.resources.ledger import Lease
-from hypha_celery.work import Generate, Generated, Infer, JobLimits, Progress, Streamed, Train
+from hypha_celery.work import Generate, Infer, Progress, Streamed, Train
 
-__all__ = ["ExecutorPool", "GeneratedItem", "ItemResult"]
+__all__ = ["ExecutorPool"]
 
 log = logging.getLogger(__name__)
-
-# After these the executor was killed (a deadline, a crash, the memory limit): its cache is gone.
-_KILLED = (errors.TaskTimeout, errors.ExecutorCrashed, errors.MemoryLimitExceeded)
-
-
-@dataclass
-class ItemResult:
-    """One task's share of an inference job."""
-
-    output: Any
-    cache_hit: bool
-    load_s: float
-    compute_s: float
-    batch_size: int
-    memory_peak: int
-    device: str
-    cpu_affinity: list[int]
-    gpu_memory_peak: int | None = None
-
-
-@dataclass
-class GeneratedItem:
-    """One task's share of a generation job."""
-
-    output: Generated
-    time_to_first_token_s: float
-    compute_s: float
-    cache_hit: bool
-    load_s: float
-    batch_size: int
-    usage: Usage
-    dtype: str | None = None  # the loaded model's parameter dtype
-
-
-@dataclass
-class _Request:
-    model: str
-    inputs: Any
-    lease: Lease
-    deadline: float
-    key: BatchKey | None  # the requests it may share a batch with; None: it runs alone
-    expected_size: int | None
-    generate: Generate | None = None  # a generation, streaming into ``streamed``
-    done: threading.Event = field(default_factory=threading.Event)
-    result: ItemResult | None = None
-    generated: GeneratedItem | None = None
-    updates: queue.SimpleQueue[Streamed | None] = field(default_factory=queue.SimpleQueue)  # to the task's thread;
-    # None: finished
-    error: BaseException | None = None
-    submitted: bool = False  # joins the executor's running batch (continuous batching) instead of a static one
-    tag: int | None = None  # its id in the executor while submitted
-    retried: bool = False  # already sent again after its executor died
-    cancelled: bool = False  # its task gave up on it (revoked): it is dropped, or ended in the executor
-
-    def finish(self, result: ItemResult | None = None, error: BaseException | None = None) -> None:
-        if self.done.is_set():
-            return
-        self.result, self.error = result, error
-        self.done.set()
-        self.updates.put(None)
-
-    def stream(self, update: Progress | Streamed) -> None:
-        if isinstance(update, Streamed):
-            self.updates.put(update)
-
-
-def _job_limits(leases: list[Lease], settings: ExecutorSettings) -> JobLimits:
-    # Affinity: the cores held alone, and for a fraction every core of the shared pool it was admitted
-    # to (the kernel spreads fractions over it); threads: the cores' worth reserved, at least one.
-    cores = sorted({core for lease in leases for core in lease.cores})
-    milli = sum(sum(lease.cores.values()) for lease in leases)
-    return JobLimits(
-        memory=sum(lease.memory for lease in leases) if settings.enforce_memory else None,
-        cores=cores if settings.enforce_cpu and cores else None,
-        gpu_memory=sum(sum(lease.gpus.values()) for lease in leases) or None,
-        threads=min(len(cores), max(1, -(-milli // 1000))) if settings.enforce_cpu and cores else None,
-    )
 
 
 def device_key(lease: Lease) -> str:
     return f"cuda:{lease.cuda_visible_devices}" if lease.gpus else "cpu"
 
 
-class _Lane:
-    """The serving executor for one device and the thread that feeds it batches."""
+class _Lane(InFlight):
+    """The serving executor for one device and the thread that feeds it batches.
+
+    The generations it keeps in flight (continuous batching) are :class:`~hypha_celery.executor.inflight.InFlight`'s.
+    """
+
+    pool: ExecutorPool
 
     def __init__(self, pool: ExecutorPool, key: str) -> None:
         self.pool = pool
         self.key = key
         self.executor: ExecutorProcess | None = None
-        self.pending: Batcher[_Request] = BatchQueue(pool.policy)
+        self.pending: Batcher[Request] = BatchQueue(pool.policy)
         self.cond = threading.Condition()  # guards ``pending``; a submit wakes the thread
         self.cache: dict[str, int] = {}
         self.warm = False  # started at boot: kept running (restarted in the background if it dies)
         self.calling = threading.Lock()  # one request on the executor's socket at a time
         self.cache_lock = threading.Lock()  # the cache is reported from the lane and from the executor's reader
-        # Submitted generations by tag, with the executor running them and, past their deadline, when they were
-        # cancelled (an executor that does not end them within the kill grace is stopped).
-        self.inflight: dict[int, tuple[_Request, ExecutorProcess]] = {}
+        self.inflight: dict[int, tuple[Request, ExecutorProcess]] = {}
         self.overdue: dict[int, tuple[float, ExecutorProcess]] = {}
         self.tags = 0
         self.adapted: set[str] = set()  # bases whose LoRA adapters this lane has served
         self.thread = threading.Thread(target=self._run, name=f"hypha-batcher-{key}", daemon=True)
         self.thread.start()
 
-    def submit(self, request: _Request) -> None:
+    def submit(self, request: Request) -> None:
         with self.cond:
             self.pending.push(request, request.key)
             self.cond.notify()
 
-    def _take_batch(self) -> list[_Request] | None:
+    def _take_batch(self) -> list[Request] | None:
         """The next batch once it is due (at once when the pool closes); None when closed and drained.
 
         While generations are in flight, it wakes at least every 0.1 s to end those past their deadline.
@@ -214,101 +137,6 @@ class _Lane:
                     if not request.done.is_set():
                         request.finish(error=exc)
 
-    # -- continuous batching: generations submitted to the executor's running batch -----------------------------
-
-    def _submit(self, request: _Request) -> None:
-        """Send ``request`` to join the executor's running batch; its replies come to :meth:`_tagged`.
-
-        One sent again after its executor died runs alone: the lane waits for it before the next,
-        so a request that kills the executor fails alone (as :func:`retry_groups` does for a batch).
-        """
-        timeout = request.deadline - time.monotonic()
-        if timeout <= 0:
-            request.finish(error=errors.TaskTimeout("the task's task_timeout passed while it waited for its model"))
-            return
-        assert request.generate is not None
-        started = time.monotonic()
-        with self.calling:
-            executor = self._ensure_executor()
-        request.deadline += time.monotonic() - started  # as a static batch: the executor's start is not its time
-        job = dataclasses.replace(request.generate, limits=_job_limits([request.lease], self.pool.settings))
-        with self.cond:
-            self.tags += 1
-            tag = request.tag = self.tags
-            self.inflight[tag] = (request, executor)
-        try:
-            executor.submit(tag, job, lambda reply: self._tagged(tag, reply))
-        except errors.HyphaError as exc:
-            self._tagged(tag, exc)
-        while request.retried and not request.done.wait(0.1):
-            with self.cond:
-                self._check_deadlines()
-
-    def _tagged(self, tag: int, reply: TaggedReply | errors.HyphaError) -> None:
-        """A submitted generation's reply (in the executor's reader thread): stream it, answer it, or retry it."""
-        with self.cond:
-            if isinstance(reply, Streamed):
-                entry = self.inflight.get(tag)
-            else:
-                entry = self.inflight.pop(tag, None)
-                self.overdue.pop(tag, None)
-        if entry is None:
-            return  # it was answered already (its deadline passed, or its task gave up)
-        request, executor = entry
-        if isinstance(reply, Streamed):
-            request.stream(reply)
-            return
-        if isinstance(reply, errors.HyphaError):  # the executor was lost with it in flight
-            if isinstance(reply, _KILLED):
-                self._cache_changed({})
-            if (isinstance(reply, (errors.ExecutorCrashed, errors.MemoryLimitExceeded)) and executor.lost_with > 1
-                    and not request.retried and not request.cancelled and not self.pool.closed):
-                request.retried = True  # run again alone: only the request that killed it fails
-                self.submit(request)
-            else:
-                request.finish(error=reply)
-            return
-        if isinstance(reply, Error):
-            request.finish(error=error_from_reply(reply, executor.name))
-            return
-        self._cache_changed(reply.cache)  # before the answer: a task that follows sees the model as held
-        output, error = reply.outputs[0] if reply.outputs else None, reply.errors[0] if reply.errors else None
-        if error is not None or output is None:
-            request.finish(error=error_from_reply(error or Error("ExecutorCrashed", "no output"), executor.name))
-            return
-        request.generated = GeneratedItem(output=output, time_to_first_token_s=reply.time_to_first_token_s,
-                                          compute_s=reply.compute_s, cache_hit=reply.cache_hit, load_s=reply.load_s,
-                                          batch_size=reply.batch_size or 1, usage=reply.usage, dtype=reply.dtype)
-        request.finish()
-
-    def cancel(self, request: _Request) -> None:
-        """Its task gave up on ``request`` (revoked, interrupted): drop it, or end its row in the executor."""
-        request.cancelled = True
-        with self.cond:
-            entry = self.inflight.pop(request.tag, None) if request.tag is not None else None
-        if entry is not None:
-            entry[1].cancel(request.tag)  # type: ignore[arg-type]
-        request.finish(error=errors.ExecutionError("the generation was cancelled"))
-
-    def _check_deadlines(self) -> None:
-        """Under ``cond``: end submitted generations past their deadline; stop an executor that does not end them."""
-        now = time.monotonic()
-        for tag, (request, executor) in list(self.inflight.items()):
-            if now >= request.deadline:
-                del self.inflight[tag]
-                self.overdue[tag] = (now, executor)
-                executor.cancel(tag)
-                request.finish(error=errors.TaskTimeout(
-                    "the task ran past its task_timeout and was stopped (its row ended in the running batch)"))
-        for tag, (since, executor) in list(self.overdue.items()):
-            if not executor.alive:
-                del self.overdue[tag]
-            elif now - since > 2 * KILL_GRACE_S:
-                log.error("executor %s did not end generation %d within %.0fs of its deadline: stopping it",
-                          executor.name, tag, 2 * KILL_GRACE_S)
-                del self.overdue[tag]
-                threading.Thread(target=executor.kill, name="hypha-kill-overdue", daemon=True).start()
-
     def _ensure_executor(self) -> ExecutorProcess:
         if self.executor is None or not self.executor.alive:
             if self.executor is not None:
@@ -317,7 +145,7 @@ class _Lane:
             self.executor = ExecutorProcess(f"serve-{self.key.replace(':', '')}", self.pool.settings, self.key)
         return self.executor
 
-    def _execute(self, batch: list[_Request]) -> None:
+    def _execute(self, batch: list[Request]) -> None:
         timeout = max(r.deadline for r in batch) - time.monotonic()
         if timeout <= 0:
             for request in batch:
@@ -331,7 +159,7 @@ class _Lane:
             model=batch[0].model,
             items=[r.inputs for r in batch],
             expected_size=batch[0].expected_size,
-            limits=_job_limits([r.lease for r in batch], self.pool.settings),
+            limits=job_limits([r.lease for r in batch], self.pool.settings),
             models=mixed_models([r.model for r in batch]),
         )
         try:
@@ -359,11 +187,11 @@ class _Lane:
                 gpu_memory_peak=usage.gpu_memory_peak,
             ))
 
-    def _generate(self, executor: ExecutorProcess, batch: list[_Request], job: Generate, timeout: float) -> None:
+    def _generate(self, executor: ExecutorProcess, batch: list[Request], job: Generate, timeout: float) -> None:
         prompts = [prompt for request in batch for prompt in request.generate.prompts]  # type: ignore[union-attr]
         models = [request.model for request in batch for _ in request.generate.prompts]  # type: ignore[union-attr]
         job = dataclasses.replace(job, model=batch[0].model, prompts=prompts, models=mixed_models(models),
-                                  limits=_job_limits([r.lease for r in batch], self.pool.settings))
+                                  limits=job_limits([r.lease for r in batch], self.pool.settings))
 
         def route(update: Progress | Streamed) -> None:
             if isinstance(update, Streamed) and 0 <= update.index < len(batch):
@@ -392,9 +220,9 @@ class _Lane:
             )
             request.finish()
 
-    def _failed(self, batch: list[_Request], error: errors.HyphaError, run: Callable[[list[_Request]], None]) -> None:
+    def _failed(self, batch: list[Request], error: errors.HyphaError, run: Callable[[list[Request]], None]) -> None:
         """A batch that failed as one: run its groups again (:func:`retry_groups`), or give each request the error."""
-        if isinstance(error, _KILLED):
+        if isinstance(error, KILLED):
             self._cache_changed({})  # the executor was killed: its cache is gone
         groups = retry_groups(batch, error, lambda request: request.model)
         for group in groups:
@@ -479,7 +307,7 @@ class ExecutorPool:
         """
         if self.closed:
             raise errors.ExecutorCrashed("the worker is shutting down")
-        request = _Request(model, inputs, lease, time.monotonic() + timeout, infer_key(model, family, batchable),
+        request = Request(model, inputs, lease, time.monotonic() + timeout, infer_key(model, family, batchable),
                            expected_size)
         self._lane(device_key(lease)).submit(request)
         request.done.wait()
@@ -514,7 +342,7 @@ class ExecutorPool:
         # a base with adapters attached down the static path anyway).
         submitted = (self.settings.generation_batching == "continuous" and continuous(job.params, family)
                      and job.model not in lane.adapted)
-        request = _Request(job.model, None, lease, time.monotonic() + timeout,
+        request = Request(job.model, None, lease, time.monotonic() + timeout,
                            None if submitted else generation_key(job.model, family, job.params), job.expected_size,
                            generate=job, submitted=submitted)
         lane.submit(request)
@@ -555,7 +383,7 @@ class ExecutorPool:
             executor = idle.pop() if idle else None
         if executor is None or not executor.alive:
             executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key, trains=True)
-        job = dataclasses.replace(job, limits=_job_limits([lease], self.settings))
+        job = dataclasses.replace(job, limits=job_limits([lease], self.settings))
         try:
             result = executor.call(job, TrainResult, timeout, _training_progress(on_progress))
         except errors.HyphaError as exc:

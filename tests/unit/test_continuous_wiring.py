@@ -13,8 +13,9 @@ import pytest
 from hypha_celery import errors
 from hypha_celery.executor.batching import BatchPolicy, continuous
 from hypha_celery.executor.continuous import combined_limits
-from hypha_celery.executor.pool import ExecutorPool, _Lane, _Request
+from hypha_celery.executor.pool import ExecutorPool, _Lane
 from hypha_celery.executor.process import ExecutorSettings
+from hypha_celery.executor.requests import Request
 from hypha_celery.executor.tags import Tags
 from hypha_celery.protocol import (
     Cancel,
@@ -118,10 +119,10 @@ def lane() -> _Lane:
     return lane
 
 
-def _inflight(lane: _Lane, tag: int, deadline_s: float = 60.0) -> tuple[_Request, _Executor]:
+def _inflight(lane: _Lane, tag: int, deadline_s: float = 60.0) -> tuple[Request, _Executor]:
     lease = Lease(id="l", node="n", memory=1, cores={}, gpus={}, exclusive_gpu=False)
     job = Generate(model="m", params={}, prompts=[Prompt("x")])
-    request = _Request("m", None, lease, time.monotonic() + deadline_s, None, None, generate=job, submitted=True,
+    request = Request("m", None, lease, time.monotonic() + deadline_s, None, None, generate=job, submitted=True,
                        tag=tag)
     executor = _Executor()
     with lane.cond:

@@ -23,8 +23,8 @@ from hypha_celery.errors import (
     RegistryUnavailable,
     ResourcesBusy,
 )
-from hypha_celery.executor.pool import _job_limits
 from hypha_celery.executor.process import ExecutorSettings
+from hypha_celery.executor.requests import job_limits
 from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Call, Capacity, Lease, LeaseKeeper, Ledger, Refusal
 from hypha_celery.resources.requirements import Requirements
@@ -111,9 +111,9 @@ def test_a_fractions_job_may_run_on_its_whole_pool_with_one_thread(client: redis
     settings = ExecutorSettings(store="/nowhere", cache_size=0, max_model_size=0, sandbox=False, nice=0,
                                 enforce_memory=False, enforce_cpu=True)
     # Then the executor pins the fraction's job to the pool it was admitted to, with one torch thread
-    assert (_job_limits([half], settings).cores, _job_limits([half], settings).threads) == ([0, 1, 2, 3], 1)
+    assert (job_limits([half], settings).cores, job_limits([half], settings).threads) == ([0, 1, 2, 3], 1)
     # ... and the whole-core job to its own cores, one thread each
-    assert (_job_limits([two], settings).cores, _job_limits([two], settings).threads) == ([0, 1], 2)
+    assert (job_limits([two], settings).cores, job_limits([two], settings).threads) == ([0, 1], 2)
 
 
 def test_gpu_best_fit_and_exclusive_devices(ledger: Ledger) -> None:
