@@ -15,7 +15,8 @@ runs only those steps, by number or name: 1 admission, 2 ledger, 3 placement
 13 checkpoint (:mod:`bench.checkpoint`), 14 training and 15 adapter_switch (:mod:`bench.training`),
 16 diloco (:mod:`bench.diloco`), 17 proofs (:mod:`bench.proofs`), 18 token_stream (:mod:`bench.token_stream`), 19 gateway (the
 OpenAI gateway's latency over a direct submit, and its first streamed chunk, :mod:`bench.gateway`),
-20 structured_output (:mod:`bench.structured`), 21 continuous (:mod:`bench.continuous`).
+20 structured_output (:mod:`bench.structured`), 21 continuous (:mod:`bench.continuous`), 22 migration (a
+generation continued on another worker after a kill -9, :mod:`bench.migration`).
 ``HYPHA_BENCH_REPEATS`` (default 3) runs of each figure; ``HYPHA_BENCH_TASKS``
 (default 600) no-op tasks per admission run.
 """
@@ -46,6 +47,7 @@ from bench.continuous import bench_continuous
 from bench.counts import bench_counts
 from bench.diloco import bench_diloco
 from bench.gateway import bench_gateway
+from bench.migration import bench_migration
 from bench.models import (
     bench_cold_load_largest,
     bench_embeddings_batched,
@@ -480,6 +482,7 @@ def main() -> int:
         (19, "gateway", lambda: bench_gateway(url, workdir, workdir / "models")),
         (20, "structured_output", bench_structured_output),
         (21, "continuous", lambda: bench_continuous(url, workdir, workdir / "models")),
+        (22, "migration", lambda: bench_migration(url, workdir, workdir / "models")),
     ]
     unknown = only - {str(number) for number, _, _ in steps} - {name for _, name, _ in steps}
     if unknown:

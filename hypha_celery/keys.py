@@ -52,6 +52,9 @@ Token streams (on the result backend's Redis, not the registry's; :mod:`hypha_ce
     hypha:task:<task_id>:tokens       stream a generation's tokens as they come, then an end entry with the task's
                                              status; MAXLEN ~ [worker.generation] stream_maxlen, expires with
                                              the task's result (Celery's result_expires)
+    hypha:task:<task_id>:rng          string  "<tokens>:<device>:<base64>": a seeded sampled generation's random
+                                             generator state after that many tokens (what continuing it on
+                                             another worker needs); rewritten with each stream write, same expiry
 
 DiLoCo::
 
@@ -93,6 +96,7 @@ __all__ = [
     "nonce",
     "schema",
     "task_guard",
+    "token_rng",
     "token_stream",
     "worker",
     "worker_queue",
@@ -171,6 +175,10 @@ class KeySchema:
     def token_stream(self, task_id: str) -> str:
         """The Redis Stream of task ``task_id``'s generated tokens (in the result backend's Redis)."""
         return f"{self.prefix}:task:{task_id}:tokens"
+
+    def token_rng(self, task_id: str) -> str:
+        """Task ``task_id``'s generator state after its streamed tokens (a seeded sampled generation only)."""
+        return f"{self.prefix}:task:{task_id}:rng"
 
     def nonce(self, key_id: str, value: str) -> str:
         return f"{self.prefix}:nonce:{key_id}:{value}"
@@ -251,6 +259,10 @@ def task_guard(task_id: str) -> str:
 
 def token_stream(task_id: str) -> str:
     return schema().token_stream(task_id)
+
+
+def token_rng(task_id: str) -> str:
+    return schema().token_rng(task_id)
 
 
 def nonce(key_id: str, value: str) -> str:

@@ -102,6 +102,7 @@ class ChildSettings(Record):
     max_text_bytes: int | None = None  # [worker.security] max_text_bytes; None: "auto", from each model's length
     max_rows: int = 32  # rows one continuous batch decodes together ([worker.batching] max_batch_size)
     prefix_cache_bytes: int = 0  # prompt-prefix KV each engine keeps ([worker.generation] prefix_cache); 0: none
+    step_delay_s: float = 0.0  # a test hook: a sleep after each continuous-batching step (DECODE_DELAY_ENV)
 
 
 # --- the executor's own requests ----------------------------------------------------------------

@@ -15,12 +15,17 @@ Each generation (``hypha.generate``) writes, in the result backend's Redis, unde
   comma-separated), ``offset`` (characters of the row's text before this piece), ``text`` (the new
   text: joined in order, the pieces are the final text) and ``t`` (unix seconds when the executor saw
   the newest of these tokens);
+  The first entry a run writes also names its worker (``worker``) and when the task's time budget
+  started (``since``: unix seconds of the first run's admission);
 * then one end entry: ``end`` (the task's status, ``SUCCESS`` or ``FAILURE``), and for a failure
   ``error`` (the class name in :mod:`hypha_celery.errors`) and ``message``.
 
-The ids and their numbers make the stream the record that a generation can be continued from on another
-worker; ``offset`` lets a reader that sees a piece twice (the task ran again after its worker died)
-keep each character once. Entries are trimmed to ``MAXLEN ~ [worker.generation] stream_maxlen`` (Redis
+The ids and their numbers make the stream the record that a generation is continued from on another
+worker when its own dies (:func:`read_record`, :mod:`hypha_celery.stages.continuation`); a seeded
+sampled generation also keeps its generator's state after the streamed tokens beside it
+(:meth:`~hypha_celery.keys.KeySchema.token_rng`, ``<tokens>:<state>``, rewritten by each write after
+the ``XADD``, so a state never names tokens the stream lacks). ``offset`` lets a reader that sees a
+piece twice keep each character once. Entries are trimmed to ``MAXLEN ~ [worker.generation] stream_maxlen`` (Redis
 trims whole nodes, so a stream may hold a few more); the key expires with the task's result
 (Celery's ``result_expires``, set when the first entry is written and again with the end).
 Each flush is one pipelined round trip (its ``XADD`` and, first and last, an ``EXPIRE``).
@@ -42,7 +47,8 @@ import redis
 from hypha_celery import errors
 from hypha_celery.keys import KeySchema
 
-__all__ = ["DEFAULT_MAXLEN", "End", "TokenStreamWriter", "TokenStreams", "Tokens", "error_of", "read"]
+__all__ = ["DEFAULT_MAXLEN", "End", "Record", "TokenStreamWriter", "TokenStreams", "Tokens", "error_of", "read",
+           "read_record"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +75,8 @@ class Tokens:
     text: str
     at: float
     id: str = ""  # the stream entry's id
+    worker: str = ""  # on the first entry of each run: the worker that wrote it
+    since: float = 0.0  # and when the task's time budget started
 
 
 @dataclass(frozen=True)
@@ -85,8 +93,11 @@ class End:
 
 def encode_tokens(entry: Tokens) -> dict[str, str]:
     """The stream fields of ``entry`` (every value a string, readable by any Redis client)."""
-    return {"row": str(entry.row), "start": str(entry.start), "ids": ",".join(map(str, entry.ids)),
-            "offset": str(entry.offset), "text": entry.text, "t": f"{entry.at:.6f}"}
+    fields = {"row": str(entry.row), "start": str(entry.start), "ids": ",".join(map(str, entry.ids)),
+              "offset": str(entry.offset), "text": entry.text, "t": f"{entry.at:.6f}"}
+    if entry.worker:
+        fields.update(worker=entry.worker, since=f"{entry.since:.6f}")
+    return fields
 
 
 def encode_end(entry: End) -> dict[str, str]:
@@ -106,7 +117,8 @@ def decode(entry_id: str | bytes, fields: dict[Any, Any]) -> Tokens | End:
     ids = text.get("ids", "")
     return Tokens(row=int(text.get("row", 0)), start=int(text.get("start", 0)),
                   ids=[int(i) for i in ids.split(",")] if ids else [], offset=int(text.get("offset", 0)),
-                  text=text.get("text", ""), at=float(text.get("t", 0) or 0), id=ident)
+                  text=text.get("text", ""), at=float(text.get("t", 0) or 0), id=ident,
+                  worker=text.get("worker", ""), since=float(text.get("since", 0) or 0))
 
 
 def error_of(end: End) -> errors.HyphaError:
@@ -132,18 +144,35 @@ class TokenStreamWriter:
     key: str
     maxlen: int = DEFAULT_MAXLEN
     expires: int | None = None  # seconds; None or 0: the result never expires, so neither does the stream
+    rng_key: str | None = None  # where a seeded sampled row's generator state goes (row 0's)
     pending: list[dict[str, str]] = field(default_factory=list)
     rows: dict[int, _Row] = field(default_factory=dict)
     flushes: int = 0
     ended: bool = False
     broken: bool = False  # a write failed: the rest of the run writes only its end (a Redis down costs one timeout)
+    worker: str = ""  # named, with ``since``, on this run's first entry (:meth:`begin`)
+    since: float = 0.0
+    rng: str | None = None  # "<tokens>:<state>" to write with the next flush
 
-    def add(self, row: int, text: str, ids: Sequence[int], start: int, at: float | None = None) -> bool:
-        """Note a report: row ``row``'s visible ``text`` so far and its token ``ids`` from number ``start``.
+    def begin(self, worker: str, since: float) -> None:
+        """This run's first entry names ``worker`` and ``since`` (when the task's time budget started)."""
+        self.worker, self.since = worker, since
+
+    def resume(self, row: int, text: str, tokens: int) -> None:
+        """The stream already holds row ``row``'s first ``tokens`` token ids and ``text`` (an earlier run's):
+        this run's reports add only what comes after them."""
+        self.rows[row] = _Row(text=text, tokens=tokens)
+
+    def add(self, row: int, text: str, ids: Sequence[int], start: int, at: float | None = None,
+            rng: str | None = None) -> bool:
+        """Note a report: row ``row``'s visible ``text`` so far and its token ``ids`` from number ``start``
+        (``rng``: the row's generator state after them).
 
         Buffers an entry of what the stream does not hold yet (nothing, when a repeat brings nothing new);
         returns whether it did. ``flush`` writes it.
         """
+        if rng is not None and row == 0 and self.rng_key is not None:
+            self.rng = f"{start + len(ids)}:{rng}"
         state = self.rows.setdefault(row, _Row())
         skip = max(0, state.tokens - start)
         new_ids = list(ids[skip:])
@@ -159,7 +188,9 @@ class TokenStreamWriter:
         if not new_ids and not piece:
             return False
         self.pending.append(encode_tokens(Tokens(row=row, start=start + skip, ids=new_ids, offset=offset, text=piece,
-                                                 at=time.time() if at is None else at)))
+                                                 at=time.time() if at is None else at, worker=self.worker,
+                                                 since=self.since)))
+        self.worker = ""  # named once, on the run's first entry
         state.text += piece
         state.tokens = max(state.tokens, start + len(ids))
         return True
@@ -186,6 +217,9 @@ class TokenStreamWriter:
             with self.client.pipeline(transaction=False) as pipe:
                 for fields in entries:
                     pipe.xadd(self.key, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+                if self.rng is not None and self.rng_key is not None:  # after the XADD: it never names missing tokens
+                    pipe.set(self.rng_key, self.rng, ex=self.expires or None)
+                    self.rng = None
                 if self.expires and (self.flushes == 0 or tail):
                     pipe.expire(self.key, self.expires)
                 pipe.execute()
@@ -207,10 +241,83 @@ class TokenStreams:
     def writer(self, task_id: str, expires: int | float | None) -> TokenStreamWriter:
         """The writer of task ``task_id``'s stream, its key kept ``expires`` seconds (the result's expiry)."""
         return TokenStreamWriter(self.client, self.schema.token_stream(task_id), self.maxlen,
-                                 int(expires) if expires else None)
+                                 int(expires) if expires else None, self.schema.token_rng(task_id))
+
+    def record(self, task_id: str, max_tokens: int) -> Record | None:
+        """What task ``task_id``'s stream holds of an earlier run (:func:`read_record`)."""
+        return read_record(self.client, self.schema.token_stream(task_id), self.schema.token_rng(task_id),
+                           max_tokens=max_tokens)
 
     def close(self) -> None:
         self.client.close()
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a task's stream holds of its earlier runs: what a copy of the task continues from.
+
+    ``ids``: row 0's token ids from its first, without a gap; ``text``: the row's text a reader has
+    been given; ``rng``: the generator state after ``rng_tokens`` of the ids ("" when none was kept);
+    ``workers``: the runs' workers, in order; ``since``: when the first run was admitted (0: unknown);
+    ``refused``: why the ids cannot be continued from (a gap, an entry that does not parse, more tokens
+    than the task may produce, an end entry); the ids are then empty, ``text`` and ``held`` still say
+    what a reader has seen.
+    """
+
+    ids: list[int]
+    text: str
+    held: int  # token ids the stream holds for row 0 (what a writer must not append again)
+    rng: str = ""
+    rng_tokens: int = -1
+    workers: tuple[str, ...] = ()
+    since: float = 0.0
+    refused: str = ""
+
+
+def read_record(client: redis.Redis, key: str, rng_key: str, *, max_tokens: int) -> Record | None:
+    """Task's stream at ``key`` (and the generator state at ``rng_key``) as a :class:`Record`, in one round trip;
+    None when there is no stream. Every entry is checked: the stream is written by other workers."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.xrange(key, count=DEFAULT_MAXLEN * 2)
+        pipe.get(rng_key)
+        raw_entries, raw_rng = pipe.execute()
+    if not raw_entries:
+        return None
+    ids: list[int] = []
+    text, refused, since = "", "", 0.0
+    workers: list[str] = []
+    for entry_id, fields in raw_entries:
+        try:
+            entry = decode(entry_id, fields)
+        except (ValueError, UnicodeDecodeError):
+            refused = refused or f"entry {_str(entry_id)} does not parse"
+            break
+        if isinstance(entry, End):
+            refused = refused or f"the stream already ended ({entry.status})"
+            break
+        if entry.row != 0 or entry.start < 0 or entry.offset < 0 or any(i < 0 for i in entry.ids):
+            refused = refused or f"entry {entry.id} is not one of this task's"
+            break
+        if entry.worker and (not workers or workers[-1] != entry.worker):
+            workers.append(entry.worker[:256])
+        if entry.since > 0 and (since == 0 or entry.since < since):
+            since = entry.since
+        if entry.start > len(ids):
+            refused = refused or f"its tokens {len(ids)} to {entry.start - 1} are missing (trimmed or lost)"
+            break
+        ids.extend(entry.ids[len(ids) - entry.start:])
+        if entry.offset <= len(text) < entry.offset + len(entry.text):
+            text += entry.text[len(text) - entry.offset:]
+        if len(ids) > max_tokens:
+            refused = refused or f"it holds more than the task's {max_tokens} new tokens"
+            break
+    rng, rng_tokens = "", -1
+    if raw_rng:
+        count, _, state = _str(raw_rng).partition(":")
+        if count.isdigit() and int(count) <= len(ids):
+            rng, rng_tokens = state, int(count)
+    return Record(ids=[] if refused else ids, text=text, held=len(ids), rng=rng, rng_tokens=rng_tokens,
+                  workers=tuple(workers), since=min(since, time.time()), refused=refused)
 
 
 def read(

@@ -121,11 +121,16 @@ class Prompt(Record):
 
     ``response_format``: the checked OpenAI-shaped format its output is constrained to (None: plain text); per
     prompt, so requests with different schemas still share a batch (each row has its own constraint).
+    ``resume``: the completion token ids an earlier run of the task produced (read back from its token
+    stream, :mod:`hypha_celery.token_stream`): the generation continues after them; ``rng``: the row's
+    random generator state after the last of them (:func:`hypha_celery.serving.sampling.rng_record`).
     """
 
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     response_format: dict[str, Any] | None = None
+    resume: list[int] | None = None
+    rng: str | None = None
 
 
 @dataclass(frozen=True)
@@ -226,7 +231,8 @@ class Streamed(Message):
 
     ``ids``: the token ids generated since the row's previous report, the first of them the row's
     token number ``start`` (so the reports of a row, joined, are its token ids: the record a token
-    stream keeps, :mod:`hypha_celery.token_stream`); ``at``: the executor's wall clock when the newest came.
+    stream keeps, :mod:`hypha_celery.token_stream`); ``at``: the executor's wall clock when the newest came;
+    ``rng``: a seeded sampled row's generator state after its newest token (what continuing it elsewhere needs).
     """
 
     kind: ClassVar[str] = "streamed"
@@ -236,6 +242,7 @@ class Streamed(Message):
     ids: list[int] = field(default_factory=list)
     start: int = 0
     at: float = 0.0
+    rng: str | None = None
 
 
 @dataclass(frozen=True)
@@ -247,6 +254,10 @@ class Generated(Record):
     prompt_tokens: int
     completion_tokens: int
     proof: dict[str, Any] | None = None  # with ``params["proof"]``: :class:`~hypha_celery.runtimes.proofs.Proof` JSON
+    # the prompt's ``resume`` tokens it continued after (0: it generated from the start, e.g. on the static path),
+    # and whether a sampled row's generator state could not be restored (it was seeded afresh at the seam)
+    resumed_from: int = 0
+    reseeded: bool = False
 
 
 @dataclass(frozen=True)

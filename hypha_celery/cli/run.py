@@ -153,6 +153,10 @@ def run_generate(model: str, prompt: str, max_new_tokens: int | None, stop: tupl
     usage = output["usage"]
     click.echo(f"[finish_reason={output['finish_reason']} prompt_tokens={usage['prompt_tokens']} "
                f"completion_tokens={usage['completion_tokens']}]", err=True)
+    resumed, restarted = answer.get("resumed_from_token"), answer.get("restarted")
+    if resumed or restarted:  # its worker died: another continued it (or had to start again)
+        how = f"continued from token {resumed}" if resumed else f"restarted: {restarted}"
+        click.echo(f"[moved across workers {' -> '.join(map(str, answer.get('workers', [])))}: {how}]", err=True)
 
 
 @run.command("embed")

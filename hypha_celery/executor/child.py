@@ -90,7 +90,7 @@ class Executor:
         self._base_pins: dict[str, ExitStack] = {}  # adapter id -> its base's pin in the cache
         self._pinned: tuple[list[int], int] | None = None
         self.continuous = Continuous(self, channel.write, max_rows=settings.max_rows,
-                                     prefix_cache_bytes=settings.prefix_cache_bytes)
+                                     prefix_cache_bytes=settings.prefix_cache_bytes, step_delay_s=settings.step_delay_s)
         torch.set_num_threads(1)
 
     def _load(self, model_id: str) -> tuple[Any, int]:

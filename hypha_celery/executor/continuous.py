@@ -105,8 +105,9 @@ class Continuous:
     """Every running engine of the executor and the submitted rows in them. Called from the executor's main thread."""
 
     def __init__(self, executor: Host, write: Callable[[Reply], None], *, max_rows: int,
-                 prefill_budget: int = 256, prefix_cache_bytes: int = 0) -> None:
+                 prefill_budget: int = 256, prefix_cache_bytes: int = 0, step_delay_s: float = 0.0) -> None:
         self.executor = executor
+        self.step_delay_s = step_delay_s
         self.write = write
         self.max_rows = max_rows
         self.prefix_cache_bytes = prefix_cache_bytes
@@ -188,11 +189,19 @@ class Continuous:
         sampling = Sampling(do_sample=bool(params["do_sample"]), temperature=params["temperature"],
                             top_p=params["top_p"], top_k=params["top_k"],
                             repetition_penalty=params["repetition_penalty"], seed=params["seed"])
-        request = Request(prompt_ids(served.model, job.prompts[0], params["max_new_tokens"]),
+        prompt = job.prompts[0]
+        resume = tuple(prompt.resume or ())
+        if not all(isinstance(i, int) and 0 <= i < served.engine.vocab_size for i in resume):
+            resume = ()  # a record no model of this vocabulary wrote: generated from the start (the result says so)
+        request = Request(prompt_ids(served.model, prompt, params["max_new_tokens"]),
                           params["max_new_tokens"], sampling, stop=tuple(params["stop"]), on_token=self._token,
-                          tag=id, constraint=constraint_for(served.model, job.prompts[0].response_format))
+                          tag=id, constraint=constraint_for(served.model, prompt.response_format),
+                          resume=resume, rng=prompt.rng if resume else None)
         row.handle = served.engine.add(request)
+        row.sent = len(request.resume)  # the stream holds those: reports start at the seam
         self._rows[id] = row
+        if row.handle.done:  # its resumed tokens already ended it
+            self._finish(row)
 
     def _static(self, message: Submit) -> None:
         """The static path, alone, now: the rows already decoding wait for it (the cases the module names)."""
@@ -224,6 +233,8 @@ class Continuous:
             for row in [r for r in self._rows.values() if r.served is served and r.handle is not None and r.handle.done]:
                 self._finish(row)
         self._release_idle()
+        if self.step_delay_s and self._rows:
+            time.sleep(self.step_delay_s)
 
     def _apply_limits(self) -> None:
         """The rows' combined limits (pinned threads, the memory cap), re-entered only when they change."""
@@ -260,7 +271,7 @@ class Continuous:
         assert handle is not None
         start, row.sent = row.sent, len(handle.tokens)
         self.write(Tagged(row.id, Streamed(text=text, tokens=len(handle.tokens), ids=handle.tokens[start:],
-                                           start=start, at=time.time())))
+                                           start=start, at=time.time(), rng=row.served.engine.rng_of(handle))))
 
     def _finish(self, row: _Row) -> None:
         from hypha_celery.serving.request import Finish
@@ -274,7 +285,8 @@ class Continuous:
         if handle.finish in (Finish.STOP, Finish.LENGTH):
             self._report(row, handle.text)  # the final text, and the tokens since the last report
             output = Generated(text=handle.text, finish_reason=handle.finish.value,
-                               prompt_tokens=len(handle.request.prompt_ids), completion_tokens=len(handle.tokens))
+                               prompt_tokens=len(handle.request.prompt_ids), completion_tokens=len(handle.tokens),
+                               resumed_from=len(handle.request.resume), reseeded=handle.reseeded)
         elif handle.finish is Finish.CANCELLED:
             error = Error(type="ExecutionError", message="the generation was cancelled")
         else:

@@ -65,6 +65,7 @@ LeaveHook = Callable[[Handle], None]
 class _Row:
     handle: Handle
     sampler: RowSampler
+    ids: list[int]  # what it prefills: its prompt, then any resumed completion
     last: int = -1  # the token to feed at the next decode step
     blocks: list[int] | None = None  # its prompt's prefix-cache block keys, computed once
 
@@ -124,18 +125,38 @@ class Engine:
         self._running: list[_Row] = []
         self._kv = BatchKV(self.device)
         self._left: list[Handle] = []
+        self._rows: dict[int, _Row] = {}  # by handle id, until the row ends
         self.prefix_cache = PrefixCache(prefix_cache_bytes, prefix_block) if prefix_cache_bytes > 0 else None
 
     # -- what callers use ---------------------------------------------------------------------------------------
 
     def add(self, request: Request) -> Handle:
-        """Queue ``request``; it joins at a later step. A bad request is refused here (``InvalidInput``), alone."""
+        """Queue ``request``; it joins at a later step. A bad request is refused here (``InvalidInput``), alone.
+
+        A request with ``resume`` tokens (an earlier run's, on a worker that died) prefills them after its
+        prompt and goes on from there: its stop strings are looked for across the seam, its constraint
+        and repetition penalty have seen them, and a seeded row's generator continues from ``rng``. One
+        whose resumed tokens already end it (its end-of-sequence token, a stop string, its length) is
+        done at once, without joining.
+        """
         request.check(self.vocab_size, self.max_positions)
         self._ids += 1
-        handle = Handle(id=self._ids, request=request)
-        self._waiting.append(_Row(handle, RowSampler(request.sampling, request.prompt_ids, self.device,
-                                                     request.constraint)))
+        handle = Handle(id=self._ids, request=request, tokens=list(request.resume))
+        ids = request.prefill_ids
+        sampler = RowSampler(request.sampling, ids, self.device, request.constraint, resumed=len(request.resume),
+                             rng=request.rng)
+        handle.reseeded = sampler.reseeded
+        row = _Row(handle, sampler, ids)
+        if request.resume and self._resumed(row):
+            return handle
+        self._waiting.append(row)
+        self._rows[handle.id] = row
         return handle
+
+    def rng_of(self, handle: Handle) -> str | None:
+        """A seeded sampled row's generator state now (:func:`~.sampling.rng_record`): what continuing it needs."""
+        row = self._rows.get(handle.id)
+        return row.sampler.rng() if row is not None else None
 
     def cancel(self, handle: Handle) -> None:
         """End ``handle`` at the next step (finish ``cancelled``); its tokens so far stay on it."""
@@ -230,7 +251,7 @@ class Engine:
         self._waiting.extendleft(reversed(deferred))
         if not taken:
             return
-        prompts = [list(row.handle.request.prompt_ids) for row in taken]
+        prompts = [row.ids for row in taken]
         reused = self._cached_prefixes(prompts)
         skip = [int(r[0][0].shape[1]) if r is not None else 0 for r in reused]
         cached = max(skip)
@@ -252,7 +273,7 @@ class Engine:
         cache = self.prefix_cache
         if cache is None or not cache.can_hold_a_block:
             return []
-        prompt = row.handle.request.prompt_ids
+        prompt = row.ids
         if row.blocks is None:
             row.blocks = cache.keys(prompt)
         return row.blocks[cache.cached_blocks(prompt, row.blocks):]
@@ -276,7 +297,7 @@ class Engine:
             return
         try:
             for index, row in enumerate(group.rows):
-                prompt = row.handle.request.prompt_ids
+                prompt = row.ids
                 if len(prompt) >= cache.block:
                     columns = group.mask[index].nonzero().squeeze(-1)
                     cache.insert(prompt, [(layer.keys[index], layer.values[index]) for layer in group.cache.layers],
@@ -371,9 +392,30 @@ class Engine:
     def _decode_text(self, tokens: list[int]) -> str:
         return str(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
+    def _resumed(self, row: _Row) -> bool:
+        """Take a resumed row's tokens as produced (constraint, text); True if they already end it."""
+        handle, request = row.handle, row.handle.request
+        if request.constraint is not None:
+            for token in request.resume:
+                request.constraint.advance(token)
+        text, stopped = cut_at_stop(self._decode_text(handle.tokens), request.stop)
+        handle.text = text
+        handle.emitted = visible(text, request.stop)
+        row.last = handle.tokens[-1]
+        if stopped or handle.tokens[-1] in self.eos or (request.constraint is not None and request.constraint.done):
+            finish = Finish.STOP
+        elif len(handle.tokens) >= request.max_new_tokens:
+            finish = Finish.LENGTH
+        else:
+            return False
+        handle.emitted = text
+        handle.state, handle.finish = State.DONE, finish
+        return True
+
     def _end(self, row: _Row, finish: Finish, *, error: BaseException | None = None, joined: bool = True) -> None:
         handle = row.handle
         handle.state, handle.finish, handle.error = State.DONE, finish, error
+        self._rows.pop(handle.id, None)
         self._left.append(handle)
         if joined and self.on_leave is not None:
             self.on_leave(handle)

@@ -79,6 +79,15 @@ class Request:
     on_token: TokenCallback | None = None
     constraint: Constraint | None = None  # this row's own (stateful) logits mask; None: unconstrained
     tag: Any = None  # the caller's own reference (a task id, a prompt index); the engine never reads it
+    # A generation continued from an earlier run (on a worker that died): the completion tokens it had produced,
+    # which count towards ``max_new_tokens``, and its row's generator state after them (``rng_record``'s form).
+    resume: tuple[int, ...] = ()
+    rng: str | None = None
+
+    @property
+    def prefill_ids(self) -> list[int]:
+        """What enters the cache before the first new token: the prompt, then any resumed completion."""
+        return [*self.prompt_ids, *self.resume]
 
     def check(self, vocab_size: int, max_positions: int | None) -> None:
         """Refuse what would fail (or poison) the shared forward pass: ids outside the vocabulary, too long."""
@@ -87,8 +96,13 @@ class Request:
             raise InvalidInput("a prompt needs at least one token")
         if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in ids):
             raise InvalidInput(f"a prompt's token ids must be integers in [0, {vocab_size})")
+        if any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab_size for i in self.resume):
+            raise InvalidInput(f"a resumed completion's token ids must be integers in [0, {vocab_size})")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise InvalidInput(f"max_new_tokens must be an integer >= 1, not {self.max_new_tokens!r}")
+        if len(self.resume) > self.max_new_tokens:
+            raise InvalidInput(f"a resumed completion of {len(self.resume)} tokens is longer than max_new_tokens "
+                               f"({self.max_new_tokens})")
         if max_positions is not None and len(ids) + self.max_new_tokens > max_positions:
             raise InvalidInput(f"the prompt ({len(ids)} tokens) plus max_new_tokens ({self.max_new_tokens}) "
                                f"exceeds the model's maximum length ({max_positions} tokens)")
@@ -138,7 +152,8 @@ class Handle:
 
     ``text`` is the decoded completion cut at the first stop string; ``emitted``
     is what the row's callback has been given, always a prefix of the final text;
-    ``cached_tokens`` how many of its prompt tokens' KV came from the prefix cache.
+    ``cached_tokens`` how many of its prompt tokens' KV came from the prefix cache. A resumed request's
+    ``tokens`` start with its ``resume`` ones; ``reseeded``: its generator state could not be restored.
     """
 
     id: int
@@ -151,6 +166,7 @@ class Handle:
     error: BaseException | None = None
     cancelled: bool = False
     cached_tokens: int = 0
+    reseeded: bool = False
 
     @property
     def done(self) -> bool:

@@ -8,34 +8,85 @@ argmax over the whole batch at once. A seeded row consumes random numbers from
 its own generator only, so what shares its batch cannot change its draws.
 A row with a :class:`~.request.Constraint` (structured output) has its logits
 masked first, and the constraint advanced with each token it takes.
+
+A seeded row continued on another worker (its earlier worker died) carries its generator's state
+after its last token (:func:`rng_record`: the device kind and the state's bytes), so its next draws
+are the ones the uninterrupted run would have made. The state is a device kind's own (a CPU
+generator's Mersenne Twister, a CUDA generator's Philox seed and offset): on another kind, or when
+the record does not restore, the row is seeded afresh from its seed and the seam's token number, so it
+goes on deterministically, but not as the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Sequence
 
 import torch
 
 from hypha_celery.serving.request import Constraint, Sampling
 
-__all__ = ["RowSampler", "choose"]
+__all__ = ["MAX_RNG_RECORD", "RowSampler", "choose", "rng_record"]
+
+MAX_RNG_RECORD = 16 * 1024  # characters: a CPU generator's state is 5,056 bytes (6,744 in base64), CUDA's 16
+
+
+def rng_record(generator: torch.Generator) -> str:
+    """``generator``'s state as text: ``<device type>:<base64 of its bytes>``."""
+    state = generator.get_state()
+    return f"{generator.device.type}:{base64.b64encode(state.numpy().tobytes()).decode()}"
+
+
+def _restore(generator: torch.Generator, record: str) -> bool:
+    """Set ``generator`` to a :func:`rng_record` state; False (``generator`` untouched) unless it is one of its kind."""
+    kind, _, encoded = record.partition(":")
+    if len(record) > MAX_RNG_RECORD or kind != generator.device.type:
+        return False
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    current = generator.get_state()
+    if len(raw) != current.numel():
+        return False
+    try:
+        generator.set_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+    except (RuntimeError, ValueError):
+        generator.set_state(current)
+        return False
+    return True
 
 
 class RowSampler:
-    """One row's settings and generator; its seen ids (prompt + completion) feed the repetition penalty."""
+    """One row's settings and generator; its seen ids (prompt + completion) feed the repetition penalty.
+
+    ``resumed``: completion tokens produced before (on another worker) and ``rng`` that run's generator
+    state after them; :attr:`reseeded` tells whether the state could not be used.
+    """
 
     def __init__(self, sampling: Sampling, prompt_ids: Sequence[int], device: torch.device,
-                 constraint: Constraint | None = None) -> None:
+                 constraint: Constraint | None = None, *, resumed: int = 0, rng: str | None = None) -> None:
         self.sampling = sampling
         self.constraint = constraint
         self.generator: torch.Generator | None = None
+        self.reseeded = False
         if sampling.do_sample:
             self.generator = torch.Generator(device=device)
-            if sampling.seed is not None:
-                self.generator.manual_seed(sampling.seed)
-            else:
+            if sampling.seed is None:
                 self.generator.seed()
+            elif not resumed:
+                self.generator.manual_seed(sampling.seed)
+            elif rng is None or not _restore(self.generator, rng):
+                self.generator.manual_seed((sampling.seed + resumed) % 2**64)
+                self.reseeded = True
         self.seen = torch.tensor(list(prompt_ids), dtype=torch.long, device=device)
+
+    def rng(self) -> str | None:
+        """The state a continuation needs: a seeded row's generator's (None for greedy and unseeded rows)."""
+        if self.generator is None or self.sampling.seed is None:
+            return None
+        return rng_record(self.generator)
 
     def note(self, token: int) -> None:
         """Remember a produced token: the constraint takes it; the repetition penalty's copy (only when one is set)."""

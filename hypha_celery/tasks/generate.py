@@ -11,6 +11,9 @@ With ``proof=True`` the output carries ``proof`` (its token ids and a commitment
 hidden states, :mod:`hypha_celery.runtimes.proofs`) that ``hypha.verify`` checks on another worker.
 With ``response_format`` (OpenAI's shape, :mod:`hypha_celery.structured`) decoding is constrained to JSON or a
 JSON Schema, and the text is checked against it before the task succeeds (``InvalidOutput`` otherwise).
+A copy of a generation whose worker died continues after the tokens its stream holds
+(:mod:`hypha_celery.stages.continuation`); its result says from which token (``resumed_from_token``),
+which workers took part (``workers``) and, for a copy that had to start again, why (``restarted``).
 """
 
 from __future__ import annotations
@@ -23,15 +26,14 @@ from celery import shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
 from hypha_celery.manifest import Manifest, compute_dtype
-from hypha_celery.resources.gpu import gpu_utilization
-from hypha_celery.stages.results import package
+from hypha_celery.stages.continuation import FIRST_RUN, Continuation, plan
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
 from hypha_celery.structured.response_format import check_output
 from hypha_celery.tasks.base import HyphaTask
 from hypha_celery.tasks.pipeline import Run, model_under_lease, run_task, sized
 from hypha_celery.token_stream import FAILURE, SUCCESS, TokenStreamWriter
-from hypha_celery.work import Generate, Prompt, Streamed
+from hypha_celery.work import Generate, Generated, Prompt, Streamed
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["PROGRESS_INTERVAL_S", "STREAM_INTERVAL_S", "generate"]
@@ -48,6 +50,23 @@ def _validate(ctx: NodeContext, args: Sequence[Any], kwargs: dict[str, Any]) -> 
         spec.prompt, spec.messages, manifest.max_length) + spec.params.max_new_tokens, generation=True)
 
 
+def _continuation(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> Continuation:
+    """Where this run starts: after what an earlier run streamed (a copy), else from the start. The stream's
+    writer learns what the stream holds and names this run's worker on its first entry."""
+    streams = run.ctx.token_streams
+    cont = FIRST_RUN
+    if run.copy and streams is not None:
+        params = spec.params
+        record = streams.record(run.task.request.id, params.max_new_tokens)
+        if record is not None or run.ran_before:
+            cont = plan(record, seeded_sampling=params.do_sample and params.seed is not None)
+    run.since = cont.since
+    if stream is not None:
+        stream.resume(0, cont.held_text, cont.held_tokens)
+        stream.begin(run.worker, cont.since or run.timing.started_at)
+    return cont
+
+
 def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict[str, Any]:
     ctx = run.ctx
 
@@ -56,10 +75,12 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
         check_prompt_bytes(spec.prompt, spec.messages, manifest, ctx.config.security.max_text_bytes)
 
     manifest = model_under_lease(run, spec, check)
+    cont = _continuation(run, spec, stream)
     job = Generate(
         model=spec.model,
         params=spec.params.to_json(),
-        prompts=[Prompt(prompt=spec.prompt, messages=spec.messages, response_format=spec.response_format)],
+        prompts=[Prompt(prompt=spec.prompt, messages=spec.messages, response_format=spec.response_format,
+                        resume=cont.resume or None, rng=cont.rng)],
         progress_interval=STREAM_INTERVAL_S,
         expected_size=manifest.weights_bytes_at(compute_dtype("cuda" if run.lease.gpus else "cpu")),
     )
@@ -67,7 +88,8 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
     progressed = [0.0]  # when PROGRESS was last stored
 
     def report(update: Streamed) -> None:
-        if stream is not None and stream.add(0, update.text, update.ids, update.start, update.at or None):
+        if stream is not None and stream.add(0, update.text, update.ids, update.start, update.at or None,
+                                             update.rng):
             stream.flush()  # the task holds one prompt: its row 0
         now = time.monotonic()
         if now - progressed[0] >= PROGRESS_INTERVAL_S:
@@ -84,33 +106,36 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
     out = result.output
     check_output(out.text, spec.response_format, out.finish_reason)  # never SUCCESS with output off its format
     after_first = result.compute_s - result.time_to_first_token_s
-    tokens_per_s = (out.completion_tokens - 1) / after_first if out.completion_tokens > 1 and after_first > 0 \
-        else 0.0
+    produced = out.completion_tokens - out.resumed_from  # by this run
+    tokens_per_s = (produced - 1) / after_first if produced > 1 and after_first > 0 else 0.0
     usage = result.usage
     proof = {**out.proof, "model": spec.model, "manifest_sha256": ctx.store.manifest_sha256(spec.model)} \
         if out.proof is not None else None
-    with ctx.tracing.span("hypha.package"):
-        return package(
-            output={
-                "text": out.text,
-                "finish_reason": out.finish_reason,
-                "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
-                **({"proof": proof} if proof is not None else {}),
-            },
-            model=spec.model,
-            worker=run.worker,
-            lease=run.lease,
-            timing=run.timing,
-            load_s=result.load_s,
-            cache_hit=result.cache_hit,
-            memory_peak=usage.memory_peak,
-            device=usage.device,
-            gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-            extra={"time_to_first_token_s": result.time_to_first_token_s, "tokens_per_s": tokens_per_s,
-                   "compute_s": result.compute_s, "batch_size": result.batch_size, "cpu_affinity": usage.cpu_affinity,
-                   **({"dtype": result.dtype} if result.dtype is not None else {}),
-                   **({"gpu_memory_peak": usage.gpu_memory_peak} if usage.gpu_memory_peak is not None else {})},
-        )
+    output = {
+        "text": out.text,
+        "finish_reason": out.finish_reason,
+        "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens},
+        **({"proof": proof} if proof is not None else {}),
+    }
+    packaged = run.package(output, spec.model, load_s=result.load_s, cache_hit=result.cache_hit,
+                           memory_peak=usage.memory_peak, device=usage.device, gpu_memory_peak=usage.gpu_memory_peak,
+                           time_to_first_token_s=result.time_to_first_token_s, tokens_per_s=tokens_per_s,
+                           compute_s=result.compute_s, batch_size=result.batch_size, cpu_affinity=usage.cpu_affinity,
+                           **({"dtype": result.dtype} if result.dtype is not None else {}))
+    return {**packaged, **_resumption(run, cont, out)}
+
+
+def _resumption(run: Run, cont: Continuation, out: Generated) -> dict[str, Any]:
+    """The result's account of earlier runs: the token this run continued from, who took part, why not (if not)."""
+    fields: dict[str, Any] = {"resumed_from_token": out.resumed_from,
+                              "workers": [*cont.workers, run.worker] if cont.workers[-1:] != (run.worker,)
+                              else list(cont.workers)}
+    if out.resumed_from == 0 and (cont.restarted or cont.resume):
+        fields["restarted"] = cont.restarted or ("it ran on the static path (a proof, a LoRA adapter, static batching"
+                                                 " or a sliding-window model), which generates from the start")
+    if out.reseeded:
+        fields["reseeded"] = True  # the state was another device kind's: sampled afresh from the seam
+    return fields
 
 
 @shared_task(name="hypha.generate", base=HyphaTask, bind=True)

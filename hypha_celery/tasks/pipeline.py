@@ -121,11 +121,15 @@ class Run:
     timing: Timing
     worker: str
     model_sha256: str | None = None  # the envelope's pin: a body that fetches its model checks it after
+    copy: bool = False  # the message may have run before (redelivered, or re-sent by a worker)
+    ran_before: bool = False  # and it did: its state said it had started, or the broker redelivered it
+    since: float | None = None  # an earlier run's admission, when the body learns of one (a continued generation)
 
     @property
     def remaining_s(self) -> float:
-        """Seconds left of ``task_timeout`` (it counts from admission)."""
-        return max(0.0, self.timing.started_at + self.ctx.config.task_timeout - time.time())
+        """Seconds left of ``task_timeout`` (it counts from admission: an earlier run's, for a continued task)."""
+        started = min(self.timing.started_at, self.since) if self.since else self.timing.started_at
+        return max(0.0, started + self.ctx.config.task_timeout - time.time())
 
     def finished(self, model: str, *, cache_hit: bool, batch_size: int) -> None:
         """The ML work is done: stamp the time, count the cache event, record the model's inference time."""
@@ -146,25 +150,32 @@ class Run:
         self.task.update_state(state="PROGRESS", meta=meta)
         self.task.send_event("task-progress", **meta)
 
+    def package(self, output: Any, model: str, *, load_s: float, cache_hit: bool, memory_peak: int,
+                device: str | None, gpu_memory_peak: int | None, **extra: Any) -> dict[str, Any]:
+        """The result of an executor's answer: ``output`` with this run's worker, lease, timing and GPUs' use
+        (a ``hypha.package`` span); ``extra`` goes to its metrics."""
+        with self.ctx.tracing.span("hypha.package"):
+            return package(
+                output=output,
+                model=model,
+                worker=self.worker,
+                lease=self.lease,
+                timing=self.timing,
+                load_s=load_s,
+                cache_hit=cache_hit,
+                memory_peak=memory_peak,
+                device=device,
+                gpu_utilization={g: u for g, u in gpu_utilization().items() if g in self.lease.gpus},
+                extra={**extra, **({"gpu_memory_peak": gpu_memory_peak} if gpu_memory_peak is not None else {})},
+            )
+
 
 def package_inferred(run: Run, model: str, item: Any, **extra: Any) -> dict[str, Any]:
     """The result of one executor ``infer`` answer (``hypha.infer``, ``hypha.verify``), with ``extra`` metrics."""
     run.finished(model, cache_hit=item.cache_hit, batch_size=item.batch_size)
-    with run.ctx.tracing.span("hypha.package"):
-        return package(
-            output=item.output,
-            model=model,
-            worker=run.worker,
-            lease=run.lease,
-            timing=run.timing,
-            load_s=item.load_s,
-            cache_hit=item.cache_hit,
-            memory_peak=item.memory_peak,
-            device=item.device,
-            gpu_utilization={g: u for g, u in gpu_utilization().items() if g in run.lease.gpus},
-            extra={"compute_s": item.compute_s, "cpu_affinity": item.cpu_affinity, **extra,
-                   **({"gpu_memory_peak": item.gpu_memory_peak} if item.gpu_memory_peak is not None else {})},
-        )
+    return run.package(item.output, model, load_s=item.load_s, cache_hit=item.cache_hit, memory_peak=item.memory_peak,
+                       device=item.device, gpu_memory_peak=item.gpu_memory_peak, compute_s=item.compute_s,
+                       cpu_affinity=item.cpu_affinity, **extra)
 
 
 def _header(task: HyphaTask, name: str, default: Any = None) -> Any:
@@ -246,8 +257,8 @@ def _stages(
             raise
     span.set("hypha.model", getattr(spec, "model", None))
     req = spec.requirements
-    if seen_before or _is_copy(task):
-        _drop_if_finished(task)
+    copy = seen_before or _is_copy(task)
+    ran_before = copy and (_drop_if_finished(task) in (states.STARTED, "PROGRESS") or _redelivered(task))
     if getattr(spec, "finished", None) is not None:  # a copy whose output exists (train: its model): no lease, no run
         mark_started(task)
         timing.started_at = time.time()
@@ -273,7 +284,7 @@ def _stages(
             task.send_event("task-running", device=lease.device, gpus=lease.gpu_ids, cores=lease.core_ids)
         with ctx.metrics.active():
             with tracing.span("hypha.run"):
-                result = body(Run(ctx, task, lease, timing, worker, pin), spec)
+                result = body(Run(ctx, task, lease, timing, worker, pin, copy=copy, ran_before=ran_before), spec)
             return _signed(ctx, task, result, worker, answers)
     finally:
         if ctx.keeper.lost(lease):
@@ -331,11 +342,18 @@ def _is_copy(task: HyphaTask) -> bool:
     )
 
 
-def _drop_if_finished(task: HyphaTask) -> None:
-    state = task.AsyncResult(task.request.id).state
+def _redelivered(task: HyphaTask) -> bool:
+    """The broker (or the sweeper, or the duplicate guard) handed this message back after a worker had it."""
+    return bool((task.request.delivery_info or {}).get("redelivered") or _header(task, headers.RECHECK))
+
+
+def _drop_if_finished(task: HyphaTask) -> str:
+    """The task's state in the result backend; a finished task's copy is dropped (``Ignore``)."""
+    state = str(task.AsyncResult(task.request.id).state)
     if state in states.READY_STATES:
         log.info("task %s already finished (%s); dropping the redelivered copy", task.request.id, state)
         raise Ignore()
+    return state
 
 
 def _on_duplicate(task: HyphaTask, duplicate: DuplicateTask) -> NoReturn:

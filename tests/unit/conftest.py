@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage
+
+if TYPE_CHECKING:
+    from hypha_celery.runtimes.transformers import TransformerModel
 
 _PROCESS_FIXTURES = frozenset({
     "redis_url", "redis_client", "redis_cluster_url", "cluster_client", "amqp_url", "start_worker", "celery_client",
@@ -44,3 +48,22 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
     if request.param == "local":
         return LocalStorage(tmp_path / "shared")
     return request.getfixturevalue("s3")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TransformerModel:
+    """The tiny Llama, imported into a store of its own and loaded on the CPU (one per test module)."""
+    import torch
+
+    from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
+    from hypha_celery.models.store import ModelStore
+    from hypha_celery.runtimes import transformers as transformers_runtime
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("tiny-llama")
+    folder = root / TINY_LLAMA
+    folder.mkdir()
+    write_tiny_llama(folder)
+    store = ModelStore(root / "store")
+    store.add("transformers", folder, TINY_LLAMA)
+    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]

@@ -9,8 +9,6 @@ from typing import Any
 import pytest
 
 from hypha_celery.errors import InvalidInput
-from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes import transformers as transformers_runtime
 from hypha_celery.serving.engine import Engine
 from hypha_celery.serving.request import Finish, Handle, Request, Sampling, State, kv_bytes_per_token, kv_tokens
@@ -20,17 +18,8 @@ PROMPTS = ("hello there", "the quick brown fox jumps over the lazy dog", "a",
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> transformers_runtime.TransformerModel:
-    import torch
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("serving")
-    folder = root / TINY_LLAMA
-    folder.mkdir()
-    write_tiny_llama(folder)
-    store = ModelStore(root / "store")
-    store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
+def model(tiny_llama: transformers_runtime.TransformerModel) -> transformers_runtime.TransformerModel:
+    return tiny_llama
 
 
 def ids(model: transformers_runtime.TransformerModel, text: str) -> list[int]:

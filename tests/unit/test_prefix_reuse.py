@@ -7,8 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes import transformers as transformers_runtime
 from hypha_celery.serving.engine import Engine
 from hypha_celery.serving.prefix import PrefixCache
@@ -25,17 +23,8 @@ SUFFIXES = ("hello there", "why", "the quick brown fox jumps over the lazy dog",
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> transformers_runtime.TransformerModel:
-    import torch
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("prefix")
-    folder = root / TINY_LLAMA
-    folder.mkdir()
-    write_tiny_llama(folder)
-    store = ModelStore(root / "store")
-    store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
+def model(tiny_llama: transformers_runtime.TransformerModel) -> transformers_runtime.TransformerModel:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
