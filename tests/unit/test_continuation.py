@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
+
 import fakeredis
 import pytest
 
 from hypha_celery.keys import KeySchema
-from hypha_celery.stages.continuation import plan
+from hypha_celery.stages.continuation import FIRST_RUN, Continuation, plan
+from hypha_celery.stages.results import Timing
+from hypha_celery.tasks.generate import _resumption
+from hypha_celery.tasks.pipeline import Run
 from hypha_celery.token_stream import SUCCESS, Record, TokenStreams, TokenStreamWriter, decode
+from hypha_celery.work import Generated
 
 TASK = "task-1"
 STATE = "cpu:AAAA"
@@ -125,3 +132,32 @@ def test_a_state_naming_more_tokens_than_the_stream_holds_is_ignored() -> None:
     streams.client.set(streams.schema.token_rng(TASK), "two:" + STATE)
     record = streams.record(TASK, max_tokens=10)
     assert record is not None and record.rng_tokens == -1
+
+
+def test_a_continued_tasks_time_budget_counts_from_its_first_runs_admission() -> None:
+    # Given a task_timeout of 100 s, a run admitted now, and an earlier run admitted 70 s ago
+    now = time.time()
+    ctx = SimpleNamespace(config=SimpleNamespace(task_timeout=100))
+    run = Run(ctx, None, None, Timing(started_at=now), "w2")  # type: ignore[arg-type]
+    assert 99 < run.remaining_s <= 100
+    # When the run learns of the earlier one
+    run.since = now - 70
+    # Then only what is left of the first run's budget remains
+    assert 29 < run.remaining_s <= 30
+
+
+def test_the_result_says_who_took_part_and_why_a_copy_started_over() -> None:
+    run = SimpleNamespace(worker="w2")
+    out = Generated(text="t", finish_reason="length", prompt_tokens=1, completion_tokens=9)
+    # A first run: from token 0, one worker, nothing restarted
+    assert _resumption(run, FIRST_RUN, out) == {"resumed_from_token": 0, "workers": ["w2"]}  # type: ignore[arg-type]
+    # A continued one
+    cont = Continuation(resume=[1, 2, 3], workers=("w1",))
+    moved = Generated(text="t", finish_reason="length", prompt_tokens=1, completion_tokens=9, resumed_from=3)
+    assert _resumption(run, cont, moved) == {"resumed_from_token": 3, "workers": ["w1", "w2"]}  # type: ignore[arg-type]
+    # One whose executor could not continue it (the static path): it says so
+    static = _resumption(run, cont, out)  # type: ignore[arg-type]
+    assert static["resumed_from_token"] == 0 and "static path" in static["restarted"]
+    # One the record failed: the plan's reason
+    gone = Continuation(resume=[], workers=("w1",), restarted="no token record")
+    assert _resumption(run, gone, out)["restarted"] == "no token record"  # type: ignore[arg-type]
