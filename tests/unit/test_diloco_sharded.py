@@ -119,7 +119,7 @@ def test_a_weight_map_naming_a_tensor_its_shard_lacks_is_refused(tmp_path: Path)
     weight_map = sharded_folder(tmp_path / "m")
     planted = {**weight_map, "model.ghost.weight": SHARDS[0]}
     # When DiLoCo reads the shards against it, then the fault is named
-    with pytest.raises(UnsupportedModel, match="does not hold exactly the tensors.*model.ghost.weight"):
+    with pytest.raises(UnsupportedModel, match=r"does not hold exactly the tensors .*model\.ghost\.weight"):
         Weights.read(tmp_path / "m", list(SHARDS), "evil", planted)
     # And a shard holding a tensor the index does not map there is refused the same way
     moved = {**weight_map, next(iter(weight_map)): SHARDS[1]}
@@ -160,3 +160,24 @@ def test_a_pseudo_gradient_reads_a_sharded_base_against_a_one_file_trained_model
     delta = pseudo_gradient(Weights.of(base), tmp_path / "trained.safetensors")
     assert set(delta) == set(trained)
     assert all(np.allclose(tensor, 0.5, atol=1e-2) for tensor in delta.values())
+
+
+def test_a_tensor_safetensors_could_not_allocate_is_a_memory_error() -> None:
+    from hypha_celery.training.distributed.weights import read_tensor
+
+    class PanicException(BaseException):  # pyo3's, as safetensors raises it when its array's allocation failed
+        pass
+
+    class Handle:
+        def __init__(self, message: str) -> None:
+            self.message = message
+
+        def get_tensor(self, name: str) -> None:
+            raise PanicException(self.message)
+
+    # Given a safetensors handle whose array allocation fails under the cap, When a tensor is read, Then MemoryError
+    with pytest.raises(MemoryError, match="tensor w"):
+        read_tensor(Handle("PyObject pointer is null"), "w")
+    # And any other panic stays what it is
+    with pytest.raises(PanicException):
+        read_tensor(Handle("index out of bounds"), "w")

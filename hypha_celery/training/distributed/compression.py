@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import DeltaRejected, UnsupportedModel
+from hypha_celery.training.distributed.weights import read_tensor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -186,8 +187,10 @@ def _tensors(handle: Any, shapes: Mapping[str, tuple[int, ...]], encoding: str, 
 
     for name in order:
         try:
-            tensor = handle.get_tensor(name)
-            scales = handle.get_tensor(f"{name}{SCALE}") if block is not None else None
+            tensor = read_tensor(handle, name)
+            scales = read_tensor(handle, f"{name}{SCALE}") if block is not None else None
+        except MemoryError:
+            raise  # the executor's memory cap, not the delta's fault
         except Exception as exc:  # a dtype numpy lacks, a truncated file: safetensors' own error types
             raise DeltaRejected(f"{what}: tensor {name} is unreadable ({exc}); refused") from None
         dtype = str(tensor.dtype)

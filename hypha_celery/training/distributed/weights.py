@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from hypha_celery.models.store import Entry
 
-__all__ = ["FLOATS", "MAX_INDEX", "Weights", "weight_files"]
+__all__ = ["FLOATS", "MAX_INDEX", "Weights", "read_tensor", "weight_files"]
 
 FLOATS = ("float16", "bfloat16", "float32", "float64")
 MAX_INDEX = 16 * 2**20
@@ -45,6 +45,21 @@ def weight_files(entry: Entry) -> list[str]:
     if SAFETENSORS_SINGLE in files:
         return [SAFETENSORS_SINGLE]
     raise UnsupportedModel(f"model {entry.id!r}: no {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX} or {ADAPTER_WEIGHTS}")
+
+
+def read_tensor(handle: Any, name: str) -> np.ndarray:
+    """``handle.get_tensor(name)`` (a ``safe_open`` handle), a failed allocation raised as ``MemoryError``.
+
+    Under the executor's ``RLIMIT_AS`` the array safetensors allocates for a tensor can fail; pyo3 then prints the
+    ``MemoryError`` and panics with "PyObject pointer is null" (a ``PanicException``, not an ``Exception``), which
+    would reach the worker as an unnamed failure. Raised as ``MemoryError`` it is ``MemoryLimitExceeded`` there.
+    """
+    try:
+        return handle.get_tensor(name)
+    except BaseException as exc:
+        if type(exc).__name__ == "PanicException" and "pointer is null" in str(exc):
+            raise MemoryError(f"tensor {name}: the array could not be allocated ({exc})") from None
+        raise
 
 
 def _weight_map(path: Path, files: Mapping[str, Any] | list[str], what: str) -> dict[str, str]:
@@ -152,7 +167,7 @@ class Weights:
         if handle is None:
             handle = self._handles[file] = self._stack.enter_context(safe_open(str(self.directory / file),
                                                                                framework="numpy"))
-        return handle.get_tensor(name)
+        return read_tensor(handle, name)
 
     def norm(self) -> float:
         """The L2 norm of every tensor together (float64), read one tensor at a time."""
