@@ -1,9 +1,10 @@
 """DiLoCo's arithmetic on safetensors files: pseudo-gradients and the outer Nesterov step.
 
-Runs in the worker's own process with numpy (``safetensors.numpy``), never
-torch: the inner task computes its delta from two stored checkpoints after the
-executor trained (so the training code stays as it is), and the outer task
-averages deltas into the next global version.
+Numpy (``safetensors.numpy``), never torch: the inner task computes its delta
+in the worker's process from two stored checkpoints after the executor trained
+(so the training code stays as it is), and the outer step (in a job executor,
+:mod:`.apply`) averages deltas into the next global version. Checkpoints are read
+one tensor at a time (:mod:`.weights`: one file, a sharded index, an adapter).
 
 Sign convention (the DiLoCo paper's, arXiv 2311.08105): a pseudo-gradient is
 ``base - trained``, so it points like a gradient, and the outer step descends

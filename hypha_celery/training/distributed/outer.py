@@ -7,7 +7,8 @@ manifest sha256 the scheduler expects it to be), ``deltas`` (the inner tasks' ``
 as the scheduler received them), ``weights`` (optional: inner task id -> the size of the shard the
 scheduler sent it), ``aggregator`` (``mean``, ``trimmed_mean`` or ``median``; default ``mean``),
 ``trim`` (default 0.2), ``max_delta_norm_ratio`` (default 10), ``max_base_norm_ratio`` (default 1),
-``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``.
+``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``; round 0 of a LoRA job takes ``lora`` and
+``seed`` instead of deltas.
 
 Each delta is refused (and listed in the result's ``refused``, with the reason) unless its report
 is for this job and round and this base, its key is its task's delta key (:func:`.layout.delta_task`),
@@ -21,15 +22,20 @@ with two deltas the smaller, so that one large delta cannot raise its own bound)
 ``max_base_norm_ratio`` x the base's norm (``null`` turns a bound off; a median or base norm of 0
 sets none). Fewer than ``min_workers`` accepted deltas fail the task (``DeltaRejected``).
 
-The rest are combined tensor by tensor (:func:`.deltas.combine`): ``mean``
+The worker checks the reports and fetches the deltas (and the last momentum) into a scratch folder
+under its store (``<model_dir>/.outer/``); the value checks, the combination and the step run in a job
+executor under the task's lease, its memory cap among its limits (:mod:`.apply`, an
+:class:`~hypha_celery.work.OuterStep`): a step over its reservation fails there by name
+(``MemoryLimitExceeded``) and the worker serves on. Round 0 (``lora`` and ``seed``, no deltas) makes a
+LoRA job's first adapter there instead. The rest are combined tensor by tensor (:func:`.deltas.combine_stack`): ``mean``
 weighs each delta by its ``weights`` entry, what the scheduler decided and signed, never by the
 ``samples`` a worker reports (kept in the result as information only; without ``weights`` every
 delta weighs 1); ``trimmed_mean`` (``ceil(trim x n)`` values dropped at each end of every
 coordinate) and ``median`` are coordinate-wise and unweighted, for rounds where a minority may lie
 within the norm bounds. The combination is applied with Nesterov momentum
-(:mod:`.deltas`); the momentum is kept at :func:`.layout.momentum_key` for the next round. The
-deltas wait in a scratch folder for the combination: the worker's disk holds one copy of each, its
-memory one tensor of each.
+(:mod:`.deltas`); the momentum is kept at :func:`.layout.momentum_key` (one file per base weight file)
+for the next round. The deltas wait in the scratch folder for the combination: the worker's disk holds
+one copy of each, the executor's memory one tensor of each and one weight file of output.
 
 The next version (:func:`.layout.version_id`) is imported into the store (the same import as
 ``hypha-celery models import``: manifest, memory estimate, ``parent`` = the base) and uploaded to
@@ -352,7 +358,17 @@ def _aggregate(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
                          aggregator=spec.aggregator, trim=spec.trim, max_delta_norm_ratio=spec.max_delta_norm_ratio,
                          max_base_norm_ratio=spec.max_base_norm_ratio, min_workers=spec.min_workers,
                          publish=not uploaded and not ctx.store.taken(next_id), init_lora=spec.lora, seed=spec.seed)
-        stepped = ctx.executors.run_outer(step, lease=run.lease, timeout=run.remaining_s)
+        if spec.round > 0 and len(fetched) < spec.min_workers:  # the executor would refuse it: no need to start one
+            raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(fetched)} delta(s) passed the checks, fewer "
+                                f"than min_workers ({spec.min_workers}): "
+                                + ("; ".join(entry["reason"] for entry in gathered.refused) or "none refused"))
+        try:
+            stepped = ctx.executors.run_outer(step, lease=run.lease, timeout=run.remaining_s)
+        except DeltaRejected as exc:  # too few passed the executor's checks: name the worker's refusals too
+            if not gathered.refused:
+                raise
+            raise DeltaRejected(f"{exc}; refused before the step: "
+                                + "; ".join(entry["reason"] for entry in gathered.refused)) from None
         for index, reason in ((entry["index"], entry["reason"]) for entry in stepped.refused):
             gathered.refuse(spec, fetched[index][0], reason)
         gathered.accepted = [(fetched[index][0], fetched[index][1], fetched[index][2], norm)
