@@ -23,6 +23,9 @@ sharing a folder, runs a DiLoCo job on ``tiny-llama`` with one shard per worker,
   hook (a sleep after each step, ``HYPHA_TEST_STEP_DELAY_S``): each worker's reported steps, each round's inner
   phase and outer step, and the warm rounds' inner phase over T (target <= 1.2; the inner phase also holds the
   round's model fetch and load and the delta's upload).
+* ``diloco_lora``: the same job (``--compress-rounds`` rounds of ``--compress-steps``) with ``method="lora"`` (r 8)
+  and as a full fine-tune: bytes per LoRA delta (the adapter's tensors only) over the full fine-tune's, each job's
+  losses per round and its last round's inner loss, and the outer step's peak memory in its executor (report).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def main() -> int:
     parser.add_argument("--compress-rounds", type=int, default=6)
     parser.add_argument("--compress-steps", type=int, default=10)
     parser.add_argument("--inner-seconds", type=float, default=8.0)
-    parser.add_argument("--part", choices=("all", "bytes", "compression", "timebox"), default="all")
+    parser.add_argument("--part", choices=("all", "bytes", "compression", "timebox", "lora"), default="all")
     options = parser.parse_args()
     from hypha_celery.harness.embedded_redis import EmbeddedRedis
 
@@ -103,6 +106,8 @@ def bench_diloco(url: str, workdir: Path, *, workers: int = 2, rounds: int = 3, 
             _bytes(app, workdir, shards, train, cores, workers, rounds, inner_steps)
         if part in ("all", "compression"):
             _compression(app, workdir, shards, train, cores, compress_rounds, compress_steps)
+        if part in ("all", "lora"):
+            _lora(app, shards, train, cores, compress_rounds, compress_steps)
         if part in ("all", "timebox"):
             for worker in running:
                 worker.stop()
@@ -225,6 +230,30 @@ def _compression(app: Any, workdir: Path, shards: list[dict[str, Any]], train: d
         say(f"  {label:17s} delta {run['delta_bytes'] / 1e6:.3f} MB ({bytes_ratio:.3f}x)  final loss "
             f"{run['loss']:.4f} ({loss_ratio:.4f}x)  weights' distance to the uncompressed job's "
             f"{run['drift']:.2e} (relative)  per round {run['round_losses']}")
+
+
+def _lora(app: Any, shards: list[dict[str, Any]], train: dict[str, Any], cores: dict[str, Any], rounds: int,
+          steps: int) -> None:
+    """A LoRA DiLoCo job against a full one: bytes per delta, final loss, the outer step's memory."""
+    from hypha_celery.models.examples import TINY_LLAMA
+    from hypha_celery.training import diloco
+
+    say(f"\n[16] DiLoCo over a LoRA adapter vs full weights: {len(shards)} workers, {rounds} rounds of {steps} steps")
+    runs: dict[str, dict[str, Any]] = {}
+    for label, options in (("full", {}), ("lora", {"method": "lora", "lora": {"r": 8}, "lr": 1e-2})):
+        done = diloco(TINY_LLAMA, shards, rounds=rounds, inner_steps=steps, outer_lr=1.0, outer_momentum=0.5,
+                      requirements=cores, app=app, round_timeout=600, **{**train, **options}).wait(timeout=3600)
+        sizes = [inner["delta_bytes"] for entry in done["rounds"] for inner in entry["inner"]]
+        # the last round's inner loss (its workers' last steps): hypha.train takes no adapter to measure a corpus loss
+        runs[label] = {"delta_bytes": statistics.median(sizes), "loss": done["rounds"][-1]["inner_loss"],
+                       "memory_peak": max(entry.get("outer_memory_peak") or 0 for entry in done["rounds"]),
+                       "round_losses": [round(entry["loss"], 4) for entry in done["rounds"]]}
+        say(f"  {label:5s} delta {runs[label]['delta_bytes']} B  final loss {runs[label]['loss']:.4f}  outer step peak "
+            f"{runs[label]['memory_peak'] / 2**20:.1f} MiB  per round {runs[label]['round_losses']}")
+    ratio = runs["lora"]["delta_bytes"] / runs["full"]["delta_bytes"]
+    record("diloco_lora", ratio=ratio, target="report", met=True,
+           unit="bytes per LoRA delta / a full fine-tune's delta", rounds=rounds, inner_steps=steps, **{
+               f"{label}_{key}": value for label, run in runs.items() for key, value in run.items()})
 
 
 def _distance(path: Path, reference: Path) -> float:

@@ -9,11 +9,11 @@ pickle, both ways: a process that ran untrusted inputs must not be able to
 make the worker run code by what it writes back. Both ends build and read
 these classes, never dicts with string keys, so a field has one definition.
 
-    worker -> executor   Infer | Generate | Train | Load | Describe
+    worker -> executor   Infer | Generate | Train | OuterStep | Load | Describe
                          | Submit (a generation for the continuous batch) | Cancel
     executor -> worker   Ready (once, when it is up), then per request:
                          Progress (Train) or Streamed (Generate), any number,
-                         then InferResult | GenerateResult | TrainResult |
+                         then InferResult | GenerateResult | TrainResult | Stepped |
                          Loaded | Description, or Error; Fatal when the memory
                          watchdog fired (the executor exits after it).
                          A Submit's Streamed, GenerateResult or Error come
@@ -41,6 +41,7 @@ from hypha_celery.work import (
     Generated,
     Infer,
     Message,
+    OuterStep,
     Progress,
     Record,
     Streamed,
@@ -66,6 +67,7 @@ __all__ = [
     "Ready",
     "Reply",
     "Request",
+    "Stepped",
     "Submit",
     "Tagged",
     "TaggedReply",
@@ -151,7 +153,7 @@ class Cancel(Message):
     id: int
 
 
-Request = Infer | Generate | Train | Load | Describe | Submit | Cancel
+Request = Infer | Generate | Train | OuterStep | Load | Describe | Submit | Cancel
 
 
 # --- replies ---------------------------------------------------------------------------------------
@@ -267,6 +269,28 @@ class TrainResult(Message):
 
 
 @dataclass(frozen=True)
+class Stepped(Message):
+    """An :class:`~hypha_celery.work.OuterStep` done: which deltas it applied (indices into its ``deltas``, with their
+    norms), which it refused and why, the norms it bounded them by, the new entry's manifest sha256 (None when
+    ``publish`` was off) and the momentum files it wrote into ``scratch`` (base weight file -> path)."""
+
+    kind: ClassVar[str] = "stepped"
+    accepted: list[int]
+    norms: list[float]
+    refused: list[dict[str, Any]]
+    median_norm: float | None
+    base_norm: float
+    sha256: str | None
+    momentum: dict[str, str]
+    usage: Usage
+
+    @classmethod
+    def from_json(cls, data: Any) -> Self:
+        known = known_fields(cls, data)
+        return cls(**{**known, "usage": Usage.from_json(known.get("usage"))})
+
+
+@dataclass(frozen=True)
 class Loaded(Message):
     """A :class:`Load` done: how long it took, and the cache's bytes per model after it."""
 
@@ -318,15 +342,16 @@ class Tagged(Message):
         return cls(id=known["id"], reply=reply_cls.from_json(inner))
 
 
-Reply = (Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Loaded | Description
-         | Tagged)
+Reply = (Ready | Progress | Streamed | Error | Fatal | InferResult | GenerateResult | TrainResult | Stepped | Loaded
+         | Description | Tagged)
 
 _M = TypeVar("_M", bound=Message)
-_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, Load, Describe, Submit, Cancel)}
+_REQUESTS: dict[str, type[Request]] = {cls.kind: cls for cls in (Infer, Generate, Train, OuterStep, Load, Describe, Submit,
+                                                                  Cancel)}
 _REPLIES: dict[str, type[Reply]] = {
     cls.kind: cls
-    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Loaded, Description,
-                Tagged)
+    for cls in (Ready, Progress, Streamed, Error, Fatal, InferResult, GenerateResult, TrainResult, Stepped, Loaded,
+                Description, Tagged)
 }
 
 

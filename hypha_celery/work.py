@@ -31,6 +31,7 @@ __all__ = [
     "Infer",
     "JobLimits",
     "Message",
+    "OuterStep",
     "Progress",
     "Prompt",
     "Record",
@@ -198,6 +199,41 @@ class Train(_JobRequest):
     checkpoint_every: int | None = None
     max_seconds: float | None = None  # a DiLoCo time box: no step starts that would end past it (at least one runs)
     step_delay_s: float = 0.0  # a test hook: a sleep after each step (a slow machine on demand)
+    adapter: str | None = None  # method "lora": a stored adapter of ``model`` to continue (a LoRA DiLoCo round)
+
+
+@dataclass(frozen=True)
+class OuterStep(_JobRequest):
+    """A DiLoCo round's outer step, run in a job executor under the lease's memory cap (:mod:`hypha_celery.training.
+    distributed.apply`): check the fetched deltas at ``deltas`` (``path``, ``weight``, ``what`` each; files under
+    ``scratch`` the worker wrote), combine them onto ``base`` (a model, sharded or not, or a LoRA adapter) with
+    Nesterov momentum, write the momentum into ``scratch`` file by file and store ``next_id`` in the base's layout.
+
+    ``momentum_in``: the last round's momentum, one file per base weight file (None in round 1). ``expected``: the
+    metadata every delta must carry. ``init_lora`` (round 0 of a LoRA job): no deltas; store a fresh adapter of
+    ``base`` with these settings and ``seed`` as ``next_id`` instead.
+    """
+
+    kind: ClassVar[str] = "outer_step"
+    job: str
+    round: int
+    base: str
+    next_id: str
+    scratch: str
+    deltas: list[dict[str, Any]] = field(default_factory=list)
+    expected: dict[str, str] = field(default_factory=dict)
+    momentum_in: dict[str, str] | None = None
+    lr: float = 0.7
+    momentum: float = 0.9
+    aggregator: str = "mean"
+    trim: float = 0.0
+    max_delta_norm_ratio: float | None = None
+    max_base_norm_ratio: float | None = None
+    min_workers: int = 1
+    publish: bool = True  # False: next_id is in the store already (a re-run): only the momentum is written
+    init_lora: dict[str, Any] | None = None
+    seed: int = 0
+    limits: JobLimits = field(default_factory=JobLimits)
 
 
 # --- reports and results --------------------------------------------------------------------------

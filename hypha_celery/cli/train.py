@@ -205,6 +205,10 @@ def run_train(model: str, data_file: str | None, dataset: str | None, new_model:
               help="How the outer step combines the deltas (mean: weighted by shard size; the others coordinate-wise).")
 @click.option("--trim", type=click.FloatRange(0.0, 0.5, max_open=True), default=None,
               help="trimmed_mean: the fraction dropped at each end of every coordinate (default 0.2).")
+@click.option("--lora-r", type=click.IntRange(1, 256), default=None,
+              help="Train a LoRA adapter of this rank instead of the full weights (each version is an adapter).")
+@click.option("--memory", "outer_memory", default=None,
+              help="The outer step's memory reservation, its executor's cap (e.g. 2GiB; default 512MiB).")
 @_KEY
 @_BROKER
 @_TIMEOUT
@@ -212,7 +216,8 @@ def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, 
                inner_seconds: float | None, compression: str, outer_lr: float, outer_momentum: float,
                min_workers: int | None, round_timeout: float,
                lr: float | None, batch_size: int | None, max_length: int | None, cpu_cores: float, aggregator: str,
-               trim: float | None, key: str | None, broker: str | None, timeout: float) -> None:
+               trim: float | None, lora_r: int | None, outer_memory: str | None, key: str | None, broker: str | None,
+               timeout: float) -> None:
     """Train MODEL with DiLoCo across workers, a progress bar per round; prints the final model and each round."""
     from hypha_celery.training import diloco
 
@@ -228,6 +233,10 @@ def run_diloco(model: str, shard_files: tuple[str, ...], shard_refs: tuple[str, 
         raise click.UsageError("give --inner-steps or --inner-seconds")
     given = (("lr", lr), ("batch_size", batch_size), ("max_length", max_length))
     extra: dict[str, Any] = {name: value for name, value in given if value is not None}
+    if lora_r is not None:
+        extra.update(method="lora", lora={"r": lora_r})
+    if outer_memory is not None:
+        extra["aggregate_requirements"] = {"cpu_cores": 0.5, "memory": outer_memory}
     options = _submission(broker, key, None)
     options.pop("model_sha256")
     try:

@@ -46,12 +46,13 @@ from hypha_celery.protocol import (
     Ready,
     Reply,
     Request,
+    Stepped,
     Submit,
     TrainResult,
     Usage,
     decode_request,
 )
-from hypha_celery.work import Generate, Infer, JobLimits, Streamed, Train
+from hypha_celery.work import Generate, Infer, JobLimits, OuterStep, Streamed, Train
 
 
 class _Channel:
@@ -318,6 +319,16 @@ class Executor:
         return TrainResult(model_id=request.new_model, trained=trained, load_s=load_s,
                            usage=self._usage(started_rss))
 
+    def outer_step(self, request: OuterStep) -> Stepped:
+        """A DiLoCo outer step (:mod:`hypha_celery.training.distributed.apply`) under the lease's limits: a step
+        larger than its memory reservation fails here (``MemoryLimitExceeded``), not in the worker."""
+        from hypha_celery.training.distributed.apply import run
+
+        started_rss = limits.current_rss()
+        with self._limits(request.limits):
+            done = run(self.store, request, self.tmpdir)
+        return Stepped(**done, usage=self._usage(started_rss))
+
     def _discard_checkpoints(self, request: Train) -> None:
         """The model is saved: the task's checkpoints (:mod:`hypha_celery.training.checkpoints.local`) have done their work."""
         from hypha_celery.training.checkpoints.local import discard
@@ -347,6 +358,8 @@ class Executor:
             return self.generate(request)
         if isinstance(request, Train):
             return self.train(request)
+        if isinstance(request, OuterStep):
+            return self.outer_step(request)
         if isinstance(request, Load):
             with self.cache.use(request.model, request.expected_size) as use:
                 pass

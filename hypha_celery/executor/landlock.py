@@ -20,7 +20,8 @@ itself, before it imports torch, to:
 * a training (job) executor besides: create files only under the store's
   staging folder ``<model_dir>/.incoming/``, its lock files in
   ``<model_dir>/.locks/`` and training checkpoints in ``<model_dir>/.checkpoints/``
-  (:mod:`hypha_celery.training.checkpoints.local`: written, renamed and removed there),
+  (:mod:`hypha_celery.training.checkpoints.local`: written, renamed and removed there), and a DiLoCo
+  outer step's momentum in ``<model_dir>/.outer/`` (:mod:`hypha_celery.training.distributed.apply`),
   and create (by ``rename``) new model folders in ``model_dir``; it cannot
   change or remove an existing model.
 
@@ -57,6 +58,7 @@ __all__ = [
     "DEVICE",
     "FULL",
     "LOCKS",
+    "OUTER",
     "READ",
     "STAGING",
     "Rule",
@@ -102,6 +104,7 @@ DEVICE = READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV
 
 STAGING = ".incoming"  # a training executor's staging folders, under model_dir
 LOCKS = ".locks"  # the store's per-model lock files (ModelStore._lock)
+OUTER = ".outer"  # a DiLoCo outer step's scratch: the deltas the worker fetched, the momentum the executor writes
 
 _SYSTEM_READ = ("/lib", "/lib32", "/lib64", "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/local/lib",
                 "/usr/local/cuda", "/usr/local/nvidia", "/sys",
@@ -220,6 +223,7 @@ def executor_rules(*, store: str, tmpdir: str, trains: bool, abi: int,
         rules.append(Rule(os.path.join(store, STAGING), FULL))
         rules.append(Rule(os.path.join(store, LOCKS), READ | WRITE_FILE | MAKE_REG | TRUNCATE))
         rules.append(Rule(os.path.join(store, CHECKPOINTS), FULL))
+        rules.append(Rule(os.path.join(store, OUTER), FULL))
     else:
         rules.append(Rule(store, FULL))  # ABI 1 renames within one directory only: stage in model_dir
     return rules

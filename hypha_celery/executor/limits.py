@@ -96,6 +96,7 @@ def confine_filesystem(*, store: str, tmpdir: str, trains: bool, abi: int | None
     if trains:
         Path(store, landlock.LOCKS).mkdir(parents=True, exist_ok=True)
         Path(store, landlock.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+        Path(store, landlock.OUTER).mkdir(parents=True, exist_ok=True)
         if abi >= 2:
             staging = os.path.join(store, landlock.STAGING)
             os.makedirs(staging, exist_ok=True)

@@ -16,7 +16,7 @@ it the row is cancelled in the executor): :mod:`hypha_celery.executor.inflight` 
 static batches below (:func:`~hypha_celery.executor.batching.continuous`). Requests for
 different LoRA adapters of one base (and for the base itself) share a batch:
 each row runs with its own adapter (peft's mixed-batch forward,
-:mod:`hypha_celery.runtimes.transformers_generation`). Training runs in *job*
+:mod:`hypha_celery.runtimes.transformers_generation`). Training and DiLoCo's outer step run in *job*
 executors, reused between jobs but holding no cache, since training changes the
 weights.
 
@@ -34,7 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from hypha_celery import errors
 from hypha_celery.executor.batching import (
@@ -58,14 +58,16 @@ from hypha_celery.protocol import (
     InferResult,
     Load,
     Loaded,
+    Stepped,
     TrainResult,
 )
 from hypha_celery.resources.ledger import Lease
-from hypha_celery.work import Generate, Infer, Progress, Streamed, Train
+from hypha_celery.work import Generate, Infer, OuterStep, Progress, Streamed, Train
 
 __all__ = ["ExecutorPool"]
 
 log = logging.getLogger(__name__)
+_J = TypeVar("_J", TrainResult, Stepped)
 
 
 def device_key(lease: Lease) -> str:
@@ -377,6 +379,14 @@ class ExecutorPool:
         on_progress: Callable[[Progress], None] | None = None,
     ) -> TrainResult:
         """Run a training job in a job executor of the lease's device, under the lease's limits."""
+        return self._in_job_executor(job, TrainResult, lease, timeout, _training_progress(on_progress))
+
+    def run_outer(self, step: OuterStep, *, lease: Lease, timeout: float) -> Stepped:
+        """Run a DiLoCo outer step in a job executor, under the lease's limits (its memory cap among them)."""
+        return self._in_job_executor(step, Stepped, lease, timeout, None)
+
+    def _in_job_executor(self, job: Train | OuterStep, expect: type[_J], lease: Lease, timeout: float,
+                         on_progress: Callable[[Progress | Streamed], None] | None) -> _J:
         key = device_key(lease)
         with self._lock:
             idle = self._idle_jobs.setdefault(key, [])
@@ -385,7 +395,7 @@ class ExecutorPool:
             executor = ExecutorProcess(f"job-{key.replace(':', '')}", self.settings, key, trains=True)
         job = dataclasses.replace(job, limits=job_limits([lease], self.settings))
         try:
-            result = executor.call(job, TrainResult, timeout, _training_progress(on_progress))
+            result = executor.call(job, expect, timeout, on_progress)
         except errors.HyphaError as exc:
             # A reply ended the job (an error reply): the executor is ready for the next one,
             # unless it was killed (timeout, crash, memory watchdog).

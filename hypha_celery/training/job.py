@@ -115,7 +115,8 @@ def run_training(run: TaskRun, spec: TrainSpec) -> dict[str, Any]:
         if spec.finetune is not None:  # checked again on the fetched manifest: its task, labels, max_length
             checked = finetune_params(_finetune_kwargs(spec.model, spec.finetune), manifest)
             spec = dataclasses.replace(spec, finetune=dataclasses.replace(
-                checked, max_seconds=spec.finetune.max_seconds, step_delay_s=spec.finetune.step_delay_s))
+                checked, max_seconds=spec.finetune.max_seconds, step_delay_s=spec.finetune.step_delay_s,
+                adapter=spec.finetune.adapter))
         if "texts" in spec.data:
             check_training_texts(spec.data["texts"], manifest, ctx.config.security.max_text_bytes)
         if "inputs" in spec.data:

@@ -142,3 +142,16 @@ def test_a_report_of_its_own_delta_is_kept() -> None:
     own = {**REPORT, "ref": "jobs/j/round-1/t2.safetensors"}
     _collect(_Inner("t2", own), 1, "j", reports, failures)  # type: ignore[arg-type]
     assert reports == {"t2": own} and failures == {}
+
+
+def test_a_lora_jobs_round_0_makes_its_adapter_and_each_round_names_the_adapter_pinned() -> None:
+    # Given a LoRA job's settings (seed 3)
+    app = _App({"output": {"model_id": "j-v0", "sha256": "b" * 64}})
+    job = _job(app)
+    job.settings.lora, job.settings.train_kwargs = {"r": 4}, {"seed": 3}
+    # When round 0 is sent as the job starts it
+    first = job._send_aggregate(0, {"job": "j", "round": 0, "base": "m", "lora": {"r": 4}, "seed": 3})
+    # Then it is an outer step without deltas, and its adapter is what round 1's inner tasks continue, pinned
+    assert first["model_id"] == "j-v0" and "deltas" not in app.sent[0][1]
+    assert job.settings.block("j", 1, "j-v0", "b" * 64) == {"job": "j", "round": 1, "inner_steps": 2,
+                                                            "adapter": "j-v0", "adapter_sha256": "b" * 64}

@@ -59,10 +59,11 @@ def test_a_training_executor_may_write_the_staging_folder_and_create_model_folde
     assert rules[STORE] == READ | MAKE_DIR | REFER  # a rename from .incoming installs a new model
     assert rules[f"{STORE}/.incoming"] == FULL
     assert rules[f"{STORE}/.locks"] & (MAKE_REG | WRITE_FILE) == MAKE_REG | WRITE_FILE
-    # ... and its checkpoints (written, renamed, removed), and nothing else in the store
-    assert rules[f"{STORE}/.checkpoints"] == FULL
+    # ... and its checkpoints (written, renamed, removed), a DiLoCo outer step's scratch, and nothing else in the store
+    assert rules[f"{STORE}/.checkpoints"] == FULL and rules[f"{STORE}/.outer"] == FULL
     assert {path for path in _writable(executor_rules(store=STORE, tmpdir=TMP, trains=True, abi=2))
-            if path.startswith(STORE)} == {f"{STORE}/.incoming", f"{STORE}/.locks", f"{STORE}/.checkpoints"}
+            if path.startswith(STORE)} == {f"{STORE}/.incoming", f"{STORE}/.locks", f"{STORE}/.checkpoints",
+                                           f"{STORE}/.outer"}
 
 
 def test_a_serving_executor_may_not_write_checkpoints() -> None:

@@ -96,6 +96,7 @@ class FinetuneParams:
     # Set by a DiLoCo inner task only (never a hypha.train argument): its time box, and the test hook's delay.
     max_seconds: float | None = None
     step_delay_s: float = 0.0
+    adapter: str | None = None  # a LoRA DiLoCo round: the job's current global adapter, continued
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

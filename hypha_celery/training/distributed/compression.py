@@ -28,12 +28,13 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hypha_celery.errors import DeltaRejected, UnsupportedModel
+from hypha_celery.training.distributed.weights import read_tensor
 
 if TYPE_CHECKING:
     import numpy as np
@@ -151,10 +152,11 @@ def _norm(tensors: Mapping[str, np.ndarray]) -> float:
 
 
 @contextmanager
-def decoded(path: Path, shapes: Mapping[str, tuple[int, ...]], what: str) -> Iterator[Iterator[tuple[str, Any]]]:
-    """The delta at ``path`` as ``(name, float tensor)`` pairs in name order, one tensor read at a time, once its
-    encoding, names, dtypes, shapes and scales passed the checks (``DeltaRejected`` naming the first fault).
-    The values are not checked here: the caller bounds them."""
+def decoded(path: Path, shapes: Mapping[str, tuple[int, ...]], what: str, order: Sequence[str] | None = None
+            ) -> Iterator[Iterator[tuple[str, Any]]]:
+    """The delta at ``path`` as ``(name, float tensor)`` pairs in name order (or ``order``: the base's, file by
+    file), one tensor read at a time, once its encoding, names, dtypes, shapes and scales passed the checks
+    (``DeltaRejected`` naming the first fault). The values are not checked here: the caller bounds them."""
     import ml_dtypes  # noqa: F401 - bfloat16 for safetensors.numpy
     from safetensors import safe_open
 
@@ -174,19 +176,21 @@ def decoded(path: Path, shapes: Mapping[str, tuple[int, ...]], what: str) -> Ite
             differ = sorted(names ^ wanted)
             raise DeltaRejected(f"{what}: its tensors are not the base's under encoding {encoding} (e.g. "
                                 f"{differ[0]}); refused")
-        yield _tensors(handle, shapes, encoding, block, what)
+        yield _tensors(handle, shapes, encoding, block, what, sorted(shapes) if order is None else order)
     finally:
         handle_cm.__exit__(None, None, None)
 
 
 def _tensors(handle: Any, shapes: Mapping[str, tuple[int, ...]], encoding: str, block: int | None,
-             what: str) -> Iterator[tuple[str, Any]]:
+             what: str, order: Sequence[str]) -> Iterator[tuple[str, Any]]:
     import numpy as np
 
-    for name in sorted(shapes):
+    for name in order:
         try:
-            tensor = handle.get_tensor(name)
-            scales = handle.get_tensor(f"{name}{SCALE}") if block is not None else None
+            tensor = read_tensor(handle, name)
+            scales = read_tensor(handle, f"{name}{SCALE}") if block is not None else None
+        except MemoryError:
+            raise  # the executor's memory cap, not the delta's fault
         except Exception as exc:  # a dtype numpy lacks, a truncated file: safetensors' own error types
             raise DeltaRejected(f"{what}: tensor {name} is unreadable ({exc}); refused") from None
         dtype = str(tensor.dtype)

@@ -1,9 +1,10 @@
 """DiLoCo's arithmetic on safetensors files: pseudo-gradients and the outer Nesterov step.
 
-Runs in the worker's own process with numpy (``safetensors.numpy``), never
-torch: the inner task computes its delta from two stored checkpoints after the
-executor trained (so the training code stays as it is), and the outer task
-averages deltas into the next global version.
+Numpy (``safetensors.numpy``), never torch: the inner task computes its delta
+in the worker's process from two stored checkpoints after the executor trained
+(so the training code stays as it is), and the outer step (in a job executor,
+:mod:`.apply`) averages deltas into the next global version. Checkpoints are read
+one tensor at a time (:mod:`.weights`: one file, a sharded index, an adapter).
 
 Sign convention (the DiLoCo paper's, arXiv 2311.08105): a pseudo-gradient is
 ``base - trained``, so it points like a gradient, and the outer step descends
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hypha_celery.errors import DeltaRejected, UnsupportedModel
+from hypha_celery.training.distributed.weights import Weights
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,26 +83,40 @@ def read_metadata(path: Path) -> dict[str, str]:
         return dict(handle.metadata() or {})
 
 
-def pseudo_gradient(base: Path, trained: Path, out: Path | None = None,
+def pseudo_gradient(base: Path | Weights, trained: Path | Weights, out: Path | None = None,
                     metadata: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
-    """``base - trained`` (float32), written to ``out`` when given; the two checkpoints must hold the same tensors."""
+    """``base - trained`` (float32), written to ``out`` when given; the two checkpoints (one file each, or
+    :class:`.weights.Weights`: a sharded model, an adapter) must hold the same tensors. Read one tensor at a time."""
     import numpy as np
 
-    start, end = load_weights(base, "the round's base"), load_weights(trained, "the trained model")
-    if start.keys() != end.keys():
-        differ = sorted(start.keys() ^ end.keys())
+    start, end = _weights(base, "the round's base"), _weights(trained, "the trained model")
+    if start.shapes.keys() != end.shapes.keys():
+        differ = sorted(start.shapes.keys() ^ end.shapes.keys())
         raise UnsupportedModel(f"the trained model's tensors differ from its base's (e.g. {differ[0]})")
     delta = {}
-    for name, tensor in start.items():
-        if tensor.shape != end[name].shape:
-            raise UnsupportedModel(f"tensor {name}: trained shape {end[name].shape} is not the base's {tensor.shape}")
-        delta[name] = (tensor.astype(np.float32) - end[name].astype(np.float32)).astype(np.float32)
+    with start, end:
+        for name in start.names():
+            if start.shapes[name] != end.shapes[name]:
+                raise UnsupportedModel(f"tensor {name}: trained shape {end.shapes[name]} is not the base's "
+                                       f"{start.shapes[name]}")
+            delta[name] = (start.tensor(name).astype(np.float32) - end.tensor(name).astype(np.float32)
+                           ).astype(np.float32)
     if out is not None:
         save_tensors(delta, out, metadata or {})
     return delta
 
 
-def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, str], what: str) -> float:
+def _weights(source: Path | Weights, what: str) -> Weights:
+    if isinstance(source, Weights):
+        return source
+    try:
+        return Weights.read(source.parent, [source.name], what)
+    except UnsupportedModel as exc:
+        raise UnsupportedModel(f"{exc} (DiLoCo reads float16/bfloat16/32/64 safetensors only)") from None
+
+
+def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapping[str, str], what: str, *,
+               order: Sequence[str] | None = None) -> float:
     """The decoded delta's L2 norm, once its metadata says ``expected``, its encoding's checks pass
     (:func:`.compression.decoded`: names, dtypes, shapes, scales) and every decoded value is finite; read one
     tensor at a time (``DeltaRejected`` naming the first fault)."""
@@ -116,7 +132,7 @@ def scan_delta(path: Path, shapes: Mapping[str, tuple[int, ...]], expected: Mapp
         if metadata.get(key) != value:
             raise DeltaRejected(f"{what}: it is for {key} {metadata.get(key)!r}, not {value!r}; refused")
     squares = 0.0
-    with decoded(path, shapes, what) as tensors:
+    with decoded(path, shapes, what, order) as tensors:
         for name, tensor in tensors:
             wide = tensor.astype(np.float64)
             if not np.isfinite(wide).all():

@@ -2,7 +2,8 @@
 
 ``diloco = {"job": J, "round": R, "inner_steps": H}`` (or ``"inner_seconds": T``: as many steps as fit in T
 seconds of training, ``inner_steps`` then a cap; optional ``compression``, ``error_feedback``, ``final``:
-:mod:`.compression`) turns a full fine-tune of
+:mod:`.compression`; ``adapter`` and ``adapter_sha256``: a LoRA job's round, ``method="lora"`` continuing that
+stored adapter of ``model``, the delta its tensors only) turns a full fine-tune of
 ``model`` (the round's global version, fetched from the shared storage like
 from any model source, and pinned by the envelope's ``model_sha256`` from the
 second round on) into an inner task: it trains ``H`` optimizer steps on its
@@ -27,15 +28,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from hypha_celery.errors import InvalidTask, UnsupportedModel
+from hypha_celery.errors import InvalidTask
 from hypha_celery.formats.safetensors import read_header
-from hypha_celery.manifest import SAFETENSORS_SINGLE
+from hypha_celery.manifest import validate_model_id
 from hypha_celery.models.shared_storage import SharedStorage, Stored
 from hypha_celery.resources.requirements import Requirements
-from hypha_celery.stages.validation import TrainSpec
+from hypha_celery.stages.validation import TrainSpec, check_model_pin
 from hypha_celery.training.distributed import layout
 from hypha_celery.training.distributed.compression import COMPRESSIONS, Residuals, write_delta
 from hypha_celery.training.distributed.deltas import pseudo_gradient
+from hypha_celery.training.distributed.weights import Weights, weight_files
 from hypha_celery.training.job import TaskRun, run_training, validate_training
 from hypha_celery.worker.context import NodeContext
 
@@ -48,7 +50,8 @@ TIMEBOX_STEP_CAP = 10_000_000  # a time-boxed round without inner_steps: the clo
 # A test hook: seconds a worker started with this variable sleeps after each optimizer step of an inner task (a slow
 # machine on demand). Read by the worker process only; tests set it on one worker.
 STEP_DELAY_ENV = "HYPHA_TEST_STEP_DELAY_S"
-_KEYS = ("job", "round", "inner_steps", "inner_seconds", "compression", "error_feedback", "final")
+_KEYS = ("job", "round", "inner_steps", "inner_seconds", "compression", "error_feedback", "final", "adapter",
+         "adapter_sha256")
 # Arguments the block decides: the steps are the inner steps, the trained entry is the task's own.
 _DECIDED = ("max_steps", "epochs", "new_model", "lora", "merge")
 
@@ -64,6 +67,8 @@ class DilocoBlock:
     compression: str = "none"
     error_feedback: bool = True
     final: bool = False
+    adapter: str | None = None  # a LoRA job: the round's global adapter (of ``model``), continued and differenced
+    adapter_sha256: str | None = None  # its manifest sha256, as the scheduler published it
 
     @property
     def max_steps(self) -> int:
@@ -117,11 +122,19 @@ def parse_block(raw: Any) -> DilocoBlock:
     for flag in ("error_feedback", "final"):
         if not isinstance(raw.get(flag, False), bool):
             raise InvalidTask(f"diloco.{flag} must be true or false, got {raw.get(flag)!r}")
+    adapter, adapter_sha256 = raw.get("adapter"), raw.get("adapter_sha256")
+    if adapter is not None:
+        adapter = validate_model_id(adapter)
+    if adapter_sha256 is not None and (adapter is None or not isinstance(adapter_sha256, str)
+                                       or len(adapter_sha256) != 64):
+        raise InvalidTask(f"diloco.adapter_sha256 must be 64 hex characters pinning diloco.adapter, got "
+                          f"{adapter_sha256!r}")
     round_ = numbers["round"]
     assert round_ is not None
     return DilocoBlock(job=job, round=round_, inner_steps=numbers["inner_steps"],
                        inner_seconds=None if seconds is None else float(seconds), compression=compression,
-                       error_feedback=raw.get("error_feedback", True), final=raw.get("final", False))
+                       error_feedback=raw.get("error_feedback", True), final=raw.get("final", False),
+                       adapter=adapter, adapter_sha256=adapter_sha256)
 
 
 def _step_delay() -> float:
@@ -153,36 +166,46 @@ def validate_inner(ctx: NodeContext, args: tuple[Any, ...], kwargs: dict[str, An
     """Check the block and what it decides, then validate and size the ``hypha.train`` it runs."""
     block = parse_block(kwargs["diloco"])
     ctx.storage()
-    decided = sorted(set(kwargs) & set(_DECIDED))
+    decided = sorted(set(kwargs) & set(_DECIDED) - ({"lora"} if block.adapter is not None else set()))
     if decided:
-        raise InvalidTask(f"{decided[0]} is decided by the diloco block (inner_steps, a full fine-tune); drop it")
-    if kwargs.get("method", "full") != "full":
-        raise InvalidTask("DiLoCo averages full weights: method must be 'full'")
+        raise InvalidTask(f"{decided[0]} is decided by the diloco block (inner_steps, a full fine-tune or its "
+                          "adapter); drop it")
+    method = kwargs.get("method", "full")
+    if method != ("full" if block.adapter is None else "lora"):
+        raise InvalidTask("DiLoCo averages full weights (method 'full'), or a LoRA job's adapter (method 'lora' with "
+                          f"diloco.adapter); got method {method!r}"
+                          + ("" if block.adapter is None else " with an adapter"))
     plain = {key: value for key, value in kwargs.items() if key != "diloco"}
     plain.update(max_steps=block.max_steps, new_model=block.trained_id(task_id))
     spec = validate_training(ctx, args, plain, task_id)
     if spec.finetune is None:
         raise InvalidTask(f"model {spec.model!r} is a built-in model: DiLoCo trains transformers models")
-    timed = replace(spec.finetune, max_seconds=block.inner_seconds, step_delay_s=_step_delay())
+    timed = replace(spec.finetune, max_seconds=block.inner_seconds, step_delay_s=_step_delay(), adapter=block.adapter)
     return InnerSpec(train=replace(spec, finetune=timed), block=block)
 
 
 def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
-    """Train as ``hypha.train`` does, publish ``base - trained`` as the task's delta, answer with its report."""
-    result = run_training(run, spec.train)
+    """Train as ``hypha.train`` does, publish ``base - trained`` as the task's delta, answer with its report.
+
+    The base is the round's global version: the model, or with ``diloco.adapter`` the job's adapter (fetched from
+    the shared storage and checked against its pin before the executor continues it): the delta is then the
+    adapter's tensors only. Either may be one file or a sharded model, read tensor by tensor."""
     ctx, block, base = run.ctx, spec.block, spec.train.model
+    if block.adapter is not None:
+        ctx.store.open(block.adapter)  # here before the executor (no network) looks for it
+        check_model_pin(ctx.store, block.adapter, block.adapter_sha256)
+    result = run_training(run, spec.train)
     output = result["output"]
     trained = output["model_id"]
     key = block.delta_key(run.task.request.id)
     try:  # the trained entry only serves to compute the delta: it leaves the store whatever happens
-        base_entry, trained_entry = ctx.store.open(base), ctx.store.open(trained)
-        if SAFETENSORS_SINGLE not in base_entry.manifest.files:
-            raise UnsupportedModel(f"model {base!r}: DiLoCo needs its weights in one {SAFETENSORS_SINGLE} (not sharded)")
-        base_weights, base_sha256 = base_entry.file(SAFETENSORS_SINGLE), base_entry.sha256
+        base_entry, trained_entry = ctx.store.open(block.adapter or base), ctx.store.open(trained)
+        base_sha256 = base_entry.sha256
+        base_bytes = sum(base_entry.file(name).stat().st_size for name in weight_files(base_entry))
         with tempfile.TemporaryDirectory(prefix="hypha-delta-") as scratch:
             delta = Path(scratch) / "delta.safetensors"
             residuals = Residuals.under(ctx.store.root) if block.error_feedback else None
-            feedback = write_delta(pseudo_gradient(base_weights, trained_entry.file(SAFETENSORS_SINGLE)), delta,
+            feedback = write_delta(pseudo_gradient(Weights.of(base_entry), Weights.of(trained_entry)), delta,
                                    {"job": block.job, "round": str(block.round), "base_sha256": base_sha256},
                                    block.compression, residuals=residuals, job=block.job, final=block.final)
             stored = publish_delta(ctx.storage(), key, delta)
@@ -193,7 +216,7 @@ def run_inner(run: TaskRun, spec: InnerSpec) -> dict[str, Any]:
     report = {
         "job": block.job, "round": block.round, "ref": key, "sha256": stored.sha256, "bytes": stored.size,
         "samples": output["samples"], "loss": output["final_loss"], "start_loss": curve[0],
-        "base": base, "base_sha256": base_sha256, "base_bytes": base_weights.stat().st_size,
+        "base": block.adapter or base, "base_sha256": base_sha256, "base_bytes": base_bytes,
         "worker": run.worker, "steps": output["steps"], "parameters": parameters,
         # From the task's start here to its delta published: fetching the round's version, training, the delta.
         "seconds": round(time.time() - run.timing.started_at, 3) if run.timing.started_at else None,

@@ -7,6 +7,8 @@ for Redis. Keys are ``/``-separated model-id components (:mod:`hypha_celery.mode
     jobs/<job>/round-<r>/<task>.safetensors  one inner task's pseudo-gradient       (:func:`delta_key`)
     jobs/<job>/round-<r>/aggregate.json      round r's outcome, written last        (:func:`record_key`)
     jobs/<job>/momentum-<r>.safetensors      the outer momentum after round r       (:func:`momentum_key`)
+    jobs/<job>/momentum-<r>/<file>           the same for a sharded model or an adapter: one file per
+                                             weight file of the base (a shard, adapter_model.safetensors)
     models/<job>-v<r>/<file>                 the global version round r publishes  (:func:`version_key`),
                                              its manifest last; the storage doubles as a model source
 
@@ -16,6 +18,7 @@ A training task's checkpoints live beside them under ``checkpoints/<task>/``
 
 from __future__ import annotations
 
+from hypha_celery.manifest import SAFETENSORS_SINGLE
 from hypha_celery.models.shared_storage import MODELS
 
 __all__ = ["DELTA_SUFFIX", "JOBS", "delta_key", "delta_task", "momentum_key", "record_key", "round_prefix",
@@ -51,9 +54,12 @@ def record_key(job: str, round_: int) -> str:
     return f"{round_prefix(job, round_)}{RECORD}"
 
 
-def momentum_key(job: str, round_: int) -> str:
-    """The outer Nesterov momentum after round ``round_``, read by the next round's outer step."""
-    return f"{JOBS}/{job}/momentum-{round_}{DELTA_SUFFIX}"
+def momentum_key(job: str, round_: int, file: str = SAFETENSORS_SINGLE) -> str:
+    """The outer Nesterov momentum after round ``round_`` for the base's weight file ``file``, read by the next
+    round's outer step (one key for a one-file model, as before; a folder of one file per shard otherwise)."""
+    if file == SAFETENSORS_SINGLE:
+        return f"{JOBS}/{job}/momentum-{round_}{DELTA_SUFFIX}"
+    return f"{JOBS}/{job}/momentum-{round_}/{file}"
 
 
 def version_id(job: str, round_: int) -> str:

@@ -7,7 +7,8 @@ manifest sha256 the scheduler expects it to be), ``deltas`` (the inner tasks' ``
 as the scheduler received them), ``weights`` (optional: inner task id -> the size of the shard the
 scheduler sent it), ``aggregator`` (``mean``, ``trimmed_mean`` or ``median``; default ``mean``),
 ``trim`` (default 0.2), ``max_delta_norm_ratio`` (default 10), ``max_base_norm_ratio`` (default 1),
-``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``.
+``outer_lr``, ``outer_momentum``, ``min_workers``, ``requirements``; round 0 of a LoRA job takes ``lora`` and
+``seed`` instead of deltas.
 
 Each delta is refused (and listed in the result's ``refused``, with the reason) unless its report
 is for this job and round and this base, its key is its task's delta key (:func:`.layout.delta_task`),
@@ -21,15 +22,20 @@ with two deltas the smaller, so that one large delta cannot raise its own bound)
 ``max_base_norm_ratio`` x the base's norm (``null`` turns a bound off; a median or base norm of 0
 sets none). Fewer than ``min_workers`` accepted deltas fail the task (``DeltaRejected``).
 
-The rest are combined tensor by tensor (:func:`.deltas.combine`): ``mean``
+The worker checks the reports and fetches the deltas (and the last momentum) into a scratch folder
+under its store (``<model_dir>/.outer/``); the value checks, the combination and the step run in a job
+executor under the task's lease, its memory cap among its limits (:mod:`.apply`, an
+:class:`~hypha_celery.work.OuterStep`): a step over its reservation fails there by name
+(``MemoryLimitExceeded``) and the worker serves on. Round 0 (``lora`` and ``seed``, no deltas) makes a
+LoRA job's first adapter there instead. The rest are combined tensor by tensor (:func:`.deltas.combine_stack`): ``mean``
 weighs each delta by its ``weights`` entry, what the scheduler decided and signed, never by the
 ``samples`` a worker reports (kept in the result as information only; without ``weights`` every
 delta weighs 1); ``trimmed_mean`` (``ceil(trim x n)`` values dropped at each end of every
 coordinate) and ``median`` are coordinate-wise and unweighted, for rounds where a minority may lie
 within the norm bounds. The combination is applied with Nesterov momentum
-(:mod:`.deltas`); the momentum is kept at :func:`.layout.momentum_key` for the next round. The
-deltas wait in a scratch folder for the combination: the worker's disk holds one copy of each, its
-memory one tensor of each.
+(:mod:`.deltas`); the momentum is kept at :func:`.layout.momentum_key` (one file per base weight file)
+for the next round. The deltas wait in the scratch folder for the combination: the worker's disk holds
+one copy of each, the executor's memory one tensor of each and one weight file of output.
 
 The next version (:func:`.layout.version_id`) is imported into the store (the same import as
 ``hypha-celery models import``: manifest, memory estimate, ``parent`` = the base) and uploaded to
@@ -47,8 +53,8 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -58,10 +64,10 @@ from typing import Any
 import redis
 
 from hypha_celery.errors import DeltaRejected, InvalidTask, RegistryUnavailable, SharedStorageError, TaskTimeout
+from hypha_celery.executor.landlock import OUTER
 from hypha_celery.keys import KeySchema
-from hypha_celery.manifest import MODEL_MANIFEST, SAFETENSORS_SINGLE, validate_model_id
+from hypha_celery.manifest import MODEL_MANIFEST, validate_model_id
 from hypha_celery.models.shared_storage import SharedStorage
-from hypha_celery.models.store import Entry
 from hypha_celery.resources.requirements import Requirements
 from hypha_celery.stages.results import package
 from hypha_celery.stages.validation import requirements_for
@@ -76,7 +82,9 @@ from hypha_celery.training.distributed.layout import (
     version_id,
     version_key,
 )
+from hypha_celery.training.distributed.weights import weight_files
 from hypha_celery.training.job import TaskRun
+from hypha_celery.work import OuterStep
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["AggregateSpec", "Gathered", "gather", "run_outer", "validate_aggregate"]
@@ -85,7 +93,7 @@ log = logging.getLogger(__name__)
 
 _ARGS = frozenset({"job", "round", "base", "base_sha256", "deltas", "weights", "aggregator", "trim",
                    "max_delta_norm_ratio", "max_base_norm_ratio", "outer_lr", "outer_momentum", "min_workers",
-                   "requirements"})
+                   "requirements", "lora", "seed"})
 _REPORT = ("job", "round", "ref", "sha256", "samples")
 MAX_DELTAS = 10_000
 MAX_WEIGHT = 2**53  # a shard size: integers up to here are exact in float64
@@ -110,6 +118,8 @@ class AggregateSpec:
     trim: float = DEFAULT_TRIM
     max_delta_norm_ratio: float | None = DEFAULT_DELTA_NORM_RATIO
     max_base_norm_ratio: float | None = DEFAULT_BASE_NORM_RATIO
+    lora: dict[str, Any] | None = None  # round 0 of a LoRA job: the first adapter's settings
+    seed: int = 0
 
 
 def _number(kwargs: Mapping[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -149,11 +159,11 @@ def validate_aggregate(ctx: NodeContext, args: Sequence[Any], kwargs: Mapping[st
     if unknown:
         raise InvalidTask(f"hypha.aggregate got an unknown argument {unknown[0]!r} (it takes {', '.join(sorted(_ARGS))})")
     ctx.storage()
+    if kwargs.get("round") == 0:
+        return _validate_init(ctx, kwargs)
     block = parse_block({"job": kwargs.get("job"), "round": kwargs.get("round"), "inner_steps": 1})
     base = validate_model_id(kwargs.get("base"))
-    pin = kwargs.get("base_sha256")
-    if pin is not None and (not isinstance(pin, str) or len(pin) != 64):
-        raise InvalidTask(f"base_sha256 must be 64 hex characters, got {pin!r}")
+    pin = _pin(kwargs)
     deltas = kwargs.get("deltas")
     if not isinstance(deltas, list) or not 1 <= len(deltas) <= MAX_DELTAS:
         raise InvalidTask(f"deltas must be a list of 1 to {MAX_DELTAS} inner-task reports")
@@ -178,6 +188,30 @@ def validate_aggregate(ctx: NodeContext, args: Sequence[Any], kwargs: Mapping[st
                          max_base_norm_ratio=_bound(kwargs, "max_base_norm_ratio", DEFAULT_BASE_NORM_RATIO, 1e-6))
 
 
+def _pin(kwargs: Mapping[str, Any]) -> str | None:
+    pin = kwargs.get("base_sha256")
+    if pin is not None and (not isinstance(pin, str) or len(pin) != 64):
+        raise InvalidTask(f"base_sha256 must be 64 hex characters, got {pin!r}")
+    return pin
+
+
+def _validate_init(ctx: NodeContext, kwargs: Mapping[str, Any]) -> AggregateSpec:
+    """Round 0 of a LoRA job: ``lora`` settings (checked as ``hypha.train``'s) and a ``seed``, no deltas."""
+    from hypha_celery.stages.validation import finetune_params
+
+    block = parse_block({"job": kwargs.get("job"), "round": 1, "inner_steps": 1})
+    base = validate_model_id(kwargs.get("base"))
+    if "lora" not in kwargs or kwargs.get("deltas"):
+        raise InvalidTask("hypha.aggregate round 0 makes a LoRA job's first adapter: it takes lora and no deltas")
+    seed = kwargs.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise InvalidTask(f"seed must be an integer from 0 to 2**32 - 1, got {seed!r}")
+    lora = finetune_params({"model": base, "method": "lora", "lora": kwargs["lora"]}, None).lora
+    return AggregateSpec(job=block.job, round=0, base=base, base_sha256=_pin(kwargs), deltas=[], outer_lr=0.0,
+                         outer_momentum=0.0, min_workers=1,
+                         requirements=requirements_for(ctx.config, kwargs.get("requirements")), lora=lora, seed=seed)
+
+
 def run_outer(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
     """The round's outer step under its lock, or its record when it ran before; packaged as the task's result."""
     ctx = run.ctx
@@ -189,14 +223,15 @@ def run_outer(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
             log.info("job %s round %d was aggregated before; answering from its record", spec.job, spec.round)
         else:
             began = time.monotonic()
-            output = _aggregate(ctx, spec)
+            output = _aggregate(run, spec)
             output["outer_seconds"] = round(time.monotonic() - began, 3)
             slowest = output.get("inner_seconds")
             output["round_seconds"] = None if slowest is None else round(slowest + output["outer_seconds"], 3)
             storage.put_bytes(record_key(spec.job, spec.round), json.dumps(output, sort_keys=True).encode())
-            ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
-                                     refused=len(output["refused"]), delta_bytes=output["delta_bytes"],
-                                     dense_bytes=output["dense_bytes"], round_seconds=output["round_seconds"])
+            if spec.round > 0:  # round 0 makes a LoRA job's first adapter: no deltas, no round of training
+                ctx.metrics.diloco_round(bytes_moved=output["bytes_moved"], accepted=output["deltas"],
+                                         refused=len(output["refused"]), delta_bytes=output["delta_bytes"],
+                                         dense_bytes=output["dense_bytes"], round_seconds=output["round_seconds"])
     run.timing.finished_at = time.time()
     run.task.send_event("task-progress", stage="aggregated", job=spec.job, round=spec.round,
                         model_id=output["model_id"], workers=output["workers"], bytes_moved=output["bytes_moved"],
@@ -241,18 +276,20 @@ class Gathered:
         self.refused.append({"ref": report.get("ref"), "worker": report.get("worker"), "reason": reason})
 
 
-def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any], base_sha256: str, scratch: Path,
-           max_size: int) -> Gathered:
-    """Fetch and check every delta of ``spec`` into ``scratch``, then refuse those whose norm is out of bounds."""
-    from hypha_celery.training.distributed.deltas import l2_norm, scan_delta
+def _what(report: Mapping[str, Any]) -> str:
+    return f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
 
-    expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
-    shapes = {name: tuple(tensor.shape) for name, tensor in base.items()}
-    out = Gathered(base_norm=l2_norm(base))
-    finite: list[tuple[dict[str, Any], Path, int, float]] = []
+
+def fetch(storage: SharedStorage, spec: AggregateSpec, base_sha256: str, scratch: Path, max_size: int
+          ) -> tuple[list[tuple[dict[str, Any], Path, int]], Gathered]:
+    """The worker's half of the checks: each report for this job, round and base, its key its task's, counted once,
+    its bytes fetched into ``scratch`` and hashing to the reported sha256. The fetched (report, file, weight) in a
+    fixed order (the same bits on a re-run), and the refused so far."""
+    out = Gathered()
+    fetched: list[tuple[dict[str, Any], Path, int]] = []
     seen: set[str] = set()
-    for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):  # fixed order: same bits
-        what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
+    for index, report in enumerate(sorted(spec.deltas, key=lambda r: str(r["ref"]))):
+        what = _what(report)
         try:
             if str(report["ref"]) in seen:
                 raise DeltaRejected(f"{what}: reported again; one delta counts once, refused")
@@ -263,62 +300,85 @@ def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any],
                 storage.get_file(report["ref"], path, sha256=report["sha256"], max_size=max_size)
             except SharedStorageError as exc:
                 raise DeltaRejected(f"{what}: {exc}") from None
-            finite.append((report, path, weight, scan_delta(path, shapes, expected, what)))
+            fetched.append((report, path, weight))
         except DeltaRejected as exc:
             out.refuse(spec, report, str(exc))
-    if finite:
-        norms = sorted(norm for *_, norm in finite)
-        out.median_norm = norms[(len(norms) - 1) // 2]  # the lower median: of two, the smaller bounds the larger
-    for report, path, weight, norm in finite:
-        what = f"delta {report.get('ref')!r} (from {report.get('worker', 'a worker')})"
-        if spec.max_delta_norm_ratio is not None and out.median_norm and \
-                norm > spec.max_delta_norm_ratio * out.median_norm:
-            out.refuse(spec, report, f"{what}: its L2 norm {norm:.4g} is above max_delta_norm_ratio "
-                                     f"({spec.max_delta_norm_ratio:g}) x the round's lower median norm "
-                                     f"({out.median_norm:.4g}); refused")
-        elif spec.max_base_norm_ratio is not None and out.base_norm and \
-                norm > spec.max_base_norm_ratio * out.base_norm:
-            out.refuse(spec, report, f"{what}: its L2 norm {norm:.4g} is above max_base_norm_ratio "
-                                     f"({spec.max_base_norm_ratio:g}) x the base's norm ({out.base_norm:.4g}); refused")
-        else:
-            out.accepted.append((report, path, weight, norm))
+    return fetched, out
+
+
+def gather(storage: SharedStorage, spec: AggregateSpec, base: Mapping[str, Any], base_sha256: str, scratch: Path,
+           max_size: int) -> Gathered:
+    """Every check of the outer step on the deltas of ``spec`` against ``base`` (tensors by name) in one call: the
+    worker's :func:`fetch`, then the executor's :func:`.apply.judge` (values, norms and their bounds)."""
+    from hypha_celery.training.distributed.apply import judge
+    from hypha_celery.training.distributed.deltas import l2_norm, shapes_of
+
+    fetched, out = fetch(storage, spec, base_sha256, scratch, max_size)
+    out.base_norm = l2_norm(base)
+    judged = judge([(path, _what(report)) for report, path, _ in fetched], shapes_of(base),
+                   {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}, out.base_norm,
+                   max_delta_norm_ratio=spec.max_delta_norm_ratio, max_base_norm_ratio=spec.max_base_norm_ratio)
+    for index, reason in judged.refused:
+        out.refuse(spec, fetched[index][0], reason)
+    out.accepted = [(fetched[index][0], fetched[index][1], fetched[index][2], norm)
+                    for index, norm in sorted(judged.accepted)]
+    out.median_norm = judged.median_norm
     return out
 
 
-def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
-    from hypha_celery.training.distributed.deltas import combine, load_weights, nesterov, save_tensors, shapes_of
-
+def _aggregate(run: TaskRun, spec: AggregateSpec) -> dict[str, Any]:
+    """Fetch the round's inputs into a scratch folder under the store, run the step in a job executor under the
+    lease (:mod:`.apply`), upload the momentum and the next version."""
+    ctx = run.ctx
     storage = ctx.storage()
     base_entry = ctx.store.open(spec.base)
-    manifest, base_sha256 = base_entry.manifest, base_entry.sha256
+    base_sha256 = base_entry.sha256
     if spec.base_sha256 is not None and spec.base_sha256 != base_sha256:
         raise DeltaRejected(f"base {spec.base!r} here is manifest {base_sha256[:12]}..., not the round's "
                             f"{spec.base_sha256[:12]}...; refusing to aggregate onto another model")
-    base = load_weights(base_entry.file(SAFETENSORS_SINGLE), f"model {spec.base!r}")
     expected = {"job": spec.job, "round": str(spec.round), "base_sha256": base_sha256}
-    with tempfile.TemporaryDirectory(prefix="hypha-aggregate-") as scratch:
-        gathered = gather(storage, spec, base, base_sha256, Path(scratch), ctx.store.max_model_size)
-        refused = gathered.refused
-        if len(gathered.accepted) < spec.min_workers:
-            reasons = "; ".join(entry["reason"] for entry in refused) or "none refused"
-            raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(gathered.accepted)} delta(s) passed the "
-                                f"checks, fewer than min_workers ({spec.min_workers}): {reasons}")
-        average = combine([path for _, path, _, _ in gathered.accepted], [w for _, _, w, _ in gathered.accepted],
-                          shapes_of(base), aggregator=spec.aggregator, trim=spec.trim)
-        previous = None
+    next_id = version_id(spec.job, spec.round)
+    uploaded = storage.exists(version_key(next_id, MODEL_MANIFEST))
+    scratch = Path(ctx.store.root, OUTER, f"{spec.job}-{spec.round}-{uuid.uuid4().hex[:8]}")
+    scratch.mkdir(parents=True)
+    try:
+        fetched, gathered = fetch(storage, spec, base_sha256, scratch, ctx.store.max_model_size)
+        momentum_in = None
         if spec.round > 1:
-            path = Path(scratch) / "momentum.safetensors"
-            storage.get_file(momentum_key(spec.job, spec.round - 1), path, max_size=ctx.store.max_model_size)
-            previous = load_weights(path, f"job {spec.job}'s momentum after round {spec.round - 1}")
-            if previous.keys() != base.keys():
-                raise DeltaRejected(f"job {spec.job}'s momentum does not match the base's tensors")
-        # Refuses non-finite weights or momentum (DeltaRejected) before either is stored or published.
-        weights, momentum = nesterov(base, average, previous, lr=spec.outer_lr, momentum=spec.outer_momentum)
-        moment = Path(scratch) / "momentum-next.safetensors"
-        save_tensors(momentum, moment, expected)
-        storage.put_file(momentum_key(spec.job, spec.round), moment)
-        next_id = version_id(spec.job, spec.round)
-        published = _publish(ctx, manifest.task, base_entry, next_id, weights, Path(scratch) / "next", expected)
+            momentum_in = {}
+            (scratch / "previous").mkdir()
+            for file in weight_files(base_entry):
+                path = scratch / "previous" / file
+                storage.get_file(momentum_key(spec.job, spec.round - 1, file), path, max_size=ctx.store.max_model_size)
+                momentum_in[file] = str(path)
+        step = OuterStep(job=spec.job, round=spec.round, base=spec.base, next_id=next_id, scratch=str(scratch),
+                         deltas=[{"path": str(path), "weight": weight, "what": _what(report)}
+                                 for report, path, weight in fetched],
+                         expected=expected, momentum_in=momentum_in, lr=spec.outer_lr, momentum=spec.outer_momentum,
+                         aggregator=spec.aggregator, trim=spec.trim, max_delta_norm_ratio=spec.max_delta_norm_ratio,
+                         max_base_norm_ratio=spec.max_base_norm_ratio, min_workers=spec.min_workers,
+                         publish=not uploaded and not ctx.store.taken(next_id), init_lora=spec.lora, seed=spec.seed)
+        if spec.round > 0 and len(fetched) < spec.min_workers:  # the executor would refuse it: no need to start one
+            raise DeltaRejected(f"job {spec.job} round {spec.round}: {len(fetched)} delta(s) passed the checks, fewer "
+                                f"than min_workers ({spec.min_workers}): "
+                                + ("; ".join(entry["reason"] for entry in gathered.refused) or "none refused"))
+        try:
+            stepped = ctx.executors.run_outer(step, lease=run.lease, timeout=run.remaining_s)
+        except DeltaRejected as exc:  # too few passed the executor's checks: name the worker's refusals too
+            if not gathered.refused:
+                raise
+            raise DeltaRejected(f"{exc}; refused before the step: "
+                                + "; ".join(entry["reason"] for entry in gathered.refused)) from None
+        for index, reason in ((entry["index"], entry["reason"]) for entry in stepped.refused):
+            gathered.refuse(spec, fetched[index][0], reason)
+        gathered.accepted = [(fetched[index][0], fetched[index][1], fetched[index][2], norm)
+                             for index, norm in zip(stepped.accepted, stepped.norms, strict=True)]
+        gathered.median_norm, gathered.base_norm = stepped.median_norm, stepped.base_norm
+        for file, written in stepped.momentum.items():  # before the version: a re-run finds both or recomputes
+            storage.put_file(momentum_key(spec.job, spec.round, file), Path(written))
+        published = ctx.store.manifest_sha256(next_id) if uploaded else _publish(ctx, next_id)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     reports = [(report, weight) for report, _, weight, _ in gathered.accepted]
     return {
         "job": spec.job, "round": spec.round, "base": spec.base, "base_sha256": base_sha256,
@@ -328,7 +388,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "samples": sum(int(report["samples"]) for report, _ in reports),
         "weights": {str(report["ref"]): weight for report, weight in reports},
         "aggregator": spec.aggregator, "median_norm": gathered.median_norm, "base_norm": gathered.base_norm,
-        "refused": refused,
+        "refused": gathered.refused,
         "loss": _weighted(reports, "start_loss"), "inner_loss": _weighted(reports, "loss"),
         # What crossed the network to and from the inner workers: each pulled the base, pushed a delta.
         "bytes_moved": _bytes_moved(reports),
@@ -337,6 +397,7 @@ def _aggregate(ctx: NodeContext, spec: AggregateSpec) -> dict[str, Any]:
         "inner_seconds": max((s for s in (_reported(r.get("seconds")) for r, _ in reports) if s is not None),
                              default=None),
         "outer_lr": spec.outer_lr, "outer_momentum": spec.outer_momentum,
+        "memory_peak": stepped.usage.memory_peak,
     }
 
 
@@ -398,23 +459,9 @@ def _summed(reports: list[tuple[dict[str, Any], int]], key: str) -> int:
     return sum(max(0, int(_reported(report.get(key)) or 0)) for report, _ in reports)
 
 
-def _publish(ctx: NodeContext, task: str | None, base: Entry, next_id: str,
-             weights: Mapping[str, Any], folder: Path, metadata: Mapping[str, str]) -> str:
-    """Store ``next_id`` (the base's files with the new weights) and upload it to its version keys, manifest last;
-    returns its manifest's sha256."""
-    from hypha_celery.training.distributed.deltas import save_tensors
-
+def _publish(ctx: NodeContext, next_id: str) -> str:
+    """Upload the stored ``next_id`` to its version keys, manifest last; returns its manifest's sha256."""
     storage = ctx.storage()
-    if storage.exists(version_key(next_id, MODEL_MANIFEST)):
-        return ctx.store.manifest_sha256(next_id)  # a run that died after uploading it: the same inputs, the same version
-    if not ctx.store.taken(next_id):
-        folder.mkdir()
-        for name, path in base.files().items():
-            if name != SAFETENSORS_SINGLE:
-                (folder / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(path, folder / name)
-        save_tensors(weights, folder / SAFETENSORS_SINGLE, metadata)
-        ctx.store.add("transformers", folder, next_id, task=task, parent=base.id)
     stored = ctx.store.open(next_id)
     for name, path in stored.files().items():
         storage.put_file(version_key(next_id, name), path)

@@ -53,6 +53,7 @@ def round_entry(round_: int, outcome: Mapping[str, Any], rows: list[dict[str, An
         "assigned": assigned, "inner": rows, "failed": dict(failed),
         "delta_bytes": int(delta_bytes), "compression": round(delta_bytes / dense, 4) if dense else None,
         "duration_s": round(duration_s, 3),
+        "outer_memory_peak": outcome.get("memory_peak"),  # the outer step's peak in its executor, bytes
     }
 
 

@@ -100,10 +100,13 @@ class _Settings:
     inner_seconds: float | None = None  # a time box per inner task instead of (or under) inner_steps
     compression: str = "none"
     error_feedback: bool = True
+    lora: dict[str, Any] | None = None  # a LoRA job: the adapter's settings (r, alpha, dropout, target_modules)
 
-    def block(self, job: str, round_: int) -> dict[str, Any]:
-        """The ``diloco`` kwarg of the round's inner tasks."""
+    def block(self, job: str, round_: int, version: str | None = None, pin: str | None = None) -> dict[str, Any]:
+        """The ``diloco`` kwarg of the round's inner tasks (a LoRA job's names the round's adapter ``version``)."""
         block: dict[str, Any] = {"job": job, "round": round_}
+        if self.lora is not None:
+            block.update(adapter=version, **({"adapter_sha256": pin} if pin is not None else {}))
         if self.inner_steps is not None:
             block["inner_steps"] = self.inner_steps
         if self.inner_seconds is not None:
@@ -169,6 +172,12 @@ class DilocoJob:
         s = self.settings
         base, pin = s.model, None
         history: list[dict[str, Any]] = []
+        if s.lora is not None:  # round 0: the job's first adapter, made once by an outer step, then trained by all
+            self._update(stage="aggregate")
+            first = self._send_aggregate(0, {"job": self.job, "round": 0, "base": s.model, "lora": s.lora,
+                                             "seed": int(s.train_kwargs.get("seed", 0)),
+                                             "requirements": s.aggregate_requirements})
+            base, pin = first["model_id"], first["sha256"]
         for round_ in range(1, s.rounds + 1):
             started = time.monotonic()
             self._update(round=round_, stage="inner", finished=0, arrived=0, tasks=[])
@@ -185,7 +194,8 @@ class DilocoJob:
             with self._lock:
                 self._progress["history"].append(entry)
             base, pin = outcome["model_id"], outcome["sha256"]
-        return {"job": self.job, "model_id": base, "sha256": pin, "rounds": history}
+        return {"job": self.job, "model_id": base, "sha256": pin, "rounds": history,
+                **({"adapter_of": s.model} if s.lora is not None else {})}
 
     def _assign(self, round_: int) -> list[Assignment]:
         """The round's inner tasks from the live workers now (:mod:`.membership`); the cursor moves past them."""
@@ -209,10 +219,12 @@ class DilocoJob:
         for assignment in sent:
             kwargs: dict[str, Any] = {**s.train_kwargs, "model": base, "data": s.shards[assignment.shard],
                                       "diloco": s.block(self.job, round_)}
+            if s.lora is not None:  # the model stays the job's; the block names the adapter version, pinned
+                kwargs.update(model=s.model, method="lora", lora=s.lora, diloco=s.block(self.job, round_, base, pin))
             if s.requirements is not None:
                 kwargs["requirements"] = s.requirements
             options = send_options("hypha.train", kwargs, signing_key=s.signing_key, queue=s.queue or assignment.queue,
-                                   model_sha256=pin if s.signing_key is not None else None)
+                                   model_sha256=pin if s.signing_key is not None and s.lora is None else None)
             signatures.append(self.app.signature("hypha.train", kwargs=kwargs, **options))
         results = group(signatures).apply_async().results
         self._shard_of = {result.id: assignment.shard for result, assignment in zip(results, sent, strict=True)}
@@ -265,6 +277,11 @@ class DilocoJob:
                                   **s.aggregate_options}
         if pin is not None:
             kwargs["base_sha256"] = pin
+        return self._send_aggregate(round_, kwargs)
+
+    def _send_aggregate(self, round_: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Send ``hypha.aggregate`` signed, again on a failure that is not a refusal (idempotent by round)."""
+        s = self.settings
         for attempt in range(1, AGGREGATE_ATTEMPTS + 1):
             options = send_options("hypha.aggregate", kwargs, signing_key=s.signing_key, queue=s.queue)
             result = self.app.send_task("hypha.aggregate", kwargs=kwargs, **options)
@@ -341,6 +358,8 @@ def diloco(
     max_delta_norm_ratio: float | None = 10.0,
     max_base_norm_ratio: float | None = 1.0,
     members: Members | None = None,
+    method: str = "full",
+    lora: dict[str, Any] | None = None,
     **train_kwargs: Any,
 ) -> DilocoJob:
     """Start a DiLoCo job training ``model`` on ``shards`` (one inner task per shard per round); see the module doc.
@@ -354,7 +373,15 @@ def diloco(
     ``hypha.aggregate`` as they are (see :mod:`hypha_celery.training.distributed.outer`; ``None`` turns a bound off).
     ``inner_seconds`` time-boxes each inner task (``inner_steps``, when also given, caps its steps; one of the two is
     needed); ``compression`` and ``error_feedback``: :mod:`hypha_celery.training.distributed.compression`.
+    ``method="lora"`` (``lora``: r, alpha, dropout, target_modules, as ``hypha.train`` takes them) trains a LoRA
+    adapter of ``model`` instead of its weights: round 0 (``hypha.aggregate``) makes the job's first adapter
+    (``<job>-v0``, from ``seed``), each round's inner tasks continue the current one and send its tensors' delta only,
+    and each version is an adapter of ``model``, served like any (``hypha.generate`` with its id).
     """
+    if method not in ("full", "lora"):
+        raise ValueError(f"method must be 'full' or 'lora', got {method!r}")
+    if lora is not None and method != "lora":
+        raise ValueError("lora settings apply to method 'lora' only")
     if not shards:
         raise ValueError("diloco needs at least one shard")
     if rounds < 1 or (inner_steps is not None and inner_steps < 1):
@@ -383,5 +410,6 @@ def diloco(
                            "max_base_norm_ratio": max_base_norm_ratio, **({} if trim is None else {"trim": trim})},
         members=members if members is not None else registry_members(requirements),
         inner_seconds=inner_seconds, compression=compression, error_feedback=error_feedback,
+        lora=(dict(lora or {"r": 8}) if method == "lora" else None),
     )
     return DilocoJob(app, job or f"dl-{uuid.uuid4().hex[:12]}", settings).start()

@@ -28,7 +28,7 @@ from hypha_celery.runtimes.transformers_loading import TransformerModel, load
 from hypha_celery.training.checkpoints.local import Identity, TaskCheckpoints, data_fingerprint
 from hypha_celery.training.finetune.data import examples
 from hypha_celery.training.finetune.loop import loop
-from hypha_celery.training.finetune.lora import with_lora
+from hypha_celery.training.finetune.lora import continue_lora, with_lora
 from hypha_celery.work import Progress, Train, Trained
 
 __all__ = ["Finetuned", "finetune"]
@@ -73,7 +73,9 @@ def finetune(store: ModelStore, request: Train, data: dict[str, Any], device: st
                                "per text, two classes or more); this one is multi-label or a regressor")
     texts, labels = examples(loaded, data)
     module = loaded.module
-    if request.method == "lora":
+    if request.method == "lora" and request.adapter is not None:
+        module = continue_lora(loaded, entry, store.open(request.adapter))
+    elif request.method == "lora":
         module = with_lora(loaded, request.lora or {})
     else:
         module.requires_grad_(True)
@@ -91,7 +93,8 @@ def _checkpoints(store: ModelStore, entry: Entry, request: Train, texts: list[st
     """The task's checkpoints, when it asked for them: who the run is, for checking one found at start."""
     if not request.checkpoint_every or request.task_id is None:
         return None
-    settings = {"model": request.model, "method": request.method, "lora": request.lora, "lr": request.lr,
+    settings = {"model": request.model, "method": request.method, "lora": request.lora, "adapter": request.adapter,
+                "lr": request.lr,
                 "batch_size": request.batch_size, "grad_accum": request.grad_accum, "epochs": request.epochs,
                 "max_steps": request.max_steps, "warmup_steps": request.warmup_steps, "seed": request.seed,
                 "max_length": max_length}

@@ -8,12 +8,12 @@ saves after training, and what an entry may hold is the store's concern, not the
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
-from hypha_celery.manifest import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CONFIG, SAFETENSORS_SINGLE
+from hypha_celery.manifest import CONFIG, SAFETENSORS_SINGLE
 from hypha_celery.models.store import Entry
+from hypha_celery.training.finetune.lora import save_adapter
 from hypha_celery.training.finetune.run import Finetuned
 
 __all__ = ["save"]
@@ -31,13 +31,7 @@ def save(done: Finetuned, out: Path, *, merge: bool) -> str:
     """
     module = done.module
     if done.method == "lora" and not merge:
-        module.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
-        config = json.loads((out / ADAPTER_CONFIG).read_text())
-        config["base_model_name_or_path"] = done.model.manifest.id  # a store id: nothing loads by it
-        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for entry in out.iterdir():  # peft's model card and anything else: not part of the entry
-            if entry.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        save_adapter(module, done.model.manifest.id, out)
         return "adapter"
     if done.method == "lora":
         module = module.merge_and_unload()
