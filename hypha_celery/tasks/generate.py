@@ -61,6 +61,9 @@ def _continuation(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None
         if record is not None or run.ran_before:
             cont = plan(record, seeded_sampling=params.do_sample and params.seed is not None)
     run.since = cont.since
+    if cont.resume or cont.restarted:  # Flower shows where a moved generation picked up
+        run.task.send_event("task-resumed", from_token=len(cont.resume), workers=list(cont.workers),
+                            restarted=cont.restarted)
     if stream is not None:
         stream.resume(0, cont.held_text, cont.held_tokens)
         stream.begin(run.worker, cont.since or run.timing.started_at)

@@ -8,6 +8,7 @@ the same request run uninterrupted on B afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Callable
@@ -46,11 +47,12 @@ def worker_id(worker: WorkerProcess) -> str:
     return f"{worker.name}@{os.uname().nodename}"
 
 
-def pair(start_worker: Callable[..., WorkerProcess], store: Path) -> tuple[WorkerProcess, WorkerProcess]:
-    """A (slow decoding, where the tasks start) and B (the survivor), both ready."""
+def pair(start_worker: Callable[..., WorkerProcess], store: Path,
+         b_args: tuple[str, ...] = ()) -> tuple[WorkerProcess, WorkerProcess]:
+    """A (slow decoding, where the tasks start) and B (the survivor, started with ``b_args``), both ready."""
     overrides = {"models": {"model_dir": str(store)}, "max_concurrent_tasks": 8}
     a = start_worker(overrides, env=SLOW, wait=False)
-    b = start_worker(overrides, wait=False)
+    b = start_worker(overrides, wait=False, args=b_args)
     a.wait_ready(90)
     b.wait_ready(90)
     return a, b
@@ -88,6 +90,27 @@ def assert_whole_once(client: redis.Redis, task_id: str, text: str, completion_t
     assert len(ids) == completion_tokens
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(store / LONG))
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def events(app: Any, kind: str) -> tuple[threading.Thread, list[dict[str, Any]]]:
+    """The task events of ``kind`` (as Flower gets them), collected in a thread until the first; returns once the
+    receiver hears a worker's heartbeat (it is listening)."""
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with app.connection_for_read() as connection:
+            receiver = app.events.Receiver(connection, handlers={kind: seen.append,
+                                                                 "worker-heartbeat": lambda _: ready.set()})
+            with contextlib.suppress(TimeoutError, OSError):
+                for _ in receiver.consume(limit=None, timeout=180, wakeup=False):  # after each event of any kind
+                    if seen:
+                        return
+
+    thread = threading.Thread(target=listen, daemon=True)
+    thread.start()
+    assert ready.wait(60), "no worker heartbeat event: the receiver is not listening"
+    return thread, seen
 
 
 def live_reader(result: Any) -> tuple[threading.Thread, list[str]]:
@@ -146,14 +169,19 @@ def test_a_dead_workers_batch_of_8_is_continued_row_by_row(start_worker, celery_
 def test_a_copy_whose_record_is_gone_starts_over_and_says_so(start_worker, celery_client, redis_client: redis.Redis,
                                                              long_store: Path) -> None:
     # Given a generation killed part way on A, whose token stream then disappears (expired, a Redis restarted)
-    a, b = pair(start_worker, long_store)
+    a, b = pair(start_worker, long_store, b_args=("-E",))  # B sends task events, as for Flower
     app = celery_client()
+    listener, resumed = events(app, "task-resumed")
     moving = send(app, a, 120)
     kill_when(redis_client, a, [moving.id], 30)
     redis_client.delete(keys.token_stream(moving.id))
     # When the copy runs on B
     result = moving.get(timeout=180)
-    # Then it generated from the start, saying why, and its text is still the uninterrupted run's
+    # Then it generated from the start, saying why (in its result, and in an event Flower shows)
     assert result["worker"] == worker_id(b) and result["resumed_from_token"] == 0
     assert "no token record" in result["restarted"]
+    listener.join(60)
+    assert [(e["uuid"], e["from_token"]) for e in resumed] == [(moving.id, 0)]
+    assert "no token record" in resumed[0]["restarted"]
+    # And its text is still the uninterrupted run's
     assert result["output"]["text"] == send(app, b, 120).get(timeout=180)["output"]["text"]
