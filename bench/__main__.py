@@ -164,7 +164,7 @@ def bench_admission(url: str, workdir: Path, models: Path) -> None:
             throughput(app, name, kwargs, 50, queue)
         runs: dict[str, list[float]] = {label: [] for label in kinds}
         cpu: dict[str, list[float]] = {label: [] for label in kinds}  # the worker's CPU s per task: steadier
-        for _ in range(max(5, REPEATS)):  # the measure: median of 5, interleaved, same run
+        for _ in range(max(5, REPEATS)):  # median of 5, interleaved, in the same run
             for label, (worker, name, kwargs, queue) in kinds.items():
                 runs[label].append(_with_cpu(worker.pid, cpu[label], count,
                                              functools.partial(throughput, app, name, kwargs, count, queue)))

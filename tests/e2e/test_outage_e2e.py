@@ -33,7 +33,7 @@ from hypha_celery.worker.options import _redis_transport
 from tests.conftest import wait_for
 
 OUTAGES = 4
-OUTAGE_S = 7  # the 6-10 s
+OUTAGE_S = 7  # an outage of several seconds: the worker retries its connections through it
 
 
 def state(app: Any, task_id: str) -> str:
