@@ -30,6 +30,10 @@ def render(workers: list[dict[str, Any]], registry: str) -> str:
             free = w.get("free_gpu_memory", {}).get(str(gpu["index"]), gpu["memory"])
             lines.append(f"  gpu{gpu['index']}   {_bar(gpu['memory'] - free, gpu['memory'])} "
                          f"{format_size(gpu['memory'] - free)}/{format_size(gpu['memory'])} {gpu['model']}")
+        for device, kv in sorted((w.get("kv") or {}).items()):  # generations' KV caches, admitted by the ledger
+            used, budget = int(kv.get("used", 0)), max(0, int(kv.get("budget", 0)))
+            lines.append(f"  kv {device:<4}{_bar(used, budget)} {format_size(used)}/{format_size(budget)} "
+                         f"({len(kv.get('holders') or [])} requests)")
         lines.append(f"  active leases {w.get('leases', 0)}   cache hit rate {rate} ({hits} hits, {misses} misses)"
                      f"   models {len(w.get('models', []))}")
         lines.append("")
