@@ -53,6 +53,7 @@ __all__ = ["Gateway", "TaskStream", "create_app"]
 
 log = logging.getLogger(__name__)
 
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client is still there
 _ANONYMOUS = "anonymous"  # the rate-limit identity of every request when the gateway takes no keys
 
 
@@ -130,16 +131,48 @@ async def list_models(gateway: Gateway, request: Request) -> Response:
     return JSONResponse(models_body(await run_in_threadpool(gateway.network.models)))
 
 
-async def _generate(gateway: Gateway, call: GenerateCall, kind: str) -> Response:
+async def _generate(gateway: Gateway, request: Request, call: GenerateCall, kind: str) -> Response:
     await gateway.known_model(call.model)
     results = [await gateway.submit("hypha.generate", call.choice_kwargs(i)) for i in range(call.n)]
     response_id = completion_id("chat" if kind == "chat" else "text")
     if call.stream:
         return _stream(gateway, call, kind, results[0], response_id)
-    # every choice was sent before the first wait: they run together, so waiting in turn costs nothing more
-    outcomes = [outcome_of(await gateway.wait(result)) for result in results]
+    outcomes = await _outcomes_while_connected(gateway, request, results)
     body = chat_body if kind == "chat" else text_body
     return JSONResponse(body(response_id, call.model, outcomes))
+
+
+async def _outcomes_while_connected(gateway: Gateway, request: Request, results: list[HyphaResult]) -> list[Outcome]:
+    """Each choice's outcome; a client that leaves first has its tasks revoked (none runs on for nobody).
+
+    Every choice was sent before the first wait: they run together, so waiting in turn costs nothing more.
+    The connection is checked every :data:`DISCONNECT_POLL_S` while they run.
+    """
+    outcomes: list[Outcome] = []
+    left = False
+    async with anyio.create_task_group() as group:
+        async def collect() -> None:
+            for result in results:  # a wait abandoned when the client leaves: its thread ends with the revoke
+                outcomes.append(outcome_of(await anyio.to_thread.run_sync(gateway.network.wait, result,
+                                                                          abandon_on_cancel=True)))
+            group.cancel_scope.cancel()
+
+        async def watch() -> None:
+            nonlocal left
+            while not await request.is_disconnected():
+                await anyio.sleep(DISCONNECT_POLL_S)
+            left = True
+            group.cancel_scope.cancel()
+
+        group.start_soon(collect)
+        group.start_soon(watch)
+    if left:
+        log.info("client left before its %d generation(s) ended: revoking them", len(results))
+        with anyio.CancelScope(shield=True):
+            for result in results:
+                await run_in_threadpool(gateway.network.revoke, result)
+        raise ApiError(499, "the client closed the request", code="client_closed_request")
+    return outcomes
 
 
 class TaskStream(StreamingResponse):
@@ -181,11 +214,11 @@ def _stream(gateway: Gateway, call: GenerateCall, kind: str, result: HyphaResult
 
 
 async def chat_completions(gateway: Gateway, request: Request) -> Response:
-    return await _generate(gateway, chat_request(await _json(request)), "chat")
+    return await _generate(gateway, request, chat_request(await _json(request)), "chat")
 
 
 async def completions(gateway: Gateway, request: Request) -> Response:
-    return await _generate(gateway, completion_request(await _json(request)), "text")
+    return await _generate(gateway, request, completion_request(await _json(request)), "text")
 
 
 async def embeddings(gateway: Gateway, request: Request) -> Response:

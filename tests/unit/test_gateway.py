@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -360,3 +361,50 @@ def test_a_client_that_leaves_mid_stream_revokes_its_task(fake: FakeNetwork) -> 
     # Then the response ended without [DONE], and the task was revoked
     assert sent[0]["status"] == 200 and not any(b"[DONE]" in m.get("body", b"") for m in sent)
     assert len(fake.revoked) == 1
+
+
+def test_a_client_that_leaves_before_a_non_streamed_reply_revokes_its_tasks(fake: FakeNetwork,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Given two generations (n=2) that end only when revoked
+    import hypha_celery.gateway.app as gateway_app
+
+    monkeypatch.setattr(gateway_app, "DISCONNECT_POLL_S", 0.01)
+    revoked = threading.Event()
+
+    def wait_until_revoked(kwargs: dict[str, Any]) -> dict[str, Any]:
+        revoked.wait(10)
+        raise RuntimeError("revoked")
+
+    fake.wait = wait_until_revoked  # type: ignore[method-assign]
+    fake.revoke = lambda kwargs: (FakeNetwork.revoke(fake, kwargs), revoked.set())  # type: ignore[method-assign]
+    app = create_app(Gateway(network=fake, keys=None, limiter=None))  # type: ignore[arg-type]
+    body = json.dumps({"model": "gen", "prompt": "go", "n": 2}).encode()
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+    left = asyncio.Event()
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
+             "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+
+    async def main() -> None:
+        serving = asyncio.ensure_future(app(scope, receive, send))
+        await asyncio.sleep(0.2)  # both tasks were sent and are being waited on
+        assert len(fake.sent) == 2 and not fake.revoked
+        # When the client disconnects
+        left.set()
+        await asyncio.wait_for(serving, 10)
+
+    asyncio.run(main())
+    # Then both tasks were revoked, and no reply with a result was sent
+    assert len(fake.revoked) == 2
+    assert not any(b"choices" in m.get("body", b"") for m in sent)
