@@ -207,3 +207,23 @@ def test_an_output_off_its_format_is_an_invalid_output_never_success(text: str, 
     with pytest.raises(InvalidOutput, match=match):
         check_output(text, fmt, finish)
 
+
+
+def test_a_constrained_row_continued_after_its_first_tokens_ends_as_the_uninterrupted_one(model: Any) -> None:
+    from bench.structured import MAX_NEW_TOKENS
+    from hypha_celery.runtimes.transformers_generation import constraint_for
+    from hypha_celery.serving.engine import Engine
+    from hypha_celery.serving.request import Request
+
+    # Given a greedy generation constrained to the "nested" schema, run uninterrupted
+    (full,) = engine(model, [response_format("nested", CORPUS["nested"])], None)
+    assert full.finish is Finish.STOP and len(full.tokens) > 8
+    # When another engine continues it after its first 8 tokens (mid-JSON), with a fresh constraint
+    eng = Engine(model.module, model.tokenizer)
+    prompt = list(model.tokenizer(PROMPT)["input_ids"])
+    resumed = eng.add(Request(prompt, MAX_NEW_TOKENS, resume=tuple(full.tokens[:8]),
+                              constraint=constraint_for(model, response_format("nested", CORPUS["nested"]))))
+    eng.run()
+    # Then the constraint took the resumed tokens as produced: the row ends with the same valid JSON
+    assert resumed.finish is Finish.STOP and resumed.tokens == full.tokens and resumed.text == full.text
+    assert _schema_valid(resumed.text, CORPUS["nested"])
