@@ -11,10 +11,13 @@ its prompt plus the streamed tokens are the new prefix, and they count towards `
   generator's). Without a state (it was lost), from the start: the seed replays the same tokens.
 * Unseeded sampling: continued from every streamed token, with fresh randomness.
 
-A copy whose record is gone (expired, a Redis restarted empty) or refused (a gap, an entry that does
-not parse, more tokens than the task may produce) generates from the start and says so; what the
-stream already holds is still not appended again (a writer resumes after it), so a reader never sees
-a character twice. The task's time budget counts from the first run's admission (``since``).
+The stream is not signed (anyone who can write the result backend can write it): the worker that
+continues signs the whole result, whose ``resumed_from_token`` and ``workers`` say which tokens it
+computed; a scheduler that wants every token computed by the signer sends ``resume=False``, and a copy
+then generates from the start. A copy whose record is gone (expired, a Redis restarted empty) or
+refused (a gap, an entry that does not parse, more tokens than the task may produce) generates from
+the start and says so; what the stream already holds is still not appended again (a writer resumes
+after it), so a reader never sees a character twice. The task's time budget counts from the first run's admission (``since``).
 """
 
 from __future__ import annotations
@@ -48,14 +51,17 @@ class Continuation:
 FIRST_RUN = Continuation(resume=[])
 
 
-def plan(record: Record | None, *, seeded_sampling: bool) -> Continuation:
-    """What a copy of a generation (one that may have run before) continues from, given its stream's ``record``."""
+def plan(record: Record | None, *, seeded_sampling: bool, resume: bool = True) -> Continuation:
+    """What a copy of a generation (one that may have run before) continues from, given its stream's ``record``;
+    ``resume`` False (the task's own choice): from the start, whatever the record holds."""
     if record is None:
         return Continuation(resume=[], restarted="no token record of an earlier run (none was written before "
                                                  "its worker died, it expired, or its Redis lost it): generated "
                                                  "from the start")
     held = Continuation(resume=[], held_text=record.text, held_tokens=record.held, workers=record.workers,
                         since=record.since or None)
+    if not resume:
+        return replace(held, restarted="the task asked not to be continued (resume=False): generated from the start")
     if record.refused:
         return replace(held, restarted=f"its token record was refused ({record.refused}): generated from the start")
     if not seeded_sampling:

@@ -59,7 +59,7 @@ def _continuation(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None
         params = spec.params
         record = streams.record(run.task.request.id, params.max_new_tokens)
         if record is not None or run.ran_before:
-            cont = plan(record, seeded_sampling=params.do_sample and params.seed is not None)
+            cont = plan(record, seeded_sampling=params.do_sample and params.seed is not None, resume=spec.resume)
     run.since = cont.since
     if cont.resume or cont.restarted:  # Flower shows where a moved generation picked up
         run.task.send_event("task-resumed", from_token=len(cont.resume), workers=list(cont.workers),

@@ -161,3 +161,11 @@ def test_the_result_says_who_took_part_and_why_a_copy_started_over() -> None:
     # One the record failed: the plan's reason
     gone = Continuation(resume=[], workers=("w1",), restarted="no token record")
     assert _resumption(run, gone, out)["restarted"] == "no token record"  # type: ignore[arg-type]
+
+
+def test_a_task_that_asks_not_to_be_continued_starts_over_yet_repeats_nothing_to_its_reader() -> None:
+    streams = _streams()
+    _run(streams, "w1", 1.0, [("abc", [1, 2, 3], 0, None)])
+    cont = plan(streams.record(TASK, max_tokens=10), seeded_sampling=False, resume=False)
+    assert cont.resume == [] and "resume=False" in (cont.restarted or "")
+    assert (cont.held_text, cont.held_tokens, cont.workers) == ("abc", 3, ("w1",))

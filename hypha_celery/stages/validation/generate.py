@@ -86,6 +86,7 @@ class GenerateSpec:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     response_format: dict[str, Any] | None = None  # checked; None: plain text
+    resume: bool = True  # a copy continues after the tokens an earlier run streamed (False: from the start)
 
 
 def generate_args(max_new_tokens: int) -> TaskArgs:
@@ -101,6 +102,7 @@ def generate_args(max_new_tokens: int) -> TaskArgs:
         Arg("seed", "int", 0, 2**63 - 1, nullable=True),
         Arg("stop", default=[]),  # a string or a list of them (STOP)
         Arg("proof", "bool", default=False),
+        Arg("resume", "bool", default=True),  # a copy may continue from its token stream (stages/continuation.py)
         RESPONSE_FORMAT,
     ), one_of=(PROMPT_OR_MESSAGES,))
 
@@ -122,7 +124,7 @@ def validate_generate(cfg: WorkerConfig, store: ModelStore, args: Sequence[Any],
         check_generate_model(store, manifest, messages is not None)
     check_prompt_bytes(prompt, messages, manifest, cfg.security.max_text_bytes)
     return GenerateSpec(model=model, params=params, requirements=requirements, manifest=manifest, prompt=prompt,
-                        messages=messages, response_format=response_format)
+                        messages=messages, response_format=response_format, resume=values["resume"])
 
 
 def check_response_format(value: Any) -> dict[str, Any] | None:
