@@ -80,16 +80,10 @@ def _params(seed: int | None, max_new_tokens: int) -> dict[str, Any]:
 
 def load(root: Path) -> Any:
     """The tiny Llama, loaded on the CPU from a store under ``root``."""
-    from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-    from hypha_celery.models.store import ModelStore
+    from hypha_celery.models.examples import TINY_LLAMA, tiny_llama_store
     from hypha_celery.runtimes import transformers as transformers_runtime
 
-    folder = root / TINY_LLAMA
-    folder.mkdir()
-    write_tiny_llama(folder)
-    store = ModelStore(root / "store")
-    store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
+    return transformers_runtime.load(tiny_llama_store(root).open(TINY_LLAMA), "cpu")[0]
 
 
 def static_generation(model: Any, formats: list[dict[str, Any] | None], seed: int | None,

@@ -1,4 +1,4 @@
-"""Byte sizes as operators write them: ``"8GB"``, ``"512MiB"``, ``"1.5 G"``, ``1048576``.
+"""Byte sizes as operators write them: ``"8GB"``, ``"512MiB"``, ``"1.5 G"``, ``1048576``; seconds from the environment.
 
 Decimal units are powers of 1000 and binary units powers of 1024 (the IEC
 standard): ``GB``/``G`` = 10**9, ``GiB``/``Gi`` = 2**30. Units ignore case, so
@@ -8,9 +8,10 @@ unlike Kubernetes quantities ``m`` means mega, never milli.
 from __future__ import annotations
 
 import math
+import os
 import re
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["env_seconds", "format_size", "parse_size"]
 
 _UNITS = {
     "": 1,
@@ -81,3 +82,13 @@ def format_size(size: int) -> str:
         if size >= factor:
             return f"{sign}{size / factor:.1f} {unit}"
     return f"{sign}{size} B"  # unreachable: size >= 1024 here
+
+
+def env_seconds(name: str, high: float) -> float:
+    """Seconds from the environment variable ``name``: 0 when it is unset, not a number, or outside [0, ``high``]
+    (the test hooks that slow a worker down on demand read theirs so: a bad value never slows anyone)."""
+    try:
+        value = float(os.environ.get(name, "0") or 0)
+    except ValueError:
+        return 0.0
+    return value if 0 <= value <= high else 0.0

@@ -52,6 +52,7 @@ from hypha_celery.protocol import (
     TaggedReply,
     decode_reply,
 )
+from hypha_celery.units import env_seconds
 from hypha_celery.work import Generate
 
 __all__ = ["START_TIMEOUT_S", "ChildTraceback", "ExecutorProcess", "ExecutorSettings", "TagHandler", "error_from_reply"]
@@ -141,7 +142,7 @@ class ExecutorProcess:
             max_text_bytes=settings.max_text_bytes,
             max_rows=settings.max_batch_size,
             prefix_cache_bytes=settings.prefix_cache_bytes,
-            step_delay_s=_decode_delay(),
+            step_delay_s=env_seconds(DECODE_DELAY_ENV, 10),
         )
         self.tmpdir = child.tmpdir
         env = _child_env()
@@ -348,15 +349,6 @@ class ExecutorProcess:
 # A test hook: seconds the serving executors of a worker started with this variable sleep after each continuous
 # batching step (a slow machine on demand: a generation that lasts long enough to kill its worker half way).
 DECODE_DELAY_ENV = "HYPHA_TEST_DECODE_DELAY_S"
-
-
-def _decode_delay() -> float:
-    """:data:`DECODE_DELAY_ENV` of the worker (0 when unset or not a number from 0 to 10)."""
-    try:
-        delay = float(os.environ.get(DECODE_DELAY_ENV, "0") or 0)
-    except ValueError:
-        return 0.0
-    return delay if 0 <= delay <= 10 else 0.0
 
 
 def _child_env() -> dict[str, str]:

@@ -361,6 +361,17 @@ def _train_bpe(folder: Path, max_length: int) -> int:
     return tokenizer.get_vocab_size()
 
 
+def tiny_llama_store(root: Path, **options: Any) -> ModelStore:
+    """A store under ``root`` holding only ``tiny-llama`` (:func:`write_tiny_llama`'s ``options``), imported as
+    any Hugging Face folder is: what tests and benchmarks load the model from."""
+    folder = root / TINY_LLAMA
+    folder.mkdir(parents=True)
+    write_tiny_llama(folder, **options)
+    store = ModelStore(root / "store")
+    store.add("transformers", folder, TINY_LLAMA)
+    return store
+
+
 def write_tiny_llama(folder: Path, seed: int = 0, positions: int = 256, *, hidden: int = 64, layers: int = 2,
                      intermediate: int = 128, heads: int = 4, kv_heads: int = 2) -> None:
     """A tiny Llama-style causal LM in Hugging Face layout, weights written by their checkpoint names.

@@ -11,6 +11,7 @@ import pytest
 from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedStorage
 
 if TYPE_CHECKING:
+    from hypha_celery.models.store import ModelStore
     from hypha_celery.runtimes.transformers import TransformerModel
 
 _PROCESS_FIXTURES = frozenset({
@@ -51,19 +52,20 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> SharedStorage:
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> TransformerModel:
-    """The tiny Llama, imported into a store of its own and loaded on the CPU (one per test module)."""
+def tiny_llama_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A store holding only the tiny Llama (one per test module)."""
+    from hypha_celery.models.examples import tiny_llama_store
+
+    return tiny_llama_store(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny_llama_store: ModelStore) -> TransformerModel:
+    """The tiny Llama, loaded on the CPU from its store (one per test module)."""
     import torch
 
-    from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
-    from hypha_celery.models.store import ModelStore
+    from hypha_celery.models.examples import TINY_LLAMA
     from hypha_celery.runtimes import transformers as transformers_runtime
 
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("tiny-llama")
-    folder = root / TINY_LLAMA
-    folder.mkdir()
-    write_tiny_llama(folder)
-    store = ModelStore(root / "store")
-    store.add("transformers", folder, TINY_LLAMA)
-    return transformers_runtime.load(store.open(TINY_LLAMA), "cpu")[0]
+    return transformers_runtime.load(tiny_llama_store.open(TINY_LLAMA), "cpu")[0]

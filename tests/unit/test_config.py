@@ -196,3 +196,16 @@ def test_the_prefix_cache_takes_a_size_or_off_and_reaches_the_executor() -> None
     # And anything else is refused naming the key
     with pytest.raises(ConfigError, match=r"prefix_cache.*\(or \"off\"\)"):
         parse_config({"worker": {"generation": {"prefix_cache": "lots"}}})
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(None, 0.0), ("", 0.0), ("0.02", 0.02), ("10", 10.0), ("11", 0.0),
+                                                ("-1", 0.0), ("soon", 0.0), ("nan", 0.0)])
+def test_a_test_hooks_seconds_come_from_its_variable_and_a_bad_value_slows_nothing(
+        monkeypatch: pytest.MonkeyPatch, value: str | None, seconds: float) -> None:
+    from hypha_celery.units import env_seconds
+
+    if value is None:
+        monkeypatch.delenv("HYPHA_TEST_X_S", raising=False)
+    else:
+        monkeypatch.setenv("HYPHA_TEST_X_S", value)
+    assert env_seconds("HYPHA_TEST_X_S", 10) == seconds

@@ -328,6 +328,13 @@ def test_past_the_burst_a_key_gets_429_with_retry_after(http: TestClient) -> Non
     assert answer.json()["error"]["code"] == "rate_limit_exceeded" and int(answer.headers["Retry-After"]) >= 1
 
 
+def completions_scope() -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/completions (what a server hands the app)."""
+    return {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
+            "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
+            "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+
+
 def test_a_client_that_leaves_mid_stream_revokes_its_task(fake: FakeNetwork) -> None:
     # Given a generation that goes on and on
     def endless(kwargs: dict[str, Any]) -> Iterator[str]:
@@ -353,9 +360,7 @@ def test_a_client_that_leaves_mid_stream_revokes_its_task(fake: FakeNetwork) -> 
         if message["type"] == "http.response.body" and len(sent) > 3:
             streaming.set()
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
-             "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
-             "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    scope = completions_scope()
     # When the client disconnects after a few chunks
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
     # Then the response ended without [DONE], and the task was revoked
@@ -392,9 +397,7 @@ def test_a_client_that_leaves_before_a_non_streamed_reply_revokes_its_tasks(fake
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
-             "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "scheme": "http",
-             "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    scope = completions_scope()
 
     async def main() -> None:
         serving = asyncio.ensure_future(app(scope, receive, send))

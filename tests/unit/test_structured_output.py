@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from bench.structured import CORPUS, PROMPT, engine, load, response_format, static
+from bench.structured import CORPUS, PROMPT, engine, response_format, static
 from hypha_celery.config import parse_config
 from hypha_celery.errors import FeatureUnavailable, InvalidOutput, InvalidTask
-from hypha_celery.models.examples import TINY_LLAMA, write_tiny_llama
+from hypha_celery.models.examples import TINY_LLAMA
 from hypha_celery.models.store import ModelStore
 from hypha_celery.runtimes import transformers_loading
 from hypha_celery.serving.request import Finish
@@ -28,22 +28,13 @@ JSON_OBJECT = {"type": "json_object"}
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> transformers_loading.TransformerModel:
-    import torch
-
-    torch.set_num_threads(1)
-    return load(tmp_path_factory.mktemp("structured"))
+def model(tiny_llama: transformers_loading.TransformerModel) -> transformers_loading.TransformerModel:
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
-    root = tmp_path_factory.mktemp("structured-store")
-    folder = root / TINY_LLAMA
-    folder.mkdir()
-    write_tiny_llama(folder)
-    store = ModelStore(root / "store")
-    store.add("transformers", folder, TINY_LLAMA)
-    return store
+def store(tiny_llama_store: ModelStore) -> ModelStore:
+    return tiny_llama_store
 
 
 def _schema_valid(text: str, schema: dict[str, Any]) -> bool:

@@ -19,7 +19,6 @@ tensors. The task module (:mod:`hypha_celery.tasks.diloco`) only wires this.
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -39,6 +38,7 @@ from hypha_celery.training.distributed.compression import COMPRESSIONS, Residual
 from hypha_celery.training.distributed.deltas import pseudo_gradient
 from hypha_celery.training.distributed.weights import Weights, weight_files
 from hypha_celery.training.job import TaskRun, run_training, validate_training
+from hypha_celery.units import env_seconds
 from hypha_celery.worker.context import NodeContext
 
 __all__ = ["DilocoBlock", "InnerSpec", "parse_block", "publish_delta", "run_inner", "validate_inner"]
@@ -137,15 +137,6 @@ def parse_block(raw: Any) -> DilocoBlock:
                        adapter=adapter, adapter_sha256=adapter_sha256)
 
 
-def _step_delay() -> float:
-    """:data:`STEP_DELAY_ENV` on this worker (0 when unset or not a number from 0 to 60)."""
-    try:
-        delay = float(os.environ.get(STEP_DELAY_ENV, "0") or 0)
-    except ValueError:
-        return 0.0
-    return delay if 0 <= delay <= 60 else 0.0
-
-
 @dataclass(frozen=True)
 class InnerSpec:
     """A validated inner task: the ``hypha.train`` spec it runs and its block."""
@@ -180,7 +171,8 @@ def validate_inner(ctx: NodeContext, args: tuple[Any, ...], kwargs: dict[str, An
     spec = validate_training(ctx, args, plain, task_id)
     if spec.finetune is None:
         raise InvalidTask(f"model {spec.model!r} is a built-in model: DiLoCo trains transformers models")
-    timed = replace(spec.finetune, max_seconds=block.inner_seconds, step_delay_s=_step_delay(), adapter=block.adapter)
+    timed = replace(spec.finetune, max_seconds=block.inner_seconds, step_delay_s=env_seconds(STEP_DELAY_ENV, 60),
+                    adapter=block.adapter)
     return InnerSpec(train=replace(spec, finetune=timed), block=block)
 
 
