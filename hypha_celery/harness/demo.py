@@ -34,7 +34,7 @@ def _config(models: Path, peer: str, port: int) -> dict[str, Any]:
         "models": {"model_dir": str(models), "max_model_size": "500MB"},
         "security": {"verify_task_signatures": True, "allowed_schedulers": [peer]},
         "monitoring": {"metrics_port": port, "monitor_interval": 2},
-        "resources": {"node_id": "demo-node", "memory": "4GB"},
+        "resources": {"node_id": "demo-node", "memory": "4GB", "lease_heartbeat": 2},
     }
 
 
@@ -64,7 +64,7 @@ def main() -> int:
         try:
             return _run(node, worker, key, port)
         finally:
-            say("\n9. shutting down")
+            say("\n10. shutting down")
             node.close()
             say(f"   done (worker log: {worker.log})")
             say("   next, a worker of your own: README, *Running a worker* (a Redis, worker.toml, export HYPHA_CONFIG)")
@@ -135,7 +135,9 @@ def _run(node: LocalNode, worker: WorkerProcess, key: Any, port: int) -> int:
     served = submit("hypha.infer", model=trained["output"]["model_id"], inputs=shuffled[:2], signing_key=key).get(timeout=120)
     say(f"   served by hypha.infer right away: {[[round(v, 2) for v in row] for row in served['output']]}")
 
-    say("8. refused work fails at once, with the named error:")
+    _migration(node, key, HERE / "models")
+
+    say("9. refused work fails at once, with the named error:")
     for title, call in (
         ("memory over max_memory_per_task", lambda: submit("hypha.infer", model="mlp", inputs=rows,
                                                            requirements={"memory": "3GB"}, signing_key=key)),
@@ -154,6 +156,45 @@ def _run(node: LocalNode, worker: WorkerProcess, key: Any, port: int) -> int:
         if sample.startswith(wanted):
             say(f"   metrics: {sample} {value}")
     return 0
+
+
+def _migration(node: LocalNode, key: Any, models: Path) -> None:
+    """A generation whose worker is killed -9 half way goes on on another worker, from its last streamed token."""
+    from hypha_celery import keys
+    from hypha_celery.client import stream, submit
+    from hypha_celery.security import peer_id
+
+    peer = peer_id(key.verify_key)
+
+    if not (models / "tiny-llama").is_dir():
+        return
+    config = {**_config(models, peer, free_port()), "resources": {"node_id": "demo-node-2", "memory": "4GB",
+                                                                  "lease_heartbeat": 2}}
+    # A second worker that decodes slowly on demand (a test hook), so that the kill lands mid-generation.
+    doomed = node.start_worker(config, name="demo-doomed", env={"HYPHA_TEST_DECODE_DELAY_S": "0.03"}, wait=None)
+    _wait_registered(node, doomed)
+    doomed_id = f"{doomed.name}@{os.uname().nodename}"
+    kwargs: dict[str, Any] = {"model": "tiny-llama", "prompt": "The cat sat on", "max_new_tokens": 200}
+    job = submit("hypha.generate", queue=keys.worker_queue(doomed_id), signing_key=key, **kwargs)
+    say(f"8. a generation outlives its worker: 200 tokens on {doomed_id}, which is killed -9 after 2 s:")
+    sys.stdout.write("   ")
+    first, killed, pieces = 0.0, 0.0, []
+    for piece in stream(job, timeout=180):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        first = first or time.monotonic()
+        if not killed and time.monotonic() - first > 2.0:
+            doomed.kill9()
+            killed = time.monotonic()
+            sys.stdout.write(" [killed] ")
+    done = job.get(timeout=180)
+    say("")
+    alone = submit("hypha.generate", signing_key=key, **kwargs).get(timeout=180)  # the same request, uninterrupted
+    text = done["output"]["text"]
+    say(f"   continued on {done['worker']} from token {done['resumed_from_token']} (workers {done['workers']}); "
+        f"the stream's pieces are the text, each once: {''.join(pieces) == text}; "
+        f"the same text as an uninterrupted run: {text == alone['output']['text']}")
 
 
 def _transformers(models: Path, key: Any) -> None:
