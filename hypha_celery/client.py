@@ -155,7 +155,8 @@ def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iter
     Celery's ``TimeoutError`` after ``timeout`` seconds. The stream lives in the result backend's
     Redis: a result backend that is not a Redis is refused with ``ConfigError``. While nothing comes
     it reads the task's state every two seconds, in case the task ended without writing a stream.
-    The pieces are not signed: where it matters, check the final text with ``result.get(verify=True)``.
+    The entries carry their worker's signature, which this reader does not check: where it matters, check the final
+    text with ``result.get(verify=True)``.
     """
     client = getattr(result.backend, "client", None)
     if not isinstance(client, redis.Redis):
@@ -198,13 +199,14 @@ def registered_peer(result: Any) -> str:
     worker = result.get("worker") if isinstance(result, dict) else None
     if not isinstance(worker, str) or not worker:
         raise InvalidSignature("the result names no worker, so no registered identity can vouch for it")
-    try:
-        peer = placement_for().redis.hget(keys.worker(worker), "peer_id")
+    client = placement_for().redis
+    try:  # its live record, else the identity it registered (kept after the record expires)
+        peer = client.hget(keys.worker(worker), "peer_id") or client.hget(keys.schema().peers(), worker)
     except RedisError as exc:
         raise RegistryUnavailable(f"cannot read worker {worker!r}'s identity from the registry: {exc}") from None
     if not peer:
-        raise InvalidSignature(f"worker {worker!r} has no identity in the registry (gone, or it does not sign); "
-                               "pass allowed_workers=[<its peer id>] to verify its result")
+        raise InvalidSignature(f"worker {worker!r} has no identity in the registry (it never registered one, or it "
+                               "does not sign); pass allowed_workers=[<its peer id>] to verify its result")
     return peer.decode() if isinstance(peer, bytes) else str(peer)
 
 

@@ -18,6 +18,9 @@ Models (what each worker holds, for placement by model; written with the worker'
                                              name the worker (no TTL; lets a returning worker, deregister and
                                              prune take it out of them)
     hypha:adapter_bases               hash   adapter id -> the id of its base model (ids are immutable)
+    hypha:peers                       hash   worker_id -> the peer id of its identity as it last registered (kept
+                                             7 days past the last new registration: what checks the signature
+                                             of a worker that has since gone, e.g. on its token stream)
 
 Ledger (one per node, i.e. per host; shared by every worker process on it)::
 
@@ -144,6 +147,10 @@ class KeySchema:
 
     def adapter_bases(self) -> str:
         return f"{self.prefix}:adapter_bases"
+
+    def peers(self) -> str:
+        """Each worker's registered identity (peer id), kept after its record expires."""
+        return f"{self.prefix}:peers"
 
     def worker_affixes(self) -> tuple[str, str]:
         """What comes before and after the worker id in :meth:`worker` (``place.lua`` joins them)."""

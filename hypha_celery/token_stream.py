@@ -25,10 +25,20 @@ worker when its own dies (:func:`read_record`, :mod:`hypha_celery.stages.continu
 sampled generation also keeps its generator's state after the streamed tokens beside it
 (:meth:`~hypha_celery.keys.KeySchema.token_rng`, ``<tokens>:<state>``, rewritten by each write after
 the ``XADD``, so a state never names tokens the stream lacks). ``offset`` lets a reader that sees a
-piece twice keep each character once. Entries are trimmed to ``MAXLEN ~ [worker.generation] stream_maxlen`` (Redis
-trims whole nodes, so a stream may hold a few more); the key expires with the task's result
-(Celery's ``result_expires``, set when the first entry is written and again with the end).
-Each flush is one pipelined round trip (its ``XADD`` and, first and last, an ``EXPIRE``).
+piece twice keep each character once.
+
+A worker with an identity (``sign_results``) signs what it writes: each entry carries ``sig``
+(Ed25519, base64, over the RFC 8785 form of ``{"v": 1, "task_id": ..., "entry": <its other
+fields>}``), a run's first entry names its ``peer`` (the signing key's peer id), and the generator
+state is ``<tokens>:<sig>:<state>`` (the signature over ``{"v": 1, "task_id": ..., "rng_tokens":
+<tokens>, "rng": <state>}``). A worker that continues a task (and signs its own result) continues
+only from entries signed by the identity their worker registered (``hypha:peers``), so nobody
+who can merely write the result backend can put tokens into a signed result (:func:`read_record`).
+
+Entries are trimmed to ``MAXLEN ~ [worker.generation] stream_maxlen`` (Redis trims whole nodes, so
+a stream may hold a few more); the key expires with the task's result (Celery's ``result_expires``,
+set when the first entry is written and again with the end). Each flush is one pipelined round trip
+(its ``XADD`` and, first and last, an ``EXPIRE``).
 
 The worker gets a :class:`TokenStreams` (its Redis client, the key names, the bound) from its node
 context and opens a :class:`TokenStreamWriter` per task; :func:`read` is the reading side.
@@ -36,19 +46,24 @@ context and opens a :class:`TokenStreamWriter` per task; :func:`read` is the rea
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import nacl.exceptions
+import nacl.signing
 import redis
 
 from hypha_celery import errors
 from hypha_celery.keys import KeySchema
+from hypha_celery.security.envelope import canonical, public_key_from_id
 
 __all__ = ["DEFAULT_MAXLEN", "End", "Record", "TokenStreamWriter", "TokenStreams", "Tokens", "error_of", "read",
-           "read_record"]
+           "read_record", "signed_by"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +92,7 @@ class Tokens:
     id: str = ""  # the stream entry's id
     worker: str = ""  # on the first entry of each run: the worker that wrote it
     since: float = 0.0  # and when the task's time budget started
+    peer: str = ""  # and the peer id of the identity that signs the run's entries ("" when unsigned)
 
 
 @dataclass(frozen=True)
@@ -97,6 +113,8 @@ def encode_tokens(entry: Tokens) -> dict[str, str]:
               "offset": str(entry.offset), "text": entry.text, "t": f"{entry.at:.6f}"}
     if entry.worker:
         fields.update(worker=entry.worker, since=f"{entry.since:.6f}")
+    if entry.peer:
+        fields["peer"] = entry.peer
     return fields
 
 
@@ -118,7 +136,41 @@ def decode(entry_id: str | bytes, fields: dict[Any, Any]) -> Tokens | End:
     return Tokens(row=int(text.get("row", 0)), start=int(text.get("start", 0)),
                   ids=[int(i) for i in ids.split(",")] if ids else [], offset=int(text.get("offset", 0)),
                   text=text.get("text", ""), at=float(text.get("t", 0) or 0), id=ident,
-                  worker=text.get("worker", ""), since=float(text.get("since", 0) or 0))
+                  worker=text.get("worker", ""), since=float(text.get("since", 0) or 0), peer=text.get("peer", ""))
+
+
+def _signed_bytes(task_id: str, fields: Mapping[str, str]) -> bytes:
+    return canonical({"v": 1, "task_id": task_id, "entry": {k: v for k, v in fields.items() if k != "sig"}})
+
+
+def _rng_bytes(task_id: str, tokens: int, state: str) -> bytes:
+    return canonical({"v": 1, "task_id": task_id, "rng_tokens": tokens, "rng": state})
+
+
+def _sign(identity: nacl.signing.SigningKey, message: bytes) -> str:
+    return base64.b64encode(identity.sign(message).signature).decode()
+
+
+def _verifies(peer: str, message: bytes, signature: str) -> bool:
+    """Whether ``signature`` (base64) is ``peer``'s Ed25519 signature over ``message``."""
+    try:
+        key = nacl.signing.VerifyKey(public_key_from_id(peer))
+        key.verify(message, base64.b64decode(signature, validate=True))
+    except (ValueError, TypeError, binascii.Error, nacl.exceptions.BadSignatureError, nacl.exceptions.CryptoError):
+        return False
+    return True
+
+
+def signed_by(peer: str, task_id: str, fields: Mapping[str, str]) -> bool:
+    """Whether the entry ``fields`` (as stored: strings) of task ``task_id``'s stream carry ``peer``'s signature."""
+    signature = fields.get("sig")
+    if not signature or not peer:
+        return False
+    try:
+        message = _signed_bytes(task_id, fields)
+    except (TypeError, ValueError):
+        return False
+    return _verifies(peer, message, signature)
 
 
 def error_of(end: End) -> errors.HyphaError:
@@ -152,7 +204,10 @@ class TokenStreamWriter:
     broken: bool = False  # a write failed: the rest of the run writes only its end (a Redis down costs one timeout)
     worker: str = ""  # named, with ``since``, on this run's first entry (:meth:`begin`)
     since: float = 0.0
-    rng: str | None = None  # "<tokens>:<state>" to write with the next flush
+    rng: str | None = None  # "<tokens>:<sig>:<state>" to write with the next flush
+    identity: nacl.signing.SigningKey | None = None  # signs every entry (None: unsigned)
+    task_id: str = ""
+    peer: str = ""  # the identity's peer id, named on this run's first entry
 
     def begin(self, worker: str, since: float) -> None:
         """This run's first entry names ``worker`` and ``since`` (when the task's time budget started)."""
@@ -172,7 +227,9 @@ class TokenStreamWriter:
         returns whether it did. ``flush`` writes it.
         """
         if rng is not None and row == 0 and self.rng_key is not None:
-            self.rng = f"{start + len(ids)}:{rng}"
+            count = start + len(ids)
+            signature = _sign(self.identity, _rng_bytes(self.task_id, count, rng)) if self.identity is not None else ""
+            self.rng = f"{count}:{signature}:{rng}"
         state = self.rows.setdefault(row, _Row())
         skip = max(0, state.tokens - start)
         new_ids = list(ids[skip:])
@@ -187,9 +244,9 @@ class TokenStreamWriter:
             piece = ""
         if not new_ids and not piece:
             return False
-        self.pending.append(encode_tokens(Tokens(row=row, start=start + skip, ids=new_ids, offset=offset, text=piece,
-                                                 at=time.time() if at is None else at, worker=self.worker,
-                                                 since=self.since)))
+        self.pending.append(self._signed(encode_tokens(Tokens(
+            row=row, start=start + skip, ids=new_ids, offset=offset, text=piece, at=time.time() if at is None else at,
+            worker=self.worker, since=self.since, peer=self.peer if self.worker else ""))))
         self.worker = ""  # named once, on the run's first entry
         state.text += piece
         state.tokens = max(state.tokens, start + len(ids))
@@ -209,7 +266,16 @@ class TokenStreamWriter:
         self.ended = True
         name = "" if error is None else type(error).__name__
         message = "" if error is None else str(error)
-        self._write([encode_end(End(status=status, error=name, message=message, at=time.time()))])
+        self._write([self._signed(encode_end(End(status=status, error=name, message=message, at=time.time())))])
+
+    def _signed(self, fields: dict[str, str]) -> dict[str, str]:
+        """``fields`` with this worker's signature (``sig``), when it has an identity."""
+        if self.identity is not None:
+            try:
+                fields["sig"] = _sign(self.identity, _signed_bytes(self.task_id, fields))
+            except (TypeError, ValueError) as exc:  # text with no RFC 8785 form: left unsigned (never continued from)
+                log.warning("stream %s: an entry cannot be signed (%s); it goes unsigned", self.key, exc)
+        return fields
 
     def _write(self, tail: list[dict[str, str]]) -> None:
         entries, self.pending = self.pending + tail, []
@@ -237,16 +303,20 @@ class TokenStreams:
     client: redis.Redis
     schema: KeySchema = field(default_factory=KeySchema.from_env)
     maxlen: int = DEFAULT_MAXLEN
+    identity: nacl.signing.SigningKey | None = None  # the worker's, which signs what it writes
+    peer: str = ""  # its peer id
 
     def writer(self, task_id: str, expires: int | float | None) -> TokenStreamWriter:
         """The writer of task ``task_id``'s stream, its key kept ``expires`` seconds (the result's expiry)."""
         return TokenStreamWriter(self.client, self.schema.token_stream(task_id), self.maxlen,
-                                 int(expires) if expires else None, self.schema.token_rng(task_id))
+                                 int(expires) if expires else None, self.schema.token_rng(task_id),
+                                 identity=self.identity, task_id=task_id, peer=self.peer)
 
-    def record(self, task_id: str, max_tokens: int) -> Record | None:
+    def record(self, task_id: str, max_tokens: int, trusted: Callable[[str, str], bool] | None = None
+               ) -> Record | None:
         """What task ``task_id``'s stream holds of an earlier run (:func:`read_record`)."""
         return read_record(self.client, self.schema.token_stream(task_id), self.schema.token_rng(task_id),
-                           max_tokens=max_tokens)
+                           max_tokens=max_tokens, task_id=task_id, trusted=trusted)
 
     def close(self) -> None:
         self.client.close()
@@ -274,9 +344,15 @@ class Record:
     refused: str = ""
 
 
-def read_record(client: redis.Redis, key: str, rng_key: str, *, max_tokens: int) -> Record | None:
-    """Task's stream at ``key`` (and the generator state at ``rng_key``) as a :class:`Record`, in one round trip;
-    None when there is no stream. Every entry is checked: the stream is written by other workers."""
+def read_record(client: redis.Redis, key: str, rng_key: str, *, max_tokens: int, task_id: str = "",
+                trusted: Callable[[str, str], bool] | None = None) -> Record | None:
+    """Task ``task_id``'s stream at ``key`` (and the generator state at ``rng_key``) as a :class:`Record`, in one
+    round trip; None when there is no stream. Every entry is checked: the stream is written by other workers.
+
+    ``trusted(worker, peer)``: whether ``peer`` is ``worker``'s registered identity. With it, each run's first
+    entry must name a trusted peer and every entry (and the generator state) carry that peer's signature, or
+    the record is refused from there on; without it, signatures are not read.
+    """
     with client.pipeline(transaction=False) as pipe:
         pipe.xrange(key, count=DEFAULT_MAXLEN * 2)
         pipe.get(rng_key)
@@ -284,14 +360,21 @@ def read_record(client: redis.Redis, key: str, rng_key: str, *, max_tokens: int)
     if not raw_entries:
         return None
     ids: list[int] = []
-    text, refused, since = "", "", 0.0
+    text, refused, since, signer = "", "", 0.0, ""
     workers: list[str] = []
-    for entry_id, fields in raw_entries:
+    for entry_id, raw in raw_entries:
         try:
+            fields = {_str(name): _str(value) for name, value in raw.items()}
             entry = decode(entry_id, fields)
         except (ValueError, UnicodeDecodeError):
             refused = refused or f"entry {_str(entry_id)} does not parse"
             break
+        if trusted is not None:
+            if isinstance(entry, Tokens) and entry.worker:
+                signer = entry.peer if entry.peer and _trusts(trusted, entry.worker, entry.peer) else ""
+            if not signer or not signed_by(signer, task_id, fields):
+                refused = refused or (f"entry {entry.id} is not signed by its worker's registered identity")
+                break
         if isinstance(entry, End):
             refused = refused or f"the stream already ended ({entry.status})"
             break
@@ -312,12 +395,21 @@ def read_record(client: redis.Redis, key: str, rng_key: str, *, max_tokens: int)
             refused = refused or f"it holds more than the task's {max_tokens} new tokens"
             break
     rng, rng_tokens = "", -1
-    if raw_rng:
-        count, _, state = _str(raw_rng).partition(":")
-        if count.isdigit() and int(count) <= len(ids):
+    if raw_rng and len(raw_rng) <= 64 * 1024:
+        count, signature, state = [*_str(raw_rng).split(":", 2), "", ""][:3]
+        if count.isdigit() and int(count) <= len(ids) and (
+                trusted is None or (signer and _verifies(signer, _rng_bytes(task_id, int(count), state), signature))):
             rng, rng_tokens = state, int(count)
     return Record(ids=[] if refused else ids, text=text, held=len(ids), rng=rng, rng_tokens=rng_tokens,
                   workers=tuple(workers), since=min(since, time.time()), refused=refused)
+
+
+def _trusts(trusted: Callable[[str, str], bool], worker: str, peer: str) -> bool:
+    try:
+        return bool(trusted(worker, peer))
+    except Exception as exc:  # the registry cannot say: nothing is trusted on faith
+        log.warning("cannot check %s's identity (%s): its tokens are not continued from", worker, exc)
+        return False
 
 
 def read(

@@ -12,6 +12,7 @@ from hypha_celery.registry.record import (
     list_workers,
     prune,
     register,
+    registered_peer,
 )
 
 __all__ = [
@@ -25,4 +26,5 @@ __all__ = [
     "list_workers",
     "prune",
     "register",
+    "registered_peer",
 ]

@@ -55,7 +55,8 @@ from hypha_celery.resources.ledger import Ledger, Usage
 if TYPE_CHECKING:  # a scheduler reads records without the worker's psutil
     from hypha_celery.resources.capabilities import WorkerCapabilities
 
-__all__ = ["Published", "WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers", "prune", "register"]
+__all__ = ["PEERS_KEPT_S", "Published", "WorkerRecord", "decode_record", "deregister", "encode_record", "list_workers",
+           "prune", "register", "registered_peer"]
 
 _JSON_FIELDS = ("gpus", "models", "avg_inference_time", "free_gpu_memory", "adapters", "loaded", "kv")
 _FLOAT_FIELDS = ("last_updated", "started_at", "expires_at", "free_cpu_cores")
@@ -68,6 +69,7 @@ _AVERAGES = "avg_inference_time"
 _LISTED = ("models", "adapters", "loaded")  # rewritten only when they change, with the model indexes
 _VERSION = "index_version"
 _UNREACHABLE = "registry Redis unreachable"
+PEERS_KEPT_S = 7 * 24 * 3600  # hypha:peers lives this long past the last new registration
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,9 @@ def register(
             if known:
                 _index(pipe, schema, record.worker_id, now, indexes - state.indexes, state.indexes - indexes,
                        {adapter: base for adapter, base in bases.items() if state.bases.get(adapter) != base}, held)
+            elif record.peer_id:  # its identity outlives its record: a gone worker's signatures stay checkable
+                pipe.hset(schema.peers(), record.worker_id, record.peer_id)
+                pipe.expire(schema.peers(), PEERS_KEPT_S)
             prior = pipe.execute()[0]
         if not known or _text_or_none(prior) != state.version:
             _republish(client, schema, record.worker_id, now, held, bases, {**listed, _VERSION: version})
@@ -240,6 +245,15 @@ def register(
         raise
     state.version, state.indexes, state.listed, state.bases = version, indexes, listed, bases
     return now
+
+
+def registered_peer(client: redis.Redis, worker_id: str, *, schema: KeySchema | None = None) -> str | None:
+    """The peer id ``worker_id`` registered with (its identity, whose key signs its results and token streams);
+    None for a worker that never registered one. Still known after the worker's record expired."""
+    schema = schema or KeySchema.from_env()
+    with redis_errors(_UNREACHABLE):
+        value = client.hget(schema.peers(), worker_id)
+    return None if value is None else _text(value)
 
 
 def _text_or_none(value: Any) -> str | None:

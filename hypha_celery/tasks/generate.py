@@ -19,13 +19,14 @@ which workers took part (``workers``) and, for a copy that had to start again, w
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery import shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
 from hypha_celery.manifest import Manifest, compute_dtype
+from hypha_celery.registry import registered_peer
 from hypha_celery.stages.continuation import FIRST_RUN, Continuation, plan
 from hypha_celery.stages.sizing import prompt_token_bound
 from hypha_celery.stages.validation import GenerateSpec, check_generate_model, check_prompt_bytes, validate_generate
@@ -57,7 +58,7 @@ def _continuation(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None
     cont = FIRST_RUN
     if run.copy and streams is not None:
         params = spec.params
-        record = streams.record(run.task.request.id, params.max_new_tokens)
+        record = streams.record(run.task.request.id, params.max_new_tokens, _registered(run))
         if record is not None or run.ran_before:
             cont = plan(record, seeded_sampling=params.do_sample and params.seed is not None, resume=spec.resume)
     run.since = cont.since
@@ -68,6 +69,14 @@ def _continuation(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None
         stream.resume(0, cont.held_text, cont.held_tokens)
         stream.begin(run.worker, cont.since or run.timing.started_at)
     return cont
+
+
+def _registered(run: Run) -> Callable[[str, str], bool] | None:
+    """For a worker that signs its results: whether a peer id is the identity a worker registered (the stream's
+    entries must carry its signature to be continued from). None for one that does not sign: nothing to launder."""
+    if run.ctx.identity is None:
+        return None
+    return lambda worker, peer: registered_peer(run.ctx.redis, worker) == peer
 
 
 def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from hypha_celery.registry import InferenceTimes
 from hypha_celery.resources.gpu import CUDA_CONTEXT
 from hypha_celery.resources.ledger import Lease, LeaseKeeper, Ledger
 from hypha_celery.resources.placement import Placement
-from hypha_celery.security import Verifier, replay_window
+from hypha_celery.security import Verifier, peer_id, replay_window
 from hypha_celery.token_stream import TokenStreams
 
 __all__ = ["NodeContext", "node_id"]
@@ -111,7 +111,7 @@ class NodeContext:
             shared_storage=None if config.training.shared_storage is None else open_storage(config.training.shared_storage),
             identity=identity,
             results_url=results_url,
-            token_streams=token_streams(results_url or result_backend_url(config), config),
+            token_streams=token_streams(results_url or result_backend_url(config), config, identity),
             tracing=tracing or Tracing(),
         )
 
@@ -174,12 +174,14 @@ class NodeContext:
             self.keeper.discard(account)
 
 
-def token_streams(url: str, cfg: WorkerConfig) -> TokenStreams | None:
-    """Token streams on the result backend at ``url`` when it is a Redis (None for any other backend)."""
+def token_streams(url: str, cfg: WorkerConfig, identity: nacl.signing.SigningKey | None = None) -> TokenStreams | None:
+    """Token streams on the result backend at ``url`` when it is a Redis (None for any other backend), their entries
+    signed by ``identity`` when the worker has one."""
     if not url.startswith(("redis://", "rediss://", "unix://")):
         return None
     client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, health_check_interval=30)
-    return TokenStreams(client, maxlen=cfg.generation.stream_maxlen)
+    return TokenStreams(client, maxlen=cfg.generation.stream_maxlen, identity=identity,
+                        peer="" if identity is None else peer_id(identity.verify_key))
 
 
 def executor_settings(cfg: WorkerConfig) -> ExecutorSettings:

@@ -166,22 +166,40 @@ def test_a_dead_workers_batch_of_8_is_continued_row_by_row(start_worker, celery_
                           result["output"]["usage"]["completion_tokens"], long_store)
 
 
-def test_a_copy_whose_record_is_gone_starts_over_and_says_so(start_worker, celery_client, redis_client: redis.Redis,
-                                                             long_store: Path) -> None:
-    # Given a generation killed part way on A, whose token stream then disappears (expired, a Redis restarted)
+def forge(client: redis.Redis, task_id: str) -> None:
+    """What someone who can write the result backend (but holds no worker's key) could do: rewrite the record's
+    tokens and drop the signatures."""
+    key = keys.token_stream(task_id)
+    entries = client.xrange(key)
+    client.delete(key)
+    for _, fields in entries:
+        text = {k.decode(): v.decode() for k, v in fields.items() if k != b"sig"}
+        text["ids"] = ",".join("7" for _ in text["ids"].split(",")) if text.get("ids") else ""
+        client.xadd(key, text)
+
+
+@pytest.mark.parametrize(("tamper", "reason"), [("deleted", "no token record"),
+                                                ("forged", "not signed by its worker's registered identity")])
+def test_a_copy_whose_record_is_gone_or_forged_starts_over_and_says_so(
+        start_worker, celery_client, redis_client: redis.Redis, long_store: Path, tamper: str, reason: str) -> None:
+    # Given a generation killed part way on A, whose token stream then disappears (expired, a Redis restarted) or
+    # is rewritten by someone without A's key
     a, b = pair(start_worker, long_store, b_args=("-E",))  # B sends task events, as for Flower
     app = celery_client()
     listener, resumed = events(app, "task-resumed")
     moving = send(app, a, 120)
     kill_when(redis_client, a, [moving.id], 30)
-    redis_client.delete(keys.token_stream(moving.id))
+    if tamper == "deleted":
+        redis_client.delete(keys.token_stream(moving.id))
+    else:
+        forge(redis_client, moving.id)
     # When the copy runs on B
     result = moving.get(timeout=180)
     # Then it generated from the start, saying why (in its result, and in an event Flower shows)
     assert result["worker"] == worker_id(b) and result["resumed_from_token"] == 0
-    assert "no token record" in result["restarted"]
+    assert reason in result["restarted"]
     listener.join(60)
     assert [(e["uuid"], e["from_token"]) for e in resumed] == [(moving.id, 0)]
-    assert "no token record" in resumed[0]["restarted"]
-    # And its text is still the uninterrupted run's
+    assert reason in resumed[0]["restarted"]
+    # And its text is still the uninterrupted run's (nothing of the forged tokens in it)
     assert result["output"]["text"] == send(app, b, 120).get(timeout=180)["output"]["text"]

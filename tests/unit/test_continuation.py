@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import fakeredis
+import nacl.signing
 import pytest
 
+from hypha_celery.errors import RegistryUnavailable
 from hypha_celery.keys import KeySchema
+from hypha_celery.security import peer_id
 from hypha_celery.stages.continuation import FIRST_RUN, Continuation, plan
 from hypha_celery.stages.results import Timing
 from hypha_celery.tasks.generate import _resumption
@@ -169,3 +173,83 @@ def test_a_task_that_asks_not_to_be_continued_starts_over_yet_repeats_nothing_to
     cont = plan(streams.record(TASK, max_tokens=10), seeded_sampling=False, resume=False)
     assert cont.resume == [] and "resume=False" in (cont.restarted or "")
     assert (cont.held_text, cont.held_tokens, cont.workers) == ("abc", 3, ("w1",))
+
+
+def _signed_streams(identity: nacl.signing.SigningKey) -> TokenStreams:
+    return TokenStreams(fakeredis.FakeRedis(), KeySchema("hypha"), identity=identity,
+                        peer=peer_id(identity.verify_key))
+
+
+def _registry(**peers: nacl.signing.SigningKey) -> Callable[[str, str], bool]:
+    """trusted(worker, peer) of a registry where each named worker registered its key's identity."""
+    return lambda worker, peer: worker in peers and peer_id(peers[worker].verify_key) == peer
+
+
+def test_a_signed_record_from_a_registered_worker_is_continued_from_with_its_state() -> None:
+    # Given w1 (registered with its identity) streamed tokens and a generator state, all signed
+    key = nacl.signing.SigningKey.generate()
+    streams = _signed_streams(key)
+    _run(streams, "w1", 1.0, [("ab", [1, 2], 0, "cpu:S2"), ("abc", [3], 2, "cpu:S3")])
+    # When a worker that signs its own results reads it
+    record = streams.record(TASK, max_tokens=10, trusted=_registry(w1=key))
+    # Then every entry checks out: the record is whole, state included
+    assert record is not None and not record.refused
+    assert record.ids == [1, 2, 3] and (record.rng, record.rng_tokens) == ("cpu:S3", 3)
+
+
+def _tamper(streams: TokenStreams, how: str) -> None:
+    key = streams.schema.token_stream(TASK)
+    entries = streams.client.xrange(key)
+    last_id, last = entries[-1]
+    fields = {k.decode(): v.decode() for k, v in last.items()}
+    if how == "text changed":
+        fields["text"] = "evil"
+    elif how == "signature dropped":
+        fields.pop("sig")
+    elif how == "another key":
+        other = nacl.signing.SigningKey.generate()
+        fields["sig"] = TokenStreams(fakeredis.FakeRedis(), identity=other).writer(TASK, 60)._signed(
+            {k: v for k, v in fields.items() if k != "sig"})["sig"]
+    streams.client.xdel(key, last_id)
+    streams.client.xadd(key, fields)
+
+
+@pytest.mark.parametrize("how", ["text changed", "signature dropped", "another key"])
+def test_an_entry_that_is_not_its_workers_signed_one_is_refused(how: str) -> None:
+    # Given a signed record whose last entry someone with write access to the result backend changed
+    key = nacl.signing.SigningKey.generate()
+    streams = _signed_streams(key)
+    _run(streams, "w1", 1.0, [("ab", [1, 2], 0, None), ("abc", [3], 2, None)])
+    _tamper(streams, how)
+    # When a signing worker reads it
+    record = streams.record(TASK, max_tokens=10, trusted=_registry(w1=key))
+    # Then the record is refused from that entry on (the copy starts over), saying why
+    assert record is not None and "not signed by its worker's registered identity" in record.refused
+    assert plan(record, seeded_sampling=False).resume == []
+
+
+def test_a_run_signed_by_an_unregistered_identity_is_refused_and_a_forged_state_is_ignored() -> None:
+    # Given a record signed throughout, but by a key that is not the one w1 registered
+    streams = _signed_streams(nacl.signing.SigningKey.generate())
+    _run(streams, "w1", 1.0, [("ab", [1, 2], 0, "cpu:S2")])
+    record = streams.record(TASK, max_tokens=10, trusted=_registry(w1=nacl.signing.SigningKey.generate()))
+    assert record is not None and record.refused and record.ids == [] and record.rng_tokens == -1
+    # And a registered record whose generator state was replaced (unsigned) keeps its tokens, not the state
+    key = nacl.signing.SigningKey.generate()
+    good = _signed_streams(key)
+    _run(good, "w1", 1.0, [("ab", [1, 2], 0, "cpu:S2")])
+    good.client.set(good.schema.token_rng(TASK), "2::cpu:FORGED")
+    checked = good.record(TASK, max_tokens=10, trusted=_registry(w1=key))
+    assert checked is not None and checked.ids == [1, 2] and checked.rng_tokens == -1
+
+
+def test_a_registry_that_cannot_answer_trusts_nothing() -> None:
+    key = nacl.signing.SigningKey.generate()
+    streams = _signed_streams(key)
+    _run(streams, "w1", 1.0, [("ab", [1, 2], 0, None)])
+
+    def unreachable(worker: str, peer: str) -> bool:
+        raise RegistryUnavailable("registry Redis unreachable")
+
+    record = streams.record(TASK, max_tokens=10, trusted=unreachable)
+    assert record is not None and record.refused and record.ids == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 import time
@@ -13,6 +14,7 @@ import pytest
 from hypha_celery import keys, registry
 from hypha_celery.config import parse_config
 from hypha_celery.errors import ConfigError, RegistryUnavailable
+from hypha_celery.registry.record import PEERS_KEPT_S
 from hypha_celery.resources import gpu
 from hypha_celery.resources.capabilities import detect_capabilities, node_capacity
 
@@ -173,3 +175,18 @@ def test_memory_capacity_respects_a_cgroup_limit(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setattr(builtins, "open", fake_open)
     # Then the node offers the cgroup's limit, not the machine's memory
     assert capabilities.memory_limit() == min(2 * 2**30, capabilities.psutil.virtual_memory().total)
+
+
+def test_a_workers_identity_stays_known_after_its_record_expires() -> None:
+    # Given a worker that registered with an identity, and one without
+    client = fakeredis.FakeRedis()
+    caps = detect_capabilities(parse_config({}), [])
+    registry.register(client, dataclasses.replace(_record("celery@signer"), peer_id="12D3KooWpeer"), caps, None, ttl=1)
+    registry.register(client, _record("celery@plain"), caps, None, ttl=1)
+    # When its record expires and is pruned
+    client.delete(keys.worker("celery@signer"), keys.worker("celery@plain"))
+    registry.prune(client, now=time.time() + 2)
+    # Then its peer id is still what it registered (kept for days), and the other has none
+    assert registry.registered_peer(client, "celery@signer") == "12D3KooWpeer"
+    assert registry.registered_peer(client, "celery@plain") is None
+    assert 0 < client.ttl(keys.schema().peers()) <= PEERS_KEPT_S
