@@ -70,7 +70,7 @@ from hypha_celery.security import (
     signed_options,
     verify_result,
 )
-from hypha_celery.token_stream import SUCCESS, End, Tokens, error_of, read
+from hypha_celery.token_stream import SUCCESS, End, Tokens, error_of, read, signed_by
 
 __all__ = ["HyphaResult", "send_options", "stream", "submit"]
 
@@ -146,7 +146,8 @@ class HyphaResult(AsyncResult):
     wait = get  # Celery's AsyncResult.wait is its get: ours must check too (``.result``/``.info`` are unchecked)
 
 
-def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iterator[str]:
+def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0, verify: bool | None = None,
+           allowed_workers: Iterable[str] | None = None) -> Iterator[str]:
     """The text of generation ``result`` (a ``hypha.generate`` task) as it grows: each new piece, once.
 
     Joined, the pieces are the final ``output["text"]``. Reads the task's token stream from its
@@ -155,18 +156,24 @@ def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iter
     Celery's ``TimeoutError`` after ``timeout`` seconds. The stream lives in the result backend's
     Redis: a result backend that is not a Redis is refused with ``ConfigError``. While nothing comes
     it reads the task's state every two seconds, in case the task ended without writing a stream.
-    The entries carry their worker's signature, which this reader does not check: where it matters, check the final
-    text with ``result.get(verify=True)``.
+    With ``verify`` (default: the handle's own, as :func:`submit` set it) every entry must carry the signature
+    of its worker's identity (one of ``allowed_workers``' peer ids, else the identity the worker registered), or
+    ``InvalidSignature`` before any of its text is yielded; a worker that signs nothing fails it.
     """
     client = getattr(result.backend, "client", None)
     if not isinstance(client, redis.Redis):
         raise ConfigError(f"client.stream reads the result backend's Redis; this app's result backend is "
                           f"{type(result.backend).__name__}, not a Redis (set result_backend to a redis:// URL)")
+    allowed = list(allowed_workers) if allowed_workers is not None else getattr(result, "allowed_workers", None)
+    check = _EntryCheck(result.id, allowed) if verify or (
+        verify is None and (getattr(result, "verify", False) or allowed is not None)) else None
     shown = 0  # characters of the row's text yielded so far
     deadline = time.monotonic() + timeout
     try:
         for entry in read(client, keys.schema().token_stream(result.id), timeout=timeout,
-                          idle=lambda: _ended_without_stream(result)):
+                          idle=lambda: _ended_without_stream(result, check is not None)):
+            if check is not None and entry.id:
+                check(entry)
             if isinstance(entry, End):
                 if entry.status != SUCCESS:
                     raise error_of(entry)
@@ -182,12 +189,34 @@ def stream(result: AsyncResult, *, timeout: float = 300.0, row: int = 0) -> Iter
                             f"({max(0.0, deadline - time.monotonic()):.1f} s left)") from None
 
 
-def _ended_without_stream(result: AsyncResult) -> End | None:
+class _EntryCheck:
+    """``client.stream``'s check of each entry: signed by the identity that its run's worker is trusted to hold."""
+
+    def __init__(self, task_id: str, allowed: list[str] | None) -> None:
+        self.task_id = task_id
+        self.allowed = allowed
+        self.signer = ""
+
+    def __call__(self, entry: Tokens | End) -> None:
+        worker, peer = entry.raw.get("worker", ""), entry.raw.get("peer", "")
+        if worker:  # a run begins (or ends with no token): who signs it, and is that its worker's identity
+            trusted = self.allowed if self.allowed is not None else [_identity_of(worker)]
+            if not peer or peer not in trusted:
+                raise InvalidSignature(f"task {self.task_id}: its token stream's run on {worker!r} is signed by "
+                                       f"{peer or 'nobody'!r}, not an identity this client trusts")
+            self.signer = peer
+        if not signed_by(self.signer, self.task_id, entry.raw):
+            raise InvalidSignature(f"task {self.task_id}: token stream entry {entry.id} is not signed by its worker "
+                                   "(changed, or written by someone else)")
+
+
+def _ended_without_stream(result: AsyncResult, verify: bool = False) -> End | None:
     """The end of a task that finished without a stream (a worker that writes none): its text or its error."""
     if not result.ready():
         return None
     if result.state == states.SUCCESS:
-        output = result.result.get("output", {}) if isinstance(result.result, dict) else {}
+        value = result.get(timeout=5, verify=True) if verify and isinstance(result, HyphaResult) else result.result
+        output = value.get("output", {}) if isinstance(value, dict) else {}
         return End(status=SUCCESS, text=str(output.get("text", "")))
     result.get(propagate=True, timeout=1)  # raises the task's error as Celery rebuilt it
     return End(status=result.state, error="", message=f"the task ended {result.state}")
@@ -199,14 +228,19 @@ def registered_peer(result: Any) -> str:
     worker = result.get("worker") if isinstance(result, dict) else None
     if not isinstance(worker, str) or not worker:
         raise InvalidSignature("the result names no worker, so no registered identity can vouch for it")
+    return _identity_of(worker)
+
+
+def _identity_of(worker: str) -> str:
+    """The peer id ``worker`` registered: its live record's, else the one kept after the record expired."""
     client = placement_for().redis
-    try:  # its live record, else the identity it registered (kept after the record expires)
+    try:
         peer = client.hget(keys.worker(worker), "peer_id") or client.hget(keys.schema().peers(), worker)
     except RedisError as exc:
         raise RegistryUnavailable(f"cannot read worker {worker!r}'s identity from the registry: {exc}") from None
     if not peer:
         raise InvalidSignature(f"worker {worker!r} has no identity in the registry (it never registered one, or it "
-                               "does not sign); pass allowed_workers=[<its peer id>] to verify its result")
+                               "does not sign); pass allowed_workers=[<its peer id>] to verify what it signs")
     return peer.decode() if isinstance(peer, bytes) else str(peer)
 
 

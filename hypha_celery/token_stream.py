@@ -93,6 +93,7 @@ class Tokens:
     worker: str = ""  # on the first entry of each run: the worker that wrote it
     since: float = 0.0  # and when the task's time budget started
     peer: str = ""  # and the peer id of the identity that signs the run's entries ("" when unsigned)
+    raw: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # the fields as stored (signed)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ class End:
     at: float = 0.0
     id: str = ""
     text: str = ""  # the final text, where the end was read from the task's result (no end entry was written)
+    raw: dict[str, str] = field(default_factory=dict, compare=False, repr=False)  # the fields as stored (signed)
 
 
 def encode_tokens(entry: Tokens) -> dict[str, str]:
@@ -131,12 +133,13 @@ def decode(entry_id: str | bytes, fields: dict[Any, Any]) -> Tokens | End:
     ident = _str(entry_id)
     if "end" in text:
         return End(status=text["end"], error=text.get("error", ""), message=text.get("message", ""),
-                   at=float(text.get("t", 0) or 0), id=ident)
+                   at=float(text.get("t", 0) or 0), id=ident, raw=text)
     ids = text.get("ids", "")
     return Tokens(row=int(text.get("row", 0)), start=int(text.get("start", 0)),
                   ids=[int(i) for i in ids.split(",")] if ids else [], offset=int(text.get("offset", 0)),
                   text=text.get("text", ""), at=float(text.get("t", 0) or 0), id=ident,
-                  worker=text.get("worker", ""), since=float(text.get("since", 0) or 0), peer=text.get("peer", ""))
+                  worker=text.get("worker", ""), since=float(text.get("since", 0) or 0), peer=text.get("peer", ""),
+                  raw=text)
 
 
 def _signed_bytes(task_id: str, fields: Mapping[str, str]) -> bytes:
@@ -266,7 +269,12 @@ class TokenStreamWriter:
         self.ended = True
         name = "" if error is None else type(error).__name__
         message = "" if error is None else str(error)
-        self._write([self._signed(encode_end(End(status=status, error=name, message=message, at=time.time())))])
+        fields = encode_end(End(status=status, error=name, message=message, at=time.time()))
+        if self.worker:  # the run wrote no tokens: its end names who signs it
+            fields["worker"] = self.worker
+            if self.peer:
+                fields["peer"] = self.peer
+        self._write([self._signed(fields)])
 
     def _signed(self, fields: dict[str, str]) -> dict[str, str]:
         """``fields`` with this worker's signature (``sig``), when it has an identity."""

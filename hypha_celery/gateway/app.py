@@ -150,11 +150,15 @@ async def _outcomes_while_connected(gateway: Gateway, request: Request, results:
     """
     outcomes: list[Outcome] = []
     left = False
+    failed: list[Exception] = []  # a task's error, raised as itself (not wrapped in the task group's ExceptionGroup)
     async with anyio.create_task_group() as group:
         async def collect() -> None:
-            for result in results:  # a wait abandoned when the client leaves: its thread ends with the revoke
-                outcomes.append(outcome_of(await anyio.to_thread.run_sync(gateway.network.wait, result,
-                                                                          abandon_on_cancel=True)))
+            try:
+                for result in results:  # a wait abandoned when the client leaves: its thread ends with the revoke
+                    outcomes.append(outcome_of(await anyio.to_thread.run_sync(gateway.network.wait, result,
+                                                                              abandon_on_cancel=True)))
+            except Exception as exc:
+                failed.append(exc)
             group.cancel_scope.cancel()
 
         async def watch() -> None:
@@ -166,6 +170,8 @@ async def _outcomes_while_connected(gateway: Gateway, request: Request, results:
 
         group.start_soon(collect)
         group.start_soon(watch)
+    if failed:
+        raise failed[0]
     if left:
         log.info("client left before its %d generation(s) ended: revoking them", len(results))
         with anyio.CancelScope(shield=True):

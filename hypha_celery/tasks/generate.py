@@ -162,6 +162,8 @@ def generate(self: HyphaTask, *args: Any, **kwargs: Any) -> dict[str, Any]:
     streams = self.node.token_streams
     stream = streams.writer(self.request.id, getattr(self.backend, "expires", None)) \
         if streams is not None and self.request.id else None
+    if stream is not None:  # named on the run's first entry, its end included (the body says when its budget began)
+        stream.begin(self.request.hostname or "unknown", time.time())
     try:
         result = run_task(
             self,

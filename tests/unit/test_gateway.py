@@ -411,3 +411,16 @@ def test_a_client_that_leaves_before_a_non_streamed_reply_revokes_its_tasks(fake
     # Then both tasks were revoked, and no reply with a result was sent
     assert len(fake.revoked) == 2
     assert not any(b"choices" in m.get("body", b"") for m in sent)
+
+
+def test_a_worker_side_error_on_a_non_streamed_request_keeps_its_status(fake: FakeNetwork) -> None:
+    # Given a generation that fails on the worker with a named error
+    def refused(kwargs: dict[str, Any]) -> dict[str, Any]:
+        raise InsufficientCpu("no worker has that many cores")
+
+    fake.wait = refused  # type: ignore[method-assign]
+    app = create_app(Gateway(network=fake, keys=None, limiter=None))  # type: ignore[arg-type]
+    with TestClient(app) as client:
+        answer = client.post("/v1/completions", json={"model": "gen", "prompt": "x"})
+    # Then it is answered with that error's status and code, not a 500 about the waiting
+    assert (answer.status_code, answer.json()["error"]["code"]) == (503, "insufficient_capabilities")

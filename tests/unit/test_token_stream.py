@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import fakeredis
+import nacl.signing
 import pytest
 import redis
 from celery.exceptions import TimeoutError as ResultTimeout
@@ -13,6 +14,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from hypha_celery import errors
 from hypha_celery.client import stream
 from hypha_celery.keys import KeySchema
+from hypha_celery.security import peer_id
 from hypha_celery.token_stream import FAILURE, SUCCESS, End, Tokens, TokenStreams, decode, error_of, read
 
 TASK = "task-1"
@@ -181,3 +183,60 @@ def test_after_a_failed_write_only_the_end_is_tried() -> None:
     # Then the second report was not tried (one failed call, then the end's): the stream holds the end alone
     assert len(calls) == 2
     assert [type(e) for e in _all(streams)] == [End]
+
+
+def _signed_run(identity: nacl.signing.SigningKey, worker: str = "w1") -> TokenStreams:
+    streams = TokenStreams(fakeredis.FakeRedis(), KeySchema("hypha"), identity=identity,
+                           peer=peer_id(identity.verify_key))
+    writer = streams.writer(TASK, expires=None)
+    writer.begin(worker, 1.0)
+    writer.add(0, "Hello", [1, 2], 0)
+    writer.flush()
+    writer.add(0, "Hello world", [1, 2, 3], 0)
+    writer.end(SUCCESS)
+    return streams
+
+
+def _stream_of(streams: TokenStreams, **options: Any) -> list[str]:
+    return list(stream(_Result(id=TASK, backend=SimpleNamespace(client=streams.client)), timeout=5,  # type: ignore[arg-type]
+                       **options))
+
+
+def test_a_verifying_client_reads_a_stream_its_trusted_worker_signed() -> None:
+    key = nacl.signing.SigningKey.generate()
+    streams = _signed_run(key)
+    assert "".join(_stream_of(streams, verify=True, allowed_workers=[peer_id(key.verify_key)])) == "Hello world"
+
+
+@pytest.mark.parametrize("how", ["text changed", "unsigned", "untrusted key"])
+def test_a_verifying_client_refuses_an_entry_its_worker_did_not_sign(how: str) -> None:
+    # Given a signed stream that someone changed, or one that is signed by a key the client does not trust
+    key = nacl.signing.SigningKey.generate()
+    streams = _signed_run(key if how != "untrusted key" else nacl.signing.SigningKey.generate())
+    name = streams.schema.token_stream(TASK)
+    if how != "untrusted key":  # the stream rewritten in order, its second entry changed
+        entries = [{k.decode(): v.decode() for k, v in fields.items()} for _, fields in streams.client.xrange(name)]
+        if how == "text changed":
+            entries[1]["text"] = " evil"
+        else:
+            entries[1].pop("sig")
+        streams.client.delete(name)
+        for fields in entries:
+            streams.client.xadd(name, fields)
+    # Then it raises InvalidSignature before yielding what was not signed
+    pieces: list[str] = []
+    with pytest.raises(errors.InvalidSignature):
+        for piece in stream(_Result(id=TASK, backend=SimpleNamespace(client=streams.client)), timeout=5,  # type: ignore[arg-type]
+                            verify=True, allowed_workers=[peer_id(key.verify_key)]):
+            pieces.append(piece)
+    assert "evil" not in "".join(pieces)
+
+
+def test_a_failure_before_any_token_is_signed_and_names_its_worker() -> None:
+    key = nacl.signing.SigningKey.generate()
+    streams = TokenStreams(fakeredis.FakeRedis(), KeySchema("hypha"), identity=key, peer=peer_id(key.verify_key))
+    writer = streams.writer(TASK, expires=None)
+    writer.begin("w1", 1.0)
+    writer.end(FAILURE, errors.InvalidTask("no such model"))
+    with pytest.raises(errors.InvalidTask, match="no such model"):
+        _stream_of(streams, verify=True, allowed_workers=[peer_id(key.verify_key)])
