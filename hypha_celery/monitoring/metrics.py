@@ -102,6 +102,10 @@ class Metrics:
         deltas' ``delta_bytes``, against ``dense_bytes`` as float32 (their ratio: the compression), in a round of
         ``round_seconds`` (its slowest inner task and this outer step)."""
 
+    def generation_moved(self, *, resumed_from: int, restarted: bool) -> None:
+        """A copy of a generation whose worker died ran here: continued after ``resumed_from`` streamed tokens, or
+        ``restarted`` from the start (no usable record)."""
+
     def cache_totals(self) -> dict[str, int]:
         """Model cache hits and misses summed over this worker's processes (``{}`` without metrics)."""
         return {}
@@ -168,6 +172,10 @@ class PrometheusMetrics(Metrics):
         self.task_rejections = Counter(p + "task_rejections",
                                        "Tasks refused before admission: bad signature or invalid arguments",
                                        ["stage"], registry=reg)
+        self.generations_moved = Counter(p + "generations_moved", "Copies of generations whose worker died, run here: "
+                                         "continued from their token stream, or restarted", ["outcome"], registry=reg)
+        self.tokens_resumed = Counter(p + "generation_tokens_resumed", "Streamed tokens a moved generation continued "
+                                      "after (not computed again)", registry=reg)
         self.diloco_rounds = Counter(p + "diloco_rounds", "DiLoCo outer steps applied by this worker", registry=reg)
         self.diloco_bytes = Counter(p + "diloco_bytes_moved",
                                     "Bytes DiLoCo's inner workers pulled (weights) and pushed (deltas) in the rounds "
@@ -214,6 +222,10 @@ class PrometheusMetrics(Metrics):
         self.diloco_bytes.inc(bytes_moved)
         self.diloco_deltas.labels("accepted").inc(accepted)
         self.diloco_deltas.labels("refused").inc(refused)
+
+    def generation_moved(self, *, resumed_from: int, restarted: bool) -> None:
+        self.generations_moved.labels("restarted" if restarted else "continued").inc()
+        self.tokens_resumed.inc(resumed_from)
 
     def cache_event(self, *, hit: bool, batch_size: int) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

@@ -134,7 +134,10 @@ def _run(run: Run, spec: GenerateSpec, stream: TokenStreamWriter | None) -> dict
                            time_to_first_token_s=result.time_to_first_token_s, tokens_per_s=tokens_per_s,
                            compute_s=result.compute_s, batch_size=result.batch_size, cpu_affinity=usage.cpu_affinity,
                            **({"dtype": result.dtype} if result.dtype is not None else {}))
-    return {**packaged, **_resumption(run, cont, out)}
+    resumption = _resumption(run, cont, out)
+    if out.resumed_from or "restarted" in resumption:
+        ctx.metrics.generation_moved(resumed_from=out.resumed_from, restarted="restarted" in resumption)
+    return {**packaged, **resumption}
 
 
 def _resumption(run: Run, cont: Continuation, out: Generated) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import redis
 
 from hypha_celery import keys
 from hypha_celery.client import stream
-from hypha_celery.harness.launch import WorkerProcess, wait_for
+from hypha_celery.harness.launch import WorkerProcess, free_port, scrape, wait_for
 from hypha_celery.models.examples import write_tiny_llama
 from hypha_celery.models.store import ModelStore
 from hypha_celery.token_stream import End, Tokens, decode
@@ -47,12 +47,14 @@ def worker_id(worker: WorkerProcess) -> str:
     return f"{worker.name}@{os.uname().nodename}"
 
 
-def pair(start_worker: Callable[..., WorkerProcess], store: Path,
-         b_args: tuple[str, ...] = ()) -> tuple[WorkerProcess, WorkerProcess]:
-    """A (slow decoding, where the tasks start) and B (the survivor, started with ``b_args``), both ready."""
-    overrides = {"models": {"model_dir": str(store)}, "max_concurrent_tasks": 8}
+def pair(start_worker: Callable[..., WorkerProcess], store: Path, b_args: tuple[str, ...] = (),
+         b_metrics: int | None = None) -> tuple[WorkerProcess, WorkerProcess]:
+    """A (slow decoding, where the tasks start) and B (the survivor, started with ``b_args``, its Prometheus metrics
+    on port ``b_metrics``), both ready."""
+    overrides: dict[str, Any] = {"models": {"model_dir": str(store)}, "max_concurrent_tasks": 8}
     a = start_worker(overrides, env=SLOW, wait=False)
-    b = start_worker(overrides, wait=False, args=b_args)
+    monitoring = {"monitoring": {"collect_metrics": True, "metrics_port": b_metrics}} if b_metrics else {}
+    b = start_worker({**overrides, **monitoring}, wait=False, args=b_args)
     a.wait_ready(90)
     b.wait_ready(90)
     return a, b
@@ -125,7 +127,8 @@ def live_reader(result: Any) -> tuple[threading.Thread, list[str]]:
 def test_a_generation_killed_half_way_finishes_on_another_worker_from_its_last_streamed_token(
         start_worker, celery_client, redis_client: redis.Redis, long_store: Path, sampling: dict) -> None:
     # Given two workers and a 300-token generation on A, streamed live by a client
-    a, b = pair(start_worker, long_store)
+    port = free_port()
+    a, b = pair(start_worker, long_store, b_metrics=port)
     app = celery_client()
     moving = send(app, a, 300, **sampling)
     reader, pieces = live_reader(moving)
@@ -145,6 +148,10 @@ def test_a_generation_killed_half_way_finishes_on_another_worker_from_its_last_s
     assert not reader.is_alive() and "".join(pieces) == result["output"]["text"]
     assert_whole_once(redis_client, moving.id, result["output"]["text"],
                       result["output"]["usage"]["completion_tokens"], long_store)
+    # And B's metrics count one continued generation and the tokens it did not compute again
+    samples = scrape(port)
+    assert samples['hypha_worker_generations_moved_total{outcome="continued"}'] == 1
+    assert samples["hypha_worker_generation_tokens_resumed_total"] == result["resumed_from_token"]
 
 
 def test_a_dead_workers_batch_of_8_is_continued_row_by_row(start_worker, celery_client, redis_client: redis.Redis,
