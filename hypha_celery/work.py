@@ -151,6 +151,7 @@ class Generate(_JobRequest):
     expected_size: int | None = None
     limits: JobLimits = field(default_factory=JobLimits)
     models: list[str] | None = None  # each prompt's model in a batch that mixes adapters of one base, as for Infer
+    step_delay_s: float = 0.0  # a test hook: a sleep after each decode step (the executor sets it, a slow machine)
 
     def to_json(self) -> dict[str, Any]:
         return {**super().to_json(), "prompts": [p.to_json() for p in self.prompts]}

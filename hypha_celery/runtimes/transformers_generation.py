@@ -4,6 +4,8 @@ No sampling code here: a :class:`_Watch` stopping criterion, called after
 every token, notes the first token's time, stops a row on its end-of-sequence
 token or a stop string, and reports the text so far. With ``params["proof"]``
 the lm head's inputs are captured on the way (:mod:`.transformers_proofs`).
+A prompt with ``resume`` tokens (an earlier run's, on a worker that died) has them after its prompt
+and goes on for what is left of ``max_new_tokens`` (:func:`_resumable` says when it cannot).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class _Watch:
     """
 
     def __init__(self, tokenizer: Any, prompt_width: int, indices: Sequence[int], stop: Sequence[str],
-                 interval: float, report: Callable[[Streamed], None]) -> None:
+                 interval: float, report: Callable[[Streamed], None], before: Sequence[list[int]] | None = None,
+                 budgets: Sequence[int] | None = None, delay_s: float = 0.0) -> None:
         self.tokenizer = tokenizer
         self.prompt_width = prompt_width
         self.indices = list(indices)
@@ -49,7 +52,11 @@ class _Watch:
         self.started = time.perf_counter()
         self.first_token_s: float | None = None
         self.ended_at: list[int | None] = [None] * len(self.indices)
-        self.sent = [0] * len(self.indices)
+        # A resumed row's completion tokens from an earlier run (inside its input here), and each row's new tokens
+        self.before = [list(b) for b in before] if before is not None else [[] for _ in self.indices]
+        self.budgets = list(budgets) if budgets is not None else None
+        self.sent = [len(b) for b in self.before]
+        self.delay_s = delay_s  # the slow-machine test hook (Generate.step_delay_s)
         self._last_report = 0.0
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -66,13 +73,18 @@ class _Watch:
                 continue
             if self.eos is not None and int(generated[row, -1]) == self.eos:
                 self.ended_at[row] = length
+            if self.budgets is not None and length >= self.budgets[row]:
+                self.ended_at[row] = length
             if not (self.stop or due):
                 continue
-            text = self.tokenizer.decode(generated[row], skip_special_tokens=True)
+            tokens = self.before[row] + generated[row, :length].tolist()
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             if any(stop in text for stop in self.stop):
                 self.ended_at[row] = length
             if due:
-                self.finish(row, visible(text, self.stop), generated[row, :length].tolist())
+                self.finish(row, visible(text, self.stop), tokens)
+        if self.delay_s:
+            time.sleep(self.delay_s)
         return torch.tensor([ended is not None for ended in self.ended_at], dtype=torch.bool, device=input_ids.device)
 
 
@@ -94,6 +106,27 @@ def visible(text: str, stop: Sequence[str]) -> str:
         return text[:min(cuts)]
     hold = max((n for s in stop for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
     return text[:len(text) - hold].rstrip("\ufffd")
+
+
+def _resumable(model: TransformerModel, resume: Sequence[int] | None, params: dict[str, Any]) -> list[int]:
+    """The tokens a static batch row continues after: its earlier run's (``resume``), or none where this path
+    cannot continue it exactly (then it generates from the start, and its result says so).
+
+    Not continued: a seeded sampled row (a static batch draws from the process's one generator, so no row's state
+    can be restored), a proof (it commits to states this run computes), ids outside the vocabulary, and tokens that
+    already end the row (its end-of-sequence token, a stop string, all of ``max_new_tokens``).
+    """
+    if not resume or params.get("proof") or (params["do_sample"] and params["seed"] is not None):
+        return []
+    before = list(resume)
+    vocab = int(model.module.get_input_embeddings().num_embeddings)
+    if len(before) >= params["max_new_tokens"] or not all(isinstance(t, int) and 0 <= t < vocab for t in before):
+        return []
+    if model.tokenizer.eos_token_id is not None and before[-1] == model.tokenizer.eos_token_id:
+        return []
+    if any(stop in model.tokenizer.decode(before, skip_special_tokens=True) for stop in params["stop"]):
+        return []
+    return before
 
 
 def constraint_for(model: TransformerModel, response_format: dict[str, Any] | None) -> Constraint | None:
@@ -134,12 +167,20 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     outputs: list[Generated | Exception | None] = [None] * len(request.prompts)
     rows: list[tuple[int, list[int]]] = []
     constraints: list[Constraint | None] = []
+    resumed: list[list[int]] = []
     for index, prompt in enumerate(request.prompts):
         try:
             ids = prompt_ids(model, prompt, params["max_new_tokens"])
             constraint = constraint_for(model, prompt.response_format)
-            rows.append((index, ids))
+            before = _resumable(model, prompt.resume, params)
+            if before and constraint is not None:  # its grammar has seen the resumed tokens
+                for token in before:
+                    constraint.advance(token)
+                if constraint.done:  # they complete its JSON already: start over, with a fresh constraint
+                    constraint, before = constraint_for(model, prompt.response_format), []
+            rows.append((index, ids + before))
             constraints.append(constraint)
+            resumed.append(before)
         except BaseException as exc:  # refused, or what the tokenizer raised (a panic too): this prompt fails alone
             if not contained(exc):
                 raise
@@ -151,14 +192,16 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
     input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for _, ids in rows])
     attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for _, ids in rows])
     sampling = {key: params[key] for key in ("temperature", "top_p", "top_k")} if params["do_sample"] else {}
+    budgets = [params["max_new_tokens"] - len(before) for before in resumed]
     config = GenerationConfig(
-        max_new_tokens=params["max_new_tokens"], do_sample=params["do_sample"],
+        max_new_tokens=max(budgets), do_sample=params["do_sample"],
         repetition_penalty=params["repetition_penalty"], pad_token_id=pad,
         eos_token_id=tokenizer.eos_token_id, **sampling,
     )
     if params["seed"] is not None:
         torch.manual_seed(params["seed"])
-    watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report)
+    watch = _Watch(tokenizer, width, [index for index, _ in rows], params["stop"], request.progress_interval, report,
+                   resumed, budgets if any(resumed) else None, request.step_delay_s)
     if mixed is not None and per_prompt is not None:
         mixed.rows = [row_name(per_prompt[index]) for index, _ in rows]
     processors = LogitsProcessorList([ConstraintProcessor(constraints, width)]) if any(constraints) else None
@@ -176,14 +219,18 @@ def _generate(model: TransformerModel, request: Generate, report: Callable[[Stre
             for row in range(len(rows))]
     proved = transformers_proofs.prove_rows(model, states, [new.tolist() for new in kept]) if states is not None else None
     for row, (index, ids) in enumerate(rows):
-        new, ended = kept[row], watch.ended_at[row]
-        text = tokenizer.decode(new, skip_special_tokens=True)
+        before = resumed[row]
+        new = kept[row][:budgets[row]]
+        tokens = before + new.tolist()
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
         cuts = [text.find(stop) for stop in params["stop"] if stop in text]
         if cuts:
             text = text[:min(cuts)]
-        finish = "stop" if ended is not None or new.numel() < params["max_new_tokens"] else "length"
-        outputs[index] = Generated(text=text, finish_reason=finish, prompt_tokens=len(ids),
-                                   completion_tokens=int(new.numel()), proof=proved[row] if proved else None)
-        watch.finish(row, text, new.tolist())  # the final text, and the tokens since the last report
+        length = len(tokens) >= params["max_new_tokens"] and not cuts and (
+            tokenizer.eos_token_id is None or tokens[-1] != tokenizer.eos_token_id)
+        outputs[index] = Generated(text=text, finish_reason="length" if length else "stop",
+                                   prompt_tokens=len(ids) - len(before), completion_tokens=len(tokens),
+                                   proof=proved[row] if proved else None, resumed_from=len(before))
+        watch.finish(row, text, tokens)  # the final text, and the tokens since the last report
     first = watch.first_token_s if watch.first_token_s is not None else compute_s
     return Generation([o for o in outputs if o is not None], first, compute_s)

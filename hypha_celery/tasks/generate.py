@@ -146,8 +146,9 @@ def _resumption(run: Run, cont: Continuation, out: Generated) -> dict[str, Any]:
                               "workers": [*cont.workers, run.worker] if cont.workers[-1:] != (run.worker,)
                               else list(cont.workers)}
     if out.resumed_from == 0 and (cont.restarted or cont.resume):
-        fields["restarted"] = cont.restarted or ("it ran on the static path (a proof, a LoRA adapter, static batching"
-                                                 " or a sliding-window model), which generates from the start")
+        fields["restarted"] = cont.restarted or ("it ran on the static path (a LoRA adapter, static batching, a proof or"
+                                                 " a sliding-window model), which continues neither a seeded sampled "
+                                                 "generation nor a proof: generated from the start")
     if out.reseeded:
         fields["reseeded"] = True  # the state was another device kind's: sampled afresh from the seam
     return fields

@@ -48,10 +48,11 @@ def worker_id(worker: WorkerProcess) -> str:
 
 
 def pair(start_worker: Callable[..., WorkerProcess], store: Path, b_args: tuple[str, ...] = (),
-         b_metrics: int | None = None) -> tuple[WorkerProcess, WorkerProcess]:
+         b_metrics: int | None = None, batching: str = "continuous") -> tuple[WorkerProcess, WorkerProcess]:
     """A (slow decoding, where the tasks start) and B (the survivor, started with ``b_args``, its Prometheus metrics
-    on port ``b_metrics``), both ready."""
-    overrides: dict[str, Any] = {"models": {"model_dir": str(store)}, "max_concurrent_tasks": 8}
+    on port ``b_metrics``), both ready, both batching generations so."""
+    overrides: dict[str, Any] = {"models": {"model_dir": str(store)}, "max_concurrent_tasks": 8,
+                                 "generation": {"batching": batching}}
     a = start_worker(overrides, env=SLOW, wait=False)
     monitoring = {"monitoring": {"collect_metrics": True, "metrics_port": b_metrics}} if b_metrics else {}
     b = start_worker({**overrides, **monitoring}, wait=False, args=b_args)
@@ -123,12 +124,13 @@ def live_reader(result: Any) -> tuple[threading.Thread, list[str]]:
     return thread, pieces
 
 
-@pytest.mark.parametrize("sampling", [{}, SEEDED], ids=["greedy", "seeded-sampled"])
+@pytest.mark.parametrize(("sampling", "batching"), [({}, "continuous"), (SEEDED, "continuous"), ({}, "static")],
+                         ids=["greedy", "seeded-sampled", "greedy-static-batching"])
 def test_a_generation_killed_half_way_finishes_on_another_worker_from_its_last_streamed_token(
-        start_worker, celery_client, redis_client: redis.Redis, long_store: Path, sampling: dict) -> None:
+        start_worker, celery_client, redis_client: redis.Redis, long_store: Path, sampling: dict, batching: str) -> None:
     # Given two workers and a 300-token generation on A, streamed live by a client
     port = free_port()
-    a, b = pair(start_worker, long_store, b_metrics=port)
+    a, b = pair(start_worker, long_store, b_metrics=port, batching=batching)
     app = celery_client()
     moving = send(app, a, 300, **sampling)
     reader, pieces = live_reader(moving)

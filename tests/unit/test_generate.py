@@ -270,3 +270,47 @@ def test_the_tiny_llama_imports_as_text_generation_with_its_chat_template(tmp_pa
     assert (manifest.task, manifest.architecture) == ("text-generation", "LlamaForCausalLM")
     assert "chat_template.jinja" in manifest.files and manifest.memory is not None
     assert manifest.memory.kv_bytes_per_token == 2 * 2 * 2 * 16 * 4
+
+
+def _ids_of(updates: list[Streamed], index: int = 0) -> list[int]:
+    """A row's token ids as its reports numbered them (each report carries those since the one before)."""
+    ids: list[int] = []
+    for update in (u for u in updates if u.index == index):
+        assert update.start == len(ids) or update.start < len(ids)
+        ids.extend(update.ids[len(ids) - update.start:])
+    return ids
+
+
+@pytest.mark.parametrize("seam", [1, 9, 23])
+def test_the_static_path_continues_a_greedy_row_after_its_resumed_tokens(llama: transformers_loading.TransformerModel,
+                                                                         seam: int) -> None:
+    # Given a greedy generation of 24 tokens on the static path (an adapter's, a proof's, static batching's)
+    updates: list[Streamed] = []
+    full = _run(llama, "The cat sat on", updates, max_new_tokens=24)
+    tokens = _ids_of(updates)
+    assert len(tokens) == full.completion_tokens == 24
+    # When it is continued after its first `seam` tokens, batched beside a fresh row
+    resumed_updates: list[Streamed] = []
+    resumed, fresh = _batch(llama, [Prompt(prompt="The cat sat on", resume=tokens[:seam]), Prompt(prompt="Hello")],
+                            resumed_updates, max_new_tokens=24)
+    # Then it ends as the uninterrupted run did, says where it continued, and reports only the tokens after the seam
+    assert isinstance(resumed, Generated) and isinstance(fresh, Generated)
+    assert (resumed.text, resumed.finish_reason, resumed.completion_tokens) == (full.text, "length", 24)
+    assert resumed.resumed_from == seam and resumed.prompt_tokens == full.prompt_tokens
+    assert min(u.start for u in resumed_updates if u.index == 0) == seam
+    assert fresh.text == _run(llama, "Hello", max_new_tokens=24).text and fresh.resumed_from == 0
+
+
+def test_the_static_path_starts_over_where_it_cannot_continue_exactly(
+        llama: transformers_loading.TransformerModel) -> None:
+    updates: list[Streamed] = []
+    seeded = _run(llama, "The cat sat on", updates, max_new_tokens=12, do_sample=True, seed=3)
+    tokens = _ids_of(updates)
+    # A seeded sampled row (its generator state cannot be restored here) starts over: the seed replays its tokens
+    [again] = _batch(llama, [Prompt(prompt="The cat sat on", resume=tokens[:5])], max_new_tokens=12, do_sample=True,
+                     seed=3)
+    assert isinstance(again, Generated) and again.resumed_from == 0 and again.text == seeded.text
+    # And so does a row whose resumed tokens are outside the vocabulary or already all of max_new_tokens
+    for resume in ([10**9], [5] * 12):
+        [out] = _batch(llama, [Prompt(prompt="The cat sat on", resume=resume)], max_new_tokens=12)
+        assert isinstance(out, Generated) and out.resumed_from == 0 and out.completion_tokens == 12
