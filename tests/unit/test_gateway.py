@@ -10,7 +10,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import fakeredis
@@ -328,6 +328,19 @@ def test_past_the_burst_a_key_gets_429_with_retry_after(http: TestClient) -> Non
     assert answer.json()["error"]["code"] == "rate_limit_exceeded" and int(answer.headers["Retry-After"]) >= 1
 
 
+def receiver(body: bytes, gone: asyncio.Event) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI ``receive``: the request's body once, then the client's disconnect once ``gone`` is set."""
+    requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        if requests:
+            return requests.pop()
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
 def completions_scope() -> dict[str, Any]:
     """The ASGI scope of a POST /v1/completions (what a server hands the app)."""
     return {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b"",
@@ -347,13 +360,7 @@ def test_a_client_that_leaves_mid_stream_revokes_its_task(fake: FakeNetwork) -> 
     body = json.dumps({"model": "gen", "prompt": "go", "stream": True}).encode()
     sent: list[dict[str, Any]] = []
     streaming = asyncio.Event()
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def receive() -> dict[str, Any]:
-        if requests:
-            return requests.pop()
-        await streaming.wait()
-        return {"type": "http.disconnect"}
+    receive = receiver(body, streaming)
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -384,15 +391,9 @@ def test_a_client_that_leaves_before_a_non_streamed_reply_revokes_its_tasks(fake
     fake.revoke = lambda kwargs: (FakeNetwork.revoke(fake, kwargs), revoked.set())  # type: ignore[method-assign]
     app = create_app(Gateway(network=fake, keys=None, limiter=None))  # type: ignore[arg-type]
     body = json.dumps({"model": "gen", "prompt": "go", "n": 2}).encode()
-    requests = [{"type": "http.request", "body": body, "more_body": False}]
     left = asyncio.Event()
+    receive = receiver(body, left)
     sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        if requests:
-            return requests.pop()
-        await left.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
