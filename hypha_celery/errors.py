@@ -68,6 +68,7 @@ __all__ = [
     "TaskTimeout",
     "UnsupportedModel",
     "contained",
+    "rebuilt",
 ]
 
 
@@ -211,3 +212,13 @@ class NotHere(ControlFlow):
     def __init__(self, message: str, queue: str) -> None:
         super().__init__(message)
         self.queue = queue
+
+
+def rebuilt(name: str, message: str) -> HyphaError | None:
+    """The hypha error class ``name`` rebuilt from ``message``, as another process (an executor, a token stream's
+    end entry) named it; None for a name that is not one built from a message alone (configuration errors, control
+    flow, anything else): the reader then reports it as an :class:`ExecutionError` of its own."""
+    cls = globals().get(name) if name in __all__ else None
+    if not (isinstance(cls, type) and issubclass(cls, HyphaError)) or issubclass(cls, (ConfigError, ControlFlow)):
+        return None
+    return cls(message)

@@ -69,14 +69,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAXLEN = 4096
 SUCCESS, FAILURE = "SUCCESS", "FAILURE"
-# The classes an end entry may name that a reader rebuilds: those built from one message string.
-_ERRORS: dict[str, type[errors.HyphaError]] = {
-    name: cls
-    for name in errors.__all__
-    if isinstance(cls := getattr(errors, name), type)
-    and issubclass(cls, errors.HyphaError)
-    and not issubclass(cls, (errors.ConfigError, errors.ControlFlow))
-}
 
 
 @dataclass(frozen=True)
@@ -178,10 +170,7 @@ def signed_by(peer: str, task_id: str, fields: Mapping[str, str]) -> bool:
 
 def error_of(end: End) -> errors.HyphaError:
     """The named error an end entry reports (``ExecutionError`` naming the class, for one hypha does not rebuild)."""
-    cls = _ERRORS.get(end.error)
-    if cls is not None:
-        return cls(end.message)
-    return errors.ExecutionError(f"{end.error or end.status}: {end.message}")
+    return errors.rebuilt(end.error, end.message) or errors.ExecutionError(f"{end.error or end.status}: {end.message}")
 
 
 @dataclass

@@ -60,14 +60,6 @@ __all__ = ["START_TIMEOUT_S", "ChildTraceback", "ExecutorProcess", "ExecutorSett
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 120.0  # a new executor imports torch before it says Ready
-# The classes an executor may name in an Error: those rebuilt from one message string.
-_ERRORS: dict[str, type[errors.HyphaError]] = {
-    name: cls
-    for name in errors.__all__
-    if isinstance(cls := getattr(errors, name), type)
-    and issubclass(cls, errors.HyphaError)
-    and not issubclass(cls, (errors.ConfigError, errors.ControlFlow))
-}
 _R = TypeVar("_R", bound=Reply)
 # Gets a submitted generation's tagged replies, in order, in the reader thread; an error (not a reply) when the
 # executor was lost with it in flight (then :attr:`ExecutorProcess.lost_with` says how many were).
@@ -91,7 +83,7 @@ class ChildTraceback(Exception):
 
 def error_from_reply(reply: Error, executor: str) -> errors.HyphaError:
     """The hypha error an executor's ``Error`` names; its traceback is logged and chained."""
-    error = _ERRORS.get(reply.type, errors.ExecutionError)(reply.message)
+    error = errors.rebuilt(reply.type, reply.message) or errors.ExecutionError(reply.message)
     if reply.traceback:
         log.warning("executor %s: %s: %s\n%s", executor, reply.type, reply.message, reply.traceback)
         error.__cause__ = ChildTraceback(reply.traceback)

@@ -240,3 +240,10 @@ def test_a_failure_before_any_token_is_signed_and_names_its_worker() -> None:
     writer.end(FAILURE, errors.InvalidTask("no such model"))
     with pytest.raises(errors.InvalidTask, match="no such model"):
         _stream_of(streams, verify=True, allowed_workers=[peer_id(key.verify_key)])
+
+
+def test_only_errors_built_from_one_message_are_rebuilt_by_name() -> None:
+    assert isinstance(errors.rebuilt("InvalidTask", "why"), errors.InvalidTask)
+    assert errors.rebuilt("ConfigError", "key") is None  # configuration errors stay the worker's own
+    assert errors.rebuilt("NotHere", "elsewhere") is None  # control flow never crosses a process
+    assert errors.rebuilt("contained", "x") is None and errors.rebuilt("SystemExit", "x") is None
