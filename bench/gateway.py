@@ -14,12 +14,11 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from bench.common import REPEATS, ROOT, fmt, hypha_config, record, say, start_worker, wait_ready
-from hypha_celery.harness.launch import client_app, free_port, worker_env, write_worker_config
+from hypha_celery.harness.launch import client_app, start_gateway, worker_env, write_worker_config
 
 __all__ = ["bench_gateway"]
 
@@ -28,24 +27,11 @@ ROUNDS = 10  # requests of each kind per repeat
 
 
 def _gateway(url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    import httpx
-
     config = write_worker_config(workdir / "gateway.toml", {"gateway": {"rate_limit": 0}})
-    port = free_port()
-    log = (workdir / "gateway.log").open("wb")
-    process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "gateway", "--port", str(port),
-                                "--config", str(config)], env=worker_env(url, url, url), stdout=log,
-                               stderr=subprocess.STDOUT, cwd=ROOT)
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            httpx.get(f"{base}/models", timeout=2)
-            return process, base
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"bench gateway did not start; see {workdir / 'gateway.log'}")
+    try:
+        return start_gateway(worker_env(url, url, url), workdir / "gateway.log", "--config", str(config), cwd=ROOT)
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"bench gateway did not start: {exc}") from None
 
 
 def bench_gateway(url: str, workdir: Path, models: Path) -> None:

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "client_app",
     "free_port",
     "scrape",
+    "start_gateway",
     "start_worker",
     "wait_for",
     "worker_command",
@@ -168,6 +170,36 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass
         return self.process.returncode
+
+
+def start_gateway(env: Mapping[str, str], log: Path, *args: str, cwd: Path | None = None,
+                  timeout: float = 60) -> tuple[subprocess.Popen[bytes], str]:
+    """``hypha-celery gateway`` on a free port (``args`` added), output to ``log``, once it answers HTTP; returns the
+    process and its base URL (``http://127.0.0.1:<port>/v1``). ``RuntimeError`` if it exits first, ``TimeoutError``
+    (the process killed) after ``timeout`` seconds."""
+    port = free_port()
+    with log.open("wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "gateway", "--port", str(port), *args],
+                                   env=dict(env), stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    url = f"http://127.0.0.1:{port}/v1"
+
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).close()
+        except urllib.error.HTTPError:
+            return True  # it answered (a 401 without a key is an answer)
+        except OSError:
+            return False
+        return True
+
+    try:
+        wait_for(answers, timeout, f"the gateway to answer HTTP (see {log})", interval=0.2)
+    except TimeoutError:
+        process.kill()
+        raise
+    return process, url
 
 
 def start_worker(

@@ -10,14 +10,11 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nacl.signing
 import openai
 import pytest
@@ -25,7 +22,7 @@ import torch
 
 from hypha_celery.client import submit
 from hypha_celery.harness import launch
-from hypha_celery.harness.launch import client_app, free_port, worker_env
+from hypha_celery.harness.launch import client_app, start_gateway, worker_env
 from hypha_celery.models.examples import MINILM, TINY_LLAMA, minilm_folder
 from hypha_celery.security import generate_key, peer_id
 from tests.conftest import IN_CI, ROOT, write_config
@@ -42,26 +39,6 @@ class Stack:
     key: nacl.signing.SigningKey
     app: Any
     tmp: Path
-
-
-def start_gateway(env: dict[str, str], log: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """``hypha-celery gateway`` on a free port, once it answers HTTP; returns the process and its base URL."""
-    port = free_port()
-    with log.open("wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "hypha_celery.cli", "gateway", "--port", str(port), *args],
-                                   env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the gateway exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            httpx.get(f"{url}/models", timeout=2)
-            return process, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    process.kill()
-    raise TimeoutError(f"the gateway did not answer in 60 s; see {log}")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:
@@ -88,7 +65,7 @@ def stack(own_redis_url: str, model_dir: Path, tmp_path_factory: pytest.TempPath
     try:
         worker.wait_ready(120)
         gateway, url = start_gateway(env, tmp / "gateway.log", "--key", str(tmp / "scheduler.key"),
-                                     "--api-keys", str(tmp / "keys.txt"))
+                                     "--api-keys", str(tmp / "keys.txt"), cwd=ROOT)
         yield Stack(url=url, env=env, key=key, app=client_app(own_redis_url), tmp=tmp)
     finally:
         if gateway is not None:
@@ -210,7 +187,7 @@ def test_past_its_rate_a_key_gets_429(stack: Stack) -> None:
     # Given a second gateway whose TOML allows one request a minute and two at once
     config = write_config(stack.tmp / "limited.toml", {"gateway": {"rate_limit": 1, "burst": 2,
                                                                    "api_keys": str(stack.tmp / "keys.txt")}})
-    process, url = start_gateway(stack.env, stack.tmp / "limited.log", "--config", str(config))
+    process, url = start_gateway(stack.env, stack.tmp / "limited.log", "--config", str(config), cwd=ROOT)
     try:
         limited = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0)
         limited.models.list()
