@@ -60,6 +60,7 @@ from bench.structured import bench_structured_output
 from bench.token_stream import bench_token_stream
 from bench.training import bench_adapter_switch, bench_training_throughput
 from hypha_celery.harness.launch import client_app
+from hypha_celery.harness.redis_monitor import monitored
 
 
 def machine() -> dict[str, Any]:
@@ -101,28 +102,10 @@ def commands_per_task(url: str, run: Callable[[int], Any], tasks: int = 200) -> 
     commands the Lua scripts ran inside Redis (no round trip each); ``by_command``: the client commands by name.
     Both workers' idle broker polling (a BRPOP a second) is included.
     """
-    client = redis.Redis.from_url(url)
-    seen: list[tuple[str, str, str]] = []
-    ready = threading.Event()
-    end = f"hypha-bench-monitor-end-{uuid.uuid4().hex}"  # sent last: the watcher reads up to it, missing nothing
-
-    def watch() -> None:
-        with client.monitor() as monitor:
-            ready.set()
-            while True:
-                command = monitor.next_command()
-                if end in command["command"]:
-                    return
-                name = command["command"].split(" ", 1)[0].lower()
-                seen.append((command["client_type"], f"{command['client_address']}:{command['client_port']}", name))
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(10)
-    run(tasks)
-    client.echo(end)
-    thread.join(30)
-    client.close()
+    with monitored(url) as commands:
+        run(tasks)
+    seen = [(c["client_type"], f"{c['client_address']}:{c['client_port']}", c["command"].split(" ", 1)[0].lower())
+            for c in commands]
     in_transaction: set[str] = set()
     counted = scripted = 0
     by_command: dict[str, float] = {}

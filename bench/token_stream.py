@@ -21,9 +21,7 @@ whose text reaches that entry's end (the polling run's stream tells when each pi
 from __future__ import annotations
 
 import statistics
-import threading
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import redis
 from bench.common import REPEATS, hypha_config, record, say, start_worker, wait_ready
 from hypha_celery import keys
 from hypha_celery.harness.launch import client_app
+from hypha_celery.harness.redis_monitor import monitored
 from hypha_celery.token_stream import End, Tokens, read
 
 __all__ = ["bench_token_stream"]
@@ -44,28 +43,9 @@ PROMPT = "Once upon a time"
 
 def _monitored(url: str, run: Callable[[], Any]) -> tuple[Any, list[tuple[str, str]]]:
     """``run()``'s value and every command Redis saw meanwhile, as (client type, command line)."""
-    client = redis.Redis.from_url(url)
-    seen: list[tuple[str, str]] = []
-    ready = threading.Event()
-    end = f"hypha-bench-monitor-end-{uuid.uuid4().hex}"
-
-    def watch() -> None:
-        with client.monitor() as monitor:
-            ready.set()
-            while True:
-                command = monitor.next_command()
-                if end in command["command"]:
-                    return
-                seen.append((command["client_type"], command["command"]))
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    ready.wait(10)
-    value = run()
-    client.echo(end)
-    thread.join(30)
-    client.close()
-    return value, seen
+    with monitored(url) as commands:
+        value = run()
+    return value, [(c["client_type"], c["command"]) for c in commands]
 
 
 def _stream_commands(seen: list[tuple[str, str]], task_id: str) -> dict[str, int]:

@@ -6,8 +6,6 @@ Real ``redis-server``, real workers; Redis' own MONITOR shows which commands tra
 from __future__ import annotations
 
 import functools
-import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -19,6 +17,7 @@ from celery import Celery
 from celery.app.task import Context
 
 from hypha_celery import lua
+from hypha_celery.harness import redis_monitor
 from hypha_celery.harness.launch import wait_for
 from hypha_celery.resources.ledger import Capacity, Lease, Ledger
 from hypha_celery.resources.requirements import Requirements
@@ -32,31 +31,13 @@ def task_leases(ledger: Ledger) -> dict[str, dict]:
 
 @contextmanager
 def monitored(url: str) -> Iterator[list[tuple[str, str]]]:
-    """Every command clients send while inside, as (client address, command line), from Redis' MONITOR."""
-    client = redis.Redis.from_url(url)
+    """Every command clients send while inside (scripts' own commands left out), as (client address, command
+    line), from Redis' MONITOR; complete once the block has ended."""
     seen: list[tuple[str, str]] = []
-    ready = threading.Event()
-    end = f"hypha-monitor-end-{uuid.uuid4().hex}"  # sent last: the watcher reads up to it, so it misses nothing
-
-    def watch() -> None:
-        with client.monitor() as monitor:
-            ready.set()
-            while True:
-                command = monitor.next_command()
-                if end in command["command"]:
-                    return
-                if command["client_type"] != "lua":
-                    seen.append((f"{command['client_address']}:{command['client_port']}", command["command"]))
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    try:
+    with redis_monitor.monitored(url, timeout=10) as commands:
         yield seen
-    finally:
-        client.echo(end)
-        thread.join(10)
-        client.close()
+    seen.extend((f"{c['client_address']}:{c['client_port']}", c["command"]) for c in commands
+                if c["client_type"] != "lua")
 
 
 def transactions(seen: list[tuple[str, str]]) -> tuple[list[list[str]], list[str]]:
