@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,6 +13,7 @@ from hypha_celery.models.shared_storage import LocalStorage, S3Storage, SharedSt
 if TYPE_CHECKING:
     from hypha_celery.models.store import ModelStore
     from hypha_celery.runtimes.transformers import TransformerModel
+    from hypha_celery.tasks.base import HyphaTask
 
 _PROCESS_FIXTURES = frozenset({
     "redis_url", "redis_client", "redis_cluster_url", "cluster_client", "amqp_url", "start_worker", "celery_client",
@@ -69,3 +70,23 @@ def tiny_llama(tiny_llama_store: ModelStore) -> TransformerModel:
 
     torch.set_num_threads(1)
     return transformers_runtime.load(tiny_llama_store.open(TINY_LLAMA), "cpu")[0]
+
+
+@pytest.fixture
+def task() -> Iterator[HyphaTask]:
+    """A bound ``HyphaTask`` (``hypha.test``, doing nothing) of an app of its own, its request pushed: id ``t1``,
+    hostname ``w@host``; what the pipeline's stages read of a running task."""
+    from celery import Celery
+
+    from hypha_celery.tasks.base import HyphaTask
+
+    app = Celery("unit-test", set_as_current=False)
+
+    @app.task(name="hypha.test", base=HyphaTask, bind=True, shared=False)
+    def probe(self: HyphaTask, **kwargs: Any) -> None:
+        return None
+
+    probe.push_request(id="t1", hostname="w@host", headers={}, delivery_info={})
+    yield probe
+    probe.pop_request()
+    app.close()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from hypha_celery.errors import InvalidSignature, InvalidTask, RegistryUnavailable
 from hypha_celery.monitoring.metrics import Metrics
@@ -30,20 +28,6 @@ class Verifier:
 
     def verify(self, *_: Any, **__: Any) -> Any:
         raise self.error
-
-
-@pytest.fixture
-def task() -> Iterator[HyphaTask]:
-    app = Celery("pipeline-test", set_as_current=False)
-
-    @app.task(name="hypha.test", base=HyphaTask, bind=True, shared=False)
-    def probe(self: HyphaTask, **kwargs: Any) -> None:
-        return None
-
-    probe.push_request(id="t1", hostname="w@host", headers={}, delivery_info={})
-    yield probe
-    probe.pop_request()
-    app.close()
 
 
 def context(verify_error: Exception | None = None) -> SimpleNamespace:

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery import Celery, signals
+from celery import signals
 from celery.exceptions import Ignore
 
 from hypha_celery.errors import ExecutorCrashed, InvalidTask
@@ -45,20 +45,6 @@ def exported() -> Iterator[tuple[Tracing, InMemorySpanExporter]]:
     tracing = Tracing(provider)
     yield tracing, exporter
     tracing.close()
-
-
-@pytest.fixture
-def task() -> Iterator[HyphaTask]:
-    app = Celery("tracing-test", set_as_current=False)
-
-    @app.task(name="hypha.test", base=HyphaTask, bind=True, shared=False)
-    def probe(self: HyphaTask, **kwargs: Any) -> None:
-        return None
-
-    probe.push_request(id="t1", hostname="w@host", headers={}, delivery_info={})
-    yield probe
-    probe.pop_request()
-    app.close()
 
 
 class Verifier:
